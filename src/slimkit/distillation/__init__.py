@@ -1,0 +1,1 @@
+"""distillation: planned (see the open issues); nothing here yet."""

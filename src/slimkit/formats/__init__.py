@@ -1,0 +1,1 @@
+"""formats: planned (see the open issues); nothing here yet."""

@@ -1,0 +1,173 @@
+"""Loading models: zoo names, local HF directories and GGUF files. Never downloads.
+
+A GGUF file is dequantized once by transformers (~20-35 s) and cached as fp32 safetensors under
+the user cache dir (`SLIMKIT_CACHE` overrides it); later loads read the cache in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimkit.errors import ModelNotFoundError, SlimkitError
+from slimkit.export.atomic import atomic_directory
+from slimkit.models.adapters import ArchitectureAdapter, adapter_for
+from slimkit.models.zoo import ZOO, ModelKind, zoo_entry
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # slimkit never downloads at run time
+log = logging.getLogger(__name__)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any | None
+    adapter: ArchitectureAdapter
+    kind: ModelKind
+    name: str  # what the user asked for
+    source: Path  # where the weights came from
+    load_seconds: float
+    from_cache: bool = False
+
+
+def cache_root() -> Path:
+    env = os.environ.get("SLIMKIT_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "slimkit"
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def _kind_of(config: dict) -> ModelKind:
+    archs = config.get("architectures") or []
+    if any(a.endswith("ForCausalLM") for a in archs):
+        return "causal-lm"
+    return "encoder"
+
+
+def _load_tokenizer(path: Path, **kwargs) -> Any | None:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, **kwargs)
+    except (OSError, ValueError, TypeError) as exc:
+        log.warning("no tokenizer loaded from %s (%s); text evaluation will be unavailable", path, exc)
+        return None
+
+
+def _load_hf_dir(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any, ModelKind]:
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise SlimkitError(f"{config_file} is not valid JSON: {exc}") from None
+    kind = _kind_of(config)
+    auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
+    try:
+        model = auto.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise SlimkitError(f"could not load the model in {path}: {exc}") from None
+    return model.eval(), _load_tokenizer(path), kind
+
+
+def _drop_gguf_quantizer(model: nn.Module) -> None:
+    # transformers refuses save_pretrained on a model "quantized with gguf"; the weights are
+    # already dequantized to plain tensors, so the marker can go.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in model.__dict__:
+            del model.__dict__[attr]
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any, ModelKind, bool]:
+    cache = cache_root() / "gguf" / f"{path.stem}-{_file_digest(path)}"
+    if (cache / "config.json").is_file():
+        model, tokenizer, kind = _load_hf_dir(cache, dtype)
+        return model, tokenizer, kind, True
+    from transformers import AutoModelForCausalLM
+
+    log.info("dequantizing %s once; cached at %s", path.name, cache)
+    try:
+        tokenizer = _load_tokenizer(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32, local_files_only=True
+        ).eval()
+    except (OSError, ValueError, KeyError) as exc:
+        raise SlimkitError(f"could not read GGUF file {path}: {exc}") from None
+    _drop_gguf_quantizer(model)
+    with atomic_directory(cache, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return model.to(dtype), tokenizer, "causal-lm", False
+
+
+def resolve(name_or_path: str | os.PathLike) -> tuple[Path, ModelKind | None]:
+    """Turn a zoo name, HF dir or .gguf path into a local path; never touches the network."""
+    entry = zoo_entry(str(name_or_path))
+    if entry is not None:
+        return entry.locate(), entry.kind
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if path.is_dir() or path.suffix == ".gguf":
+            return path, None
+        raise ModelNotFoundError(f"{path} is neither a Hugging Face model directory nor a .gguf file")
+    known = ", ".join(ZOO)
+    if _HUB_ID.match(str(name_or_path)):
+        raise ModelNotFoundError(
+            f"'{name_or_path}' looks like a Hugging Face Hub id. slimkit never downloads at run "
+            f"time: download it yourself (e.g. `hf download {name_or_path} --local-dir DIR`) and "
+            f"pass DIR, or use a packaged model: {known}"
+        )
+    raise ModelNotFoundError(
+        f"unknown model '{name_or_path}': not a packaged model ({known}), and no such file or "
+        "directory. Run `slimkit models` to list the packaged ones."
+    )
+
+
+def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a zoo name, a local HF directory or a .gguf file, with its adapter."""
+    start = time.perf_counter()
+    path, _ = resolve(name_or_path)
+    from_cache = False
+    if path.suffix == ".gguf":
+        model, tokenizer, kind, from_cache = _load_gguf(path, dtype)
+    else:
+        model, tokenizer, kind = _load_hf_dir(path, dtype)
+    adapter = adapter_for(model)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        adapter=adapter,
+        kind=kind,
+        name=str(name_or_path),
+        source=path,
+        load_seconds=time.perf_counter() - start,
+        from_cache=from_cache,
+    )

@@ -1,0 +1,107 @@
+"""Round-to-nearest weight quantization as pure functions.
+
+Symmetric: q in [-(2^(b-1)-1), 2^(b-1)-1], scale = absmax / qmax, no zero point.
+Asymmetric: q in [0, 2^b - 1], scale = (max - min) / qmax with min <= 0 <= max, integer zero
+point; zero stays exactly representable, so pruned weights stay pruned.
+Groups run along the input (last) dimension; group_size None means one group per row
+(per channel). Scales are rounded to `scale_dtype`, the dtype they are stored in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from slimkit.errors import ShapeError
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int
+    symmetric: bool = True
+    group_size: int | None = None  # None: per output channel
+    scale_dtype: torch.dtype = torch.float16
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1) - 1) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    def group_of(self, in_features: int) -> int:
+        return self.group_size or in_features
+
+
+@dataclass
+class QuantParams:
+    """What packing/export need: integer codes, scales and zero points per group."""
+
+    spec: QuantSpec
+    q: torch.Tensor  # int8 codes, same shape as the weight
+    scale: torch.Tensor  # [out, in/group] in spec.scale_dtype
+    zero: torch.Tensor | None  # [out, in/group] int (asymmetric only)
+
+
+def _grouped(weight: torch.Tensor, spec: QuantSpec, name: str) -> torch.Tensor:
+    if not 2 <= spec.bits <= 8:
+        raise ShapeError(f"bits must be in 2..8, got {spec.bits}")
+    rows, cols = weight.shape[0], weight.shape[-1]
+    group = spec.group_of(cols)
+    if cols % group:
+        divisors = [g for g in (32, 64, 128, 256) if cols % g == 0]
+        raise ShapeError(
+            f"{name}: input dimension {cols} is not divisible by group_size {group}"
+            + (f"; try group_size {' or '.join(map(str, divisors))}" if divisors else "")
+        )
+    return weight.detach().float().reshape(rows, cols // group, group)
+
+
+def compute_qparams(weight: torch.Tensor, spec: QuantSpec, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor | None]:
+    g = _grouped(weight, spec, name)
+    if spec.symmetric:
+        scale = g.abs().amax(-1) / spec.qmax
+        zero = None
+    else:
+        lo = g.amin(-1).clamp(max=0.0)
+        hi = g.amax(-1).clamp(min=0.0)
+        scale = (hi - lo) / spec.qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(spec.scale_dtype)
+    if not spec.symmetric:
+        zero = torch.round(-lo / scale.float()).clamp(spec.qmin, spec.qmax).to(torch.int32)
+    return scale, zero
+
+
+def quantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    g = _grouped(weight, spec, "weight")
+    s = scale.float().unsqueeze(-1)
+    q = torch.round(g / s)
+    if zero is not None:
+        q = q + zero.unsqueeze(-1)
+    return q.clamp(spec.qmin, spec.qmax).to(torch.int8).reshape(weight.shape)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    rows, cols = q.shape[0], q.shape[-1]
+    group = spec.group_of(cols)
+    g = q.float().reshape(rows, cols // group, group)
+    if zero is not None:
+        g = g - zero.unsqueeze(-1).float()
+    return (g * scale.float().unsqueeze(-1)).reshape(q.shape)
+
+
+def rtn_quantize(weight: torch.Tensor, spec: QuantSpec, name: str = "weight") -> tuple[torch.Tensor, QuantParams]:
+    """Quantize and dequantize: returns the fake-quantized weight (fp32) and its parameters."""
+    scale, zero = compute_qparams(weight, spec, name)
+    q = quantize(weight, scale, zero, spec)
+    return dequantize(q, scale, zero, spec), QuantParams(spec, q, scale, zero)
+
+
+def bytes_per_weight(spec: QuantSpec, in_features: int) -> float:
+    """Storage arithmetic of the packed format: codes + scales (+ zero points)."""
+    group = spec.group_of(in_features)
+    scale_bytes = torch.finfo(spec.scale_dtype).bits / 8
+    zero_bytes = 0 if spec.symmetric else spec.bits / 8
+    return spec.bits / 8 + (scale_bytes + zero_bytes) / group

@@ -1,0 +1,31 @@
+"""Which tensors a step compresses: the block linears, optionally lm_head and embeddings."""
+
+from __future__ import annotations
+
+from fnmatch import fnmatch
+
+from torch import nn
+
+from slimkit.models.adapters import ArchitectureAdapter
+from slimkit.recipes.base import StepConfig
+from slimkit.recipes.registry import LayerRecord
+
+
+def select_targets(
+    model: nn.Module, adapter: ArchitectureAdapter, config: StepConfig, records: dict[str, LayerRecord]
+) -> dict[str, nn.Module]:
+    """Modules whose `.weight` the step rewrites, by full name; a tied weight appears once."""
+    modules: dict[str, nn.Module] = dict(adapter.linears(model, include_lm_head=config.include_lm_head))
+    if config.include_embeddings:
+        modules.update(adapter.embedding_modules(model))
+    seen: set[int] = set()
+    out: dict[str, nn.Module] = {}
+    for name, module in modules.items():
+        if any(fnmatch(name, pattern) for pattern in config.ignore) or id(module.weight) in seen:
+            continue
+        seen.add(id(module.weight))
+        out[name] = module
+        if name not in records:
+            w = module.weight
+            records[name] = LayerRecord(name, adapter.tensor_kind(name + ".weight"), tuple(w.shape), w.element_size())
+    return out

@@ -1,0 +1,217 @@
+"""The whole job: load -> evaluate -> compress -> evaluate -> write the output dir -> report."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import slimkit
+from slimkit.data.corpus import TextSplit, load_split
+from slimkit.data.tokens import calibration_windows
+from slimkit.evaluation.embedding import EmbeddingProtocol, sentence_embeddings, similarity
+from slimkit.evaluation.perplexity import PerplexityProtocol, perplexity
+from slimkit.evaluation.size import bytes_by_kind, files_bytes, packed_bytes
+from slimkit.export.atomic import atomic_directory, atomic_write_text
+from slimkit.export.hf import COMPRESSION_FILE, save_compression_state, save_model_dir
+from slimkit.models.loading import LoadedModel, load_model
+from slimkit.progress import NoProgress, Progress
+from slimkit.recipes.apply import CompressionResult, compress
+from slimkit.recipes.schema import Recipe
+from slimkit.reports.tables import comparison_rows, markdown_table, metric_legend, report_markdown
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How quality is measured. The defaults are the quick protocol; max_windows=None is full."""
+
+    seqlen: int = 512
+    max_windows: int | None = 16
+    n_texts: int = 256
+    data: str | None = None  # None: the packaged Wikipedia summaries
+    calibration_windows: int = 128
+    calibration_seqlen: int = 512
+    seed: int = 0
+
+    def protocol(self, kind: str) -> str:
+        if kind == "causal-lm":
+            return PerplexityProtocol(self.seqlen, self.max_windows).describe()
+        return EmbeddingProtocol(self.n_texts).describe()
+
+
+class QualityMeter:
+    """Measures a model's quality on the fixed protocol, against the dense baseline."""
+
+    def __init__(self, loaded: LoadedModel, split: TextSplit, settings: EvalSettings, progress: Progress):
+        self.loaded, self.split, self.settings, self.progress = loaded, split, settings, progress
+        self.reference: torch.Tensor | None = None
+
+    def measure(self, label: str) -> dict:
+        lm, s = self.loaded, self.settings
+        if lm.kind == "causal-lm":
+            r = perplexity(lm.model, lm.tokenizer, self.split, PerplexityProtocol(s.seqlen, s.max_windows),
+                           self.progress, f"ppl ({label})")
+            return {"metric": "ppl", "value": r.ppl, "details": r.to_dict()}
+        start = time.perf_counter()
+        emb = sentence_embeddings(lm.model, lm.tokenizer, self.split, EmbeddingProtocol(s.n_texts), self.progress)
+        if self.reference is None:
+            self.reference = emb
+        r = similarity(self.reference, emb, self.split.split_hash, time.perf_counter() - start)
+        return {"metric": "cosine", "value": r.mean_cosine, "details": r.to_dict()}
+
+
+def _layer_rows(result: CompressionResult, model: torch.nn.Module) -> list[dict]:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    rows = []
+    for name, rec in result.records.items():
+        w = params[name + ".weight"]
+        bits = f"{rec.quant.spec.bits}" if rec.quant else f"{w.element_size() * 8}"
+        if rec.quant and rec.quant.spec.group_size:
+            bits += f" g{rec.quant.spec.group_size}"
+        rows.append({
+            "name": name,
+            "kind": rec.kind,
+            "shape": list(rec.shape),
+            "sparsity": float((w == 0).sum()) / w.numel(),
+            "bits": bits,
+            "methods": rec.methods,
+        })
+    return rows
+
+
+def _model_sparsity(model: torch.nn.Module, names: list[str]) -> tuple[int, int]:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    zeros = sum(int((params[n + ".weight"] == 0).sum()) for n in names)
+    total = sum(params[n + ".weight"].numel() for n in names)
+    return zeros, total
+
+
+def build_report(
+    loaded: LoadedModel,
+    recipe: Recipe,
+    result: CompressionResult,
+    split: TextSplit,
+    settings: EvalSettings,
+    baseline: dict,
+    baseline_sparsity: float,
+    compressed: dict,
+    dense_by_kind: dict[str, int],
+    timing: dict[str, float],
+) -> dict:
+    layers = _layer_rows(result, loaded.model)
+    zeros, total = _model_sparsity(loaded.model, [l["name"] for l in layers])
+    dense_bytes = sum(dense_by_kind.values())
+    packed = dense_bytes + sum(packed_bytes(r) - r.element_size * _numel(r.shape)
+                               for r in result.records.values())
+    bits = sorted({l["bits"] for l in layers})
+    return {
+        "slimkit_version": slimkit.__version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "model": {
+            "name": loaded.name,
+            "source": str(loaded.source),
+            "kind": loaded.kind,
+            "architecture": loaded.adapter.name,
+            "parameters": sum(p.numel() for p in loaded.model.parameters()),
+            "dtype_bits": next(loaded.model.parameters()).element_size() * 8,
+        },
+        "recipe": recipe.to_dict(),
+        "recipe_summary": recipe.summary(),
+        "data": {"source": split.source, "split_hash": split.split_hash, "description": split.describe()},
+        "protocol": settings.protocol(loaded.kind),
+        "baseline": baseline,
+        "baseline_sparsity": baseline_sparsity,
+        "compressed": compressed,
+        "compression": {
+            "seconds": result.seconds,
+            "step_seconds": result.step_seconds,
+            "sparsity_overall": zeros / total if total else 0.0,
+            "compressed_parameters": total,
+            "bits": ", ".join(bits),
+            "layers": layers,
+        },
+        "size": {"dense_bytes": dense_bytes, "dense_by_kind": dense_by_kind, "packed_bytes": packed},
+        "timing": timing,
+    }
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def write_output(loaded: LoadedModel, result: CompressionResult, report: dict, out: Path,
+                 overwrite: bool, save_dtype: torch.dtype | None) -> dict:
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        save_model_dir(loaded, tmp, save_dtype)
+        (tmp / "recipe.yaml").write_text(result.recipe.to_yaml())
+        save_compression_state(result.records, tmp / COMPRESSION_FILE)
+        report["size"]["stored_bytes"] = files_bytes(tmp, "model*.safetensors")
+        report["output"] = str(out)
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        (tmp / "report.md").write_text(report_markdown(report))
+    return report
+
+
+def compress_to_dir(
+    model: str,
+    recipes: list[Recipe],
+    output: str | Path,
+    settings: EvalSettings = EvalSettings(),
+    overwrite: bool = False,
+    save_dtype: torch.dtype | None = None,
+    progress: Progress = NoProgress(),
+    log: Callable[[str], None] = lambda msg: None,
+) -> list[dict]:
+    """Compress `model` with each recipe; write one HF dir per recipe (the output dir itself
+    when there is one recipe, else OUTPUT/<recipe name>/) and return the reports."""
+    output = Path(output)
+    start = time.perf_counter()
+    loaded = load_model(model)
+    log(f"loaded {loaded.name} ({loaded.adapter.name}, {loaded.kind}) in {loaded.load_seconds:.1f}s"
+        + (" from cache" if loaded.from_cache else ""))
+    split = load_split(settings.data)
+    log(f"data: {split.describe()}")
+    meter = QualityMeter(loaded, split, settings, progress)
+    baseline = meter.measure("dense")
+    dense_by_kind = bytes_by_kind(loaded.model, loaded.adapter)
+    original = {k: v.clone() for k, v in loaded.model.state_dict().items()} if len(recipes) > 1 else None
+    base_names = list(loaded.adapter.linears(loaded.model))
+    zeros, total = _model_sparsity(loaded.model, base_names)
+    calibration = None
+    if loaded.tokenizer is not None:
+        def calibration() -> torch.Tensor:
+            return calibration_windows(loaded.tokenizer, split, settings.calibration_windows,
+                                       settings.calibration_seqlen, settings.seed)
+    reports = []
+    for i, recipe in enumerate(recipes):
+        if i and original is not None:
+            loaded.model.load_state_dict(original)
+        t0 = time.perf_counter()
+        result = compress(loaded.model, recipe, loaded.adapter, progress, calibration)
+        t_compress = time.perf_counter() - t0
+        after = meter.measure(recipe.name)
+        report = build_report(loaded, recipe, result, split, settings, baseline, zeros / total, after,
+                              dense_by_kind, {"load_s": loaded.load_seconds, "compress_s": t_compress,
+                                              "eval_before_s": baseline["details"]["seconds"],
+                                              "eval_after_s": after["details"]["seconds"]})
+        out = output if len(recipes) == 1 else output / recipe.name
+        reports.append(write_output(loaded, result, report, out, overwrite, save_dtype))
+        log(f"wrote {out}")
+    if len(recipes) > 1:
+        summary = "\n".join([f"# slimkit compress: {loaded.name}", "",
+                             markdown_table(comparison_rows(reports)), "", f"- {metric_legend(reports[0])}", ""])
+        atomic_write_text(output / "summary.md", summary)
+        atomic_write_text(output / "summary.json", json.dumps(reports, indent=2))
+    for r in reports:
+        r["timing"]["total_s"] = time.perf_counter() - start
+    return reports

@@ -1,0 +1,111 @@
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from slimkit.cli.main import app, main
+
+runner = CliRunner()
+
+
+def _run(*args):
+    """Run the CLI like the console script does (SlimkitError -> exit 2 with a message)."""
+    import sys
+    from contextlib import redirect_stderr, redirect_stdout
+    from io import StringIO
+
+    out, err = StringIO(), StringIO()
+    argv, sys.argv = sys.argv, ["slimkit", *map(str, args)]
+    code = 0
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    finally:
+        sys.argv = argv
+    return code, out.getvalue() + err.getvalue()
+
+
+def test_help_teaches_usage():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for cmd in ("compress", "eval", "models", "recipes"):
+        assert cmd in result.output
+    result = runner.invoke(app, ["compress", "--help"])
+    assert "Examples" in result.output and "--recipe" in result.output and "--full" in result.output
+
+
+def test_models_lists_zoo():
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 0 and "smollm2-135m" in result.output and "minilm-l6" in result.output
+
+
+def test_recipes_lists_and_shows():
+    result = runner.invoke(app, ["recipes"])
+    assert "rtn-int4-g64" in result.output
+    result = runner.invoke(app, ["recipes", "magnitude-2of4"])
+    assert "pattern: '2:4'" in result.output
+
+
+def test_unknown_model_is_exit_2_with_message(tmp_path):
+    code, output = _run("compress", "nope-model", "-r", "rtn-int8", "-o", tmp_path / "o")
+    assert code == 2 and "unknown model 'nope-model'" in output
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_recipe_file_is_exit_2(tmp_path):
+    bad = tmp_path / "r.yaml"
+    bad.write_text("steps:\n  - method: magnitude_prune\n    sparsity: 2\n")
+    code, output = _run("compress", "minilm-l6", "-r", bad, "-o", tmp_path / "o")
+    assert code == 2 and "steps[0].sparsity" in output
+
+
+def test_compress_tiny_model_end_to_end(tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "cmp"
+    code, output = _run("compress", tiny_llama_dir, "-r", "magnitude-2of4", "-r", "rtn-int4-g64",
+                        "-o", out, "--windows", "2", "--seqlen", "64")
+    assert code == 0, output
+    assert "magnitude-2of4" in output and "rtn-int4-g64" in output
+    assert (out / "summary.md").is_file()
+    for name in ("magnitude-2of4", "rtn-int4-g64"):
+        d = out / name
+        for f in ("config.json", "model.safetensors", "tokenizer.json", "recipe.yaml", "report.json",
+                  "report.md", "compression.safetensors"):
+            assert (d / f).is_file(), (name, f)
+        report = json.loads((d / "report.json").read_text())
+        assert report["baseline"]["metric"] == "ppl" and report["compressed"]["value"] > 0
+        assert report["data"]["split_hash"] == report["baseline"]["details"]["split_hash"]
+    model = AutoModelForCausalLM.from_pretrained(out / "magnitude-2of4")  # plain transformers
+    w = model.model.layers[0].mlp.down_proj.weight
+    assert ((w.view(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
+    report = json.loads((out / "magnitude-2of4" / "report.json").read_text())
+    assert report["compression"]["sparsity_overall"] == pytest.approx(0.5, abs=1e-3)
+    # the eval command reproduces the report's "after" number on the written model
+    code, output = _run("eval", out / "magnitude-2of4", "--windows", "2", "--seqlen", "64", "--json")
+    assert code == 0
+    ppl = json.loads(output[output.index("{"):])["value"]
+    assert ppl == pytest.approx(report["compressed"]["value"], rel=1e-4)
+
+
+def test_existing_output_refused_without_overwrite(tiny_llama_dir, tmp_path):
+    (tmp_path / "o").mkdir()
+    code, output = _run("compress", tiny_llama_dir, "-r", "rtn-int8", "-o", tmp_path / "o", "--windows", "1",
+                        "--seqlen", "32")
+    assert code == 2 and "--overwrite" in output
+
+
+def test_interrupt_during_write_leaves_no_output(tiny_llama_dir, tmp_path, monkeypatch):
+    import slimkit.workflow as wf
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(wf, "save_compression_state", boom)
+    code, output = _run("compress", tiny_llama_dir, "-r", "rtn-int8", "-o", tmp_path / "o", "--windows", "1",
+                        "--seqlen", "32")
+    assert code == 130 and "interrupted" in output
+    assert list(tmp_path.iterdir()) == []
