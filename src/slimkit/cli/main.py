@@ -163,8 +163,6 @@ def compress(
         reports = compress_to_dir(model, recipes_, output, settings, overwrite, dtype, progress,
                                   log=lambda m: console.print(f"[dim]{m}[/dim]"))
     console.print(rich_table(comparison_rows(reports), f"slimkit compress: {reports[0]['model']['name']}"))
-    for r in reports:
-        console.print(f"  {r['recipe']['name']}: {r['recipe_summary']}")
     console.print(f"{metric_legend(reports[0])}\npacked MB = the packed format's arithmetic; "
                   f"total time {reports[-1]['timing']['total_s']:.0f}s; output: {output}")
 
