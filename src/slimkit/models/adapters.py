@@ -39,6 +39,10 @@ class ArchitectureAdapter:
     embeddings: tuple[str, ...]  # relative to the base model
     final_norm: str | None  # relative to the base model
     lm_head: str | None  # relative to the full model
+    # Linears that read the same input (one Hessian each), and the op whose output is that input
+    # (a norm or a linear that scales can be folded into; None: nothing foldable).
+    input_groups: tuple[tuple[str, ...], ...] = ()
+    group_producers: tuple[str | None, ...] = ()
     heads_attr: str = "num_attention_heads"
     kv_heads_attr: str | None = "num_key_value_heads"
 
@@ -64,6 +68,9 @@ class ArchitectureAdapter:
                 "An adapter must name the blocks, attention and MLP linears, norms and embeddings; "
                 "register a matching one with slimkit.models.adapters.register_adapter()."
             )
+
+    def block_module(self, block: nn.Module, path: str) -> nn.Module | None:
+        return _get(block, path)
 
     def get_blocks(self, model: nn.Module) -> nn.ModuleList:
         return _get(model.base_model, self.blocks)
@@ -122,6 +129,13 @@ LLAMA = ArchitectureAdapter(
     embeddings=("embed_tokens",),
     final_norm="norm",
     lm_head="lm_head",
+    input_groups=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    ),
+    group_producers=("input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj"),
 )
 
 BERT = ArchitectureAdapter(
@@ -140,6 +154,13 @@ BERT = ArchitectureAdapter(
     final_norm=None,
     lm_head=None,
     kv_heads_attr=None,
+    input_groups=(
+        ("attention.self.query", "attention.self.key", "attention.self.value"),
+        ("attention.output.dense",),
+        ("intermediate.dense",),
+        ("output.dense",),
+    ),
+    group_producers=(None, "attention.self.value", "attention.output.LayerNorm", None),
 )
 
 _REGISTRY: dict[str, ArchitectureAdapter] = {}

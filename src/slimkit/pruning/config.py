@@ -7,16 +7,15 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from slimkit.pruning.magnitude import parse_nm
+from slimkit.quantization.config import QuantFields
 from slimkit.recipes.base import StepConfig
 
 
-class MagnitudePruneConfig(StepConfig):
-    """Remove the smallest-magnitude weights: a sparsity level, or an N:M pattern."""
+class SparsityFields(StepConfig):
+    """A sparsity level, or an N:M pattern (N kept in every M consecutive inputs)."""
 
-    method: Literal["magnitude_prune"] = "magnitude_prune"
     sparsity: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of weights removed")
     pattern: str | None = Field(None, description="N:M pattern such as '2:4' (N kept in every M)")
-    scope: Literal["layer", "global"] = Field("layer", description="one threshold per layer, or one for all")
 
     @field_validator("pattern")
     @classmethod
@@ -32,11 +31,55 @@ class MagnitudePruneConfig(StepConfig):
     def _one_target(self):
         if (self.sparsity is None) == (self.pattern is None):
             raise ValueError("give exactly one of 'sparsity' or 'pattern'")
-        if self.pattern is not None:
-            if self.scope != "layer":
-                raise ValueError("an N:M pattern is per group of M weights; scope must be 'layer'")
+        return self
+
+    def nm(self) -> tuple[int, int] | None:
+        return parse_nm(self.pattern) if self.pattern else None
+
+    def target_text(self) -> str:
+        return self.pattern if self.pattern else f"{self.sparsity:.0%}"
+
+
+class MagnitudePruneConfig(SparsityFields):
+    """Remove the smallest-magnitude weights: a sparsity level, or an N:M pattern."""
+
+    method: Literal["magnitude_prune"] = "magnitude_prune"
+    scope: Literal["layer", "global"] = Field("layer", description="one threshold per layer, or one for all")
+
+    @model_validator(mode="after")
+    def _scope(self):
+        if self.pattern is not None and self.scope != "layer":
+            raise ValueError("an N:M pattern is per group of M weights; scope must be 'layer'")
         return self
 
     def summary(self) -> str:
-        what = self.pattern if self.pattern else f"{self.sparsity:.0%}"
-        return f"magnitude {what}" + (" global" if self.scope == "global" else "")
+        return f"magnitude {self.target_text()}" + (" global" if self.scope == "global" else "")
+
+
+class WandaConfig(SparsityFields):
+    """Wanda: prune by |W| x input-activation norm, per output row. Needs calibration data."""
+
+    method: Literal["wanda"] = "wanda"
+
+    def summary(self) -> str:
+        return f"Wanda {self.target_text()}"
+
+
+class SparseGPTConfig(SparsityFields):
+    """SparseGPT: one-shot OBS pruning with weight updates; optionally quantizes kept weights."""
+
+    method: Literal["sparsegpt"] = "sparsegpt"
+    blocksize: int = Field(128, gt=0, description="columns per lazy-update block (a multiple of M)")
+    percdamp: float = Field(0.01, gt=0.0, description="damping, as a fraction of mean(diag H)")
+    quantize: QuantFields | None = Field(None, description="also quantize the kept weights (joint mode)")
+
+    @model_validator(mode="after")
+    def _block_multiple(self):
+        nm = self.nm()
+        if nm and self.blocksize % nm[1]:
+            raise ValueError(f"blocksize {self.blocksize} must be a multiple of M={nm[1]}")
+        return self
+
+    def summary(self) -> str:
+        joint = f" + {self.quantize.describe()}" if self.quantize else ""
+        return f"SparseGPT {self.target_text()}{joint}"

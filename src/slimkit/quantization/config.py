@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from slimkit.quantization.rtn import QuantSpec
 from slimkit.recipes.base import StepConfig
@@ -13,10 +13,11 @@ from slimkit.recipes.base import StepConfig
 _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-class RTNQuantizeConfig(StepConfig):
-    """Round-to-nearest weight quantization, per channel or per group."""
+class QuantFields(BaseModel):
+    """Integer weight format: bits, symmetry, grouping, and the dtype scales are stored in."""
 
-    method: Literal["rtn_quantize"] = "rtn_quantize"
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     bits: int = Field(4, ge=2, le=8, description="bits per weight (2-8)")
     symmetric: bool = Field(True, description="symmetric (no zero point) or asymmetric")
     group_size: int | None = Field(None, gt=0, description="columns per group; null = per channel")
@@ -25,6 +26,44 @@ class RTNQuantizeConfig(StepConfig):
     def spec(self) -> QuantSpec:
         return QuantSpec(self.bits, self.symmetric, self.group_size, _SCALE_DTYPES[self.scale_dtype])
 
-    def summary(self) -> str:
+    def describe(self) -> str:
         group = f"g{self.group_size}" if self.group_size else "per-channel"
-        return f"RTN int{self.bits} {group} {'sym' if self.symmetric else 'asym'}"
+        return f"int{self.bits} {group} {'sym' if self.symmetric else 'asym'}"
+
+
+class RTNQuantizeConfig(StepConfig, QuantFields):
+    """Round-to-nearest weight quantization, per channel or per group."""
+
+    method: Literal["rtn_quantize"] = "rtn_quantize"
+
+    def summary(self) -> str:
+        return f"RTN {self.describe()}"
+
+
+class GPTQConfig(StepConfig, QuantFields):
+    """GPTQ: quantize column by column, compensating each rounding error through H^-1.
+
+    Keeps any mask an earlier pruning step left. With act_order, columns go in order of
+    decreasing diag(H), with static groups (no group index needed at inference).
+    """
+
+    method: Literal["gptq"] = "gptq"
+    act_order: bool = Field(False, description="process columns by decreasing diag(H)")
+    blocksize: int = Field(128, gt=0, description="columns per lazy-update block")
+    percdamp: float = Field(0.01, gt=0.0, description="damping, as a fraction of mean(diag H)")
+
+    def summary(self) -> str:
+        return f"GPTQ {self.describe()}" + (" act-order" if self.act_order else "")
+
+
+class AWQConfig(StepConfig, QuantFields):
+    """AWQ: activation-aware scales (folded into the previous op) and a clip search, then RTN or GPTQ."""
+
+    method: Literal["awq"] = "awq"
+    grid: int = Field(20, ge=2, description="alpha grid points in [0, 1)")
+    clip: bool = Field(True, description="search a clip ratio per group")
+    quantizer: Literal["rtn", "gptq"] = Field("rtn", description="how the scaled weights are rounded")
+    percdamp: float = Field(0.01, gt=0.0, description="damping for the GPTQ quantizer")
+
+    def summary(self) -> str:
+        return f"AWQ {self.describe()}" + (" +GPTQ" if self.quantizer == "gptq" else "")

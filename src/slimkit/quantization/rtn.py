@@ -59,14 +59,18 @@ def _grouped(weight: torch.Tensor, spec: QuantSpec, name: str) -> torch.Tensor:
     return weight.detach().float().reshape(rows, cols // group, group)
 
 
-def compute_qparams(weight: torch.Tensor, spec: QuantSpec, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor | None]:
+def compute_qparams(
+    weight: torch.Tensor, spec: QuantSpec, name: str = "weight", clip: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales (and zero points) per [row, group]; `clip` [rows, groups] shrinks the range."""
     g = _grouped(weight, spec, name)
+    ratio = 1.0 if clip is None else clip.float()
     if spec.symmetric:
-        scale = g.abs().amax(-1) / spec.qmax
+        scale = g.abs().amax(-1) * ratio / spec.qmax
         zero = None
     else:
-        lo = g.amin(-1).clamp(max=0.0)
-        hi = g.amax(-1).clamp(min=0.0)
+        lo = g.amin(-1).clamp(max=0.0) * ratio
+        hi = g.amax(-1).clamp(min=0.0) * ratio
         scale = (hi - lo) / spec.qmax
     scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(spec.scale_dtype)
     if not spec.symmetric:

@@ -30,6 +30,7 @@ class LayerRecord:
     mask: torch.Tensor | None = None  # bool, True = kept
     quant: QuantParams | None = None
     methods: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. a damping that had to be raised
 
 
 @dataclass
@@ -39,6 +40,8 @@ class StepContext:
     records: dict[str, LayerRecord]
     progress: Progress = field(default_factory=NoProgress)
     calibration: Callable[[], torch.Tensor] | None = None  # lazily drawn windows
+    offload_dir: str | None = None  # keep calibration activations on disk
+    engine_reports: list = field(default_factory=list)  # one per calibrated pass
 
 
 Handler = Callable[[StepConfig, StepContext], None]
@@ -59,7 +62,9 @@ def register_step(config_type: type[StepConfig]) -> Callable[[Handler], Handler]
 
 def _load_builtin_steps() -> None:
     # Importing the step modules registers their handlers.
+    import slimkit.pruning.calibrated_steps  # noqa: F401
     import slimkit.pruning.steps  # noqa: F401
+    import slimkit.quantization.calibrated_steps  # noqa: F401
     import slimkit.quantization.steps  # noqa: F401
 
 

@@ -1,0 +1,188 @@
+"""The sequential calibration engine: one block at a time, through the architecture adapter.
+
+1. Run the model on the calibration windows until block 0 and capture that block's inputs (and
+   the keyword arguments the model passes every block: attention mask, rotary embeddings).
+2. For each block: hook the first linear of every input group, run the *dense* block on all
+   inputs to accumulate statistics (fp32), hand each linear and its statistics to the
+   algorithm, then re-run the block with the compressed weights: its outputs are the next
+   block's inputs. Every algorithm thus sees inputs produced by already-compressed blocks.
+Peak memory is one block's weights plus the activations; `offload_dir` keeps the activations
+on disk (memory-mapped) for models whose activations do not fit in RAM.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from slimkit.calibration.stats import InputStats, StatsRequest
+from slimkit.models.adapters import ArchitectureAdapter
+from slimkit.progress import NoProgress, Progress
+
+
+class _StopForward(Exception):
+    pass
+
+
+class ActivationStore:
+    """Block inputs, one tensor per calibration batch: in RAM, or memory-mapped on disk."""
+
+    def __init__(self, offload_dir: str | Path | None = None):
+        self._tensors: list[torch.Tensor] = []
+        self._dir = Path(tempfile.mkdtemp(prefix="slimkit-acts-", dir=offload_dir)) if offload_dir else None
+        self._generation = 0
+
+    def put(self, i: int, x: torch.Tensor) -> None:
+        x = x.detach()
+        if self._dir is not None:
+            path = self._dir / f"g{self._generation}-{i}.bin"
+            mm = torch.from_file(str(path), shared=True, size=x.numel(), dtype=x.dtype).view(x.shape)
+            mm.copy_(x)
+            x = mm
+        if i < len(self._tensors):
+            self._tensors[i] = x
+        else:
+            self._tensors.append(x)
+
+    def next_generation(self) -> None:
+        if self._dir is not None:
+            for stale in self._dir.glob(f"g{self._generation - 1}-*.bin"):
+                stale.unlink()
+        self._generation += 1
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self._tensors[i]
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def close(self) -> None:
+        self._tensors.clear()
+        if self._dir is not None:
+            import shutil
+
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+@dataclass
+class BlockWork:
+    """What an algorithm gets for one block."""
+
+    index: int
+    block: nn.Module
+    linears: dict[str, nn.Linear]  # full name -> module
+    groups: list[list[str]]  # full names of linears sharing one input
+    producers: list[nn.Module | None]  # the op producing each group's input (for folding)
+    stats: dict[str, InputStats]  # full name -> the stats of its (shared) input
+
+
+@dataclass
+class EngineReport:
+    block_seconds: list[float] = field(default_factory=list)
+    stats_seconds: float = 0.0
+    forward_seconds: float = 0.0
+    algorithm_seconds: float = 0.0
+    tokens: int = 0
+
+
+def _block_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, adapter: ArchitectureAdapter, windows: torch.Tensor, batch_size: int, store: ActivationStore
+) -> list[tuple[tuple, dict]]:
+    """Inputs of block 0 for each batch, and the other args the model passes to every block."""
+    first = adapter.get_blocks(model)[0]
+    extra: list[tuple[tuple, dict]] = []
+
+    def grab(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        store.put(len(extra), hidden)
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+        extra.append((tuple(args[1:]), kwargs))
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for batch in torch.split(windows, batch_size):
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return extra
+
+
+def sequential_compress(
+    model: nn.Module,
+    adapter: ArchitectureAdapter,
+    windows: torch.Tensor,
+    request: StatsRequest,
+    compress_block: Callable[[BlockWork], None],
+    progress: Progress = NoProgress(),
+    batch_size: int = 8,
+    offload_dir: str | Path | None = None,
+    description: str = "calibrated",
+) -> EngineReport:
+    report = EngineReport(tokens=windows.numel())
+    store = ActivationStore(offload_dir)
+    model.eval()
+    try:
+        extra = capture_block_inputs(model, adapter, windows, batch_size, store)
+        names = {id(m): n for n, m in model.named_modules()}
+        blocks = adapter.get_blocks(model)
+        for index, block in progress.track(list(enumerate(blocks)), f"{description}: blocks"):
+            start = time.perf_counter()
+            work = _block_work(index, block, adapter, names, request)
+            handles = [
+                work.linears[group[0]].register_forward_pre_hook(
+                    lambda mod, args, st=work.stats[group[0]]: st.add(args[0])
+                )
+                for group in work.groups
+            ]
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                try:
+                    for i, (args, kwargs) in enumerate(extra):
+                        block(store[i], *args, **kwargs)
+                finally:
+                    for h in handles:
+                        h.remove()
+            t1 = time.perf_counter()
+            compress_block(work)
+            t2 = time.perf_counter()
+            store.next_generation()
+            with torch.no_grad():
+                for i, (args, kwargs) in enumerate(extra):
+                    store.put(i, _block_output(block(store[i], *args, **kwargs)))
+            t3 = time.perf_counter()
+            report.stats_seconds += t1 - t0
+            report.algorithm_seconds += t2 - t1
+            report.forward_seconds += t3 - t2
+            report.block_seconds.append(time.perf_counter() - start)
+    finally:
+        store.close()
+    return report
+
+
+def _block_work(index: int, block: nn.Module, adapter: ArchitectureAdapter, names: dict, request: StatsRequest) -> BlockWork:
+    linears, groups, producers, stats = {}, [], [], {}
+    for paths, producer in zip(adapter.input_groups, adapter.group_producers):
+        mods = [adapter.block_module(block, p) for p in paths]
+        full = [names[id(m)] for m in mods]
+        shared = InputStats(mods[0].in_features, request)
+        for n, m in zip(full, mods):
+            linears[n] = m
+            stats[n] = shared
+        groups.append(full)
+        producers.append(adapter.block_module(block, producer) if producer else None)
+    return BlockWork(index, block, linears, groups, producers, stats)

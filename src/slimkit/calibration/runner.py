@@ -1,0 +1,64 @@
+"""Glue between recipe steps and the sequential engine: targets, checks, calibration data."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from slimkit.calibration.engine import BlockWork, EngineReport, sequential_compress
+from slimkit.calibration.obs import ObsResult
+from slimkit.calibration.stats import StatsRequest
+from slimkit.errors import DataError, RecipeError
+from slimkit.quantization.rtn import QuantParams, QuantSpec, quantize
+from slimkit.recipes.base import StepConfig
+from slimkit.recipes.registry import LayerRecord, StepContext
+from slimkit.recipes.targets import select_targets
+
+
+def run_calibrated(
+    config: StepConfig,
+    ctx: StepContext,
+    request: StatsRequest,
+    compress_block: Callable[[BlockWork, dict[str, nn.Module]], None],
+    check: Callable[[str, nn.Module], None] | None = None,
+) -> EngineReport:
+    """Validate every target, draw the calibration windows, run the engine block by block."""
+    if config.include_lm_head or config.include_embeddings:
+        raise RecipeError(
+            f"{config.method}: calibrated methods compress the linears inside the blocks; "
+            "include_lm_head / include_embeddings are not supported. Add an rtn_quantize or "
+            "magnitude_prune step for those tensors."
+        )
+    targets = select_targets(ctx.model, ctx.adapter, config, ctx.records)
+    if check is not None:
+        for name, module in targets.items():  # every shape is checked before any work starts
+            check(name, module)
+    if ctx.calibration is None:
+        raise DataError(f"{config.method} needs calibration text, and this model has no tokenizer")
+    windows = ctx.calibration()
+
+    def per_block(work: BlockWork) -> None:
+        selected = {n: m for n, m in work.linears.items() if n in targets}
+        if selected:
+            compress_block(work, selected)
+
+    report = sequential_compress(ctx.model, ctx.adapter, windows, request, per_block, ctx.progress,
+                                 offload_dir=ctx.offload_dir, description=config.summary())
+    ctx.engine_reports.append(report)
+    return report
+
+
+def write_result(module: nn.Module, record: LayerRecord, result: ObsResult, spec: QuantSpec | None,
+                 summary: str, percdamp: float) -> None:
+    """Store an OBS result in the module and its record (mask combined, quant params kept)."""
+    w = module.weight
+    w.data.copy_(result.weight.to(w.dtype))
+    if result.keep is not None:
+        record.mask = result.keep if record.mask is None else (result.keep & record.mask)
+    if spec is not None and result.scale is not None:
+        record.quant = QuantParams(spec, quantize(result.weight, result.scale, result.zero, spec),
+                                   result.scale, result.zero)
+    if result.damping > percdamp:
+        record.notes.append(f"{summary}: damping raised to {result.damping:.3g}")
+    record.methods.append(summary)

@@ -1,0 +1,93 @@
+"""Recipe step handlers for calibrated quantization: GPTQ and AWQ."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slimkit.calibration.obs import ObsResult, obs_solve
+from slimkit.calibration.runner import run_calibrated, write_result
+from slimkit.calibration.stats import StatsRequest
+from slimkit.quantization import awq
+from slimkit.quantization.config import AWQConfig, GPTQConfig
+from slimkit.quantization.rtn import _grouped, compute_qparams, dequantize, quantize
+from slimkit.recipes.registry import StepContext, register_step
+
+
+def _group_check(spec):
+    return lambda name, module: _grouped(module.weight[:1], spec, name)
+
+
+@register_step(GPTQConfig)
+def apply_gptq(config: GPTQConfig, ctx: StepContext) -> None:
+    spec = config.spec()
+
+    def block(work, selected):
+        for name, module in ctx.progress.track(list(selected.items()), f"block {work.index}: linears"):
+            record = ctx.records[name]
+            result = obs_solve(module.weight, work.stats[name].hessian, keep_mask=record.mask, quant=spec,
+                               blocksize=config.blocksize, percdamp=config.percdamp, act_order=config.act_order,
+                               name=name)
+            write_result(module, record, result, spec, config.summary(), config.percdamp)
+
+    run_calibrated(config, ctx, StatsRequest(hessian=True), block, _group_check(spec))
+
+
+def _foldable(producer: nn.Module | None, width: int) -> bool:
+    if producer is None or getattr(producer, "weight", None) is None:
+        return False
+    if isinstance(producer, nn.Linear):
+        return producer.out_features == width
+    return producer.weight.dim() == 1 and producer.weight.numel() == width
+
+
+@torch.no_grad()
+def _fold(producer: nn.Module, scales: torch.Tensor) -> None:
+    """Divide the producer's output channels by s (inputs x -> x/s), keeping the function."""
+    if isinstance(producer, nn.Linear):
+        producer.weight.div_(scales.unsqueeze(1).to(producer.weight.dtype))
+    else:
+        producer.weight.div_(scales.to(producer.weight.dtype))
+    if getattr(producer, "bias", None) is not None:
+        producer.bias.div_(scales.to(producer.bias.dtype))
+
+
+@register_step(AWQConfig)
+def apply_awq(config: AWQConfig, ctx: StepContext) -> None:
+    spec = config.spec()
+
+    @torch.no_grad()
+    def block(work, selected):
+        hessians = {}
+        # 1. scales for every input group, on the dense weights, folded into the producer
+        for group, producer in zip(work.groups, work.producers):
+            stats = work.stats[group[0]]
+            H = stats.hessian
+            if any(n in selected for n in group) and _foldable(producer, H.shape[0]):
+                weights = [work.linears[n].weight for n in group]
+                s, alpha, ratio = awq.search_scales(weights, H, stats.abs_mean, spec, config.grid)
+                for n in group:  # scale every linear that reads this input, selected or not
+                    work.linears[n].weight.mul_(s.unsqueeze(0).to(work.linears[n].weight.dtype))
+                _fold(producer, s)
+                H = H / torch.outer(s, s)
+                for n in group:
+                    if n in selected:
+                        ctx.records[n].notes.append(f"AWQ alpha {alpha:.2f} (error x{ratio:.3f} vs no scaling)")
+            for n in group:
+                hessians[n] = H
+        # 2. quantize each selected linear: clip search + RTN, or GPTQ on the scaled inputs
+        for name, module in ctx.progress.track(list(selected.items()), f"block {work.index}: linears"):
+            w = module.weight.float()
+            if config.quantizer == "gptq":
+                result = obs_solve(w, hessians[name], keep_mask=ctx.records[name].mask, quant=spec,
+                                   percdamp=config.percdamp, name=name)
+            else:
+                clip = awq.search_clip(w, hessians[name], spec, config.grid) if config.clip else None
+                scale, zero = compute_qparams(w, spec, name, clip=clip)
+                w_hat = dequantize(quantize(w, scale, zero, spec), scale, zero, spec)
+                mask = ctx.records[name].mask
+                keep = None if mask is None else mask
+                result = ObsResult(w_hat if mask is None else w_hat * mask, keep, scale, zero, config.percdamp)
+            write_result(module, ctx.records[name], result, spec, config.summary(), config.percdamp)
+
+    run_calibrated(config, ctx, StatsRequest(hessian=True, abs_mean=True), block, _group_check(spec))
