@@ -35,3 +35,12 @@ test-slow: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# Peers for side-by-side benchmarks, each in its own venv (never slimkit dependencies).
+.PHONY: peers
+peers: .peers/llmcompressor/.installed
+.peers/llmcompressor/.installed:
+	$(PYTHON) -m venv .peers/llmcompressor
+	.peers/llmcompressor/bin/python -m pip install -q torch==2.13.0
+	.peers/llmcompressor/bin/python -m pip install -q llmcompressor==0.14.0.1
+	touch $@

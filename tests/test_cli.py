@@ -109,3 +109,14 @@ def test_interrupt_during_write_leaves_no_output(tiny_llama_dir, tmp_path, monke
                         "--seqlen", "32")
     assert code == 130 and "interrupted" in output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_calibrated_recipe_through_the_cli(tiny_llama_dir, tmp_path):
+    out = tmp_path / "wanda"
+    code, output = _run("compress", tiny_llama_dir, "-r", "wanda-2of4", "-o", out, "--windows", "1", "--seqlen", "32",
+                        "--calibration-windows", "4", "--calibration-seqlen", "32")
+    assert code == 0, output
+    report = json.loads((out / "report.json").read_text())
+    assert report["compression"]["calibration"] == {"windows": 4, "seqlen": 32, "seed": 0}
+    assert report["compression"]["engine"][0]["tokens"] == 4 * 32
+    assert report["compression"]["sparsity_overall"] == pytest.approx(0.5, abs=1e-3)

@@ -70,3 +70,22 @@ def test_full_protocol_demo_ordering(smollm2, split):
     compress(smollm2.model, get_recipe("magnitude-2of4"))
     nm = perplexity(smollm2.model, smollm2.tokenizer, split, full)
     assert dense.ppl < int4.ppl < nm.ppl
+
+
+def test_calibrated_methods_beat_their_baselines_on_smollm2(smollm2, split):
+    """Small calibration (8 x 256 tokens): the literature's orderings already show."""
+    from slimkit.data import calibration_windows
+
+    windows = calibration_windows(smollm2.tokenizer, split, 8, 256, seed=0)
+    state = {k: v.clone() for k, v in smollm2.model.state_dict().items()}
+    ppl = {}
+    for name in ("magnitude-50", "sparsegpt-50", "rtn-int3-g64", "gptq-int3-g64"):
+        smollm2.model.load_state_dict(state)
+        result = compress(smollm2.model, get_recipe(name), smollm2.adapter, calibration=lambda: windows)
+        ppl[name] = perplexity(smollm2.model, smollm2.tokenizer, split, PerplexityProtocol(512, 4)).ppl
+        sparsity = sum(int((smollm2.model.get_submodule(n).weight == 0).sum()) for n in result.records) / sum(
+            smollm2.model.get_submodule(n).weight.numel() for n in result.records)
+        if "50" in name:
+            assert sparsity == pytest.approx(0.5, abs=0.002), (name, sparsity)
+    assert ppl["sparsegpt-50"] < 0.5 * ppl["magnitude-50"], ppl
+    assert ppl["gptq-int3-g64"] < ppl["rtn-int3-g64"], ppl

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import platform
 import time
 from dataclasses import dataclass
@@ -35,8 +36,8 @@ class EvalSettings:
     max_windows: int | None = 16
     n_texts: int = 256
     data: str | None = None  # None: the packaged Wikipedia summaries
-    calibration_windows: int = 128
-    calibration_seqlen: int = 512
+    calibration_windows: int = 32  # quick default; the papers' protocol is 128 x 512
+    calibration_seqlen: int = 256
     seed: int = 0
 
     def protocol(self, kind: str) -> str:
@@ -81,6 +82,7 @@ def _layer_rows(result: CompressionResult, model: torch.nn.Module) -> list[dict]
             "sparsity": float((w == 0).sum()) / w.numel(),
             "bits": bits,
             "methods": rec.methods,
+            "notes": rec.notes,
         })
     return rows
 
@@ -107,7 +109,7 @@ def build_report(
     layers = _layer_rows(result, loaded.model)
     zeros, total = _model_sparsity(loaded.model, [l["name"] for l in layers])
     dense_bytes = sum(dense_by_kind.values())
-    packed = dense_bytes + sum(packed_bytes(r) - r.element_size * _numel(r.shape)
+    packed = dense_bytes + sum(packed_bytes(r) - r.element_size * math.prod(r.shape)
                                for r in result.records.values())
     bits = sorted({l["bits"] for l in layers})
     return {
@@ -135,18 +137,15 @@ def build_report(
             "sparsity_overall": zeros / total if total else 0.0,
             "compressed_parameters": total,
             "bits": ", ".join(bits),
+            "calibration": {"windows": settings.calibration_windows, "seqlen": settings.calibration_seqlen,
+                            "seed": settings.seed} if result.engine_reports else None,
+            "engine": [{"stats_s": e.stats_seconds, "algorithm_s": e.algorithm_seconds,
+                        "forward_s": e.forward_seconds, "tokens": e.tokens} for e in result.engine_reports],
             "layers": layers,
         },
         "size": {"dense_bytes": dense_bytes, "dense_by_kind": dense_by_kind, "packed_bytes": packed},
         "timing": timing,
     }
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def write_output(loaded: LoadedModel, result: CompressionResult, report: dict, out: Path,
@@ -171,6 +170,7 @@ def compress_to_dir(
     save_dtype: torch.dtype | None = None,
     progress: Progress = NoProgress(),
     log: Callable[[str], None] = lambda msg: None,
+    offload_dir: str | None = None,
 ) -> list[dict]:
     """Compress `model` with each recipe; write one HF dir per recipe (the output dir itself
     when there is one recipe, else OUTPUT/<recipe name>/) and return the reports."""
@@ -197,7 +197,7 @@ def compress_to_dir(
         if i and original is not None:
             loaded.model.load_state_dict(original)
         t0 = time.perf_counter()
-        result = compress(loaded.model, recipe, loaded.adapter, progress, calibration)
+        result = compress(loaded.model, recipe, loaded.adapter, progress, calibration, offload_dir)
         t_compress = time.perf_counter() - t0
         after = meter.measure(recipe.name)
         report = build_report(loaded, recipe, result, split, settings, baseline, zeros / total, after,

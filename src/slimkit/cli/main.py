@@ -122,8 +122,11 @@ def compress(
     full: bool = typer.Option(False, "--full", help="evaluate every window: the full protocol"),
     n_texts: int = typer.Option(256, help="encoders: texts for embedding similarity"),
     data: Optional[Path] = typer.Option(None, help="your own text (.txt, blank-line separated, or .jsonl with 'text')"),
-    calibration_windows: int = typer.Option(128, help="calibration windows (calibrated methods)"),
-    calibration_seqlen: int = typer.Option(512, help="tokens per calibration window"),
+    calibration_windows: int = typer.Option(32, help="calibration windows for SparseGPT/Wanda/GPTQ/AWQ "
+                                            "(quick default; the papers use 128)"),
+    calibration_seqlen: int = typer.Option(256, help="tokens per calibration window (the papers use 512)"),
+    offload_activations: Optional[Path] = typer.Option(None, help="keep calibration activations in this dir "
+                                                       "on disk instead of RAM (big models)"),
     seed: int = typer.Option(0, help="seed for calibration sampling"),
     save_dtype: str = typer.Option("float32", help="dtype of the saved dense weights: float32, bfloat16, float16"),
 ) -> None:
@@ -140,6 +143,8 @@ def compress(
       slimkit compress smollm2-135m -r magnitude-2of4 -r rtn-int4-g64 -o out/cmp
 
       slimkit compress minilm-l6 -r rtn-int8 -o out/minilm-int8
+
+      slimkit compress smollm2-135m -r gptq-int4-g64 -o out/gptq --calibration-windows 128 --calibration-seqlen 512
 
       slimkit compress ./my-model -r my-recipe.yaml -o out/mine --full
     """
@@ -161,7 +166,8 @@ def compress(
     dtype = None if save_dtype == "float32" else getattr(torch, save_dtype)
     with RichProgress(console) as progress:
         reports = compress_to_dir(model, recipes_, output, settings, overwrite, dtype, progress,
-                                  log=lambda m: console.print(f"[dim]{m}[/dim]"))
+                                  log=lambda m: console.print(f"[dim]{m}[/dim]"),
+                                  offload_dir=str(offload_activations) if offload_activations else None)
     console.print(rich_table(comparison_rows(reports), f"slimkit compress: {reports[0]['model']['name']}"))
     console.print(f"{metric_legend(reports[0])}\npacked MB = the packed format's arithmetic; "
                   f"total time {reports[-1]['timing']['total_s']:.0f}s; output: {output}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -36,9 +37,7 @@ def packed_bytes(record) -> int:
     """
     from slimkit.quantization.rtn import bytes_per_weight
 
-    numel = 1
-    for d in record.shape:
-        numel *= d
+    numel = math.prod(record.shape)
     dense = numel * record.element_size
     if record.quant is not None:
         return round(numel * bytes_per_weight(record.quant.spec, record.shape[-1]))

@@ -21,10 +21,11 @@ COMPRESSION_FILE = "compression.safetensors"
 
 
 def save_model_dir(loaded: LoadedModel, directory: Path, dtype: torch.dtype | None = None) -> None:
+    original = next(loaded.model.parameters()).dtype
     model = loaded.model if dtype is None else loaded.model.to(dtype)
     model.save_pretrained(directory)
     if dtype is not None:
-        loaded.model.to(torch.float32)
+        loaded.model.to(original)
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(directory)
 

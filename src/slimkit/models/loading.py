@@ -40,6 +40,7 @@ class LoadedModel:
     source: Path  # where the weights came from
     load_seconds: float
     from_cache: bool = False
+    hf_dir: Path | None = None  # an HF directory holding these weights (for a GGUF: the cache)
 
 
 def cache_root() -> Path:
@@ -105,8 +106,12 @@ def _drop_gguf_quantizer(model: nn.Module) -> None:
             del model.__dict__[attr]
 
 
+def gguf_cache_dir(path: Path) -> Path:
+    return cache_root() / "gguf" / f"{path.stem}-{_file_digest(path)}"
+
+
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any, ModelKind, bool]:
-    cache = cache_root() / "gguf" / f"{path.stem}-{_file_digest(path)}"
+    cache = gguf_cache_dir(path)
     if (cache / "config.json").is_file():
         model, tokenizer, kind = _load_hf_dir(cache, dtype)
         return model, tokenizer, kind, True
@@ -170,4 +175,5 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
         source=path,
         load_seconds=time.perf_counter() - start,
         from_cache=from_cache,
+        hf_dir=gguf_cache_dir(path) if path.suffix == ".gguf" else path,
     )

@@ -10,7 +10,7 @@ from slimkit.calibration.stats import StatsRequest
 from slimkit.pruning.config import SparseGPTConfig, WandaConfig
 from slimkit.pruning.magnitude import check_nm_shape
 from slimkit.pruning.wanda import wanda_mask
-from slimkit.quantization.rtn import _grouped
+from slimkit.quantization.rtn import check_groups
 from slimkit.recipes.registry import StepContext, register_step
 
 
@@ -21,7 +21,7 @@ def _shape_check(config, quant_spec=None):
         if nm:
             check_nm_shape(tuple(module.weight.shape), nm[1], name)
         if quant_spec is not None:
-            _grouped(module.weight[:1], quant_spec, name)
+            check_groups(module.weight, quant_spec, name)
 
     return check
 

@@ -10,12 +10,12 @@ from slimkit.calibration.runner import run_calibrated, write_result
 from slimkit.calibration.stats import StatsRequest
 from slimkit.quantization import awq
 from slimkit.quantization.config import AWQConfig, GPTQConfig
-from slimkit.quantization.rtn import _grouped, compute_qparams, dequantize, quantize
+from slimkit.quantization.rtn import check_groups, compute_qparams, dequantize, quantize
 from slimkit.recipes.registry import StepContext, register_step
 
 
 def _group_check(spec):
-    return lambda name, module: _grouped(module.weight[:1], spec, name)
+    return lambda name, module: check_groups(module.weight, spec, name)
 
 
 @register_step(GPTQConfig)
@@ -85,9 +85,8 @@ def apply_awq(config: AWQConfig, ctx: StepContext) -> None:
                 clip = awq.search_clip(w, hessians[name], spec, config.grid) if config.clip else None
                 scale, zero = compute_qparams(w, spec, name, clip=clip)
                 w_hat = dequantize(quantize(w, scale, zero, spec), scale, zero, spec)
-                mask = ctx.records[name].mask
-                keep = None if mask is None else mask
-                result = ObsResult(w_hat if mask is None else w_hat * mask, keep, scale, zero, config.percdamp)
+                mask = ctx.records[name].mask  # a mask from an earlier pruning step stays
+                result = ObsResult(w_hat if mask is None else w_hat * mask, mask, scale, zero, config.percdamp)
             write_result(module, ctx.records[name], result, spec, config.summary(), config.percdamp)
 
     run_calibrated(config, ctx, StatsRequest(hessian=True, abs_mean=True), block, _group_check(spec))

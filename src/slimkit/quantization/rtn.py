@@ -59,6 +59,11 @@ def _grouped(weight: torch.Tensor, spec: QuantSpec, name: str) -> torch.Tensor:
     return weight.detach().float().reshape(rows, cols // group, group)
 
 
+def check_groups(weight: torch.Tensor, spec: QuantSpec, name: str = "weight") -> None:
+    """Raise a clear ShapeError if the weight's input dimension cannot be split into groups."""
+    _grouped(weight[:1], spec, name)
+
+
 def compute_qparams(
     weight: torch.Tensor, spec: QuantSpec, name: str = "weight", clip: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:

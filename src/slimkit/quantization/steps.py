@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from slimkit.quantization.config import RTNQuantizeConfig
-from slimkit.quantization.rtn import _grouped, rtn_quantize
+from slimkit.quantization.rtn import check_groups, rtn_quantize
 from slimkit.recipes.registry import StepContext, register_step
 from slimkit.recipes.targets import select_targets
 
@@ -16,7 +16,7 @@ def apply_rtn(config: RTNQuantizeConfig, ctx: StepContext) -> None:
     spec = config.spec()
     targets = select_targets(ctx.model, ctx.adapter, config, ctx.records)
     for name, module in targets.items():  # shapes are checked before any weight changes
-        _grouped(module.weight[:1], spec, name)
+        check_groups(module.weight, spec, name)
     for name, module in ctx.progress.track(list(targets.items()), config.summary()):
         w = module.weight
         w_hat, params = rtn_quantize(w, spec, name)

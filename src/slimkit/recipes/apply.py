@@ -20,6 +20,7 @@ class CompressionResult:
     recipe: Recipe
     records: dict[str, LayerRecord]
     step_seconds: list[float] = field(default_factory=list)
+    engine_reports: list = field(default_factory=list)  # timings of each calibrated pass
 
     @property
     def seconds(self) -> float:
@@ -32,11 +33,12 @@ def compress(
     adapter: ArchitectureAdapter | None = None,
     progress: Progress = NoProgress(),
     calibration: Callable[[], torch.Tensor] | None = None,
+    offload_dir: str | None = None,
 ) -> CompressionResult:
     """Apply every step of `recipe` to `model` in place; return what each tensor went through."""
     adapter = adapter or adapter_for(model)
-    ctx = StepContext(model, adapter, {}, progress, calibration)
-    result = CompressionResult(recipe, ctx.records)
+    ctx = StepContext(model, adapter, {}, progress, calibration, offload_dir)
+    result = CompressionResult(recipe, ctx.records, engine_reports=ctx.engine_reports)
     for step in recipe.steps:
         start = time.perf_counter()
         handler_for(step)(step, ctx)

@@ -1,0 +1,93 @@
+"""Side by side with llm-compressor: the same windows, the same methods, one table.
+
+    make peers     # once: llm-compressor 0.14 in its own venv (.peers/llmcompressor)
+    python -m slimkit.benchmarks.peer_llmcompressor --windows 16 --seqlen 256 --eval-windows 16
+
+slimkit draws the calibration and evaluation windows once and hands them to llm-compressor's
+worker (run with the peer venv's Python), so both tools calibrate on identical tokens and are
+scored by the same NLL on identical windows. Methods: GPTQ int4 g64 symmetric (llm-compressor's
+g128 preset refuses SmolLM2's 576-wide inputs) and SparseGPT 50% unstructured. Wall time is
+the compression call alone (model loading excluded) for both tools.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from slimkit.data import calibration_windows, load_split
+from slimkit.evaluation import eval_windows, window_nll
+from slimkit.models import load_model
+from slimkit.recipes import compress, get_recipe
+
+WORKER = Path(__file__).parent / "peers" / "llmcompressor_worker.py"
+METHODS = ("gptq-int4-g64", "sparsegpt-50")
+
+
+def ppl_on(model, windows: torch.Tensor) -> float:
+    nll, count = 0.0, 0
+    for w in windows.split(1):
+        a, b = window_nll(model, w)
+        nll, count = nll + a, count + b
+    return math.exp(nll / count)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--eval-windows", type=int, default=16, help="first N windows of the fixed protocol (seqlen 512)")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--peer-python", default=".peers/llmcompressor/bin/python")
+    args = p.parse_args(argv)
+    if not Path(args.peer_python).exists():
+        raise SystemExit(f"{args.peer_python} not found: run `make peers` first")
+
+    lm = load_model(args.model)
+    split = load_split()
+    cal = calibration_windows(lm.tokenizer, split, args.windows, args.seqlen, seed=0)
+    ev = eval_windows(lm.tokenizer, split, 512)[: args.eval_windows]
+    original = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    dense = ppl_on(lm.model, ev)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tensors = Path(tmp) / "windows.safetensors"
+        save_file({"calibration": cal.contiguous(), "evaluation": ev.contiguous()}, str(tensors))
+        for method in args.methods.split(","):
+            lm.model.load_state_dict(original)
+            start = time.perf_counter()
+            compress(lm.model, get_recipe(method), lm.adapter, calibration=lambda: cal)
+            ours = {"seconds": time.perf_counter() - start, "ppl": ppl_on(lm.model, ev)}
+            out = Path(tmp) / f"{method}.json"
+            proc = subprocess.run([args.peer_python, str(WORKER), str(lm.hf_dir), str(tensors), method, str(out)],
+                                  capture_output=True, text=True)
+            if proc.returncode:
+                print(proc.stderr[-4000:], file=sys.stderr)
+                raise SystemExit(f"llm-compressor failed on {method} (exit {proc.returncode})")
+            peer = json.loads(out.read_text())
+            row = {"method": method, "calibration": f"{args.windows}x{args.seqlen}", "eval_tokens": ev[:, 1:].numel(),
+                   "dense_ppl": dense, "slimkit_seconds": ours["seconds"], "slimkit_ppl": ours["ppl"],
+                   "peer": f"llm-compressor {peer['version']}", "peer_seconds": peer["seconds"],
+                   "peer_ppl": peer["ppl"], "speedup": peer["seconds"] / ours["seconds"],
+                   "threads": torch.get_num_threads()}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    print("| method | calibration | slimkit s | llm-compressor s | speedup | slimkit ppl | llm-compressor ppl | dense ppl |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['calibration']} | {r['slimkit_seconds']:.1f} | {r['peer_seconds']:.1f} | "
+              f"{r['speedup']:.2f}x | {r['slimkit_ppl']:.2f} | {r['peer_ppl']:.2f} | {r['dense_ppl']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
