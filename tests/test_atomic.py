@@ -52,7 +52,9 @@ def test_existing_output_needs_overwrite(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_killed_process_leaves_no_complete_looking_output(tmp_path, sig):
     script = textwrap.dedent(f"""
-        import time
+        import signal, time
+        # as in a terminal: a parent that runs us in the background may have left SIGINT ignored
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from slimkit.export.atomic import atomic_directory
         with atomic_directory({str(tmp_path / 'out')!r}) as d:
             (d / "config.json").write_text("{{}}")
