@@ -1,1 +1,1 @@
-"""benchmarks: planned (see the open issues); nothing here yet."""
+"""Benchmarks: scripts that print one JSON row per measurement and a table (calibration.py: time vs FLOP bound; peer_llmcompressor.py: side by side with llm-compressor)."""
