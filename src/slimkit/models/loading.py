@@ -110,8 +110,7 @@ def gguf_cache_dir(path: Path) -> Path:
     return cache_root() / "gguf" / f"{path.stem}-{_file_digest(path)}"
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any, ModelKind, bool]:
-    cache = gguf_cache_dir(path)
+def _load_gguf(path: Path, cache: Path, dtype: torch.dtype) -> tuple[nn.Module, Any, ModelKind, bool]:
     if (cache / "config.json").is_file():
         model, tokenizer, kind = _load_hf_dir(cache, dtype)
         return model, tokenizer, kind, True
@@ -161,8 +160,10 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
     start = time.perf_counter()
     path, _ = resolve(name_or_path)
     from_cache = False
+    hf_dir = path
     if path.suffix == ".gguf":
-        model, tokenizer, kind, from_cache = _load_gguf(path, dtype)
+        hf_dir = gguf_cache_dir(path)  # hashes the file once
+        model, tokenizer, kind, from_cache = _load_gguf(path, hf_dir, dtype)
     else:
         model, tokenizer, kind = _load_hf_dir(path, dtype)
     adapter = adapter_for(model)
@@ -175,5 +176,5 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
         source=path,
         load_seconds=time.perf_counter() - start,
         from_cache=from_cache,
-        hf_dir=gguf_cache_dir(path) if path.suffix == ".gguf" else path,
+        hf_dir=hf_dir,
     )
