@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from slimkit.calibration.engine import sequential_compress
-from slimkit.calibration.obs import PruneTarget, SingularHessianError, inverse_hessian_factor, obs_solve
+from slimkit.calibration.obs import (ObsProblem, PruneTarget, SingularHessianError, inverse_hessian_factor,
+                                    obs_solve, obs_solve_batch)
 from slimkit.calibration.stats import InputStats, StatsRequest
 from slimkit.errors import ShapeError
 from slimkit.models import adapter_for
@@ -106,10 +107,40 @@ def test_obs_matches_naive_exact_solution_for_quantization():
     W, X, stats = _problem(out=6, inp=12, tokens=200)
     spec = QuantSpec(3, True, None, torch.float32)
     H = stats.hessian + 0.01 * stats.hessian.diagonal().mean() * torch.eye(12)
-    scale = (W.abs().amax(1) / spec.qmax).double()
+    scale = (W.abs().amax(1) / spec.half_range).double()
     naive = _naive_obs(W, H, lambda q, w: (w / scale).round().clamp(spec.qmin, spec.qmax) * scale)
     res = obs_solve(W, stats.hessian, quant=spec, blocksize=4)
     assert torch.allclose(res.weight, naive, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["unstructured", "2:4", "gptq", "gptq-act-order", "gptq-asym-masked", "joint"])
+def test_stacked_batched_solve_equals_one_linear_at_a_time(kind):
+    """Linears sharing a Hessian are stacked, problems of equal width batched (rows padded):
+    the same result as solving each linear alone, per-linear sparsity thresholds included."""
+    (Wa, _, sa), (Wb, _, sb) = _problem(out=24, inp=64, seed=1), _problem(out=40, inp=64, seed=2)
+    Wc = torch.randn(8, 64) * 3  # a third linear reading problem a's input, much larger weights
+    keep = torch.rand(8, 64, generator=torch.Generator().manual_seed(4)) > 0.3
+    kw = {"unstructured": dict(prune=PruneTarget(sparsity=0.6)),
+          "2:4": dict(prune=PruneTarget(n=2, m=4)),
+          "gptq": dict(quant=QuantSpec(4, True, 16)),
+          "gptq-act-order": dict(quant=QuantSpec(3, True, 16), act_order=True),
+          "gptq-asym-masked": dict(quant=QuantSpec(4, False, 32)),
+          "joint": dict(prune=PruneTarget(sparsity=0.5), quant=QuantSpec(8, True, None))}[kind]
+    masks = [None, keep] if kind == "gptq-asym-masked" else None
+    problems = [ObsProblem(sa.hessian, [Wa, Wc], ["a", "c"], masks), ObsProblem(sb.hessian, [Wb], ["b"])]
+    (ra, rc), (rb,) = obs_solve_batch(problems, blocksize=32, **kw)
+    for W, H, mask, got in ((Wa, sa.hessian, None, ra), (Wc, sa.hessian, masks and masks[1], rc),
+                            (Wb, sb.hessian, None, rb)):
+        alone = obs_solve(W, H, keep_mask=mask, blocksize=32, **kw)
+        assert torch.allclose(got.weight, alone.weight, atol=1e-4)
+        assert (got.keep is None) == (alone.keep is None)
+        if got.keep is not None:
+            assert torch.equal(got.keep, alone.keep)
+        if got.scale is not None:
+            assert torch.equal(got.scale, alone.scale)
+    if kind == "unstructured":  # the threshold is per linear: each one is 60% sparse on its own
+        for r in (ra, rc, rb):
+            assert float((~r.keep).float().mean()) == pytest.approx(0.6, abs=0.01)
 
 
 def test_dead_input_column_is_handled():

@@ -87,3 +87,19 @@ def test_nm_on_indivisible_layer_fails_before_any_change():
     with pytest.raises(ShapeError, match="not divisible by M=8"):
         compress(model, parse_recipe({"steps": [{"method": "magnitude_prune", "pattern": "2:8"}]}))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("k", [0, 1, 7, 500, 999, 1000])
+def test_smallest_k_mask_is_exact_with_ties(k):
+    from slimkit.pruning.magnitude import smallest_k_mask
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(1000, generator=g) ** 3 * 50  # spans several exponents, values above 2
+    scores[::10] = scores[5]  # many exact ties
+    scores[::17] = 0.0
+    mask = smallest_k_mask(scores.view(20, 50), k).flatten()
+    assert int(mask.sum()) == k
+    if 0 < k < 1000:
+        assert scores[mask].max() <= scores[~mask].min()
+    with pytest.raises(ValueError):
+        smallest_k_mask(torch.tensor([1.0, -1.0]), 1)

@@ -7,7 +7,7 @@ from typing import Callable
 from torch import nn
 
 from slimkit.calibration.engine import BlockWork, EngineReport, sequential_compress
-from slimkit.calibration.obs import ObsResult
+from slimkit.calibration.obs import ObsProblem, ObsResult, obs_solve_batch
 from slimkit.calibration.stats import StatsRequest
 from slimkit.errors import DataError, RecipeError
 from slimkit.quantization.rtn import QuantParams, QuantSpec, quantize
@@ -62,3 +62,23 @@ def write_result(module: nn.Module, record: LayerRecord, result: ObsResult, spec
     if result.damping > percdamp:
         record.notes.append(f"{summary}: damping raised to {result.damping:.3g}")
     record.methods.append(summary)
+
+
+def solve_linears(work: BlockWork, selected: dict[str, nn.Module], hessians: dict[str, "torch.Tensor"],
+                  keep_masks: dict[str, "torch.Tensor | None"], progress, **solver) -> dict[str, ObsResult]:
+    """OBS for a block's selected linears: one stacked problem per shared input, one batched
+    solve per input width (q/k/v + o + gate/up together, then down)."""
+    by_width: dict[int, list[ObsProblem]] = {}
+    for group in work.groups:
+        names = [n for n in group if n in selected]
+        if names:
+            H = hessians[names[0]]
+            problem = ObsProblem(H, [selected[n].weight for n in names], names, [keep_masks.get(n) for n in names])
+            by_width.setdefault(H.shape[0], []).append(problem)
+    results: dict[str, ObsResult] = {}
+    batches = list(by_width.values())
+    labels = [" + ".join(n.rsplit(".", 1)[-1] for p in b for n in p.names) for b in batches]
+    for batch, _ in progress.track(list(zip(batches, labels)), f"block {work.index}: linears"):
+        for problem, solved in zip(batch, obs_solve_batch(batch, **solver)):
+            results.update(zip(problem.names, solved))
+    return results

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from slimkit.calibration.obs import PruneTarget, obs_solve
-from slimkit.calibration.runner import run_calibrated, write_result
+from slimkit.calibration.obs import PruneTarget
+from slimkit.calibration.runner import run_calibrated, solve_linears, write_result
 from slimkit.calibration.stats import StatsRequest
 from slimkit.pruning.config import SparseGPTConfig, WandaConfig
 from slimkit.pruning.magnitude import check_nm_shape
@@ -33,10 +33,11 @@ def apply_sparsegpt(config: SparseGPTConfig, ctx: StepContext) -> None:
     spec = config.quantize.spec() if config.quantize else None
 
     def block(work, selected):
-        for name, module in ctx.progress.track(list(selected.items()), f"block {work.index}: linears"):
-            result = obs_solve(module.weight, work.stats[name].hessian, prune=target, quant=spec,
-                               blocksize=config.blocksize, percdamp=config.percdamp, name=name)
-            write_result(module, ctx.records[name], result, spec, config.summary(), config.percdamp)
+        hessians = {n: work.stats[n].hessian for n in selected}
+        results = solve_linears(work, selected, hessians, {}, ctx.progress, prune=target, quant=spec,
+                                blocksize=config.blocksize, percdamp=config.percdamp)
+        for name, module in selected.items():
+            write_result(module, ctx.records[name], results[name], spec, config.summary(), config.percdamp)
 
     run_calibrated(config, ctx, StatsRequest(hessian=True), block, _shape_check(config, spec))
 

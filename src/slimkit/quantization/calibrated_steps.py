@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimkit.calibration.obs import ObsResult, obs_solve
-from slimkit.calibration.runner import run_calibrated, write_result
+from slimkit.calibration.obs import ObsResult
+from slimkit.calibration.runner import run_calibrated, solve_linears, write_result
 from slimkit.calibration.stats import StatsRequest
 from slimkit.quantization import awq
 from slimkit.quantization.config import AWQConfig, GPTQConfig
@@ -23,12 +23,12 @@ def apply_gptq(config: GPTQConfig, ctx: StepContext) -> None:
     spec = config.spec()
 
     def block(work, selected):
-        for name, module in ctx.progress.track(list(selected.items()), f"block {work.index}: linears"):
-            record = ctx.records[name]
-            result = obs_solve(module.weight, work.stats[name].hessian, keep_mask=record.mask, quant=spec,
-                               blocksize=config.blocksize, percdamp=config.percdamp, act_order=config.act_order,
-                               name=name)
-            write_result(module, record, result, spec, config.summary(), config.percdamp)
+        hessians = {n: work.stats[n].hessian for n in selected}
+        masks = {n: ctx.records[n].mask for n in selected}
+        results = solve_linears(work, selected, hessians, masks, ctx.progress, quant=spec, blocksize=config.blocksize,
+                                percdamp=config.percdamp, act_order=config.act_order)
+        for name, module in selected.items():
+            write_result(module, ctx.records[name], results[name], spec, config.summary(), config.percdamp)
 
     run_calibrated(config, ctx, StatsRequest(hessian=True), block, _group_check(spec))
 
@@ -76,17 +76,20 @@ def apply_awq(config: AWQConfig, ctx: StepContext) -> None:
             for n in group:
                 hessians[n] = H
         # 2. quantize each selected linear: clip search + RTN, or GPTQ on the scaled inputs
+        if config.quantizer == "gptq":
+            masks = {n: ctx.records[n].mask for n in selected}
+            results = solve_linears(work, selected, hessians, masks, ctx.progress, quant=spec,
+                                    percdamp=config.percdamp)
+            for name, module in selected.items():
+                write_result(module, ctx.records[name], results[name], spec, config.summary(), config.percdamp)
+            return
         for name, module in ctx.progress.track(list(selected.items()), f"block {work.index}: linears"):
             w = module.weight.float()
-            if config.quantizer == "gptq":
-                result = obs_solve(w, hessians[name], keep_mask=ctx.records[name].mask, quant=spec,
-                                   percdamp=config.percdamp, name=name)
-            else:
-                clip = awq.search_clip(w, hessians[name], spec, config.grid) if config.clip else None
-                scale, zero = compute_qparams(w, spec, name, clip=clip)
-                w_hat = dequantize(quantize(w, scale, zero, spec), scale, zero, spec)
-                mask = ctx.records[name].mask  # a mask from an earlier pruning step stays
-                result = ObsResult(w_hat if mask is None else w_hat * mask, mask, scale, zero, config.percdamp)
+            clip = awq.search_clip(w, hessians[name], spec, config.grid) if config.clip else None
+            scale, zero = compute_qparams(w, spec, name, clip=clip)
+            w_hat = dequantize(quantize(w, scale, zero, spec), scale, zero, spec)
+            mask = ctx.records[name].mask  # a mask from an earlier pruning step stays
+            result = ObsResult(w_hat if mask is None else w_hat * mask, mask, scale, zero, config.percdamp)
             write_result(module, ctx.records[name], result, spec, config.summary(), config.percdamp)
 
     run_calibrated(config, ctx, StatsRequest(hessian=True, abs_mean=True), block, _group_check(spec))

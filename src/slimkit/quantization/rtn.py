@@ -1,6 +1,8 @@
 """Round-to-nearest weight quantization as pure functions.
 
-Symmetric: q in [-(2^(b-1)-1), 2^(b-1)-1], scale = absmax / qmax, no zero point.
+Symmetric: q in [-2^(b-1), 2^(b-1)-1] (the full signed range, as compressed-tensors stores it),
+scale = absmax / (2^(b-1) - 0.5), no zero point: +absmax rounds to qmax (error scale/2) and
+-absmax to qmin, so 16 levels at 4 bits instead of 15 and the error stays within scale/2.
 Asymmetric: q in [0, 2^b - 1], scale = (max - min) / qmax with min <= 0 <= max, integer zero
 point; zero stays exactly representable, so pruned weights stay pruned.
 Groups run along the input (last) dimension; group_size None means one group per row
@@ -25,11 +27,16 @@ class QuantSpec:
 
     @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1) - 1) if self.symmetric else 0
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
 
     @property
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    @property
+    def half_range(self) -> float:
+        """absmax / scale for symmetric codes: (qmax - qmin) / 2."""
+        return (self.qmax - self.qmin) / 2
 
     def group_of(self, in_features: int) -> int:
         return self.group_size or in_features
@@ -71,14 +78,18 @@ def compute_qparams(
     g = _grouped(weight, spec, name)
     ratio = 1.0 if clip is None else clip.float()
     if spec.symmetric:
-        scale = g.abs().amax(-1) * ratio / spec.qmax
+        scale = g.abs().amax(-1) * ratio / spec.half_range
         zero = None
     else:
         lo = g.amin(-1).clamp(max=0.0) * ratio
         hi = g.amax(-1).clamp(min=0.0) * ratio
         scale = (hi - lo) / spec.qmax
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(spec.scale_dtype)
-    if not spec.symmetric:
+    exact = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = exact.to(spec.scale_dtype)
+    if spec.symmetric:  # never round the stored scale below the exact one: +absmax must not clip
+        low = scale.float() < exact
+        scale = torch.where(low, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
+    else:
         zero = torch.round(-lo / scale.float()).clamp(spec.qmin, spec.qmax).to(torch.int32)
     return scale, zero
 
