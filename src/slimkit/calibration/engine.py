@@ -3,7 +3,7 @@
 1. Run the model on the calibration windows until block 0 and capture that block's inputs (and
    the keyword arguments the model passes every block: attention mask, rotary embeddings).
 2. For each block: hook the first linear of every input group, run the *dense* block on all
-   inputs to accumulate statistics (fp32), hand each linear and its statistics to the
+   inputs to accumulate statistics (fp32; the pass stops once every group has seen its input), hand each linear and its statistics to the
    algorithm, then re-run the block with the compressed weights: its outputs are the next
    block's inputs. Every algorithm thus sees inputs produced by already-compressed blocks.
 Peak memory is one block's weights plus the activations; `offload_dir` keeps the activations
@@ -143,17 +143,29 @@ def sequential_compress(
         for index, block in progress.track(list(enumerate(blocks)), f"{description}: blocks"):
             start = time.perf_counter()
             work = _block_work(index, block, adapter, names, request)
+            seen: set[int] = set()
+
+            def observe(mod, args, st, g):
+                st.add(args[0])
+                seen.add(g)
+                if len(seen) == len(work.groups):  # every input captured: the rest of the block is not needed
+                    raise _StopForward
+
             handles = [
                 work.linears[group[0]].register_forward_pre_hook(
-                    lambda mod, args, st=work.stats[group[0]]: st.add(args[0])
+                    lambda mod, args, st=work.stats[group[0]], g=g: observe(mod, args, st, g)
                 )
-                for group in work.groups
+                for g, group in enumerate(work.groups)
             ]
             t0 = time.perf_counter()
             with torch.no_grad():
                 try:
                     for i, (args, kwargs) in enumerate(extra):
-                        block(store[i], *args, **kwargs)
+                        seen.clear()
+                        try:
+                            block(store[i], *args, **kwargs)
+                        except _StopForward:
+                            pass
                 finally:
                     for h in handles:
                         h.remove()

@@ -1,6 +1,8 @@
 """Statistics of a linear's input, accumulated in fp32 over calibration tokens.
 
 - Hessian H = (2/N) sum x x^T, kept as a running mean (SparseGPT / GPTQ / AWQ's output MSE);
+  only the blocks on and above the diagonal are accumulated (H is symmetric: ~30% fewer
+  FLOPs than one full GEMM), the lower blocks are mirrored when H is read;
 - squared column norms sum_t x_tj^2 (Wanda's ||X_j||_2^2);
 - mean |x_j| (AWQ's activation scale).
 """
@@ -23,7 +25,11 @@ class InputStats:
     def __init__(self, in_features: int, request: StatsRequest):
         self.tokens = 0
         self.request = request
-        self.hessian = torch.zeros(in_features, in_features) if request.hessian else None
+        self._hessian = torch.zeros(in_features, in_features) if request.hessian else None
+        self._mirrored = True
+        parts = 4 if in_features >= 256 else 1
+        edges = [in_features * k // parts for k in range(parts + 1)]
+        self._spans = list(zip(edges[:-1], edges[1:]))
         self.col_sq = torch.zeros(in_features) if request.col_sq else None
         self.abs_sum = torch.zeros(in_features) if request.abs_mean else None
 
@@ -31,14 +37,27 @@ class InputStats:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         b = x.shape[0]
         total = self.tokens + b
-        if self.hessian is not None:
-            # running mean of 2 x x^T: H <- H * n/(n+b) + (2/(n+b)) X^T X
-            torch.addmm(self.hessian, x.T, x, beta=self.tokens / total, alpha=2.0 / total, out=self.hessian)
+        if self._hessian is not None:
+            # running mean of 2 x x^T: H <- H * n/(n+b) + (2/(n+b)) X^T X, upper blocks only
+            for i, (a0, a1) in enumerate(self._spans):
+                for b0, b1 in self._spans[i:]:
+                    self._hessian[a0:a1, b0:b1].addmm_(x[:, a0:a1].T, x[:, b0:b1], beta=self.tokens / total,
+                                                      alpha=2.0 / total)
+            self._mirrored = False
         if self.col_sq is not None:
             self.col_sq += x.pow(2).sum(0)
         if self.abs_sum is not None:
             self.abs_sum += x.abs().sum(0)
         self.tokens = total
+
+    @property
+    def hessian(self) -> torch.Tensor | None:
+        if self._hessian is not None and not self._mirrored:
+            for i, (a0, a1) in enumerate(self._spans):
+                for b0, b1 in self._spans[i + 1 :]:
+                    self._hessian[b0:b1, a0:a1] = self._hessian[a0:a1, b0:b1].T
+            self._mirrored = True
+        return self._hessian
 
     @property
     def abs_mean(self) -> torch.Tensor:
