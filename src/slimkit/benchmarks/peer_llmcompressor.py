@@ -48,6 +48,7 @@ def main(argv=None) -> None:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--eval-windows", type=int, default=16, help="first N windows of the fixed protocol (seqlen 512)")
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--seed", type=int, default=0, help="which calibration windows are drawn")
     p.add_argument("--peer-python", default=".peers/llmcompressor/bin/python")
     args = p.parse_args(argv)
     if not Path(args.peer_python).exists():
@@ -55,7 +56,7 @@ def main(argv=None) -> None:
 
     lm = load_model(args.model)
     split = load_split()
-    cal = calibration_windows(lm.tokenizer, split, args.windows, args.seqlen, seed=0)
+    cal = calibration_windows(lm.tokenizer, split, args.windows, args.seqlen, seed=args.seed)
     ev = eval_windows(lm.tokenizer, split, 512)[: args.eval_windows]
     original = {k: v.clone() for k, v in lm.model.state_dict().items()}
     dense = ppl_on(lm.model, ev)

@@ -1,0 +1,199 @@
+"""Integer formats: int8 weight-only, int8 W8A8 (dynamic per-token activations), grouped int4.
+
+Kernels (CPU, design.md section 5): `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu`
+take bf16 activations and beat fp32 at small batch; beyond SMALL_BATCH rows the weight is
+dequantized and multiplied in fp32. W8A8 runs fbgemm's `quantized::linear_dynamic`, which
+quantizes each activation row on the fly.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from slimkit.formats.base import (SMALL_BATCH, PackedLinear, group_expand, pack_nibbles, register_format,
+                                  unpack_nibbles)
+
+INT4_KERNEL_GROUPS = (32, 64, 128, 256)
+
+
+def int8_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel symmetric int8: codes in [-128, 127], scale = absmax / 127.5."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(1) / 127.5).clamp(min=1e-12)
+    return torch.round(w / scale[:, None]).clamp(-128, 127).to(torch.int8), scale
+
+
+@register_format
+class Int8WeightOnly(PackedLinear):
+    """int8 codes [N, K] + fp32 per-channel scales: 1 + 4/K bytes per weight."""
+
+    format = "int8"
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias=None, meta=None):
+        super().__init__(q.shape[1], q.shape[0], bias, meta or {})
+        self.register_buffer("q", q.to(torch.int8).contiguous())
+        self.register_buffer("scale", scale.float().contiguous())
+        self.register_buffer("scale_bf16", self.scale.to(torch.bfloat16), persistent=False)
+
+    @classmethod
+    def from_dense(cls, weight, bias=None, **_):
+        q, scale = int8_codes(weight)
+        return cls(q, scale, bias)
+
+    @classmethod
+    def from_quant(cls, q, scale, bias=None):
+        return cls(q, scale.float().reshape(-1), bias)
+
+    def stored(self):
+        return {"q": self.q, "scale": self.scale}
+
+    @classmethod
+    def from_stored(cls, t, meta, bias):
+        return cls(t["q"], t["scale"], bias, meta)
+
+    def ram_tensors(self):
+        return [self.q, self.scale, self.scale_bf16]
+
+    def dequantize(self):
+        return self.q.float() * self.scale[:, None]
+
+    def path_for(self, m):
+        return "int8 weight-only kernel (bf16 activations)" if m <= SMALL_BATCH else "dequantize + fp32 matmul"
+
+    def matmul(self, x2d):
+        if x2d.shape[0] <= SMALL_BATCH:
+            return torch.ops.aten._weight_int8pack_mm(x2d.to(torch.bfloat16), self.q, self.scale_bf16).float()
+        return x2d @ self.dequantize().T
+
+
+@register_format
+class Int8Dynamic(PackedLinear):
+    """W8A8: int8 weights per channel, activations quantized per row at run time (fbgemm)."""
+
+    format = "w8a8"
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias=None, meta=None):
+        super().__init__(q.shape[1], q.shape[0], bias, meta or {})
+        self.register_buffer("q", q.to(torch.int8).contiguous())
+        self.register_buffer("scale", scale.float().contiguous())
+        with warnings.catch_warnings():  # quantized tensors are deprecated, fbgemm's kernel is not yet replaced
+            warnings.simplefilter("ignore")
+            qw = torch._make_per_channel_quantized_tensor(self.q, self.scale.double(),
+                                                          torch.zeros(self.out_features, dtype=torch.long), 0)
+        self._packed = torch.ops.quantized.linear_prepack(qw, self.bias)
+
+    @classmethod
+    def from_dense(cls, weight, bias=None, **_):
+        q, scale = int8_codes(weight)
+        return cls(q, scale, bias)
+
+    def stored(self):
+        return {"q": self.q, "scale": self.scale}
+
+    @classmethod
+    def from_stored(cls, t, meta, bias):
+        return cls(t["q"], t["scale"], bias, meta)
+
+    def ram_tensors(self):
+        return [self.q, self.scale]  # fbgemm's prepacked copy is not counted: see ram_note
+
+    ram_note = "fbgemm keeps its own prepacked int8 copy of the weight (about 2x the codes in RAM)"
+
+    def dequantize(self):
+        return self.q.float() * self.scale[:, None]
+
+    def path_for(self, m):
+        return "quantized::linear_dynamic (fbgemm, int8 activations per row)"
+
+    def forward(self, x):
+        shape = x.shape
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]).float().contiguous(), self._packed, True)
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+@register_format
+class Int4Grouped(PackedLinear):
+    """int4 codes two per byte [N, K/2], scales [N, K/g] (+ int8 zero points if asymmetric).
+
+    Symmetric codes are stored as q + 8 (0..15), the way compressed-tensors offsets them.
+    Codes of 2 or 3 bits fit the same container (the size then is that of 4 bits).
+    """
+
+    format = "int4"
+
+    def __init__(self, packed, scale, zero=None, bias=None, meta=None):
+        super().__init__(packed.shape[1] * 2, packed.shape[0], bias, meta or {})
+        self.group = self.in_features // scale.shape[1]
+        self.register_buffer("scale", scale.contiguous())
+        self.register_buffer("zero", zero.to(torch.int8).contiguous() if zero is not None else None)
+        self.packed, self._kernel = packed.contiguous(), None
+        if self.group in INT4_KERNEL_GROUPS and self.out_features % 8 == 0:
+            # RAM holds the kernel's layout only (0.5 B/weight + bf16 scale and zero per group);
+            # the stored nibbles are recovered from it when saving
+            u = unpack_nibbles(self.packed).to(torch.int32)
+            self._kernel = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
+            # the kernel computes (u - 8) * s + z: symmetric z = 0; asymmetric z = (8 - zero) * s
+            s = self.scale.float()
+            z = torch.zeros_like(s) if self.zero is None else (8 - self.zero.float()) * s
+            self._scales_zeros = torch.stack([s.T, z.T], -1).to(torch.bfloat16).contiguous()
+            self.packed = None
+
+    def _nibbles(self) -> torch.Tensor:
+        if self.packed is not None:
+            return unpack_nibbles(self.packed)
+        # run the kernel on the identity: column j of the result is weight column j, exactly
+        # (u - 8) * s (+ z) in bf16; dividing by s recovers the integer code
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
+        w = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self._kernel, self.group, self._scales_zeros).float().T
+        s = group_expand(self._scales_zeros[..., 0].T.float(), self.in_features)
+        z = group_expand(self._scales_zeros[..., 1].T.float(), self.in_features)
+        return torch.round((w - z) / s + 8).clamp(0, 15).to(torch.uint8)
+
+    @classmethod
+    def from_quant(cls, q, scale, zero, bias=None, bits=4):
+        """q: int8 codes (symmetric: -8..7; asymmetric: 0..15 with zero points)."""
+        u = q.to(torch.int16) + (8 if zero is None else 0)
+        return cls(pack_nibbles(u), scale, zero, bias, {"bits": bits, "symmetric": zero is None})
+
+    @classmethod
+    def from_dense(cls, weight, bias=None, group_size=64, **_):
+        from slimkit.quantization.rtn import QuantSpec, compute_qparams, quantize
+
+        spec = QuantSpec(4, True, group_size, torch.bfloat16)
+        scale, zero = compute_qparams(weight, spec)
+        return cls.from_quant(quantize(weight, scale, zero, spec), scale, zero, bias)
+
+    def stored(self):
+        t = {"packed": self.packed if self.packed is not None else pack_nibbles(self._nibbles()), "scale": self.scale}
+        if self.zero is not None:
+            t["zero"] = self.zero
+        return t
+
+    @classmethod
+    def from_stored(cls, t, meta, bias):
+        return cls(t["packed"], t["scale"], t.get("zero"), bias, meta)
+
+    def ram_tensors(self):
+        if self._kernel is None:
+            return [t for t in (self.packed, self.scale, self.zero) if t is not None]
+        return [self._kernel, self._scales_zeros]
+
+    def codes(self) -> torch.Tensor:
+        u = self._nibbles().float()
+        return u - (8.0 if self.zero is None else group_expand(self.zero.float(), self.in_features))
+
+    def dequantize(self):
+        return self.codes() * group_expand(self.scale.float(), self.in_features)
+
+    def path_for(self, m):
+        if self._kernel is not None and m <= SMALL_BATCH:
+            return "int4 weight-only kernel (bf16 activations)"
+        return "dequantize + fp32 matmul"
+
+    def matmul(self, x2d):
+        if self._kernel is not None and x2d.shape[0] <= SMALL_BATCH:
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2d.to(torch.bfloat16), self._kernel, self.group, self._scales_zeros).float()
+        return x2d @ self.dequantize().T

@@ -1,0 +1,151 @@
+"""Swap a model's linears for packed modules, and save / load a packed model directory.
+
+A packed directory is config.json + tokenizer files + `packed.safetensors`: the dense tensors
+the formats do not cover (embeddings, norms, an unpacked head) under their usual names, each
+packed linear's tensors under `<linear>.<tensor>`, and a header entry `slimkit_packed` (JSON)
+naming every packed linear's format. Only safetensors are read: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from slimkit.errors import SlimkitError
+from slimkit.formats.base import PackedLinear, format_class
+
+PACKED_FILE = "packed.safetensors"
+FORMAT_VERSION = 1
+AUTO = "auto"
+
+
+def is_24(mask: torch.Tensor | None) -> bool:
+    if mask is None or mask.shape[-1] % 4:
+        return False
+    return bool((mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all())
+
+
+def pack_linear(module: nn.Linear, record=None, fmt: str = AUTO, group_size: int = 64) -> PackedLinear | None:
+    """The packed replacement of one linear, or None when it should stay dense.
+
+    auto: from what compression recorded (quantized codes, masks); an explicit format
+    quantizes the current weight round-to-nearest in that format.
+    """
+    w, bias = module.weight.detach().float(), module.bias
+    mask = record.mask if record is not None else None
+    quant = record.quant if record is not None else None
+    if fmt != AUTO:
+        cls = format_class(fmt)
+        if fmt in ("sparse", "2:4"):
+            return cls.from_dense(w, bias, mask=mask)
+        return cls.from_dense(w, bias, group_size=group_size)
+    if quant is not None:
+        spec = quant.spec
+        if is_24(mask):
+            return format_class("2:4").from_dense(w, bias, mask=mask, quant=quant)
+        if spec.bits == 8 and spec.symmetric and quant.scale.shape[1] == 1:
+            return format_class("int8").from_quant(quant.q, quant.scale, bias)
+        if spec.bits <= 4:
+            return format_class("int4").from_quant(quant.q, quant.scale, quant.zero, bias, bits=spec.bits)
+        return None  # 5-7 bits or grouped int8: no packed format; stays dense (reported)
+    if mask is not None:
+        return format_class("2:4" if is_24(mask) else "sparse").from_dense(w, bias, mask=mask)
+    return None
+
+
+def pack_model(model: nn.Module, modules: dict[str, nn.Linear], records: dict | None = None, fmt: str = AUTO,
+               group_size: int = 64, progress=None) -> dict[str, PackedLinear]:
+    """Replace the given linears in place; returns the packed ones by name."""
+    packed: dict[str, PackedLinear] = {}
+    items = list(modules.items())
+    if progress is not None:
+        items = progress.track(items, "packing")
+    for name, module in items:
+        new = pack_linear(module, (records or {}).get(name), fmt, group_size)
+        if new is not None:
+            model.set_submodule(name, new)
+            packed[name] = new
+    return packed
+
+
+def packed_layers(model: nn.Module) -> dict[str, PackedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+
+
+def save_packed(model: nn.Module, tokenizer, directory: Path) -> None:
+    """Write a packed model into `directory` (the caller makes it atomic)."""
+    layers = packed_layers(model)
+    tensors: dict[str, torch.Tensor] = {}
+    meta_layers = {}
+    for name, mod in layers.items():
+        for key, t in mod.stored().items():
+            tensors[f"{name}.{key}"] = t.contiguous()
+        if mod.bias is not None:
+            tensors[f"{name}.bias"] = mod.bias.detach().contiguous()
+        meta_layers[name] = {"format": mod.format, "shape": [mod.out_features, mod.in_features], **mod.meta}
+    seen: dict[int, str] = {}
+    tied = {}
+    for key, t in model.state_dict().items():
+        if any(key.startswith(n + ".") for n in layers):
+            continue
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            tied[key] = seen[ptr]
+            continue
+        seen[ptr] = key
+        tensors[key] = t.detach().contiguous()
+    header = {"format_version": FORMAT_VERSION, "layers": meta_layers, "tied": tied}
+    save_file(tensors, str(directory / PACKED_FILE), metadata={"slimkit_packed": json.dumps(header)})
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = [type(model).__name__]  # so that loading picks the same head
+    model.config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def read_packed_file(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Header and tensors of a packed.safetensors, with a clear error for a damaged file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = json.loads((f.metadata() or {}).get("slimkit_packed", "null"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise SlimkitError(f"{path} is corrupt or truncated ({exc}); re-run `slimkit pack` to rewrite it") from None
+    if not isinstance(header, dict) or header.get("format_version") != FORMAT_VERSION:
+        raise SlimkitError(f"{path} has no slimkit_packed header of version {FORMAT_VERSION}: not a slimkit packed model")
+    return header, tensors
+
+
+def load_packed(directory: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    header, tensors = read_packed_file(directory / PACKED_FILE)
+    config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    archs = getattr(config, "architectures", None) or []
+    auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs) else AutoModel
+    model = auto.from_config(config, dtype=dtype).eval()
+    for name, meta in header["layers"].items():
+        prefix = name + "."
+        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        bias = own.pop("bias", None)
+        try:
+            module = format_class(meta["format"]).from_stored(own, meta, bias)
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise SlimkitError(f"{directory / PACKED_FILE}: layer {name} ({meta['format']}) is damaged: {exc}") from None
+        model.set_submodule(name, module)
+    rest = {k: v for k, v in tensors.items() if not any(k.startswith(n + ".") for n in header["layers"])}
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    missing = [k for k in missing if k not in header["tied"] and not any(k.startswith(n + ".") for n in header["layers"])]
+    if missing or unexpected:
+        raise SlimkitError(f"{directory / PACKED_FILE} does not match its config: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    if header["tied"]:
+        model.tie_weights()
+    return model

@@ -1,0 +1,173 @@
+"""Sparse formats: unstructured (bitmask or CSR) and 2:4 (alone, or with int8/int4 values).
+
+Unstructured: on disk, whichever of bitmask + values and CSR (int32 indices) is smaller for the
+density; in RAM always torch CSR with int32 indices (MKL converts int64 on every call),
+computed as W_csr @ x^T (design.md section 5). CSR only beats dense above ~70% sparsity; `slimkit
+bench sparsity` measures where.
+
+2:4: the kept values [N, K/2] plus a 2-bit position per kept value (1 bit per weight).
+torch has no CPU kernel for 2:4, so on a CPU the dense weight is rebuilt for each matmul: the
+honest fallback, labelled. Values can be fp32, or int8 (per channel) / int4 (groups) codes.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from slimkit.formats.base import (PackedLinear, pack_2bit, pack_nibbles, register_format,
+                                  unpack_2bit, unpack_nibbles)
+
+
+def _csr(crow, col, values, shape) -> torch.Tensor:
+    """A CSR tensor with its invariants checked (indices from disk must not crash MKL)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=True)
+
+
+def bitmask_bytes(rows: int, cols: int, nnz: int, value_bytes: int = 4) -> int:
+    return -(-rows * cols // 8) + nnz * value_bytes
+
+
+def csr_bytes(rows: int, nnz: int, value_bytes: int = 4) -> int:
+    return nnz * (value_bytes + 4) + (rows + 1) * 4
+
+
+@register_format
+class SparseUnstructured(PackedLinear):
+    format = "sparse"
+
+    def __init__(self, csr: torch.Tensor, bias=None, meta=None):
+        super().__init__(csr.shape[1], csr.shape[0], bias, meta or {})
+        self.csr = csr
+        self.layout = self.meta.get("layout") or self.smaller_layout(csr.shape[0], csr.shape[1], csr._nnz())
+        self.meta["layout"] = self.layout
+
+    @staticmethod
+    def smaller_layout(rows, cols, nnz) -> str:
+        return "bitmask" if bitmask_bytes(rows, cols, nnz) <= csr_bytes(rows, nnz) else "csr"
+
+    @classmethod
+    def from_dense(cls, weight, bias=None, mask=None, **_):
+        w = weight.detach().float()
+        if mask is not None:
+            w = w * mask
+        with warnings.catch_warnings():  # "CSR support is in beta": it is what MKL runs
+            warnings.simplefilter("ignore")
+            csr = w.to_sparse_csr()
+            csr = _csr(csr.crow_indices().int(), csr.col_indices().int(), csr.values(), w.shape)
+        return cls(csr, bias)
+
+    def stored(self):
+        values = self.csr.values()
+        if self.layout == "csr":
+            return {"crow": self.csr.crow_indices(), "col": self.csr.col_indices(), "values": values}
+        return {"mask_bits": torch.from_numpy(np.packbits(self._mask().numpy().ravel())), "values": values}
+
+    def _mask(self) -> torch.Tensor:
+        rows = torch.repeat_interleave(torch.arange(self.out_features), self.csr.crow_indices().diff().long())
+        mask = torch.zeros(self.out_features, self.in_features, dtype=torch.bool)
+        mask[rows, self.csr.col_indices().long()] = True
+        return mask
+
+    @classmethod
+    def from_stored(cls, t, meta, bias):
+        shape = tuple(meta["shape"])
+        if meta.get("layout") == "csr":
+            csr = _csr(t["crow"].int(), t["col"].int(), t["values"].float(), shape)
+        else:
+            bits = np.unpackbits(t["mask_bits"].numpy())[: shape[0] * shape[1]]
+            mask = torch.from_numpy(bits.astype(bool)).reshape(shape)
+            if int(mask.sum()) != t["values"].numel():
+                from slimkit.errors import SlimkitError
+
+                raise SlimkitError("sparse layer: the bitmask and the number of stored values disagree (corrupt file?)")
+            crow = torch.cat([torch.zeros(1, dtype=torch.int32), mask.sum(1).cumsum(0).int()])
+            col = torch.nonzero(mask)[:, 1].int()
+            csr = _csr(crow, col, t["values"].float(), shape)
+        return cls(csr, bias, meta)
+
+    def ram_tensors(self):
+        return [self.csr.crow_indices(), self.csr.col_indices(), self.csr.values()]
+
+    def dequantize(self):
+        return self.csr.to_dense()
+
+    def path_for(self, m):
+        return "torch CSR (MKL, int32 indices)"
+
+    def matmul(self, x2d):
+        return (self.csr @ x2d.T).T
+
+
+@register_format
+class Sparse24(PackedLinear):
+    """2:4 semi-structured: values [N, K/2] (fp32, int8 or int4 codes) + 2-bit positions."""
+
+    format = "2:4"
+
+    def __init__(self, values, index_bits, scale=None, bias=None, meta=None):
+        super().__init__(index_bits.shape[1] * 8, index_bits.shape[0], bias, meta or {})  # 4 positions a byte, 2 per 4 weights
+        self.value_kind = self.meta.setdefault("values", "fp32")
+        self.register_buffer("values", values.contiguous())
+        self.register_buffer("index_bits", index_bits.contiguous())
+        self.register_buffer("scale", scale.contiguous() if scale is not None else None)
+
+    @classmethod
+    def from_dense(cls, weight, bias=None, mask=None, quant=None, **_):
+        """mask: bool [N, K] with exactly 2 kept in every 4; quant: QuantParams to store codes."""
+        w = weight.detach().float()
+        rows, cols = w.shape
+        if mask is None:
+            from slimkit.pruning.magnitude import nm_mask
+
+            mask = nm_mask(w, 2, 4)
+        groups = mask.reshape(rows, cols // 4, 4)
+        if not bool((groups.sum(-1) == 2).all()):
+            from slimkit.errors import ShapeError
+
+            raise ShapeError("2:4 format: the mask does not keep exactly 2 of every 4 weights")
+        positions = torch.nonzero(groups.reshape(-1, 4))[:, 1].reshape(rows, cols // 2)  # sorted per group
+        index_bits = pack_2bit(positions)
+        kept = lambda t: t.reshape(rows, cols // 4, 4)[groups].reshape(rows, cols // 2)  # noqa: E731
+        if quant is None:
+            return cls(kept(w), index_bits, None, bias, {"values": "fp32"})
+        spec = quant.spec
+        if spec.bits == 8 and spec.symmetric and quant.scale.shape[1] == 1:
+            return cls(kept(quant.q), index_bits, quant.scale.float(), bias, {"values": "int8"})
+        if spec.bits <= 4 and spec.symmetric:
+            codes = kept(quant.q).to(torch.int16) + 8
+            return cls(pack_nibbles(codes), index_bits, quant.scale, bias, {"values": "int4", "bits": spec.bits})
+        raise NotImplementedError("2:4 with these quantized values (asymmetric, or 5-7 bits) is not a packed format")
+
+    def stored(self):
+        t = {"values": self.values, "index_bits": self.index_bits}
+        if self.scale is not None:
+            t["scale"] = self.scale
+        return t
+
+    @classmethod
+    def from_stored(cls, t, meta, bias):
+        return cls(t["values"], t["index_bits"], t.get("scale"), bias, meta)
+
+    def kept_values(self) -> torch.Tensor:
+        if self.value_kind == "fp32":
+            return self.values.float()
+        if self.value_kind == "int8":
+            return self.values.float() * self.scale.float()
+        codes = unpack_nibbles(self.values).float() - 8  # [N, K/2]
+        group = self.in_features // self.scale.shape[1]  # scale groups run along K: g/2 kept values each
+        return codes * self.scale.float().repeat_interleave(group // 2, dim=1)
+
+    def dequantize(self):
+        rows, cols = self.out_features, self.in_features
+        positions = unpack_2bit(self.index_bits).long().reshape(rows, cols // 4, 2)
+        dense = torch.zeros(rows, cols // 4, 4)
+        dense.scatter_(2, positions, self.kept_values().reshape(rows, cols // 4, 2))
+        return dense.reshape(rows, cols)
+
+    def path_for(self, m):
+        return "dense fallback: rebuilt per call (torch has no CPU 2:4 kernel)"
