@@ -148,3 +148,17 @@ def test_corrupt_or_truncated_packed_file_is_a_clear_error(tmp_path):
     path.write_bytes(b"\x00" * 64)
     with pytest.raises(SlimkitError, match="corrupt or truncated"):
         load_packed(tmp_path)
+
+
+def test_tied_head_is_packed_apart_and_the_embedding_stays(tmp_path):
+    model = tiny_llama()
+    adapter = adapter_for(model)
+    embedding = model.get_input_embeddings().weight.detach().clone()
+    pack_model(model, adapter.linears(model, include_lm_head=True), fmt="int8")
+    ids = torch.randint(0, 96, (1, 9))
+    before = model(ids).logits
+    save_packed(model, None, tmp_path)
+    again = load_packed(tmp_path)
+    assert "lm_head" in packed_layers(again) and not again.config.tie_word_embeddings
+    assert torch.equal(again.get_input_embeddings().weight, embedding)
+    assert torch.equal(again(ids).logits, before)

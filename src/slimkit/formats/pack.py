@@ -65,9 +65,12 @@ def pack_model(model: nn.Module, modules: dict[str, nn.Linear], records: dict | 
     items = list(modules.items())
     if progress is not None:
         items = progress.track(items, "packing")
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     for name, module in items:
         new = pack_linear(module, (records or {}).get(name), fmt, group_size)
         if new is not None:
+            if embedding is not None and module.weight is embedding.weight:
+                new._untied_from = name  # a tied head is packed apart; the embedding stays dense
             model.set_submodule(name, new)
             packed[name] = new
     return packed
@@ -88,9 +91,16 @@ def save_packed(model: nn.Module, tokenizer, directory: Path) -> None:
         if mod.bias is not None:
             tensors[f"{name}.bias"] = mod.bias.detach().contiguous()
         meta_layers[name] = {"format": mod.format, "shape": [mod.out_features, mod.in_features], **mod.meta}
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embedding is not None and any(getattr(m, "_untied_from", None) is not None for m in layers.values()):
+        model.config.tie_word_embeddings = False  # the head is packed on its own; the embedding stays
     seen: dict[int, str] = {}
     tied = {}
-    for key, t in model.state_dict().items():
+    state = dict(model.state_dict())
+    persistent = set(state)
+    # non-persistent buffers (rotary inv_freq) too: loading builds the skeleton on the meta device
+    state.update({k: b for k, b in model.named_buffers() if b is not None and k not in persistent})
+    for key, t in state.items():
         if any(key.startswith(n + ".") for n in layers):
             continue
         ptr = t.untyped_storage().data_ptr()
@@ -115,12 +125,29 @@ def read_packed_file(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         with safe_open(str(path), framework="pt") as f:
             header = json.loads((f.metadata() or {}).get("slimkit_packed", "null"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            # clone: tensors read from the file may sit at any offset, and the int8/int4 kernels
+            # crash on memory that is not 64-byte aligned; torch's allocator aligns
+            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise SlimkitError(f"{path} is corrupt or truncated ({exc}); re-run `slimkit pack` to rewrite it") from None
     if not isinstance(header, dict) or header.get("format_version") != FORMAT_VERSION:
         raise SlimkitError(f"{path} has no slimkit_packed header of version {FORMAT_VERSION}: not a slimkit packed model")
     return header, tensors
+
+
+def _materialize_skeleton(model: nn.Module) -> None:
+    """Give the meta-device parameters and buffers outside the packed layers real (empty) CPU
+    storage; the packed layers already hold their tensors."""
+    inside = {id(m) for p in packed_layers(model).values() for m in p.modules()}
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_meta:
+                module._parameters[name] = nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad)
+        for name, b in list(module._buffers.items()):
+            if b is not None and b.is_meta:
+                module._buffers[name] = torch.empty_like(b, device="cpu")
 
 
 def load_packed(directory: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -130,7 +157,8 @@ def load_packed(directory: Path, dtype: torch.dtype = torch.float32) -> nn.Modul
     config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
     archs = getattr(config, "architectures", None) or []
     auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs) else AutoModel
-    model = auto.from_config(config, dtype=dtype).eval()
+    with torch.device("meta"):  # no fp32 weights allocated only to be replaced: peak RSS stays low
+        model = auto.from_config(config, dtype=dtype).eval()
     for name, meta in header["layers"].items():
         prefix = name + "."
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -141,6 +169,13 @@ def load_packed(directory: Path, dtype: torch.dtype = torch.float32) -> nn.Modul
             raise SlimkitError(f"{directory / PACKED_FILE}: layer {name} ({meta['format']}) is damaged: {exc}") from None
         model.set_submodule(name, module)
     rest = {k: v for k, v in tensors.items() if not any(k.startswith(n + ".") for n in header["layers"])}
+    _materialize_skeleton(model)
+    buffers = dict(model.named_buffers())
+    for key in [k for k in rest if k in buffers and k not in model.state_dict()]:
+        buffers[key].copy_(rest.pop(key))  # non-persistent buffers, saved with the model
+    for module in model.modules():  # rotary embeddings keep an alias of their original inv_freq
+        if hasattr(module, "original_inv_freq") and hasattr(module, "inv_freq"):
+            module.original_inv_freq = module.inv_freq.clone()
     missing, unexpected = model.load_state_dict(rest, strict=False)
     missing = [k for k in missing if k not in header["tied"] and not any(k.startswith(n + ".") for n in header["layers"])]
     if missing or unexpected:

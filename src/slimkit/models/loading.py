@@ -87,6 +87,10 @@ def _load_hf_dir(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any, ModelK
     except json.JSONDecodeError as exc:
         raise SlimkitError(f"{config_file} is not valid JSON: {exc}") from None
     kind = _kind_of(config)
+    from slimkit.formats.pack import PACKED_FILE, load_packed
+
+    if (path / PACKED_FILE).is_file():  # a slimkit packed model: formats swapped in at load
+        return load_packed(path, dtype), _load_tokenizer(path), kind
     auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
     try:
         model = auto.from_pretrained(str(path), dtype=dtype, local_files_only=True)

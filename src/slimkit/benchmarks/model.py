@@ -1,0 +1,165 @@
+"""`slimkit bench model`: latency, throughput, memory, size and quality of whole models.
+
+Each model is measured in its own fresh process (so that peak RSS is that model's alone), one
+after the other, and the table puts every ratio against the first model (the baseline):
+
+- prefill: one prompt of `prompt` tokens, batch 1 (ms);
+- decode: batch 1, ms per token with the KV cache (median over `decode` steps);
+- throughput: `batch` sequences decoding together (tokens/s);
+- peak RSS of the process, and bytes of the weights as held in RAM;
+- size on disk of the weight files; ppl on the fixed protocol (`windows` windows of 512).
+
+    python -m slimkit.benchmarks.model smollm2-135m runs/int4-packed --windows 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _weights_ram_bytes(model) -> int:
+    from slimkit.formats import packed_layers
+
+    packed = packed_layers(model)
+    seen, total = set(), 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if any(name.startswith(p + ".") for p in packed) or t is None:
+            continue
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total + sum(m.ram_bytes() for m in packed.values())
+
+
+def _disk_bytes(loaded) -> int:
+    from slimkit.evaluation.size import files_bytes
+
+    # a .gguf source runs as the fp32 weights it was dequantized to (the cache dir): count those
+    return files_bytes(loaded.hf_dir or loaded.source)
+
+
+@torch.no_grad()
+def measure(source: str, prompt: int = 128, decode: int = 32, batch: int = 8, windows: int = 16) -> dict:
+    """Everything about one model, in this process."""
+    from slimkit.data import load_split
+    from slimkit.evaluation import PerplexityProtocol, eval_windows, perplexity
+    from slimkit.formats import packed_layers
+    from slimkit.models import load_model
+
+    loaded = load_model(source)
+    model, tok = loaded.model, loaded.tokenizer
+    split = load_split()
+    stream = eval_windows(tok, split, 512)[0]
+    ids = stream[:prompt].unsqueeze(0)
+
+    def step(tokens, past=None):
+        out = model(input_ids=tokens, past_key_values=past, use_cache=True)
+        return out.logits[:, -1:].argmax(-1), out.past_key_values
+
+    step(ids[:, :16])  # warm-up: kernels, allocator
+    t0 = time.perf_counter()
+    nxt, past = step(ids)
+    prefill_ms = (time.perf_counter() - t0) * 1e3
+    times = []
+    for _ in range(decode):
+        t0 = time.perf_counter()
+        nxt, past = step(nxt, past)
+        times.append(time.perf_counter() - t0)
+    decode_ms = statistics.median(times) * 1e3
+    rows = torch.stack([stream[i * 16 : i * 16 + 32] for i in range(batch)])
+    nxt, past = step(rows)
+    steps = max(decode // 2, 4)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        nxt, past = step(nxt, past)
+    throughput = batch * steps / (time.perf_counter() - t0)
+    ppl = perplexity(model, tok, split, PerplexityProtocol(512, windows)) if windows else None
+    packed = packed_layers(model)
+    paths = sorted({m.path_for(1) for m in packed.values()}) or ["dense fp32 (torch.nn.Linear)"]
+    return {
+        "model": source, "prefill_ms": prefill_ms, "prompt_tokens": prompt, "decode_ms_per_token": decode_ms,
+        "throughput_tok_s": throughput, "batch": batch, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "weights_ram_mb": _weights_ram_bytes(model) / 2**20, "disk_mb": _disk_bytes(loaded) / 2**20,
+        "ppl": ppl.ppl if ppl else None, "eval_tokens": ppl.tokens if ppl else 0,
+        "formats": sorted({m.format for m in packed.values()}), "kernels_batch_1": paths,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def measure_isolated(source: str, **kw) -> dict:
+    """`measure` in a fresh Python process: its peak RSS is this model's alone."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        args = [sys.executable, "-m", "slimkit.benchmarks.model", "--worker", str(out), source]
+        for k, v in kw.items():
+            args += [f"--{k}", str(v)]
+        proc = subprocess.run(args, capture_output=True, text=True)
+        if proc.returncode:
+            from slimkit.errors import SlimkitError
+
+            raise SlimkitError(f"benchmarking {source} failed:\n{proc.stderr.strip()[-2000:]}")
+        return json.loads(out.read_text())
+
+
+def compare(rows: list[dict]) -> list[dict]:
+    base = rows[0]
+    for r in rows:
+        r["decode_speedup"] = base["decode_ms_per_token"] / r["decode_ms_per_token"]
+        r["prefill_speedup"] = base["prefill_ms"] / r["prefill_ms"]
+        r["throughput_ratio"] = r["throughput_tok_s"] / base["throughput_tok_s"]
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| model | formats | decode ms/tok | decode x | prefill ms | prefill x | tok/s @batch | RSS MB "
+            "| weights MB | disk MB | ppl | kernel at batch 1 |")
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        ppl = f"{r['ppl']:.2f}" if r["ppl"] is not None else "-"
+        lines.append(
+            f"| {r['model']} | {','.join(r['formats']) or 'dense'} | {r['decode_ms_per_token']:.1f} | "
+            f"{r['decode_speedup']:.2f}x | {r['prefill_ms']:.0f} | {r['prefill_speedup']:.2f}x | "
+            f"{r['throughput_tok_s']:.1f} @{r['batch']} | {r['peak_rss_mb']:.0f} | {r['weights_ram_mb']:.0f} | "
+            f"{r['disk_mb']:.0f} | {ppl} | {'; '.join(r['kernels_batch_1'])} |")
+    return "\n".join(lines)
+
+
+def run(models: list[str], progress=None, **kw) -> list[dict]:
+    items = [(m,) for m in models]
+    if progress is not None:
+        items = progress.track(items, "bench model")
+    return compare([measure_isolated(m, **kw) for (m,) in items])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("models", nargs="+", help="baseline first: zoo name, HF dir, packed dir, .gguf")
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--decode", type=int, default=32)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--windows", type=int, default=16, help="ppl windows (0: skip; 200: the full protocol)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    kw = dict(prompt=args.prompt, decode=args.decode, batch=args.batch, windows=args.windows)
+    if args.worker:
+        Path(args.worker).write_text(json.dumps(measure(args.models[0], **kw)))
+        return
+    rows = run(args.models, **kw)
+    for r in rows:
+        print(json.dumps(r))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

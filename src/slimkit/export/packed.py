@@ -1,0 +1,53 @@
+"""Write a packed model directory from a compress output, or from any model in one format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from slimkit.errors import SlimkitError
+from slimkit.evaluation.size import files_bytes
+from slimkit.export.atomic import atomic_directory
+from slimkit.export.hf import COMPRESSION_FILE, load_compression_state
+from slimkit.formats import pack_model, save_packed
+from slimkit.formats.pack import AUTO
+from slimkit.models.loading import load_model
+from slimkit.progress import NoProgress, Progress
+
+
+def pack_to_dir(source: str, output: str | Path, fmt: str = AUTO, group_size: int = 64, overwrite: bool = False,
+                progress: Progress = NoProgress(), include_lm_head: bool = True) -> dict:
+    """auto: the formats a `slimkit compress` output recorded; else quantize every block
+    linear (and the LM head, unless told not to) round-to-nearest into `fmt`. A head tied to
+    the embedding is packed on its own; the embedding stays dense (a row gather reads little).
+    Returns a summary with sizes per layer."""
+    loaded = load_model(source)
+    records = None
+    state = Path(loaded.source) / COMPRESSION_FILE if Path(loaded.source).is_dir() else None
+    if fmt == AUTO:
+        if state is None or not state.is_file():
+            raise SlimkitError(f"{source} is not a `slimkit compress` output (no {COMPRESSION_FILE}): "
+                               "choose a format with --format (int8, w8a8, int4, nf4, fp8, sparse, 2:4)")
+        records = load_compression_state(state, loaded.model)
+    linears = loaded.adapter.linears(loaded.model, include_lm_head=include_lm_head and fmt != AUTO)
+    dense_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears.values())
+    packed = pack_model(loaded.model, linears, records, fmt, group_size, progress)
+    if not packed:
+        raise SlimkitError(f"nothing to pack in {source}: no layer was quantized or pruned")
+    layers = {n: {"format": m.format, "shape": [m.out_features, m.in_features], "disk_bytes": m.disk_bytes(),
+                  "ram_bytes": m.ram_bytes(), "bytes_per_weight": m.disk_bytes() / (m.out_features * m.in_features),
+                  "path_batch_1": m.path_for(1), "path_batch_128": m.path_for(128)}
+              for n, m in packed.items()}
+    left_dense = sorted(set(linears) - set(packed))
+    output = Path(output)
+    with atomic_directory(output, overwrite=overwrite) as tmp:
+        save_packed(loaded.model, loaded.tokenizer, tmp)
+        summary = {
+            "source": str(source), "format": fmt, "packed_layers": len(packed), "left_dense": left_dense,
+            "linears_dense_bytes": dense_bytes,
+            "linears_packed_bytes": sum(v["disk_bytes"] for v in layers.values()) + sum(
+                linears[n].weight.numel() * linears[n].weight.element_size() for n in left_dense),
+            "file_bytes": files_bytes(tmp), "layers": layers,
+        }
+        (tmp / "pack.json").write_text(json.dumps(summary, indent=2))
+    return summary
