@@ -1,0 +1,127 @@
+"""Export to the compressed-tensors format (what vLLM loads), with that library's packer and schema.
+
+- int4 / int8 weight-only -> `pack-quantized`: `weight_packed` int32 [out, in*bits/32] (codes
+  offset by 2^(bits-1), element i at bit i*bits), `weight_scale` [out, in/group],
+  `weight_shape`, and `weight_zero_point` for asymmetric codes;
+- W8A8 -> `int-quantized`: int8 `weight`, `weight_scale` [out, 1], dynamic per-token
+  activations.
+One config group per distinct scheme, targeting the layers by name. Sparse layouts are refused:
+compressed-tensors and vLLM removed their sparse formats in 2026.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from slimkit.errors import SlimkitError
+from slimkit.formats import PackedLinear, packed_layers
+
+REFUSED = {
+    "2:4": "compressed-tensors and vLLM removed their sparse formats in 2026, so a 2:4 model cannot be "
+           "carried sparse. Use `--to hf` (dense, masks applied) for any runtime, or keep slimkit's "
+           "packed format (`slimkit pack`).",
+    "sparse": "compressed-tensors and vLLM removed their sparse formats in 2026. Use `--to hf` (dense, "
+              "masks applied) or slimkit's packed format.",
+    "nf4": "compressed-tensors has no NF4 scheme. Use `--to hf` (dense), or repack as int4 "
+           "(`slimkit pack MODEL --format int4`) for pack-quantized.",
+    "fp8": "FP8 export (float-quantized) is not implemented yet: use `--to hf`, or int8/int4.",
+}
+
+
+def _scheme(mod: PackedLinear) -> tuple:
+    if mod.format == "int4":
+        return ("pack-quantized", int(mod.meta.get("bits", 4)), mod.zero is None, mod.group)
+    if mod.format == "int8":
+        return ("pack-quantized", 8, True, None)
+    if mod.format == "w8a8":
+        return ("int-quantized", 8, True, None)
+    raise SlimkitError(f"cannot export {mod.format} layers to compressed-tensors: {REFUSED[mod.format]}")
+
+
+def _tensors(name: str, mod: PackedLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    out: dict[str, torch.Tensor] = {}
+    if mod.format == "int4":
+        bits = int(mod.meta.get("bits", 4))
+        codes = mod.codes()  # signed codes (symmetric) or u - zero, as float
+        if mod.zero is None:
+            q = codes.to(torch.int8)
+        else:  # compressed-tensors stores asymmetric codes offset like symmetric ones: u - 2^(b-1)
+            q = (mod._nibbles().to(torch.int16) - 8).to(torch.int8)
+            out[f"{name}.weight_zero_point"] = (mod.zero.to(torch.int16) - 8).to(torch.int8)
+        out[f"{name}.weight_packed"] = pack_to_int32(q, bits)
+        out[f"{name}.weight_scale"] = mod.scale.to(dtype)
+        out[f"{name}.weight_shape"] = torch.tensor([mod.out_features, mod.in_features], dtype=torch.int32)
+    elif mod.format == "int8":
+        out[f"{name}.weight_packed"] = pack_to_int32(mod.q, 8)
+        out[f"{name}.weight_scale"] = mod.scale.reshape(-1, 1).to(dtype)
+        out[f"{name}.weight_shape"] = torch.tensor([mod.out_features, mod.in_features], dtype=torch.int32)
+    else:  # w8a8
+        out[f"{name}.weight"] = mod.q
+        out[f"{name}.weight_scale"] = mod.scale.reshape(-1, 1).to(dtype)
+    if mod.bias is not None:
+        out[f"{name}.bias"] = mod.bias.to(dtype)
+    return out
+
+
+def _config(groups: dict[tuple, list[str]], ignore: list[str]) -> dict:
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    formats = {key[0] for key in groups}
+    if len(formats) > 1:
+        raise SlimkitError("compressed-tensors takes one format per checkpoint; this model mixes "
+                           f"{sorted(formats)} (e.g. W8A8 and weight-only layers)")
+    config_groups = {}
+    for i, ((fmt, bits, symmetric, group), names) in enumerate(sorted(groups.items(), key=str)):
+        weights = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
+                                   strategy="group" if group else "channel", group_size=group)
+        acts = None
+        if fmt == "int-quantized":
+            acts = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
+        config_groups[f"group_{i}"] = QuantizationScheme(targets=names, weights=weights, input_activations=acts)
+    cfg = QuantizationConfig(config_groups=config_groups, format=formats.pop(), quantization_status="compressed",
+                             ignore=ignore)
+    return json.loads(cfg.model_dump_json())
+
+
+def export_compressed_tensors(model: torch.nn.Module, tokenizer, directory: Path, all_linears: list[str],
+                              dtype: torch.dtype = torch.bfloat16) -> dict:
+    layers = packed_layers(model)
+    if not layers:
+        raise SlimkitError("nothing quantized to export: compressed-tensors needs an int4/int8/W8A8 model "
+                           "(`slimkit compress ... -r rtn-int4-g64`, or `slimkit pack MODEL --format int4`)")
+    groups: dict[tuple, list[str]] = {}
+    for name, mod in layers.items():
+        groups.setdefault(_scheme(mod), []).append(name)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, mod in layers.items():
+        tensors.update(_tensors(name, mod, dtype))
+    seen = set()
+    for key, t in model.state_dict().items():
+        if any(key.startswith(n + ".") for n in layers):
+            continue
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        tensors[key] = t.detach().to(dtype if t.is_floating_point() else t.dtype).contiguous()
+    config = model.config
+    if any(getattr(m, "_untied_from", None) for m in layers.values()) or "lm_head" in layers:
+        config.tie_word_embeddings = False
+    config.quantization_config = _config(groups, [n for n in all_linears if n not in layers])
+    config.dtype = dtype
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(directory)
+    del config.quantization_config
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return {"format": config_format(directory), "layers": len(layers)}
+
+
+def config_format(directory: Path) -> str:
+    return json.loads((directory / "config.json").read_text())["quantization_config"]["format"]

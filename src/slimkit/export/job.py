@@ -1,0 +1,137 @@
+"""`slimkit export`: hand a compressed model to the runtimes people deploy with, and check it there.
+
+--to hf                  plain dense transformers model (masks applied, codes dequantized)
+--to compressed-tensors  vLLM's format (pack-quantized int4/int8, int-quantized W8A8)
+--to gguf                llama.cpp (Q4_0 / Q8_0 linears, F16 embedding, tokenizer included)
+
+The source is a `slimkit compress` output, a `slimkit pack` output, or any model. With
+verification on, the export is loaded back by the other library (transformers, its
+compressed-tensors or GGUF loader) and its perplexity compared with slimkit's own evaluation
+of the same model, on the same windows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slimkit.errors import SlimkitError
+from slimkit.export.atomic import atomic_directory
+from slimkit.export.hf import COMPRESSION_FILE, load_compression_state
+from slimkit.formats import pack_model, packed_layers
+from slimkit.models.loading import LoadedModel, load_model
+from slimkit.models.zoo import zoo_entry
+
+TARGETS = ("hf", "compressed-tensors", "gguf")
+GGUF_NAME = "model.gguf"
+
+
+def _with_formats(loaded: LoadedModel) -> None:
+    """A compress output holds fake-quantized dense weights: pack them in memory (auto)."""
+    state = Path(loaded.source) / COMPRESSION_FILE if Path(loaded.source).is_dir() else None
+    if not packed_layers(loaded.model) and state is not None and state.is_file():
+        records = load_compression_state(state, loaded.model)
+        pack_model(loaded.model, loaded.adapter.linears(loaded.model, include_lm_head=True), records)
+
+
+def unpack(model: nn.Module) -> nn.Module:
+    """Packed linears back to nn.Linear with their dequantized weights."""
+    for name, mod in packed_layers(model).items():
+        dense = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+        dense.weight.data = mod.dequantize()
+        if mod.bias is not None:
+            dense.bias.data = mod.bias.detach().clone()
+        model.set_submodule(name, dense)
+        if getattr(mod, "_untied_from", None) or name == "lm_head":
+            model.config.tie_word_embeddings = False
+    return model
+
+
+def _lineage_gguf(loaded: LoadedModel) -> Path | None:
+    """The GGUF file this model came from, if any (its tokenizer metadata is copied exactly)."""
+    candidates = [loaded.name, str(loaded.source)]
+    src = Path(loaded.source)
+    for meta, key in (("pack.json", ("source",)), ("report.json", ("model", "name"))):
+        if src.is_dir() and (src / meta).is_file():
+            value = json.loads((src / meta).read_text())
+            for k in key:
+                value = value.get(k, {}) if isinstance(value, dict) else {}
+            if isinstance(value, str):
+                candidates.append(value)
+    for c in candidates:
+        entry = zoo_entry(c)
+        path = entry.locate() if entry is not None else Path(c)
+        if path.suffix == ".gguf" and path.is_file():
+            return path
+    return None
+
+
+def export_model(source: str, output: str | Path, to: str, gguf_type: str = "auto", overwrite: bool = False,
+                 verify: bool = True, windows: int = 16, progress=None) -> dict:
+    if to not in TARGETS:
+        raise SlimkitError(f"unknown export target '{to}'; choose one of {', '.join(TARGETS)}")
+    loaded = load_model(source)
+    _with_formats(loaded)
+    formats = sorted({m.format for m in packed_layers(loaded.model).values()})
+    own_ppl = _ppl(loaded.model, loaded.tokenizer, windows) if verify and loaded.kind == "causal-lm" else None
+    output = Path(output)
+    result = {"source": source, "to": to, "formats": formats, "output": str(output)}
+    all_linears = list(loaded.adapter.linears(loaded.model, include_lm_head=True))
+    with atomic_directory(output, overwrite=overwrite) as tmp:
+        if to == "hf":
+            model = unpack(loaded.model)
+            model.save_pretrained(tmp)
+            if loaded.tokenizer is not None:
+                loaded.tokenizer.save_pretrained(tmp)
+        elif to == "compressed-tensors":
+            from slimkit.export.compressed_tensors import export_compressed_tensors
+
+            result.update(export_compressed_tensors(loaded.model, loaded.tokenizer, tmp, all_linears))
+        else:
+            from slimkit.export.gguf_file import export_gguf
+
+            result.update(export_gguf(loaded.model, loaded.tokenizer, tmp / GGUF_NAME, gguf_type, Path(source).name,
+                                      _lineage_gguf(loaded)))
+        (tmp / "export.json").write_text(json.dumps(result, indent=2))
+    if verify and own_ppl is not None:
+        result["verify"] = verify_export(output, to, loaded.tokenizer, own_ppl, windows)
+        with atomic_directory(output, overwrite=True) as tmp2:  # rewrite export.json with the check
+            import shutil
+
+            for p in output.iterdir():
+                (shutil.copytree if p.is_dir() else shutil.copy2)(p, tmp2 / p.name)
+            (tmp2 / "export.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _ppl(model, tokenizer, windows: int) -> float:
+    from slimkit.data import load_split
+    from slimkit.evaluation import PerplexityProtocol, perplexity
+
+    return perplexity(model, tokenizer, load_split(), PerplexityProtocol(512, windows)).ppl
+
+
+def load_exported(output: Path, to: str) -> nn.Module:
+    """The export, loaded by transformers alone (no slimkit code in the model)."""
+    from transformers import AutoModelForCausalLM
+
+    if to == "gguf":
+        return AutoModelForCausalLM.from_pretrained(str(output), gguf_file=GGUF_NAME, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(output), dtype=torch.float32).eval()
+
+
+def verify_export(output: Path, to: str, tokenizer, own_ppl: float, windows: int) -> dict:
+    model = load_exported(output, to)
+    theirs = _ppl(model, tokenizer, windows)
+    check = {"loaded_by": "transformers" + (" (gguf_file)" if to == "gguf" else ""), "their_ppl": theirs,
+             "slimkit_ppl": own_ppl, "relative_diff": theirs / own_ppl - 1, "windows": windows}
+    if to == "gguf":
+        from transformers import AutoTokenizer
+
+        gguf_tok = AutoTokenizer.from_pretrained(str(output), gguf_file=GGUF_NAME)
+        text = "Compression only counts when the hardware can use it: 2:4 sparsity, int4, GGUF."
+        check["tokenizer_matches"] = gguf_tok(text)["input_ids"] == tokenizer(text)["input_ids"]
+    return check
