@@ -162,3 +162,20 @@ def test_tied_head_is_packed_apart_and_the_embedding_stays(tmp_path):
     assert "lm_head" in packed_layers(again) and not again.config.tie_word_embeddings
     assert torch.equal(again.get_input_embeddings().weight, embedding)
     assert torch.equal(again(ids).logits, before)
+
+
+def test_truncated_or_pickled_hf_weights_are_a_clear_error(tiny_llama_dir, tmp_path):
+    import shutil
+
+    from slimkit.models import load_model
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_llama_dir, bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(SlimkitError, match="corrupt, truncated, or not safetensors"):
+        load_model(bad)
+    weights.unlink()
+    torch.save({"x": torch.zeros(1)}, bad / "pytorch_model.bin")  # a pickle: never loaded
+    with pytest.raises(SlimkitError, match="not safetensors"):
+        load_model(bad)

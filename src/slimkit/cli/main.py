@@ -129,6 +129,8 @@ def compress(
                                                        "on disk instead of RAM (big models)"),
     seed: int = typer.Option(0, help="seed for calibration sampling"),
     save_dtype: str = typer.Option("float32", help="dtype of the saved dense weights: float32, bfloat16, float16"),
+    bench: bool = typer.Option(False, "--bench", help="also pack each output (OUT/.../packed) and measure "
+                               "decode/prefill latency, throughput, RSS and size against the dense model"),
 ) -> None:
     """Compress a model with one or more recipes, evaluate before and after, write HF dirs.
 
@@ -171,6 +173,28 @@ def compress(
     console.print(rich_table(comparison_rows(reports), f"slimkit compress: {reports[0]['model']['name']}"))
     console.print(f"{metric_legend(reports[0])}\npacked MB = the packed format's arithmetic; "
                   f"total time {reports[-1]['timing']['total_s']:.0f}s; output: {output}")
+    if bench:
+        _bench_outputs(model, [Path(r["output"]) for r in reports], output, settings)
+
+
+def _bench_outputs(model: str, outputs: list[Path], root: Path, settings) -> None:
+    from slimkit.benchmarks import model as bench_model
+    from slimkit.export.atomic import atomic_write_text
+    from slimkit.export.packed import pack_to_dir
+    from slimkit.progress import RichProgress
+
+    packed = []
+    with RichProgress(console) as progress:
+        for out in outputs:
+            try:
+                pack_to_dir(str(out), out / "packed", overwrite=True, progress=progress)
+                packed.append(str(out / "packed"))
+            except SlimkitError as exc:
+                console.print(f"[yellow]not benchmarked[/yellow] {out}: {exc}")
+        rows = bench_model.run([model] + packed, progress, windows=settings.max_windows or 200)
+    md = bench_model.table(rows)
+    console.print(md)
+    atomic_write_text(root / "bench.md", md + "\n")
 
 
 @app.command(name="eval")
@@ -234,6 +258,158 @@ def eval_(
     else:
         console.print(f"{model}: mean cosine to {ref} [bold]{result['value']:.4f}[/bold] (min "
                       f"{d['min_cosine']:.4f}) over {d['texts']} texts, split {d['split_hash']}")
+
+
+@app.command()
+@friendly_errors
+def pack(
+    source: str = typer.Argument(..., help="a `slimkit compress` output dir, or any model with --format"),
+    output: Path = typer.Option(..., "--output", "-o", help="packed model dir (written atomically)"),
+    format: str = typer.Option("auto", "--format", "-f", help="auto (what compress recorded), int8, w8a8, int4, "
+                               "nf4, fp8, sparse, 2:4"),
+    group_size: int = typer.Option(64, help="int4: columns per scale (32/64/128/256 run the int4 kernel)"),
+    lm_head: bool = typer.Option(True, "--lm-head/--no-lm-head", help="explicit formats: pack the LM head too "
+                                 "(a tied embedding stays dense)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output dir"),
+) -> None:
+    """Store a model in a packed format that is really smaller, executed by real kernels.
+
+    The output loads with `slimkit eval`, `slimkit bench model` and `slimkit export`; its
+    pack.json lists every layer's format, bytes on disk and in RAM, and the kernel it runs.
+
+    Examples:
+
+      slimkit pack out/gptq -o out/gptq-packed           # the int4 codes GPTQ chose
+
+      slimkit pack smollm2-135m --format int8 -o out/int8
+
+      slimkit pack smollm2-135m --format nf4 -o out/nf4
+    """
+    from slimkit.export.packed import pack_to_dir
+    from slimkit.formats import format_names
+    from slimkit.progress import RichProgress
+
+    if format != "auto" and format not in format_names():
+        raise SlimkitError(f"unknown format '{format}'; choose auto or one of {', '.join(format_names())}")
+    _quiet_transformers()
+    with RichProgress(console) as progress:
+        summary = pack_to_dir(source, output, format, group_size, overwrite, progress, include_lm_head=lm_head)
+    fmts: dict[str, int] = {}
+    for layer in summary["layers"].values():
+        fmts[layer["format"]] = fmts.get(layer["format"], 0) + 1
+    mb = 2**20
+    console.print(f"packed {summary['packed_layers']} linears ({', '.join(f'{k}: {v}' for k, v in fmts.items())}); "
+                  f"linears {summary['linears_dense_bytes'] / mb:.1f} MB -> {summary['linears_packed_bytes'] / mb:.1f} MB; "
+                  f"files {summary['file_bytes'] / mb:.1f} MB; output: {output}")
+    if summary["left_dense"]:
+        console.print(f"[yellow]left dense[/yellow] (no packed format for their codes): {len(summary['left_dense'])} layers")
+
+
+@app.command()
+@friendly_errors
+def export(
+    source: str = typer.Argument(..., help="a compress or pack output dir, or any model"),
+    to: str = typer.Option(..., "--to", help="hf | compressed-tensors | gguf"),
+    output: Path = typer.Option(..., "--output", "-o", help="output dir (written atomically)"),
+    gguf_type: str = typer.Option("auto", help="gguf: auto (int4 codes -> Q4_0/Q4_1, int8 -> Q8_0, rest F16), "
+                                  "q8_0, q4_0, f16, f32"),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="load the export in transformers and compare "
+                                "its perplexity with slimkit's own evaluation"),
+    windows: int = typer.Option(16, help="perplexity windows for the check"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output dir"),
+) -> None:
+    """Hand a compressed model to vLLM (compressed-tensors), llama.cpp (GGUF) or any runtime (hf).
+
+    Formats a target cannot carry are refused with the reason and an alternative (e.g. 2:4 into
+    compressed-tensors, whose sparse formats were removed in 2026).
+
+    Examples:
+
+      slimkit export out/int4-packed --to compressed-tensors -o out/int4-vllm
+
+      slimkit export out/int4-packed --to gguf -o out/int4-gguf
+
+      slimkit export out/sparse24 --to hf -o out/sparse24-dense
+    """
+    from slimkit.export.gguf_file import QTYPES
+    from slimkit.export.job import export_model
+
+    if gguf_type not in QTYPES:
+        raise SlimkitError(f"--gguf-type must be one of {', '.join(QTYPES)}")
+    _quiet_transformers()
+    result = export_model(source, output, to, gguf_type, overwrite, verify, windows)
+    console.print(f"exported {source} ({', '.join(result['formats']) or 'dense'}) to {to}: {output}")
+    check = result.get("verify")
+    if check:
+        console.print(f"check: loaded by {check['loaded_by']}: ppl {check['their_ppl']:.3f} vs slimkit "
+                      f"{check['slimkit_ppl']:.3f} ({check['relative_diff']:+.2%}) on {check['windows']} windows"
+                      + (f"; tokenizer matches: {check['tokenizer_matches']}" if "tokenizer_matches" in check else ""))
+
+
+bench_app = typer.Typer(help="Measure on this machine: sparse kernels (theory vs reality), whole models.",
+                        no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("sparsity")
+@friendly_errors
+def bench_sparsity(
+    model: str = typer.Option("smollm2-135m", help="whose layer shapes to time"),
+    output: Path = typer.Option(Path("runs/bench-sparsity"), "--output", "-o", help="dir for sparsity.md/.json/.png"),
+    sparsities: str = typer.Option("0.5,0.8,0.9,0.95,0.99", help="comma-separated"),
+    batches: str = typer.Option("1,8,128", help="comma-separated batch sizes (rows of x)"),
+    repeats: int = typer.Option(15, help="interleaved repeats per cell (median)"),
+    blocks: int = typer.Option(4, help="blocks whose linears are timed (outgrow the L3 cache)"),
+) -> None:
+    """Unstructured sparsity, theory vs reality, regenerated on this machine (table + PNG + JSON).
+
+    Example:
+
+      slimkit bench sparsity -o runs/sparsity
+    """
+    from slimkit.benchmarks import sparsity as bench
+    from slimkit.progress import RichProgress
+
+    _quiet_transformers()
+    with RichProgress(console) as progress:
+        result = bench.run(model, output, [float(x) for x in sparsities.split(",")],
+                           [int(x) for x in batches.split(",")], repeats, progress, blocks)
+    console.print(result["markdown"])
+    console.print(f"wrote {output}/sparsity.md, sparsity.json, sparsity.png")
+
+
+@bench_app.command("model")
+@friendly_errors
+def bench_model_cmd(
+    models: List[str] = typer.Argument(..., help="baseline first; then packed/compressed dirs, names, .gguf"),
+    prompt: int = typer.Option(128, help="prefill tokens"),
+    decode: int = typer.Option(32, help="decode steps (median ms/token)"),
+    batch: int = typer.Option(8, help="batch for the throughput measurement"),
+    windows: int = typer.Option(16, help="ppl windows (0 skips; 200 is the full protocol)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="also write bench.md and bench.json here"),
+) -> None:
+    """Latency, throughput, peak RSS, size and ppl of whole models, each in a fresh process.
+
+    Examples:
+
+      slimkit pack smollm2-135m --format int4 -o out/int4 && slimkit bench model smollm2-135m out/int4
+
+      slimkit bench model smollm2-135m out/int8 out/int4 --windows 0
+    """
+    from slimkit.benchmarks import model as bench
+
+    from slimkit.progress import RichProgress
+
+    with RichProgress(console) as progress:
+        rows = bench.run(models, progress, prompt=prompt, decode=decode, batch=batch, windows=windows)
+    md = bench.table(rows)
+    console.print(md)
+    if output is not None:
+        from slimkit.export.atomic import atomic_directory
+
+        with atomic_directory(output, overwrite=True) as tmp:
+            (tmp / "bench.md").write_text(md + "\n")
+            (tmp / "bench.json").write_text(json.dumps(rows, indent=2))
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from slimkit.errors import ModelNotFoundError, SlimkitError
@@ -93,9 +94,11 @@ def _load_hf_dir(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any, ModelK
         return load_packed(path, dtype), _load_tokenizer(path), kind
     auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
     try:
-        model = auto.from_pretrained(str(path), dtype=dtype, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise SlimkitError(f"could not load the model in {path}: {exc}") from None
+        # safetensors only: nothing is unpickled (a pytorch_model.bin is refused, not loaded)
+        model = auto.from_pretrained(str(path), dtype=dtype, local_files_only=True, use_safetensors=True)
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise SlimkitError(f"could not load the model in {path} (corrupt, truncated, or not safetensors): "
+                           f"{str(exc).splitlines()[0][:300]}") from None
     return model.eval(), _load_tokenizer(path), kind
 
 

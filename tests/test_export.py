@@ -1,0 +1,124 @@
+"""Exports load in the other library (transformers, with its compressed-tensors and GGUF loaders)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from slimkit.cli.main import app
+from slimkit.errors import SlimkitError
+from slimkit.export.job import export_model, load_exported
+from slimkit.export.packed import pack_to_dir
+from slimkit.formats import format_class
+from slimkit.models import load_model
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_int4(tiny_llama_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("packed") / "int4"
+    pack_to_dir(str(tiny_llama_dir), out, fmt="int4", group_size=32, include_lm_head=False)
+    return out
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("to", ["compressed-tensors", "gguf", "hf"])
+def test_int4_export_loads_in_transformers_with_the_same_function(tiny_int4, tmp_path, to):
+    ours = load_model(tiny_int4).model
+    out = tmp_path / to
+    result = export_model(str(tiny_int4), out, to, verify=False)
+    theirs = load_exported(out, to)
+    assert not any("slimkit" in type(m).__module__ for m in theirs.modules())  # no slimkit code at load
+    ids = torch.randint(0, 200, (1, 24), generator=torch.Generator().manual_seed(0))
+    a, b = _logits(ours, ids), _logits(theirs, ids)
+    # slimkit's int4 kernel takes bf16 activations; the others compute in fp32 on the same codes
+    assert (a - b).abs().max() <= 0.02 * a.abs().max()
+    assert json.loads((out / "export.json").read_text())["formats"] == ["int4"]
+    if to == "gguf":
+        assert result["tensors_by_type"].get("Q4_0 (codes kept)", 0) > 0
+
+
+def test_gguf_q4_0_blocks_are_the_int4_codes_bit_for_bit():
+    import gguf
+
+    from slimkit.export.gguf_file import int4_blocks
+    from slimkit.quantization.rtn import QuantSpec, rtn_quantize
+
+    w = torch.randn(32, 128)
+    w_hat, p = rtn_quantize(w, QuantSpec(4, True, 64, torch.float16))
+    data, qtype = int4_blocks(format_class("int4").from_quant(p.q, p.scale, p.zero))
+    assert qtype == gguf.GGMLQuantizationType.Q4_0
+    assert np.array_equal(gguf.quants.dequantize(data, qtype), w_hat.numpy())
+
+
+def test_24_is_refused_by_compressed_tensors_with_the_reason(tiny_llama_dir, tmp_path):
+    packed = tmp_path / "p24"
+    pack_to_dir(str(tiny_llama_dir), packed, fmt="2:4")
+    with pytest.raises(SlimkitError, match="removed their sparse formats in 2026.*--to hf"):
+        export_model(str(packed), tmp_path / "ct", "compressed-tensors", verify=False)
+    assert not (tmp_path / "ct").exists()
+    export_model(str(packed), tmp_path / "dense", "hf", verify=False)  # what the error suggests works
+    theirs = load_exported(tmp_path / "dense", "hf")
+    w = theirs.model.layers[0].mlp.up_proj.weight
+    assert ((w.view(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
+
+
+def test_cli_pack_and_export_and_bench(tiny_llama_dir, tmp_path):
+    result = runner.invoke(app, ["pack", str(tiny_llama_dir), "--format", "int8", "-o", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    assert "packed" in result.output and (tmp_path / "p" / "pack.json").is_file()
+    result = runner.invoke(app, ["export", str(tmp_path / "p"), "--to", "compressed-tensors", "-o",
+                                 str(tmp_path / "ct"), "--windows", "2"])
+    assert result.exit_code == 0, result.output
+    assert "check: loaded by transformers" in result.output
+    check = json.loads((tmp_path / "ct" / "export.json").read_text())["verify"]
+    assert abs(check["relative_diff"]) < 0.02
+    result = runner.invoke(app, ["export", str(tmp_path / "p"), "--to", "onnx", "-o", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "unknown export target" in result.output
+    result = runner.invoke(app, ["pack", str(tiny_llama_dir), "-o", str(tmp_path / "q")])
+    assert result.exit_code == 2 and "--format" in result.output  # auto needs a compress output
+
+
+def test_bench_sparsity_writes_table_plot_and_json(tmp_path):
+    result = runner.invoke(app, ["bench", "sparsity", "-o", str(tmp_path / "b"), "--blocks", "1", "--repeats", "3",
+                                 "--sparsities", "0.5,0.95", "--batches", "1,8"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "b" / "sparsity.json").read_text())["rows"]
+    methods = {r["method"] for r in rows}
+    assert {"dense", "zeros-in-dense", "torch CSR", "torch BSR 16x16", "slimkit sparse"} <= methods
+    assert all(r["measured_speedup"] > 0 for r in rows) and len(rows) == 2 * 2 * 5 + 2  # + 2:4 at 50%
+    png = (tmp_path / "b" / "sparsity.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    assert "| 95% | 1 | 20.0x |" in (tmp_path / "b" / "sparsity.md").read_text()
+
+
+def test_bench_model_compares_in_fresh_processes(tiny_llama_dir, tiny_int4, tmp_path):
+    result = runner.invoke(app, ["bench", "model", str(tiny_llama_dir), str(tiny_int4), "--decode", "4",
+                                 "--prompt", "16", "--batch", "2", "--windows", "1", "-o", str(tmp_path / "bm")])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "bm" / "bench.json").read_text())
+    assert [r["formats"] for r in rows] == [[], ["int4"]]
+    assert rows[0]["decode_speedup"] == 1.0 and rows[1]["weights_ram_mb"] < rows[0]["weights_ram_mb"]
+    assert all(r["peak_rss_mb"] > 0 and r["ppl"] > 1 for r in rows)
+    assert "int4 weight-only kernel" in rows[1]["kernels_batch_1"][0]
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_smollm2_exports_keep_perplexity_within_2_percent(smollm2_first_load, tmp_path, fmt):
+    packed = tmp_path / fmt
+    summary = pack_to_dir("smollm2-135m", packed, fmt=fmt)
+    per_weight = {"int4": 0.5 + 2 / 64, "int8": 1 + 4 / 576}[fmt]
+    blocks = [v for n, v in summary["layers"].items() if n != "lm_head"]
+    assert all(v["bytes_per_weight"] == pytest.approx(per_weight, rel=0.01) for v in blocks)
+    for to in ("compressed-tensors", "gguf"):
+        check = export_model(str(packed), tmp_path / to, to, windows=2)["verify"]
+        assert abs(check["relative_diff"]) < 0.02, (to, check)
+        assert check.get("tokenizer_matches", True)
