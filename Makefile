@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 
 demo: setup
 	$(BIN)/slimkit compress smollm2-135m --recipe magnitude-2of4 --recipe rtn-int4-g64 \
-		--output runs/demo --overwrite
+		--output runs/demo --overwrite --bench
 
 test: setup
 	$(BIN)/python -m pytest -m "not slow" ; rc=$$?; \

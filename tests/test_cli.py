@@ -120,3 +120,23 @@ def test_calibrated_recipe_through_the_cli(tiny_llama_dir, tmp_path):
     assert report["compression"]["calibration"] == {"windows": 4, "seqlen": 32, "seed": 0}
     assert report["compression"]["engine"][0]["tokens"] == 4 * 32
     assert report["compression"]["sparsity_overall"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_compress_bench_packs_the_records_and_measures(tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from slimkit.models import load_model
+
+    out = tmp_path / "b"
+    code, output = _run("compress", tiny_llama_dir, "-r", "magnitude-2of4", "-r", "rtn-int4-g64", "-o", out,
+                        "--windows", "1", "--seqlen", "64", "--bench")
+    assert code == 0, output
+    assert "decode ms/tok" in output and (out / "bench.md").is_file()
+    ids = torch.randint(0, 200, (1, 16), generator=torch.Generator().manual_seed(0))
+    for name, fmt in (("magnitude-2of4", "2:4"), ("rtn-int4-g64", "int4")):
+        pack = json.loads((out / name / "packed" / "pack.json").read_text())
+        assert {v["format"] for v in pack["layers"].values()} == {fmt}
+        dense = AutoModelForCausalLM.from_pretrained(out / name)(ids).logits  # fake-quantized dense weights
+        packed = load_model(out / name / "packed").model(ids).logits  # the stored codes, real kernels
+        tol = 0 if fmt == "2:4" else 0.02 * dense.abs().max()  # int4 kernel: bf16 activations
+        assert (packed - dense).abs().max() <= tol

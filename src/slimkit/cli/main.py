@@ -269,7 +269,7 @@ def pack(
                                "nf4, fp8, sparse, 2:4"),
     group_size: int = typer.Option(64, help="int4: columns per scale (32/64/128/256 run the int4 kernel)"),
     lm_head: bool = typer.Option(True, "--lm-head/--no-lm-head", help="explicit formats: pack the LM head too "
-                                 "(a tied embedding stays dense)"),
+                                 "(int8 for the 4-bit formats; a tied embedding stays dense)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output dir"),
 ) -> None:
     """Store a model in a packed format that is really smaller, executed by real kernels.

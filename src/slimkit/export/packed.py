@@ -14,11 +14,14 @@ from slimkit.formats.pack import AUTO
 from slimkit.models.loading import load_model
 from slimkit.progress import NoProgress, Progress
 
+FOUR_BIT = ("int4", "nf4")
+
 
 def pack_to_dir(source: str, output: str | Path, fmt: str = AUTO, group_size: int = 64, overwrite: bool = False,
                 progress: Progress = NoProgress(), include_lm_head: bool = True) -> dict:
     """auto: the formats a `slimkit compress` output recorded; else quantize every block
-    linear (and the LM head, unless told not to) round-to-nearest into `fmt`. A head tied to
+    linear (and the LM head, unless told not to; in int8 when `fmt` has 4 bits) round-to-nearest
+    into `fmt`. A head tied to
     the embedding is packed on its own; the embedding stays dense (a row gather reads little).
     Returns a summary with sizes per layer."""
     loaded = load_model(source)
@@ -31,7 +34,11 @@ def pack_to_dir(source: str, output: str | Path, fmt: str = AUTO, group_size: in
         records = load_compression_state(state, loaded.model)
     linears = loaded.adapter.linears(loaded.model, include_lm_head=include_lm_head and fmt != AUTO)
     dense_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears.values())
-    packed = pack_model(loaded.model, linears, records, fmt, group_size, progress)
+    head = loaded.adapter.lm_head if fmt in FOUR_BIT and loaded.adapter.lm_head in linears else None
+    body = {n: m for n, m in linears.items() if n != head}
+    packed = pack_model(loaded.model, body, records, fmt, group_size, progress)
+    if head is not None:  # 4 bits on the LM head costs far more quality than it saves: int8 there
+        packed.update(pack_model(loaded.model, {head: linears[head]}, None, "int8"))
     if not packed:
         raise SlimkitError(f"nothing to pack in {source}: no layer was quantized or pruned")
     layers = {n: {"format": m.format, "shape": [m.out_features, m.in_features], "disk_bytes": m.disk_bytes(),

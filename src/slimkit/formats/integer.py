@@ -71,19 +71,28 @@ class Int8WeightOnly(PackedLinear):
 
 @register_format
 class Int8Dynamic(PackedLinear):
-    """W8A8: int8 weights per channel, activations quantized per row at run time (fbgemm)."""
+    """W8A8: int8 weights per channel, activations quantized per row at run time (fbgemm).
+
+    RAM holds fbgemm's prepacked weight only (about the int8 codes plus a column-offset row);
+    the codes are unpacked from it when saving.
+    """
 
     format = "w8a8"
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias=None, meta=None):
         super().__init__(q.shape[1], q.shape[0], bias, meta or {})
-        self.register_buffer("q", q.to(torch.int8).contiguous())
         self.register_buffer("scale", scale.float().contiguous())
         with warnings.catch_warnings():  # quantized tensors are deprecated, fbgemm's kernel is not yet replaced
             warnings.simplefilter("ignore")
-            qw = torch._make_per_channel_quantized_tensor(self.q, self.scale.double(),
+            qw = torch._make_per_channel_quantized_tensor(q.to(torch.int8).contiguous(), self.scale.double(),
                                                           torch.zeros(self.out_features, dtype=torch.long), 0)
-        self._packed = torch.ops.quantized.linear_prepack(qw, self.bias)
+            self._packed = torch.ops.quantized.linear_prepack(qw, self.bias)
+
+    @property
+    def q(self) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.ops.quantized.linear_unpack(self._packed)[0].int_repr()
 
     @classmethod
     def from_dense(cls, weight, bias=None, **_):
@@ -97,10 +106,9 @@ class Int8Dynamic(PackedLinear):
     def from_stored(cls, t, meta, bias):
         return cls(t["q"], t["scale"], bias, meta)
 
-    def ram_tensors(self):
-        return [self.q, self.scale]  # fbgemm's prepacked copy is not counted: see ram_note
-
-    ram_note = "fbgemm keeps its own prepacked int8 copy of the weight (about 2x the codes in RAM)"
+    def ram_bytes(self) -> int:
+        # fbgemm's packed layout: the int8 codes plus one int32 column offset per output row
+        return self.out_features * self.in_features + 4 * self.out_features + 4 * self.out_features + self._bias_bytes()
 
     def dequantize(self):
         return self.q.float() * self.scale[:, None]
