@@ -9,6 +9,7 @@ quantizes each activation row on the fly.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -122,6 +123,19 @@ class Int8Dynamic(PackedLinear):
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
+@functools.lru_cache(maxsize=16)
+def _kernel_nibble_order(rows: int, cols: int) -> torch.Tensor:
+    """Where each nibble of `_convert_weight_to_int4pack_for_cpu`'s output comes from, found by
+    converting probe matrices whose nibbles spell each element's index in base 16."""
+    ids = torch.arange(rows * cols, dtype=torch.int64).view(rows, cols)
+    order = torch.zeros(rows * cols, dtype=torch.int64)
+    for digit in range(((rows * cols).bit_length() + 3) // 4):
+        probe = ((ids >> (4 * digit)) & 15).to(torch.int32)
+        k = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+        order |= torch.stack([k & 15, k >> 4], -1).reshape(-1).long() << (4 * digit)
+    return order
+
+
 @register_format
 class Int4Grouped(PackedLinear):
     """int4 codes two per byte [N, K/2], scales [N, K/g] (+ int8 zero points if asymmetric).
@@ -138,7 +152,7 @@ class Int4Grouped(PackedLinear):
         self.register_buffer("scale", scale.contiguous())
         self.register_buffer("zero", zero.to(torch.int8).contiguous() if zero is not None else None)
         self.packed, self._kernel = packed.contiguous(), None
-        if self.group in INT4_KERNEL_GROUPS and self.out_features % 8 == 0:
+        if self.group in INT4_KERNEL_GROUPS and self.out_features % 16 == 0:
             # RAM holds the kernel's layout only (0.5 B/weight + bf16 scale and zero per group);
             # the stored nibbles are recovered from it when saving
             u = unpack_nibbles(self.packed).to(torch.int32)
@@ -152,13 +166,14 @@ class Int4Grouped(PackedLinear):
     def _nibbles(self) -> torch.Tensor:
         if self.packed is not None:
             return unpack_nibbles(self.packed)
-        # run the kernel on the identity: column j of the result is weight column j, exactly
-        # (u - 8) * s (+ z) in bf16; dividing by s recovers the integer code
-        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
-        w = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self._kernel, self.group, self._scales_zeros).float().T
-        s = group_expand(self._scales_zeros[..., 0].T.float(), self.in_features)
-        z = group_expand(self._scales_zeros[..., 1].T.float(), self.in_features)
-        return torch.round((w - z) / s + 8).clamp(0, 15).to(torch.uint8)
+        # the kernel layout is a fixed permutation of the nibbles, repeating every 64 rows
+        rows, cols = self.out_features, self.in_features
+        tile = 64 if rows % 64 == 0 else rows
+        order = _kernel_nibble_order(tile, cols)
+        slots = torch.stack([self._kernel & 0x0F, self._kernel >> 4], -1).reshape(rows // tile, tile * cols)
+        out = torch.empty_like(slots)
+        out[:, order] = slots
+        return out.view(rows, cols)
 
     @classmethod
     def from_quant(cls, q, scale, zero, bias=None, bits=4):

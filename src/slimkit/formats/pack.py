@@ -47,7 +47,10 @@ def pack_linear(module: nn.Linear, record=None, fmt: str = AUTO, group_size: int
     if quant is not None:
         spec = quant.spec
         if is_24(mask):
-            return format_class("2:4").from_dense(w, bias, mask=mask, quant=quant)
+            try:
+                return format_class("2:4").from_dense(w, bias, mask=mask, quant=quant)
+            except NotImplementedError:  # e.g. asymmetric codes under a 2:4 mask: no packed format
+                return None
         if spec.bits == 8 and spec.symmetric and quant.scale.shape[1] == 1:
             return format_class("int8").from_quant(quant.q, quant.scale, bias)
         if spec.bits <= 4:
