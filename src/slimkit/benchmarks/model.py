@@ -27,6 +27,18 @@ from pathlib import Path
 import torch
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM belongs to the current address space; ru_maxrss would not
+    do: Linux keeps it across exec, so a worker would inherit its (bigger) parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _weights_ram_bytes(model) -> int:
     from slimkit.formats import packed_layers
 
@@ -89,7 +101,7 @@ def measure(source: str, prompt: int = 128, decode: int = 32, batch: int = 8, wi
     paths = sorted({m.path_for(1) for m in packed.values()}) or ["dense fp32 (torch.nn.Linear)"]
     return {
         "model": source, "prefill_ms": prefill_ms, "prompt_tokens": prompt, "decode_ms_per_token": decode_ms,
-        "throughput_tok_s": throughput, "batch": batch, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "throughput_tok_s": throughput, "batch": batch, "peak_rss_mb": _peak_rss_mb(),
         "weights_ram_mb": _weights_ram_bytes(model) / 2**20, "disk_mb": _disk_bytes(loaded) / 2**20,
         "ppl": ppl.ppl if ppl else None, "eval_tokens": ppl.tokens if ppl else 0,
         "formats": sorted({m.format for m in packed.values()}), "kernels_batch_1": paths,
