@@ -73,7 +73,6 @@ def measure(weights: list[torch.Tensor], sparsities=SPARSITIES, batches=BATCHES,
     grid = [(s, b) for s in sparsities for b in batches]
     if progress is not None:
         grid = progress.track(grid, "bench sparsity")
-    cols = weights[0].shape[1]
     by_sparsity: dict[float, dict] = {}
     for sparsity, batch in grid:
         if sparsity not in by_sparsity:
@@ -99,7 +98,6 @@ def measure(weights: list[torch.Tensor], sparsities=SPARSITIES, batches=BATCHES,
             rows.append({"sparsity": sparsity, "batch": batch, "method": name, "median_ms": med * 1e3,
                          "measured_speedup": dense / med, "theoretical_speedup": 1 / (1 - sparsity),
                          "repeats": repeats})
-    del cols
     return rows
 
 
