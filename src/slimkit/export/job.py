@@ -95,15 +95,9 @@ def export_model(source: str, output: str | Path, to: str, gguf_type: str = "aut
 
             result.update(export_gguf(loaded.model, loaded.tokenizer, tmp / GGUF_NAME, gguf_type, Path(source).name,
                                       _lineage_gguf(loaded)))
+        if own_ppl is not None:  # checked before the rename: the export.json written states the check
+            result["verify"] = verify_export(tmp, to, loaded.tokenizer, own_ppl, windows)
         (tmp / "export.json").write_text(json.dumps(result, indent=2))
-    if verify and own_ppl is not None:
-        result["verify"] = verify_export(output, to, loaded.tokenizer, own_ppl, windows)
-        with atomic_directory(output, overwrite=True) as tmp2:  # rewrite export.json with the check
-            import shutil
-
-            for p in output.iterdir():
-                (shutil.copytree if p.is_dir() else shutil.copy2)(p, tmp2 / p.name)
-            (tmp2 / "export.json").write_text(json.dumps(result, indent=2))
     return result
 
 
