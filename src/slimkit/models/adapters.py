@@ -45,6 +45,12 @@ class ArchitectureAdapter:
     group_producers: tuple[str | None, ...] = ()
     heads_attr: str = "num_attention_heads"
     kv_heads_attr: str | None = "num_key_value_heads"
+    # Structured pruning of the hidden (residual) width also touches these, relative to the base
+    # model: norms over the hidden width, and square hidden x hidden linears (BERT's pooler).
+    hidden_norms: tuple[str, ...] = ()
+    hidden_square_linears: tuple[str, ...] = ()
+    # Whether the config stores the head size (LLaMA: head_dim) or derives it as hidden / heads.
+    free_head_dim: bool = True
 
     # ---- structure -------------------------------------------------------------------------
     def missing_parts(self, model: nn.Module) -> list[str]:
@@ -161,6 +167,9 @@ BERT = ArchitectureAdapter(
         ("output.dense",),
     ),
     group_producers=(None, "attention.self.value", "attention.output.LayerNorm", None),
+    hidden_norms=("embeddings.LayerNorm",),
+    hidden_square_linears=("pooler.dense",),
+    free_head_dim=False,
 )
 
 _REGISTRY: dict[str, ArchitectureAdapter] = {}
