@@ -140,3 +140,44 @@ def test_compress_bench_packs_the_records_and_measures(tiny_llama_dir, tmp_path)
         packed = load_model(out / name / "packed").model(ids).logits  # the stored codes, real kernels
         tol = 0 if fmt == "2:4" else 0.02 * dense.abs().max()  # int4 kernel: bf16 activations
         assert (packed - dense).abs().max() <= tol
+
+
+def test_prune_then_distill_recipe_resumes_after_ctrl_c(tiny_llama_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    import slimkit.distillation.steps as distill_steps
+
+    recipe = tmp_path / "shrink.yaml"
+    recipe.write_text(
+        "name: shrink\nsteps:\n"
+        "  - method: prune_structured\n    heads: 0.5\n    mlp: 0.25\n    layers: 1\n"
+        "  - method: distill\n    steps: 4\n    batch_size: 2\n    seqlen: 32\n    windows: 8\n"
+        "    checkpoint_every: 2\n    eval_every: 2\n    eval_windows: 2\n    lr: 0.001\n"
+    )
+    args = ("compress", tiny_llama_dir, "-r", recipe, "-o", tmp_path / "out", "--windows", "2", "--seqlen", "64",
+            "--calibration-windows", "4", "--calibration-seqlen", "32")
+    real_train = distill_steps.train
+
+    def interrupted(*a, **k):
+        def stop(step):
+            if step == 3:
+                raise KeyboardInterrupt
+        return real_train(*a, **k, on_step=stop)
+
+    monkeypatch.setattr(distill_steps, "train", interrupted)
+    code, output = _run(*args)
+    assert code == 130 and not (tmp_path / "out").exists()
+    monkeypatch.setattr(distill_steps, "train", real_train)
+    code, output = _run(*args)
+    assert code == 0, output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    prune, distill = report["compression"]["structure_and_training"]
+    assert prune["config_changes"] == {"num_attention_heads": [4, 2], "num_key_value_heads": [2, 1],
+                                       "intermediate_size": [128, 96], "num_hidden_layers": [2, 1]}
+    assert distill["resumed_from_step"] == 2 and [r["step"] for r in distill["log"]] == ["1", "2", "3", "4"]
+    assert "eval_ppl" in distill["log"][-1] and distill["final_eval"]["ppl"] > 0
+    assert (tmp_path / "out" / "training_curve.png").stat().st_size > 1000
+    assert "Structure and training" in (tmp_path / "out" / "report.md").read_text()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # plain transformers, smaller config
+    assert model.config.num_hidden_layers == 1 and model.config.intermediate_size == 96
+    assert report["model"]["parameters"] == sum(p.numel() for p in model.parameters())

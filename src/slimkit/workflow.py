@@ -25,7 +25,7 @@ from slimkit.models.loading import LoadedModel, load_model
 from slimkit.progress import NoProgress, Progress
 from slimkit.recipes.apply import CompressionResult, compress
 from slimkit.recipes.schema import Recipe
-from slimkit.reports.tables import comparison_rows, markdown_table, metric_legend, report_markdown
+from slimkit.reports.tables import comparison_rows, markdown_table, metric_legend, report_markdown, training_plot
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class QualityMeter:
         self.loaded, self.split, self.settings, self.progress = loaded, split, settings, progress
         self.reference: torch.Tensor | None = None
 
-    def measure(self, label: str) -> dict:
+    def measure(self, label: str, projection: torch.Tensor | None = None) -> dict:
         lm, s = self.loaded, self.settings
         if lm.kind == "causal-lm":
             r = perplexity(lm.model, lm.tokenizer, self.split, PerplexityProtocol(s.seqlen, s.max_windows),
@@ -63,7 +63,7 @@ class QualityMeter:
         emb = sentence_embeddings(lm.model, lm.tokenizer, self.split, EmbeddingProtocol(s.n_texts), self.progress)
         if self.reference is None:
             self.reference = emb
-        r = similarity(self.reference, emb, self.split.split_hash, time.perf_counter() - start)
+        r = similarity(self.reference, emb, self.split.split_hash, time.perf_counter() - start, projection)
         return {"metric": "cosine", "value": r.mean_cosine, "details": r.to_dict()}
 
 
@@ -109,7 +109,9 @@ def build_report(
     layers = _layer_rows(result, loaded.model)
     zeros, total = _model_sparsity(loaded.model, [l["name"] for l in layers])
     dense_bytes = sum(dense_by_kind.values())
-    packed = dense_bytes + sum(packed_bytes(r) - r.element_size * math.prod(r.shape)
+    # structural steps shrink the dense model itself; masks and codes then pack what is left
+    after_dense = sum(bytes_by_kind(loaded.model, loaded.adapter).values()) if result.details else dense_bytes
+    packed = after_dense + sum(packed_bytes(r) - r.element_size * math.prod(r.shape)
                                for r in result.records.values())
     bits = sorted({l["bits"] for l in layers})
     return {
@@ -122,6 +124,9 @@ def build_report(
             "kind": loaded.kind,
             "architecture": loaded.adapter.name,
             "parameters": sum(p.numel() for p in loaded.model.parameters()),
+            "config": {k: getattr(loaded.model.config, k, None) for k in
+                       ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                        "num_key_value_heads", "head_dim")},
             "dtype_bits": next(loaded.model.parameters()).element_size() * 8,
         },
         "recipe": recipe.to_dict(),
@@ -142,6 +147,7 @@ def build_report(
             "engine": [{"stats_s": e.stats_seconds, "algorithm_s": e.algorithm_seconds,
                         "forward_s": e.forward_seconds, "tokens": e.tokens} for e in result.engine_reports],
             "layers": layers,
+            "structure_and_training": result.details,
         },
         "size": {"dense_bytes": dense_bytes, "dense_by_kind": dense_by_kind, "packed_bytes": packed},
         "timing": timing,
@@ -158,6 +164,7 @@ def write_output(loaded: LoadedModel, result: CompressionResult, report: dict, o
         report["output"] = str(out)
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.md").write_text(report_markdown(report))
+        training_plot(report["compression"].get("structure_and_training") or [], tmp / "training_curve.png")
     return report
 
 
@@ -171,6 +178,7 @@ def compress_to_dir(
     progress: Progress = NoProgress(),
     log: Callable[[str], None] = lambda msg: None,
     offload_dir: str | None = None,
+    runs_dir: str | None = None,
 ) -> list[dict]:
     """Compress `model` with each recipe; write one HF dir per recipe (the output dir itself
     when there is one recipe, else OUTPUT/<recipe name>/) and return the reports."""
@@ -185,6 +193,7 @@ def compress_to_dir(
     baseline = meter.measure("dense")
     dense_by_kind = bytes_by_kind(loaded.model, loaded.adapter)
     original = {k: v.clone() for k, v in loaded.model.state_dict().items()} if len(recipes) > 1 else None
+    original_model = loaded.model
     base_names = list(loaded.adapter.linears(loaded.model))
     zeros, total = _model_sparsity(loaded.model, base_names)
     calibration = None
@@ -195,11 +204,14 @@ def compress_to_dir(
     reports = []
     for i, recipe in enumerate(recipes):
         if i and original is not None:
+            loaded.model = original_model  # a structural recipe replaced the object
             loaded.model.load_state_dict(original)
         t0 = time.perf_counter()
-        result = compress(loaded.model, recipe, loaded.adapter, progress, calibration, offload_dir)
+        result = compress(loaded.model, recipe, loaded.adapter, progress, calibration, offload_dir,
+                          tokenizer=loaded.tokenizer, split=split, runs_dir=runs_dir)
+        loaded.model = result.model
         t_compress = time.perf_counter() - t0
-        after = meter.measure(recipe.name)
+        after = meter.measure(recipe.name, result.hidden_projection)
         report = build_report(loaded, recipe, result, split, settings, baseline, zeros / total, after,
                               dense_by_kind, {"load_s": loaded.load_seconds, "compress_s": t_compress,
                                               "eval_before_s": baseline["details"]["seconds"],

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimkit.data.corpus import TextSplit
+from slimkit.errors import ShapeError
 from slimkit.progress import NoProgress, Progress
 
 
@@ -36,6 +37,10 @@ class EmbeddingSimilarity:
     texts: int
     split_hash: str
     seconds: float
+    # Width-free: Pearson correlation of the pairwise cosine similarities (off-diagonal) of the
+    # two embedding sets; it is what retrieval and clustering see.
+    pairwise_agreement: float | None = None
+    projected: bool = False  # the embeddings were mapped to the reference width first
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,12 +67,32 @@ def sentence_embeddings(
     return torch.cat(out)
 
 
-def similarity(reference: torch.Tensor, embeddings: torch.Tensor, split_hash: str, seconds: float) -> EmbeddingSimilarity:
-    cos = (reference * embeddings).sum(-1)
+def pairwise_agreement(reference: torch.Tensor, embeddings: torch.Tensor) -> float:
+    """Correlation of the two sets' pairwise cosine similarities (any widths)."""
+    n = len(reference)
+    off = ~torch.eye(n, dtype=torch.bool)
+    a = (F.normalize(reference, dim=-1) @ F.normalize(reference, dim=-1).T)[off]
+    b = (F.normalize(embeddings, dim=-1) @ F.normalize(embeddings, dim=-1).T)[off]
+    return float(torch.corrcoef(torch.stack([a, b]))[0, 1]) if n > 2 else float("nan")
+
+
+def similarity(reference: torch.Tensor, embeddings: torch.Tensor, split_hash: str, seconds: float,
+               projection: torch.Tensor | None = None) -> EmbeddingSimilarity:
+    """Cosine of each text's embedding to the reference's. When the widths differ (a model whose
+    hidden size was pruned), `projection` ([reference width, width]) maps them first."""
+    mapped = embeddings
+    if embeddings.shape[-1] != reference.shape[-1]:
+        if projection is None:
+            raise ShapeError(f"embeddings of width {embeddings.shape[-1]} cannot be compared with the reference's "
+                             f"{reference.shape[-1]} without a projection")
+        mapped = F.normalize(embeddings @ projection.T.to(embeddings.dtype), dim=-1)
+    cos = (reference * mapped).sum(-1)
     return EmbeddingSimilarity(
         mean_cosine=float(cos.mean()),
         min_cosine=float(cos.min()),
         texts=cos.numel(),
         split_hash=split_hash,
         seconds=seconds,
+        pairwise_agreement=pairwise_agreement(reference, embeddings),
+        projected=mapped is not embeddings,
     )

@@ -42,6 +42,14 @@ class StepContext:
     calibration: Callable[[], torch.Tensor] | None = None  # lazily drawn windows
     offload_dir: str | None = None  # keep calibration activations on disk
     engine_reports: list = field(default_factory=list)  # one per calibrated pass
+    # Structural steps and distillation: the model before the recipe (the teacher), the text
+    # split and tokenizer for training data, where runs keep checkpoints, and what each step did.
+    teacher: nn.Module | None = None
+    tokenizer: object | None = None
+    split: object | None = None
+    runs_dir: str | None = None
+    hidden_projection: torch.Tensor | None = None  # [teacher width, student width] when they differ
+    details: list[dict] = field(default_factory=list)
 
 
 Handler = Callable[[StepConfig, StepContext], None]
@@ -62,7 +70,9 @@ def register_step(config_type: type[StepConfig]) -> Callable[[Handler], Handler]
 
 def _load_builtin_steps() -> None:
     # Importing the step modules registers their handlers.
+    import slimkit.distillation.steps  # noqa: F401
     import slimkit.pruning.calibrated_steps  # noqa: F401
+    import slimkit.pruning.structured.steps  # noqa: F401
     import slimkit.pruning.steps  # noqa: F401
     import slimkit.quantization.calibrated_steps  # noqa: F401
     import slimkit.quantization.steps  # noqa: F401

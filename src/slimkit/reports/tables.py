@@ -117,6 +117,7 @@ def report_markdown(report: dict) -> str:
         "|---|---|",
         *(f"| {k} | {v / MB:.1f} |" for k, v in report["size"]["dense_by_kind"].items()),
         "",
+        *structure_lines(report.get("compression", {}).get("structure_and_training") or []),
         "## Per-layer sparsity and bits",
         "",
         "| layer | shape | sparsity | bits |",
@@ -128,3 +129,66 @@ def report_markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def structure_lines(details: list[dict]) -> list[str]:
+    """Markdown for structural pruning and distillation steps (nothing when there were none)."""
+    if not details:
+        return []
+    lines = ["## Structure and training", ""]
+    for d in details:
+        lines.append(f"- **{d['step']}**")
+        if "parameters_before" in d:
+            lines.append(f"  - parameters: {d['parameters_before']:,} -> {d['parameters_after']:,} "
+                         f"({d['parameters_after'] / d['parameters_before']:.1%})")
+            for key, (a, b) in d["config_changes"].items():
+                lines.append(f"  - {key}: {a} -> {b}")
+            if d.get("dropped_layers"):
+                lines.append(f"  - dropped blocks: {d['dropped_layers']}")
+            lines += [f"  - note: {n}" for n in d.get("notes", [])]
+        if "final_eval" in d:
+            log = d.get("log") or []
+            first = next((r for r in log if any(k.startswith("eval_") and r.get(k) for k in r)), None)
+            lines.append(f"  - steps: {len(log)}; final held-out eval: "
+                         + ", ".join(f"{k} {v:.4g}" for k, v in d["final_eval"].items())
+                         + (f" (first eval at step {first['step']}: "
+                            + ", ".join(f"{k[5:]} {first[k]}" for k in first if k.startswith("eval_") and first[k]) + ")"
+                            if first else ""))
+            lines.append(f"  - run dir (checkpoints, log.csv, config.json): `{d['run_dir']}`"
+                         + (f"; resumed from step {d['resumed_from_step']}" if d.get("resumed_from_step") else ""))
+            lines.append("  - loss curve: training_curve.png")
+    return lines + [""]
+
+
+def training_plot(details: list[dict], path) -> bool:
+    """Loss terms (and held-out eval) per step for every distill step; False when there were none."""
+    logs = [d for d in details if d.get("log")]
+    if not logs:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for d in logs:
+        rows = d["log"]
+        steps = [int(r["step"]) for r in rows]
+        for key in rows[0]:
+            if key in ("step", "lr", "grad_norm") or key.startswith("eval_"):
+                continue
+            values = [float(r[key]) if r[key] else float("nan") for r in rows]
+            if any(v != 0 for v in values):
+                axes[0].plot(steps, values, label=key)
+        for key in (k for k in rows[0] if k.startswith("eval_")):
+            pts = [(int(r["step"]), float(r[key])) for r in rows if r[key]]
+            if pts:
+                axes[1].plot(*zip(*pts), marker="o", label=key[5:])
+    axes[0].set(xlabel="step", ylabel="loss", title="training loss terms")
+    axes[1].set(xlabel="step", title="held-out evaluation")
+    for ax in axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
