@@ -30,7 +30,7 @@ from slimkit.data.tokens import calibration_windows
 from slimkit.evaluation.perplexity import PerplexityProtocol, perplexity
 from slimkit.models.loading import load_model
 from slimkit.pruning.structured import StructuredPruneConfig, parameter_count, prune_structured, token_batches
-from slimkit.reports.tables import markdown_table
+from slimkit.reports.tables import dict_table
 
 
 def _ppl(model, loaded, split, windows: int) -> float:
@@ -41,7 +41,7 @@ def _emit(rows: list[dict]) -> None:
     for r in rows:
         print(json.dumps(r))
     print()
-    print(markdown_table(rows))
+    print(dict_table(rows))
 
 
 def _distill(student, teacher, loaded, split, args, run_dir: Path, projection=None, encoder=False):
@@ -103,7 +103,7 @@ def cmd_minitron(args) -> None:
         lat = bench_model.run(["smollm2-135m", str(work / "pruned")], windows=0)
         for r in lat:
             rows.append({"experiment": "latency", **{k: r.get(k) for k in ("model", "decode_ms_per_token", "prefill_ms",
-                                                                            "tokens_per_s_batch", "peak_rss_mb")}})
+                                                                            "throughput_tok_s", "peak_rss_mb", "weights_ram_mb")}})
     _emit(rows)
 
 

@@ -412,6 +412,158 @@ def bench_model_cmd(
             (tmp / "bench.json").write_text(json.dumps(rows, indent=2))
 
 
+@app.command()
+@friendly_errors
+def lottery(
+    dataset: str = typer.Option("fashion-mnist", help="fashion-mnist (make fashion-mnist) or digits"),
+    levels: int = typer.Option(11, help="pruning levels after the dense one; 0.8^11 leaves 8.6% of the weights"),
+    steps: int = typer.Option(1500, help="training steps per level"),
+    rewind_step: int = typer.Option(100, help="k: survivors restart from their weights at step k"),
+    seeds: int = typer.Option(3, help="seeds 0..N-1"),
+    hidden: str = typer.Option("300,100", help="MLP widths"),
+    lr: float = typer.Option(1e-3),
+    batch_size: int = typer.Option(128),
+    output: Path = typer.Option(Path("runs/lottery"), "--output", "-o", help="root; the run dir is a hash inside"),
+) -> None:
+    """Lottery tickets (open_lth semantics): iterative global magnitude pruning, 20% of the
+    remaining weights per level, rewinding to step k, and a random re-initialisation control
+    with the same masks. Resumes when run again; writes results.csv, summary.csv, lottery.png.
+
+    Examples:
+
+      slimkit lottery                                   # Fashion-MNIST, LeNet-300-100, 3 seeds
+
+      slimkit lottery --dataset digits --levels 4 --steps 200 --seeds 2 --hidden 64
+    """
+    from slimkit.pruning.lottery import LotteryConfig, run_lottery
+    from slimkit.progress import RichProgress
+
+    try:
+        widths = tuple(int(w) for w in hidden.split(",") if w.strip())
+    except ValueError:
+        raise SlimkitError(f"--hidden takes comma-separated widths such as 300,100, not '{hidden}'") from None
+    try:
+        config = LotteryConfig(dataset=dataset, levels=levels, steps=steps, rewind_step=rewind_step,
+                               seeds=tuple(range(seeds)), hidden=widths, lr=lr, batch_size=batch_size)
+    except Exception as exc:  # pydantic: name the field
+        raise SlimkitError(f"invalid lottery settings: {exc}") from None
+    with RichProgress(console) as progress:
+        run_dir, summary = run_lottery(config, output, progress)
+    from slimkit.reports.tables import dict_table
+
+    console.print(dict_table(summary))
+    console.print(f"run dir: {run_dir} (results.csv, summary.csv, lottery.png)")
+
+
+@app.command()
+@friendly_errors
+def report(
+    directories: List[Path] = typer.Argument(..., help="run dirs: compress outputs, bench -o dirs, lottery runs, ..."),
+    output: Path = typer.Option(Path("report.html"), "--output", "-o", help="the HTML file to write"),
+    title: str = typer.Option("slimkit report", help="page title"),
+) -> None:
+    """One self-contained HTML page (tables and plots inline, no CDN) from one or more run dirs.
+
+    Examples:
+
+      slimkit report runs/demo -o runs/demo/report.html
+
+      slimkit report runs/demo runs/lottery -o report.html
+    """
+    from slimkit.export.atomic import atomic_write_text
+    from slimkit.reports.html import render_html
+
+    page = render_html(list(directories), title)
+    atomic_write_text(output, page)
+    console.print(f"wrote {output} ({len(page) / 1024:.0f} KiB)")
+
+
+def _fraction(text: str, name: str) -> float:
+    try:
+        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        raise SlimkitError(f"{name} takes a fraction (0.1) or a percentage (10%), not '{text}'") from None
+    if value < 0:
+        raise SlimkitError(f"{name} must not be negative")
+    return value
+
+
+@app.command()
+@friendly_errors
+def advise(
+    model: str = typer.Argument(..., help="zoo name, HF dir or .gguf"),
+    max_ppl_increase: str = typer.Option("10%", help="largest acceptable perplexity increase (10% or 0.1)"),
+    max_memory_mb: Optional[float] = typer.Option(None, help="peak RSS budget of the packed model, MB"),
+    max_decode_ms: Optional[float] = typer.Option(None, help="batch-1 decode latency budget, ms/token"),
+    min_throughput: Optional[float] = typer.Option(None, help="tokens/s needed at batch 8"),
+    target: str = typer.Option("auto", help="auto (CUDA if present, else this CPU), cpu or cuda"),
+    quick: bool = typer.Option(True, "--quick/--full", help="quick: 16x256 calibration, 16 eval windows; "
+                               "full: 128x512 and the full 200-window protocol"),
+    include_research: bool = typer.Option(False, help="also measure unstructured sparsity (rule 5)"),
+    output: Path = typer.Option(Path("runs/advise"), "--output", "-o"),
+) -> None:
+    """Run the decision framework on real measurements of MODEL on this machine.
+
+    Candidates in the framework's order (int8 -> int4 GPTQ/AWQ -> +2:4 on sparse tensor cores ->
+    structured prune + distil when the latency budget needs it) are compressed, packed, run and
+    measured; the first that meets every constraint is recommended, with the rule and the
+    measurements that decided it. Writes advise.md/json, frontier.png and recommended.yaml.
+
+    Examples:
+
+      slimkit advise smollm2-135m --quick --max-ppl-increase 10% --target cpu
+
+      slimkit advise smollm2-135m --max-ppl-increase 25% --max-decode-ms 30
+    """
+    from slimkit.advisor import AdviseSettings, Constraints, advise as run_advise, detect
+    from slimkit.progress import RichProgress
+
+    _quiet_transformers()
+    constraints = Constraints(_fraction(max_ppl_increase, "--max-ppl-increase"), max_memory_mb, max_decode_ms,
+                              min_throughput)
+    device = detect(target)
+    settings = AdviseSettings.quick() if quick else AdviseSettings.full()
+    if include_research:
+        settings = AdviseSettings(**{**settings.__dict__, "include_research": True})
+    console.print(f"device: {device.describe()}")
+    with RichProgress(console) as progress:
+        result = run_advise(model, constraints, device, output, settings, progress, log=console.print)
+    console.print((output / "advise.md").read_text())
+    console.print(f"wrote {output} (advise.md, advise.json, frontier.png"
+                  + (", recommended.yaml)" if result["recommended"] else ")"))
+
+
+@app.command()
+@friendly_errors
+def reproduce(
+    model: str = typer.Option("smollm2-135m", help="the model whose whole-model tables are measured"),
+    quick: bool = typer.Option(True, "--quick/--full", help="quick: 16x256 calibration, 16 eval windows, 9 "
+                               "kernel repeats; full: 128x512, the 200-window protocol, 25 repeats"),
+    output: Path = typer.Option(Path("runs/reproduce"), "--output", "-o"),
+) -> None:
+    """Re-measure the article's tables on this machine: every row has the claim, the figure
+    measured here in this run, and a verdict (confirmed, refuted, or not measurable here, and why).
+
+    Tables: unstructured sparsity theory vs reality; 2:4 kernels; SparseGPT perplexity (dense vs
+    50% vs 2:4); quantization vs pruning vs distillation (memory, speed, accuracy); quantization
+    combined with sparsity. Writes reproduce.md, reproduce.json and reproduce.png.
+
+    Examples:
+
+      slimkit reproduce
+
+      slimkit reproduce --full -o runs/reproduce-full
+    """
+    from slimkit.benchmarks.reproduce import reproduce as run_reproduce, table
+    from slimkit.progress import RichProgress
+
+    _quiet_transformers()
+    with RichProgress(console) as progress:
+        rows = run_reproduce(model, output, quick, progress, log=console.print)
+    console.print(table(rows))
+    console.print(f"wrote {output} (reproduce.md, reproduce.json, reproduce.png)")
+
+
 def main() -> None:
     app()
 

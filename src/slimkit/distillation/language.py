@@ -95,6 +95,7 @@ class CausalLMDistillTask:
         loss = c.alpha * ce + (1 - c.alpha) * kd + c.hidden_weight * hid
         return {"loss": loss, "ce": ce.detach(), "kd": kd.detach(), "hidden": hid.detach()}
 
+    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         nll, tokens = 0.0, 0
         for i in range(0, len(self.eval_windows), 4):
@@ -163,6 +164,7 @@ class EncoderDistillTask:
         hid = self.match.loss(s.hidden_states, t.hidden_states, "mse", mask.bool()) if want_hidden else emb.new_zeros(())
         return {"loss": emb + self.hidden_weight * hid, "embedding": emb.detach(), "hidden": hid.detach()}
 
+    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         cos = []
         for i in range(0, len(self.eval_texts), 32):

@@ -1,0 +1,78 @@
+"""The advise report: the frontier table, the skipped candidates with reasons, and a plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _row(r: dict) -> str:
+    return (f"| {r['candidate']} | {r['rule'] or '-'} | {r['ppl']:.2f} | {r['ppl_increase']:+.1%} | "
+            f"{r['decode_ms_per_token']:.1f} | {r['decode_speedup']:.2f}x | {r['throughput_tok_s']:.1f} | "
+            f"{r['peak_rss_mb']:.0f} | {r['disk_mb']:.0f} | {'yes' if r.get('meets') else ('-' if not r['rule'] else 'no')} | "
+            f"{'*' if r['pareto'] else ''} |")
+
+
+def markdown(result: dict) -> str:
+    c = result["constraints"]
+    budget = [f"ppl increase <= {c['max_ppl_increase']:.0%}"]
+    if c["max_memory_mb"]:
+        budget.append(f"peak RSS <= {c['max_memory_mb']:.0f} MB")
+    if c["max_decode_ms"]:
+        budget.append(f"decode <= {c['max_decode_ms']:.1f} ms/token")
+    if c["min_throughput"]:
+        budget.append(f"throughput >= {c['min_throughput']:.1f} tok/s")
+    rows = [result["baseline"], *result["candidates"]]
+    lines = [
+        f"# slimkit advise: {result['model']}",
+        "",
+        f"- device: {result['device']['name']} ({result['device']['kind']}, {result['device']['cores']} cores)",
+        f"- constraints: {', '.join(budget)}",
+        f"- measured: each candidate packed in its real format and run in its own process; ppl on "
+        f"{result['settings']['eval_windows']} windows of 512 tokens; calibration "
+        f"{result['settings']['calibration_windows']} x {result['settings']['calibration_seqlen']} tokens",
+        "",
+        "## Recommendation",
+        "",
+        f"**{result['recommended'] or 'none'}**" + (f" (recipe `{result['recommended_recipe']}`, packed as "
+                                                   f"`{result['recommended_pack']}`; written to recommended.yaml)"
+                                                   if result["recommended"] else ""),
+        "",
+        result["reason"],
+        "",
+        "## Measured candidates (* = on the Pareto frontier of ppl, decode latency and peak memory)",
+        "",
+        "| candidate | rule | ppl | ppl change | decode ms/tok | decode x | tok/s @batch | peak RSS MB | disk MB | meets | frontier |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *[_row(r) for r in rows],
+        "",
+        "## Skipped, with the reason",
+        "",
+        *[f"- {s['candidate']} (rule {s['rule']}): {s['reason']}" for s in result["skipped"]],
+        "",
+        "![frontier](frontier.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def frontier_plot(rows: list[dict], path: Path, model: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        color = "tab:green" if r.get("meets") else ("tab:blue" if not r["rule"] else "tab:red")
+        ax.scatter(r["decode_ms_per_token"], r["ppl"], s=20 + r["peak_rss_mb"] / 3, color=color, alpha=0.6,
+                   edgecolors="black" if r["pareto"] else "none")
+        ax.annotate(r["candidate"], (r["decode_ms_per_token"], r["ppl"]), textcoords="offset points", xytext=(6, 4),
+                    fontsize=8)
+    front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["decode_ms_per_token"])
+    ax.plot([r["decode_ms_per_token"] for r in front], [r["ppl"] for r in front], "k--", lw=0.8, label="Pareto frontier")
+    ax.set(xlabel="decode latency, ms/token (batch 1)", ylabel="perplexity (lower is better)",
+           title=f"{model}: accuracy vs latency (marker area ~ peak memory; green = meets the constraints)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

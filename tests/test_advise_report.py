@@ -1,0 +1,125 @@
+"""The advisor's decision logic, `slimkit advise` end to end, the HTML report, reproduce verdicts."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from slimkit.advisor import CANDIDATES, Constraints, Device, pareto
+from slimkit.advisor.search import decide
+from slimkit.benchmarks.reproduce import range_verdict, ratio_verdict
+
+CPU = Device("cpu", "test cpu", 2, ("avx2",))
+GPU = Device("cuda", "test gpu", 8, (), (9, 0))
+
+
+def _row(name, order, rule, ppl, ms, rss=300.0, tps=50.0):
+    return {"candidate": name, "order": order, "rule": rule, "ppl": ppl, "decode_ms_per_token": ms,
+            "peak_rss_mb": rss, "throughput_tok_s": tps, "batch": 8}
+
+
+BASE = _row("dense", -1, 0, 10.0, 60.0, 900.0, 20.0)
+
+
+def test_pareto_keeps_only_undominated_rows():
+    rows = [BASE, _row("a", 0, 1, 10.1, 30, 500), _row("b", 1, 2, 10.9, 20, 300), _row("c", 2, 2, 11.5, 25, 350)]
+    assert [r["candidate"] for r in pareto(rows)] == ["dense", "a", "b"]
+
+
+def test_first_candidate_in_framework_order_that_meets_every_constraint_wins():
+    rows = [_row("int8", 0, 1, 10.05, 30, 500), _row("gptq-int4", 2, 2, 10.8, 20, 300)]
+    chosen, reason = decide(rows, BASE, Constraints(max_ppl_increase=0.10))
+    assert chosen["candidate"] == "int8" and reason.startswith("Rule 1")
+    assert "not needed: gptq-int4" in reason  # the faster one is named, and why it was not picked
+    chosen, reason = decide(rows, BASE, Constraints(max_ppl_increase=0.10, max_decode_ms=25))
+    assert chosen["candidate"] == "gptq-int4" and reason.startswith("Rule 2")
+    assert "int8 (rule 1) came earlier but missed: latency: decode 30.0 ms/token (budget 25.0)" in reason
+    chosen, reason = decide(rows, BASE, Constraints(max_ppl_increase=0.05, max_decode_ms=25))
+    assert chosen is None and "No measured candidate" in reason
+
+
+def test_skip_reasons_follow_the_device_and_the_budgets():
+    by = {c.name: c for c in CANDIDATES}
+    assert "sparse tensor cores" in by["sparsegpt-2of4-int4"].skip_reason(CPU, None, False)
+    assert by["sparsegpt-2of4-int4"].skip_reason(GPU, None, False) is None
+    assert "no latency budget was given" in by["minitron-distill"].skip_reason(CPU, None, False)
+    assert "was missed by the quantized" in by["minitron-distill"].skip_reason(CPU, False, False)
+    assert by["minitron-distill"].skip_reason(CPU, True, False) is None
+    assert "research" in by["sparsegpt-50"].skip_reason(CPU, None, False)
+    assert by["int8"].skip_reason(CPU, None, False) is None
+
+
+def test_advise_measures_candidates_and_writes_a_usable_recipe(tiny_llama_dir, tmp_path):
+    from slimkit.advisor import AdviseSettings, advise
+    from slimkit.recipes import load_recipe_file
+
+    settings = AdviseSettings(calibration_windows=2, calibration_seqlen=32, eval_windows=2, decode_tokens=4)
+    out = tmp_path / "advise"
+    result = advise(str(tiny_llama_dir), Constraints(max_ppl_increase=0.5), CPU, out, settings)
+    measured = [r["candidate"] for r in result["candidates"]]
+    assert measured == ["int8", "w8a8", "gptq-int4", "awq-int4", "rtn-int4"]
+    assert all(r["ppl"] > 0 and r["decode_ms_per_token"] > 0 for r in result["candidates"])
+    assert {s["candidate"] for s in result["skipped"]} == {"sparsegpt-2of4-int4", "minitron-distill", "sparsegpt-50"}
+    assert result["recommended"] is not None and result["reason"].startswith("Rule")
+    recipe = load_recipe_file(out / "recommended.yaml")
+    assert recipe.name == result["recommended_recipe"]
+    for f in ("advise.md", "advise.json", "frontier.png"):
+        assert (out / f).stat().st_size > 0
+
+
+def test_reproduce_verdicts():
+    assert ratio_verdict(2.96, 2.5) == "confirmed"
+    assert ratio_verdict(2.0, 1.0).startswith("refuted (0.50x")
+    assert range_verdict(0.93, 1.12, 0.95, 1.05) == "confirmed"
+    assert range_verdict(0.93, 1.12, 0.5, 1.05).startswith("refuted")
+
+
+def _report_dir(tmp: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = tmp / "run"
+    d.mkdir()
+    (d / "report.md").write_text("# a run\n\n| recipe | ppl |\n|---|---|\n| dense | 16.85 |\n| int4 | 18.79 |\n\n"
+                                 "![the plot](plot.png)\n")
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.bar(["dense", "int4"], [16.85, 18.79], color="#d62728")  # a saturated red, easy to find in a screenshot
+    fig.savefig(d / "plot.png")
+    plt.close(fig)
+    return d
+
+
+def test_html_report_is_self_contained(tmp_path):
+    from slimkit.reports.html import render_html
+
+    page = render_html([_report_dir(tmp_path)])
+    assert "<table>" in page and page.count("data:image/png;base64,") == 1  # linked once, inlined once
+    assert "http://" not in page and "https://" not in page  # nothing to fetch: opens offline
+
+
+def test_html_report_renders_in_headless_chromium(tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (make test installs Debian's chromium when it can)")
+    from PIL import Image
+
+    from slimkit.reports.html import render_html
+
+    page = tmp_path / "report.html"
+    page.write_text(render_html([_report_dir(tmp_path)]))
+    artefacts = Path(os.environ.get("SLIMKIT_TEST_ARTIFACTS", "runs/test-artifacts"))
+    artefacts.mkdir(parents=True, exist_ok=True)
+    shot = artefacts / "html-report.png"
+    shot.unlink(missing_ok=True)
+    proc = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           f"--screenshot={shot.resolve()}", "--window-size=1200,1400", page.resolve().as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert shot.exists(), proc.stderr[-2000:]
+    image = Image.open(shot).convert("RGB")
+    red = sum(1 for r, g, b in image.getdata() if r > 180 and g < 80 and b < 80)
+    assert red > 2000, "the embedded plot is not visible in the screenshot"
