@@ -69,8 +69,10 @@ def frontier_plot(rows: list[dict], path: Path, model: str) -> None:
                     fontsize=8)
     front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["decode_ms_per_token"])
     ax.plot([r["decode_ms_per_token"] for r in front], [r["ppl"] for r in front], "k--", lw=0.8, label="Pareto frontier")
+    ax.title.set_fontsize(10)
     ax.set(xlabel="decode latency, ms/token (batch 1)", ylabel="perplexity (lower is better)",
-           title=f"{model}: accuracy vs latency (marker area ~ peak memory; green = meets the constraints)")
+           title=f"{model}: accuracy vs latency\n(marker area ~ peak memory; green = meets the constraints, "
+                 "red = misses, blue = dense)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

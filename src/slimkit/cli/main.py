@@ -451,7 +451,7 @@ def lottery(
         run_dir, summary = run_lottery(config, output, progress)
     from slimkit.reports.tables import dict_table
 
-    console.print(dict_table(summary))
+    console.print(dict_table(summary), markup=False, highlight=False)
     console.print(f"run dir: {run_dir} (results.csv, summary.csv, lottery.png)")
 
 
@@ -528,7 +528,7 @@ def advise(
     console.print(f"device: {device.describe()}")
     with RichProgress(console) as progress:
         result = run_advise(model, constraints, device, output, settings, progress, log=console.print)
-    console.print((output / "advise.md").read_text())
+    console.print((output / "advise.md").read_text(), markup=False, highlight=False)
     console.print(f"wrote {output} (advise.md, advise.json, frontier.png"
                   + (", recommended.yaml)" if result["recommended"] else ")"))
 
@@ -560,7 +560,7 @@ def reproduce(
     _quiet_transformers()
     with RichProgress(console) as progress:
         rows = run_reproduce(model, output, quick, progress, log=console.print)
-    console.print(table(rows))
+    console.print(table(rows), markup=False, highlight=False)
     console.print(f"wrote {output} (reproduce.md, reproduce.json, reproduce.png)")
 
 

@@ -69,8 +69,9 @@ def _idx(path: Path) -> torch.Tensor:
 
 
 def fashion_mnist_dir() -> Path:
-    candidates = [os.environ.get("SLIMKIT_FASHION_MNIST"), *FASHION_DIRS,
-                  str(Path(__file__).resolve().parents[3] / ".data/fashion-mnist/usr/share/datasets/fashion-mnist")]
+    unpacked = ".data/fashion-mnist/usr/share/datasets/fashion-mnist"  # where `make fashion-mnist` puts it
+    candidates = [os.environ.get("SLIMKIT_FASHION_MNIST"), *FASHION_DIRS, str(Path.cwd() / unpacked),
+                  str(Path(__file__).resolve().parents[3] / unpacked)]
     for c in candidates:
         if c and (Path(c) / "train-images-idx3-ubyte.gz").exists():
             return Path(c)
