@@ -123,3 +123,15 @@ def test_html_report_renders_in_headless_chromium(tmp_path):
     image = Image.open(shot).convert("RGB")
     red = sum(1 for r, g, b in image.getdata() if r > 180 and g < 80 and b < 80)
     assert red > 2000, "the embedded plot is not visible in the screenshot"
+
+
+@pytest.mark.slow
+def test_a_missed_latency_budget_brings_in_prune_and_distil(tiny_llama_dir, tmp_path):
+    from slimkit.advisor import AdviseSettings, advise
+
+    settings = AdviseSettings(calibration_windows=2, calibration_seqlen=32, eval_windows=2, decode_tokens=4)
+    result = advise(str(tiny_llama_dir), Constraints(max_ppl_increase=0.5, max_decode_ms=1e-3), CPU,
+                    tmp_path / "advise", settings)
+    names = [r["candidate"] for r in result["candidates"]]
+    assert names[-1] == "minitron-distill" and "minitron-distill" not in {s["candidate"] for s in result["skipped"]}
+    assert result["recommended"] is None and "No measured candidate" in result["reason"]
