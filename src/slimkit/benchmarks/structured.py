@@ -3,6 +3,7 @@
 Subcommands (each prints one JSON row per measurement, then a table):
   minitron  SmolLM2: remove 1/3 of the KV groups' heads and 25% of MLP channels, measure ppl,
             parameters and decode latency (side by side, isolated processes), distil, measure again
+  importance  SmolLM2: the same shape ranked by activation, magnitude or Taylor (no recovery)
   layers    SmolLM2: drop N blocks chosen by Block Influence vs N evenly spaced blocks (equal params)
   minilm    MiniLM-L6: keep 8 of 12 heads (BERT ties hidden = heads x 32, so 384 -> 256), embedding
             cosine to the teacher before and after distillation
@@ -123,6 +124,22 @@ def cmd_layers(args) -> None:
     _emit(rows)
 
 
+def cmd_importance(args) -> None:
+    loaded = load_model("smollm2-135m")
+    split = load_split()
+    cal = calibration_windows(loaded.tokenizer, split, args.calibration, 256, seed=0)
+    rows = [{"importance": "none (dense)", "params": parameter_count(loaded.model),
+             "ppl": round(_ppl(loaded.model, loaded, split, args.eval_windows), 3)}]
+    for method in ("activation", "magnitude", "taylor"):
+        start = time.perf_counter()
+        r = prune_structured(loaded.model, StructuredPruneConfig(heads=1 / 3, mlp=0.25, importance=method),
+                             lambda: token_batches(cal, 4))
+        seconds = time.perf_counter() - start
+        rows.append({"importance": method, "params": r.parameters_after, "seconds": round(seconds, 1),
+                     "ppl": round(_ppl(r.model, loaded, split, args.eval_windows), 3)})
+    _emit(rows)
+
+
 def cmd_minilm(args) -> None:
     from slimkit.evaluation.embedding import EmbeddingProtocol, sentence_embeddings, similarity
 
@@ -191,6 +208,7 @@ def main(argv=None) -> None:
     m.add_argument("--windows-pool", type=int, default=1200)
     m.add_argument("--importance", default="activation")
     m.add_argument("--no-latency", action="store_true")
+    im = sub.add_parser("importance", help="activation vs magnitude vs Taylor at the Minitron shape, no recovery")
     la = sub.add_parser("layers")
     la.add_argument("--drop", type=int, default=4)
     mi = sub.add_parser("minilm")
@@ -211,13 +229,14 @@ def main(argv=None) -> None:
     k.add_argument("--temperature", type=float, default=4.0)
     k.add_argument("--lr", type=float, default=1e-2)
     k.add_argument("--threads", type=int, default=2)
-    for sp in (m, la, mi):
+    for sp in (m, la, mi, im):
         sp.add_argument("--calibration", type=int, default=64, help="windows for importance / block influence")
         sp.add_argument("--eval-windows", type=int, default=40, help="ppl windows of 512 (-1: the full 200)")
     for sp in (m, mi, k):
         sp.add_argument("--work", default=None, help="keep models and runs here (default: a temp dir)")
     args = p.parse_args(argv)
-    {"minitron": cmd_minitron, "layers": cmd_layers, "minilm": cmd_minilm, "kd": cmd_kd}[args.cmd](args)
+    {"minitron": cmd_minitron, "layers": cmd_layers, "minilm": cmd_minilm, "kd": cmd_kd,
+     "importance": cmd_importance}[args.cmd](args)
 
 
 if __name__ == "__main__":
