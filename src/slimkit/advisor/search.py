@@ -15,7 +15,6 @@ from typing import Callable
 
 from slimkit.advisor.device import Device
 from slimkit.advisor.framework import CANDIDATES, RULES, Candidate
-from slimkit.errors import SlimkitError
 from slimkit.progress import NoProgress, Progress
 
 
@@ -148,8 +147,6 @@ def advise(model: str, constraints: Constraints, device: Device, output: Path,
     for (order, c), row in zip(first, run_candidates(first)):
         rows.append({**row, "candidate": c.name, "rule": c.rule, "order": order, "recipe": c.recipe,
                      "pack": c.pack, "what": c.what})
-    for r in rows:
-        r["meets"] = all(ok for ok, _ in constraints.check(r, base).values())
     accurate = [r for r in rows if constraints.check(r, base)["accuracy"][0]]
     latency_missed = (constraints.max_decode_ms is not None
                       and not any(constraints.check(r, base)["latency"][0] for r in accurate))
@@ -163,16 +160,15 @@ def advise(model: str, constraints: Constraints, device: Device, output: Path,
         row = run_candidates([(order, c)])[0]
         row.update({"candidate": c.name, "rule": c.rule, "order": order, "recipe": c.recipe, "pack": c.pack,
                     "what": c.what})
-        row["meets"] = all(ok for ok, _ in constraints.check(row, base).values())
         rows.append(row)
     rows.sort(key=lambda r: r["order"])
+    chosen, reason = decide(rows, base, constraints)  # sets "meets" on every row
     base_row = {**base, "candidate": "dense", "rule": 0, "order": -1, "recipe": None, "what": "the model as given"}
     bench_model.compare([base_row] + rows)
     front = pareto([base_row] + rows)
     for r in [base_row] + rows:
         r["pareto"] = r in front
         r["ppl_increase"] = r["ppl"] / base["ppl"] - 1
-    chosen, reason = decide(rows, base, constraints)
     result = {
         "model": model, "device": device.to_dict(), "constraints": asdict(constraints), "settings": asdict(settings),
         "baseline": base_row, "candidates": rows, "skipped": skipped,
@@ -193,6 +189,4 @@ def advise(model: str, constraints: Constraints, device: Device, output: Path,
                       + (f" && slimkit pack OUT -o OUT-packed --format {chosen['pack']}\n" if chosen["pack"] != "dense"
                          else "\n"))
             (tmp / "recommended.yaml").write_text(header + recipe.to_yaml())
-    if not any(True for _ in output.iterdir()):
-        raise SlimkitError(f"advise wrote nothing to {output}")
     return result

@@ -163,7 +163,6 @@ def cmd_minilm(args) -> None:
 
     rows = [measure(teacher, None, "teacher"), measure(r.model, proj0, "pruned")]
     work = Path(args.work or tempfile.mkdtemp(prefix="slimkit-minilm-"))
-    from slimkit.distillation.language import EncoderDistillTask  # noqa: F401 (documents the task used)
     result, seconds = _distill(r.model, teacher, loaded, split, args, work / "run", projection=proj0, encoder=True)
     # the learned projection lives in the task; the trainer saved it in the checkpoint
     state = torch.load(work / "run" / "checkpoint.pt", weights_only=False)["modules"]
