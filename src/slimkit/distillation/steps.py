@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import torch
@@ -11,7 +10,7 @@ from slimkit.data.tokens import calibration_windows
 from slimkit.distillation.config import DistillConfig
 from slimkit.distillation.data import teacher_generated_windows
 from slimkit.distillation.language import CausalLMDistillTask, EncoderDistillTask, LMLossConfig
-from slimkit.distillation.trainer import LOG, TrainConfig, run_dir_for, train
+from slimkit.distillation.trainer import TrainConfig, run_dir_for, train
 from slimkit.errors import RecipeError
 from slimkit.evaluation.perplexity import eval_windows
 from slimkit.recipes.registry import StepContext, register_step
@@ -69,7 +68,7 @@ def apply_distill(config: DistillConfig, ctx: StepContext) -> None:
     if projection is not None:
         ctx.hidden_projection = projection.weight.detach().clone()
     ctx.details.append({"step": config.summary(), "run_dir": str(run_dir), "resumed_from_step": result.resumed_from,
-                        "final_eval": result.final_eval, "log": _log_rows(run_dir / LOG)})
+                        "final_eval": result.final_eval, "log": result.rows})
 
 
 def _fingerprint(model: torch.nn.Module) -> str:
@@ -81,8 +80,3 @@ def _fingerprint(model: torch.nn.Module) -> str:
         flat = t.detach().float().flatten()
         h.update(flat[:: max(1, flat.numel() // 64)].numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def _log_rows(path: Path) -> list[dict]:
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))

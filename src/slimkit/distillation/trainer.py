@@ -212,6 +212,8 @@ def train(task: TrainTask, config: TrainConfig, run_dir: str | Path, progress: P
             for p in (t for m in modules.values() for t in m.state_dict().values()):
                 dist.broadcast(p, 0)
     rows = _read_log(run_dir / LOG, start)
+    if rank == 0 and run_dir.exists():  # drop rows past the checkpoint: they are redone now
+        _write_log(run_dir / LOG, columns, rows)
     result = TrainResult(run_dir, start, start, rows)
 
     for step in progress.track(range(start, config.steps), "train", total=config.steps - start):
@@ -238,7 +240,7 @@ def train(task: TrainTask, config: TrainConfig, run_dir: str | Path, progress: P
         lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
-        row = {"step": step + 1, "lr": f"{lr:.6g}", "grad_norm": f"{float(norm):.6g}",
+        row = {"step": str(step + 1), "lr": f"{lr:.6g}", "grad_norm": f"{float(norm):.6g}",
                **{k: f"{v:.6g}" for k, v in sums.items()}}
         last = step + 1 == config.steps
         if last or (config.eval_every and (step + 1) % config.eval_every == 0):
@@ -249,10 +251,12 @@ def train(task: TrainTask, config: TrainConfig, run_dir: str | Path, progress: P
                     ev = task.evaluate()
                 row.update({f"eval_{k}": f"{v:.6g}" for k, v in ev.items()})
                 result.final_eval = ev
+        row = {c: row.get(c, "") for c in columns}  # the same columns as rows read back from the CSV
         rows.append(row)
         result.steps_done = step + 1
         if rank == 0:
-            _write_log(run_dir / LOG, columns, rows)  # rows past the last checkpoint are redone on resume
+            with (run_dir / LOG).open("a", newline="") as f:
+                csv.DictWriter(f, fieldnames=columns).writerow(row)
         if rank == 0 and (last or (step + 1) % config.checkpoint_every == 0):
             _atomic_save({"modules": {n: m.state_dict() for n, m in modules.items()},
                           "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
