@@ -166,7 +166,7 @@ def test_prune_then_distill_recipe_resumes_after_ctrl_c(tiny_llama_dir, tmp_path
 
     monkeypatch.setattr(distill_steps, "train", interrupted)
     code, output = _run(*args)
-    assert code == 130 and not (tmp_path / "out").exists()
+    assert code == 130 and not (tmp_path / "out").exists(), output
     monkeypatch.setattr(distill_steps, "train", real_train)
     code, output = _run(*args)
     assert code == 0, output

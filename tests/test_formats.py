@@ -173,9 +173,9 @@ def test_truncated_or_pickled_hf_weights_are_a_clear_error(tiny_llama_dir, tmp_p
     shutil.copytree(tiny_llama_dir, bad)
     weights = bad / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:5000])
-    with pytest.raises(SlimkitError, match="corrupt, truncated, or not safetensors"):
+    with pytest.raises(SlimkitError, match="corrupt or truncated"):
         load_model(bad)
     weights.unlink()
     torch.save({"x": torch.zeros(1)}, bad / "pytorch_model.bin")  # a pickle: never loaded
-    with pytest.raises(SlimkitError, match="not safetensors"):
+    with pytest.raises(SlimkitError, match="never unpickles"):
         load_model(bad)

@@ -6,9 +6,10 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from slimkit.distillation.classifier import load_digits_dataset
-from slimkit.pruning.lottery import LotteryConfig, MaskedMLP, prune_global, run_lottery, run_seed
+from slimkit.pruning.lottery import MASKS, LotteryConfig, MaskedMLP, _load_masks, prune_global, run_lottery, run_seed
 
 
 def test_global_prune_takes_a_fifth_of_what_remains_across_layers():
@@ -52,11 +53,11 @@ def test_levels_rewind_and_resume(tiny_config, tmp_path):
         assert r["sparsity"] == pytest.approx(1 - 0.8 ** r["level"], abs=2e-3)
         assert 0.1 < r["ticket_accuracy"] <= 1 and 0.1 < r["random_reinit_accuracy"] <= 1
     assert rows[0]["ticket_accuracy"] == rows[0]["random_reinit_accuracy"]
-    masks = [torch.load(tmp_path / "s0" / f"level{i:02d}" / "masks.pt") for i in range(4)]
+    masks = [_load_masks(tmp_path / "s0" / f"level{i:02d}" / MASKS) for i in range(4)]
     for a, b in zip(masks, masks[1:]):
         assert all(bool((y <= x).all()) for x, y in zip(a, b))
     # the ticket's training started from the rewind point (step-5 weights), not from scratch
-    rewind = torch.load(tmp_path / "s0" / "rewind.pt")
+    rewind = load_file(str(tmp_path / "s0" / "rewind.safetensors"))
     start = json.loads((tmp_path / "s0" / "level02" / "ticket" / "config.json").read_text())
     assert start["task"]["label"] == "ticket" and "layers.0.weight" in rewind
     # interrupted after level 2: the rerun redoes level 3 only and gets the same numbers

@@ -27,3 +27,19 @@ class ShapeError(SlimkitError):
 
 class OutputExistsError(SlimkitError):
     pass
+
+
+class OutputInUseError(SlimkitError):
+    """Another running slimkit process holds the reservation of this output."""
+
+
+class OutputRefusedError(SlimkitError):
+    """The output path may not be replaced (not slimkit's, the current dir, an input...)."""
+
+
+class WeightsError(SlimkitError):
+    """Weights that are missing, misshapen, of the wrong dtype or not finite."""
+
+
+class CheckpointError(SlimkitError):
+    """A training checkpoint that cannot be resumed from."""

@@ -19,7 +19,7 @@ from slimkit.data.tokens import calibration_windows
 from slimkit.evaluation.embedding import EmbeddingProtocol, sentence_embeddings, similarity
 from slimkit.evaluation.perplexity import PerplexityProtocol, perplexity
 from slimkit.evaluation.size import bytes_by_kind, files_bytes, packed_bytes
-from slimkit.export.atomic import atomic_directory, atomic_write_text
+from slimkit.outputs import output_directory, reserve_output
 from slimkit.export.hf import COMPRESSION_FILE, save_compression_state, save_model_dir
 from slimkit.models.loading import LoadedModel, load_model
 from slimkit.progress import NoProgress, Progress
@@ -67,12 +67,12 @@ class QualityMeter:
         return {"metric": "cosine", "value": r.mean_cosine, "details": r.to_dict()}
 
 
-def _layer_rows(result: CompressionResult, model: torch.nn.Module) -> list[dict]:
+def _layer_rows(result: CompressionResult, model: torch.nn.Module, stored_bits: int) -> list[dict]:
     params = dict(model.named_parameters(remove_duplicate=False))
     rows = []
     for name, rec in result.records.items():
         w = params[name + ".weight"]
-        bits = f"{rec.quant.spec.bits}" if rec.quant else f"{w.element_size() * 8}"
+        bits = f"{rec.quant.spec.bits}" if rec.quant else f"{stored_bits}"
         if rec.quant and rec.quant.spec.group_size:
             bits += f" g{rec.quant.spec.group_size}"
         rows.append({
@@ -106,11 +106,15 @@ def build_report(
     dense_by_kind: dict[str, int],
     timing: dict[str, float],
 ) -> dict:
-    layers = _layer_rows(result, loaded.model)
+    stored = loaded.source_dtype.itemsize
+    for record in result.records.values():  # sizes as stored, not as computed
+        record.element_size = stored
+    layers = _layer_rows(result, loaded.model, stored * 8)
     zeros, total = _model_sparsity(loaded.model, [l["name"] for l in layers])
     dense_bytes = sum(dense_by_kind.values())
     # structural steps shrink the dense model itself; masks and codes then pack what is left
-    after_dense = sum(bytes_by_kind(loaded.model, loaded.adapter).values()) if result.details else dense_bytes
+    after_dense = (sum(bytes_by_kind(loaded.model, loaded.adapter, stored).values()) if result.details
+                   else dense_bytes)
     packed = after_dense + sum(packed_bytes(r) - r.element_size * math.prod(r.shape)
                                for r in result.records.values())
     bits = sorted({l["bits"] for l in layers})
@@ -127,7 +131,9 @@ def build_report(
             "config": {k: getattr(loaded.model.config, k, None) for k in
                        ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                         "num_key_value_heads", "head_dim")},
-            "dtype_bits": next(loaded.model.parameters()).element_size() * 8,
+            "dtype_bits": stored * 8,
+            "stored_dtype": str(loaded.source_dtype).removeprefix("torch."),
+            "computed_in": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
         },
         "recipe": recipe.to_dict(),
         "recipe_summary": recipe.summary(),
@@ -154,17 +160,19 @@ def build_report(
     }
 
 
-def write_output(loaded: LoadedModel, result: CompressionResult, report: dict, out: Path,
-                 overwrite: bool, save_dtype: torch.dtype | None) -> dict:
-    with atomic_directory(out, overwrite=overwrite) as tmp:
-        save_model_dir(loaded, tmp, save_dtype)
-        (tmp / "recipe.yaml").write_text(result.recipe.to_yaml())
-        save_compression_state(result.records, tmp / COMPRESSION_FILE)
-        report["size"]["stored_bytes"] = files_bytes(tmp, "model*.safetensors")
-        report["output"] = str(out)
-        (tmp / "report.json").write_text(json.dumps(report, indent=2))
-        (tmp / "report.md").write_text(report_markdown(report))
-        training_plot(report["compression"].get("structure_and_training") or [], tmp / "training_curve.png")
+def write_output(loaded: LoadedModel, result: CompressionResult, report: dict, directory: Path, final: Path,
+                 save_dtype: torch.dtype | None) -> dict:
+    """Write one recipe's model dir into `directory` (inside an atomic output; `final` is where
+    it will be once the output is complete)."""
+    directory.mkdir(exist_ok=True)
+    save_model_dir(loaded, directory, save_dtype)
+    (directory / "recipe.yaml").write_text(result.recipe.to_yaml())
+    save_compression_state(result.records, directory / COMPRESSION_FILE)
+    report["size"]["stored_bytes"] = files_bytes(directory, "model*.safetensors")
+    report["output"] = str(final)
+    (directory / "report.json").write_text(json.dumps(report, indent=2))
+    (directory / "report.md").write_text(report_markdown(report))
+    training_plot(report["compression"].get("structure_and_training") or [], directory / "training_curve.png")
     return report
 
 
@@ -179,10 +187,20 @@ def compress_to_dir(
     log: Callable[[str], None] = lambda msg: None,
     offload_dir: str | None = None,
     runs_dir: str | None = None,
+    restart_training: bool = False,
 ) -> list[dict]:
     """Compress `model` with each recipe; write one HF dir per recipe (the output dir itself
-    when there is one recipe, else OUTPUT/<recipe name>/) and return the reports."""
-    output = Path(output)
+    when there is one recipe, else OUTPUT/<recipe name>/) and return the reports.
+
+    The output is reserved before the model loads and written atomically at the end."""
+    output = Path(output).absolute()
+    with reserve_output(output, overwrite, inputs=[model]):
+        return _compress_reserved(model, recipes, output, settings, overwrite, save_dtype, progress, log,
+                                  offload_dir, runs_dir, restart_training)
+
+
+def _compress_reserved(model, recipes, output, settings, overwrite, save_dtype, progress, log, offload_dir,
+                       runs_dir, restart_training) -> list[dict]:
     start = time.perf_counter()
     loaded = load_model(model)
     log(f"loaded {loaded.name} ({loaded.adapter.name}, {loaded.kind}) in {loaded.load_seconds:.1f}s"
@@ -191,7 +209,7 @@ def compress_to_dir(
     log(f"data: {split.describe()}")
     meter = QualityMeter(loaded, split, settings, progress)
     baseline = meter.measure("dense")
-    dense_by_kind = bytes_by_kind(loaded.model, loaded.adapter)
+    dense_by_kind = bytes_by_kind(loaded.model, loaded.adapter, loaded.source_dtype.itemsize)
     original = {k: v.clone() for k, v in loaded.model.state_dict().items()} if len(recipes) > 1 else None
     original_model = loaded.model
     base_names = list(loaded.adapter.linears(loaded.model))
@@ -202,28 +220,32 @@ def compress_to_dir(
             return calibration_windows(loaded.tokenizer, split, settings.calibration_windows,
                                        settings.calibration_seqlen, settings.seed)
     reports = []
-    for i, recipe in enumerate(recipes):
-        if i and original is not None:
-            loaded.model = original_model  # a structural recipe replaced the object
-            loaded.model.load_state_dict(original)
-        t0 = time.perf_counter()
-        result = compress(loaded.model, recipe, loaded.adapter, progress, calibration, offload_dir,
-                          tokenizer=loaded.tokenizer, split=split, runs_dir=runs_dir)
-        loaded.model = result.model
-        t_compress = time.perf_counter() - t0
-        after = meter.measure(recipe.name, result.hidden_projection)
-        report = build_report(loaded, recipe, result, split, settings, baseline, zeros / total, after,
-                              dense_by_kind, {"load_s": loaded.load_seconds, "compress_s": t_compress,
-                                              "eval_before_s": baseline["details"]["seconds"],
-                                              "eval_after_s": after["details"]["seconds"]})
-        out = output if len(recipes) == 1 else output / recipe.name
-        reports.append(write_output(loaded, result, report, out, overwrite, save_dtype))
-        log(f"wrote {out}")
-    if len(recipes) > 1:
-        summary = "\n".join([f"# slimkit compress: {loaded.name}", "",
-                             markdown_table(comparison_rows(reports)), "", f"- {metric_legend(reports[0])}", ""])
-        atomic_write_text(output / "summary.md", summary)
-        atomic_write_text(output / "summary.json", json.dumps(reports, indent=2))
+    with output_directory(output, overwrite, inputs=[model], command="compress") as root:
+        for i, recipe in enumerate(recipes):
+            if i and original is not None:
+                loaded.model = original_model  # a structural recipe replaced the object
+                loaded.model.load_state_dict(original)
+            t0 = time.perf_counter()
+            result = compress(loaded.model, recipe, loaded.adapter, progress, calibration, offload_dir,
+                              tokenizer=loaded.tokenizer, split=split, runs_dir=runs_dir,
+                              restart_training=restart_training)
+            loaded.model = result.model
+            t_compress = time.perf_counter() - t0
+            after = meter.measure(recipe.name, result.hidden_projection)
+            report = build_report(loaded, recipe, result, split, settings, baseline, zeros / total, after,
+                                  dense_by_kind, {"load_s": loaded.load_seconds, "compress_s": t_compress,
+                                                  "eval_before_s": baseline["details"]["seconds"],
+                                                  "eval_after_s": after["details"]["seconds"]})
+            single = len(recipes) == 1
+            reports.append(write_output(loaded, result, report, root if single else root / recipe.name,
+                                        output if single else output / recipe.name, save_dtype))
+            log(f"done: {recipe.name}" + ("" if single else f" (-> {output / recipe.name})"))
+        if len(recipes) > 1:
+            summary = "\n".join([f"# slimkit compress: {loaded.name}", "",
+                                 markdown_table(comparison_rows(reports)), "", f"- {metric_legend(reports[0])}", ""])
+            (root / "summary.md").write_text(summary)
+            (root / "summary.json").write_text(json.dumps(reports, indent=2))
+    log(f"wrote {output}")
     for r in reports:
         r["timing"]["total_s"] = time.perf_counter() - start
     return reports

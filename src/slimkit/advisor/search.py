@@ -104,13 +104,14 @@ def decide(rows: list[dict], base: dict, constraints: Constraints) -> tuple[dict
 
 def advise(model: str, constraints: Constraints, device: Device, output: Path,
            settings: AdviseSettings = AdviseSettings(), progress: Progress = NoProgress(),
-           log: Callable[[str], None] = lambda m: None) -> dict:
+           log: Callable[[str], None] = lambda m: None, overwrite: bool = False) -> dict:
     from slimkit.benchmarks import model as bench_model
-    from slimkit.export.atomic import atomic_directory
+    from slimkit.outputs import output_directory
     from slimkit.export.packed import pack_to_dir
     from slimkit.recipes import get_recipe
     from slimkit.workflow import EvalSettings, compress_to_dir
 
+    output = Path(output).absolute()
     work = output.with_name(output.name + ".work")
     skipped, measured = [], []
     for order, c in enumerate(CANDIDATES):
@@ -178,7 +179,7 @@ def advise(model: str, constraints: Constraints, device: Device, output: Path,
     }
     from slimkit.advisor.report import frontier_plot, markdown
 
-    with atomic_directory(output, overwrite=True) as tmp:
+    with output_directory(output, overwrite, inputs=[model], command="advise") as tmp:
         (tmp / "advise.json").write_text(json.dumps(result, indent=2, default=str))
         (tmp / "advise.md").write_text(markdown(result))
         frontier_plot([base_row] + rows, tmp / "frontier.png", model)

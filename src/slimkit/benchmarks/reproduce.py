@@ -254,9 +254,10 @@ def plot(rows: list[Row], sparsity: list[dict], path: Path) -> None:
 
 
 def reproduce(model: str, output: Path, quick: bool = True, progress: Progress = NoProgress(),
-              log: Callable[[str], None] = lambda m: None) -> list[Row]:
-    from slimkit.export.atomic import atomic_directory
+              log: Callable[[str], None] = lambda m: None, overwrite: bool = False) -> list[Row]:
+    from slimkit.outputs import output_directory
 
+    output = Path(output).absolute()
     work = output.with_name(output.name + ".work")
     log("table 1-2: kernels")
     rows, sparsity = sparsity_rows(model, 21 if quick else 41, progress)
@@ -271,7 +272,7 @@ def reproduce(model: str, output: Path, quick: bool = True, progress: Progress =
         "- claimed = the article's figure as recorded in shared/design.md, or the arithmetic (source says which); "
         "measured here = this run only", "",
         table(rows), "", "![reproduce](reproduce.png)", ""])
-    with atomic_directory(output, overwrite=True) as tmp:
+    with output_directory(output, overwrite, inputs=[model], command="reproduce") as tmp:
         (tmp / "reproduce.md").write_text(md)
         (tmp / "reproduce.json").write_text(json.dumps({"model": model, "quick": quick,
                                                         "rows": [r.to_dict() for r in rows],

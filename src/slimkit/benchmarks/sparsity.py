@@ -154,8 +154,8 @@ def block_weights(model_name: str, blocks: int = 4) -> tuple[list[torch.Tensor],
 
 
 def run(model: str, output: Path, sparsities=SPARSITIES, batches=BATCHES, repeats: int = 15, progress=None,
-        blocks: int = 4) -> dict:
-    from slimkit.export.atomic import atomic_directory
+        blocks: int = 4, overwrite: bool = False) -> dict:
+    from slimkit.outputs import output_directory
 
     weights, shapes = block_weights(model, blocks)
     rows = measure(weights, sparsities, batches, repeats, progress)
@@ -164,7 +164,7 @@ def run(model: str, output: Path, sparsities=SPARSITIES, batches=BATCHES, repeat
     md = "\n".join([f"# {title}", "", f"Shapes: {shapes}", "", table(rows), "",
                     "Cells: measured speed-up over dense fp32 (same inputs, same run). theory = 1/(1-s).",
                     "BSR prunes whole 16x16 blocks at the same sparsity (a different mask, same count).", ""])
-    with atomic_directory(output, overwrite=True) as tmp:
+    with output_directory(output, overwrite, inputs=[model], command="bench sparsity") as tmp:
         (tmp / "sparsity.json").write_text(json.dumps({"model": model, "shapes": shapes, "rows": rows}, indent=2))
         (tmp / "sparsity.md").write_text(md)
         plot(rows, tmp / "sparsity.png", title)

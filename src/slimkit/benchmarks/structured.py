@@ -165,8 +165,10 @@ def cmd_minilm(args) -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="slimkit-minilm-"))
     result, seconds = _distill(r.model, teacher, loaded, split, args, work / "run", projection=proj0, encoder=True)
     # the learned projection lives in the task; the trainer saved it in the checkpoint
-    state = torch.load(work / "run" / "checkpoint.pt", weights_only=False)["modules"]
-    proj = state["projection"]["weight"] if "projection" in state else proj0
+    from safetensors.torch import load_file
+
+    state = load_file(str(work / "run" / "checkpoint.safetensors"))
+    proj = state.get("modules/projection/weight", proj0)
     rows.append({**measure(r.model, proj, "distilled"), "steps": result.steps_done, "distill_s": round(seconds, 1)})
     r.model.save_pretrained(work / "distilled")
     _emit(rows)

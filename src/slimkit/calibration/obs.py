@@ -73,6 +73,10 @@ def inverse_hessian_factor(
     hessian: torch.Tensor, percdamp: float = 0.01, max_tries: int = 8, name: str = "weight"
 ) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + lambda I)^-1, raising lambda 10x on each failure."""
+    if not bool(torch.isfinite(hessian).all()):
+        raise SingularHessianError(
+            f"{name}: the Hessian holds NaN/Inf, so this layer's inputs were not finite (NaN/Inf weights or "
+            "activations upstream); more calibration data will not help. Check the model with `slimkit eval`.")
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype)
     mean_diag = float(torch.diagonal(hessian).mean())
     damp = percdamp

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import errno
-import functools
 import json
-import os
 from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
+from slimkit.cli.console import console
+from slimkit.cli.errors import DEBUG, friendly_errors, install_sigterm
 from slimkit.errors import SlimkitError
+from slimkit.outputs import reserve_output
 
 app = typer.Typer(
     help=(
@@ -29,34 +27,14 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode=None,
 )
-# Logs and CI capture at 80 columns by default; the comparison table needs more.
-console = Console(width=None if os.isatty(1) else 132)
-err_console = Console(stderr=True)
-
-def friendly_errors(command):
-    """Bad input, Ctrl-C and a full disk end with one clear line, not a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except SlimkitError as exc:
-            err_console.print(f"[red]error:[/red] {escape(str(exc))}")
-            raise typer.Exit(2)
-        except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/yellow]: no output was left half-written")
-            raise typer.Exit(130)
-        except OSError as exc:
-            if exc.errno != errno.ENOSPC:
-                raise
-            err_console.print(f"[red]error:[/red] no space left on device ({exc.filename or ''}); "
-                              "nothing half-written was kept. Free space or choose another --output.")
-            raise typer.Exit(1)
-
-    return wrapper
+_SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+OVERWRITE_HELP = ("replace an existing output (only one slimkit wrote; never the current dir, home, "
+                  "or a dir holding an input)")
 
 
-_SAVE_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="show the full traceback of an error")) -> None:
+    DEBUG["on"] = DEBUG["on"] or debug
 
 
 def _quiet_transformers() -> None:
@@ -116,19 +94,22 @@ def compress(
     model: str = typer.Argument(..., help="packaged name (see `slimkit models`), HF model dir, or .gguf file"),
     recipe: List[str] = typer.Option(..., "--recipe", "-r", help="built-in recipe name or YAML/JSON file; repeat to compare several"),
     output: Path = typer.Option(..., "--output", "-o", help="output dir (written atomically)"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output dir"),
-    seqlen: int = typer.Option(512, help="perplexity window length (tokens)"),
-    windows: int = typer.Option(16, help="evaluate the first N windows (quick); see --full"),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+    seqlen: int = typer.Option(512, min=2, help="perplexity window length (tokens)"),
+    windows: int = typer.Option(16, min=1, help="evaluate the first N windows (quick); see --full"),
     full: bool = typer.Option(False, "--full", help="evaluate every window: the full protocol"),
-    n_texts: int = typer.Option(256, help="encoders: texts for embedding similarity"),
+    n_texts: int = typer.Option(256, min=2, help="encoders: texts for embedding similarity"),
     data: Optional[Path] = typer.Option(None, help="your own text (.txt, blank-line separated, or .jsonl with 'text')"),
-    calibration_windows: int = typer.Option(32, help="calibration windows for SparseGPT/Wanda/GPTQ/AWQ "
+    calibration_windows: int = typer.Option(32, min=1, help="calibration windows for SparseGPT/Wanda/GPTQ/AWQ "
                                             "(quick default; the papers use 128)"),
-    calibration_seqlen: int = typer.Option(256, help="tokens per calibration window (the papers use 512)"),
+    calibration_seqlen: int = typer.Option(256, min=2, help="tokens per calibration window (the papers use 512)"),
     offload_activations: Optional[Path] = typer.Option(None, help="keep calibration activations in this dir "
                                                        "on disk instead of RAM (big models)"),
     seed: int = typer.Option(0, help="seed for calibration sampling"),
-    save_dtype: str = typer.Option("float32", help="dtype of the saved dense weights: float32, bfloat16, float16"),
+    save_dtype: str = typer.Option("auto", help="dtype of the saved dense weights: auto (the checkpoint's own), "
+                                   "float32, bfloat16, float16; compression always computes in float32"),
+    restart: bool = typer.Option(False, "--restart", help="distill steps: discard an interrupted training run "
+                                 "(e.g. a damaged checkpoint) and start it from step 0"),
     bench: bool = typer.Option(False, "--bench", help="also pack each output (OUT/.../packed) and measure "
                                "decode/prefill latency, throughput, RSS and size against the dense model"),
 ) -> None:
@@ -150,8 +131,6 @@ def compress(
 
       slimkit compress ./my-model -r my-recipe.yaml -o out/mine --full
     """
-    import torch
-
     from slimkit.progress import RichProgress
     from slimkit.recipes import get_recipe
     from slimkit.reports.tables import comparison_rows, metric_legend, rich_table
@@ -159,28 +138,51 @@ def compress(
 
     if save_dtype not in _SAVE_DTYPES:
         raise SlimkitError(f"--save-dtype must be one of {', '.join(_SAVE_DTYPES)}, got {save_dtype}")
-    recipes_ = [get_recipe(r) for r in recipe]
-    names = [r.name for r in recipes_]
-    if len(set(names)) != len(names):
-        raise SlimkitError(f"recipe names must differ to share an output dir, got {names}")
-    _quiet_transformers()
-    settings = _settings(seqlen, windows, full, data, n_texts, calibration_windows, calibration_seqlen, seed)
-    dtype = None if save_dtype == "float32" else getattr(torch, save_dtype)
-    with RichProgress(console) as progress:
-        reports = compress_to_dir(model, recipes_, output, settings, overwrite, dtype, progress,
-                                  log=lambda m: console.print(f"[dim]{m}[/dim]"),
-                                  offload_dir=str(offload_activations) if offload_activations else None)
-    console.print(rich_table(comparison_rows(reports), f"slimkit compress: {reports[0]['model']['name']}"))
-    console.print(f"{metric_legend(reports[0])}\npacked MB = the packed format's arithmetic; "
-                  f"total time {reports[-1]['timing']['total_s']:.0f}s; output: {output}")
-    if bench:
-        _bench_outputs(model, [Path(r["output"]) for r in reports], output, settings)
+    with reserve_output(output, overwrite, inputs=[model]):  # before anything else: a clash fails first
+        recipes_ = [get_recipe(r) for r in recipe]
+        names = [r.name for r in recipes_]
+        if len(set(names)) != len(names):
+            raise SlimkitError(f"recipe names must differ to share an output dir, got {names}")
+        _preflight(model, recipes_, data, offload_activations, seqlen, calibration_seqlen)
+        _quiet_transformers()
+        settings = _settings(seqlen, windows, full, data, n_texts, calibration_windows, calibration_seqlen, seed)
+        with RichProgress(console) as progress:
+            reports = compress_to_dir(model, recipes_, output, settings, overwrite, _dtype(save_dtype), progress,
+                                      log=lambda m: console.print(f"[dim]{m}[/dim]"),
+                                      offload_dir=str(offload_activations) if offload_activations else None,
+                                      restart_training=restart)
+        console.print(rich_table(comparison_rows(reports), f"slimkit compress: {reports[0]['model']['name']}"))
+        console.print(f"{metric_legend(reports[0])}\npacked MB = the packed format's arithmetic; "
+                      f"total time {reports[-1]['timing']['total_s']:.0f}s; output: {output}")
+        if bench:
+            _bench_outputs(model, [Path(r["output"]) for r in reports], output, settings)
+
+
+def _dtype(name: str):
+    import torch
+
+    return None if name == "auto" else getattr(torch, name)
+
+
+def _preflight(model: str, recipes: list, data: Optional[Path], offload: Optional[Path], seqlen: int,
+               calibration_seqlen: int) -> None:
+    """Everything that can be checked before the model loads (about a second, not minutes)."""
+    from slimkit.preflight import check_data, check_recipe_shapes, check_seqlen, check_work_dir, outline
+
+    check_data(data)
+    check_work_dir(offload, "--offload-activations")
+    shape = outline(model)
+    check_seqlen(shape, seqlen)
+    check_seqlen(shape, calibration_seqlen, "--calibration-seqlen")
+    for recipe in recipes:
+        check_recipe_shapes(shape, recipe)
+    shape.adapter  # an architecture slimkit has no adapter for fails here, before loading
 
 
 def _bench_outputs(model: str, outputs: list[Path], root: Path, settings) -> None:
     from slimkit.benchmarks import model as bench_model
-    from slimkit.export.atomic import atomic_write_text
     from slimkit.export.packed import pack_to_dir
+    from slimkit.outputs import write_text_atomic
     from slimkit.progress import RichProgress
 
     packed = []
@@ -194,17 +196,17 @@ def _bench_outputs(model: str, outputs: list[Path], root: Path, settings) -> Non
         rows = bench_model.run([model] + packed, progress, windows=settings.max_windows or 200)
     md = bench_model.table(rows)
     console.print(md)
-    atomic_write_text(root / "bench.md", md + "\n")
+    write_text_atomic(root / "bench.md", md + "\n")
 
 
 @app.command(name="eval")
 @friendly_errors
 def eval_(
     model: str = typer.Argument(..., help="packaged name, HF model dir (e.g. a compress output), or .gguf"),
-    seqlen: int = typer.Option(512, help="perplexity window length (tokens)"),
-    windows: int = typer.Option(16, help="evaluate the first N windows (quick); see --full"),
+    seqlen: int = typer.Option(512, min=2, help="perplexity window length (tokens)"),
+    windows: int = typer.Option(16, min=1, help="evaluate the first N windows (quick); see --full"),
     full: bool = typer.Option(False, "--full", help="evaluate every window: the full protocol"),
-    n_texts: int = typer.Option(256, help="encoders: texts for embedding similarity"),
+    n_texts: int = typer.Option(256, min=2, help="encoders: texts for embedding similarity"),
     reference: Optional[str] = typer.Option(None, help="encoders: the uncompressed model to compare to "
                                             "(default: the base model recorded in report.json)"),
     data: Optional[Path] = typer.Option(None, help="your own text (.txt or .jsonl)"),
@@ -225,6 +227,10 @@ def eval_(
     from slimkit.data import load_split
     from slimkit.workflow import QualityMeter
 
+    from slimkit.preflight import check_data, check_seqlen, outline
+
+    check_data(data)
+    check_seqlen(outline(model), seqlen)
     _quiet_transformers()
     settings = _settings(seqlen, windows, full, data, n_texts, 0, 2, 0)
     loaded = load_model(model)
@@ -234,7 +240,10 @@ def eval_(
             ref = reference
             report_file = Path(model) / "report.json"
             if ref is None and report_file.is_file():
-                ref = json.loads(report_file.read_text())["model"]["name"]
+                try:
+                    ref = json.loads(report_file.read_text(encoding="utf-8"))["model"]["name"]
+                except (ValueError, KeyError, TypeError):
+                    raise SlimkitError(f"{report_file} is damaged; pass --reference MODEL") from None
             ref = ref or model
             ref_meter = QualityMeter(load_model(ref), split, settings, progress)
             ref_meter.measure("reference")
@@ -267,10 +276,10 @@ def pack(
     output: Path = typer.Option(..., "--output", "-o", help="packed model dir (written atomically)"),
     format: str = typer.Option("auto", "--format", "-f", help="auto (what compress recorded), int8, w8a8, int4, "
                                "nf4, fp8, sparse, 2:4"),
-    group_size: int = typer.Option(64, help="int4: columns per scale (32/64/128/256 run the int4 kernel)"),
+    group_size: int = typer.Option(64, min=1, help="int4: columns per scale (32/64/128/256 run the int4 kernel)"),
     lm_head: bool = typer.Option(True, "--lm-head/--no-lm-head", help="explicit formats: pack the LM head too "
                                  "(int8 for the 4-bit formats; a tied embedding stays dense)"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output dir"),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Store a model in a packed format that is really smaller, executed by real kernels.
 
@@ -291,9 +300,10 @@ def pack(
 
     if format != "auto" and format not in format_names():
         raise SlimkitError(f"unknown format '{format}'; choose auto or one of {', '.join(format_names())}")
-    _quiet_transformers()
-    with RichProgress(console) as progress:
-        summary = pack_to_dir(source, output, format, group_size, overwrite, progress, include_lm_head=lm_head)
+    with reserve_output(output, overwrite, inputs=[source]):
+        _quiet_transformers()
+        with RichProgress(console) as progress:
+            summary = pack_to_dir(source, output, format, group_size, overwrite, progress, include_lm_head=lm_head)
     fmts: dict[str, int] = {}
     for layer in summary["layers"].values():
         fmts[layer["format"]] = fmts.get(layer["format"], 0) + 1
@@ -315,8 +325,8 @@ def export(
                                   "q8_0, q4_0, f16, f32"),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="load the export in transformers and compare "
                                 "its perplexity with slimkit's own evaluation"),
-    windows: int = typer.Option(16, help="perplexity windows for the check"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output dir"),
+    windows: int = typer.Option(16, min=1, help="perplexity windows for the check"),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Hand a compressed model to vLLM (compressed-tensors), llama.cpp (GGUF) or any runtime (hf).
 
@@ -336,8 +346,9 @@ def export(
 
     if gguf_type not in QTYPES:
         raise SlimkitError(f"--gguf-type must be one of {', '.join(QTYPES)}")
-    _quiet_transformers()
-    result = export_model(source, output, to, gguf_type, overwrite, verify, windows)
+    with reserve_output(output, overwrite, inputs=[source]):
+        _quiet_transformers()
+        result = export_model(source, output, to, gguf_type, overwrite, verify, windows)
     console.print(f"exported {source} ({', '.join(result['formats']) or 'dense'}) to {to}: {output}")
     check = result.get("verify")
     if check:
@@ -358,8 +369,9 @@ def bench_sparsity(
     output: Path = typer.Option(Path("runs/bench-sparsity"), "--output", "-o", help="dir for sparsity.md/.json/.png"),
     sparsities: str = typer.Option("0.5,0.8,0.9,0.95,0.99", help="comma-separated"),
     batches: str = typer.Option("1,8,128", help="comma-separated batch sizes (rows of x)"),
-    repeats: int = typer.Option(15, help="interleaved repeats per cell (median)"),
-    blocks: int = typer.Option(4, help="blocks whose linears are timed (outgrow the L3 cache)"),
+    repeats: int = typer.Option(15, min=1, help="interleaved repeats per cell (median)"),
+    blocks: int = typer.Option(4, min=1, help="blocks whose linears are timed (outgrow the L3 cache)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Unstructured sparsity, theory vs reality, regenerated on this machine (table + PNG + JSON).
 
@@ -370,23 +382,36 @@ def bench_sparsity(
     from slimkit.benchmarks import sparsity as bench
     from slimkit.progress import RichProgress
 
-    _quiet_transformers()
-    with RichProgress(console) as progress:
-        result = bench.run(model, output, [float(x) for x in sparsities.split(",")],
-                           [int(x) for x in batches.split(",")], repeats, progress, blocks)
+    levels = _numbers(sparsities, float, "--sparsities", lambda v: 0 < v < 1, "between 0 and 1")
+    sizes = _numbers(batches, int, "--batches", lambda v: v >= 1, "at least 1")
+    with reserve_output(output, overwrite, inputs=[model]):
+        _quiet_transformers()
+        with RichProgress(console) as progress:
+            result = bench.run(model, output, levels, sizes, repeats, progress, blocks, overwrite)
     console.print(result["markdown"])
     console.print(f"wrote {output}/sparsity.md, sparsity.json, sparsity.png")
+
+
+def _numbers(text: str, kind, option: str, ok, rule: str) -> list:
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SlimkitError(f"{option} takes comma-separated numbers, not '{text}'") from None
+    if not values or not all(ok(v) for v in values):
+        raise SlimkitError(f"{option}: every value must be {rule}, got '{text}'")
+    return values
 
 
 @bench_app.command("model")
 @friendly_errors
 def bench_model_cmd(
     models: List[str] = typer.Argument(..., help="baseline first; then packed/compressed dirs, names, .gguf"),
-    prompt: int = typer.Option(128, help="prefill tokens"),
-    decode: int = typer.Option(32, help="decode steps (median ms/token)"),
-    batch: int = typer.Option(8, help="batch for the throughput measurement"),
-    windows: int = typer.Option(16, help="ppl windows (0 skips; 200 is the full protocol)"),
+    prompt: int = typer.Option(128, min=1, help="prefill tokens"),
+    decode: int = typer.Option(32, min=1, help="decode steps (median ms/token)"),
+    batch: int = typer.Option(8, min=1, help="batch for the throughput measurement"),
+    windows: int = typer.Option(16, min=0, help="ppl windows (0 skips; 200 is the full protocol)"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="also write bench.md and bench.json here"),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Latency, throughput, peak RSS, size and ppl of whole models, each in a fresh process.
 
@@ -400,16 +425,27 @@ def bench_model_cmd(
 
     from slimkit.progress import RichProgress
 
-    with RichProgress(console) as progress:
-        rows = bench.run(models, progress, prompt=prompt, decode=decode, batch=batch, windows=windows)
-    md = bench.table(rows)
-    console.print(md)
-    if output is not None:
-        from slimkit.export.atomic import atomic_directory
+    import contextlib
 
-        with atomic_directory(output, overwrite=True) as tmp:
-            (tmp / "bench.md").write_text(md + "\n")
-            (tmp / "bench.json").write_text(json.dumps(rows, indent=2))
+    from slimkit.outputs import output_directory
+
+    with reserve_output(output, overwrite, inputs=models) if output else contextlib.nullcontext():
+        for m in models:
+            _outline_of(m)
+        with RichProgress(console) as progress:
+            rows = bench.run(models, progress, prompt=prompt, decode=decode, batch=batch, windows=windows)
+        md = bench.table(rows)
+        console.print(md)
+        if output is not None:
+            with output_directory(output, overwrite, inputs=models, command="bench model") as tmp:
+                (tmp / "bench.md").write_text(md + "\n")
+                (tmp / "bench.json").write_text(json.dumps(rows, indent=2))
+
+
+def _outline_of(model: str):
+    from slimkit.preflight import outline
+
+    return outline(model)
 
 
 @app.command()
@@ -461,6 +497,7 @@ def report(
     directories: List[Path] = typer.Argument(..., help="run dirs: compress outputs, bench -o dirs, lottery runs, ..."),
     output: Path = typer.Option(Path("report.html"), "--output", "-o", help="the HTML file to write"),
     title: str = typer.Option("slimkit report", help="page title"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing page slimkit wrote"),
 ) -> None:
     """One self-contained HTML page (tables and plots inline, no CDN) from one or more run dirs.
 
@@ -470,11 +507,12 @@ def report(
 
       slimkit report runs/demo runs/lottery -o report.html
     """
-    from slimkit.export.atomic import atomic_write_text
+    from slimkit.outputs import check_output, output_file
     from slimkit.reports.html import render_html
 
+    check_output(output, overwrite, inputs=directories, kind="file")
     page = render_html(list(directories), title)
-    atomic_write_text(output, page)
+    output_file(output, page, overwrite, inputs=directories)
     console.print(f"wrote {output} ({len(page) / 1024:.0f} KiB)")
 
 
@@ -500,7 +538,9 @@ def advise(
     quick: bool = typer.Option(True, "--quick/--full", help="quick: 16x256 calibration, 16 eval windows; "
                                "full: 128x512 and the full 200-window protocol"),
     include_research: bool = typer.Option(False, help="also measure unstructured sparsity (rule 5)"),
-    output: Path = typer.Option(Path("runs/advise"), "--output", "-o"),
+    output: Path = typer.Option(Path("runs/advise"), "--output", "-o", help="dir for advise.md/json, "
+                                "frontier.png, recommended.yaml (scratch work goes to OUTPUT.work)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Run the decision framework on real measurements of MODEL on this machine.
 
@@ -518,16 +558,23 @@ def advise(
     from slimkit.advisor import AdviseSettings, Constraints, advise as run_advise, detect
     from slimkit.progress import RichProgress
 
-    _quiet_transformers()
     constraints = Constraints(_fraction(max_ppl_increase, "--max-ppl-increase"), max_memory_mb, max_decode_ms,
                               min_throughput)
-    device = detect(target)
-    settings = AdviseSettings.quick() if quick else AdviseSettings.full()
-    if include_research:
-        settings = AdviseSettings(**{**settings.__dict__, "include_research": True})
-    console.print(f"device: {device.describe()}")
-    with RichProgress(console) as progress:
-        result = run_advise(model, constraints, device, output, settings, progress, log=console.print)
+    for name, value in (("--max-memory-mb", max_memory_mb), ("--max-decode-ms", max_decode_ms),
+                        ("--min-throughput", min_throughput)):
+        if value is not None and value <= 0:
+            raise SlimkitError(f"{name} must be positive, got {value}")
+    with reserve_output(output, overwrite, inputs=[model]):
+        _outline_of(model)
+        _quiet_transformers()
+        device = detect(target)
+        settings = AdviseSettings.quick() if quick else AdviseSettings.full()
+        if include_research:
+            settings = AdviseSettings(**{**settings.__dict__, "include_research": True})
+        console.print(f"device: {device.describe()}")
+        with RichProgress(console) as progress:
+            result = run_advise(model, constraints, device, output, settings, progress, log=console.print,
+                                overwrite=overwrite)
     console.print((output / "advise.md").read_text(), markup=False, highlight=False)
     console.print(f"wrote {output} (advise.md, advise.json, frontier.png"
                   + (", recommended.yaml)" if result["recommended"] else ")"))
@@ -539,7 +586,9 @@ def reproduce(
     model: str = typer.Option("smollm2-135m", help="the model whose whole-model tables are measured"),
     quick: bool = typer.Option(True, "--quick/--full", help="quick: 16x256 calibration, 16 eval windows, 9 "
                                "kernel repeats; full: 128x512, the 200-window protocol, 25 repeats"),
-    output: Path = typer.Option(Path("runs/reproduce"), "--output", "-o"),
+    output: Path = typer.Option(Path("runs/reproduce"), "--output", "-o", help="dir for reproduce.md/json/png "
+                                "(scratch work goes to OUTPUT.work)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Re-measure the article's tables on this machine: every row has the claim, the figure
     measured here in this run, and a verdict (confirmed, refuted, or not measurable here, and why).
@@ -557,14 +606,17 @@ def reproduce(
     from slimkit.benchmarks.reproduce import reproduce as run_reproduce, table
     from slimkit.progress import RichProgress
 
-    _quiet_transformers()
-    with RichProgress(console) as progress:
-        rows = run_reproduce(model, output, quick, progress, log=console.print)
+    with reserve_output(output, overwrite, inputs=[model]):
+        _outline_of(model)
+        _quiet_transformers()
+        with RichProgress(console) as progress:
+            rows = run_reproduce(model, output, quick, progress, log=console.print, overwrite=overwrite)
     console.print(table(rows), markup=False, highlight=False)
     console.print(f"wrote {output} (reproduce.md, reproduce.json, reproduce.png)")
 
 
 def main() -> None:
+    install_sigterm()
     app()
 
 

@@ -71,7 +71,12 @@ def file_documents(path: str | Path) -> list[Document]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"text file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror}") from None
     if path.suffix == ".jsonl":
         docs = []
         for lineno, line in enumerate(text.splitlines(), 1):

@@ -61,7 +61,7 @@ def apply_distill(config: DistillConfig, ctx: StepContext) -> None:
     train_config = _train_config(config)
     run_dir = run_dir_for(_runs_root(ctx), {"train": train_config.model_dump(), "task": task.describe(),
                                             "student_start": _fingerprint(ctx.model)})
-    result = train(task, train_config, run_dir, ctx.progress)
+    result = train(task, train_config, run_dir, ctx.progress, restart=ctx.restart_training)
     for p in ctx.model.parameters():
         p.requires_grad_(False)
     projection = task.trainable().get("projection")

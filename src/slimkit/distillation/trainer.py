@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -28,10 +29,10 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from slimkit.distillation.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from slimkit.errors import SlimkitError
 from slimkit.progress import NoProgress, Progress
 
-CHECKPOINT = "checkpoint.pt"
 LOG = "log.csv"
 CONFIG = "config.json"
 
@@ -119,30 +120,6 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    try:
-        import numpy as np
-        state["numpy"] = np.random.get_state()
-    except ImportError:  # pragma: no cover
-        pass
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "numpy" in state:
-        import numpy as np
-        np.random.set_state(state["numpy"])
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -170,10 +147,15 @@ def _write_log(path: Path, columns: list[str], rows: list[dict]) -> None:
 
 
 def train(task: TrainTask, config: TrainConfig, run_dir: str | Path, progress: Progress = NoProgress(),
-          on_step: Callable[[int], None] | None = None) -> TrainResult:
-    """Train `task` for `config.steps` steps in `run_dir`, resuming from its checkpoint if any."""
+          on_step: Callable[[int], None] | None = None, restart: bool = False) -> TrainResult:
+    """Train `task` for `config.steps` steps in `run_dir`, resuming from its checkpoint if any
+    (`restart`: discard it and start from step 0)."""
     run_dir = Path(run_dir)
     rank, world = _world()
+    if restart and rank == 0 and run_dir.is_dir():
+        shutil.rmtree(run_dir)
+    if world > 1 and restart:
+        dist.barrier()
     modules = task.trainable()
     decay, no_decay = [], []
     for module in modules.values():
@@ -195,13 +177,7 @@ def train(task: TrainTask, config: TrainConfig, run_dir: str | Path, progress: P
         if {k: v for k, v in stored.items() if k != "world_size"} != json.loads(
                 json.dumps({k: v for k, v in description.items() if k != "world_size"}, default=str)):
             raise SlimkitError(f"{run_dir} holds a different run (its {CONFIG} differs); use another directory")
-        state = torch.load(ckpt_path, weights_only=False)
-        for name, module in modules.items():
-            module.load_state_dict(state["modules"][name])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        start = state["step"]
+        start = load_checkpoint(ckpt_path, modules, opt, sched)
     else:
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -258,9 +234,7 @@ def train(task: TrainTask, config: TrainConfig, run_dir: str | Path, progress: P
             with (run_dir / LOG).open("a", newline="") as f:
                 csv.DictWriter(f, fieldnames=columns).writerow(row)
         if rank == 0 and (last or (step + 1) % config.checkpoint_every == 0):
-            _atomic_save({"modules": {n: m.state_dict() for n, m in modules.items()},
-                          "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                          "rng": _rng_state(), "step": step + 1}, ckpt_path)
+            save_checkpoint(ckpt_path, modules, opt, sched, step + 1)
         if world > 1 and (last or (step + 1) % config.checkpoint_every == 0):
             dist.barrier()
         if on_step is not None:

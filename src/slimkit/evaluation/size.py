@@ -11,8 +11,9 @@ from torch import nn
 from slimkit.models.adapters import ArchitectureAdapter
 
 
-def bytes_by_kind(model: nn.Module, adapter: ArchitectureAdapter) -> dict[str, int]:
-    """In-memory bytes of the model's tensors by kind (embedding, attention, mlp, norm, ...)."""
+def bytes_by_kind(model: nn.Module, adapter: ArchitectureAdapter, float_size: int | None = None) -> dict[str, int]:
+    """Bytes of the model's tensors by kind (embedding, attention, mlp, norm, ...); `float_size`:
+    bytes per floating-point element as stored (the checkpoint's dtype), when compute uses another."""
     seen: set[int] = set()
     sizes: dict[str, int] = defaultdict(int)
     for name, tensor in model.state_dict().items():
@@ -20,7 +21,8 @@ def bytes_by_kind(model: nn.Module, adapter: ArchitectureAdapter) -> dict[str, i
         if key in seen:
             continue
         seen.add(key)
-        sizes[adapter.tensor_kind(name)] += tensor.numel() * tensor.element_size()
+        size = float_size if float_size and tensor.is_floating_point() else tensor.element_size()
+        sizes[adapter.tensor_kind(name)] += tensor.numel() * size
     return dict(sizes)
 
 

@@ -21,10 +21,12 @@ COMPRESSION_FILE = "compression.safetensors"
 
 
 def save_model_dir(loaded: LoadedModel, directory: Path, dtype: torch.dtype | None = None) -> None:
+    """Save in `dtype`, by default the dtype the checkpoint was stored in (bf16 stays bf16)."""
+    dtype = dtype or loaded.source_dtype
     original = next(loaded.model.parameters()).dtype
-    model = loaded.model if dtype is None else loaded.model.to(dtype)
+    model = loaded.model if dtype == original else loaded.model.to(dtype)
     model.save_pretrained(directory)
-    if dtype is not None:
+    if dtype != original:
         loaded.model.to(original)
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(directory)

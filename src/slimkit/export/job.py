@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from slimkit.errors import SlimkitError
-from slimkit.export.atomic import atomic_directory
+from slimkit.models.checks import NO_CODE
+from slimkit.outputs import output_directory
 from slimkit.export.hf import COMPRESSION_FILE, load_compression_state
 from slimkit.formats import pack_model, packed_layers
 from slimkit.models.loading import LoadedModel, load_model
@@ -80,7 +81,7 @@ def export_model(source: str, output: str | Path, to: str, gguf_type: str = "aut
     output = Path(output)
     result = {"source": source, "to": to, "formats": formats, "output": str(output)}
     all_linears = list(loaded.adapter.linears(loaded.model, include_lm_head=True))
-    with atomic_directory(output, overwrite=overwrite) as tmp:
+    with output_directory(output, overwrite, inputs=[source], command="export") as tmp:
         if to == "hf":
             model = unpack(loaded.model)
             model.save_pretrained(tmp)
@@ -113,8 +114,9 @@ def load_exported(output: Path, to: str) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     if to == "gguf":
-        return AutoModelForCausalLM.from_pretrained(str(output), gguf_file=GGUF_NAME, dtype=torch.float32).eval()
-    return AutoModelForCausalLM.from_pretrained(str(output), dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(str(output), gguf_file=GGUF_NAME, dtype=torch.float32,
+                                                    **NO_CODE).eval()
+    return AutoModelForCausalLM.from_pretrained(str(output), dtype=torch.float32, **NO_CODE).eval()
 
 
 def verify_export(output: Path, to: str, tokenizer, own_ppl: float, windows: int) -> dict:
@@ -125,7 +127,7 @@ def verify_export(output: Path, to: str, tokenizer, own_ppl: float, windows: int
     if to == "gguf":
         from transformers import AutoTokenizer
 
-        gguf_tok = AutoTokenizer.from_pretrained(str(output), gguf_file=GGUF_NAME)
+        gguf_tok = AutoTokenizer.from_pretrained(str(output), gguf_file=GGUF_NAME, **NO_CODE)
         text = "Compression only counts when the hardware can use it: 2:4 sparsity, int4, GGUF."
         check["tokenizer_matches"] = gguf_tok(text)["input_ids"] == tokenizer(text)["input_ids"]
     return check

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from slimkit.errors import SlimkitError
 from slimkit.evaluation.size import files_bytes
-from slimkit.export.atomic import atomic_directory
+from slimkit.outputs import output_directory
 from slimkit.export.hf import COMPRESSION_FILE, load_compression_state
 from slimkit.formats import pack_model, save_packed
 from slimkit.formats.pack import AUTO
@@ -47,7 +47,7 @@ def pack_to_dir(source: str, output: str | Path, fmt: str = AUTO, group_size: in
               for n, m in packed.items()}
     left_dense = sorted(set(linears) - set(packed))
     output = Path(output)
-    with atomic_directory(output, overwrite=overwrite) as tmp:
+    with output_directory(output, overwrite, inputs=[source], command="pack") as tmp:
         save_packed(loaded.model, loaded.tokenizer, tmp)
         summary = {
             "source": str(source), "format": fmt, "packed_layers": len(packed), "left_dense": left_dense,

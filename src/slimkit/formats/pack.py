@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from slimkit.errors import SlimkitError
+from slimkit.errors import SlimkitError, WeightsError
 from slimkit.formats.base import PackedLinear, format_class
 
 PACKED_FILE = "packed.safetensors"
@@ -153,25 +153,58 @@ def _materialize_skeleton(model: nn.Module) -> None:
                 module._buffers[name] = torch.empty_like(b, device="cpu")
 
 
+def _packed_layer(file: Path, model: nn.Module, name: str, meta: dict, tensors: dict) -> PackedLinear:
+    """One packed linear, checked against the config's skeleton and executed once on zeros:
+    a layer name, shape or dtype that disagrees is refused here, not at the first forward."""
+    try:
+        skeleton = model.get_submodule(name)
+    except AttributeError:
+        raise WeightsError(f"{file}: packed layer {name} does not exist in the model config.json describes") from None
+    expected = list(skeleton.weight.shape) if isinstance(skeleton, nn.Linear) else None
+    if expected is None or list(meta.get("shape", [])) != expected:
+        raise WeightsError(f"{file}: packed layer {name} has shape {meta.get('shape')}, but config.json "
+                           f"makes it {expected or type(skeleton).__name__}")
+    prefix = name + "."
+    own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    bias = own.pop("bias", None)
+    if bias is not None and (not bias.is_floating_point() or list(bias.shape) != expected[:1]):
+        raise WeightsError(f"{file}: {name}.bias is {bias.dtype} {list(bias.shape)}, expected float {expected[:1]}")
+    nonfinite = [k for k, v in own.items() if v.is_floating_point() and not bool(torch.isfinite(v.float()).all())]
+    if nonfinite:
+        raise WeightsError(f"{file}: layer {name} has non-finite values in {', '.join(nonfinite)}")
+    try:
+        module = format_class(meta["format"]).from_stored(own, meta, bias)
+        again = module.stored()
+        out = module(torch.zeros(1, expected[1]))
+    except (KeyError, RuntimeError, ValueError, IndexError, TypeError) as exc:
+        raise WeightsError(f"{file}: layer {name} ({meta.get('format')}) is damaged: {exc}") from None
+    wrong = [f"{k}: {v.dtype} {list(v.shape)} (expected {again[k].dtype} {list(again[k].shape)})"
+             for k, v in own.items() if k in again and (v.dtype != again[k].dtype or v.shape != again[k].shape)]
+    if wrong or set(own) != set(again) or list(out.shape) != [1, expected[0]]:
+        raise WeightsError(f"{file}: layer {name} ({meta['format']}) does not hold its format's tensors: "
+                           f"{'; '.join(wrong) or sorted(set(own) ^ set(again))}")
+    return module
+
+
 def load_packed(directory: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from slimkit.models.checks import load_config
 
     header, tensors = read_packed_file(directory / PACKED_FILE)
-    config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    config = load_config(directory)
     archs = getattr(config, "architectures", None) or []
     auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs) else AutoModel
     with torch.device("meta"):  # no fp32 weights allocated only to be replaced: peak RSS stays low
-        model = auto.from_config(config, dtype=dtype).eval()
+        model = auto.from_config(config, dtype=dtype, trust_remote_code=False).eval()
     for name, meta in header["layers"].items():
-        prefix = name + "."
-        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        bias = own.pop("bias", None)
-        try:
-            module = format_class(meta["format"]).from_stored(own, meta, bias)
-        except (KeyError, RuntimeError, ValueError) as exc:
-            raise SlimkitError(f"{directory / PACKED_FILE}: layer {name} ({meta['format']}) is damaged: {exc}") from None
-        model.set_submodule(name, module)
+        model.set_submodule(name, _packed_layer(directory / PACKED_FILE, model, name, meta, tensors))
     rest = {k: v for k, v in tensors.items() if not any(k.startswith(n + ".") for n in header["layers"])}
+    state_shapes = {k: v.shape for k, v in model.state_dict().items()}
+    bad = [f"{k}: {v.dtype} {list(v.shape)}" for k, v in rest.items()
+           if k in state_shapes and (not v.is_floating_point() or v.shape != state_shapes[k])]
+    if bad:
+        raise WeightsError(f"{directory / PACKED_FILE}: dense tensors that disagree with config.json: {', '.join(bad[:3])}")
     _materialize_skeleton(model)
     buffers = dict(model.named_buffers())
     for key in [k for k in rest if k in buffers and k not in model.state_dict()]:

@@ -7,7 +7,6 @@ the user cache dir (`SLIMKIT_CACHE` overrides it); later loads read the cache in
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -20,9 +19,10 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from slimkit.errors import ModelNotFoundError, SlimkitError
-from slimkit.export.atomic import atomic_directory
+from slimkit.errors import ModelNotFoundError, OutputInUseError, OutputRefusedError, WeightsError
 from slimkit.models.adapters import ArchitectureAdapter, adapter_for
+from slimkit.models.checks import NO_CODE, check_before_load, check_finite, check_loading_info, read_config
+from slimkit.outputs import output_directory
 from slimkit.models.zoo import ZOO, ModelKind, zoo_entry
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # slimkit never downloads at run time
@@ -42,6 +42,7 @@ class LoadedModel:
     load_seconds: float
     from_cache: bool = False
     hf_dir: Path | None = None  # an HF directory holding these weights (for a GGUF: the cache)
+    source_dtype: torch.dtype = torch.float32  # what the checkpoint stores; compute runs in `model`'s dtype
 
 
 def cache_root() -> Path:
@@ -60,7 +61,7 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _kind_of(config: dict) -> ModelKind:
+def model_kind(config: dict) -> ModelKind:
     archs = config.get("architectures") or []
     if any(a.endswith("ForCausalLM") for a in archs):
         return "causal-lm"
@@ -71,35 +72,35 @@ def _load_tokenizer(path: Path, **kwargs) -> Any | None:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, **kwargs)
+        return AutoTokenizer.from_pretrained(str(path), **NO_CODE, **kwargs)
     except (OSError, ValueError, TypeError) as exc:
         log.warning("no tokenizer loaded from %s (%s); text evaluation will be unavailable", path, exc)
         return None
 
 
-def _load_hf_dir(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any, ModelKind]:
+def _load_hf_dir(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any, ModelKind, torch.dtype]:
+    """(model, tokenizer, kind, the dtype the weights are stored in). Safetensors only."""
     from transformers import AutoModel, AutoModelForCausalLM
 
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ModelNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise SlimkitError(f"{config_file} is not valid JSON: {exc}") from None
-    kind = _kind_of(config)
+    kind = model_kind(read_config(path))
     from slimkit.formats.pack import PACKED_FILE, load_packed
 
     if (path / PACKED_FILE).is_file():  # a slimkit packed model: formats swapped in at load
-        return load_packed(path, dtype), _load_tokenizer(path), kind
+        model = load_packed(path, dtype)
+        check_finite(model, str(path))
+        return model, _load_tokenizer(path), kind, dtype
+    held = check_before_load(path, kind)
     auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
     try:
         # safetensors only: nothing is unpickled (a pytorch_model.bin is refused, not loaded)
-        model = auto.from_pretrained(str(path), dtype=dtype, local_files_only=True, use_safetensors=True)
-    except (OSError, ValueError, SafetensorError) as exc:
-        raise SlimkitError(f"could not load the model in {path} (corrupt, truncated, or not safetensors): "
-                           f"{str(exc).splitlines()[0][:300]}") from None
-    return model.eval(), _load_tokenizer(path), kind
+        model, info = auto.from_pretrained(str(path), dtype=dtype, use_safetensors=True, output_loading_info=True,
+                                           **NO_CODE)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise WeightsError(f"could not load the model in {path} (corrupt, truncated, or shapes that disagree "
+                           f"with config.json): {str(exc).splitlines()[0][:300]}") from None
+    check_loading_info(path, info)
+    check_finite(model, str(path))
+    return model.eval(), _load_tokenizer(path), kind, held.main_dtype() or dtype
 
 
 def _drop_gguf_quantizer(model: nn.Module) -> None:
@@ -117,25 +118,37 @@ def gguf_cache_dir(path: Path) -> Path:
     return cache_root() / "gguf" / f"{path.stem}-{_file_digest(path)}"
 
 
-def _load_gguf(path: Path, cache: Path, dtype: torch.dtype) -> tuple[nn.Module, Any, ModelKind, bool]:
-    if (cache / "config.json").is_file():
-        model, tokenizer, kind = _load_hf_dir(cache, dtype)
-        return model, tokenizer, kind, True
+def _read_gguf(path: Path) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM
 
-    log.info("dequantizing %s once; cached at %s", path.name, cache)
     try:
         tokenizer = _load_tokenizer(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch.float32, local_files_only=True
-        ).eval()
-    except (OSError, ValueError, KeyError) as exc:
-        raise SlimkitError(f"could not read GGUF file {path}: {exc}") from None
+            str(path.parent), gguf_file=path.name, dtype=torch.float32, **NO_CODE).eval()
+    except MemoryError:
+        raise
+    except Exception as exc:  # the gguf reader raises anything from struct errors to KeyError
+        raise WeightsError(f"could not read GGUF file {path} (corrupt, truncated, header only, or an "
+                           f"architecture transformers cannot dequantize): {type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+    check_finite(model, str(path))
+    return model, tokenizer
+
+
+def _load_gguf(path: Path, cache: Path, dtype: torch.dtype) -> tuple[nn.Module, Any, ModelKind, bool]:
+    if (cache / "config.json").is_file():
+        model, tokenizer, kind, _ = _load_hf_dir(cache, dtype)
+        return model, tokenizer, kind, True
+    log.info("dequantizing %s once; cached at %s", path.name, cache)
+    model, tokenizer = _read_gguf(path)
     _drop_gguf_quantizer(model)
-    with atomic_directory(cache, overwrite=True) as tmp:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+    try:
+        with output_directory(cache, overwrite=True, command="gguf cache") as tmp:
+            model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+    except (OutputInUseError, OutputRefusedError) as exc:  # another process is writing it: use ours
+        log.info("not caching %s: %s", path.name, exc)
     return model.to(dtype), tokenizer, "causal-lm", False
 
 
@@ -171,8 +184,9 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
     if path.suffix == ".gguf":
         hf_dir = gguf_cache_dir(path)  # hashes the file once
         model, tokenizer, kind, from_cache = _load_gguf(path, hf_dir, dtype)
+        source_dtype = torch.float32  # dequantized from the GGUF's blocks
     else:
-        model, tokenizer, kind = _load_hf_dir(path, dtype)
+        model, tokenizer, kind, source_dtype = _load_hf_dir(path, dtype)
     adapter = adapter_for(model)
     return LoadedModel(
         model=model,
@@ -184,4 +198,5 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
         load_seconds=time.perf_counter() - start,
         from_cache=from_cache,
         hf_dir=hf_dir,
+        source_dtype=source_dtype,
     )

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors.torch import load_file, save_file
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -123,20 +124,32 @@ def _fresh(data: Dataset, config: LotteryConfig, seed: int) -> MaskedMLP:
     return MaskedMLP(data.features, config.hidden, data.classes)
 
 
+MASKS = "masks.safetensors"
+
+
+def _save_masks(masks: list[torch.Tensor], path: Path) -> None:
+    save_file({f"mask{i}": m.contiguous() for i, m in enumerate(masks)}, str(path))
+
+
+def _load_masks(path: Path) -> list[torch.Tensor]:
+    tensors = load_file(str(path))
+    return [tensors[f"mask{i}"] for i in range(len(tensors))]
+
+
 def run_seed(data: Dataset, config: LotteryConfig, seed: int, run_dir: Path, progress: Progress = NoProgress()) -> list[dict]:
     """One seed: the dense level, then `levels` prune-rewind-train levels, each with its control."""
     run_dir.mkdir(parents=True, exist_ok=True)
     done_file = run_dir / "levels.json"
     rows = json.loads(done_file.read_text()) if done_file.exists() else []
     model = _fresh(data, config, seed)
-    rewind_path = run_dir / "rewind.pt"
+    rewind_path = run_dir / "rewind.safetensors"
     if not rewind_path.exists():  # the weights at step k of dense training
         if config.rewind_step:
             _train(model, data, config, seed, run_dir / "rewind-run", "rewind", steps=config.rewind_step)
-        tmp = rewind_path.with_name("rewind.pt.tmp")
-        torch.save(model.state_dict(), tmp)
+        tmp = rewind_path.with_name("rewind.safetensors.tmp")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
         os.replace(tmp, rewind_path)
-    rewind = torch.load(rewind_path)
+    rewind = load_file(str(rewind_path))
     for level in progress.track(range(config.levels + 1), f"lottery seed {seed}"):
         if level < len(rows):  # finished before an interruption
             continue
@@ -144,8 +157,8 @@ def run_seed(data: Dataset, config: LotteryConfig, seed: int, run_dir: Path, pro
         level_dir.mkdir(parents=True, exist_ok=True)
         # level 0 is dense; every later level's masks were written when the level before it ended
         if level == 0:
-            torch.save([torch.ones_like(l.weight) for l in model.layers], level_dir / "masks.pt")
-        masks = torch.load(level_dir / "masks.pt")
+            _save_masks([torch.ones_like(l.weight) for l in model.layers], level_dir / MASKS)
+        masks = _load_masks(level_dir / MASKS)
         ticket = _fresh(data, config, seed)
         ticket.load_state_dict({**rewind, **{f"mask{i}": m for i, m in enumerate(masks)}})
         acc_ticket = _train(ticket, data, config, seed, level_dir / "ticket", "ticket")
@@ -158,9 +171,9 @@ def run_seed(data: Dataset, config: LotteryConfig, seed: int, run_dir: Path, pro
         if level < config.levels:  # prune the *trained* ticket: the next level's masks
             next_dir = run_dir / f"level{level + 1:02d}"
             next_dir.mkdir(parents=True, exist_ok=True)
-            tmp = next_dir / "masks.pt.tmp"
-            torch.save(prune_global(ticket, config.prune_fraction), tmp)
-            os.replace(tmp, next_dir / "masks.pt")
+            tmp = next_dir / (MASKS + ".tmp")
+            _save_masks(prune_global(ticket, config.prune_fraction), tmp)
+            os.replace(tmp, next_dir / MASKS)
         rows.append({"seed": seed, "level": level, "sparsity": round(ticket.sparsity(), 6),
                      "ticket_accuracy": acc_ticket, "random_reinit_accuracy": acc_random})
         tmp = done_file.with_name("levels.json.tmp")

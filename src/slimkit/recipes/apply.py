@@ -41,6 +41,7 @@ def compress(
     tokenizer=None,
     split=None,
     runs_dir: str | None = None,
+    restart_training: bool = False,
 ) -> CompressionResult:
     """Apply every step of `recipe` to `model`; return what each tensor went through.
 
@@ -50,7 +51,7 @@ def compress(
     """
     adapter = adapter or adapter_for(model)
     ctx = StepContext(model, adapter, {}, progress, calibration, offload_dir, tokenizer=tokenizer, split=split,
-                      runs_dir=runs_dir)
+                      runs_dir=runs_dir, restart_training=restart_training)
     if any(getattr(step, "needs_teacher", False) for step in recipe.steps):
         ctx.teacher = copy.deepcopy(model).eval()
     result = CompressionResult(recipe, ctx.records, engine_reports=ctx.engine_reports, details=ctx.details)

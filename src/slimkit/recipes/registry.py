@@ -50,6 +50,7 @@ class StepContext:
     runs_dir: str | None = None
     hidden_projection: torch.Tensor | None = None  # [teacher width, student width] when they differ
     details: list[dict] = field(default_factory=list)
+    restart_training: bool = False  # discard interrupted training runs instead of resuming them
 
 
 Handler = Callable[[StepConfig, StepContext], None]

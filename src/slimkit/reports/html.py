@@ -14,6 +14,7 @@ from pathlib import Path
 from markdown_it import MarkdownIt
 
 from slimkit.errors import SlimkitError
+from slimkit.outputs import HTML_GENERATOR
 
 STYLE = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2rem auto;max-width:1200px;color:#222;
@@ -32,7 +33,15 @@ pre{padding:.6rem;overflow-x:auto}
 nav a{margin-right:1rem}
 """
 
-_MD = MarkdownIt("commonmark").enable("table")
+# html=False: raw HTML in a report (or in a file name quoted by one) is shown as text, never run
+_MD = MarkdownIt("commonmark", {"html": False}).enable("table")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SlimkitError(f"{path} is not UTF-8 text (byte {exc.start}); fix or remove it") from None
 
 
 def _png(path: Path) -> str:
@@ -44,7 +53,7 @@ def _png(path: Path) -> str:
 def _csv_table(path: Path, limit: int = 60) -> str:
     import csv
 
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8", errors="replace") as f:
         rows = list(csv.reader(f))
     if not rows:
         return ""
@@ -62,7 +71,7 @@ def _inline_images(rendered: str, directory: Path, used: set[str]) -> str:
     def swap(match):
         name = html.unescape(match.group(1))
         path = directory / name
-        if path.suffix == ".png" and path.is_file():
+        if path.suffix == ".png" and path.is_file() and path.resolve().parent == directory.resolve():
             used.add(path.name)
             return f'src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}"'
         return match.group(0)
@@ -76,7 +85,7 @@ def _section(directory: Path, index: int) -> str:
     mds = sorted(directory.glob("*.md"))
     used: set[str] = set()
     for md in mds:
-        parts.append(_inline_images(_MD.render(md.read_text(encoding="utf-8")), directory, used))
+        parts.append(_inline_images(_MD.render(_read_text(md)), directory, used))
     if not mds:
         for csv_file in sorted(directory.glob("*.csv")):
             parts.append(f"<h3>{html.escape(csv_file.name)}</h3>" + _csv_table(csv_file))
@@ -84,7 +93,7 @@ def _section(directory: Path, index: int) -> str:
         if png.name not in used:
             parts.append(_png(png))
     for child in sorted(p for p in directory.iterdir() if p.is_dir() and (p / "report.md").exists()):
-        parts.append(f"<h3>{html.escape(child.name)}</h3>" + _MD.render((child / "report.md").read_text()))
+        parts.append(f"<h3>{html.escape(child.name)}</h3>" + _MD.render(_read_text(child / "report.md")))
         parts += [_png(p) for p in sorted(child.glob("*.png"))]
     parts.append("</section>")
     return "\n".join(parts)
@@ -109,7 +118,7 @@ def render_html(directories: list[Path], title: str = "slimkit report") -> str:
     nav = " ".join(f'<a href="#run{i}">{html.escape(r.name)}</a>' for i, r in enumerate(runs))
     body = "\n".join(_section(r, i) for i, r in enumerate(runs))
     stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+    return (f"<!doctype html><html lang=en><head><meta charset=utf-8>{HTML_GENERATOR}<title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
             f"<p class=meta>generated {stamp} from {len(runs)} run(s); self-contained, works offline</p>"
             f"<nav>{nav}</nav>{body}</body></html>")

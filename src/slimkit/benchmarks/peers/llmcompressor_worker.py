@@ -51,7 +51,7 @@ def main():
 
     tensors = load_file(windows_file)
     cal = tensors["calibration"]
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False)
     dataset = Dataset.from_dict({"input_ids": cal.tolist(), "attention_mask": torch.ones_like(cal).tolist()})
     start = time.perf_counter()
     oneshot(model=model, dataset=dataset, recipe=recipe_for(method), num_calibration_samples=cal.shape[0],

@@ -1,0 +1,131 @@
+"""Checks that run before any model loads: paths, data, sequence lengths and recipe shapes.
+
+A model's outline (its config, and the model built on the meta device, which allocates nothing)
+answers every shape question in about a second, so a group size that does not tile a layer or
+a `--seqlen` past the model's positions is refused before minutes of loading and evaluating.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slimkit.errors import DataError, ShapeError, SlimkitError
+from slimkit.models.adapters import ArchitectureAdapter, adapter_for
+from slimkit.models.checks import NO_CODE, check_before_load, load_config, read_config
+from slimkit.models.loading import model_kind, gguf_cache_dir, resolve
+from slimkit.recipes.schema import Recipe
+
+
+@dataclass
+class ModelOutline:
+    """What a model is, from its config alone: no weights are read."""
+
+    name: str
+    path: Path
+    kind: str
+    config: object
+
+    @property
+    def max_positions(self) -> int | None:
+        value = getattr(self.config, "max_position_embeddings", None)
+        return int(value) if isinstance(value, int) and value > 0 else None
+
+    @cached_property
+    def skeleton(self) -> nn.Module:
+        """The model on the meta device: every shape, no memory (built on first use, ~1-2 s)."""
+        from transformers import AutoModel, AutoModelForCausalLM
+
+        auto = AutoModelForCausalLM if self.kind == "causal-lm" else AutoModel
+        try:
+            with torch.device("meta"):
+                return auto.from_config(self.config, trust_remote_code=False)
+        except (ValueError, TypeError, RuntimeError, AttributeError, KeyError) as exc:
+            raise SlimkitError(f"{self.name}: transformers cannot build this config: {str(exc).splitlines()[0]}") from None
+
+    @cached_property
+    def adapter(self) -> ArchitectureAdapter:
+        return adapter_for(self.skeleton)
+
+
+def _gguf_config(path: Path):
+    cache = gguf_cache_dir(path)
+    if (cache / "config.json").is_file():
+        return load_config(cache)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, **NO_CODE)
+    except Exception as exc:  # the gguf reader raises many types for a damaged file
+        raise SlimkitError(f"could not read GGUF file {path} (corrupt, truncated or header only): "
+                           f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+
+
+def outline(model: str) -> ModelOutline:
+    """Resolve `model` and read its config; for an HF dir, also compare config.json with the
+    safetensors headers (missing tensors, absurd sizes, integer weights)."""
+    path, _ = resolve(model)
+    if path.suffix == ".gguf":
+        return ModelOutline(model, path, "causal-lm", _gguf_config(path))
+    kind = model_kind(read_config(path))
+    from slimkit.formats.pack import PACKED_FILE
+
+    if not (path / PACKED_FILE).is_file():
+        check_before_load(path, kind)
+    return ModelOutline(model, path, kind, load_config(path))
+
+
+def check_seqlen(outline_: ModelOutline, seqlen: int, option: str = "--seqlen") -> None:
+    limit = outline_.max_positions
+    if outline_.kind == "causal-lm" and limit is not None and seqlen > limit:
+        raise ShapeError(f"{option} {seqlen} is longer than the model's {limit} positions "
+                         f"(max_position_embeddings); use {option} {min(limit, 512)}")
+
+
+def check_recipe_shapes(outline_: ModelOutline, recipe: Recipe) -> None:
+    """Every N:M pattern and group size of `recipe` tiles every layer it targets (up to the
+    first step that changes the architecture: shapes after it are not known yet)."""
+    from slimkit.pruning.magnitude import check_nm_shape
+    from slimkit.quantization.config import QuantFields
+    from slimkit.quantization.rtn import check_groups
+    from slimkit.recipes.targets import select_targets
+
+    for step in recipe.steps:
+        if step.method in ("prune_structured", "distill"):
+            return
+        nm = step.nm() if hasattr(step, "nm") else None
+        quant = step if isinstance(step, QuantFields) else getattr(step, "quantize", None)
+        for name, module in select_targets(outline_.skeleton, outline_.adapter, step, {}).items():
+            if nm:
+                check_nm_shape(tuple(module.weight.shape), nm[1], f"recipe {recipe.name}: {name}")
+            if quant is not None:
+                check_groups(module.weight, quant.spec(), f"recipe {recipe.name}: {name}")
+
+
+def check_data(data: str | os.PathLike | None) -> None:
+    """Read and split the user's text now (cached for the run), so a bad file fails first."""
+    if data is None:
+        return
+    from slimkit.data import load_split
+
+    path = Path(data)
+    if path.is_dir():
+        raise DataError(f"--data {path} is a directory; give a .txt or .jsonl file")
+    load_split(str(path))
+
+
+def check_work_dir(directory: str | os.PathLike | None, option: str) -> None:
+    """A directory slimkit writes scratch files into: created when missing, must be writable."""
+    if directory is None:
+        return
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{option} {path} exists and is not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise DataError(f"{option} {path} is not writable")
