@@ -17,7 +17,7 @@ from torch import nn
 
 from slimkit.errors import DataError, ShapeError, SlimkitError
 from slimkit.models.adapters import ArchitectureAdapter, adapter_for
-from slimkit.models.checks import NO_CODE, check_before_load, load_config, read_config
+from slimkit.models.checks import NO_CODE, check_before_load, check_gguf, load_config, read_config
 from slimkit.models.loading import model_kind, gguf_cache_dir, resolve
 from slimkit.recipes.schema import Recipe
 
@@ -59,6 +59,7 @@ def _gguf_config(path: Path):
         return load_config(cache)
     from transformers import AutoConfig
 
+    check_gguf(path)
     try:
         return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, **NO_CODE)
     except Exception as exc:  # the gguf reader raises many types for a damaged file
@@ -80,11 +81,16 @@ def outline(model: str) -> ModelOutline:
     return ModelOutline(model, path, kind, load_config(path))
 
 
-def check_seqlen(outline_: ModelOutline, seqlen: int, option: str = "--seqlen") -> None:
-    limit = outline_.max_positions
-    if outline_.kind == "causal-lm" and limit is not None and seqlen > limit:
-        raise ShapeError(f"{option} {seqlen} is longer than the model's {limit} positions "
-                         f"(max_position_embeddings); use {option} {min(limit, 512)}")
+def sequence_length(outline_: ModelOutline, asked: int | None, default: int, option: str = "--seqlen") -> int:
+    """The length to use: what was asked, which must fit the model's positions, or the default
+    cut to them (a model with 256 positions evaluates windows of 256)."""
+    limit = outline_.max_positions if outline_.kind == "causal-lm" else None
+    if asked is None:
+        return min(default, limit) if limit else default
+    if limit is not None and asked > limit:
+        raise ShapeError(f"{option} {asked} is longer than the model's {limit} positions "
+                         f"(max_position_embeddings); use {option} {min(limit, default)} or less")
+    return asked
 
 
 def check_recipe_shapes(outline_: ModelOutline, recipe: Recipe) -> None:

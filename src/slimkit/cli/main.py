@@ -95,14 +95,16 @@ def compress(
     recipe: List[str] = typer.Option(..., "--recipe", "-r", help="built-in recipe name or YAML/JSON file; repeat to compare several"),
     output: Path = typer.Option(..., "--output", "-o", help="output dir (written atomically)"),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
-    seqlen: int = typer.Option(512, min=2, help="perplexity window length (tokens)"),
+    seqlen: Optional[int] = typer.Option(None, min=2, help="perplexity window length in tokens (default 512, "
+                                         "or the model's positions if it has fewer)"),
     windows: int = typer.Option(16, min=1, help="evaluate the first N windows (quick); see --full"),
     full: bool = typer.Option(False, "--full", help="evaluate every window: the full protocol"),
     n_texts: int = typer.Option(256, min=2, help="encoders: texts for embedding similarity"),
     data: Optional[Path] = typer.Option(None, help="your own text (.txt, blank-line separated, or .jsonl with 'text')"),
     calibration_windows: int = typer.Option(32, min=1, help="calibration windows for SparseGPT/Wanda/GPTQ/AWQ "
                                             "(quick default; the papers use 128)"),
-    calibration_seqlen: int = typer.Option(256, min=2, help="tokens per calibration window (the papers use 512)"),
+    calibration_seqlen: Optional[int] = typer.Option(None, min=2, help="tokens per calibration window (default "
+                                                     "256, or the model's positions if fewer; the papers use 512)"),
     offload_activations: Optional[Path] = typer.Option(None, help="keep calibration activations in this dir "
                                                        "on disk instead of RAM (big models)"),
     seed: int = typer.Option(0, help="seed for calibration sampling"),
@@ -143,7 +145,8 @@ def compress(
         names = [r.name for r in recipes_]
         if len(set(names)) != len(names):
             raise SlimkitError(f"recipe names must differ to share an output dir, got {names}")
-        _preflight(model, recipes_, data, offload_activations, seqlen, calibration_seqlen)
+        seqlen, calibration_seqlen = _preflight(model, recipes_, data, offload_activations, seqlen,
+                                                calibration_seqlen)
         _quiet_transformers()
         settings = _settings(seqlen, windows, full, data, n_texts, calibration_windows, calibration_seqlen, seed)
         with RichProgress(console) as progress:
@@ -164,19 +167,21 @@ def _dtype(name: str):
     return None if name == "auto" else getattr(torch, name)
 
 
-def _preflight(model: str, recipes: list, data: Optional[Path], offload: Optional[Path], seqlen: int,
-               calibration_seqlen: int) -> None:
-    """Everything that can be checked before the model loads (about a second, not minutes)."""
-    from slimkit.preflight import check_data, check_recipe_shapes, check_seqlen, check_work_dir, outline
+def _preflight(model: str, recipes: list, data: Optional[Path], offload: Optional[Path], seqlen: Optional[int],
+               calibration_seqlen: Optional[int]) -> tuple[int, int]:
+    """Everything that can be checked before the model loads (seconds, not minutes); returns
+    the sequence lengths to use."""
+    from slimkit.preflight import check_data, check_recipe_shapes, check_work_dir, outline, sequence_length
 
     check_data(data)
     check_work_dir(offload, "--offload-activations")
     shape = outline(model)
-    check_seqlen(shape, seqlen)
-    check_seqlen(shape, calibration_seqlen, "--calibration-seqlen")
+    seqlen = sequence_length(shape, seqlen, 512)
+    calibration_seqlen = sequence_length(shape, calibration_seqlen, 256, "--calibration-seqlen")
     for recipe in recipes:
         check_recipe_shapes(shape, recipe)
     shape.adapter  # an architecture slimkit has no adapter for fails here, before loading
+    return seqlen, calibration_seqlen
 
 
 def _bench_outputs(model: str, outputs: list[Path], root: Path, settings) -> None:
@@ -203,7 +208,8 @@ def _bench_outputs(model: str, outputs: list[Path], root: Path, settings) -> Non
 @friendly_errors
 def eval_(
     model: str = typer.Argument(..., help="packaged name, HF model dir (e.g. a compress output), or .gguf"),
-    seqlen: int = typer.Option(512, min=2, help="perplexity window length (tokens)"),
+    seqlen: Optional[int] = typer.Option(None, min=2, help="perplexity window length in tokens (default 512, "
+                                         "or the model's positions if it has fewer)"),
     windows: int = typer.Option(16, min=1, help="evaluate the first N windows (quick); see --full"),
     full: bool = typer.Option(False, "--full", help="evaluate every window: the full protocol"),
     n_texts: int = typer.Option(256, min=2, help="encoders: texts for embedding similarity"),
@@ -227,10 +233,10 @@ def eval_(
     from slimkit.data import load_split
     from slimkit.workflow import QualityMeter
 
-    from slimkit.preflight import check_data, check_seqlen, outline
+    from slimkit.preflight import check_data, outline, sequence_length
 
     check_data(data)
-    check_seqlen(outline(model), seqlen)
+    seqlen = sequence_length(outline(model), seqlen, 512)
     _quiet_transformers()
     settings = _settings(seqlen, windows, full, data, n_texts, 0, 2, 0)
     loaded = load_model(model)

@@ -160,3 +160,18 @@ def check_finite(model: nn.Module, where: str) -> None:
     if bad:
         raise WeightsError(f"{where} has non-finite weights: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; "
                            "slimkit will not evaluate or compress a model with NaN/Inf weights")
+
+
+def check_gguf(path: Path) -> None:
+    """A GGUF must hold tensors: transformers would otherwise build the architecture's default
+    config with random weights. Reads the header and tensor index only (memory-mapped)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        count = sum(int(t.n_elements) for t in reader.tensors)
+    except Exception as exc:  # the reader raises struct, value and index errors on damage
+        raise WeightsError(f"could not read GGUF file {path} (corrupt or truncated): {type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+    if count == 0:
+        raise WeightsError(f"GGUF file {path} holds no tensors (header only); nothing to load")

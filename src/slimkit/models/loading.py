@@ -21,7 +21,7 @@ from torch import nn
 
 from slimkit.errors import ModelNotFoundError, OutputInUseError, OutputRefusedError, WeightsError
 from slimkit.models.adapters import ArchitectureAdapter, adapter_for
-from slimkit.models.checks import NO_CODE, check_before_load, check_finite, check_loading_info, read_config
+from slimkit.models.checks import NO_CODE, check_before_load, check_finite, check_gguf, check_loading_info, read_config
 from slimkit.outputs import output_directory
 from slimkit.models.zoo import ZOO, ModelKind, zoo_entry
 
@@ -121,6 +121,7 @@ def gguf_cache_dir(path: Path) -> Path:
 def _read_gguf(path: Path) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM
 
+    check_gguf(path)
     try:
         tokenizer = _load_tokenizer(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(

@@ -110,6 +110,8 @@ def report_markdown(report: dict) -> str:
         "by the format's arithmetic (codes + scales, or bitmask + kept values).",
         f"- written to disk (dense safetensors with masks/quantization applied): "
         f"{report['size']['stored_bytes'] / MB:.1f} MB",
+        f"- dtype: stored as {report['model'].get('stored_dtype', 'float32')} (the checkpoint's own); statistics, "
+        f"compression and evaluation computed in {report['model'].get('computed_in', 'float32')}",
         "",
         "## Size by tensor kind (dense, MB)",
         "",
