@@ -385,3 +385,13 @@ def test_shape_and_data_errors_come_before_the_model_loads(tiny_llama_dir, tmp_p
     assert "loaded" not in proc.stdout  # refused before loading, not after evaluating
     proc = slimkit("compress", tiny_llama_dir, "-r", "rtn-int8", "-o", tmp_path / "o", "--data", tmp_path / "none.txt")
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "loaded" not in proc.stdout
+
+
+def test_a_nan_hessian_is_reported_as_nan_not_as_too_little_calibration():
+    from slimkit.calibration.obs import SingularHessianError, inverse_hessian_factor
+
+    hessian = torch.eye(8)
+    hessian[2, 3] = float("nan")
+    with pytest.raises(SingularHessianError, match="NaN/Inf") as info:
+        inverse_hessian_factor(hessian, name="q_proj")
+    assert "calibration-windows" not in str(info.value)

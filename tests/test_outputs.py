@@ -102,20 +102,30 @@ def test_a_directory_that_appears_during_the_write_is_not_deleted(tmp_path):
     assert _leftovers(tmp_path) == ["out"]
 
 
-def test_a_second_writer_is_told_in_use_and_the_first_completes(tmp_path):
+def _start_writer(tmp_path, body: str) -> subprocess.Popen:
+    """A child process inside output_directory(tmp_path/out); returns once it is writing."""
     script = textwrap.dedent(f"""
-        import time
+        import signal, time
+        # as in a terminal: a parent that runs us in the background may have left SIGINT ignored
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        from slimkit.cli.errors import install_sigterm
+        install_sigterm()
         from slimkit.outputs import output_directory
         with output_directory({str(tmp_path / 'out')!r}) as d:
             (d / "v").write_text("first")
             open({str(tmp_path / 'ready')!r}, "w").close()
-            time.sleep(3)
+            {body}
     """)
     proc = subprocess.Popen([sys.executable, "-c", script])
     deadline = time.time() + 60
     while not (tmp_path / "ready").exists():
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.05)
+    return proc
+
+
+def test_a_second_writer_is_told_in_use_and_the_first_completes(tmp_path):
+    proc = _start_writer(tmp_path, "time.sleep(3)")
     with pytest.raises(OutputInUseError, match=f"pid {proc.pid}"):
         with output_directory(tmp_path / "out", overwrite=True):
             pass
@@ -154,23 +164,7 @@ def test_output_file_refuses_a_file_slimkit_did_not_write(tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
 def test_killed_process_leaves_no_complete_looking_output(tmp_path, sig):
-    script = textwrap.dedent(f"""
-        import signal, time
-        # as in a terminal: a parent that runs us in the background may have left SIGINT ignored
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        from slimkit.cli.errors import install_sigterm
-        install_sigterm()
-        from slimkit.outputs import output_directory
-        with output_directory({str(tmp_path / 'out')!r}) as d:
-            (d / "config.json").write_text("{{}}")
-            open({str(tmp_path / 'ready')!r}, "w").close()
-            time.sleep(60)
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", script])
-    deadline = time.time() + 60
-    while not (tmp_path / "ready").exists():
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.05)
+    proc = _start_writer(tmp_path, "time.sleep(60)")
     proc.send_signal(sig)
     proc.wait(timeout=30)
     assert not (tmp_path / "out").exists()

@@ -261,6 +261,13 @@ def output_directory(final: str | os.PathLike, overwrite: bool = False, inputs: 
             raise
 
 
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write one file atomically (temp file beside it, then replace). For files inside an
     output directory slimkit owns; a user-named output file goes through `output_file`."""
@@ -268,10 +275,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _partial_name(path)
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+        _write_synced(tmp, text)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -285,10 +289,7 @@ def output_file(final: str | os.PathLike, text: str, overwrite: bool = False,
     with reserve_output(final, overwrite, inputs, kind="file") as final_path:
         tmp = _partial_name(final_path)
         try:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
+            _write_synced(tmp, text)
             _commit(tmp, final_path, overwrite, inputs)
         except BaseException:
             tmp.unlink(missing_ok=True)
