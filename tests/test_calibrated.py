@@ -5,9 +5,16 @@ import logging
 import pytest
 import torch
 
+from conftest import tiny_llama
 from slimkit.calibration.engine import sequential_compress
-from slimkit.calibration.obs import (ObsProblem, PruneTarget, SingularHessianError, inverse_hessian_factor,
-                                    obs_solve, obs_solve_batch)
+from slimkit.calibration.obs import (
+    ObsProblem,
+    PruneTarget,
+    SingularHessianError,
+    inverse_hessian_factor,
+    obs_solve,
+    obs_solve_batch,
+)
 from slimkit.calibration.stats import InputStats, StatsRequest
 from slimkit.errors import ShapeError
 from slimkit.models import adapter_for
@@ -16,8 +23,6 @@ from slimkit.pruning.wanda import wanda_mask
 from slimkit.quantization import awq
 from slimkit.quantization.rtn import QuantSpec, rtn_quantize
 from slimkit.recipes import compress, parse_recipe
-
-from conftest import tiny_llama
 
 
 def _problem(out=32, inp=64, tokens=512, seed=0):

@@ -13,10 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from conftest import tiny_llama
-from slimkit.distillation.classifier import ClassifierTask, accuracy, load_digits_dataset, mlp, train_student, train_teacher
+from slimkit.distillation.classifier import (
+    ClassifierTask,
+    accuracy,
+    load_digits_dataset,
+    mlp,
+    train_student,
+    train_teacher,
+)
 from slimkit.distillation.data import teacher_generated_windows
 from slimkit.distillation.init import student_from_teacher
 from slimkit.distillation.language import CausalLMDistillTask, EncoderDistillTask, LMLossConfig, layer_map
@@ -206,6 +212,7 @@ def test_teacher_generated_text_is_seeded_and_sized():
 
 def test_encoder_distillation_raises_cosine_through_a_projection(tmp_path):
     from transformers import BertConfig, BertModel
+
     from slimkit.pruning.structured import StructuredPruneConfig, prune_structured, token_batches
 
     torch.manual_seed(0)

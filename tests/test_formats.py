@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import tiny_llama
 from slimkit.errors import ShapeError, SlimkitError
 from slimkit.formats import format_class, load_packed, pack_model, packed_layers, save_packed
 from slimkit.formats.floating import nf4_levels
@@ -11,8 +12,6 @@ from slimkit.formats.sparse import SparseUnstructured
 from slimkit.models import adapter_for
 from slimkit.pruning.magnitude import nm_mask, unstructured_mask
 from slimkit.quantization.rtn import QuantSpec, rtn_quantize
-
-from conftest import tiny_llama
 
 # (format, bytes per weight by the format's arithmetic for a 64 x 256 weight, tolerance of the
 # dequantized weight relative to max |w|)

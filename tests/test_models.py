@@ -1,11 +1,10 @@
 import pytest
 import torch
 
+from conftest import tiny_llama
 from slimkit.errors import ModelNotFoundError, UnsupportedArchitectureError
 from slimkit.models import ZOO, adapter_for, load_model, resolve
 from slimkit.models.adapters import LLAMA
-
-from conftest import tiny_llama
 
 
 def test_zoo_names_resolve_to_packaged_files():

@@ -2,11 +2,10 @@ import math
 
 import torch
 
+from conftest import tiny_llama
 from slimkit.data import split_documents
 from slimkit.data.corpus import Document
 from slimkit.evaluation import PerplexityProtocol, eval_windows, perplexity
-
-from conftest import tiny_llama
 
 
 def _split(n=40):

@@ -1,11 +1,10 @@
 import pytest
 import torch
 
+from conftest import tiny_llama
 from slimkit.errors import ShapeError
 from slimkit.pruning.magnitude import global_threshold, nm_mask, threshold_mask, unstructured_mask
 from slimkit.recipes import compress, parse_recipe
-
-from conftest import tiny_llama
 
 
 @pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (1, 4), (3, 4), (4, 8), (5, 8), (2, 16)])

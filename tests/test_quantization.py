@@ -1,11 +1,10 @@
 import pytest
 import torch
 
+from conftest import tiny_llama
 from slimkit.errors import ShapeError
 from slimkit.quantization.rtn import QuantSpec, bytes_per_weight, compute_qparams, dequantize, rtn_quantize
 from slimkit.recipes import compress, parse_recipe
-
-from conftest import tiny_llama
 
 SPECS = [
     QuantSpec(8, True, None),

@@ -18,7 +18,7 @@ from torch import nn
 from slimkit.errors import DataError, ShapeError, SlimkitError
 from slimkit.models.adapters import ArchitectureAdapter, adapter_for
 from slimkit.models.checks import NO_CODE, check_before_load, check_gguf, load_config, read_config
-from slimkit.models.loading import model_kind, gguf_cache_dir, resolve
+from slimkit.models.loading import gguf_cache_dir, model_kind, resolve
 from slimkit.recipes.schema import Recipe
 
 

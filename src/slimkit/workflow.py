@@ -19,9 +19,9 @@ from slimkit.data.tokens import calibration_windows
 from slimkit.evaluation.embedding import EmbeddingProtocol, sentence_embeddings, similarity
 from slimkit.evaluation.perplexity import PerplexityProtocol, perplexity
 from slimkit.evaluation.size import bytes_by_kind, files_bytes, packed_bytes
-from slimkit.outputs import output_directory, reserve_output
 from slimkit.export.hf import COMPRESSION_FILE, save_compression_state, save_model_dir
 from slimkit.models.loading import LoadedModel, load_model
+from slimkit.outputs import output_directory, reserve_output
 from slimkit.progress import NoProgress, Progress
 from slimkit.recipes.apply import CompressionResult, compress
 from slimkit.recipes.schema import Recipe

@@ -106,8 +106,8 @@ def advise(model: str, constraints: Constraints, device: Device, output: Path,
            settings: AdviseSettings = AdviseSettings(), progress: Progress = NoProgress(),
            log: Callable[[str], None] = lambda m: None, overwrite: bool = False) -> dict:
     from slimkit.benchmarks import model as bench_model
-    from slimkit.outputs import output_directory
     from slimkit.export.packed import pack_to_dir
+    from slimkit.outputs import output_directory
     from slimkit.recipes import get_recipe
     from slimkit.workflow import EvalSettings, compress_to_dir
 

@@ -106,11 +106,9 @@ def model_rows(model: str, workdir: Path, eval_windows: int, calibration: tuple[
     from slimkit.benchmarks import model as bench_model
     from slimkit.export.packed import pack_to_dir
     from slimkit.pruning.structured import StructuredPruneConfig
-    from slimkit.recipes import get_recipe
+    from slimkit.recipes import get_recipe, parse_recipe
     from slimkit.recipes.schema import Recipe
     from slimkit.workflow import EvalSettings, compress_to_dir
-
-    from slimkit.recipes import parse_recipe
 
     recipes = [get_recipe(n) for n in ("sparsegpt-50", "sparsegpt-2of4", "magnitude-50", "magnitude-2of4",
                                        "rtn-int8", "gptq-int4-g64")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import nn
 
 from slimkit.calibration.engine import BlockWork, EngineReport, sequential_compress
@@ -64,8 +65,8 @@ def write_result(module: nn.Module, record: LayerRecord, result: ObsResult, spec
     record.methods.append(summary)
 
 
-def solve_linears(work: BlockWork, selected: dict[str, nn.Module], hessians: dict[str, "torch.Tensor"],
-                  keep_masks: dict[str, "torch.Tensor | None"], progress, **solver) -> dict[str, ObsResult]:
+def solve_linears(work: BlockWork, selected: dict[str, nn.Module], hessians: dict[str, torch.Tensor],
+                  keep_masks: dict[str, torch.Tensor | None], progress, **solver) -> dict[str, ObsResult]:
     """OBS for a block's selected linears: one stacked problem per shared input, one batched
     solve per input width (q/k/v + o + gate/up together, then down)."""
     by_width: dict[int, list[ObsProblem]] = {}

@@ -11,7 +11,6 @@ import functools
 import os
 import re
 import signal
-import sys
 
 import typer
 

@@ -228,12 +228,11 @@ def eval_(
 
       slimkit eval out/minilm-int8          # cosine vs the base model in report.json
     """
-    from slimkit.models import load_model
-    from slimkit.progress import RichProgress
     from slimkit.data import load_split
-    from slimkit.workflow import QualityMeter
-
+    from slimkit.models import load_model
     from slimkit.preflight import check_data, outline, sequence_length
+    from slimkit.progress import RichProgress
+    from slimkit.workflow import QualityMeter
 
     check_data(data)
     seqlen = sequence_length(outline(model), seqlen, 512)
@@ -427,13 +426,11 @@ def bench_model_cmd(
 
       slimkit bench model smollm2-135m out/int8 out/int4 --windows 0
     """
-    from slimkit.benchmarks import model as bench
-
-    from slimkit.progress import RichProgress
-
     import contextlib
 
+    from slimkit.benchmarks import model as bench
     from slimkit.outputs import output_directory
+    from slimkit.progress import RichProgress
 
     with reserve_output(output, overwrite, inputs=models) if output else contextlib.nullcontext():
         for m in models:
@@ -477,8 +474,8 @@ def lottery(
 
       slimkit lottery --dataset digits --levels 4 --steps 200 --seeds 2 --hidden 64
     """
-    from slimkit.pruning.lottery import LotteryConfig, run_lottery
     from slimkit.progress import RichProgress
+    from slimkit.pruning.lottery import LotteryConfig, run_lottery
 
     try:
         widths = tuple(int(w) for w in hidden.split(",") if w.strip())
@@ -561,7 +558,8 @@ def advise(
 
       slimkit advise smollm2-135m --max-ppl-increase 25% --max-decode-ms 30
     """
-    from slimkit.advisor import AdviseSettings, Constraints, advise as run_advise, detect
+    from slimkit.advisor import AdviseSettings, Constraints, detect
+    from slimkit.advisor import advise as run_advise
     from slimkit.progress import RichProgress
 
     constraints = Constraints(_fraction(max_ppl_increase, "--max-ppl-increase"), max_memory_mb, max_decode_ms,
@@ -609,7 +607,8 @@ def reproduce(
 
       slimkit reproduce --full -o runs/reproduce-full
     """
-    from slimkit.benchmarks.reproduce import reproduce as run_reproduce, table
+    from slimkit.benchmarks.reproduce import reproduce as run_reproduce
+    from slimkit.benchmarks.reproduce import table
     from slimkit.progress import RichProgress
 
     with reserve_output(output, overwrite, inputs=[model]):

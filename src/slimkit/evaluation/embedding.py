@@ -7,7 +7,6 @@ sentence-transformers does for all-MiniLM-L6-v2), L2-normalised. Texts are the f
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 

@@ -19,12 +19,12 @@ import torch
 from torch import nn
 
 from slimkit.errors import SlimkitError
-from slimkit.models.checks import NO_CODE
-from slimkit.outputs import output_directory
 from slimkit.export.hf import COMPRESSION_FILE, load_compression_state
 from slimkit.formats import pack_model, packed_layers
+from slimkit.models.checks import NO_CODE
 from slimkit.models.loading import LoadedModel, load_model
 from slimkit.models.zoo import zoo_entry
+from slimkit.outputs import output_directory
 
 TARGETS = ("hf", "compressed-tensors", "gguf")
 GGUF_NAME = "model.gguf"

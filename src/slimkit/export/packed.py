@@ -7,11 +7,11 @@ from pathlib import Path
 
 from slimkit.errors import SlimkitError
 from slimkit.evaluation.size import files_bytes
-from slimkit.outputs import output_directory
 from slimkit.export.hf import COMPRESSION_FILE, load_compression_state
 from slimkit.formats import pack_model, save_packed
 from slimkit.formats.pack import AUTO
 from slimkit.models.loading import load_model
+from slimkit.outputs import output_directory
 from slimkit.progress import NoProgress, Progress
 
 FOUR_BIT = ("int4", "nf4")

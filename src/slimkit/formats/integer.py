@@ -14,8 +14,14 @@ import warnings
 
 import torch
 
-from slimkit.formats.base import (KERNEL_MAX_ROWS, PackedLinear, group_expand, pack_nibbles, register_format,
-                                  unpack_nibbles)
+from slimkit.formats.base import (
+    KERNEL_MAX_ROWS,
+    PackedLinear,
+    group_expand,
+    pack_nibbles,
+    register_format,
+    unpack_nibbles,
+)
 
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)
 

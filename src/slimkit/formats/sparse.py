@@ -17,8 +17,7 @@ import warnings
 import numpy as np
 import torch
 
-from slimkit.formats.base import (PackedLinear, pack_2bit, pack_nibbles, register_format,
-                                  unpack_2bit, unpack_nibbles)
+from slimkit.formats.base import PackedLinear, pack_2bit, pack_nibbles, register_format, unpack_2bit, unpack_nibbles
 
 
 def _csr(crow, col, values, shape) -> torch.Tensor:

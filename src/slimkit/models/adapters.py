@@ -7,6 +7,7 @@ are attribute paths relative to the HF base model (`model.base_model`) or to one
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 from torch import nn
 
 from slimkit.errors import UnsupportedArchitectureError

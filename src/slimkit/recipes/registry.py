@@ -73,8 +73,8 @@ def _load_builtin_steps() -> None:
     # Importing the step modules registers their handlers.
     import slimkit.distillation.steps  # noqa: F401
     import slimkit.pruning.calibrated_steps  # noqa: F401
-    import slimkit.pruning.structured.steps  # noqa: F401
     import slimkit.pruning.steps  # noqa: F401
+    import slimkit.pruning.structured.steps  # noqa: F401
     import slimkit.quantization.calibrated_steps  # noqa: F401
     import slimkit.quantization.steps  # noqa: F401
 
