@@ -22,7 +22,7 @@ from slimkit.pruning.magnitude import unstructured_mask
 from slimkit.pruning.wanda import wanda_mask
 from slimkit.quantization import awq
 from slimkit.quantization.rtn import QuantSpec, rtn_quantize
-from slimkit.recipes import compress, parse_recipe
+from slimkit.recipes import RunResources, compress, parse_recipe
 
 
 def _problem(out=32, inp=64, tokens=512, seed=0):
@@ -239,7 +239,7 @@ def test_sparsegpt_then_gptq_keeps_the_mask():
     windows = _windows(8, 32)
     recipe = parse_recipe({"steps": [{"method": "sparsegpt", "pattern": "2:4", "blocksize": 32},
                                      {"method": "gptq", "bits": 4, "group_size": 32, "blocksize": 32}]})
-    result = compress(model, recipe, calibration=lambda: windows)
+    result = compress(model, recipe, run=RunResources(calibration=lambda: windows))
     for name, rec in result.records.items():
         w = model.get_submodule(name).weight
         assert ((w.view(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all(), name
@@ -253,7 +253,7 @@ def test_nm_indivisible_fails_before_any_work(method):
     step = {"method": method, "pattern": "2:8", **({"blocksize": 64} if method == "sparsegpt" else {})}
     with pytest.raises(ShapeError, match="not divisible by M=8"):
         compress(model, parse_recipe({"steps": [step]}),
-                 calibration=lambda: called.append(1) or _windows())
+                 run=RunResources(calibration=lambda: called.append(1) or _windows()))
     assert called == []
 
 
@@ -262,6 +262,6 @@ def test_awq_on_tiny_model_keeps_function_before_rounding():
     model = tiny_llama()
     windows = _windows(8, 32)
     before = model(windows).logits
-    compress(model, parse_recipe({"steps": [{"method": "awq", "bits": 8}]}), calibration=lambda: windows)
+    compress(model, parse_recipe({"steps": [{"method": "awq", "bits": 8}]}), run=RunResources(calibration=lambda: windows))
     after = model(windows).logits
     assert (after - before).abs().max() < 0.05 * before.abs().max()

@@ -236,3 +236,20 @@ def test_encoder_distillation_raises_cosine_through_a_projection(tmp_path):
     before = task.evaluate()["cosine"]
     result = train(task, TrainConfig(steps=40, batch_size=8, lr=3e-3, warmup_steps=2, checkpoint_every=40), tmp_path)
     assert result.final_eval["cosine"] > before
+
+
+def test_adding_a_config_field_keeps_old_run_dirs_addressable(tmp_path):
+    """Run dirs hash non-default values only: a new field with a default changes no address."""
+    from pydantic import Field
+
+    from slimkit.distillation.trainer import TrainConfig, run_dir_for
+
+    class TrainConfigNext(TrainConfig):  # the same config after a release added a field
+        label_smoothing: float = Field(0.0, ge=0)
+
+    old = run_dir_for(tmp_path, {"train": TrainConfig(steps=7, lr=3e-4), "task": {"name": "t"}})
+    new = run_dir_for(tmp_path, {"train": TrainConfigNext(steps=7, lr=3e-4), "task": {"name": "t"}})
+    assert old == new
+    changed = run_dir_for(tmp_path, {"train": TrainConfigNext(steps=7, lr=3e-4, label_smoothing=0.1),
+                                     "task": {"name": "t"}})
+    assert changed != old

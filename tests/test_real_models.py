@@ -5,7 +5,7 @@ import json
 import pytest
 
 from slimkit.evaluation import EmbeddingProtocol, PerplexityProtocol, perplexity, sentence_embeddings, similarity
-from slimkit.recipes import compress, get_recipe
+from slimkit.recipes import RunResources, compress, get_recipe
 
 pytestmark = pytest.mark.real_model
 QUICK = PerplexityProtocol(seqlen=512, max_windows=4)
@@ -81,7 +81,7 @@ def test_calibrated_methods_beat_their_baselines_on_smollm2(smollm2, split):
     ppl = {}
     for name in ("magnitude-50", "sparsegpt-50", "rtn-int3-g64", "gptq-int3-g64"):
         smollm2.model.load_state_dict(state)
-        result = compress(smollm2.model, get_recipe(name), smollm2.adapter, calibration=lambda: windows)
+        result = compress(smollm2.model, get_recipe(name), smollm2.adapter, RunResources(calibration=lambda: windows))
         ppl[name] = perplexity(smollm2.model, smollm2.tokenizer, split, PerplexityProtocol(512, 4)).ppl
         sparsity = sum(int((smollm2.model.get_submodule(n).weight == 0).sum()) for n in result.records) / sum(
             smollm2.model.get_submodule(n).weight.numel() for n in result.records)

@@ -102,7 +102,7 @@ def check_recipe_shapes(outline_: ModelOutline, recipe: Recipe) -> None:
     from slimkit.recipes.targets import select_targets
 
     for step in recipe.steps:
-        if step.method in ("prune_structured", "distill"):
+        if step.changes_shapes or step.needs_teacher:
             return
         nm = step.nm() if hasattr(step, "nm") else None
         quant = step if isinstance(step, QuantFields) else getattr(step, "quantize", None)

@@ -24,6 +24,7 @@ from slimkit.models.loading import LoadedModel, load_model
 from slimkit.outputs import output_directory, reserve_output
 from slimkit.progress import NoProgress, Progress
 from slimkit.recipes.apply import CompressionResult, compress
+from slimkit.recipes.context import RunResources
 from slimkit.recipes.schema import Recipe
 from slimkit.reports.tables import comparison_rows, markdown_table, metric_legend, report_markdown, training_plot
 
@@ -226,9 +227,8 @@ def _compress_reserved(model, recipes, output, settings, overwrite, save_dtype, 
                 loaded.model = original_model  # a structural recipe replaced the object
                 loaded.model.load_state_dict(original)
             t0 = time.perf_counter()
-            result = compress(loaded.model, recipe, loaded.adapter, progress, calibration, offload_dir,
-                              tokenizer=loaded.tokenizer, split=split, runs_dir=runs_dir,
-                              restart_training=restart_training)
+            run = RunResources(progress, calibration, offload_dir, loaded.tokenizer, split, runs_dir, restart_training)
+            result = compress(loaded.model, recipe, loaded.adapter, run)
             loaded.model = result.model
             t_compress = time.perf_counter() - t0
             after = meter.measure(recipe.name, result.hidden_projection)

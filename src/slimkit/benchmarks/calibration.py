@@ -24,7 +24,7 @@ import torch
 from slimkit.data import calibration_windows, load_split
 from slimkit.evaluation import PerplexityProtocol, perplexity
 from slimkit.models import load_model
-from slimkit.recipes import compress, get_recipe
+from slimkit.recipes import RunResources, compress, get_recipe
 
 
 def measured_peak_flops(repeats: int = 5) -> float:
@@ -91,7 +91,7 @@ def run(args) -> list[dict]:
         recipe = get_recipe(name)
         lm.model.load_state_dict(original)
         start = time.perf_counter()
-        result = compress(lm.model, recipe, lm.adapter, calibration=lambda: windows)
+        result = compress(lm.model, recipe, lm.adapter, RunResources(calibration=lambda: windows))
         seconds = time.perf_counter() - start
         method = recipe.steps[-1].method
         calibrated = bool(result.engine_reports)

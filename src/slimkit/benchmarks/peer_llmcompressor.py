@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from slimkit.data import calibration_windows, load_split
 from slimkit.evaluation import eval_windows, window_nll
 from slimkit.models import load_model
-from slimkit.recipes import compress, get_recipe
+from slimkit.recipes import RunResources, compress, get_recipe
 
 WORKER = Path(__file__).parent / "peers" / "llmcompressor_worker.py"
 METHODS = ("gptq-int4-g64", "sparsegpt-50")
@@ -67,7 +67,7 @@ def main(argv=None) -> None:
         for method in args.methods.split(","):
             lm.model.load_state_dict(original)
             start = time.perf_counter()
-            compress(lm.model, get_recipe(method), lm.adapter, calibration=lambda: cal)
+            compress(lm.model, get_recipe(method), lm.adapter, RunResources(calibration=lambda: cal))
             ours = {"seconds": time.perf_counter() - start, "ppl": ppl_on(lm.model, ev)}
             out = Path(tmp) / f"{method}.json"
             proc = subprocess.run([args.peer_python, str(WORKER), str(lm.hf_dir), str(tensors), method, str(out)],

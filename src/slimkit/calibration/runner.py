@@ -10,10 +10,10 @@ from torch import nn
 from slimkit.calibration.engine import BlockWork, EngineReport, sequential_compress
 from slimkit.calibration.obs import ObsProblem, ObsResult, obs_solve_batch
 from slimkit.calibration.stats import StatsRequest
-from slimkit.errors import DataError, RecipeError
+from slimkit.errors import RecipeError
 from slimkit.quantization.rtn import QuantParams, QuantSpec, quantize
 from slimkit.recipes.base import StepConfig
-from slimkit.recipes.registry import LayerRecord, StepContext
+from slimkit.recipes.context import LayerRecord, StepContext
 from slimkit.recipes.targets import select_targets
 
 
@@ -31,22 +31,20 @@ def run_calibrated(
             "include_lm_head / include_embeddings are not supported. Add an rtn_quantize or "
             "magnitude_prune step for those tensors."
         )
-    targets = select_targets(ctx.model, ctx.adapter, config, ctx.records)
+    targets = select_targets(ctx.state.model, ctx.state.adapter, config, ctx.state.records)
     if check is not None:
         for name, module in targets.items():  # every shape is checked before any work starts
             check(name, module)
-    if ctx.calibration is None:
-        raise DataError(f"{config.method} needs calibration text, and this model has no tokenizer")
-    windows = ctx.calibration()
+    windows = ctx.run.calibration()
 
     def per_block(work: BlockWork) -> None:
         selected = {n: m for n, m in work.linears.items() if n in targets}
         if selected:
             compress_block(work, selected)
 
-    report = sequential_compress(ctx.model, ctx.adapter, windows, request, per_block, ctx.progress,
-                                 offload_dir=ctx.offload_dir, description=config.summary())
-    ctx.engine_reports.append(report)
+    report = sequential_compress(ctx.state.model, ctx.state.adapter, windows, request, per_block, ctx.run.progress,
+                                 offload_dir=ctx.run.offload_dir, description=config.summary())
+    ctx.state.engine_reports.append(report)
     return report
 
 

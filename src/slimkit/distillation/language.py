@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from slimkit.distillation.losses import hidden_loss, make_projection, token_divergence
-from slimkit.distillation.trainer import EpochSampler
+from slimkit.distillation.trainer import EpochSampler, identity
 from slimkit.evaluation.perplexity import window_nll
 
 
@@ -104,7 +104,7 @@ class CausalLMDistillTask:
         return {"ppl": float(torch.tensor(nll / tokens).exp())}
 
     def describe(self) -> dict:
-        return {"task": "causal-lm", "loss": self.cfg.model_dump(), "windows": list(self.windows.shape),
+        return {"task": "causal-lm", "loss": identity(self.cfg), "windows": list(self.windows.shape),
                 "windows_hash": _tensor_hash(self.windows), "eval_windows": list(self.eval_windows.shape),
                 "student_config": self.student.config.to_diff_dict(), "seed": self.seed, "data": self.data}
 

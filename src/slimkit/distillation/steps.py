@@ -11,9 +11,9 @@ from slimkit.distillation.config import DistillConfig
 from slimkit.distillation.data import teacher_generated_windows
 from slimkit.distillation.language import CausalLMDistillTask, EncoderDistillTask, LMLossConfig
 from slimkit.distillation.trainer import TrainConfig, run_dir_for, train
-from slimkit.errors import RecipeError
 from slimkit.evaluation.perplexity import eval_windows
-from slimkit.recipes.registry import StepContext, register_step
+from slimkit.recipes.context import StepContext
+from slimkit.recipes.registry import register_step
 
 
 def _train_config(c: DistillConfig) -> TrainConfig:
@@ -23,51 +23,47 @@ def _train_config(c: DistillConfig) -> TrainConfig:
 
 
 def _runs_root(ctx: StepContext) -> Path:
-    if ctx.runs_dir:
-        return Path(ctx.runs_dir)
+    if ctx.run.runs_dir:
+        return Path(ctx.run.runs_dir)
     from slimkit.models.loading import cache_root
     return cache_root() / "runs"
 
 
 def _lm_task(c: DistillConfig, ctx: StepContext) -> CausalLMDistillTask:
-    windows = calibration_windows(ctx.tokenizer, ctx.split, c.windows, c.seqlen, seed=1000 + c.seed)
+    windows = calibration_windows(ctx.run.tokenizer, ctx.run.split, c.windows, c.seqlen, seed=1000 + c.seed)
     if c.data == "teacher":
-        windows = teacher_generated_windows(ctx.teacher, windows[:, :8], c.seqlen, seed=c.seed, progress=ctx.progress)
-    held_out = eval_windows(ctx.tokenizer, ctx.split, c.seqlen)[: c.eval_windows]
+        windows = teacher_generated_windows(ctx.state.teacher, windows[:, :8], c.seqlen, seed=c.seed, progress=ctx.run.progress)
+    held_out = eval_windows(ctx.run.tokenizer, ctx.run.split, c.seqlen)[: c.eval_windows]
     loss = LMLossConfig(divergence=c.divergence, temperature=c.temperature, alpha=c.alpha,
                         hidden_weight=c.hidden_weight)
-    init = ctx.hidden_projection if c.hidden_weight > 0 else None
-    return CausalLMDistillTask(ctx.model, ctx.teacher, windows, loss, held_out, c.seed, c.batch_size, init, c.data)
+    init = ctx.state.hidden_projection if c.hidden_weight > 0 else None
+    return CausalLMDistillTask(ctx.state.model, ctx.state.teacher, windows, loss, held_out, c.seed, c.batch_size, init, c.data)
 
 
 def _encoder_task(c: DistillConfig, ctx: StepContext) -> EncoderDistillTask:
-    texts = [d.text for d in ctx.split.calibration[: c.windows]]
-    held_out = [d.text for d in ctx.split.evaluation[-c.eval_windows * 8 :]]  # not the eval protocol's first texts
+    texts = [d.text for d in ctx.run.split.calibration[: c.windows]]
+    held_out = [d.text for d in ctx.run.split.evaluation[-c.eval_windows * 8 :]]  # not the eval protocol's first texts
     hidden_weight = c.hidden_weight if "hidden_weight" in c.model_fields_set else 1.0
-    return EncoderDistillTask(ctx.model, ctx.teacher, ctx.tokenizer, texts, held_out, hidden_weight, c.seed,
-                              c.batch_size, ctx.hidden_projection, max_length=min(c.seqlen, 128))
+    return EncoderDistillTask(ctx.state.model, ctx.state.teacher, ctx.run.tokenizer, texts, held_out, hidden_weight, c.seed,
+                              c.batch_size, ctx.state.hidden_projection, max_length=min(c.seqlen, 128))
 
 
 @register_step(DistillConfig)
 def apply_distill(config: DistillConfig, ctx: StepContext) -> None:
-    if ctx.teacher is None:
-        raise RecipeError("distill needs the model as it was before the recipe; run it through compress()")
-    if ctx.tokenizer is None or ctx.split is None:
-        raise RecipeError("distill needs a tokenizer and training text")
-    causal = ctx.model.get_output_embeddings() is not None
+    causal = ctx.state.model.get_output_embeddings() is not None
     task = _lm_task(config, ctx) if causal else _encoder_task(config, ctx)
-    for p in ctx.model.parameters():
+    for p in ctx.state.model.parameters():
         p.requires_grad_(True)
     train_config = _train_config(config)
-    run_dir = run_dir_for(_runs_root(ctx), {"train": train_config.model_dump(), "task": task.describe(),
-                                            "student_start": _fingerprint(ctx.model)})
-    result = train(task, train_config, run_dir, ctx.progress, restart=ctx.restart_training)
-    for p in ctx.model.parameters():
+    run_dir = run_dir_for(_runs_root(ctx), {"train": train_config, "task": task.describe(),
+                                            "student_start": _fingerprint(ctx.state.model)})
+    result = train(task, train_config, run_dir, ctx.run.progress, restart=ctx.run.restart_training)
+    for p in ctx.state.model.parameters():
         p.requires_grad_(False)
     projection = task.trainable().get("projection")
     if projection is not None:
-        ctx.hidden_projection = projection.weight.detach().clone()
-    ctx.details.append({"step": config.summary(), "run_dir": str(run_dir), "resumed_from_step": result.resumed_from,
+        ctx.state.hidden_projection = projection.weight.detach().clone()
+    ctx.state.details.append({"step": config.summary(), "run_dir": str(run_dir), "resumed_from_step": result.resumed_from,
                         "final_eval": result.final_eval, "log": result.rows})
 
 

@@ -108,9 +108,21 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def identity(value: Any) -> Any:
+    """What names a run: configs by their non-default values only, so that a field added later
+    (with a default) leaves every existing run dir addressable."""
+    if isinstance(value, BaseModel):
+        return identity(value.model_dump(mode="json", exclude_defaults=True))
+    if isinstance(value, dict):
+        return {str(k): identity(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [identity(v) for v in value]
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+
+
 def run_dir_for(root: str | Path, description: dict) -> Path:
     """open_lth-style: a run's directory is named by the hash of everything that defines it."""
-    digest = hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(json.dumps(identity(description), sort_keys=True).encode()).hexdigest()[:12]
     return Path(root) / digest
 
 
@@ -169,19 +181,20 @@ def train(task: TrainTask, config: TrainConfig, run_dir: str | Path, progress: P
                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, config))
     columns = ["step", "lr", "grad_norm", *task.loss_terms, *[f"eval_{k}" for k in task.eval_terms]]
-    description = {"train": config.model_dump(), "task": task.describe(), "world_size": world}
+    description = {"train": config.model_dump(mode="json"), "task": task.describe(), "world_size": world,
+                   "identity": identity({"train": config, "task": task.describe()})}
     ckpt_path = run_dir / CHECKPOINT
     start = 0
     if ckpt_path.exists():
         stored = json.loads((run_dir / CONFIG).read_text())
-        if {k: v for k, v in stored.items() if k != "world_size"} != json.loads(
-                json.dumps({k: v for k, v in description.items() if k != "world_size"}, default=str)):
-            raise SlimkitError(f"{run_dir} holds a different run (its {CONFIG} differs); use another directory")
+        if stored.get("identity") != description["identity"]:
+            raise SlimkitError(f"{run_dir} holds a different run (its {CONFIG} differs); use another directory "
+                               "or --restart")
         start = load_checkpoint(ckpt_path, modules, opt, sched)
     else:
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / CONFIG).write_text(json.dumps(description, indent=2, default=str))
+            (run_dir / CONFIG).write_text(json.dumps(identity(description), indent=2))
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         if world > 1:  # everyone starts from rank 0's weights

@@ -52,7 +52,7 @@ def _tensors(name: str, mod: PackedLinear, dtype: torch.dtype) -> dict[str, torc
         if mod.zero is None:
             q = codes.to(torch.int8)
         else:  # compressed-tensors stores asymmetric codes offset like symmetric ones: u - 2^(b-1)
-            q = (mod._nibbles().to(torch.int16) - 8).to(torch.int8)
+            q = (mod.nibbles().to(torch.int16) - 8).to(torch.int8)
             out[f"{name}.weight_zero_point"] = (mod.zero.to(torch.int16) - 8).to(torch.int8)
         out[f"{name}.weight_packed"] = pack_to_int32(q, bits)
         out[f"{name}.weight_scale"] = mod.scale.to(dtype)
@@ -111,7 +111,7 @@ def export_compressed_tensors(model: torch.nn.Module, tokenizer, directory: Path
         seen.add(ptr)
         tensors[key] = t.detach().to(dtype if t.is_floating_point() else t.dtype).contiguous()
     config = model.config
-    if any(getattr(m, "_untied_from", None) for m in layers.values()) or "lm_head" in layers:
+    if any(m.meta.get("tied_to") for m in layers.values()) or "lm_head" in layers:
         config.tie_word_embeddings = False
     config.quantization_config = _config(groups, [n for n in all_linears if n not in layers])
     config.dtype = dtype

@@ -35,7 +35,7 @@ def int4_blocks(mod) -> tuple[np.ndarray, object] | None:
 
     if mod.group % 32:
         return None
-    u = mod._nibbles().numpy().astype(np.uint8)  # [N, K] 0..15
+    u = mod.nibbles().numpy().astype(np.uint8)  # [N, K] 0..15
     rows, cols = u.shape
     per = mod.group // 32
     scale = mod.scale.float().repeat_interleave(per, dim=1)  # [N, K/32]

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from slimkit.models.loading import LoadedModel
-from slimkit.recipes.registry import LayerRecord
+from slimkit.recipes.context import LayerRecord
 
 COMPRESSION_FILE = "compression.safetensors"
 

@@ -46,7 +46,7 @@ def unpack(model: nn.Module) -> nn.Module:
         if mod.bias is not None:
             dense.bias.data = mod.bias.detach().clone()
         model.set_submodule(name, dense)
-        if getattr(mod, "_untied_from", None) or name == "lm_head":
+        if mod.meta.get("tied_to") or name == "lm_head":
             model.config.tie_word_embeddings = False
     return model
 

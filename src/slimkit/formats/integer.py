@@ -169,7 +169,8 @@ class Int4Grouped(PackedLinear):
             self._scales_zeros = torch.stack([s.T, z.T], -1).to(torch.bfloat16).contiguous()
             self.packed = None
 
-    def _nibbles(self) -> torch.Tensor:
+    def nibbles(self) -> torch.Tensor:
+        """The stored 4-bit values, 0..15, [out, in] (recovered from the kernel layout when needed)."""
         if self.packed is not None:
             return unpack_nibbles(self.packed)
         # the kernel layout is a fixed permutation of the nibbles, repeating every 64 rows
@@ -196,7 +197,7 @@ class Int4Grouped(PackedLinear):
         return cls.from_quant(quantize(weight, scale, zero, spec), scale, zero, bias)
 
     def stored(self):
-        t = {"packed": self.packed if self.packed is not None else pack_nibbles(self._nibbles()), "scale": self.scale}
+        t = {"packed": self.packed if self.packed is not None else pack_nibbles(self.nibbles()), "scale": self.scale}
         if self.zero is not None:
             t["zero"] = self.zero
         return t
@@ -211,7 +212,7 @@ class Int4Grouped(PackedLinear):
         return [self._kernel, self._scales_zeros]
 
     def codes(self) -> torch.Tensor:
-        u = self._nibbles().float()
+        u = self.nibbles().float()
         return u - (8.0 if self.zero is None else group_expand(self.zero.float(), self.in_features))
 
     def dequantize(self):

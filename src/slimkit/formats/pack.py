@@ -69,11 +69,12 @@ def pack_model(model: nn.Module, modules: dict[str, nn.Linear], records: dict | 
     if progress is not None:
         items = progress.track(items, "packing")
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    embedding_name = next((n for n, m in model.named_modules() if m is embedding), None)
     for name, module in items:
         new = pack_linear(module, (records or {}).get(name), fmt, group_size)
         if new is not None:
             if embedding is not None and module.weight is embedding.weight:
-                new._untied_from = name  # a tied head is packed apart; the embedding stays dense
+                new.meta["tied_to"] = f"{embedding_name}.weight"  # packed apart; the embedding stays dense
             model.set_submodule(name, new)
             packed[name] = new
     return packed
@@ -95,7 +96,7 @@ def save_packed(model: nn.Module, tokenizer, directory: Path) -> None:
             tensors[f"{name}.bias"] = mod.bias.detach().contiguous()
         meta_layers[name] = {"format": mod.format, "shape": [mod.out_features, mod.in_features], **mod.meta}
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embedding is not None and any(getattr(m, "_untied_from", None) is not None for m in layers.values()):
+    if embedding is not None and any(m.meta.get("tied_to") for m in layers.values()):
         model.config.tie_word_embeddings = False  # the head is packed on its own; the embedding stays
     seen: dict[int, str] = {}
     tied = {}

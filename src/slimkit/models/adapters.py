@@ -13,7 +13,8 @@ from torch import nn
 from slimkit.errors import UnsupportedArchitectureError
 
 
-def _get(root: nn.Module, path: str) -> nn.Module | None:
+def submodule_at(root: nn.Module, path: str) -> nn.Module | None:
+    """The module at a dotted attribute path, or None when any part is missing."""
     obj = root
     for part in path.split("."):
         obj = getattr(obj, part, None)
@@ -34,8 +35,13 @@ class ArchitectureAdapter:
     name: str
     model_types: tuple[str, ...]
     blocks: str  # ModuleList of transformer blocks, relative to the base model
-    attention_linears: tuple[str, ...]  # relative to a block
-    mlp_linears: tuple[str, ...]
+    # the linears of a block by role, relative to a block
+    q_proj: str
+    k_proj: str
+    v_proj: str
+    o_proj: str
+    mlp_inputs: tuple[str, ...]  # the linears that read the block's hidden state (gate/up, or intermediate)
+    mlp_output: str  # the linear that writes back to the hidden width (down)
     block_norms: tuple[str, ...]
     embeddings: tuple[str, ...]  # relative to the base model
     final_norm: str | None  # relative to the base model
@@ -53,17 +59,25 @@ class ArchitectureAdapter:
     # Whether the config stores the head size (LLaMA: head_dim) or derives it as hidden / heads.
     free_head_dim: bool = True
 
+    @property
+    def attention_linears(self) -> tuple[str, ...]:
+        return (self.q_proj, self.k_proj, self.v_proj, self.o_proj)
+
+    @property
+    def mlp_linears(self) -> tuple[str, ...]:
+        return (*self.mlp_inputs, self.mlp_output)
+
     # ---- structure -------------------------------------------------------------------------
     def missing_parts(self, model: nn.Module) -> list[str]:
         base = model.base_model
-        missing = [self.blocks] if _get(base, self.blocks) is None else []
-        missing += [p for p in self.embeddings if _get(base, p) is None]
-        if self.final_norm and _get(base, self.final_norm) is None:
+        missing = [self.blocks] if submodule_at(base, self.blocks) is None else []
+        missing += [p for p in self.embeddings if submodule_at(base, p) is None]
+        if self.final_norm and submodule_at(base, self.final_norm) is None:
             missing.append(self.final_norm)
-        blocks = _get(base, self.blocks)
+        blocks = submodule_at(base, self.blocks)
         if blocks is not None and len(blocks) > 0:
             for p in self.attention_linears + self.mlp_linears + self.block_norms:
-                if _get(blocks[0], p) is None:
+                if submodule_at(blocks[0], p) is None:
                     missing.append(f"{self.blocks}.0.{p}")
         return missing
 
@@ -77,13 +91,13 @@ class ArchitectureAdapter:
             )
 
     def block_module(self, block: nn.Module, path: str) -> nn.Module | None:
-        return _get(block, path)
+        return submodule_at(block, path)
 
     def get_blocks(self, model: nn.Module) -> nn.ModuleList:
-        return _get(model.base_model, self.blocks)
+        return submodule_at(model.base_model, self.blocks)
 
     def block_linears(self, block: nn.Module) -> dict[str, nn.Linear]:
-        return {p: _get(block, p) for p in self.attention_linears + self.mlp_linears}
+        return {p: submodule_at(block, p) for p in self.attention_linears + self.mlp_linears}
 
     def linears(self, model: nn.Module, include_lm_head: bool = False) -> dict[str, nn.Linear]:
         """The compressible linears by full module name, in execution order."""
@@ -93,14 +107,14 @@ class ArchitectureAdapter:
             for module in self.block_linears(block).values():
                 out[names[id(module)]] = module
         if include_lm_head and self.lm_head:
-            head = _get(model, self.lm_head)
+            head = submodule_at(model, self.lm_head)
             if isinstance(head, nn.Linear):
                 out[self.lm_head] = head
         return out
 
     def embedding_modules(self, model: nn.Module) -> dict[str, nn.Embedding]:
         names = {id(m): n for n, m in model.named_modules()}
-        mods = (_get(model.base_model, p) for p in self.embeddings)
+        mods = (submodule_at(model.base_model, p) for p in self.embeddings)
         return {names[id(m)]: m for m in mods if isinstance(m, nn.Embedding)}
 
     def heads(self, model: nn.Module) -> HeadLayout:
@@ -130,8 +144,12 @@ LLAMA = ArchitectureAdapter(
     name="llama",
     model_types=("llama", "mistral", "qwen2", "qwen3"),
     blocks="layers",
-    attention_linears=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
-    mlp_linears=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    q_proj="self_attn.q_proj",
+    k_proj="self_attn.k_proj",
+    v_proj="self_attn.v_proj",
+    o_proj="self_attn.o_proj",
+    mlp_inputs=("mlp.gate_proj", "mlp.up_proj"),
+    mlp_output="mlp.down_proj",
     block_norms=("input_layernorm", "post_attention_layernorm"),
     embeddings=("embed_tokens",),
     final_norm="norm",
@@ -149,13 +167,12 @@ BERT = ArchitectureAdapter(
     name="bert",
     model_types=("bert",),
     blocks="encoder.layer",
-    attention_linears=(
-        "attention.self.query",
-        "attention.self.key",
-        "attention.self.value",
-        "attention.output.dense",
-    ),
-    mlp_linears=("intermediate.dense", "output.dense"),
+    q_proj="attention.self.query",
+    k_proj="attention.self.key",
+    v_proj="attention.self.value",
+    o_proj="attention.output.dense",
+    mlp_inputs=("intermediate.dense",),
+    mlp_output="output.dense",
     block_norms=("attention.output.LayerNorm", "output.LayerNorm"),
     embeddings=("embeddings.word_embeddings", "embeddings.position_embeddings", "embeddings.token_type_embeddings"),
     final_norm=None,

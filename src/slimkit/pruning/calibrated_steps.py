@@ -11,7 +11,8 @@ from slimkit.pruning.config import SparseGPTConfig, WandaConfig
 from slimkit.pruning.magnitude import check_nm_shape
 from slimkit.pruning.wanda import wanda_mask
 from slimkit.quantization.rtn import check_groups
-from slimkit.recipes.registry import StepContext, register_step
+from slimkit.recipes.context import StepContext
+from slimkit.recipes.registry import register_step
 
 
 def _shape_check(config, quant_spec=None):
@@ -34,10 +35,10 @@ def apply_sparsegpt(config: SparseGPTConfig, ctx: StepContext) -> None:
 
     def block(work, selected):
         hessians = {n: work.stats[n].hessian for n in selected}
-        results = solve_linears(work, selected, hessians, {}, ctx.progress, prune=target, quant=spec,
+        results = solve_linears(work, selected, hessians, {}, ctx.run.progress, prune=target, quant=spec,
                                 blocksize=config.blocksize, percdamp=config.percdamp)
         for name, module in selected.items():
-            write_result(module, ctx.records[name], results[name], spec, config.summary(), config.percdamp)
+            write_result(module, ctx.state.records[name], results[name], spec, config.summary(), config.percdamp)
 
     run_calibrated(config, ctx, StatsRequest(hessian=True), block, _shape_check(config, spec))
 
@@ -50,7 +51,7 @@ def apply_wanda(config: WandaConfig, ctx: StepContext) -> None:
     def block(work, selected):
         for name, module in selected.items():
             mask = wanda_mask(module.weight, work.stats[name].col_norm, config.sparsity, *(nm or (None, None)))
-            record = ctx.records[name]
+            record = ctx.state.records[name]
             record.mask = mask if record.mask is None else (mask & record.mask)
             module.weight.mul_(record.mask.to(module.weight.dtype))
             record.methods.append(config.summary())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -60,6 +60,7 @@ class WandaConfig(SparsityFields):
     """Wanda: prune by |W| x input-activation norm, per output row. Needs calibration data."""
 
     method: Literal["wanda"] = "wanda"
+    needs_calibration: ClassVar[bool] = True
 
     def summary(self) -> str:
         return f"Wanda {self.target_text()}"
@@ -69,6 +70,7 @@ class SparseGPTConfig(SparsityFields):
     """SparseGPT: one-shot OBS pruning with weight updates; optionally quantizes kept weights."""
 
     method: Literal["sparsegpt"] = "sparsegpt"
+    needs_calibration: ClassVar[bool] = True
     blocksize: int = Field(128, gt=0, description="columns per lazy-update block (a multiple of M)")
     percdamp: float = Field(0.01, gt=0.0, description="damping, as a fraction of mean(diag H)")
     quantize: QuantFields | None = Field(None, description="also quantize the kept weights (joint mode)")

@@ -219,7 +219,7 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
 def run_lottery(config: LotteryConfig, root: Path, progress: Progress = NoProgress()) -> tuple[Path, list[dict]]:
     """All seeds; writes results.csv, summary.csv, lottery.png and config.json in the hashed run dir."""
     data = load_dataset(config.dataset)
-    run_dir = run_dir_for(root, config.describe())
+    run_dir = run_dir_for(root, {"lottery": config})
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(config.describe(), indent=2))
     rows = []

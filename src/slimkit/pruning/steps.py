@@ -6,14 +6,15 @@ import torch
 
 from slimkit.pruning import magnitude
 from slimkit.pruning.config import MagnitudePruneConfig
-from slimkit.recipes.registry import StepContext, register_step
+from slimkit.recipes.context import StepContext
+from slimkit.recipes.registry import register_step
 from slimkit.recipes.targets import select_targets
 
 
 @register_step(MagnitudePruneConfig)
 @torch.no_grad()
 def apply_magnitude(config: MagnitudePruneConfig, ctx: StepContext) -> None:
-    targets = select_targets(ctx.model, ctx.adapter, config, ctx.records)
+    targets = select_targets(ctx.state.model, ctx.state.adapter, config, ctx.state.records)
     if config.pattern:
         n, m = magnitude.parse_nm(config.pattern)
         for name, module in targets.items():  # every shape is checked before any weight changes
@@ -21,7 +22,7 @@ def apply_magnitude(config: MagnitudePruneConfig, ctx: StepContext) -> None:
     threshold = None
     if config.scope == "global":
         threshold = magnitude.global_threshold([mod.weight for mod in targets.values()], config.sparsity)
-    for name, module in ctx.progress.track(list(targets.items()), f"{config.summary()}"):
+    for name, module in ctx.run.progress.track(list(targets.items()), f"{config.summary()}"):
         w = module.weight
         if config.pattern:
             mask = magnitude.nm_mask(w, n, m)
@@ -29,7 +30,7 @@ def apply_magnitude(config: MagnitudePruneConfig, ctx: StepContext) -> None:
             mask = magnitude.threshold_mask(w, threshold)
         else:
             mask = magnitude.unstructured_mask(w, config.sparsity)
-        record = ctx.records[name]
+        record = ctx.state.records[name]
         record.mask = mask if record.mask is None else (mask & record.mask)
         w.mul_(record.mask.to(w.dtype))
         record.methods.append(config.summary())

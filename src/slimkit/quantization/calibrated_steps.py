@@ -11,7 +11,8 @@ from slimkit.calibration.stats import StatsRequest
 from slimkit.quantization import awq
 from slimkit.quantization.config import AWQConfig, GPTQConfig
 from slimkit.quantization.rtn import check_groups, compute_qparams, dequantize, quantize
-from slimkit.recipes.registry import StepContext, register_step
+from slimkit.recipes.context import StepContext
+from slimkit.recipes.registry import register_step
 
 
 def _group_check(spec):
@@ -24,11 +25,11 @@ def apply_gptq(config: GPTQConfig, ctx: StepContext) -> None:
 
     def block(work, selected):
         hessians = {n: work.stats[n].hessian for n in selected}
-        masks = {n: ctx.records[n].mask for n in selected}
-        results = solve_linears(work, selected, hessians, masks, ctx.progress, quant=spec, blocksize=config.blocksize,
+        masks = {n: ctx.state.records[n].mask for n in selected}
+        results = solve_linears(work, selected, hessians, masks, ctx.run.progress, quant=spec, blocksize=config.blocksize,
                                 percdamp=config.percdamp, act_order=config.act_order)
         for name, module in selected.items():
-            write_result(module, ctx.records[name], results[name], spec, config.summary(), config.percdamp)
+            write_result(module, ctx.state.records[name], results[name], spec, config.summary(), config.percdamp)
 
     run_calibrated(config, ctx, StatsRequest(hessian=True), block, _group_check(spec))
 
@@ -72,24 +73,24 @@ def apply_awq(config: AWQConfig, ctx: StepContext) -> None:
                 H = H / torch.outer(s, s)
                 for n in group:
                     if n in selected:
-                        ctx.records[n].notes.append(f"AWQ alpha {alpha:.2f} (error x{ratio:.3f} vs no scaling)")
+                        ctx.state.records[n].notes.append(f"AWQ alpha {alpha:.2f} (error x{ratio:.3f} vs no scaling)")
             for n in group:
                 hessians[n] = H
         # 2. quantize each selected linear: clip search + RTN, or GPTQ on the scaled inputs
         if config.quantizer == "gptq":
-            masks = {n: ctx.records[n].mask for n in selected}
-            results = solve_linears(work, selected, hessians, masks, ctx.progress, quant=spec,
+            masks = {n: ctx.state.records[n].mask for n in selected}
+            results = solve_linears(work, selected, hessians, masks, ctx.run.progress, quant=spec,
                                     percdamp=config.percdamp)
             for name, module in selected.items():
-                write_result(module, ctx.records[name], results[name], spec, config.summary(), config.percdamp)
+                write_result(module, ctx.state.records[name], results[name], spec, config.summary(), config.percdamp)
             return
-        for name, module in ctx.progress.track(list(selected.items()), f"block {work.index}: linears"):
+        for name, module in ctx.run.progress.track(list(selected.items()), f"block {work.index}: linears"):
             w = module.weight.float()
             clip = awq.search_clip(w, hessians[name], spec, config.grid) if config.clip else None
             scale, zero = compute_qparams(w, spec, name, clip=clip)
             w_hat = dequantize(quantize(w, scale, zero, spec), scale, zero, spec)
-            mask = ctx.records[name].mask  # a mask from an earlier pruning step stays
+            mask = ctx.state.records[name].mask  # a mask from an earlier pruning step stays
             result = ObsResult(w_hat if mask is None else w_hat * mask, mask, scale, zero, config.percdamp)
-            write_result(module, ctx.records[name], result, spec, config.summary(), config.percdamp)
+            write_result(module, ctx.state.records[name], result, spec, config.summary(), config.percdamp)
 
     run_calibrated(config, ctx, StatsRequest(hessian=True, abs_mean=True), block, _group_check(spec))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -48,6 +48,7 @@ class GPTQConfig(StepConfig, QuantFields):
     """
 
     method: Literal["gptq"] = "gptq"
+    needs_calibration: ClassVar[bool] = True
     act_order: bool = Field(False, description="process columns by decreasing diag(H)")
     blocksize: int = Field(128, gt=0, description="columns per lazy-update block")
     percdamp: float = Field(0.01, gt=0.0, description="damping, as a fraction of mean(diag H)")
@@ -60,6 +61,7 @@ class AWQConfig(StepConfig, QuantFields):
     """AWQ: activation-aware scales (folded into the previous op) and a clip search, then RTN or GPTQ."""
 
     method: Literal["awq"] = "awq"
+    needs_calibration: ClassVar[bool] = True
     grid: int = Field(20, ge=2, description="alpha grid points in [0, 1)")
     clip: bool = Field(True, description="search a clip ratio per group")
     quantizer: Literal["rtn", "gptq"] = Field("rtn", description="how the scaled weights are rounded")

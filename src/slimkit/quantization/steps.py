@@ -6,7 +6,8 @@ import torch
 
 from slimkit.quantization.config import RTNQuantizeConfig
 from slimkit.quantization.rtn import check_groups, rtn_quantize
-from slimkit.recipes.registry import StepContext, register_step
+from slimkit.recipes.context import StepContext
+from slimkit.recipes.registry import register_step
 from slimkit.recipes.targets import select_targets
 
 
@@ -14,13 +15,13 @@ from slimkit.recipes.targets import select_targets
 @torch.no_grad()
 def apply_rtn(config: RTNQuantizeConfig, ctx: StepContext) -> None:
     spec = config.spec()
-    targets = select_targets(ctx.model, ctx.adapter, config, ctx.records)
+    targets = select_targets(ctx.state.model, ctx.state.adapter, config, ctx.state.records)
     for name, module in targets.items():  # shapes are checked before any weight changes
         check_groups(module.weight, spec, name)
-    for name, module in ctx.progress.track(list(targets.items()), config.summary()):
+    for name, module in ctx.run.progress.track(list(targets.items()), config.summary()):
         w = module.weight
         w_hat, params = rtn_quantize(w, spec, name)
-        record = ctx.records[name]
+        record = ctx.state.records[name]
         if record.mask is not None:  # zero stays exactly representable; keep the mask explicit
             w_hat = w_hat * record.mask
         w.copy_(w_hat.to(w.dtype))

@@ -5,14 +5,14 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
 
+from slimkit.errors import RecipeError
 from slimkit.models.adapters import ArchitectureAdapter, adapter_for
-from slimkit.progress import NoProgress, Progress
-from slimkit.recipes.registry import LayerRecord, StepContext, handler_for
+from slimkit.recipes.builtin_steps import handler_for
+from slimkit.recipes.context import LayerRecord, ModelState, RunResources, StepContext
 from slimkit.recipes.schema import Recipe
 
 
@@ -31,34 +31,37 @@ class CompressionResult:
         return sum(self.step_seconds)
 
 
-def compress(
-    model: nn.Module,
-    recipe: Recipe,
-    adapter: ArchitectureAdapter | None = None,
-    progress: Progress = NoProgress(),
-    calibration: Callable[[], torch.Tensor] | None = None,
-    offload_dir: str | None = None,
-    tokenizer=None,
-    split=None,
-    runs_dir: str | None = None,
-    restart_training: bool = False,
-) -> CompressionResult:
+def check_prerequisites(recipe: Recipe, run: RunResources) -> None:
+    """What each step declares it needs, checked once before any step runs."""
+    for i, step in enumerate(recipe.steps):
+        where = f"steps[{i}] ({step.method})"
+        if step.needs_calibration and run.calibration is None:
+            raise RecipeError(f"{where} needs calibration text, and this model has no tokenizer")
+        if step.needs_teacher and (run.tokenizer is None or run.split is None):
+            raise RecipeError(f"{where} trains on text: it needs a tokenizer and a text split")
+        if step.changes_shapes and any(not (s.changes_shapes or s.needs_teacher) for s in recipe.steps[:i]):
+            raise RecipeError(f"{where} changes tensor shapes: put it before masking or quantization steps")
+
+
+def compress(model: nn.Module, recipe: Recipe, adapter: ArchitectureAdapter | None = None,
+             run: RunResources | None = None) -> CompressionResult:
     """Apply every step of `recipe` to `model`; return what each tensor went through.
 
     Masking and quantization steps work in place. Structural steps (`prune_structured`) build a
     smaller model: use `result.model`, which is always the compressed one. A `distill` step trains
     it against a copy of `model` taken before the first step.
     """
-    adapter = adapter or adapter_for(model)
-    ctx = StepContext(model, adapter, {}, progress, calibration, offload_dir, tokenizer=tokenizer, split=split,
-                      runs_dir=runs_dir, restart_training=restart_training)
-    if any(getattr(step, "needs_teacher", False) for step in recipe.steps):
-        ctx.teacher = copy.deepcopy(model).eval()
-    result = CompressionResult(recipe, ctx.records, engine_reports=ctx.engine_reports, details=ctx.details)
+    run = run or RunResources()
+    check_prerequisites(recipe, run)
+    state = ModelState(model, adapter or adapter_for(model))
+    if any(step.needs_teacher for step in recipe.steps):
+        state.teacher = copy.deepcopy(model).eval()
+    ctx = StepContext(state, run)
+    result = CompressionResult(recipe, state.records, engine_reports=state.engine_reports, details=state.details)
     for step in recipe.steps:
         start = time.perf_counter()
         handler_for(step)(step, ctx)
         result.step_seconds.append(time.perf_counter() - start)
-    result.model = ctx.model
-    result.hidden_projection = ctx.hidden_projection
+    result.model = state.model
+    result.hidden_projection = state.hidden_projection
     return result

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -9,6 +11,11 @@ class StepConfig(BaseModel):
     """A frozen, validated step config. Subclasses add a `method` literal and their knobs."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # What a step needs from the run, checked once before any step runs (recipes/apply.py)
+    needs_calibration: ClassVar[bool] = False  # calibration windows (so a tokenizer)
+    needs_teacher: ClassVar[bool] = False  # a copy of the model before the recipe, and training text
+    changes_shapes: ClassVar[bool] = False  # builds a smaller model: must come before masks and codes
 
     include_lm_head: bool = Field(False, description="also compress the output projection")
     include_embeddings: bool = Field(False, description="also compress the token embeddings")

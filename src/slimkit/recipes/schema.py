@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 
 from slimkit.errors import RecipeError
 from slimkit.recipes.base import StepConfig
-from slimkit.recipes.registry import config_types
+from slimkit.recipes.builtin_steps import config_types
 
 
 class Recipe(BaseModel):

@@ -8,7 +8,7 @@ from torch import nn
 
 from slimkit.models.adapters import ArchitectureAdapter
 from slimkit.recipes.base import StepConfig
-from slimkit.recipes.registry import LayerRecord
+from slimkit.recipes.context import LayerRecord
 
 
 def select_targets(

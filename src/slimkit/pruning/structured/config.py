@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -18,6 +18,11 @@ class StructuredPruneConfig(StepConfig):
     """
 
     method: Literal["prune_structured"] = "prune_structured"
+    changes_shapes: ClassVar[bool] = True
+
+    @property
+    def needs_calibration(self) -> bool:  # activation / Taylor importance and Block Influence read data
+        return self.importance != "magnitude" or self.layer_selection == "block_influence"
     importance: Literal["activation", "magnitude", "taylor"] = Field(
         "activation", description="how heads/channels are ranked (activation = Minitron)")
     heads: float | None = Field(None, gt=0, lt=1, description="fraction removed: of the KV groups (kv_groups), or of each group's query heads (per_group)")

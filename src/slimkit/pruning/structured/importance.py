@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from slimkit.errors import SlimkitError
-from slimkit.models.adapters import ArchitectureAdapter, _get
+from slimkit.models.adapters import ArchitectureAdapter, submodule_at
 
 METHODS = ("activation", "magnitude", "taylor")
 
@@ -68,7 +68,7 @@ def activation_importance(model: nn.Module, adapter: ArchitectureAdapter, batche
     """Minitron's activation-based scores from a pass over `batches` (dicts of model inputs)."""
     layout = adapter.heads(model)
     blocks = adapter.get_blocks(model)
-    o_name, down_name = adapter.attention_linears[3], adapter.mlp_linears[-1]
+    o_name, down_name = adapter.o_proj, adapter.mlp_output
     heads = [_SeqL2() for _ in blocks]
     mlp = [_SeqL2() for _ in blocks]
     hidden = _SeqL2()
@@ -96,7 +96,7 @@ def activation_importance(model: nn.Module, adapter: ArchitectureAdapter, batche
         for norm in adapter.block_norms:
             hooks.append(adapter.block_module(block, norm).register_forward_hook(norm_hook))
     for path in ([adapter.final_norm] if adapter.final_norm else []) + list(adapter.hidden_norms):
-        hooks.append(_get(model.base_model, path).register_forward_hook(norm_hook))
+        hooks.append(submodule_at(model.base_model, path).register_forward_hook(norm_hook))
     try:
         for batch in batches:
             state["mask"] = _batches_mask(batch)
@@ -115,8 +115,8 @@ def _weight_importance(model: nn.Module, adapter: ArchitectureAdapter, method: s
     """Sum an element-wise score over the weights each head, channel and hidden unit owns."""
     layout = adapter.heads(model)
     group = layout.num_heads // layout.num_kv_heads
-    q, k, v, o = adapter.attention_linears
-    mlp_in, down = adapter.mlp_linears[:-1], adapter.mlp_linears[-1]
+    q, k, v, o = adapter.q_proj, adapter.k_proj, adapter.v_proj, adapter.o_proj
+    mlp_in, down = adapter.mlp_inputs, adapter.mlp_output
     d = layout.head_dim
     heads, mlp = [], []
     hidden = torch.zeros(model.config.hidden_size, dtype=torch.float64)

@@ -7,7 +7,7 @@ import torch
 from slimkit.errors import ShapeError
 from slimkit.models.adapters import HeadLayout
 from slimkit.pruning.structured.importance import Importance
-from slimkit.pruning.structured.surgery import _units
+from slimkit.pruning.structured.surgery import head_units
 
 
 def keep_count(total: int, ratio: float | None, exact: int | None, what: str) -> int | None:
@@ -44,7 +44,7 @@ def select_heads(imp: Importance, layout: HeadLayout, keep: int, grouping: str) 
                 raise ShapeError(f"keeping {keep} query heads in whole KV groups of {group} is impossible; "
                                  f"use a multiple of {group} or head_grouping: per_group")
             kv = top_sorted(imp.kv_groups(layout.num_kv_heads)[layer], keep // group)
-            heads.append(_units(kv, group))
+            heads.append(head_units(kv, group))
             kvs.append(kv)
         else:
             if keep % layout.num_kv_heads:

@@ -30,7 +30,7 @@ class StructuredPlan:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _units(idx: torch.Tensor, size: int) -> torch.Tensor:
+def head_units(idx: torch.Tensor, size: int) -> torch.Tensor:
     """Row indices of whole units (heads) of `size` rows each."""
     return (idx[:, None] * size + torch.arange(size)).flatten()
 
@@ -74,8 +74,8 @@ def apply_plan(model: nn.Module, adapter: ArchitectureAdapter, plan: StructuredP
     base = base + "." if base else ""
     blocks = f"{base}{adapter.blocks}"
     n_layers = len(adapter.get_blocks(model))
-    q, k, v, o = adapter.attention_linears
-    mlp_in, down = adapter.mlp_linears[:-1], adapter.mlp_linears[-1]
+    q, k, v, o = adapter.q_proj, adapter.k_proj, adapter.v_proj, adapter.o_proj
+    mlp_in, down = adapter.mlp_inputs, adapter.mlp_output
     s = _Slicer({key: t.detach().clone() for key, t in model.state_dict().items()})
 
     n_heads = _uniform(plan.keep_heads, "attention heads")
@@ -87,10 +87,10 @@ def apply_plan(model: nn.Module, adapter: ArchitectureAdapter, plan: StructuredP
             raise ShapeError(f"{n_heads} query heads cannot be shared evenly by {n_kv} KV heads")
         for i in range(n_layers):
             p = f"{blocks}.{i}."
-            s.linear_out(p + q, _units(plan.keep_heads[i], d))
-            s.linear_out(p + k, _units(plan.keep_kv_heads[i], d))
-            s.linear_out(p + v, _units(plan.keep_kv_heads[i], d))
-            s.linear_in(p + o, _units(plan.keep_heads[i], d))
+            s.linear_out(p + q, head_units(plan.keep_heads[i], d))
+            s.linear_out(p + k, head_units(plan.keep_kv_heads[i], d))
+            s.linear_out(p + v, head_units(plan.keep_kv_heads[i], d))
+            s.linear_in(p + o, head_units(plan.keep_heads[i], d))
         setattr(cfg, adapter.heads_attr, n_heads)
         if adapter.kv_heads_attr:
             setattr(cfg, adapter.kv_heads_attr, n_kv)

@@ -1,0 +1,60 @@
+"""What a step handler works on: the model's state (changed by steps) and the run's resources
+(read by steps), plus the record of what compression did to each tensor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from slimkit.models.adapters import ArchitectureAdapter
+from slimkit.progress import NoProgress, Progress
+from slimkit.quantization.rtn import QuantParams
+
+
+@dataclass
+class LayerRecord:
+    """What compression did to one tensor; later steps (packing, export) read it."""
+
+    name: str
+    kind: str  # attention, mlp, lm_head, embedding
+    shape: tuple[int, ...]
+    element_size: int = 4  # bytes per element of the dense tensor
+    mask: torch.Tensor | None = None  # bool, True = kept
+    quant: QuantParams | None = None
+    methods: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. a damping that had to be raised
+
+
+@dataclass
+class ModelState:
+    """The model as the steps leave it, and what they did to it."""
+
+    model: nn.Module
+    adapter: ArchitectureAdapter
+    records: dict[str, LayerRecord] = field(default_factory=dict)
+    teacher: nn.Module | None = None  # the model before the recipe, for training steps
+    hidden_projection: torch.Tensor | None = None  # [teacher width, student width] when they differ
+    details: list[dict] = field(default_factory=list)  # what structural / training steps did
+    engine_reports: list = field(default_factory=list)  # timings of each calibrated pass
+
+
+@dataclass
+class RunResources:
+    """What the run provides to steps: data, scratch places, progress, policies."""
+
+    progress: Progress = field(default_factory=NoProgress)
+    calibration: Callable[[], torch.Tensor] | None = None  # lazily drawn windows
+    offload_dir: str | None = None  # keep calibration activations on disk
+    tokenizer: object | None = None
+    split: object | None = None  # the text split training data comes from
+    runs_dir: str | None = None  # where training runs keep checkpoints
+    restart_training: bool = False  # discard interrupted training runs instead of resuming them
+
+
+@dataclass
+class StepContext:
+    state: ModelState
+    run: RunResources
