@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from slimkit.outputs import MARKER
+from slimkit.io.outputs import MARKER
 
 TRACEBACK = "Traceback (most recent call last)"
 

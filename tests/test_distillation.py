@@ -27,8 +27,9 @@ from slimkit.distillation.data import teacher_generated_windows
 from slimkit.distillation.init import student_from_teacher
 from slimkit.distillation.language import CausalLMDistillTask, EncoderDistillTask, LMLossConfig, layer_map
 from slimkit.distillation.losses import hidden_loss, make_projection, soft_label_loss, token_divergence
-from slimkit.distillation.trainer import LOG, EpochSampler, TrainConfig, lr_factor, train
+from slimkit.distillation.trainer import EpochSampler, TrainConfig, lr_factor, train
 from slimkit.errors import SlimkitError
+from slimkit.paths import TrainRunDir
 
 # ---- losses -------------------------------------------------------------------------------------
 
@@ -100,7 +101,7 @@ def digits():
 
 
 def _log(run_dir: Path) -> list[dict]:
-    with (run_dir / LOG).open() as f:
+    with TrainRunDir(run_dir).log.open() as f:
         return list(csv.DictReader(f))
 
 

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 from slimkit.cli.main import app
 from slimkit.errors import SlimkitError
 from slimkit.export.job import export_model, load_exported
-from slimkit.export.packed import pack_to_dir
 from slimkit.formats import format_class
+from slimkit.formats.pack_dir import pack_to_dir
 from slimkit.models import load_model
 
 runner = CliRunner()

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from slimkit.errors import OutputExistsError, OutputInUseError, OutputRefusedError
-from slimkit.outputs import MARKER, output_directory, output_file, remove_stale_partials, reserve_output
+from slimkit.io.outputs import MARKER, output_directory, output_file, remove_stale_partials, reserve_output
 
 
 def _leftovers(parent):
@@ -110,7 +110,7 @@ def _start_writer(tmp_path, body: str) -> subprocess.Popen:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         from slimkit.cli.errors import install_sigterm
         install_sigterm()
-        from slimkit.outputs import output_directory
+        from slimkit.io.outputs import output_directory
         with output_directory({str(tmp_path / 'out')!r}) as d:
             (d / "v").write_text("first")
             open({str(tmp_path / 'ready')!r}, "w").close()

@@ -19,13 +19,15 @@ from slimkit.data.tokens import calibration_windows
 from slimkit.evaluation.embedding import EmbeddingProtocol, sentence_embeddings, similarity
 from slimkit.evaluation.perplexity import PerplexityProtocol, perplexity
 from slimkit.evaluation.size import bytes_by_kind, files_bytes, packed_bytes
-from slimkit.export.hf import COMPRESSION_FILE, save_compression_state, save_model_dir
+from slimkit.export.hf import save_model_dir
+from slimkit.io.outputs import output_directory, reserve_output
 from slimkit.models.loading import LoadedModel, load_model
-from slimkit.outputs import output_directory, reserve_output
+from slimkit.paths import CompressOutput, ModelDir
 from slimkit.progress import NoProgress, Progress
 from slimkit.recipes.apply import CompressionResult, compress
 from slimkit.recipes.context import RunResources
 from slimkit.recipes.schema import Recipe
+from slimkit.recipes.state import save_compression_state
 from slimkit.reports.tables import comparison_rows, markdown_table, metric_legend, report_markdown, training_plot
 
 
@@ -166,14 +168,15 @@ def write_output(loaded: LoadedModel, result: CompressionResult, report: dict, d
     """Write one recipe's model dir into `directory` (inside an atomic output; `final` is where
     it will be once the output is complete)."""
     directory.mkdir(exist_ok=True)
+    layout = ModelDir(directory)
     save_model_dir(loaded, directory, save_dtype)
-    (directory / "recipe.yaml").write_text(result.recipe.to_yaml())
-    save_compression_state(result.records, directory / COMPRESSION_FILE)
-    report["size"]["stored_bytes"] = files_bytes(directory, "model*.safetensors")
+    layout.recipe.write_text(result.recipe.to_yaml())
+    save_compression_state(result.records, layout.compression)
+    report["size"]["stored_bytes"] = files_bytes(directory, ModelDir.weights_glob)
     report["output"] = str(final)
-    (directory / "report.json").write_text(json.dumps(report, indent=2))
-    (directory / "report.md").write_text(report_markdown(report))
-    training_plot(report["compression"].get("structure_and_training") or [], directory / "training_curve.png")
+    layout.report_json.write_text(json.dumps(report, indent=2))
+    layout.report_md.write_text(report_markdown(report))
+    training_plot(report["compression"].get("structure_and_training") or [], layout.training_curve)
     return report
 
 
@@ -221,7 +224,9 @@ def _compress_reserved(model, recipes, output, settings, overwrite, save_dtype, 
             return calibration_windows(loaded.tokenizer, split, settings.calibration_windows,
                                        settings.calibration_seqlen, settings.seed)
     reports = []
+    layout = CompressOutput(output, tuple(r.name for r in recipes))
     with output_directory(output, overwrite, inputs=[model], command="compress") as root:
+        written = CompressOutput(root, layout.recipes)
         for i, recipe in enumerate(recipes):
             if i and original is not None:
                 loaded.model = original_model  # a structural recipe replaced the object
@@ -236,15 +241,14 @@ def _compress_reserved(model, recipes, output, settings, overwrite, save_dtype, 
                                   dense_by_kind, {"load_s": loaded.load_seconds, "compress_s": t_compress,
                                                   "eval_before_s": baseline["details"]["seconds"],
                                                   "eval_after_s": after["details"]["seconds"]})
-            single = len(recipes) == 1
-            reports.append(write_output(loaded, result, report, root if single else root / recipe.name,
-                                        output if single else output / recipe.name, save_dtype))
-            log(f"done: {recipe.name}" + ("" if single else f" (-> {output / recipe.name})"))
+            reports.append(write_output(loaded, result, report, written.model_dir(recipe.name).root,
+                                        layout.model_dir(recipe.name).root, save_dtype))
+            log(f"done: {recipe.name} (-> {layout.model_dir(recipe.name).root})")
         if len(recipes) > 1:
             summary = "\n".join([f"# slimkit compress: {loaded.name}", "",
                                  markdown_table(comparison_rows(reports)), "", f"- {metric_legend(reports[0])}", ""])
-            (root / "summary.md").write_text(summary)
-            (root / "summary.json").write_text(json.dumps(reports, indent=2))
+            written.summary_md.write_text(summary)
+            written.summary_json.write_text(json.dumps(reports, indent=2))
     log(f"wrote {output}")
     for r in reports:
         r["timing"]["total_s"] = time.perf_counter() - start

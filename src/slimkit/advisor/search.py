@@ -106,13 +106,14 @@ def advise(model: str, constraints: Constraints, device: Device, output: Path,
            settings: AdviseSettings = AdviseSettings(), progress: Progress = NoProgress(),
            log: Callable[[str], None] = lambda m: None, overwrite: bool = False) -> dict:
     from slimkit.benchmarks import model as bench_model
-    from slimkit.export.packed import pack_to_dir
-    from slimkit.outputs import output_directory
+    from slimkit.io.outputs import output_directory
+    from slimkit.paths import MeasureDir
+    from slimkit.pipeline import Variant, compress_pack_measure
     from slimkit.recipes import get_recipe
-    from slimkit.workflow import EvalSettings, compress_to_dir
+    from slimkit.workflow import EvalSettings
 
     output = Path(output).absolute()
-    work = output.with_name(output.name + ".work")
+    layout = MeasureDir(output, "advise")
     skipped, measured = [], []
     for order, c in enumerate(CANDIDATES):
         reason = c.skip_reason(device, None if c.rule == 4 else False, settings.include_research)
@@ -126,20 +127,10 @@ def advise(model: str, constraints: Constraints, device: Device, output: Path,
                                  calibration_seqlen=settings.calibration_seqlen)
 
     def run_candidates(cands: list[tuple[int, Candidate]]) -> list[dict]:
-        recipes = {c.recipe: get_recipe(c.recipe) for _, c in cands}
-        log(f"compressing {len(recipes)} recipe(s): {', '.join(recipes)}")
-        compress_to_dir(model, list(recipes.values()), work / "compressed", eval_settings, overwrite=True,
-                        progress=progress, log=log)
-        dirs = []
-        for _, c in cands:
-            src = work / "compressed" / c.recipe if len(recipes) > 1 else work / "compressed"
-            if c.pack == "dense":
-                dirs.append(str(src))
-            else:
-                pack_to_dir(str(src), work / "packed" / c.name, fmt=c.pack, overwrite=True, progress=progress)
-                dirs.append(str(work / "packed" / c.name))
-        return [bench_model.measure_isolated(d, windows=settings.eval_windows, decode=settings.decode_tokens)
-                for d in progress.track(dirs, "measure candidates")]
+        variants = [Variant(c.name, get_recipe(c.recipe), c.pack) for _, c in cands]
+        return compress_pack_measure(model, variants, layout.compressed, lambda v: layout.packed(v.label),
+                                     eval_settings, progress, log, windows=settings.eval_windows,
+                                     decode=settings.decode_tokens).rows
 
     log("measuring the dense model")
     base = bench_model.measure_isolated(model, windows=settings.eval_windows, decode=settings.decode_tokens)
@@ -180,14 +171,15 @@ def advise(model: str, constraints: Constraints, device: Device, output: Path,
     from slimkit.advisor.report import frontier_plot, markdown
 
     with output_directory(output, overwrite, inputs=[model], command="advise") as tmp:
-        (tmp / "advise.json").write_text(json.dumps(result, indent=2, default=str))
-        (tmp / "advise.md").write_text(markdown(result))
-        frontier_plot([base_row] + rows, tmp / "frontier.png", model)
+        written = MeasureDir(tmp, "advise")
+        written.json.write_text(json.dumps(result, indent=2, default=str))
+        written.md.write_text(markdown(result))
+        frontier_plot([base_row] + rows, written.frontier, model)
         if chosen is not None:
             recipe = get_recipe(chosen["recipe"])
             header = (f"# recommended by `slimkit advise {model}` ({chosen['candidate']}, rule {chosen['rule']}).\n"
                       f"# slimkit compress {model} -r recommended.yaml -o OUT"
                       + (f" && slimkit pack OUT -o OUT-packed --format {chosen['pack']}\n" if chosen["pack"] != "dense"
                          else "\n"))
-            (tmp / "recommended.yaml").write_text(header + recipe.to_yaml())
+            written.recommended.write_text(header + recipe.to_yaml())
     return result

@@ -101,25 +101,32 @@ ARTICLE_LLAMA2_7B = {"dense": 5.12, "magnitude-50": 14.89, "sparsegpt-50": 6.51,
 ARTICLE_DECODE = {"int8": 1.91, "w8a8": 2.05, "int4": 2.43}  # SmolLM2 whole-model decode, design.md §5
 
 
-def model_rows(model: str, workdir: Path, eval_windows: int, calibration: tuple[int, int], progress: Progress,
+def model_rows(model: str, output: Path, eval_windows: int, calibration: tuple[int, int], progress: Progress,
                log: Callable[[str], None]) -> tuple[list[Row], list[dict]]:
     from slimkit.benchmarks import model as bench_model
-    from slimkit.export.packed import pack_to_dir
+    from slimkit.paths import MeasureDir
+    from slimkit.pipeline import DENSE, Variant, compress_pack_measure
     from slimkit.pruning.structured import StructuredPruneConfig
     from slimkit.recipes import get_recipe, parse_recipe
     from slimkit.recipes.schema import Recipe
-    from slimkit.workflow import EvalSettings, compress_to_dir
+    from slimkit.workflow import EvalSettings
 
-    recipes = [get_recipe(n) for n in ("sparsegpt-50", "sparsegpt-2of4", "magnitude-50", "magnitude-2of4",
-                                       "rtn-int8", "gptq-int4-g64")]
-    recipes.append(parse_recipe({"name": "sparsegpt-2of4-gptq-int4", "steps": [
-        {"method": "sparsegpt", "pattern": "2:4"}, {"method": "gptq", "bits": 4, "group_size": 64, "act_order": True}]}))
-    recipes.append(Recipe(name="structured-heads-mlp", description="1/3 KV groups + 25% MLP, no recovery",
-                          steps=(StructuredPruneConfig(heads=1 / 3, mlp=0.25),)))
+    layout = MeasureDir(output, "reproduce")  # scratch work goes to its sibling OUTPUT.work
+    joint = parse_recipe({"name": "sparsegpt-2of4-gptq-int4", "steps": [
+        {"method": "sparsegpt", "pattern": "2:4"}, {"method": "gptq", "bits": 4, "group_size": 64, "act_order": True}]})
+    structured = Recipe(name="structured-heads-mlp", description="1/3 KV groups + 25% MLP, no recovery",
+                        steps=(StructuredPruneConfig(heads=1 / 3, mlp=0.25),))
+    variants = [Variant("int8", get_recipe("rtn-int8"), "int8"), Variant("w8a8", get_recipe("rtn-int8"), "w8a8"),
+                Variant("int4", get_recipe("gptq-int4-g64")), Variant("2:4", get_recipe("sparsegpt-2of4"), "2:4"),
+                Variant("2:4+int4", joint), Variant("structured (no recovery)", structured, DENSE)]
     settings = EvalSettings(max_windows=eval_windows, calibration_windows=calibration[0],
                             calibration_seqlen=calibration[1])
-    log(f"compressing {len(recipes)} recipes")
-    reports = compress_to_dir(model, recipes, workdir / "compressed", settings, overwrite=True, progress=progress, log=log)
+    result = compress_pack_measure(
+        model, variants, layout.compressed, lambda v: layout.packed(v.label.replace(":", "of").replace("+", "-")),
+        settings, progress, log, also_compress=tuple(get_recipe(n) for n in ("sparsegpt-50", "magnitude-50",
+                                                                             "magnitude-2of4")),
+        windows=eval_windows)
+    reports = result.reports
     ppl = {r["recipe"]["name"]: r["compressed"]["value"] for r in reports}
     dense_ppl = reports[0]["baseline"]["value"]
     rows: list[Row] = []
@@ -136,17 +143,9 @@ def model_rows(model: str, workdir: Path, eval_windows: int, calibration: tuple[
         rows.append(Row("3. SparseGPT perplexity", f"ordering: {better} < {worse}", "holds", "article",
                         f"{ppl[better]:.2f} vs {ppl[worse]:.2f}", "confirmed" if holds else "refuted"))
 
-    packs = {"int8": ("rtn-int8", "int8"), "w8a8": ("rtn-int8", "w8a8"), "int4": ("gptq-int4-g64", "auto"),
-             "2:4": ("sparsegpt-2of4", "2:4"), "2:4+int4": ("sparsegpt-2of4-gptq-int4", "auto")}
-    dirs = {}
-    for label, (recipe, fmt) in packs.items():
-        out = workdir / "packed" / label.replace(":", "of").replace("+", "-")
-        pack_to_dir(str(workdir / "compressed" / recipe), out, fmt=fmt, overwrite=True, progress=progress)
-        dirs[label] = str(out)
-    dirs["structured (no recovery)"] = str(workdir / "compressed" / "structured-heads-mlp")
-    log("measuring packed models, each in its own process")
-    bench = bench_model.run([model, *dirs.values()], progress, windows=eval_windows)
-    by = dict(zip(["dense", *dirs], bench))
+    log("measuring the dense model")
+    bench = bench_model.compare([bench_model.measure_isolated(model, windows=eval_windows), *result.rows])
+    by = dict(zip(["dense", *result.measured], bench))
     base = by["dense"]
     quality = {"int8": ppl["rtn-int8"], "w8a8": by["w8a8"]["ppl"], "int4": ppl["gptq-int4-g64"],
                "2:4": ppl["sparsegpt-2of4"], "2:4+int4": ppl["sparsegpt-2of4-gptq-int4"],
@@ -253,13 +252,13 @@ def plot(rows: list[Row], sparsity: list[dict], path: Path) -> None:
 
 def reproduce(model: str, output: Path, quick: bool = True, progress: Progress = NoProgress(),
               log: Callable[[str], None] = lambda m: None, overwrite: bool = False) -> list[Row]:
-    from slimkit.outputs import output_directory
+    from slimkit.io.outputs import output_directory
+    from slimkit.paths import MeasureDir
 
     output = Path(output).absolute()
-    work = output.with_name(output.name + ".work")
     log("table 1-2: kernels")
     rows, sparsity = sparsity_rows(model, 21 if quick else 41, progress)
-    more, bench = model_rows(model, work, 16 if quick else 200, (16, 256) if quick else (128, 512), progress, log)
+    more, bench = model_rows(model, output, 16 if quick else 200, (16, 256) if quick else (128, 512), progress, log)
     rows += more
     md = "\n".join([
         f"# slimkit reproduce: the article's tables on this machine ({model})", "",
@@ -271,9 +270,10 @@ def reproduce(model: str, output: Path, quick: bool = True, progress: Progress =
         "measured here = this run only", "",
         table(rows), "", "![reproduce](reproduce.png)", ""])
     with output_directory(output, overwrite, inputs=[model], command="reproduce") as tmp:
-        (tmp / "reproduce.md").write_text(md)
-        (tmp / "reproduce.json").write_text(json.dumps({"model": model, "quick": quick,
+        written = MeasureDir(tmp, "reproduce")
+        written.md.write_text(md)
+        written.json.write_text(json.dumps({"model": model, "quick": quick,
                                                         "rows": [r.to_dict() for r in rows],
                                                         "sparsity": sparsity, "bench": bench}, indent=2, default=str))
-        plot(rows, sparsity, tmp / "reproduce.png")
+        plot(rows, sparsity, written.png)
     return rows

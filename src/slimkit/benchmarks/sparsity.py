@@ -155,7 +155,8 @@ def block_weights(model_name: str, blocks: int = 4) -> tuple[list[torch.Tensor],
 
 def run(model: str, output: Path, sparsities=SPARSITIES, batches=BATCHES, repeats: int = 15, progress=None,
         blocks: int = 4, overwrite: bool = False) -> dict:
-    from slimkit.outputs import output_directory
+    from slimkit.io.outputs import output_directory
+    from slimkit.paths import MeasureDir
 
     weights, shapes = block_weights(model, blocks)
     rows = measure(weights, sparsities, batches, repeats, progress)
@@ -165,9 +166,10 @@ def run(model: str, output: Path, sparsities=SPARSITIES, batches=BATCHES, repeat
                     "Cells: measured speed-up over dense fp32 (same inputs, same run). theory = 1/(1-s).",
                     "BSR prunes whole 16x16 blocks at the same sparsity (a different mask, same count).", ""])
     with output_directory(output, overwrite, inputs=[model], command="bench sparsity") as tmp:
-        (tmp / "sparsity.json").write_text(json.dumps({"model": model, "shapes": shapes, "rows": rows}, indent=2))
-        (tmp / "sparsity.md").write_text(md)
-        plot(rows, tmp / "sparsity.png", title)
+        written = MeasureDir(tmp, "sparsity")
+        written.json.write_text(json.dumps({"model": model, "shapes": shapes, "rows": rows}, indent=2))
+        written.md.write_text(md)
+        plot(rows, written.png, title)
     return {"rows": rows, "markdown": md, "output": str(output)}
 
 

@@ -30,6 +30,7 @@ from slimkit.data.corpus import load_split
 from slimkit.data.tokens import calibration_windows
 from slimkit.evaluation.perplexity import PerplexityProtocol, perplexity
 from slimkit.models.loading import load_model
+from slimkit.paths import TrainRunDir
 from slimkit.pruning.structured import StructuredPruneConfig, parameter_count, prune_structured, token_batches
 from slimkit.reports.tables import dict_table
 
@@ -167,7 +168,7 @@ def cmd_minilm(args) -> None:
     # the learned projection lives in the task; the trainer saved it in the checkpoint
     from safetensors.torch import load_file
 
-    state = load_file(str(work / "run" / "checkpoint.safetensors"))
+    state = load_file(str(TrainRunDir(work / "run").checkpoint))
     proj = state.get("modules/projection/weight", proj0)
     rows.append({**measure(r.model, proj, "distilled"), "steps": result.steps_done, "distill_s": round(seconds, 1)})
     r.model.save_pretrained(work / "distilled")

@@ -142,16 +142,26 @@ def _qparams_rows(span: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, to
     return s.view(G, R), (z.view(G, R) if z is not None else None)
 
 
-@torch.no_grad()
-def obs_solve_batch(
-    problems: list[ObsProblem],
-    prune: PruneTarget | None = None,
-    quant: QuantSpec | None = None,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    act_order: bool = False,
-) -> list[list[ObsResult]]:
-    """Solve problems with the same number of input columns together; one ObsResult per linear."""
+@dataclass
+class _Batch:
+    """Problems of one input width stacked: weights transposed ([G, cols, R], column i of every
+    weight is the contiguous WT[g, i]), H^-1 factors, masks and quantization parameters."""
+
+    WT: torch.Tensor
+    U: torch.Tensor
+    keepT: torch.Tensor | None
+    perms: torch.Tensor | None
+    scale_all: torch.Tensor | None
+    zero_all: torch.Tensor | None
+    damps: list[float]
+    prunedT: torch.Tensor  # True = pruned, [G, cols, R]
+    group: int  # quantization group (cols when none)
+    dynamic_groups: bool  # group parameters from the updated weights as the loop reaches them
+
+
+def _check_batch(problems: list[ObsProblem], prune: PruneTarget | None, quant: QuantSpec | None, blocksize: int,
+                 act_order: bool) -> tuple[int, int, bool]:
+    """(columns, quantization group, dynamic groups?), or a ValueError naming what does not tile."""
     cols = problems[0].hessian.shape[0]
     if any(p.hessian.shape[0] != cols for p in problems):
         raise ValueError("obs_solve_batch: every problem needs the same number of input columns")
@@ -161,18 +171,22 @@ def obs_solve_batch(
     dynamic_groups = quant is not None and not (act_order or quant.group_size is None)
     if dynamic_groups and blocksize % group:
         raise ValueError(f"blocksize {blocksize} must be a multiple of group_size {group}")
+    return cols, group, dynamic_groups
+
+
+def _stack(problems: list[ObsProblem], quant: QuantSpec | None, percdamp: float, act_order: bool, cols: int,
+           group: int, dynamic_groups: bool) -> _Batch:
+    """Dead columns zeroed, static group parameters, act-order permutation, one factor each."""
     G, R = len(problems), max(p.rows for p in problems)
     has_keep = any(m is not None for p in problems for m in (p.keep_masks or []))
-
-    WT = torch.zeros(G, cols, R)  # transposed: column i of every weight is the contiguous WT[g, i]
-    keepT = torch.ones(G, cols, R, dtype=torch.bool) if has_keep else None
-    U = torch.empty(G, cols, cols)
-    perms = torch.empty(G, cols, dtype=torch.long) if act_order else None
-    scale_all = zero_all = None
+    batch = _Batch(WT=torch.zeros(G, cols, R), U=torch.empty(G, cols, cols),
+                   keepT=torch.ones(G, cols, R, dtype=torch.bool) if has_keep else None,
+                   perms=torch.empty(G, cols, dtype=torch.long) if act_order else None,
+                   scale_all=None, zero_all=None, damps=[], prunedT=torch.zeros(G, cols, R, dtype=torch.bool),
+                   group=group, dynamic_groups=dynamic_groups)
     if quant is not None:
-        scale_all = torch.ones(G, R, cols // group, dtype=quant.scale_dtype)
-        zero_all = None if quant.symmetric else torch.zeros(G, R, cols // group, dtype=torch.int32)
-    damps = []
+        batch.scale_all = torch.ones(G, R, cols // group, dtype=quant.scale_dtype)
+        batch.zero_all = None if quant.symmetric else torch.zeros(G, R, cols // group, dtype=torch.int32)
     for g, p in enumerate(problems):
         W = torch.cat([w.detach().float() for w in p.weights])
         H = p.hessian.detach().float().clone()
@@ -187,100 +201,118 @@ def obs_solve_batch(
             # static groups: parameters from the original contiguous groups (kept weights), so
             # inference needs no group index even when columns are processed in another order
             s, z = compute_qparams(W if keep is None else W * keep, quant)
-            scale_all[g, : p.rows] = s
-            if zero_all is not None:
-                zero_all[g, : p.rows] = z
+            batch.scale_all[g, : p.rows] = s
+            if batch.zero_all is not None:
+                batch.zero_all[g, : p.rows] = z
         if act_order:
             perm = torch.argsort(torch.diagonal(H), descending=True)
-            perms[g] = perm
+            batch.perms[g] = perm
             W, H = W[:, perm], H[perm][:, perm]
             keep = keep[:, perm] if keep is not None else None
-        U[g], damp = inverse_hessian_factor(H, percdamp, name="+".join(p.names))
-        damps.append(damp)
-        WT[g, :, : p.rows] = W.T
+        batch.U[g], damp = inverse_hessian_factor(H, percdamp, name="+".join(p.names))
+        batch.damps.append(damp)
+        batch.WT[g, :, : p.rows] = W.T
         if keep is not None:
-            keepT[g, :, : p.rows] = keep.T
+            batch.keepT[g, :, : p.rows] = keep.T
+    return batch
 
-    prunedT = torch.zeros(G, cols, R, dtype=torch.bool)
-    d = torch.diagonal(U, dim1=1, dim2=2)  # [G, cols]
-    dinv = 1.0 / d
-    static_s = static_z = None
-    if quant is not None and not dynamic_groups:
-        # each column's (static) scale row, laid out like WT: [G, cols, R]
-        colgroup = (perms if perms is not None else torch.arange(cols).expand(G, cols)) // group
-        index = colgroup.unsqueeze(1).expand(G, R, cols)
-        static_s = scale_all.float().gather(2, index).transpose(1, 2).contiguous()
-        if zero_all is not None:
-            static_z = zero_all.float().gather(2, index).transpose(1, 2).contiguous()
-    masked = prune is not None or keepT is not None
-    s_cur = z_cur = None
-    ub = _sub_block(blocksize, prune.m if prune else None, group if dynamic_groups else None)
-    Err1 = torch.empty(G, ub, R)
 
-    for b1 in range(0, cols, blocksize):
-        b2 = min(b1 + blocksize, cols)
-        if keepT is not None:
-            prunedT[:, b1:b2] = ~keepT[:, b1:b2]
-        elif prune is not None and prune.sparsity is not None:
-            # adaptive mask: one threshold per linear over this block, on the updated weights
-            saliency = WT[:, b1:b2] ** 2 / d[:, b1:b2, None] ** 2
-            for g, p in enumerate(problems):
-                r0 = 0
-                for w in p.weights:
-                    r1 = r0 + w.shape[0]
-                    sal = saliency[g, :, r0:r1].reshape(-1)
-                    k = int(sal.numel() * prune.sparsity)
-                    if k:
-                        prunedT[g, b1:b2, r0:r1] = smallest_k_mask(sal, k).view(b2 - b1, r1 - r0)
-                    r0 = r1
-        for i1 in range(b1, b2, ub):
-            i2 = min(i1 + ub, b2)
-            count = i2 - i1
-            W1, M1 = WT[:, i1:i2], prunedT[:, i1:i2]
-            # per-column views made once per sub-block ([G, 1, R] rows; the loop below is the
-            # hot path: every tensor op in it costs microseconds of dispatch)
-            w_cols = W1.unsqueeze(2).unbind(1)
-            m_cols = M1.unsqueeze(2).unbind(1)
-            e_cols = Err1[:, :count].unsqueeze(2).unbind(1)
-            dinv_cols = dinv[:, i1:i2, None, None].unbind(1)
-            u_rows = U[:, i1:i2, i1:i2].unsqueeze(3).unbind(1)  # each [G, count, 1]
-            s_cols = static_s[:, i1:i2].unsqueeze(2).unbind(1) if static_s is not None else None
-            z_cols = static_z[:, i1:i2].unsqueeze(2).unbind(1) if static_z is not None else None
-            for i in range(count):
-                col = i1 + i
-                if prune is not None and prune.m is not None and col % prune.m == 0:
-                    sal = W1[:, i : i + prune.m] ** 2 / d[:, col : col + prune.m, None] ** 2
-                    idx = torch.topk(sal, prune.m - prune.n, dim=1, largest=False).indices
-                    M1.scatter_(1, i + idx, True)
-                w, ev = w_cols[i], e_cols[i]
-                ev.copy_(w)
-                if quant is not None:
-                    if s_cols is not None:
-                        s_cur = s_cols[i]
-                        z_cur = z_cols[i] if z_cols is not None else None
-                    elif col % group == 0:  # dynamic: from the already-updated weights of this group
-                        span = WT[:, col : col + group].masked_fill(prunedT[:, col : col + group], 0.0)
-                        s_new, z_new = _qparams_rows(span, quant)
-                        scale_all[:, :, col // group] = s_new
-                        s_cur = s_new.float().unsqueeze(1)
-                        if zero_all is not None:
-                            zero_all[:, :, col // group] = z_new
-                            z_cur = z_new.float().unsqueeze(1)
-                    _fake_quant_(w, w, s_cur, z_cur, quant)  # the column becomes its quantized value
-                if masked:
-                    w.masked_fill_(m_cols[i], 0.0)
-                ev.sub_(w).mul_(dinv_cols[i])  # (w - q) / U[i, i]
-                if i + 1 < count:
-                    W1[:, i + 1 :].baddbmm_(u_rows[i][:, i + 1 :], ev, alpha=-1.0)
-            if i2 < cols:
-                WT[:, i2:].baddbmm_(U[:, i1:i2, i2:].transpose(1, 2), Err1[:, :count], alpha=-1.0)
+def _static_columns(batch: _Batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Each column's static scale (and zero) row, laid out like WT: [G, cols, R]."""
+    G, cols, R = batch.WT.shape
+    colgroup = (batch.perms if batch.perms is not None else torch.arange(cols).expand(G, cols)) // batch.group
+    index = colgroup.unsqueeze(1).expand(G, R, cols)
+    static_s = batch.scale_all.float().gather(2, index).transpose(1, 2).contiguous()
+    static_z = None
+    if batch.zero_all is not None:
+        static_z = batch.zero_all.float().gather(2, index).transpose(1, 2).contiguous()
+    return static_s, static_z
 
-    results = []
-    has_mask = prune is not None or has_keep
+
+def _block_mask(batch: _Batch, problems: list[ObsProblem], prune: PruneTarget | None, d: torch.Tensor,
+                b1: int, b2: int) -> None:
+    """The mask of columns b1:b2: the kept masks given, or SparseGPT's adaptive mask, one
+    threshold per linear over this block, on the already-updated weights."""
+    if batch.keepT is not None:
+        batch.prunedT[:, b1:b2] = ~batch.keepT[:, b1:b2]
+        return
+    if prune is None or prune.sparsity is None:
+        return
+    saliency = batch.WT[:, b1:b2] ** 2 / d[:, b1:b2, None] ** 2
     for g, p in enumerate(problems):
-        Wg, Pg = WT[g, :, : p.rows], prunedT[g, :, : p.rows]
-        if perms is not None:
-            inv = torch.argsort(perms[g])
+        r0 = 0
+        for w in p.weights:
+            r1 = r0 + w.shape[0]
+            sal = saliency[g, :, r0:r1].reshape(-1)
+            k = int(sal.numel() * prune.sparsity)
+            if k:
+                batch.prunedT[g, b1:b2, r0:r1] = smallest_k_mask(sal, k).view(b2 - b1, r1 - r0)
+            r0 = r1
+
+
+@dataclass
+class _Quantizer:
+    """The current column's quantization parameters: static per column, or dynamic per group."""
+
+    spec: QuantSpec | None
+    static_s: torch.Tensor | None
+    static_z: torch.Tensor | None
+    s_cur: torch.Tensor | None = None
+    z_cur: torch.Tensor | None = None
+
+
+def _solve_columns(batch: _Batch, q: _Quantizer, prune: PruneTarget | None, masked: bool, d: torch.Tensor,
+                   dinv: torch.Tensor, Err1: torch.Tensor, i1: int, i2: int) -> None:
+    """Columns i1:i2 one at a time: mask, quantize, and spread each error over the later columns
+    of the sub-block through U (the lazy update past i2 is the caller's)."""
+    WT, U, prunedT, group, quant = batch.WT, batch.U, batch.prunedT, batch.group, q.spec
+    count = i2 - i1
+    W1, M1 = WT[:, i1:i2], prunedT[:, i1:i2]
+    # per-column views made once per sub-block ([G, 1, R] rows; the loop below is the hot path:
+    # every tensor op in it costs microseconds of dispatch)
+    w_cols = W1.unsqueeze(2).unbind(1)
+    m_cols = M1.unsqueeze(2).unbind(1)
+    e_cols = Err1[:, :count].unsqueeze(2).unbind(1)
+    dinv_cols = dinv[:, i1:i2, None, None].unbind(1)
+    u_rows = U[:, i1:i2, i1:i2].unsqueeze(3).unbind(1)  # each [G, count, 1]
+    s_cols = q.static_s[:, i1:i2].unsqueeze(2).unbind(1) if q.static_s is not None else None
+    z_cols = q.static_z[:, i1:i2].unsqueeze(2).unbind(1) if q.static_z is not None else None
+    for i in range(count):
+        col = i1 + i
+        if prune is not None and prune.m is not None and col % prune.m == 0:
+            sal = W1[:, i : i + prune.m] ** 2 / d[:, col : col + prune.m, None] ** 2
+            idx = torch.topk(sal, prune.m - prune.n, dim=1, largest=False).indices
+            M1.scatter_(1, i + idx, True)
+        w, ev = w_cols[i], e_cols[i]
+        ev.copy_(w)
+        if quant is not None:
+            if s_cols is not None:
+                q.s_cur = s_cols[i]
+                q.z_cur = z_cols[i] if z_cols is not None else None
+            elif col % group == 0:  # dynamic: from the already-updated weights of this group
+                span = WT[:, col : col + group].masked_fill(prunedT[:, col : col + group], 0.0)
+                s_new, z_new = _qparams_rows(span, quant)
+                batch.scale_all[:, :, col // group] = s_new
+                q.s_cur = s_new.float().unsqueeze(1)
+                if batch.zero_all is not None:
+                    batch.zero_all[:, :, col // group] = z_new
+                    q.z_cur = z_new.float().unsqueeze(1)
+            _fake_quant_(w, w, q.s_cur, q.z_cur, quant)  # the column becomes its quantized value
+        if masked:
+            w.masked_fill_(m_cols[i], 0.0)
+        ev.sub_(w).mul_(dinv_cols[i])  # (w - q) / U[i, i]
+        if i + 1 < count:
+            W1[:, i + 1 :].baddbmm_(u_rows[i][:, i + 1 :], ev, alpha=-1.0)
+
+
+def _unstack(batch: _Batch, problems: list[ObsProblem], prune: PruneTarget | None) -> list[list[ObsResult]]:
+    """Back to one result per linear, in the original column order."""
+    has_keep = batch.keepT is not None
+    results = []
+    for g, p in enumerate(problems):
+        Wg, Pg = batch.WT[g, :, : p.rows], batch.prunedT[g, :, : p.rows]
+        if batch.perms is not None:
+            inv = torch.argsort(batch.perms[g])
             Wg, Pg = Wg[inv], Pg[inv]
         out, r0 = [], 0
         for j, w in enumerate(p.weights):
@@ -288,14 +320,44 @@ def obs_solve_batch(
             own_mask = prune is not None or (p.keep_masks is not None and p.keep_masks[j] is not None)
             out.append(ObsResult(
                 Wg[:, r0:r1].T.contiguous(),
-                (~Pg[:, r0:r1].T).contiguous() if has_mask and own_mask else None,
-                scale_all[g, r0:r1].clone() if scale_all is not None else None,
-                zero_all[g, r0:r1].clone() if zero_all is not None else None,
-                damps[g],
+                (~Pg[:, r0:r1].T).contiguous() if (prune is not None or has_keep) and own_mask else None,
+                batch.scale_all[g, r0:r1].clone() if batch.scale_all is not None else None,
+                batch.zero_all[g, r0:r1].clone() if batch.zero_all is not None else None,
+                batch.damps[g],
             ))
             r0 = r1
         results.append(out)
     return results
+
+
+@torch.no_grad()
+def obs_solve_batch(
+    problems: list[ObsProblem],
+    prune: PruneTarget | None = None,
+    quant: QuantSpec | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+) -> list[list[ObsResult]]:
+    """Solve problems with the same number of input columns together; one ObsResult per linear."""
+    cols, group, dynamic_groups = _check_batch(problems, prune, quant, blocksize, act_order)
+    batch = _stack(problems, quant, percdamp, act_order, cols, group, dynamic_groups)
+    d = torch.diagonal(batch.U, dim1=1, dim2=2)  # [G, cols]
+    dinv = 1.0 / d
+    static = _static_columns(batch) if quant is not None and not dynamic_groups else (None, None)
+    q = _Quantizer(quant, *static)
+    masked = prune is not None or batch.keepT is not None
+    ub = _sub_block(blocksize, prune.m if prune else None, group if dynamic_groups else None)
+    Err1 = torch.empty(batch.WT.shape[0], ub, batch.WT.shape[2])
+    for b1 in range(0, cols, blocksize):
+        b2 = min(b1 + blocksize, cols)
+        _block_mask(batch, problems, prune, d, b1, b2)
+        for i1 in range(b1, b2, ub):
+            i2 = min(i1 + ub, b2)
+            _solve_columns(batch, q, prune, masked, d, dinv, Err1, i1, i2)
+            if i2 < cols:  # the lazy update of every later column
+                batch.WT[:, i2:].baddbmm_(batch.U[:, i1:i2, i2:].transpose(1, 2), Err1[:, : i2 - i1], alpha=-1.0)
+    return _unstack(batch, problems, prune)
 
 
 def obs_solve(

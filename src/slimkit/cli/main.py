@@ -11,7 +11,8 @@ import typer
 from slimkit.cli.console import console
 from slimkit.cli.errors import DEBUG, friendly_errors, install_sigterm
 from slimkit.errors import SlimkitError
-from slimkit.outputs import reserve_output
+from slimkit.io.outputs import reserve_output
+from slimkit.paths import MeasureDir, ModelDir
 
 app = typer.Typer(
     help=(
@@ -158,7 +159,7 @@ def compress(
         console.print(f"{metric_legend(reports[0])}\npacked MB = the packed format's arithmetic; "
                       f"total time {reports[-1]['timing']['total_s']:.0f}s; output: {output}")
         if bench:
-            _bench_outputs(model, [Path(r["output"]) for r in reports], output, settings)
+            _bench_outputs(model, recipes_, output, settings)
 
 
 def _dtype(name: str):
@@ -184,24 +185,24 @@ def _preflight(model: str, recipes: list, data: Optional[Path], offload: Optiona
     return seqlen, calibration_seqlen
 
 
-def _bench_outputs(model: str, outputs: list[Path], root: Path, settings) -> None:
+def _bench_outputs(model: str, recipes: list, root: Path, settings) -> None:
+    """`compress --bench`: pack each output (OUT/.../packed) and measure it against the dense model."""
     from slimkit.benchmarks import model as bench_model
-    from slimkit.export.packed import pack_to_dir
-    from slimkit.outputs import write_text_atomic
+    from slimkit.io.outputs import write_text_atomic
+    from slimkit.paths import CompressOutput
+    from slimkit.pipeline import Variant, measure_stage, pack_stage
     from slimkit.progress import RichProgress
 
-    packed = []
+    layout = CompressOutput(root.absolute(), tuple(r.name for r in recipes))
     with RichProgress(console) as progress:
-        for out in outputs:
-            try:
-                pack_to_dir(str(out), out / "packed", overwrite=True, progress=progress)
-                packed.append(str(out / "packed"))
-            except SlimkitError as exc:
-                console.print(f"[yellow]not benchmarked[/yellow] {out}: {exc}")
-        rows = bench_model.run([model] + packed, progress, windows=settings.max_windows or 200)
+        measured = pack_stage(layout, [Variant(r.name, r) for r in recipes],
+                              lambda v: layout.model_dir(v.recipe.name).packed, progress,
+                              on_error=lambda v, exc: console.print(f"[yellow]not benchmarked[/yellow] {v.label}: {exc}"))
+        rows = bench_model.compare(measure_stage([model, *measured.values()], progress,
+                                                 windows=settings.max_windows or 200))
     md = bench_model.table(rows)
     console.print(md)
-    write_text_atomic(root / "bench.md", md + "\n")
+    write_text_atomic(layout.bench_md, md + "\n")
 
 
 @app.command(name="eval")
@@ -243,7 +244,7 @@ def eval_(
     with RichProgress(console) as progress:
         if loaded.kind == "encoder":
             ref = reference
-            report_file = Path(model) / "report.json"
+            report_file = ModelDir(Path(model)).report_json
             if ref is None and report_file.is_file():
                 try:
                     ref = json.loads(report_file.read_text(encoding="utf-8"))["model"]["name"]
@@ -299,8 +300,8 @@ def pack(
 
       slimkit pack smollm2-135m --format nf4 -o out/nf4
     """
-    from slimkit.export.packed import pack_to_dir
     from slimkit.formats import format_names
+    from slimkit.formats.pack_dir import pack_to_dir
     from slimkit.progress import RichProgress
 
     if format != "auto" and format not in format_names():
@@ -429,7 +430,7 @@ def bench_model_cmd(
     import contextlib
 
     from slimkit.benchmarks import model as bench
-    from slimkit.outputs import output_directory
+    from slimkit.io.outputs import output_directory
     from slimkit.progress import RichProgress
 
     with reserve_output(output, overwrite, inputs=models) if output else contextlib.nullcontext():
@@ -441,8 +442,9 @@ def bench_model_cmd(
         console.print(md)
         if output is not None:
             with output_directory(output, overwrite, inputs=models, command="bench model") as tmp:
-                (tmp / "bench.md").write_text(md + "\n")
-                (tmp / "bench.json").write_text(json.dumps(rows, indent=2))
+                written = MeasureDir(tmp, "bench")
+                written.md.write_text(md + "\n")
+                written.json.write_text(json.dumps(rows, indent=2))
 
 
 def _outline_of(model: str):
@@ -510,7 +512,7 @@ def report(
 
       slimkit report runs/demo runs/lottery -o report.html
     """
-    from slimkit.outputs import check_output, output_file
+    from slimkit.io.outputs import check_output, output_file
     from slimkit.reports.html import render_html
 
     check_output(output, overwrite, inputs=directories, kind="file")
@@ -579,7 +581,7 @@ def advise(
         with RichProgress(console) as progress:
             result = run_advise(model, constraints, device, output, settings, progress, log=console.print,
                                 overwrite=overwrite)
-    console.print((output / "advise.md").read_text(), markup=False, highlight=False)
+    console.print(MeasureDir(output, "advise").md.read_text(), markup=False, highlight=False)
     console.print(f"wrote {output} (advise.md, advise.json, frontier.png"
                   + (", recommended.yaml)" if result["recommended"] else ")"))
 

@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from slimkit.errors import CheckpointError
+from slimkit.io.tensors import unique_tensors
 
-CHECKPOINT = "checkpoint.safetensors"
 VERSION = 1
 
 
@@ -73,18 +73,9 @@ def _join_optimizer(meta: dict, tensors: dict[str, torch.Tensor]) -> dict:
 
 
 def save_checkpoint(path: Path, modules: dict[str, nn.Module], opt: torch.optim.Optimizer, sched, step: int) -> None:
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}  # tied weights are stored once
-    first: dict[tuple, str] = {}
-    for name, module in modules.items():
-        for key, value in module.state_dict().items():
-            full = f"modules/{name}/{key}"
-            where = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
-            if where in first:
-                aliases[full] = first[where]
-                continue
-            first[where] = full
-            tensors[full] = value.detach().contiguous()
+    kept, aliases = unique_tensors((f"modules/{name}/{key}", value) for name, module in modules.items()
+                                   for key, value in module.state_dict().items())  # tied weights once
+    tensors = {k: v.detach().contiguous() for k, v in kept.items()}
     meta = {"version": VERSION, "step": step, "optimizer": _split_optimizer(opt.state_dict(), tensors),
             "scheduler": sched.state_dict(), "rng": _rng_state(tensors), "aliases": aliases}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

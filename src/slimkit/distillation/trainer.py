@@ -29,12 +29,10 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from slimkit.distillation.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from slimkit.distillation.checkpoint import load_checkpoint, save_checkpoint
 from slimkit.errors import SlimkitError
+from slimkit.paths import TrainRunDir
 from slimkit.progress import NoProgress, Progress
-
-LOG = "log.csv"
-CONFIG = "config.json"
 
 
 class TrainConfig(BaseModel):
@@ -158,104 +156,139 @@ def _write_log(path: Path, columns: list[str], rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def train(task: TrainTask, config: TrainConfig, run_dir: str | Path, progress: Progress = NoProgress(),
-          on_step: Callable[[int], None] | None = None, restart: bool = False) -> TrainResult:
-    """Train `task` for `config.steps` steps in `run_dir`, resuming from its checkpoint if any
-    (`restart`: discard it and start from step 0)."""
-    run_dir = Path(run_dir)
+@dataclass
+class _Session:
+    """One process's view of a training run: what it trains, with what, and where it writes."""
+
+    task: TrainTask
+    config: TrainConfig
+    layout: TrainRunDir
+    modules: dict[str, nn.Module]
+    params: list[nn.Parameter]
+    opt: torch.optim.Optimizer
+    sched: Any
+    columns: list[str]
+    rank: int
+    world: int
+
+
+def _session(task: TrainTask, config: TrainConfig, run_dir: Path) -> _Session:
+    """AdamW (no decay on norms and biases) with warm-up + cosine, over the task's modules."""
     rank, world = _world()
-    if restart and rank == 0 and run_dir.is_dir():
-        shutil.rmtree(run_dir)
-    if world > 1 and restart:
-        dist.barrier()
     modules = task.trainable()
     decay, no_decay = [], []
     for module in modules.values():
         for p in module.parameters():
             if p.requires_grad:
                 (decay if p.ndim >= 2 else no_decay).append(p)
-    params = decay + no_decay
-    if not params:
+    if not decay + no_decay:
         raise SlimkitError("nothing to train: no parameter requires grad")
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, config))
     columns = ["step", "lr", "grad_norm", *task.loss_terms, *[f"eval_{k}" for k in task.eval_terms]]
-    description = {"train": config.model_dump(mode="json"), "task": task.describe(), "world_size": world,
-                   "identity": identity({"train": config, "task": task.describe()})}
-    ckpt_path = run_dir / CHECKPOINT
-    start = 0
-    if ckpt_path.exists():
-        stored = json.loads((run_dir / CONFIG).read_text())
-        if stored.get("identity") != description["identity"]:
-            raise SlimkitError(f"{run_dir} holds a different run (its {CONFIG} differs); use another directory "
-                               "or --restart")
-        start = load_checkpoint(ckpt_path, modules, opt, sched)
-    else:
-        if rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / CONFIG).write_text(json.dumps(identity(description), indent=2))
-        torch.manual_seed(config.seed)
-        random.seed(config.seed)
-        if world > 1:  # everyone starts from rank 0's weights
-            for p in (t for m in modules.values() for t in m.state_dict().values()):
-                dist.broadcast(p, 0)
-    rows = _read_log(run_dir / LOG, start)
-    if rank == 0 and run_dir.exists():  # drop rows past the checkpoint: they are redone now
-        _write_log(run_dir / LOG, columns, rows)
-    result = TrainResult(run_dir, start, start, rows)
+    return _Session(task, config, TrainRunDir(run_dir), modules, decay + no_decay, opt, sched, columns, rank, world)
 
+
+def _resume_or_start(run: _Session) -> int:
+    """The step to start from: the checkpoint's, or 0 for a new run (config written, seeds set)."""
+    description = {"train": run.config.model_dump(mode="json"), "task": run.task.describe(),
+                   "world_size": run.world, "identity": identity({"train": run.config, "task": run.task.describe()})}
+    layout = run.layout
+    if layout.checkpoint.exists():
+        stored = json.loads(layout.config.read_text())
+        if stored.get("identity") != description["identity"]:
+            raise SlimkitError(f"{layout.root} holds a different run (its {layout.config.name} differs); use "
+                               "another directory or --restart")
+        return load_checkpoint(layout.checkpoint, run.modules, run.opt, run.sched)
+    if run.rank == 0:
+        layout.root.mkdir(parents=True, exist_ok=True)
+        layout.config.write_text(json.dumps(identity(description), indent=2))
+    torch.manual_seed(run.config.seed)
+    random.seed(run.config.seed)
+    if run.world > 1:  # everyone starts from rank 0's weights
+        for p in (t for m in run.modules.values() for t in m.state_dict().values()):
+            dist.broadcast(p, 0)
+    return 0
+
+
+def _step(run: _Session, step: int) -> dict:
+    """One optimizer step over all micro-batches (and processes); its log row."""
+    task, config = run.task, run.config
+    for module in run.modules.values():
+        module.train()
+    run.opt.zero_grad(set_to_none=True)
+    sums: dict[str, float] = {k: 0.0 for k in task.loss_terms}
+    for micro in range(config.grad_accum):
+        losses = task.losses(task.batch(step, micro, config.micro_batch, run.rank, run.world))
+        (losses["loss"] / config.grad_accum).backward()
+        for k in task.loss_terms:
+            sums[k] += float(losses[k].detach()) / config.grad_accum
+    if run.world > 1:
+        for p in run.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(run.world)
+        terms = torch.tensor([sums[k] for k in task.loss_terms], dtype=torch.float64)
+        dist.all_reduce(terms, op=dist.ReduceOp.SUM)
+        sums = {k: float(v) / run.world for k, v in zip(task.loss_terms, terms)}
+    norm = torch.nn.utils.clip_grad_norm_(run.params, config.clip_norm or float("inf"))
+    lr = run.opt.param_groups[0]["lr"]
+    run.opt.step()
+    run.sched.step()
+    return {"step": str(step + 1), "lr": f"{lr:.6g}", "grad_norm": f"{float(norm):.6g}",
+            **{k: f"{v:.6g}" for k, v in sums.items()}}
+
+
+def _evaluate(run: _Session) -> dict[str, float]:
+    for module in run.modules.values():
+        module.eval()
+    with torch.no_grad():
+        return run.task.evaluate()
+
+
+def _end_of_step(run: _Session, row: dict, done: int) -> None:
+    """Append the row to log.csv; checkpoint every k steps and at the end (rank 0 writes)."""
+    if run.rank == 0:
+        with run.layout.log.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=run.columns).writerow(row)
+    if done == run.config.steps or done % run.config.checkpoint_every == 0:
+        if run.rank == 0:
+            save_checkpoint(run.layout.checkpoint, run.modules, run.opt, run.sched, done)
+        if run.world > 1:
+            dist.barrier()
+
+
+def train(task: TrainTask, config: TrainConfig, run_dir: str | Path, progress: Progress = NoProgress(),
+          on_step: Callable[[int], None] | None = None, restart: bool = False) -> TrainResult:
+    """Train `task` for `config.steps` steps in `run_dir`, resuming from its checkpoint if any
+    (`restart`: discard it and start from step 0)."""
+    run_dir = Path(run_dir)
+    run = _session(task, config, run_dir)
+    if restart and run.rank == 0 and run_dir.is_dir():
+        shutil.rmtree(run_dir)
+    if run.world > 1 and restart:
+        dist.barrier()
+    start = _resume_or_start(run)
+    rows = _read_log(run.layout.log, start)
+    if run.rank == 0 and run_dir.exists():  # drop rows past the checkpoint: they are redone now
+        _write_log(run.layout.log, run.columns, rows)
+    result = TrainResult(run_dir, start, start, rows)
     for step in progress.track(range(start, config.steps), "train", total=config.steps - start):
-        for module in modules.values():
-            module.train()
-        opt.zero_grad(set_to_none=True)
-        sums: dict[str, float] = {k: 0.0 for k in task.loss_terms}
-        for micro in range(config.grad_accum):
-            batch = task.batch(step, micro, config.micro_batch, rank, world)
-            losses = task.losses(batch)
-            (losses["loss"] / config.grad_accum).backward()
-            for k in task.loss_terms:
-                sums[k] += float(losses[k].detach()) / config.grad_accum
-        if world > 1:
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                p.grad.div_(world)
-            terms = torch.tensor([sums[k] for k in task.loss_terms], dtype=torch.float64)
-            dist.all_reduce(terms, op=dist.ReduceOp.SUM)
-            sums = {k: float(v) / world for k, v in zip(task.loss_terms, terms)}
-        norm = torch.nn.utils.clip_grad_norm_(params, config.clip_norm or float("inf"))
-        lr = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
-        row = {"step": str(step + 1), "lr": f"{lr:.6g}", "grad_norm": f"{float(norm):.6g}",
-               **{k: f"{v:.6g}" for k, v in sums.items()}}
-        last = step + 1 == config.steps
-        if last or (config.eval_every and (step + 1) % config.eval_every == 0):
-            if rank == 0:
-                for module in modules.values():
-                    module.eval()
-                with torch.no_grad():
-                    ev = task.evaluate()
-                row.update({f"eval_{k}": f"{v:.6g}" for k, v in ev.items()})
-                result.final_eval = ev
-        row = {c: row.get(c, "") for c in columns}  # the same columns as rows read back from the CSV
+        row = _step(run, step)
+        if run.rank == 0 and (step + 1 == config.steps or (config.eval_every and (step + 1) % config.eval_every == 0)):
+            result.final_eval = _evaluate(run)
+            row.update({f"eval_{k}": f"{v:.6g}" for k, v in result.final_eval.items()})
+        row = {c: row.get(c, "") for c in run.columns}  # the same columns as rows read back from the CSV
         rows.append(row)
         result.steps_done = step + 1
-        if rank == 0:
-            with (run_dir / LOG).open("a", newline="") as f:
-                csv.DictWriter(f, fieldnames=columns).writerow(row)
-        if rank == 0 and (last or (step + 1) % config.checkpoint_every == 0):
-            save_checkpoint(ckpt_path, modules, opt, sched, step + 1)
-        if world > 1 and (last or (step + 1) % config.checkpoint_every == 0):
-            dist.barrier()
+        _end_of_step(run, row, step + 1)
         if on_step is not None:
             on_step(step + 1)
-    for module in modules.values():
+    for module in run.modules.values():
         module.eval()
-    if not result.final_eval and rank == 0:  # a finished run started again: report its end state
-        with torch.no_grad():
-            result.final_eval = task.evaluate()
+    if not result.final_eval and run.rank == 0:  # a finished run started again: report its end state
+        result.final_eval = _evaluate(run)
     result.rows = rows
     return result

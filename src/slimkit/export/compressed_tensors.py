@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from slimkit.errors import SlimkitError
 from slimkit.formats import PackedLinear, packed_layers
+from slimkit.io.tensors import unique_tensors
 
 REFUSED = {
     "2:4": "compressed-tensors and vLLM removed their sparse formats in 2026, so a 2:4 model cannot be "
@@ -101,14 +102,9 @@ def export_compressed_tensors(model: torch.nn.Module, tokenizer, directory: Path
     tensors: dict[str, torch.Tensor] = {}
     for name, mod in layers.items():
         tensors.update(_tensors(name, mod, dtype))
-    seen = set()
-    for key, t in model.state_dict().items():
-        if any(key.startswith(n + ".") for n in layers):
-            continue
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen:
-            continue
-        seen.add(ptr)
+    dense, _ = unique_tensors((k, t) for k, t in model.state_dict().items()
+                              if not any(k.startswith(n + ".") for n in layers))
+    for key, t in dense.items():
         tensors[key] = t.detach().to(dtype if t.is_floating_point() else t.dtype).contiguous()
     config = model.config
     if any(m.meta.get("tied_to") for m in layers.values()) or "lm_head" in layers:

@@ -19,15 +19,16 @@ import torch
 from torch import nn
 
 from slimkit.errors import SlimkitError
-from slimkit.export.hf import COMPRESSION_FILE, load_compression_state
 from slimkit.formats import pack_model, packed_layers
+from slimkit.io.outputs import output_directory
 from slimkit.models.checks import NO_CODE
 from slimkit.models.loading import LoadedModel, load_model
 from slimkit.models.zoo import zoo_entry
-from slimkit.outputs import output_directory
+from slimkit.paths import ExportDir, ModelDir, PackedDir
+from slimkit.recipes.state import COMPRESSION_FILE, load_compression_state
 
 TARGETS = ("hf", "compressed-tensors", "gguf")
-GGUF_NAME = "model.gguf"
+GGUF_NAME = ExportDir(Path(".")).gguf.name
 
 
 def _with_formats(loaded: LoadedModel) -> None:
@@ -55,9 +56,9 @@ def _lineage_gguf(loaded: LoadedModel) -> Path | None:
     """The GGUF file this model came from, if any (its tokenizer metadata is copied exactly)."""
     candidates = [loaded.name, str(loaded.source)]
     src = Path(loaded.source)
-    for meta, key in (("pack.json", ("source",)), ("report.json", ("model", "name"))):
-        if src.is_dir() and (src / meta).is_file():
-            value = json.loads((src / meta).read_text())
+    for meta, key in ((PackedDir(src).summary, ("source",)), (ModelDir(src).report_json, ("model", "name"))):
+        if meta.is_file():
+            value = json.loads(meta.read_text())
             for k in key:
                 value = value.get(k, {}) if isinstance(value, dict) else {}
             if isinstance(value, str):
@@ -98,7 +99,7 @@ def export_model(source: str, output: str | Path, to: str, gguf_type: str = "aut
                                       _lineage_gguf(loaded)))
         if own_ppl is not None:  # checked before the rename: the export.json written states the check
             result["verify"] = verify_export(tmp, to, loaded.tokenizer, own_ppl, windows)
-        (tmp / "export.json").write_text(json.dumps(result, indent=2))
+        ExportDir(tmp).summary.write_text(json.dumps(result, indent=2))
     return result
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from slimkit.errors import SlimkitError, WeightsError
 from slimkit.formats.base import PackedLinear, format_class
+from slimkit.io.tensors import unique_tensors
 
 PACKED_FILE = "packed.safetensors"
 FORMAT_VERSION = 1
@@ -98,21 +99,12 @@ def save_packed(model: nn.Module, tokenizer, directory: Path) -> None:
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embedding is not None and any(m.meta.get("tied_to") for m in layers.values()):
         model.config.tie_word_embeddings = False  # the head is packed on its own; the embedding stays
-    seen: dict[int, str] = {}
-    tied = {}
     state = dict(model.state_dict())
     persistent = set(state)
     # non-persistent buffers (rotary inv_freq) too: loading builds the skeleton on the meta device
     state.update({k: b for k, b in model.named_buffers() if b is not None and k not in persistent})
-    for key, t in state.items():
-        if any(key.startswith(n + ".") for n in layers):
-            continue
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen:
-            tied[key] = seen[ptr]
-            continue
-        seen[ptr] = key
-        tensors[key] = t.detach().contiguous()
+    dense, tied = unique_tensors((k, t) for k, t in state.items() if not any(k.startswith(n + ".") for n in layers))
+    tensors.update({k: t.detach().contiguous() for k, t in dense.items()})
     header = {"format_version": FORMAT_VERSION, "layers": meta_layers, "tied": tied}
     save_file(tensors, str(directory / PACKED_FILE), metadata={"slimkit_packed": json.dumps(header)})
     if not getattr(model.config, "architectures", None):

@@ -20,10 +20,10 @@ from safetensors import SafetensorError
 from torch import nn
 
 from slimkit.errors import ModelNotFoundError, OutputInUseError, OutputRefusedError, WeightsError
+from slimkit.io.outputs import output_directory
 from slimkit.models.adapters import ArchitectureAdapter, adapter_for
 from slimkit.models.checks import NO_CODE, check_before_load, check_finite, check_gguf, check_loading_info, read_config
 from slimkit.models.zoo import ZOO, ModelKind, zoo_entry
-from slimkit.outputs import output_directory
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # slimkit never downloads at run time
 log = logging.getLogger(__name__)

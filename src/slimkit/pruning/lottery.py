@@ -25,6 +25,7 @@ from torch import nn
 
 from slimkit.distillation.classifier import Dataset, accuracy, load_dataset
 from slimkit.distillation.trainer import EpochSampler, TrainConfig, run_dir_for, train
+from slimkit.paths import LotteryDir
 from slimkit.progress import NoProgress, Progress
 
 
@@ -221,16 +222,17 @@ def run_lottery(config: LotteryConfig, root: Path, progress: Progress = NoProgre
     data = load_dataset(config.dataset)
     run_dir = run_dir_for(root, {"lottery": config})
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config.describe(), indent=2))
+    layout = LotteryDir(run_dir)
+    layout.config.write_text(json.dumps(config.describe(), indent=2))
     rows = []
     for seed in config.seeds:
         rows += run_seed(data, config, seed, run_dir / f"seed{seed}", progress)
     summary = summarize(rows)
-    for name, table in (("results.csv", rows), ("summary.csv", summary)):
-        with (run_dir / name).open("w", newline="") as f:
+    for path, table in ((layout.results, rows), (layout.summary, summary)):
+        with path.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(table[0]))
             writer.writeheader()
             writer.writerows(table)
-    plot(summary, run_dir / "lottery.png", f"lottery tickets: {config.dataset}, MLP {'-'.join(map(str, config.hidden))}, "
+    plot(summary, layout.plot, f"lottery tickets: {config.dataset}, MLP {'-'.join(map(str, config.hidden))}, "
                                             f"rewind to step {config.rewind_step}, {len(config.seeds)} seeds")
     return run_dir, summary

@@ -14,7 +14,7 @@ from pathlib import Path
 from markdown_it import MarkdownIt
 
 from slimkit.errors import SlimkitError
-from slimkit.outputs import HTML_GENERATOR
+from slimkit.io.outputs import HTML_GENERATOR
 
 STYLE = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2rem auto;max-width:1200px;color:#222;

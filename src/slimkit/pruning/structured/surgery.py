@@ -64,97 +64,113 @@ def _uniform(per_layer: tuple[torch.Tensor, ...] | None, what: str) -> int | Non
     return sizes.pop()
 
 
-def apply_plan(model: nn.Module, adapter: ArchitectureAdapter, plan: StructuredPlan) -> nn.Module:
-    """Return a new, smaller model of the same class; `model` is left unchanged."""
-    cfg = copy.deepcopy(model.config)
-    layout = adapter.heads(model)
-    d = layout.head_dim
-    names = {id(m): n for n, m in model.named_modules()}
-    base = names[id(model.base_model)]
-    base = base + "." if base else ""
-    blocks = f"{base}{adapter.blocks}"
-    n_layers = len(adapter.get_blocks(model))
-    q, k, v, o = adapter.q_proj, adapter.k_proj, adapter.v_proj, adapter.o_proj
-    mlp_in, down = adapter.mlp_inputs, adapter.mlp_output
-    s = _Slicer({key: t.detach().clone() for key, t in model.state_dict().items()})
+@dataclass
+class _Surgery:
+    """One model's state dict being cut down, its config being updated, and where things are."""
 
+    slicer: _Slicer
+    cfg: object
+    adapter: ArchitectureAdapter
+    base: str  # the base model's prefix in the state dict ("model." or "")
+    blocks: str  # the block list's prefix
+    n_layers: int
+    head_dim: int
+
+    def block(self, i: int) -> str:
+        return f"{self.blocks}.{i}."
+
+
+def _cut_heads(op: _Surgery, plan: StructuredPlan) -> None:
+    a, s, d = op.adapter, op.slicer, op.head_dim
     n_heads = _uniform(plan.keep_heads, "attention heads")
     n_kv = _uniform(plan.keep_kv_heads, "KV heads")
     if (n_heads is None) != (n_kv is None):
         raise ShapeError("keep_heads and keep_kv_heads go together")
-    if n_heads is not None:
-        if n_heads % n_kv:
-            raise ShapeError(f"{n_heads} query heads cannot be shared evenly by {n_kv} KV heads")
-        for i in range(n_layers):
-            p = f"{blocks}.{i}."
-            s.linear_out(p + q, head_units(plan.keep_heads[i], d))
-            s.linear_out(p + k, head_units(plan.keep_kv_heads[i], d))
-            s.linear_out(p + v, head_units(plan.keep_kv_heads[i], d))
-            s.linear_in(p + o, head_units(plan.keep_heads[i], d))
-        setattr(cfg, adapter.heads_attr, n_heads)
-        if adapter.kv_heads_attr:
-            setattr(cfg, adapter.kv_heads_attr, n_kv)
-        elif n_kv != n_heads:
-            raise ShapeError(f"{adapter.name} has no KV groups: keep as many KV heads as query heads")
-        if adapter.free_head_dim:
-            cfg.head_dim = d
+    if n_heads is None:
+        return
+    if n_heads % n_kv:
+        raise ShapeError(f"{n_heads} query heads cannot be shared evenly by {n_kv} KV heads")
+    for i in range(op.n_layers):
+        p = op.block(i)
+        s.linear_out(p + a.q_proj, head_units(plan.keep_heads[i], d))
+        s.linear_out(p + a.k_proj, head_units(plan.keep_kv_heads[i], d))
+        s.linear_out(p + a.v_proj, head_units(plan.keep_kv_heads[i], d))
+        s.linear_in(p + a.o_proj, head_units(plan.keep_heads[i], d))
+    setattr(op.cfg, a.heads_attr, n_heads)
+    if a.kv_heads_attr:
+        setattr(op.cfg, a.kv_heads_attr, n_kv)
+    elif n_kv != n_heads:
+        raise ShapeError(f"{a.name} has no KV groups: keep as many KV heads as query heads")
+    if a.free_head_dim:
+        op.cfg.head_dim = d
 
+
+def _cut_mlp(op: _Surgery, plan: StructuredPlan) -> None:
     n_mlp = _uniform(plan.keep_mlp, "MLP channels")
-    if n_mlp is not None:
-        for i in range(n_layers):
-            p = f"{blocks}.{i}."
-            for name in mlp_in:
-                s.linear_out(p + name, plan.keep_mlp[i])
-            s.linear_in(p + down, plan.keep_mlp[i])
-        cfg.intermediate_size = n_mlp
+    if n_mlp is None:
+        return
+    for i in range(op.n_layers):
+        for name in op.adapter.mlp_inputs:
+            op.slicer.linear_out(op.block(i) + name, plan.keep_mlp[i])
+        op.slicer.linear_in(op.block(i) + op.adapter.mlp_output, plan.keep_mlp[i])
+    op.cfg.intermediate_size = n_mlp
 
-    if plan.keep_hidden is not None:
-        h = plan.keep_hidden
-        for i in range(n_layers):
-            p = f"{blocks}.{i}."
-            for name in (q, k, v, *mlp_in):
+
+def _cut_hidden(op: _Surgery, h: torch.Tensor | None) -> None:
+    """The residual width: every reader and writer of the hidden state, its norms and embeddings."""
+    a, s, base = op.adapter, op.slicer, op.base
+    if h is not None:
+        for i in range(op.n_layers):
+            p = op.block(i)
+            for name in (a.q_proj, a.k_proj, a.v_proj, *a.mlp_inputs):
                 s.linear_in(p + name, h)
-            for name in (o, down):
+            for name in (a.o_proj, a.mlp_output):
                 s.linear_out(p + name, h)
-            for name in adapter.block_norms:
+            for name in a.block_norms:
                 s.vector(p + name, h)
-        for path in adapter.embeddings:
+        for path in a.embeddings:
             s.take(f"{base}{path}.weight", 1, h)
-        for path in ([adapter.final_norm] if adapter.final_norm else []) + list(adapter.hidden_norms):
+        for path in ([a.final_norm] if a.final_norm else []) + list(a.hidden_norms):
             s.vector(base + path, h)
-        for path in adapter.hidden_square_linears:
+        for path in a.hidden_square_linears:
             s.linear_out(base + path, h)
             s.linear_in(base + path, h)
-        if adapter.lm_head:
-            s.linear_in(adapter.lm_head, h)
-        cfg.hidden_size = len(h)
-
-    heads_now = getattr(cfg, adapter.heads_attr)
-    if not adapter.free_head_dim and cfg.hidden_size != heads_now * d:
+        if a.lm_head:
+            s.linear_in(a.lm_head, h)
+        op.cfg.hidden_size = len(h)
+    heads_now = getattr(op.cfg, a.heads_attr)
+    if not a.free_head_dim and op.cfg.hidden_size != heads_now * op.head_dim:
         raise ShapeError(
-            f"{adapter.name} derives the head size from hidden_size / {adapter.heads_attr}: keeping "
-            f"{heads_now} heads of {d} needs hidden_size {heads_now * d}, not {cfg.hidden_size}"
+            f"{a.name} derives the head size from hidden_size / {a.heads_attr}: keeping "
+            f"{heads_now} heads of {op.head_dim} needs hidden_size {heads_now * op.head_dim}, not {op.cfg.hidden_size}"
         )
 
-    if plan.drop_layers:
-        drop = sorted(set(plan.drop_layers))
-        if drop[0] < 0 or drop[-1] >= n_layers or len(drop) >= n_layers:
-            raise ShapeError(f"cannot drop layers {drop} of a {n_layers}-layer model")
-        kept = [i for i in range(n_layers) if i not in drop]
-        renumber = {old: new for new, old in enumerate(kept)}
-        sd = {}
-        for key, t in s.sd.items():
-            if key.startswith(blocks + "."):
-                idx, rest = key[len(blocks) + 1 :].split(".", 1)
-                if int(idx) not in renumber:
-                    continue
-                key = f"{blocks}.{renumber[int(idx)]}.{rest}"
-            sd[key] = t
-        s.sd = sd
-        cfg.num_hidden_layers = len(kept)
-        if isinstance(getattr(cfg, "layer_types", None), list):
-            cfg.layer_types = [cfg.layer_types[i] for i in kept]
 
+def _drop_layers(op: _Surgery, drop_layers) -> None:
+    if not drop_layers:
+        return
+    drop = sorted(set(drop_layers))
+    if drop[0] < 0 or drop[-1] >= op.n_layers or len(drop) >= op.n_layers:
+        raise ShapeError(f"cannot drop layers {drop} of a {op.n_layers}-layer model")
+    kept = [i for i in range(op.n_layers) if i not in drop]
+    renumber = {old: new for new, old in enumerate(kept)}
+    sd = {}
+    for key, t in op.slicer.sd.items():
+        if key.startswith(op.blocks + "."):
+            idx, rest = key[len(op.blocks) + 1 :].split(".", 1)
+            if int(idx) not in renumber:
+                continue
+            key = f"{op.blocks}.{renumber[int(idx)]}.{rest}"
+        sd[key] = t
+    op.slicer.sd = sd
+    op.cfg.num_hidden_layers = len(kept)
+    if isinstance(getattr(op.cfg, "layer_types", None), list):
+        op.cfg.layer_types = [op.cfg.layer_types[i] for i in kept]
+
+
+def _rebuild(model: nn.Module, op: _Surgery) -> nn.Module:
+    """The same transformers class built from the updated config, holding the cut tensors."""
+    cfg = op.cfg
     try:  # the config class validates itself on construction (e.g. LLaMA: hidden % heads == 0)
         cfg = type(cfg).from_dict(cfg.to_dict())
     except Exception as exc:  # noqa: BLE001 - transformers raises several kinds
@@ -163,7 +179,7 @@ def apply_plan(model: nn.Module, adapter: ArchitectureAdapter, plan: StructuredP
                          f"that {type(cfg).__name__} accepts") from None
     dtype = next(model.parameters()).dtype
     new = type(model)(cfg).to(dtype)
-    missing, unexpected = new.load_state_dict(s.sd, strict=False)
+    missing, unexpected = new.load_state_dict(op.slicer.sd, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(cfg, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
         raise ShapeError(f"structured surgery left the state dict inconsistent: missing {sorted(missing)[:5]}, "
@@ -172,6 +188,21 @@ def apply_plan(model: nn.Module, adapter: ArchitectureAdapter, plan: StructuredP
         new.generation_config = copy.deepcopy(model.generation_config)
     new.train(model.training)
     return new
+
+
+def apply_plan(model: nn.Module, adapter: ArchitectureAdapter, plan: StructuredPlan) -> nn.Module:
+    """Return a new, smaller model of the same class; `model` is left unchanged."""
+    names = {id(m): n for n, m in model.named_modules()}
+    base = names[id(model.base_model)]
+    base = base + "." if base else ""
+    op = _Surgery(_Slicer({key: t.detach().clone() for key, t in model.state_dict().items()}),
+                  copy.deepcopy(model.config), adapter, base, f"{base}{adapter.blocks}",
+                  len(adapter.get_blocks(model)), adapter.heads(model).head_dim)
+    _cut_heads(op, plan)
+    _cut_mlp(op, plan)
+    _cut_hidden(op, plan.keep_hidden)
+    _drop_layers(op, plan.drop_layers)
+    return _rebuild(model, op)
 
 
 def parameter_count(model: nn.Module) -> int:

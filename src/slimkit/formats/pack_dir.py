@@ -7,12 +7,13 @@ from pathlib import Path
 
 from slimkit.errors import SlimkitError
 from slimkit.evaluation.size import files_bytes
-from slimkit.export.hf import COMPRESSION_FILE, load_compression_state
 from slimkit.formats import pack_model, save_packed
 from slimkit.formats.pack import AUTO
+from slimkit.io.outputs import output_directory
 from slimkit.models.loading import load_model
-from slimkit.outputs import output_directory
+from slimkit.paths import PackedDir
 from slimkit.progress import NoProgress, Progress
+from slimkit.recipes.state import COMPRESSION_FILE, load_compression_state
 
 FOUR_BIT = ("int4", "nf4")
 
@@ -56,5 +57,5 @@ def pack_to_dir(source: str, output: str | Path, fmt: str = AUTO, group_size: in
                 linears[n].weight.numel() * linears[n].weight.element_size() for n in left_dense),
             "file_bytes": files_bytes(tmp), "layers": layers,
         }
-        (tmp / "pack.json").write_text(json.dumps(summary, indent=2))
+        PackedDir(tmp).summary.write_text(json.dumps(summary, indent=2))
     return summary

@@ -1,0 +1,92 @@
+"""The flow, in the README's order: load → calibrate → compress → pack → evaluate/benchmark → report.
+
+Each stage is one function with typed inputs and outputs:
+- `compress_stage`: load the model, evaluate it, run each recipe (calibration included), evaluate
+  again and write one model dir per recipe (`workflow.compress_to_dir`);
+- `pack_stage`: store each compressed model in the packed format it is measured in;
+- `measure_stage`: latency, throughput, memory, size and quality, each model in its own process.
+`compress_pack_measure` runs the three in order; `slimkit compress --bench`, the advisor and
+`slimkit reproduce` all go through it, so no caller glues the stages again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from slimkit.paths import CompressOutput
+from slimkit.progress import NoProgress, Progress
+from slimkit.recipes.schema import Recipe
+from slimkit.workflow import EvalSettings, compress_to_dir
+
+DENSE = "dense"  # measure the compressed dir as written (no packing)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model to produce and measure: a recipe, and the packed format it is measured in."""
+
+    label: str
+    recipe: Recipe
+    pack: str = "auto"  # a format name, "auto" (what the recipe recorded), or DENSE
+
+
+@dataclass
+class PipelineResult:
+    reports: list[dict]  # one compress report per distinct recipe
+    measured: dict[str, Path]  # variant label -> the directory that was measured
+    rows: list[dict] = field(default_factory=list)  # one benchmark row per variant, in order
+
+
+def compress_stage(model: str, recipes: list[Recipe], output: Path, settings: EvalSettings, overwrite: bool,
+                   progress: Progress, log: Callable[[str], None], **options) -> tuple[CompressOutput, list[dict]]:
+    layout = CompressOutput(Path(output), tuple(r.name for r in recipes))
+    reports = compress_to_dir(model, recipes, output, settings, overwrite, progress=progress, log=log, **options)
+    return layout, reports
+
+
+def pack_stage(layout: CompressOutput, variants: list[Variant], where: Callable[[Variant], Path],
+               progress: Progress, on_error: Callable[[Variant, Exception], None] | None = None) -> dict[str, Path]:
+    """Pack each variant's model dir into `where(variant)` (a slimkit output, replaced if there).
+    With `on_error`, a model that cannot be packed is reported there and left out."""
+    from slimkit.errors import SlimkitError
+    from slimkit.formats.pack_dir import pack_to_dir
+
+    measured = {}
+    for v in variants:
+        source = layout.model_dir(v.recipe.name).root
+        if v.pack == DENSE:
+            measured[v.label] = source
+            continue
+        try:
+            pack_to_dir(str(source), where(v), fmt=v.pack, overwrite=True, progress=progress)
+        except SlimkitError as exc:
+            if on_error is None:
+                raise
+            on_error(v, exc)
+            continue
+        measured[v.label] = where(v)
+    return measured
+
+
+def measure_stage(models: list[Path | str], progress: Progress, **bench) -> list[dict]:
+    """One benchmark row per directory, each measured in a fresh process (its RSS is its own)."""
+    from slimkit.benchmarks import model as bench_model
+
+    return [bench_model.measure_isolated(str(m), **bench) for m in progress.track(models, "measure")]
+
+
+def compress_pack_measure(model: str, variants: list[Variant], compressed: Path, where: Callable[[Variant], Path],
+                          settings: EvalSettings, progress: Progress = NoProgress(),
+                          log: Callable[[str], None] = lambda m: None, also_compress: tuple[Recipe, ...] = (),
+                          **bench) -> PipelineResult:
+    """Compress every variant's recipe (and `also_compress`, evaluated only) into `compressed`,
+    pack each variant into `where(variant)`, and measure each packed model."""
+    recipes = list({r.name: r for r in [*also_compress, *(v.recipe for v in variants)]}.values())
+    log(f"compressing {len(recipes)} recipe(s): {', '.join(r.name for r in recipes)}")
+    layout, reports = compress_stage(model, recipes, compressed, settings, True, progress, log)
+    measured = pack_stage(layout, variants, where, progress)
+    log("measuring each model in its own process")
+    rows = measure_stage(list(measured.values()), progress, **bench)
+    return PipelineResult(reports, measured, rows)

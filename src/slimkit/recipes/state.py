@@ -1,0 +1,74 @@
+"""What compression did to each tensor, kept beside a compressed model: `compression.safetensors`.
+
+Masks are bit-packed; quantized layers keep their scales and zero points (the codes are
+recomputed from the saved weights, which lie exactly on their grid). Packing and export read it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from slimkit.recipes.context import LayerRecord
+
+COMPRESSION_FILE = "compression.safetensors"
+
+
+def save_compression_state(records: dict[str, LayerRecord], path: Path) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    layers = {}
+    for name, rec in records.items():
+        entry = {"kind": rec.kind, "shape": list(rec.shape), "methods": rec.methods}
+        if rec.mask is not None:
+            tensors[f"{name}.mask_bits"] = torch.from_numpy(np.packbits(rec.mask.numpy().ravel()))
+        if rec.quant is not None:
+            spec = rec.quant.spec
+            entry["quant"] = {
+                "bits": spec.bits,
+                "symmetric": spec.symmetric,
+                "group_size": spec.group_of(rec.shape[-1]),
+                "scale_dtype": str(spec.scale_dtype).removeprefix("torch."),
+            }
+            tensors[f"{name}.scale"] = rec.quant.scale.contiguous()
+            if rec.quant.zero is not None:
+                tensors[f"{name}.zero_point"] = rec.quant.zero.to(torch.int8).contiguous()
+        layers[name] = entry
+    save_file(tensors, str(path), metadata={"slimkit_layers": json.dumps(layers)})
+
+
+def load_compression_state(path: Path, model: torch.nn.Module) -> dict[str, LayerRecord]:
+    """Records (masks, quantization codes and parameters) from a compress output dir.
+
+    The codes are recomputed from the saved weights, which lie exactly on their grid.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from slimkit.errors import SlimkitError
+    from slimkit.quantization.rtn import QuantParams, QuantSpec, quantize
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            layers = json.loads((f.metadata() or {})["slimkit_layers"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+        raise SlimkitError(f"{path} is corrupt or truncated ({exc})") from None
+    records = {}
+    for name, entry in layers.items():
+        shape = tuple(entry["shape"])
+        rec = LayerRecord(name, entry["kind"], shape, methods=entry.get("methods", []))
+        if f"{name}.mask_bits" in tensors:
+            bits = np.unpackbits(tensors[f"{name}.mask_bits"].numpy())[: int(np.prod(shape))]
+            rec.mask = torch.from_numpy(bits.astype(bool)).reshape(shape)
+        if "quant" in entry:
+            q = entry["quant"]
+            spec = QuantSpec(q["bits"], q["symmetric"], q["group_size"], getattr(torch, q["scale_dtype"]))
+            scale, zero = tensors[f"{name}.scale"], tensors.get(f"{name}.zero_point")
+            zero = zero.to(torch.int32) if zero is not None else None
+            weight = model.get_submodule(name).weight.detach().float()
+            rec.quant = QuantParams(spec, quantize(weight, scale, zero, spec), scale, zero)
+        records[name] = rec
+    return records
