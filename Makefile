@@ -26,9 +26,12 @@ $(STAMP): pyproject.toml Makefile
 		|| echo "warning: could not install chromium; the HTML screenshot test will be skipped")
 	touch $(STAMP)
 
+# The main job on the embedded default: the decision framework executed on measurements
+# (candidates compressed, packed, run and measured), a recommendation with its reason, and one
+# HTML page of it all.
 demo: setup
-	$(BIN)/slimkit compress smollm2-135m --recipe magnitude-2of4 --recipe rtn-int4-g64 \
-		--output runs/demo --overwrite --bench
+	$(BIN)/slimkit advise smollm2-135m --quick --max-ppl-increase 10% --output runs/demo/advise --overwrite
+	$(BIN)/slimkit report runs/demo/advise --output runs/demo/report.html --title "slimkit advise: smollm2-135m" --overwrite
 
 test: setup
 	$(BIN)/python -m pytest -m "not slow" ; rc=$$?; \

@@ -74,7 +74,8 @@ def measure_stage(models: list[Path | str], progress: Progress, **bench) -> list
     """One benchmark row per directory, each measured in a fresh process (its RSS is its own)."""
     from slimkit.benchmarks import model as bench_model
 
-    return [bench_model.measure_isolated(str(m), **bench) for m in progress.track(models, "measure")]
+    return [bench_model.measure_isolated(str(m), note=progress.note, **bench)
+            for m in progress.track(models, "measure")]
 
 
 def compress_pack_measure(model: str, variants: list[Variant], compressed: Path, where: Callable[[Variant], Path],

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Protocol, TypeVar
+import time
+from typing import Callable, Iterable, Iterator, Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -10,14 +11,59 @@ T = TypeVar("T")
 class Progress(Protocol):
     def track(self, items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]: ...
 
+    def note(self, text: str) -> None:
+        """A one-line update inside a long step (e.g. from a worker process)."""
+
 
 class NoProgress:
     def track(self, items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
         yield from items
 
+    def note(self, text: str) -> None:
+        pass
+
+
+class LineProgress:
+    """Progress as plain lines, for logs and pipes: each stage's start, its end, and a line at
+    most every `every` seconds in between, so no long stage is silent."""
+
+    def __init__(self, write: Callable[[str], None], every: float = 10.0):
+        self.write, self.every = write, every
+
+    def track(self, items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+        if total is None and hasattr(items, "__len__"):
+            total = len(items)  # type: ignore[arg-type]
+        start = last = time.monotonic()
+        of = f"/{total}" if total is not None else ""
+        self.write(f"{description}: started ({0}{of})")
+        done = 0
+        for item in items:
+            yield item
+            done += 1
+            now = time.monotonic()
+            if now - last >= self.every:
+                self.write(f"{description}: {done}{of}, {now - start:.0f}s")
+                last = now
+        self.write(f"{description}: done {done}{of} in {time.monotonic() - start:.0f}s")
+
+    def note(self, text: str) -> None:
+        self.write(text)
+
+    def __enter__(self) -> "LineProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
 
 class RichProgress:
-    """Progress bars with elapsed time and ETA, rendered by rich."""
+    """Progress bars with elapsed time and ETA, rendered by rich; plain lines when the output is
+    not a terminal (a log, a pipe, CI)."""
+
+    def __new__(cls, console=None):
+        if console is not None and not console.is_terminal:
+            return LineProgress(lambda text: console.print(text, markup=False, highlight=False))
+        return super().__new__(cls)
 
     def __init__(self, console=None):
         from rich.progress import (
@@ -48,6 +94,9 @@ class RichProgress:
 
     def __exit__(self, *exc) -> None:
         self._progress.__exit__(*exc)
+
+    def note(self, text: str) -> None:
+        self._progress.console.print(text, markup=False, highlight=False)
 
     def track(self, items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
         if total is None and hasattr(items, "__len__"):

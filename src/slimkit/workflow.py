@@ -30,6 +30,8 @@ from slimkit.recipes.schema import Recipe
 from slimkit.recipes.state import save_compression_state
 from slimkit.reports.tables import comparison_rows, markdown_table, metric_legend, report_markdown, training_plot
 
+REPORT_SCHEMA_VERSION = 2  # report.json's layout; 2 added stored_dtype / computed_in (and this field)
+
 
 @dataclass(frozen=True)
 class EvalSettings:
@@ -122,6 +124,7 @@ def build_report(
                                for r in result.records.values())
     bits = sorted({l["bits"] for l in layers})
     return {
+        "schema_version": REPORT_SCHEMA_VERSION,
         "slimkit_version": slimkit.__version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},

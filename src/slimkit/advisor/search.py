@@ -133,7 +133,8 @@ def advise(model: str, constraints: Constraints, device: Device, output: Path,
                                      decode=settings.decode_tokens).rows
 
     log("measuring the dense model")
-    base = bench_model.measure_isolated(model, windows=settings.eval_windows, decode=settings.decode_tokens)
+    base = bench_model.measure_isolated(model, note=progress.note, windows=settings.eval_windows,
+                                        decode=settings.decode_tokens)
     first = [(o, c) for o, c in measured if c.rule != 4]
     rows = []
     for (order, c), row in zip(first, run_candidates(first)):

@@ -1,1 +1,1 @@
-"""Benchmarks: scripts that print one JSON row per measurement and a table (calibration.py: time vs FLOP bound; peer_llmcompressor.py: side by side with llm-compressor)."""
+"""Measurements on this machine: whole models (`model.py`), sparse kernels (`sparsity.py`), calibration time vs its FLOP bound, structured pruning, the article's tables (`reproduce.py`) and peers side by side."""

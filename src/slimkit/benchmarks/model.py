@@ -62,13 +62,15 @@ def _disk_bytes(loaded) -> int:
 
 
 @torch.no_grad()
-def measure(source: str, prompt: int = 128, decode: int = 32, batch: int = 8, windows: int = 16) -> dict:
-    """Everything about one model, in this process."""
+def measure(source: str, prompt: int = 128, decode: int = 32, batch: int = 8, windows: int = 16,
+            note=lambda text: None) -> dict:
+    """Everything about one model, in this process; `note` hears each phase as it starts."""
     from slimkit.data import load_split
     from slimkit.evaluation import PerplexityProtocol, eval_windows, perplexity
     from slimkit.formats import packed_layers
     from slimkit.models import load_model
 
+    note(f"{source}: loading")
     loaded = load_model(source)
     model, tok = loaded.model, loaded.tokenizer
     split = load_split()
@@ -79,6 +81,7 @@ def measure(source: str, prompt: int = 128, decode: int = 32, batch: int = 8, wi
         out = model(input_ids=tokens, past_key_values=past, use_cache=True)
         return out.logits[:, -1:].argmax(-1), out.past_key_values
 
+    note(f"{source}: prefill {prompt} tokens, decode {decode}")
     step(ids[:, :16])  # warm-up: kernels, allocator
     t0 = time.perf_counter()
     nxt, past = step(ids)
@@ -89,6 +92,7 @@ def measure(source: str, prompt: int = 128, decode: int = 32, batch: int = 8, wi
         nxt, past = step(nxt, past)
         times.append(time.perf_counter() - t0)
     decode_ms = statistics.median(times) * 1e3
+    note(f"{source}: throughput at batch {batch}")
     rows = torch.stack([stream[i * 16 : i * 16 + 32] for i in range(batch)])
     nxt, past = step(rows)
     steps = max(decode // 2, 4)
@@ -96,6 +100,8 @@ def measure(source: str, prompt: int = 128, decode: int = 32, batch: int = 8, wi
     for _ in range(steps):
         nxt, past = step(nxt, past)
     throughput = batch * steps / (time.perf_counter() - t0)
+    if windows:
+        note(f"{source}: perplexity on {windows} windows")
     ppl = perplexity(model, tok, split, PerplexityProtocol(512, windows)) if windows else None
     packed = packed_layers(model)
     paths = sorted({m.path_for(1) for m in packed.values()}) or ["dense fp32 (torch.nn.Linear)"]
@@ -109,18 +115,29 @@ def measure(source: str, prompt: int = 128, decode: int = 32, batch: int = 8, wi
     }
 
 
-def measure_isolated(source: str, **kw) -> dict:
-    """`measure` in a fresh Python process: its peak RSS is this model's alone."""
+PROGRESS_PREFIX = "slimkit-progress: "
+
+
+def measure_isolated(source: str, note=None, **kw) -> dict:
+    """`measure` in a fresh Python process: its peak RSS is this model's alone. The worker's
+    phase lines go to `note` as they happen (a long benchmark is never silent)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
         args = [sys.executable, "-m", "slimkit.benchmarks.model", "--worker", str(out), source]
         for k, v in kw.items():
             args += [f"--{k}", str(v)]
-        proc = subprocess.run(args, capture_output=True, text=True)
-        if proc.returncode:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        errors = []
+        for line in proc.stderr:
+            if line.startswith(PROGRESS_PREFIX):
+                if note is not None:
+                    note(line[len(PROGRESS_PREFIX):].rstrip())
+            else:
+                errors.append(line)
+        if proc.wait():
             from slimkit.errors import SlimkitError
 
-            raise SlimkitError(f"benchmarking {source} failed:\n{proc.stderr.strip()[-2000:]}")
+            raise SlimkitError(f"benchmarking {source} failed:\n{''.join(errors).strip()[-2000:]}")
         return json.loads(out.read_text())
 
 
@@ -151,7 +168,8 @@ def run(models: list[str], progress=None, **kw) -> list[dict]:
     items = [(m,) for m in models]
     if progress is not None:
         items = progress.track(items, "bench model")
-    return compare([measure_isolated(m, **kw) for (m,) in items])
+    note = progress.note if progress is not None else None
+    return compare([measure_isolated(m, note=note, **kw) for (m,) in items])
 
 
 def main(argv=None) -> None:
@@ -165,7 +183,10 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     kw = dict(prompt=args.prompt, decode=args.decode, batch=args.batch, windows=args.windows)
     if args.worker:
-        Path(args.worker).write_text(json.dumps(measure(args.models[0], **kw)))
+        def note(text: str) -> None:
+            print(PROGRESS_PREFIX + text, file=sys.stderr, flush=True)
+
+        Path(args.worker).write_text(json.dumps(measure(args.models[0], note=note, **kw)))
         return
     rows = run(args.models, **kw)
     for r in rows:

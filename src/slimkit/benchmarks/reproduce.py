@@ -144,7 +144,8 @@ def model_rows(model: str, output: Path, eval_windows: int, calibration: tuple[i
                         f"{ppl[better]:.2f} vs {ppl[worse]:.2f}", "confirmed" if holds else "refuted"))
 
     log("measuring the dense model")
-    bench = bench_model.compare([bench_model.measure_isolated(model, windows=eval_windows), *result.rows])
+    bench = bench_model.compare([bench_model.measure_isolated(model, note=progress.note, windows=eval_windows),
+                                 *result.rows])
     by = dict(zip(["dense", *result.measured], bench))
     base = by["dense"]
     quality = {"int8": ppl["rtn-int8"], "w8a8": by["w8a8"]["ppl"], "int4": ppl["gptq-int4-g64"],

@@ -1,0 +1,1 @@
+"""The `slimkit` command: typer commands, one-line errors (`errors.py`) and the consoles."""

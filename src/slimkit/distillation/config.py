@@ -6,37 +6,29 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
+from slimkit.distillation.trainer import TrainFields
 from slimkit.recipes.base import StepConfig
 
 
-class DistillConfig(StepConfig):
+class DistillConfig(StepConfig, TrainFields):
     """Train the compressed model (student) against the model as it was before the recipe (teacher).
 
     Causal LMs learn the teacher's token distributions on calibration text (or on text the teacher
     writes: data: teacher); encoders learn its sentence embeddings and hidden states. Checkpoints
     go to a run directory named by the hash of everything that defines the run, so an interrupted
-    `slimkit compress` resumes where it stopped.
+    `slimkit compress` resumes where it stopped. The training settings (steps, batch_size, lr,
+    ...) are the trainer's own `TrainFields`.
     """
 
     method: Literal["distill"] = "distill"
-    steps: int = Field(200, ge=1, description="optimizer steps")
-    batch_size: int = Field(8, ge=1, description="sequences per step")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per step")
     seqlen: int = Field(256, ge=8, description="tokens per training window (causal LMs)")
     windows: int = Field(512, ge=1, description="training windows (or texts, for encoders) in the pool")
-    lr: float = Field(1e-4, gt=0)
-    warmup_steps: int = Field(20, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    clip_norm: float | None = Field(1.0, gt=0)
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     temperature: float = Field(1.0, gt=0)
     alpha: float = Field(0.0, ge=0, le=1, description="weight of the hard-label cross-entropy")
     hidden_weight: float = Field(0.0, ge=0, description="weight of the hidden-state loss (encoders: default 1)")
     data: Literal["corpus", "teacher"] = Field("corpus", description="train on corpus text, or on teacher-written text")
-    eval_every: int = Field(50, ge=0, description="evaluate on held-out windows every k steps")
     eval_windows: int = Field(8, ge=1, description="held-out evaluation windows (texts for encoders)")
-    checkpoint_every: int = Field(25, ge=1)
-    seed: int = 0
 
     needs_teacher: ClassVar[bool] = True  # compress() keeps a copy of the model before the recipe
 

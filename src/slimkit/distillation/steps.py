@@ -17,9 +17,7 @@ from slimkit.recipes.registry import register_step
 
 
 def _train_config(c: DistillConfig) -> TrainConfig:
-    return TrainConfig(steps=c.steps, batch_size=c.batch_size, grad_accum=c.grad_accum, lr=c.lr,
-                       weight_decay=c.weight_decay, warmup_steps=c.warmup_steps, clip_norm=c.clip_norm,
-                       eval_every=c.eval_every, checkpoint_every=c.checkpoint_every, seed=c.seed)
+    return TrainConfig(**c.train_fields())
 
 
 def _runs_root(ctx: StepContext) -> Path:

@@ -35,21 +35,29 @@ from slimkit.paths import TrainRunDir
 from slimkit.progress import NoProgress, Progress
 
 
-class TrainConfig(BaseModel):
+class TrainFields(BaseModel):
+    """The training settings, declared once: `TrainConfig` is exactly these, and the `distill`
+    recipe step inherits them next to its own."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     steps: int = Field(200, ge=1, description="optimizer steps")
     batch_size: int = Field(8, ge=1, description="examples per optimizer step, all processes together")
     grad_accum: int = Field(1, ge=1, description="micro-batches per step (batch_size must divide evenly)")
     lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.01, ge=0, description="AdamW decay on matrices (not on norms or biases)")
-    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decay on matrices (not on norms or biases)")
+    warmup_steps: int = Field(20, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the cosine ends at lr * this")
     clip_norm: float | None = Field(1.0, gt=0, description="gradient-norm clipping; None: off")
-    eval_every: int = Field(0, ge=0, description="evaluate every k steps (0: at the end only)")
-    checkpoint_every: int = Field(50, ge=1)
+    eval_every: int = Field(50, ge=0, description="evaluate every k steps (0: at the end only)")
+    checkpoint_every: int = Field(25, ge=1)
     seed: int = 0
 
+    def train_fields(self) -> dict:
+        return {name: getattr(self, name) for name in TrainFields.model_fields}
+
+
+class TrainConfig(TrainFields):
     @model_validator(mode="after")
     def _micro(self):
         if self.batch_size % self.grad_accum:

@@ -114,7 +114,7 @@ class _MaskedTask:
 def _train(model: MaskedMLP, data: Dataset, config: LotteryConfig, seed: int, run_dir: Path, label: str,
            steps: int | None = None) -> float:
     tc = TrainConfig(steps=steps or config.steps, batch_size=config.batch_size, lr=config.lr, warmup_steps=0,
-                     min_lr_ratio=1.0, weight_decay=0.0, clip_norm=None, checkpoint_every=max(config.steps // 3, 1),
+                     min_lr_ratio=1.0, weight_decay=0.0, clip_norm=None, checkpoint_every=max(config.steps // 3, 1), eval_every=0,
                      seed=seed)
     result = train(_MaskedTask(model, data, seed, config.batch_size, label), tc, run_dir)
     return result.final_eval["accuracy"]

@@ -1,4 +1,4 @@
-"""Reports: markdown/JSON tables (plots and HTML come with the benchmarks)."""
+"""Reports: markdown and JSON tables, PNG plots, and one self-contained HTML page."""
 
 from slimkit.reports.tables import comparison_rows, markdown_table, report_markdown, rich_table
 
