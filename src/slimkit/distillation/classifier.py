@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     if rank == 0:
         print(json.dumps({"steps": result.steps_done, "final": result.final_eval}))
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # leave together: a rank that tears gloo down early can abort its peer
         torch.distributed.destroy_process_group()
 
 
