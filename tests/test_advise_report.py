@@ -135,3 +135,29 @@ def test_a_missed_latency_budget_brings_in_prune_and_distil(tiny_llama_dir, tmp_
     names = [r["candidate"] for r in result["candidates"]]
     assert names[-1] == "minitron-distill" and "minitron-distill" not in {s["candidate"] for s in result["skipped"]}
     assert result["recommended"] is None and "No measured candidate" in result["reason"]
+
+
+def test_reproduce_tables_3_to_5_from_measurements(monkeypatch, tmp_path):
+    """model_rows turns one run's compress reports and benchmark rows into tables 3-5."""
+    from slimkit.benchmarks import reproduce
+
+    names = {"sparsegpt-50": 30.0, "sparsegpt-2of4": 56.0, "magnitude-50": 427.0, "magnitude-2of4": 1759.0,
+             "rtn-int8": 16.9, "gptq-int4-g64": 18.8, "sparsegpt-2of4-gptq-int4": 70.0, "structured-heads-mlp": 58.0}
+    reports = [{"recipe": {"name": n}, "compressed": {"value": v}, "baseline": {"value": 16.85},
+                "model": {"parameters": 106 if n == "structured-heads-mlp" else 134}} for n, v in names.items()]
+
+    def row(decode, ram, ppl=None):
+        return {"decode_speedup": decode, "weights_ram_mb": ram, "ppl": ppl}
+
+    by = {"dense": row(1.0, 513), "int8": row(2.2, 240), "w8a8": row(2.7, 240, 63.0), "int4": row(2.0, 165),
+          "2:4": row(0.4, 323), "2:4+int4": row(0.8, 120), "structured (no recovery)": row(1.2, 403)}
+    monkeypatch.setattr(reproduce, "_measure_variants", lambda *a: (reports, by))
+    monkeypatch.setattr(reproduce, "_theory_memory", lambda m: {"int8": 2.1, "w8a8": 2.1, "int4": 3.2, "2:4": 1.6,
+                                                                "2:4+int4": 4.0})
+    rows, bench = reproduce.model_rows("m", tmp_path, 2, (2, 32), None, print)
+    tables = {r.table.split(".")[0] for r in rows}
+    assert tables == {"3", "4", "5"} and len(rows) == 7 + 12 + 3 and len(bench) == len(by)
+    verdict = {r.claim_what: r.verdict for r in rows}
+    assert verdict["ordering: sparsegpt-50 < magnitude-50"] == "confirmed"
+    assert verdict["structured pruning: speed-up from the architecture, no special hardware"] == "confirmed"
+    assert verdict["2:4 + int4: decode speed-up on this device"].startswith("confirmed")

@@ -24,30 +24,41 @@ class NoProgress:
 
 
 class LineProgress:
-    """Progress as plain lines, for logs and pipes: each stage's start, its end, and a line at
-    most every `every` seconds in between, so no long stage is silent."""
+    """Progress as plain lines, for logs and pipes: each outermost stage's start, then a line at
+    most every `every` seconds from whichever stage is running, and the end of any stage that
+    took that long. No long stage is silent, and short inner loops add nothing."""
 
     def __init__(self, write: Callable[[str], None], every: float = 10.0):
         self.write, self.every = write, every
+        self._depth = 0
+        self._last = time.monotonic()
+
+    def _say(self, text: str) -> None:
+        self.write(text)
+        self._last = time.monotonic()
 
     def track(self, items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
         if total is None and hasattr(items, "__len__"):
             total = len(items)  # type: ignore[arg-type]
-        start = last = time.monotonic()
         of = f"/{total}" if total is not None else ""
-        self.write(f"{description}: started ({0}{of})")
+        start = time.monotonic()
+        if self._depth == 0:
+            self._say(f"{description}: started")
+        self._depth += 1
         done = 0
-        for item in items:
-            yield item
-            done += 1
-            now = time.monotonic()
-            if now - last >= self.every:
-                self.write(f"{description}: {done}{of}, {now - start:.0f}s")
-                last = now
-        self.write(f"{description}: done {done}{of} in {time.monotonic() - start:.0f}s")
+        try:
+            for item in items:
+                yield item
+                done += 1
+                if time.monotonic() - self._last >= self.every:
+                    self._say(f"{description}: {done}{of} ({time.monotonic() - start:.0f}s)")
+        finally:
+            self._depth -= 1
+        if time.monotonic() - start >= self.every or self._depth == 0:
+            self._say(f"{description}: done {done}{of} in {time.monotonic() - start:.0f}s")
 
     def note(self, text: str) -> None:
-        self.write(text)
+        self._say(text)
 
     def __enter__(self) -> "LineProgress":
         return self

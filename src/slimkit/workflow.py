@@ -99,6 +99,22 @@ def _model_sparsity(model: torch.nn.Module, names: list[str]) -> tuple[int, int]
     return zeros, total
 
 
+def _model_section(loaded: LoadedModel) -> dict:
+    return {
+        "name": loaded.name,
+        "source": str(loaded.source),
+        "kind": loaded.kind,
+        "architecture": loaded.adapter.name,
+        "parameters": sum(p.numel() for p in loaded.model.parameters()),
+        "config": {k: getattr(loaded.model.config, k, None) for k in
+                   ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim")},
+        "dtype_bits": loaded.source_dtype.itemsize * 8,
+        "stored_dtype": str(loaded.source_dtype).removeprefix("torch."),
+        "computed_in": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+    }
+
+
 def build_report(
     loaded: LoadedModel,
     recipe: Recipe,
@@ -122,25 +138,12 @@ def build_report(
                    else dense_bytes)
     packed = after_dense + sum(packed_bytes(r) - r.element_size * math.prod(r.shape)
                                for r in result.records.values())
-    bits = sorted({l["bits"] for l in layers})
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
         "slimkit_version": slimkit.__version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
-        "model": {
-            "name": loaded.name,
-            "source": str(loaded.source),
-            "kind": loaded.kind,
-            "architecture": loaded.adapter.name,
-            "parameters": sum(p.numel() for p in loaded.model.parameters()),
-            "config": {k: getattr(loaded.model.config, k, None) for k in
-                       ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                        "num_key_value_heads", "head_dim")},
-            "dtype_bits": stored * 8,
-            "stored_dtype": str(loaded.source_dtype).removeprefix("torch."),
-            "computed_in": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
-        },
+        "model": _model_section(loaded),
         "recipe": recipe.to_dict(),
         "recipe_summary": recipe.summary(),
         "data": {"source": split.source, "split_hash": split.split_hash, "description": split.describe()},
@@ -153,7 +156,7 @@ def build_report(
             "step_seconds": result.step_seconds,
             "sparsity_overall": zeros / total if total else 0.0,
             "compressed_parameters": total,
-            "bits": ", ".join(bits),
+            "bits": ", ".join(sorted({layer["bits"] for layer in layers})),
             "calibration": {"windows": settings.calibration_windows, "seqlen": settings.calibration_seqlen,
                             "seed": settings.seed} if result.engine_reports else None,
             "engine": [{"stats_s": e.stats_seconds, "algorithm_s": e.algorithm_seconds,

@@ -102,11 +102,49 @@ def decide(rows: list[dict], base: dict, constraints: Constraints) -> tuple[dict
     return chosen, _reason(chosen, rows, base, constraints)
 
 
+def _candidate_row(row: dict, order: int, c: Candidate) -> dict:
+    return {**row, "candidate": c.name, "rule": c.rule, "order": order, "recipe": c.recipe, "pack": c.pack,
+            "what": c.what}
+
+
+def _plan(device: Device, settings: AdviseSettings) -> tuple[list[tuple[int, Candidate]], list[dict]]:
+    """(the candidates to measure, in rule order; the ones skipped with their reasons). Rule 4 is
+    decided later, once the quantized candidates are measured."""
+    skipped, measured = [], []
+    for order, c in enumerate(CANDIDATES):
+        reason = c.skip_reason(device, None if c.rule == 4 else False, settings.include_research)
+        if c.rule == 4 or not reason:
+            measured.append((order, c))
+        else:
+            skipped.append({"candidate": c.name, "rule": c.rule, "reason": reason})
+    return measured, skipped
+
+
+def _write_advice(output: Path, overwrite: bool, model: str, result: dict, chosen: dict | None,
+                  plotted: list[dict]) -> None:
+    from slimkit.advisor.report import frontier_plot, markdown
+    from slimkit.io.outputs import output_directory
+    from slimkit.paths import MeasureDir
+    from slimkit.recipes import get_recipe
+
+    with output_directory(output, overwrite, inputs=[model], command="advise") as tmp:
+        written = MeasureDir(tmp, "advise")
+        written.json.write_text(json.dumps(result, indent=2, default=str))
+        written.md.write_text(markdown(result))
+        frontier_plot(plotted, written.frontier, model)
+        if chosen is not None:
+            recipe = get_recipe(chosen["recipe"])
+            header = (f"# recommended by `slimkit advise {model}` ({chosen['candidate']}, rule {chosen['rule']}).\n"
+                      f"# slimkit compress {model} -r recommended.yaml -o OUT"
+                      + (f" && slimkit pack OUT -o OUT-packed --format {chosen['pack']}\n" if chosen["pack"] != "dense"
+                         else "\n"))
+            written.recommended.write_text(header + recipe.to_yaml())
+
+
 def advise(model: str, constraints: Constraints, device: Device, output: Path,
            settings: AdviseSettings = AdviseSettings(), progress: Progress = NoProgress(),
            log: Callable[[str], None] = lambda m: None, overwrite: bool = False) -> dict:
     from slimkit.benchmarks import model as bench_model
-    from slimkit.io.outputs import output_directory
     from slimkit.paths import MeasureDir
     from slimkit.pipeline import Variant, compress_pack_measure
     from slimkit.recipes import get_recipe
@@ -114,46 +152,31 @@ def advise(model: str, constraints: Constraints, device: Device, output: Path,
 
     output = Path(output).absolute()
     layout = MeasureDir(output, "advise")
-    skipped, measured = [], []
-    for order, c in enumerate(CANDIDATES):
-        reason = c.skip_reason(device, None if c.rule == 4 else False, settings.include_research)
-        if c.rule == 4:
-            measured.append((order, c))  # decided after the quantized candidates are measured
-        elif reason:
-            skipped.append({"candidate": c.name, "rule": c.rule, "reason": reason})
-        else:
-            measured.append((order, c))
+    measured, skipped = _plan(device, settings)
     eval_settings = EvalSettings(max_windows=4, calibration_windows=settings.calibration_windows,
                                  calibration_seqlen=settings.calibration_seqlen)
 
     def run_candidates(cands: list[tuple[int, Candidate]]) -> list[dict]:
         variants = [Variant(c.name, get_recipe(c.recipe), c.pack) for _, c in cands]
-        return compress_pack_measure(model, variants, layout.compressed, lambda v: layout.packed(v.label),
+        rows = compress_pack_measure(model, variants, layout.compressed, lambda v: layout.packed(v.label),
                                      eval_settings, progress, log, windows=settings.eval_windows,
                                      decode=settings.decode_tokens).rows
+        return [_candidate_row(row, order, c) for (order, c), row in zip(cands, rows)]
 
     log("measuring the dense model")
     base = bench_model.measure_isolated(model, note=progress.note, windows=settings.eval_windows,
                                         decode=settings.decode_tokens)
-    first = [(o, c) for o, c in measured if c.rule != 4]
-    rows = []
-    for (order, c), row in zip(first, run_candidates(first)):
-        rows.append({**row, "candidate": c.name, "rule": c.rule, "order": order, "recipe": c.recipe,
-                     "pack": c.pack, "what": c.what})
+    rows = run_candidates([(o, c) for o, c in measured if c.rule != 4])
     accurate = [r for r in rows if constraints.check(r, base)["accuracy"][0]]
     latency_missed = (constraints.max_decode_ms is not None
                       and not any(constraints.check(r, base)["latency"][0] for r in accurate))
-    distil = [(o, c) for o, c in measured if c.rule == 4]
-    for order, c in distil:
+    for order, c in [(o, c) for o, c in measured if c.rule == 4]:
         reason = c.skip_reason(device, latency_missed if constraints.max_decode_ms is not None else None,
                                settings.include_research)
         if reason:
             skipped.append({"candidate": c.name, "rule": c.rule, "reason": reason})
-            continue
-        row = run_candidates([(order, c)])[0]
-        row.update({"candidate": c.name, "rule": c.rule, "order": order, "recipe": c.recipe, "pack": c.pack,
-                    "what": c.what})
-        rows.append(row)
+        else:
+            rows += run_candidates([(order, c)])
     rows.sort(key=lambda r: r["order"])
     chosen, reason = decide(rows, base, constraints)  # sets "meets" on every row
     base_row = {**base, "candidate": "dense", "rule": 0, "order": -1, "recipe": None, "what": "the model as given"}
@@ -169,18 +192,5 @@ def advise(model: str, constraints: Constraints, device: Device, output: Path,
         "recommended_recipe": chosen["recipe"] if chosen else None,
         "recommended_pack": chosen["pack"] if chosen else None, "reason": reason,
     }
-    from slimkit.advisor.report import frontier_plot, markdown
-
-    with output_directory(output, overwrite, inputs=[model], command="advise") as tmp:
-        written = MeasureDir(tmp, "advise")
-        written.json.write_text(json.dumps(result, indent=2, default=str))
-        written.md.write_text(markdown(result))
-        frontier_plot([base_row] + rows, written.frontier, model)
-        if chosen is not None:
-            recipe = get_recipe(chosen["recipe"])
-            header = (f"# recommended by `slimkit advise {model}` ({chosen['candidate']}, rule {chosen['rule']}).\n"
-                      f"# slimkit compress {model} -r recommended.yaml -o OUT"
-                      + (f" && slimkit pack OUT -o OUT-packed --format {chosen['pack']}\n" if chosen["pack"] != "dense"
-                         else "\n"))
-            written.recommended.write_text(header + recipe.to_yaml())
+    _write_advice(output, overwrite, model, result, chosen, [base_row] + rows)
     return result

@@ -101,8 +101,10 @@ ARTICLE_LLAMA2_7B = {"dense": 5.12, "magnitude-50": 14.89, "sparsegpt-50": 6.51,
 ARTICLE_DECODE = {"int8": 1.91, "w8a8": 2.05, "int4": 2.43}  # SmolLM2 whole-model decode, design.md §5
 
 
-def model_rows(model: str, output: Path, eval_windows: int, calibration: tuple[int, int], progress: Progress,
-               log: Callable[[str], None]) -> tuple[list[Row], list[dict]]:
+def _measure_variants(model: str, output: Path, eval_windows: int, calibration: tuple[int, int],
+                      progress: Progress, log: Callable[[str], None]) -> tuple[list[dict], dict[str, dict]]:
+    """Compress the tables' recipes, pack the measured ones, measure them and the dense model:
+    (compress reports, benchmark row by label with "dense" first)."""
     from slimkit.benchmarks import model as bench_model
     from slimkit.paths import MeasureDir
     from slimkit.pipeline import DENSE, Variant, compress_pack_measure
@@ -126,9 +128,14 @@ def model_rows(model: str, output: Path, eval_windows: int, calibration: tuple[i
         settings, progress, log, also_compress=tuple(get_recipe(n) for n in ("sparsegpt-50", "magnitude-50",
                                                                              "magnitude-2of4")),
         windows=eval_windows)
-    reports = result.reports
-    ppl = {r["recipe"]["name"]: r["compressed"]["value"] for r in reports}
-    dense_ppl = reports[0]["baseline"]["value"]
+    log("measuring the dense model")
+    bench = bench_model.compare([bench_model.measure_isolated(model, note=progress.note, windows=eval_windows),
+                                 *result.rows])
+    return result.reports, dict(zip(["dense", *result.measured], bench))
+
+
+def _sparsegpt_rows(model: str, ppl: dict[str, float], dense_ppl: float) -> list[Row]:
+    """Table 3: SparseGPT's perplexity claims and orderings."""
     rows: list[Row] = []
     a = ARTICLE_LLAMA2_7B
     for name in ("sparsegpt-50", "sparsegpt-2of4", "magnitude-50", "magnitude-2of4"):
@@ -142,28 +149,22 @@ def model_rows(model: str, output: Path, eval_windows: int, calibration: tuple[i
         holds = ppl[better] < ppl[worse]
         rows.append(Row("3. SparseGPT perplexity", f"ordering: {better} < {worse}", "holds", "article",
                         f"{ppl[better]:.2f} vs {ppl[worse]:.2f}", "confirmed" if holds else "refuted"))
+    return rows
 
-    log("measuring the dense model")
-    bench = bench_model.compare([bench_model.measure_isolated(model, note=progress.note, windows=eval_windows),
-                                 *result.rows])
-    by = dict(zip(["dense", *result.measured], bench))
+
+def _comparison_rows(by: dict[str, dict], quality: dict[str, float], dense_ppl: float, theory_mem: dict,
+                     param_ratio: float) -> list[Row]:
+    """Table 4: quantization vs pruning vs distillation (speed, memory, quality)."""
+    rows: list[Row] = []
     base = by["dense"]
-    quality = {"int8": ppl["rtn-int8"], "w8a8": by["w8a8"]["ppl"], "int4": ppl["gptq-int4-g64"],
-               "2:4": ppl["sparsegpt-2of4"], "2:4+int4": ppl["sparsegpt-2of4-gptq-int4"],
-               "structured (no recovery)": ppl["structured-heads-mlp"]}
-    theory_mem = _theory_memory(model)
     for label in ("int8", "w8a8", "int4"):
         r = by[label]
         rows.append(Row("4. quantization vs pruning vs distillation", f"{label}: decode speed-up (whole model)",
                         f"{ARTICLE_DECODE[label]:.2f}x", "article (design.md §5, SmolLM2)",
                         f"{r['decode_speedup']:.2f}x", ratio_verdict(ARTICLE_DECODE[label], r["decode_speedup"])))
     for label in ("int8", "int4", "2:4", "structured (no recovery)"):
-        r = by[label]
-        mem = base["weights_ram_mb"] / r["weights_ram_mb"]
-        claim = theory_mem.get(label)
-        if claim is None:  # structured: the parameter ratio is the arithmetic
-            params = {r["recipe"]["name"]: r["model"]["parameters"] for r in reports}
-            claim = params["rtn-int8"] / params["structured-heads-mlp"]
+        mem = base["weights_ram_mb"] / by[label]["weights_ram_mb"]
+        claim = theory_mem.get(label, param_ratio)  # structured: the parameter ratio is the arithmetic
         rows.append(Row("4. quantization vs pruning vs distillation", f"{label}: weights in RAM, x smaller",
                         f"{claim:.2f}x",
                         "theory (parameter ratio)" if label.startswith("structured")
@@ -179,20 +180,43 @@ def model_rows(model: str, output: Path, eval_windows: int, calibration: tuple[i
                     "structured pruning: speed-up from the architecture, no special hardware",
                     "> 1x on any device", "article", f"{s['decode_speedup']:.2f}x",
                     "confirmed" if s["decode_speedup"] > 1.0 else "refuted"))
+    return rows
+
+
+def _stacked_rows(by: dict[str, dict], quality: dict[str, float], dense_ppl: float, theory_mem: dict) -> list[Row]:
+    """Table 5: quantization combined with sparsity."""
     r = by["2:4+int4"]
-    mem = base["weights_ram_mb"] / r["weights_ram_mb"]
-    rows.append(Row("5. quantization + sparsity", "2:4 + int4: weights x smaller than fp32", f"{theory_mem['2:4+int4']:.1f}x",
-                    "theory (2 of 4 kept at 4 bits + 2-bit index + scales)", f"{mem:.2f}x",
-                    ratio_verdict(theory_mem["2:4+int4"], mem)))
-    rows.append(Row("5. quantization + sparsity", "2:4 + int4: decode speed-up on this device", "needs a 2:4 kernel",
-                    "article", f"{r['decode_speedup']:.2f}x",
-                    "confirmed (no kernel here: slower than int4 alone)" if r["decode_speedup"] < by["int4"]["decode_speedup"]
-                    else "refuted"))
-    rows.append(Row("5. quantization + sparsity", "2:4 + int4: ppl change", "adds up (sparsity and rounding)", "article",
-                    f"{quality['2:4+int4'] / dense_ppl - 1:+.0%} (int4 alone {quality['int4'] / dense_ppl - 1:+.0%}, "
-                    f"2:4 alone {quality['2:4'] / dense_ppl - 1:+.0%})",
-                    "confirmed" if quality["2:4+int4"] > max(quality["int4"], quality["2:4"] * 0.9) else "refuted"))
-    return rows, bench
+    mem = by["dense"]["weights_ram_mb"] / r["weights_ram_mb"]
+    return [
+        Row("5. quantization + sparsity", "2:4 + int4: weights x smaller than fp32", f"{theory_mem['2:4+int4']:.1f}x",
+            "theory (2 of 4 kept at 4 bits + 2-bit index + scales)", f"{mem:.2f}x",
+            ratio_verdict(theory_mem["2:4+int4"], mem)),
+        Row("5. quantization + sparsity", "2:4 + int4: decode speed-up on this device", "needs a 2:4 kernel",
+            "article", f"{r['decode_speedup']:.2f}x",
+            "confirmed (no kernel here: slower than int4 alone)" if r["decode_speedup"] < by["int4"]["decode_speedup"]
+            else "refuted"),
+        Row("5. quantization + sparsity", "2:4 + int4: ppl change", "adds up (sparsity and rounding)", "article",
+            f"{quality['2:4+int4'] / dense_ppl - 1:+.0%} (int4 alone {quality['int4'] / dense_ppl - 1:+.0%}, "
+            f"2:4 alone {quality['2:4'] / dense_ppl - 1:+.0%})",
+            "confirmed" if quality["2:4+int4"] > max(quality["int4"], quality["2:4"] * 0.9) else "refuted"),
+    ]
+
+
+def model_rows(model: str, output: Path, eval_windows: int, calibration: tuple[int, int], progress: Progress,
+               log: Callable[[str], None]) -> tuple[list[Row], list[dict]]:
+    """Tables 3-5, measured on `model` in this run."""
+    reports, by = _measure_variants(model, output, eval_windows, calibration, progress, log)
+    ppl = {r["recipe"]["name"]: r["compressed"]["value"] for r in reports}
+    params = {r["recipe"]["name"]: r["model"]["parameters"] for r in reports}
+    dense_ppl = reports[0]["baseline"]["value"]
+    quality = {"int8": ppl["rtn-int8"], "w8a8": by["w8a8"]["ppl"], "int4": ppl["gptq-int4-g64"],
+               "2:4": ppl["sparsegpt-2of4"], "2:4+int4": ppl["sparsegpt-2of4-gptq-int4"],
+               "structured (no recovery)": ppl["structured-heads-mlp"]}
+    theory_mem = _theory_memory(model)
+    rows = _sparsegpt_rows(model, ppl, dense_ppl)
+    rows += _comparison_rows(by, quality, dense_ppl, theory_mem, params["rtn-int8"] / params["structured-heads-mlp"])
+    rows += _stacked_rows(by, quality, dense_ppl, theory_mem)
+    return rows, list(by.values())
 
 
 def _theory_memory(model: str) -> dict[str, float]:

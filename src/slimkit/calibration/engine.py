@@ -122,6 +122,43 @@ def capture_block_inputs(
     return extra
 
 
+def _collect_stats(block: nn.Module, work: BlockWork, store, extra) -> None:
+    """Run the dense block on every calibration batch with hooks on each input group's first
+    linear; stop each forward as soon as every group's input has been seen."""
+    seen: set[int] = set()
+
+    def observe(args, stats, group: int) -> None:
+        stats.add(args[0])
+        seen.add(group)
+        if len(seen) == len(work.groups):  # every input captured: the rest of the block is not needed
+            raise _StopForward
+
+    handles = [
+        work.linears[group[0]].register_forward_pre_hook(
+            lambda mod, args, st=work.stats[group[0]], g=g: observe(args, st, g))
+        for g, group in enumerate(work.groups)
+    ]
+    with torch.no_grad():
+        try:
+            for i, (args, kwargs) in enumerate(extra):
+                seen.clear()
+                try:
+                    block(store[i], *args, **kwargs)
+                except _StopForward:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _next_inputs(block: nn.Module, store, extra) -> None:
+    """Re-run the *compressed* block: its outputs are the next block's inputs."""
+    store.next_generation()
+    with torch.no_grad():
+        for i, (args, kwargs) in enumerate(extra):
+            store.put(i, _block_output(block(store[i], *args, **kwargs)))
+
+
 def sequential_compress(
     model: nn.Module,
     adapter: ArchitectureAdapter,
@@ -139,47 +176,18 @@ def sequential_compress(
     try:
         extra = capture_block_inputs(model, adapter, windows, batch_size, store)
         names = {id(m): n for n, m in model.named_modules()}
-        blocks = adapter.get_blocks(model)
-        for index, block in progress.track(list(enumerate(blocks)), f"{description}: blocks"):
+        for index, block in progress.track(list(enumerate(adapter.get_blocks(model))), f"{description}: blocks"):
             start = time.perf_counter()
             work = _block_work(index, block, adapter, names, request)
-            seen: set[int] = set()
-
-            def observe(mod, args, st, g):
-                st.add(args[0])
-                seen.add(g)
-                if len(seen) == len(work.groups):  # every input captured: the rest of the block is not needed
-                    raise _StopForward
-
-            handles = [
-                work.linears[group[0]].register_forward_pre_hook(
-                    lambda mod, args, st=work.stats[group[0]], g=g: observe(mod, args, st, g)
-                )
-                for g, group in enumerate(work.groups)
-            ]
             t0 = time.perf_counter()
-            with torch.no_grad():
-                try:
-                    for i, (args, kwargs) in enumerate(extra):
-                        seen.clear()
-                        try:
-                            block(store[i], *args, **kwargs)
-                        except _StopForward:
-                            pass
-                finally:
-                    for h in handles:
-                        h.remove()
+            _collect_stats(block, work, store, extra)
             t1 = time.perf_counter()
             compress_block(work)
             t2 = time.perf_counter()
-            store.next_generation()
-            with torch.no_grad():
-                for i, (args, kwargs) in enumerate(extra):
-                    store.put(i, _block_output(block(store[i], *args, **kwargs)))
-            t3 = time.perf_counter()
+            _next_inputs(block, store, extra)
             report.stats_seconds += t1 - t0
             report.algorithm_seconds += t2 - t1
-            report.forward_seconds += t3 - t2
+            report.forward_seconds += time.perf_counter() - t2
             report.block_seconds.append(time.perf_counter() - start)
     finally:
         store.close()

@@ -242,22 +242,12 @@ def eval_(
     loaded = load_model(model)
     split = load_split(settings.data)
     with RichProgress(console) as progress:
-        if loaded.kind == "encoder":
-            ref = reference
-            report_file = ModelDir(Path(model)).report_json
-            if ref is None and report_file.is_file():
-                try:
-                    ref = json.loads(report_file.read_text(encoding="utf-8"))["model"]["name"]
-                except (ValueError, KeyError, TypeError):
-                    raise SlimkitError(f"{report_file} is damaged; pass --reference MODEL") from None
-            ref = ref or model
+        ref = _reference_of(model, reference) if loaded.kind == "encoder" else None
+        meter = QualityMeter(loaded, split, settings, progress)
+        if ref is not None:  # encoders are measured against their uncompressed model's embeddings
             ref_meter = QualityMeter(load_model(ref), split, settings, progress)
             ref_meter.measure("reference")
-            meter = QualityMeter(loaded, split, settings, progress)
             meter.reference = ref_meter.reference
-        else:
-            ref = None
-            meter = QualityMeter(loaded, split, settings, progress)
         result = meter.measure(model)
     result["model"] = model
     result["reference"] = ref
@@ -273,6 +263,18 @@ def eval_(
     else:
         console.print(f"{model}: mean cosine to {ref} [bold]{result['value']:.4f}[/bold] (min "
                       f"{d['min_cosine']:.4f}) over {d['texts']} texts, split {d['split_hash']}")
+
+
+def _reference_of(model: str, reference: Optional[str]) -> str:
+    """The uncompressed model an encoder is compared to: --reference, the base model a compress
+    output records in report.json, or the model itself."""
+    report_file = ModelDir(Path(model)).report_json
+    if reference is None and report_file.is_file():
+        try:
+            reference = json.loads(report_file.read_text(encoding="utf-8"))["model"]["name"]
+        except (ValueError, KeyError, TypeError):
+            raise SlimkitError(f"{report_file} is damaged; pass --reference MODEL") from None
+    return reference or model
 
 
 @app.command()

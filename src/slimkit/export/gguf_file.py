@@ -116,21 +116,12 @@ def _permuted_int4_blocks(mod, module_name: str, config):
     return None if blocks is None else (blocks[0][idx], blocks[1])
 
 
-def export_gguf(model: torch.nn.Module, tokenizer, path: Path, qtype: str = "auto", name: str = "model",
-                source_gguf: Path | None = None) -> dict:
+def _write_metadata(writer, config, packed: dict, qtype: str, name: str) -> None:
     import gguf
 
-    config = model.config
-    if getattr(config, "model_type", None) not in ("llama", "mistral", "qwen2") or not hasattr(model, "lm_head"):
-        raise SlimkitError(f"GGUF export covers LLaMA-family decoders; this model is {config.model_type}. "
-                           "Use `--to hf` or `--to compressed-tensors`.")
-    blocks = config.num_hidden_layers
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, blocks)
-    packed = packed_layers(model)
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name(name)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    writer.add_block_count(blocks)
+    writer.add_name(name)
+    writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_feed_forward_length(config.intermediate_size)
@@ -142,55 +133,76 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: Path, qtype: str = "aut
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0 if qtype in ("auto", "q4_0") and any(
         m.format == "int4" for m in packed.values()) else gguf.LlamaFileType.MOSTLY_Q8_0)
+
+
+def _weights(model: torch.nn.Module, packed: dict):
+    """(module name, module, fp32 weight, packed format or None) for every tensor GGUF stores."""
+    tied = getattr(model.config, "tie_word_embeddings", False) and "lm_head" not in packed
+    for module_name, module in model.named_modules():
+        if module_name in packed:
+            yield module_name, module, packed[module_name].dequantize(), packed[module_name].format
+        elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) or type(module).__name__.endswith("RMSNorm"):
+            if module_name == "lm_head" and tied:
+                continue  # llama.cpp reuses token_embd when there is no output tensor
+            yield module_name, module, module.weight.detach().float(), None
+
+
+def _add_tensor(writer, gname: str, module_name: str, module, weight: torch.Tensor, fmt: str | None,
+                packed: dict, qtype: str, config) -> str:
+    """Write one tensor; returns the GGUF type it was stored as (int4 codes are kept as they are)."""
+    import gguf
+
+    if fmt == "int4" and qtype in ("auto", "q4_0"):
+        direct = (_permuted_int4_blocks(packed[module_name], module_name, config)
+                  if module_name.endswith(("q_proj", "k_proj")) else int4_blocks(packed[module_name]))
+        if direct is not None:
+            writer.add_tensor(gname + ".weight", direct[0], raw_dtype=direct[1])
+            return direct[1].name + " (codes kept)"
+    data = weight.numpy().astype(np.float32)
+    if module_name.endswith("q_proj"):
+        data = _permute(data, config.num_attention_heads)
+    elif module_name.endswith("k_proj"):
+        data = _permute(data, config.num_key_value_heads)
+    if data.ndim == 1:
+        t = gguf.GGMLQuantizationType.F32
+    elif isinstance(module, torch.nn.Embedding):
+        t = gguf.GGMLQuantizationType.F16
+    else:
+        t = _qtype_for(module_name, fmt, qtype)
+    if t == gguf.GGMLQuantizationType.F16:
+        writer.add_tensor(gname + ".weight", data.astype(np.float16))
+    elif t == gguf.GGMLQuantizationType.F32:
+        writer.add_tensor(gname + ".weight", data)
+    else:
+        writer.add_tensor(gname + ".weight", gguf.quants.quantize(data, t), raw_dtype=t)
+    return t.name
+
+
+def export_gguf(model: torch.nn.Module, tokenizer, path: Path, qtype: str = "auto", name: str = "model",
+                source_gguf: Path | None = None) -> dict:
+    import gguf
+
+    config = model.config
+    if getattr(config, "model_type", None) not in ("llama", "mistral", "qwen2") or not hasattr(model, "lm_head"):
+        raise SlimkitError(f"GGUF export covers LLaMA-family decoders; this model is {config.model_type}. "
+                           "Use `--to hf` or `--to compressed-tensors`.")
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    packed = packed_layers(model)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    _write_metadata(writer, config, packed, qtype, name)
     if source_gguf is not None:
         _tokenizer_from_gguf(writer, source_gguf)
     elif tokenizer is not None:
         _tokenizer_from_hf(writer, tokenizer)
     else:
         raise SlimkitError("GGUF export needs the tokenizer: this model directory has none")
-
     counts: dict[str, int] = {}
-    tied = getattr(config, "tie_word_embeddings", False) and "lm_head" not in packed
-    for module_name, module in model.named_modules():
-        weight = None
-        if module_name in packed:
-            weight, fmt = packed[module_name].dequantize(), packed[module_name].format
-        elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) or type(module).__name__.endswith("RMSNorm"):
-            if module_name == "lm_head" and tied:
-                continue  # llama.cpp reuses token_embd when there is no output tensor
-            weight, fmt = module.weight.detach().float(), None
-        if weight is None:
-            continue
+    for module_name, module, weight, fmt in _weights(model, packed):
         gname = names.get_name(module_name)
         if gname is None:
             raise SlimkitError(f"GGUF export: no llama.cpp name for {module_name}")
-        data = weight.numpy().astype(np.float32)
-        if module_name.endswith("q_proj"):
-            data = _permute(data, config.num_attention_heads)
-        elif module_name.endswith("k_proj"):
-            data = _permute(data, config.num_key_value_heads)
-        if data.ndim == 1:
-            t = gguf.GGMLQuantizationType.F32
-        elif isinstance(module, torch.nn.Embedding):
-            t = gguf.GGMLQuantizationType.F16
-        else:
-            t = _qtype_for(module_name, fmt, qtype)
-        direct = None
-        if fmt == "int4" and qtype in ("auto", "q4_0") and not module_name.endswith(("q_proj", "k_proj")):
-            direct = int4_blocks(packed[module_name])
-        elif fmt == "int4" and qtype in ("auto", "q4_0"):
-            direct = _permuted_int4_blocks(packed[module_name], module_name, config)
-        if direct is not None:
-            writer.add_tensor(gname + ".weight", direct[0], raw_dtype=direct[1])
-            counts[direct[1].name + " (codes kept)"] = counts.get(direct[1].name + " (codes kept)", 0) + 1
-            continue
-        if t == gguf.GGMLQuantizationType.F16:
-            writer.add_tensor(gname + ".weight", data.astype(np.float16))
-        elif t == gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(gname + ".weight", data)
-        else:
-            writer.add_tensor(gname + ".weight", gguf.quants.quantize(data, t), raw_dtype=t)
-        counts[t.name] = counts.get(t.name, 0) + 1
+        stored = _add_tensor(writer, gname, module_name, module, weight, fmt, packed, qtype, config)
+        counts[stored] = counts.get(stored, 0) + 1
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
