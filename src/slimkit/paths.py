@@ -1,7 +1,8 @@
 """Every file and folder slimkit writes, named in one place (in the spirit of open_lth's paths.py).
 
-A layout is a frozen dataclass over a root directory; its properties are the paths inside it.
-Code that writes or reads an output asks its layout, never spells a file name itself.
+A layout is a frozen dataclass over a root directory; its properties are the paths inside it, and
+its upper-case names are the bare file names (for code that needs a name, not a path). Code that
+writes or reads an output asks its layout, never spells a file name itself.
 """
 
 from __future__ import annotations
@@ -10,19 +11,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def _inside(name: str) -> property:
+    """A property: `name` inside the layout's root."""
+    return property(lambda self: self.root / name)
+
+
 @dataclass(frozen=True)
 class ModelDir:
     """One compressed model: a plain Hugging Face directory plus what compression kept."""
 
     root: Path
 
-    weights_glob = "model*.safetensors"
-    recipe = property(lambda self: self.root / "recipe.yaml")
-    report_json = property(lambda self: self.root / "report.json")
-    report_md = property(lambda self: self.root / "report.md")
-    compression = property(lambda self: self.root / "compression.safetensors")
-    training_curve = property(lambda self: self.root / "training_curve.png")
-    packed = property(lambda self: self.root / "packed")  # `compress --bench` packs here
+    WEIGHTS_GLOB = "model*.safetensors"
+    COMPRESSION = "compression.safetensors"
+    recipe = _inside("recipe.yaml")
+    report_json = _inside("report.json")
+    report_md = _inside("report.md")
+    compression = _inside(COMPRESSION)
+    training_curve = _inside("training_curve.png")
+    packed = _inside("packed")  # `compress --bench` packs here
 
 
 @dataclass(frozen=True)
@@ -36,29 +43,28 @@ class CompressOutput:
     def model_dir(self, recipe: str) -> ModelDir:
         return ModelDir(self.root if len(self.recipes) == 1 else self.root / recipe)
 
-    def model_dirs(self) -> list[ModelDir]:
-        return [self.model_dir(r) for r in self.recipes]
-
-    summary_md = property(lambda self: self.root / "summary.md")
-    summary_json = property(lambda self: self.root / "summary.json")
-    bench_md = property(lambda self: self.root / "bench.md")
+    summary_md = _inside("summary.md")
+    summary_json = _inside("summary.json")
+    bench_md = _inside("bench.md")
 
 
 @dataclass(frozen=True)
 class PackedDir:
     root: Path
 
-    weights = property(lambda self: self.root / "packed.safetensors")
-    summary = property(lambda self: self.root / "pack.json")
+    WEIGHTS = "packed.safetensors"
+    weights = _inside(WEIGHTS)
+    summary = _inside("pack.json")
 
 
 @dataclass(frozen=True)
 class ExportDir:
     root: Path
 
-    gguf = property(lambda self: self.root / "model.gguf")
-    weights = property(lambda self: self.root / "model.safetensors")
-    summary = property(lambda self: self.root / "export.json")
+    GGUF = "model.gguf"
+    WEIGHTS = "model.safetensors"  # compressed-tensors
+    gguf = _inside(GGUF)
+    summary = _inside("export.json")
 
 
 @dataclass(frozen=True)
@@ -67,9 +73,9 @@ class TrainRunDir:
 
     root: Path
 
-    checkpoint = property(lambda self: self.root / "checkpoint.safetensors")
-    log = property(lambda self: self.root / "log.csv")
-    config = property(lambda self: self.root / "config.json")
+    checkpoint = _inside("checkpoint.safetensors")
+    log = _inside("log.csv")
+    config = _inside("config.json")
 
 
 @dataclass(frozen=True)
@@ -83,8 +89,8 @@ class MeasureDir:
     md = property(lambda self: self.root / f"{self.name}.md")
     json = property(lambda self: self.root / f"{self.name}.json")
     png = property(lambda self: self.root / f"{self.name}.png")
-    frontier = property(lambda self: self.root / "frontier.png")
-    recommended = property(lambda self: self.root / "recommended.yaml")
+    frontier = _inside("frontier.png")
+    recommended = _inside("recommended.yaml")
     work = property(lambda self: self.root.with_name(self.root.name + ".work"))
     compressed = property(lambda self: self.work / "compressed")
 
@@ -96,7 +102,7 @@ class MeasureDir:
 class LotteryDir:
     root: Path
 
-    results = property(lambda self: self.root / "results.csv")
-    summary = property(lambda self: self.root / "summary.csv")
-    plot = property(lambda self: self.root / "lottery.png")
-    config = property(lambda self: self.root / "config.json")
+    results = _inside("results.csv")
+    summary = _inside("summary.csv")
+    plot = _inside("lottery.png")
+    config = _inside("config.json")

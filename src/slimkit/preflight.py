@@ -12,12 +12,11 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from slimkit.errors import DataError, ShapeError, SlimkitError
 from slimkit.models.adapters import ArchitectureAdapter, adapter_for
-from slimkit.models.checks import NO_CODE, check_before_load, check_gguf, load_config, read_config
+from slimkit.models.checks import NO_CODE, check_files, check_gguf, load_config, meta_model, read_config
 from slimkit.models.loading import gguf_cache_dir, model_kind, resolve
 from slimkit.recipes.schema import Recipe
 
@@ -39,14 +38,7 @@ class ModelOutline:
     @cached_property
     def skeleton(self) -> nn.Module:
         """The model on the meta device: every shape, no memory (built on first use, ~1-2 s)."""
-        from transformers import AutoModel, AutoModelForCausalLM
-
-        auto = AutoModelForCausalLM if self.kind == "causal-lm" else AutoModel
-        try:
-            with torch.device("meta"):
-                return auto.from_config(self.config, trust_remote_code=False)
-        except (ValueError, TypeError, RuntimeError, AttributeError, KeyError) as exc:
-            raise SlimkitError(f"{self.name}: transformers cannot build this config: {str(exc).splitlines()[0]}") from None
+        return meta_model(self.config, self.kind)
 
     @cached_property
     def adapter(self) -> ArchitectureAdapter:
@@ -73,12 +65,12 @@ def outline(model: str) -> ModelOutline:
     path, _ = resolve(model)
     if path.suffix == ".gguf":
         return ModelOutline(model, path, "causal-lm", _gguf_config(path))
-    kind = model_kind(read_config(path))
     from slimkit.formats.pack import PACKED_FILE
 
+    shape = ModelOutline(model, path, model_kind(read_config(path)), load_config(path))
     if not (path / PACKED_FILE).is_file():
-        check_before_load(path, kind)
-    return ModelOutline(model, path, kind, load_config(path))
+        check_files(path, shape.config, shape.skeleton)  # the skeleton is reused for recipe shapes
+    return shape
 
 
 def sequence_length(outline_: ModelOutline, asked: int | None, default: int, option: str = "--seqlen") -> int:

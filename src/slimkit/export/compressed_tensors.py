@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from slimkit.errors import SlimkitError
 from slimkit.formats import PackedLinear, packed_layers
 from slimkit.io.tensors import unique_tensors
+from slimkit.paths import ExportDir
 
 REFUSED = {
     "2:4": "compressed-tensors and vLLM removed their sparse formats in 2026, so a 2:4 model cannot be "
@@ -111,7 +112,7 @@ def export_compressed_tensors(model: torch.nn.Module, tokenizer, directory: Path
         config.tie_word_embeddings = False
     config.quantization_config = _config(groups, [n for n in all_linears if n not in layers])
     config.dtype = dtype
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, str(directory / ExportDir.WEIGHTS), metadata={"format": "pt"})
     config.save_pretrained(directory)
     del config.quantization_config
     if tokenizer is not None:

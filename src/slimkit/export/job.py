@@ -28,7 +28,7 @@ from slimkit.paths import ExportDir, ModelDir, PackedDir
 from slimkit.recipes.state import COMPRESSION_FILE, load_compression_state
 
 TARGETS = ("hf", "compressed-tensors", "gguf")
-GGUF_NAME = ExportDir(Path(".")).gguf.name
+GGUF_NAME = ExportDir.GGUF
 
 
 def _with_formats(loaded: LoadedModel) -> None:

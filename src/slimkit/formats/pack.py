@@ -19,8 +19,9 @@ from torch import nn
 from slimkit.errors import SlimkitError, WeightsError
 from slimkit.formats.base import PackedLinear, format_class
 from slimkit.io.tensors import unique_tensors
+from slimkit.paths import PackedDir
 
-PACKED_FILE = "packed.safetensors"
+PACKED_FILE = PackedDir.WEIGHTS
 FORMAT_VERSION = 1
 AUTO = "auto"
 

@@ -209,12 +209,16 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
         raise OSError(code, os.strerror(code), str(dst))
 
 
+def _appeared(final: Path) -> OutputExistsError:
+    return OutputExistsError(f"output {final} appeared while slimkit was writing it; nothing was replaced. "
+                             "Pass --overwrite or choose another --output.")
+
+
 def _commit(tmp: Path, final: Path, overwrite: bool, inputs: list) -> None:
     try:  # again, at rename time: something may have appeared at the target meanwhile
         check_output(final, overwrite, inputs, "directory" if tmp.is_dir() else "file")
     except OutputExistsError:
-        raise OutputExistsError(f"output {final} appeared while slimkit was writing it; nothing was replaced. "
-                                "Pass --overwrite or choose another --output.") from None
+        raise _appeared(final) from None
     if final.exists():
         old = _partial_name(final, "old-")
         os.rename(final, old)
@@ -228,8 +232,7 @@ def _commit(tmp: Path, final: Path, overwrite: bool, inputs: list) -> None:
     try:
         _rename_noreplace(tmp, final)
     except FileExistsError:
-        raise OutputExistsError(f"output {final} appeared while slimkit was writing it; nothing was replaced. "
-                                "Pass --overwrite or choose another --output.") from None
+        raise _appeared(final) from None
 
 
 def _marker_text(command: str) -> str:

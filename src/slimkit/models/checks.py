@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from slimkit.errors import ModelNotFoundError, SlimkitError, WeightsError
+from slimkit.io.text import read_text
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,7 @@ def read_config(path: Path) -> dict:
     if not config_file.is_file():
         raise ModelNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise SlimkitError(f"{config_file} is not UTF-8 text") from None
+        config = json.loads(read_text(config_file))
     except json.JSONDecodeError as exc:
         raise SlimkitError(f"{config_file} is not valid JSON: {exc}") from None
     if not isinstance(config, dict):
@@ -99,7 +98,8 @@ def model_files(path: Path) -> list[Path]:
     return [f for f in files if f.name.startswith("model")] or files
 
 
-def _meta_model(config, kind: str) -> nn.Module:
+def meta_model(config, kind: str) -> nn.Module:
+    """The model `config` describes, built on the meta device: every shape, no memory."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
@@ -117,6 +117,11 @@ def unique_parameter_count(model: nn.Module) -> int:
 def check_before_load(path: Path, kind: str) -> FileTensors:
     """Config vs files, from headers only. Returns what the files hold."""
     config = load_config(path)
+    return check_files(path, config, meta_model(config, kind))
+
+
+def check_files(path: Path, config, skeleton: nn.Module) -> FileTensors:
+    """The safetensors headers of `path` against the model `config` describes (`skeleton`)."""
     files = model_files(path)
     if not files:
         bins = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
@@ -127,7 +132,7 @@ def check_before_load(path: Path, kind: str) -> FileTensors:
     if bad:
         raise WeightsError(f"{path}: weights stored in a non-floating dtype: {', '.join(bad[:4])}"
                            f"{' ...' if len(bad) > 4 else ''}; slimkit will not cast them silently")
-    expected = unique_parameter_count(_meta_model(config, kind))
+    expected = unique_parameter_count(skeleton)
     if expected > held.numel:
         raise WeightsError(
             f"{path}: config.json describes {expected:,} parameters but the weight files hold only "

@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
 
 from slimkit.errors import RecipeError
+from slimkit.io.text import read_text
 from slimkit.recipes.base import StepConfig
 from slimkit.recipes.builtin_steps import config_types
 
@@ -75,12 +76,7 @@ def parse_recipe(data: Any, origin: str = "recipe") -> Recipe:
 
 def load_recipe_file(path: str | Path) -> Recipe:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise RecipeError(f"cannot read recipe {path}: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise RecipeError(f"recipe {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    text = read_text(path, RecipeError)
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from slimkit.paths import ModelDir
 from slimkit.recipes.context import LayerRecord
 
-COMPRESSION_FILE = "compression.safetensors"
+COMPRESSION_FILE = ModelDir.COMPRESSION
 
 
 def save_compression_state(records: dict[str, LayerRecord], path: Path) -> None:

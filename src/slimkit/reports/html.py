@@ -15,6 +15,7 @@ from markdown_it import MarkdownIt
 
 from slimkit.errors import SlimkitError
 from slimkit.io.outputs import HTML_GENERATOR
+from slimkit.io.text import read_text
 
 STYLE = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2rem auto;max-width:1200px;color:#222;
@@ -35,13 +36,6 @@ nav a{margin-right:1rem}
 
 # html=False: raw HTML in a report (or in a file name quoted by one) is shown as text, never run
 _MD = MarkdownIt("commonmark", {"html": False}).enable("table")
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise SlimkitError(f"{path} is not UTF-8 text (byte {exc.start}); fix or remove it") from None
 
 
 def _png(path: Path) -> str:
@@ -85,7 +79,7 @@ def _section(directory: Path, index: int) -> str:
     mds = sorted(directory.glob("*.md"))
     used: set[str] = set()
     for md in mds:
-        parts.append(_inline_images(_MD.render(_read_text(md)), directory, used))
+        parts.append(_inline_images(_MD.render(read_text(md)), directory, used))
     if not mds:
         for csv_file in sorted(directory.glob("*.csv")):
             parts.append(f"<h3>{html.escape(csv_file.name)}</h3>" + _csv_table(csv_file))
@@ -93,7 +87,7 @@ def _section(directory: Path, index: int) -> str:
         if png.name not in used:
             parts.append(_png(png))
     for child in sorted(p for p in directory.iterdir() if p.is_dir() and (p / "report.md").exists()):
-        parts.append(f"<h3>{html.escape(child.name)}</h3>" + _MD.render(_read_text(child / "report.md")))
+        parts.append(f"<h3>{html.escape(child.name)}</h3>" + _MD.render(read_text(child / "report.md")))
         parts += [_png(p) for p in sorted(child.glob("*.png"))]
     parts.append("</section>")
     return "\n".join(parts)
