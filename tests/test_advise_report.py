@@ -12,14 +12,19 @@ import pytest
 from slimkit.advisor import CANDIDATES, Constraints, Device, pareto
 from slimkit.advisor.search import decide
 from slimkit.benchmarks.reproduce import range_verdict, ratio_verdict
+from slimkit.protocol import QUICK
+from slimkit.results import AdviseRow, BenchRow, CompressReport, ModelSection, Quality
 
 CPU = Device("cpu", "test cpu", 2, ("avx2",))
 GPU = Device("cuda", "test gpu", 8, (), (9, 0))
+TINY = QUICK.with_changes(name="tiny", calibration_windows=2, calibration_seqlen=32, eval_windows=2)
 
 
 def _row(name, order, rule, ppl, ms, rss=300.0, tps=50.0):
-    return {"candidate": name, "order": order, "rule": rule, "ppl": ppl, "decode_ms_per_token": ms,
-            "peak_rss_mb": rss, "throughput_tok_s": tps, "batch": 8}
+    return AdviseRow(candidate=name, order=order, rule=rule, ppl=ppl, decode_ms_per_token=ms, peak_rss_mb=rss,
+                     throughput_tok_s=tps, batch=8, model=name, prefill_ms=1.0, prompt_tokens=16,
+                     weights_ram_mb=rss / 2, disk_mb=rss / 2, eval_tokens=100, formats=[], kernels_batch_1=[],
+                     threads=2, recipe=None, what="test row")
 
 
 BASE = _row("dense", -1, 0, 10.0, 60.0, 900.0, 20.0)
@@ -27,16 +32,16 @@ BASE = _row("dense", -1, 0, 10.0, 60.0, 900.0, 20.0)
 
 def test_pareto_keeps_only_undominated_rows():
     rows = [BASE, _row("a", 0, 1, 10.1, 30, 500), _row("b", 1, 2, 10.9, 20, 300), _row("c", 2, 2, 11.5, 25, 350)]
-    assert [r["candidate"] for r in pareto(rows)] == ["dense", "a", "b"]
+    assert [r.candidate for r in pareto(rows)] == ["dense", "a", "b"]
 
 
 def test_first_candidate_in_framework_order_that_meets_every_constraint_wins():
     rows = [_row("int8", 0, 1, 10.05, 30, 500), _row("gptq-int4", 2, 2, 10.8, 20, 300)]
     chosen, reason = decide(rows, BASE, Constraints(max_ppl_increase=0.10))
-    assert chosen["candidate"] == "int8" and reason.startswith("Rule 1")
+    assert chosen.candidate == "int8" and reason.startswith("Rule 1")
     assert "not needed: gptq-int4" in reason  # the faster one is named, and why it was not picked
     chosen, reason = decide(rows, BASE, Constraints(max_ppl_increase=0.10, max_decode_ms=25))
-    assert chosen["candidate"] == "gptq-int4" and reason.startswith("Rule 2")
+    assert chosen.candidate == "gptq-int4" and reason.startswith("Rule 2")
     assert "int8 (rule 1) came earlier but missed: latency: decode 30.0 ms/token (budget 25.0)" in reason
     chosen, reason = decide(rows, BASE, Constraints(max_ppl_increase=0.05, max_decode_ms=25))
     assert chosen is None and "No measured candidate" in reason
@@ -57,16 +62,16 @@ def test_advise_measures_candidates_and_writes_a_usable_recipe(tiny_llama_dir, t
     from slimkit.advisor import AdviseSettings, advise
     from slimkit.recipes import load_recipe_file
 
-    settings = AdviseSettings(calibration_windows=2, calibration_seqlen=32, eval_windows=2, decode_tokens=4)
+    settings = AdviseSettings(TINY, decode_tokens=4)
     out = tmp_path / "advise"
     result = advise(str(tiny_llama_dir), Constraints(max_ppl_increase=0.5), CPU, out, settings)
-    measured = [r["candidate"] for r in result["candidates"]]
+    measured = [r.candidate for r in result.candidates]
     assert measured == ["int8", "w8a8", "gptq-int4", "awq-int4", "rtn-int4"]
-    assert all(r["ppl"] > 0 and r["decode_ms_per_token"] > 0 for r in result["candidates"])
-    assert {s["candidate"] for s in result["skipped"]} == {"sparsegpt-2of4-int4", "minitron-distill", "sparsegpt-50"}
-    assert result["recommended"] is not None and result["reason"].startswith("Rule")
+    assert all(r.ppl > 0 and r.decode_ms_per_token > 0 for r in result.candidates)
+    assert {s.candidate for s in result.skipped} == {"sparsegpt-2of4-int4", "minitron-distill", "sparsegpt-50"}
+    assert result.recommended is not None and result.reason.startswith("Rule")
     recipe = load_recipe_file(out / "recommended.yaml")
-    assert recipe.name == result["recommended_recipe"]
+    assert recipe.name == result.recommended_recipe
     for f in ("advise.md", "advise.json", "frontier.png"):
         assert (out / f).stat().st_size > 0
 
@@ -129,12 +134,12 @@ def test_html_report_renders_in_headless_chromium(tmp_path):
 def test_a_missed_latency_budget_brings_in_prune_and_distil(tiny_llama_dir, tmp_path):
     from slimkit.advisor import AdviseSettings, advise
 
-    settings = AdviseSettings(calibration_windows=2, calibration_seqlen=32, eval_windows=2, decode_tokens=4)
+    settings = AdviseSettings(TINY, decode_tokens=4)
     result = advise(str(tiny_llama_dir), Constraints(max_ppl_increase=0.5, max_decode_ms=1e-3), CPU,
                     tmp_path / "advise", settings)
-    names = [r["candidate"] for r in result["candidates"]]
-    assert names[-1] == "minitron-distill" and "minitron-distill" not in {s["candidate"] for s in result["skipped"]}
-    assert result["recommended"] is None and "No measured candidate" in result["reason"]
+    names = [r.candidate for r in result.candidates]
+    assert names[-1] == "minitron-distill" and "minitron-distill" not in {s.candidate for s in result.skipped}
+    assert result.recommended is None and "No measured candidate" in result.reason
 
 
 def test_reproduce_tables_3_to_5_from_measurements(monkeypatch, tmp_path):
@@ -143,18 +148,23 @@ def test_reproduce_tables_3_to_5_from_measurements(monkeypatch, tmp_path):
 
     names = {"sparsegpt-50": 30.0, "sparsegpt-2of4": 56.0, "magnitude-50": 427.0, "magnitude-2of4": 1759.0,
              "rtn-int8": 16.9, "gptq-int4-g64": 18.8, "sparsegpt-2of4-gptq-int4": 70.0, "structured-heads-mlp": 58.0}
-    reports = [{"recipe": {"name": n}, "compressed": {"value": v}, "baseline": {"value": 16.85},
-                "model": {"parameters": 106 if n == "structured-heads-mlp" else 134}} for n, v in names.items()]
+    def ppl(value):
+        return Quality(metric="ppl", value=value, details={})
+
+    reports = [CompressReport.model_construct(  # only the fields the tables read
+        recipe={"name": n}, compressed=ppl(v), baseline=ppl(16.85),
+        model=ModelSection.model_construct(parameters=106 if n == "structured-heads-mlp" else 134))
+        for n, v in names.items()]
 
     def row(decode, ram, ppl=None):
-        return {"decode_speedup": decode, "weights_ram_mb": ram, "ppl": ppl}
+        return BenchRow.model_construct(decode_speedup=decode, weights_ram_mb=ram, ppl=ppl)
 
     by = {"dense": row(1.0, 513), "int8": row(2.2, 240), "w8a8": row(2.7, 240, 63.0), "int4": row(2.0, 165),
           "2:4": row(0.4, 323), "2:4+int4": row(0.8, 120), "structured (no recovery)": row(1.2, 403)}
     monkeypatch.setattr(reproduce, "_measure_variants", lambda *a: (reports, by))
     monkeypatch.setattr(reproduce, "_theory_memory", lambda m: {"int8": 2.1, "w8a8": 2.1, "int4": 3.2, "2:4": 1.6,
                                                                 "2:4+int4": 4.0})
-    rows, bench = reproduce.model_rows("m", tmp_path, 2, (2, 32), None, print)
+    rows, bench = reproduce.model_rows("m", tmp_path, TINY, None, print)
     tables = {r.table.split(".")[0] for r in rows}
     assert tables == {"3", "4", "5"} and len(rows) == 7 + 12 + 3 and len(bench) == len(by)
     verdict = {r.claim_what: r.verdict for r in rows}

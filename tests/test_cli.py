@@ -5,6 +5,7 @@ import torch
 from typer.testing import CliRunner
 
 from slimkit.cli.main import app, main
+from slimkit.results import CompressReport
 
 runner = CliRunner()
 
@@ -84,6 +85,11 @@ def test_compress_tiny_model_end_to_end(tiny_llama_dir, tmp_path):
     assert ((w.view(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
     report = json.loads((out / "magnitude-2of4" / "report.json").read_text())
     assert report["compression"]["sparsity_overall"] == pytest.approx(0.5, abs=1e-3)
+    typed = CompressReport.read(out / "magnitude-2of4" / "report.json")  # the file is its typed report
+    assert typed.schema_version == 2 and typed.to_dict() == report
+    old = {k: v for k, v in report.items() if k != "schema_version"}  # schema 1 had no version nor dtypes
+    old["model"] = {k: v for k, v in report["model"].items() if k not in ("stored_dtype", "computed_in")}
+    assert CompressReport.from_dict(old).model.stored_dtype == "float32"
     # the eval command reproduces the report's "after" number on the written model
     code, output = _run("eval", out / "magnitude-2of4", "--windows", "2", "--seqlen", "64", "--json")
     assert code == 0

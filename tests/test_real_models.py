@@ -44,15 +44,16 @@ def test_minilm_embedding_similarity_orders_methods(split):
 def test_compress_smollm2_writes_loadable_dir(smollm2_first_load, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from slimkit.workflow import EvalSettings, compress_to_dir
+    from slimkit.protocol import EvalSettings
+    from slimkit.workflow import compress_to_dir
 
     out = tmp_path / "int4"
     [report] = compress_to_dir("smollm2-135m", [get_recipe("rtn-int4-g64")], out, EvalSettings(max_windows=2))
-    assert report["compressed"]["value"] > report["baseline"]["value"]
+    assert report.compressed.value > report.baseline.value
     # int4 g64 with fp16 scales: 0.53 bytes per linear weight, the rest stays fp32
-    linear_params = report["compression"]["compressed_parameters"]
-    expected = report["size"]["dense_bytes"] - linear_params * (4 - 0.5 - 2 / 64)
-    assert report["size"]["packed_bytes"] == pytest.approx(expected, rel=1e-6)
+    linear_params = report.compression.compressed_parameters
+    expected = report.size.dense_bytes - linear_params * (4 - 0.5 - 2 / 64)
+    assert report.size.packed_bytes == pytest.approx(expected, rel=1e-6)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 30
     assert json.loads((out / "report.json").read_text())["recipe"]["name"] == "rtn-int4-g64"

@@ -16,8 +16,9 @@ import json
 import tempfile
 from pathlib import Path
 
+from slimkit.protocol import EvalSettings
 from slimkit.recipes import builtin_recipes, get_recipe
-from slimkit.workflow import EvalSettings, compress_to_dir
+from slimkit.workflow import compress_to_dir
 
 
 def shortened(recipe, distill_steps: int):
@@ -39,9 +40,9 @@ def main() -> None:
                               log=print)
     result = {}
     for report in reports:
-        weights = Path(report["output"]) / "model.safetensors"
-        result[report["recipe"]["name"]] = {"sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
-                                            "ppl": report["compressed"]["value"]}
+        weights = Path(report.output) / "model.safetensors"
+        result[report.recipe_name] = {"sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+                                      "ppl": report.compressed.value}
     Path(args.output).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     print(json.dumps(result, indent=2, sort_keys=True))
 

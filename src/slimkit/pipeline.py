@@ -17,8 +17,10 @@ from typing import Callable
 
 from slimkit.paths import CompressOutput
 from slimkit.progress import NoProgress, Progress
+from slimkit.protocol import EvalSettings
 from slimkit.recipes.schema import Recipe
-from slimkit.workflow import EvalSettings, compress_to_dir
+from slimkit.results import BenchRow, CompressReport
+from slimkit.workflow import compress_to_dir
 
 DENSE = "dense"  # measure the compressed dir as written (no packing)
 
@@ -34,13 +36,13 @@ class Variant:
 
 @dataclass
 class PipelineResult:
-    reports: list[dict]  # one compress report per distinct recipe
+    reports: list[CompressReport]  # one per distinct recipe
     measured: dict[str, Path]  # variant label -> the directory that was measured
-    rows: list[dict] = field(default_factory=list)  # one benchmark row per variant, in order
+    rows: list[BenchRow] = field(default_factory=list)  # one per variant, in order
 
 
 def compress_stage(model: str, recipes: list[Recipe], output: Path, settings: EvalSettings, overwrite: bool,
-                   progress: Progress, log: Callable[[str], None], **options) -> tuple[CompressOutput, list[dict]]:
+                   progress: Progress, log: Callable[[str], None], **options) -> tuple[CompressOutput, list[CompressReport]]:
     layout = CompressOutput(Path(output), tuple(r.name for r in recipes))
     reports = compress_to_dir(model, recipes, output, settings, overwrite, progress=progress, log=log, **options)
     return layout, reports
@@ -70,7 +72,7 @@ def pack_stage(layout: CompressOutput, variants: list[Variant], where: Callable[
     return measured
 
 
-def measure_stage(models: list[Path | str], progress: Progress, **bench) -> list[dict]:
+def measure_stage(models: list[Path | str], progress: Progress, **bench) -> list[BenchRow]:
     """One benchmark row per directory, each measured in a fresh process (its RSS is its own)."""
     from slimkit.benchmarks import model as bench_model
 

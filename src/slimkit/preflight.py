@@ -18,6 +18,7 @@ from slimkit.errors import DataError, ShapeError, SlimkitError
 from slimkit.models.adapters import ArchitectureAdapter, adapter_for
 from slimkit.models.checks import NO_CODE, check_files, check_gguf, load_config, meta_model, read_config
 from slimkit.models.loading import gguf_cache_dir, model_kind, resolve
+from slimkit.protocol import EvalSettings
 from slimkit.recipes.schema import Recipe
 
 
@@ -83,6 +84,17 @@ def sequence_length(outline_: ModelOutline, asked: int | None, default: int, opt
         raise ShapeError(f"{option} {asked} is longer than the model's {limit} positions "
                          f"(max_position_embeddings); use {option} {min(limit, default)} or less")
     return asked
+
+
+def fit_settings(outline_: ModelOutline, settings: EvalSettings, explicit: frozenset[str]) -> EvalSettings:
+    """`settings` with sequence lengths that fit the model: a length the user set must fit (else a
+    clear error); a protocol default is cut to the model's positions."""
+    fitted = {}
+    for field in ("seqlen", "calibration_seqlen"):
+        value = getattr(settings, field)
+        option = "--" + field.replace("_", "-")
+        fitted[field] = sequence_length(outline_, value if field in explicit else None, value, option)
+    return settings.model_copy(update=fitted)
 
 
 def check_recipe_shapes(outline_: ModelOutline, recipe: Recipe) -> None:

@@ -7,7 +7,6 @@ import json
 import math
 import platform
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -24,31 +23,28 @@ from slimkit.io.outputs import output_directory, reserve_output
 from slimkit.models.loading import LoadedModel, load_model
 from slimkit.paths import CompressOutput, ModelDir
 from slimkit.progress import NoProgress, Progress
+from slimkit.protocol import EvalSettings
 from slimkit.recipes.apply import CompressionResult, compress
 from slimkit.recipes.context import RunResources
 from slimkit.recipes.schema import Recipe
 from slimkit.recipes.state import save_compression_state
 from slimkit.reports.tables import comparison_rows, markdown_table, metric_legend, report_markdown, training_plot
+from slimkit.results import (
+    REPORT_SCHEMA_VERSION,
+    CompressionSection,
+    CompressReport,
+    LayerRow,
+    ModelSection,
+    Quality,
+    SizeSection,
+)
 
-REPORT_SCHEMA_VERSION = 2  # report.json's layout; 2 added stored_dtype / computed_in (and this field)
 
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """How quality is measured. The defaults are the quick protocol; max_windows=None is full."""
-
-    seqlen: int = 512
-    max_windows: int | None = 16
-    n_texts: int = 256
-    data: str | None = None  # None: the packaged Wikipedia summaries
-    calibration_windows: int = 32  # quick default; the papers' protocol is 128 x 512
-    calibration_seqlen: int = 256
-    seed: int = 0
-
-    def protocol(self, kind: str) -> str:
-        if kind == "causal-lm":
-            return PerplexityProtocol(self.seqlen, self.max_windows).describe()
-        return EmbeddingProtocol(self.n_texts).describe()
+def protocol_text(settings: EvalSettings, kind: str) -> str:
+    """The quality protocol in words, for reports."""
+    if kind == "causal-lm":
+        return PerplexityProtocol(settings.seqlen, settings.max_windows).describe()
+    return EmbeddingProtocol(settings.n_texts).describe()
 
 
 class QualityMeter:
@@ -58,21 +54,21 @@ class QualityMeter:
         self.loaded, self.split, self.settings, self.progress = loaded, split, settings, progress
         self.reference: torch.Tensor | None = None
 
-    def measure(self, label: str, projection: torch.Tensor | None = None) -> dict:
+    def measure(self, label: str, projection: torch.Tensor | None = None) -> Quality:
         lm, s = self.loaded, self.settings
         if lm.kind == "causal-lm":
             r = perplexity(lm.model, lm.tokenizer, self.split, PerplexityProtocol(s.seqlen, s.max_windows),
                            self.progress, f"ppl ({label})")
-            return {"metric": "ppl", "value": r.ppl, "details": r.to_dict()}
+            return Quality(metric="ppl", value=r.ppl, details=r.to_dict())
         start = time.perf_counter()
         emb = sentence_embeddings(lm.model, lm.tokenizer, self.split, EmbeddingProtocol(s.n_texts), self.progress)
         if self.reference is None:
             self.reference = emb
         r = similarity(self.reference, emb, self.split.split_hash, time.perf_counter() - start, projection)
-        return {"metric": "cosine", "value": r.mean_cosine, "details": r.to_dict()}
+        return Quality(metric="cosine", value=r.mean_cosine, details=r.to_dict())
 
 
-def _layer_rows(result: CompressionResult, model: torch.nn.Module, stored_bits: int) -> list[dict]:
+def _layer_rows(result: CompressionResult, model: torch.nn.Module, stored_bits: int) -> list[LayerRow]:
     params = dict(model.named_parameters(remove_duplicate=False))
     rows = []
     for name, rec in result.records.items():
@@ -80,15 +76,9 @@ def _layer_rows(result: CompressionResult, model: torch.nn.Module, stored_bits: 
         bits = f"{rec.quant.spec.bits}" if rec.quant else f"{stored_bits}"
         if rec.quant and rec.quant.spec.group_size:
             bits += f" g{rec.quant.spec.group_size}"
-        rows.append({
-            "name": name,
-            "kind": rec.kind,
-            "shape": list(rec.shape),
-            "sparsity": float((w == 0).sum()) / w.numel(),
-            "bits": bits,
-            "methods": rec.methods,
-            "notes": rec.notes,
-        })
+        rows.append(LayerRow(name=name, kind=rec.kind, shape=list(rec.shape),
+                             sparsity=float((w == 0).sum()) / w.numel(), bits=bits, methods=rec.methods,
+                             notes=rec.notes))
     return rows
 
 
@@ -99,20 +89,20 @@ def _model_sparsity(model: torch.nn.Module, names: list[str]) -> tuple[int, int]
     return zeros, total
 
 
-def _model_section(loaded: LoadedModel) -> dict:
-    return {
-        "name": loaded.name,
-        "source": str(loaded.source),
-        "kind": loaded.kind,
-        "architecture": loaded.adapter.name,
-        "parameters": sum(p.numel() for p in loaded.model.parameters()),
-        "config": {k: getattr(loaded.model.config, k, None) for k in
-                   ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "head_dim")},
-        "dtype_bits": loaded.source_dtype.itemsize * 8,
-        "stored_dtype": str(loaded.source_dtype).removeprefix("torch."),
-        "computed_in": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
-    }
+def _model_section(loaded: LoadedModel) -> ModelSection:
+    return ModelSection(
+        name=loaded.name,
+        source=str(loaded.source),
+        kind=loaded.kind,
+        architecture=loaded.adapter.name,
+        parameters=sum(p.numel() for p in loaded.model.parameters()),
+        config={k: getattr(loaded.model.config, k, None) for k in
+                ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim")},
+        dtype_bits=loaded.source_dtype.itemsize * 8,
+        stored_dtype=str(loaded.source_dtype).removeprefix("torch."),
+        computed_in=str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+    )
 
 
 def build_report(
@@ -121,56 +111,56 @@ def build_report(
     result: CompressionResult,
     split: TextSplit,
     settings: EvalSettings,
-    baseline: dict,
+    baseline: Quality,
     baseline_sparsity: float,
-    compressed: dict,
+    compressed: Quality,
     dense_by_kind: dict[str, int],
     timing: dict[str, float],
-) -> dict:
+) -> CompressReport:
     stored = loaded.source_dtype.itemsize
     for record in result.records.values():  # sizes as stored, not as computed
         record.element_size = stored
     layers = _layer_rows(result, loaded.model, stored * 8)
-    zeros, total = _model_sparsity(loaded.model, [l["name"] for l in layers])
+    zeros, total = _model_sparsity(loaded.model, [layer.name for layer in layers])
     dense_bytes = sum(dense_by_kind.values())
     # structural steps shrink the dense model itself; masks and codes then pack what is left
     after_dense = (sum(bytes_by_kind(loaded.model, loaded.adapter, stored).values()) if result.details
                    else dense_bytes)
     packed = after_dense + sum(packed_bytes(r) - r.element_size * math.prod(r.shape)
                                for r in result.records.values())
-    return {
-        "schema_version": REPORT_SCHEMA_VERSION,
-        "slimkit_version": slimkit.__version__,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
-        "model": _model_section(loaded),
-        "recipe": recipe.to_dict(),
-        "recipe_summary": recipe.summary(),
-        "data": {"source": split.source, "split_hash": split.split_hash, "description": split.describe()},
-        "protocol": settings.protocol(loaded.kind),
-        "baseline": baseline,
-        "baseline_sparsity": baseline_sparsity,
-        "compressed": compressed,
-        "compression": {
-            "seconds": result.seconds,
-            "step_seconds": result.step_seconds,
-            "sparsity_overall": zeros / total if total else 0.0,
-            "compressed_parameters": total,
-            "bits": ", ".join(sorted({layer["bits"] for layer in layers})),
-            "calibration": {"windows": settings.calibration_windows, "seqlen": settings.calibration_seqlen,
-                            "seed": settings.seed} if result.engine_reports else None,
-            "engine": [{"stats_s": e.stats_seconds, "algorithm_s": e.algorithm_seconds,
-                        "forward_s": e.forward_seconds, "tokens": e.tokens} for e in result.engine_reports],
-            "layers": layers,
-            "structure_and_training": result.details,
-        },
-        "size": {"dense_bytes": dense_bytes, "dense_by_kind": dense_by_kind, "packed_bytes": packed},
-        "timing": timing,
-    }
+    return CompressReport(
+        schema_version=REPORT_SCHEMA_VERSION,
+        slimkit_version=slimkit.__version__,
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        machine={"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        model=_model_section(loaded),
+        recipe=recipe.to_dict(),
+        recipe_summary=recipe.summary(),
+        data={"source": split.source, "split_hash": split.split_hash, "description": split.describe()},
+        protocol=protocol_text(settings, loaded.kind),
+        baseline=baseline,
+        baseline_sparsity=baseline_sparsity,
+        compressed=compressed,
+        compression=CompressionSection(
+            seconds=result.seconds,
+            step_seconds=result.step_seconds,
+            sparsity_overall=zeros / total if total else 0.0,
+            compressed_parameters=total,
+            bits=", ".join(sorted({layer.bits for layer in layers})),
+            calibration={"windows": settings.calibration_windows, "seqlen": settings.calibration_seqlen,
+                         "seed": settings.seed} if result.engine_reports else None,
+            engine=[{"stats_s": e.stats_seconds, "algorithm_s": e.algorithm_seconds,
+                     "forward_s": e.forward_seconds, "tokens": e.tokens} for e in result.engine_reports],
+            layers=layers,
+            structure_and_training=result.details,
+        ),
+        size=SizeSection(dense_bytes=dense_bytes, dense_by_kind=dense_by_kind, packed_bytes=packed),
+        timing=timing,
+    )
 
 
-def write_output(loaded: LoadedModel, result: CompressionResult, report: dict, directory: Path, final: Path,
-                 save_dtype: torch.dtype | None) -> dict:
+def write_output(loaded: LoadedModel, result: CompressionResult, report: CompressReport, directory: Path,
+                 final: Path, save_dtype: torch.dtype | None) -> CompressReport:
     """Write one recipe's model dir into `directory` (inside an atomic output; `final` is where
     it will be once the output is complete)."""
     directory.mkdir(exist_ok=True)
@@ -178,11 +168,11 @@ def write_output(loaded: LoadedModel, result: CompressionResult, report: dict, d
     save_model_dir(loaded, directory, save_dtype)
     layout.recipe.write_text(result.recipe.to_yaml())
     save_compression_state(result.records, layout.compression)
-    report["size"]["stored_bytes"] = files_bytes(directory, ModelDir.WEIGHTS_GLOB)
-    report["output"] = str(final)
-    layout.report_json.write_text(json.dumps(report, indent=2))
+    report.size.stored_bytes = files_bytes(directory, ModelDir.WEIGHTS_GLOB)
+    report.output = str(final)
+    layout.report_json.write_text(json.dumps(report.to_dict(), indent=2))
     layout.report_md.write_text(report_markdown(report))
-    training_plot(report["compression"].get("structure_and_training") or [], layout.training_curve)
+    training_plot(report.compression.structure_and_training, layout.training_curve)
     return report
 
 
@@ -198,7 +188,7 @@ def compress_to_dir(
     offload_dir: str | None = None,
     runs_dir: str | None = None,
     restart_training: bool = False,
-) -> list[dict]:
+) -> list[CompressReport]:
     """Compress `model` with each recipe; write one HF dir per recipe (the output dir itself
     when there is one recipe, else OUTPUT/<recipe name>/) and return the reports.
 
@@ -210,7 +200,7 @@ def compress_to_dir(
 
 
 def _compress_reserved(model, recipes, output, settings, overwrite, save_dtype, progress, log, offload_dir,
-                       runs_dir, restart_training) -> list[dict]:
+                       runs_dir, restart_training) -> list[CompressReport]:
     start = time.perf_counter()
     loaded = load_model(model)
     log(f"loaded {loaded.name} ({loaded.adapter.name}, {loaded.kind}) in {loaded.load_seconds:.1f}s"
@@ -245,8 +235,8 @@ def _compress_reserved(model, recipes, output, settings, overwrite, save_dtype, 
             after = meter.measure(recipe.name, result.hidden_projection)
             report = build_report(loaded, recipe, result, split, settings, baseline, zeros / total, after,
                                   dense_by_kind, {"load_s": loaded.load_seconds, "compress_s": t_compress,
-                                                  "eval_before_s": baseline["details"]["seconds"],
-                                                  "eval_after_s": after["details"]["seconds"]})
+                                                  "eval_before_s": baseline.details["seconds"],
+                                                  "eval_after_s": after.details["seconds"]})
             reports.append(write_output(loaded, result, report, written.model_dir(recipe.name).root,
                                         layout.model_dir(recipe.name).root, save_dtype))
             log(f"done: {recipe.name} (-> {layout.model_dir(recipe.name).root})")
@@ -254,8 +244,8 @@ def _compress_reserved(model, recipes, output, settings, overwrite, save_dtype, 
             summary = "\n".join([f"# slimkit compress: {loaded.name}", "",
                                  markdown_table(comparison_rows(reports)), "", f"- {metric_legend(reports[0])}", ""])
             written.summary_md.write_text(summary)
-            written.summary_json.write_text(json.dumps(reports, indent=2))
+            written.summary_json.write_text(json.dumps([r.to_dict() for r in reports], indent=2))
     log(f"wrote {output}")
     for r in reports:
-        r["timing"]["total_s"] = time.perf_counter() - start
+        r.timing["total_s"] = time.perf_counter() - start
     return reports

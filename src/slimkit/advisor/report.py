@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-def _row(r: dict) -> str:
-    return (f"| {r['candidate']} | {r['rule'] or '-'} | {r['ppl']:.2f} | {r['ppl_increase']:+.1%} | "
-            f"{r['decode_ms_per_token']:.1f} | {r['decode_speedup']:.2f}x | {r['throughput_tok_s']:.1f} | "
-            f"{r['peak_rss_mb']:.0f} | {r['disk_mb']:.0f} | {'yes' if r.get('meets') else ('-' if not r['rule'] else 'no')} | "
-            f"{'*' if r['pareto'] else ''} |")
+from slimkit.protocol import Protocol
+from slimkit.results import AdviseResult, AdviseRow
 
 
-def markdown(result: dict) -> str:
-    c = result["constraints"]
+def _row(r: AdviseRow) -> str:
+    return (f"| {r.candidate} | {r.rule or '-'} | {r.ppl:.2f} | {r.ppl_increase:+.1%} | "
+            f"{r.decode_ms_per_token:.1f} | {r.decode_speedup:.2f}x | {r.throughput_tok_s:.1f} | "
+            f"{r.peak_rss_mb:.0f} | {r.disk_mb:.0f} | {'yes' if r.meets else ('-' if not r.rule else 'no')} | "
+            f"{'*' if r.pareto else ''} |")
+
+
+def markdown(result: AdviseResult) -> str:
+    c = result.constraints
     budget = [f"ppl increase <= {c['max_ppl_increase']:.0%}"]
     if c["max_memory_mb"]:
         budget.append(f"peak RSS <= {c['max_memory_mb']:.0f} MB")
@@ -21,23 +24,22 @@ def markdown(result: dict) -> str:
         budget.append(f"decode <= {c['max_decode_ms']:.1f} ms/token")
     if c["min_throughput"]:
         budget.append(f"throughput >= {c['min_throughput']:.1f} tok/s")
-    rows = [result["baseline"], *result["candidates"]]
+    rows = [result.baseline, *result.candidates]
     lines = [
-        f"# slimkit advise: {result['model']}",
+        f"# slimkit advise: {result.model}",
         "",
-        f"- device: {result['device']['name']} ({result['device']['kind']}, {result['device']['cores']} cores)",
+        f"- device: {result.device['name']} ({result.device['kind']}, {result.device['cores']} cores)",
         f"- constraints: {', '.join(budget)}",
-        f"- measured: each candidate packed in its real format and run in its own process; ppl on "
-        f"{result['settings']['eval_windows']} windows of 512 tokens; calibration "
-        f"{result['settings']['calibration_windows']} x {result['settings']['calibration_seqlen']} tokens",
+        f"- measured: each candidate packed in its real format and run in its own process; protocol "
+        f"{Protocol(**result.settings['protocol']).describe()}",
         "",
         "## Recommendation",
         "",
-        f"**{result['recommended'] or 'none'}**" + (f" (recipe `{result['recommended_recipe']}`, packed as "
-                                                   f"`{result['recommended_pack']}`; written to recommended.yaml)"
-                                                   if result["recommended"] else ""),
+        f"**{result.recommended or 'none'}**" + (f" (recipe `{result.recommended_recipe}`, packed as "
+                                                   f"`{result.recommended_pack}`; written to recommended.yaml)"
+                                                   if result.recommended else ""),
         "",
-        result["reason"],
+        result.reason,
         "",
         "## Measured candidates (* = on the Pareto frontier of ppl, decode latency and peak memory)",
         "",
@@ -47,7 +49,7 @@ def markdown(result: dict) -> str:
         "",
         "## Skipped, with the reason",
         "",
-        *[f"- {s['candidate']} (rule {s['rule']}): {s['reason']}" for s in result["skipped"]],
+        *[f"- {s.candidate} (rule {s.rule}): {s.reason}" for s in result.skipped],
         "",
         "![frontier](frontier.png)",
         "",
@@ -55,20 +57,20 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def frontier_plot(rows: list[dict], path: Path, model: str) -> None:
+def frontier_plot(rows: list[AdviseRow], path: Path, model: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in rows:
-        color = "tab:green" if r.get("meets") else ("tab:blue" if not r["rule"] else "tab:red")
-        ax.scatter(r["decode_ms_per_token"], r["ppl"], s=20 + r["peak_rss_mb"] / 3, color=color, alpha=0.6,
-                   edgecolors="black" if r["pareto"] else "none")
-        ax.annotate(r["candidate"], (r["decode_ms_per_token"], r["ppl"]), textcoords="offset points", xytext=(6, 4),
+        color = "tab:green" if r.meets else ("tab:blue" if not r.rule else "tab:red")
+        ax.scatter(r.decode_ms_per_token, r.ppl, s=20 + r.peak_rss_mb / 3, color=color, alpha=0.6,
+                   edgecolors="black" if r.pareto else "none")
+        ax.annotate(r.candidate, (r.decode_ms_per_token, r.ppl), textcoords="offset points", xytext=(6, 4),
                     fontsize=8)
-    front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["decode_ms_per_token"])
-    ax.plot([r["decode_ms_per_token"] for r in front], [r["ppl"] for r in front], "k--", lw=0.8, label="Pareto frontier")
+    front = sorted((r for r in rows if r.pareto), key=lambda r: r.decode_ms_per_token)
+    ax.plot([r.decode_ms_per_token for r in front], [r.ppl for r in front], "k--", lw=0.8, label="Pareto frontier")
     ax.title.set_fontsize(10)
     ax.set(xlabel="decode latency, ms/token (batch 1)", ylabel="perplexity (lower is better)",
            title=f"{model}: accuracy vs latency\n(marker area ~ peak memory; green = meets the constraints, "

@@ -1,14 +1,14 @@
 """Benchmark: how long each calibrated method takes, against the FLOP bound of its work.
 
     python -m slimkit.benchmarks.calibration --windows 128 --seqlen 512 \
-        --recipes sparsegpt-50,wanda-50,gptq-int4-g64,awq-int4-g64 --eval-windows 200
+        --recipes sparsegpt-50,wanda-50,gptq-int4-g64,awq-int4-g64 --eval-windows all
 
 The FLOP bound counts the work the engine cannot avoid, at the dense fp32 matmul rate measured
 in the same run: Hessian accumulation (2*tokens*d_in^2 per distinct input), two passes of every
 block (the dense pass for statistics, the compressed pass for the next block's inputs: linears
 plus causal attention), and the solver (GPTQ/SparseGPT: 2*out*in^2 for the updates plus
 in^3 for the factorisations; AWQ: 2*out*in^2 per grid point). Prints one JSON row per method
-and a table; ppl on the fixed protocol when --eval-windows > 0.
+and a table; ppl on the fixed protocol unless --eval-windows is 0.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from slimkit.data import calibration_windows, load_split
 from slimkit.evaluation import PerplexityProtocol, perplexity
 from slimkit.models import load_model
+from slimkit.protocol import parse_windows
 from slimkit.recipes import RunResources, compress, get_recipe
 
 
@@ -85,8 +86,8 @@ def run(args) -> list[dict]:
     original = {k: v.clone() for k, v in lm.model.state_dict().items()}
     peak = measured_peak_flops()
     rows = []
-    protocol = PerplexityProtocol(512, None if args.eval_windows < 0 else args.eval_windows)
-    dense_ppl = perplexity(lm.model, lm.tokenizer, split, protocol).ppl if args.eval_windows else None
+    protocol = PerplexityProtocol(512, args.eval_windows)
+    dense_ppl = perplexity(lm.model, lm.tokenizer, split, protocol).ppl if args.eval_windows != 0 else None
     for name in args.recipes.split(","):
         recipe = get_recipe(name)
         lm.model.load_state_dict(original)
@@ -121,7 +122,7 @@ def run(args) -> list[dict]:
         row["sparsity_overall"] = sum(per_layer[n] * numel[n] for n in per_layer) / sum(numel.values())
         row["sparsity_min_max_layer"] = [min(per_layer.values()), max(per_layer.values())]
         row["sparsity_per_layer"] = {n: round(v, 4) for n, v in per_layer.items()}
-        if args.eval_windows:
+        if args.eval_windows != 0:
             r = perplexity(lm.model, lm.tokenizer, split, protocol)
             row.update(ppl=r.ppl, dense_ppl=dense_ppl, eval_tokens=r.tokens, split_hash=r.split_hash)
         rows.append(row)
@@ -153,7 +154,8 @@ def main(argv=None) -> None:
     p.add_argument("--recipes", default="sparsegpt-50,wanda-50,gptq-int4-g64,awq-int4-g64")
     p.add_argument("--windows", type=int, default=16, help="calibration windows (128 for the real protocol)")
     p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window (512 for real)")
-    p.add_argument("--eval-windows", type=int, default=0, help="ppl windows after each method (0: skip, -1: all)")
+    p.add_argument("--eval-windows", type=lambda t: parse_windows(t, allow_zero=True), default=0,
+                   help="ppl windows after each method (0: skip, all: the full protocol)")
     p.add_argument("--data", default=None)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

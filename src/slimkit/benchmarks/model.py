@@ -26,6 +26,9 @@ from pathlib import Path
 
 import torch
 
+from slimkit.protocol import QUICK, parse_windows, windows_text
+from slimkit.results import BenchRow
+
 
 def _peak_rss_mb() -> float:
     """This process's peak RSS. VmHWM belongs to the current address space; ru_maxrss would not
@@ -62,8 +65,8 @@ def _disk_bytes(loaded) -> int:
 
 
 @torch.no_grad()
-def measure(source: str, prompt: int = 128, decode: int = 32, batch: int = 8, windows: int = 16,
-            note=lambda text: None) -> dict:
+def measure(source: str, prompt: int = 128, decode: int = 32, batch: int = 8, windows: int | None = QUICK.eval_windows,
+            note=lambda text: None) -> BenchRow:
     """Everything about one model, in this process; `note` hears each phase as it starts."""
     from slimkit.data import load_split
     from slimkit.evaluation import PerplexityProtocol, eval_windows, perplexity
@@ -100,32 +103,32 @@ def measure(source: str, prompt: int = 128, decode: int = 32, batch: int = 8, wi
     for _ in range(steps):
         nxt, past = step(nxt, past)
     throughput = batch * steps / (time.perf_counter() - t0)
-    if windows:
-        note(f"{source}: perplexity on {windows} windows")
-    ppl = perplexity(model, tok, split, PerplexityProtocol(512, windows)) if windows else None
+    if windows != 0:
+        note(f"{source}: perplexity on {windows_text(windows)} windows")
+    ppl = perplexity(model, tok, split, PerplexityProtocol(512, windows)) if windows != 0 else None
     packed = packed_layers(model)
     paths = sorted({m.path_for(1) for m in packed.values()}) or ["dense fp32 (torch.nn.Linear)"]
-    return {
-        "model": source, "prefill_ms": prefill_ms, "prompt_tokens": prompt, "decode_ms_per_token": decode_ms,
-        "throughput_tok_s": throughput, "batch": batch, "peak_rss_mb": _peak_rss_mb(),
-        "weights_ram_mb": _weights_ram_bytes(model) / 2**20, "disk_mb": _disk_bytes(loaded) / 2**20,
-        "ppl": ppl.ppl if ppl else None, "eval_tokens": ppl.tokens if ppl else 0,
-        "formats": sorted({m.format for m in packed.values()}), "kernels_batch_1": paths,
-        "threads": torch.get_num_threads(),
-    }
+    return BenchRow(
+        model=source, prefill_ms=prefill_ms, prompt_tokens=prompt, decode_ms_per_token=decode_ms,
+        throughput_tok_s=throughput, batch=batch, peak_rss_mb=_peak_rss_mb(),
+        weights_ram_mb=_weights_ram_bytes(model) / 2**20, disk_mb=_disk_bytes(loaded) / 2**20,
+        ppl=ppl.ppl if ppl else None, eval_tokens=ppl.tokens if ppl else 0,
+        formats=sorted({m.format for m in packed.values()}), kernels_batch_1=paths,
+        threads=torch.get_num_threads(),
+    )
 
 
 PROGRESS_PREFIX = "slimkit-progress: "
 
 
-def measure_isolated(source: str, note=None, **kw) -> dict:
+def measure_isolated(source: str, note=None, **kw) -> BenchRow:
     """`measure` in a fresh Python process: its peak RSS is this model's alone. The worker's
     phase lines go to `note` as they happen (a long benchmark is never silent)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
         args = [sys.executable, "-m", "slimkit.benchmarks.model", "--worker", str(out), source]
         for k, v in kw.items():
-            args += [f"--{k}", str(v)]
+            args += [f"--{k}", windows_text(v) if k == "windows" else str(v)]
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         errors = []
         for line in proc.stderr:
@@ -138,33 +141,34 @@ def measure_isolated(source: str, note=None, **kw) -> dict:
             from slimkit.errors import SlimkitError
 
             raise SlimkitError(f"benchmarking {source} failed:\n{''.join(errors).strip()[-2000:]}")
-        return json.loads(out.read_text())
+        return BenchRow.from_dict(json.loads(out.read_text()))
 
 
-def compare(rows: list[dict]) -> list[dict]:
+def compare(rows: list[BenchRow]) -> list[BenchRow]:
+    """Sets each row's ratios against the first row (the baseline); returns the same rows."""
     base = rows[0]
     for r in rows:
-        r["decode_speedup"] = base["decode_ms_per_token"] / r["decode_ms_per_token"]
-        r["prefill_speedup"] = base["prefill_ms"] / r["prefill_ms"]
-        r["throughput_ratio"] = r["throughput_tok_s"] / base["throughput_tok_s"]
+        r.decode_speedup = base.decode_ms_per_token / r.decode_ms_per_token
+        r.prefill_speedup = base.prefill_ms / r.prefill_ms
+        r.throughput_ratio = r.throughput_tok_s / base.throughput_tok_s
     return rows
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[BenchRow]) -> str:
     head = ("| model | formats | decode ms/tok | decode x | prefill ms | prefill x | tok/s @batch | RSS MB "
             "| weights MB | disk MB | ppl | kernel at batch 1 |")
     lines = [head, "|" + "---|" * 12]
     for r in rows:
-        ppl = f"{r['ppl']:.2f}" if r["ppl"] is not None else "-"
+        ppl = f"{r.ppl:.2f}" if r.ppl is not None else "-"
         lines.append(
-            f"| {r['model']} | {','.join(r['formats']) or 'dense'} | {r['decode_ms_per_token']:.1f} | "
-            f"{r['decode_speedup']:.2f}x | {r['prefill_ms']:.0f} | {r['prefill_speedup']:.2f}x | "
-            f"{r['throughput_tok_s']:.1f} @{r['batch']} | {r['peak_rss_mb']:.0f} | {r['weights_ram_mb']:.0f} | "
-            f"{r['disk_mb']:.0f} | {ppl} | {'; '.join(r['kernels_batch_1'])} |")
+            f"| {r.model} | {','.join(r.formats) or 'dense'} | {r.decode_ms_per_token:.1f} | "
+            f"{r.decode_speedup:.2f}x | {r.prefill_ms:.0f} | {r.prefill_speedup:.2f}x | "
+            f"{r.throughput_tok_s:.1f} @{r.batch} | {r.peak_rss_mb:.0f} | {r.weights_ram_mb:.0f} | "
+            f"{r.disk_mb:.0f} | {ppl} | {'; '.join(r.kernels_batch_1)} |")
     return "\n".join(lines)
 
 
-def run(models: list[str], progress=None, **kw) -> list[dict]:
+def run(models: list[str], progress=None, **kw) -> list[BenchRow]:
     items = [(m,) for m in models]
     if progress is not None:
         items = progress.track(items, "bench model")
@@ -178,7 +182,8 @@ def main(argv=None) -> None:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--decode", type=int, default=32)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--windows", type=int, default=16, help="ppl windows (0: skip; 200: the full protocol)")
+    p.add_argument("--windows", type=lambda t: parse_windows(t, allow_zero=True), default=QUICK.eval_windows,
+                   help="ppl windows of 512 (0: skip; all: the full protocol)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     kw = dict(prompt=args.prompt, decode=args.decode, batch=args.batch, windows=args.windows)
@@ -186,11 +191,11 @@ def main(argv=None) -> None:
         def note(text: str) -> None:
             print(PROGRESS_PREFIX + text, file=sys.stderr, flush=True)
 
-        Path(args.worker).write_text(json.dumps(measure(args.models[0], note=note, **kw)))
+        Path(args.worker).write_text(json.dumps(measure(args.models[0], note=note, **kw).to_dict()))
         return
     rows = run(args.models, **kw)
     for r in rows:
-        print(json.dumps(r))
+        print(json.dumps(r.to_dict()))
     print(table(rows))
 
 

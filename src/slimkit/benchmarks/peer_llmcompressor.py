@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from slimkit.data import calibration_windows, load_split
 from slimkit.evaluation import eval_windows, window_nll
 from slimkit.models import load_model
+from slimkit.protocol import parse_windows
 from slimkit.recipes import RunResources, compress, get_recipe
 
 WORKER = Path(__file__).parent / "peers" / "llmcompressor_worker.py"
@@ -46,7 +47,8 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=256)
-    p.add_argument("--eval-windows", type=int, default=16, help="first N windows of the fixed protocol (seqlen 512)")
+    p.add_argument("--eval-windows", type=parse_windows, default=16,
+                   help="first N windows of the fixed protocol (seqlen 512), or all")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seed", type=int, default=0, help="which calibration windows are drawn")
     p.add_argument("--peer-python", default=".peers/llmcompressor/bin/python")

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from slimkit.progress import NoProgress, Progress
+from slimkit.protocol import QUICK, Protocol
 
 CONFIRM_FACTOR = 1.5
 
@@ -101,17 +102,16 @@ ARTICLE_LLAMA2_7B = {"dense": 5.12, "magnitude-50": 14.89, "sparsegpt-50": 6.51,
 ARTICLE_DECODE = {"int8": 1.91, "w8a8": 2.05, "int4": 2.43}  # SmolLM2 whole-model decode, design.md §5
 
 
-def _measure_variants(model: str, output: Path, eval_windows: int, calibration: tuple[int, int],
-                      progress: Progress, log: Callable[[str], None]) -> tuple[list[dict], dict[str, dict]]:
+def _measure_variants(model: str, output: Path, protocol: Protocol, progress: Progress, log: Callable[[str], None]) -> tuple[list[dict], dict[str, dict]]:
     """Compress the tables' recipes, pack the measured ones, measure them and the dense model:
     (compress reports, benchmark row by label with "dense" first)."""
     from slimkit.benchmarks import model as bench_model
     from slimkit.paths import MeasureDir
     from slimkit.pipeline import DENSE, Variant, compress_pack_measure
+    from slimkit.protocol import EvalSettings
     from slimkit.pruning.structured import StructuredPruneConfig
     from slimkit.recipes import get_recipe, parse_recipe
     from slimkit.recipes.schema import Recipe
-    from slimkit.workflow import EvalSettings
 
     layout = MeasureDir(output, "reproduce")  # scratch work goes to its sibling OUTPUT.work
     joint = parse_recipe({"name": "sparsegpt-2of4-gptq-int4", "steps": [
@@ -121,15 +121,14 @@ def _measure_variants(model: str, output: Path, eval_windows: int, calibration: 
     variants = [Variant("int8", get_recipe("rtn-int8"), "int8"), Variant("w8a8", get_recipe("rtn-int8"), "w8a8"),
                 Variant("int4", get_recipe("gptq-int4-g64")), Variant("2:4", get_recipe("sparsegpt-2of4"), "2:4"),
                 Variant("2:4+int4", joint), Variant("structured (no recovery)", structured, DENSE)]
-    settings = EvalSettings(max_windows=eval_windows, calibration_windows=calibration[0],
-                            calibration_seqlen=calibration[1])
+    settings = EvalSettings.from_protocol(protocol)
     result = compress_pack_measure(
         model, variants, layout.compressed, lambda v: layout.packed(v.label.replace(":", "of").replace("+", "-")),
         settings, progress, log, also_compress=tuple(get_recipe(n) for n in ("sparsegpt-50", "magnitude-50",
                                                                              "magnitude-2of4")),
-        windows=eval_windows)
+        windows=protocol.eval_windows)
     log("measuring the dense model")
-    bench = bench_model.compare([bench_model.measure_isolated(model, note=progress.note, windows=eval_windows),
+    bench = bench_model.compare([bench_model.measure_isolated(model, note=progress.note, windows=protocol.eval_windows),
                                  *result.rows])
     return result.reports, dict(zip(["dense", *result.measured], bench))
 
@@ -161,9 +160,9 @@ def _comparison_rows(by: dict[str, dict], quality: dict[str, float], dense_ppl: 
         r = by[label]
         rows.append(Row("4. quantization vs pruning vs distillation", f"{label}: decode speed-up (whole model)",
                         f"{ARTICLE_DECODE[label]:.2f}x", "article (design.md §5, SmolLM2)",
-                        f"{r['decode_speedup']:.2f}x", ratio_verdict(ARTICLE_DECODE[label], r["decode_speedup"])))
+                        f"{r.decode_speedup:.2f}x", ratio_verdict(ARTICLE_DECODE[label], r.decode_speedup)))
     for label in ("int8", "int4", "2:4", "structured (no recovery)"):
-        mem = base["weights_ram_mb"] / by[label]["weights_ram_mb"]
+        mem = base.weights_ram_mb / by[label].weights_ram_mb
         claim = theory_mem.get(label, param_ratio)  # structured: the parameter ratio is the arithmetic
         rows.append(Row("4. quantization vs pruning vs distillation", f"{label}: weights in RAM, x smaller",
                         f"{claim:.2f}x",
@@ -178,22 +177,22 @@ def _comparison_rows(by: dict[str, dict], quality: dict[str, float], dense_ppl: 
     s = by["structured (no recovery)"]
     rows.append(Row("4. quantization vs pruning vs distillation",
                     "structured pruning: speed-up from the architecture, no special hardware",
-                    "> 1x on any device", "article", f"{s['decode_speedup']:.2f}x",
-                    "confirmed" if s["decode_speedup"] > 1.0 else "refuted"))
+                    "> 1x on any device", "article", f"{s.decode_speedup:.2f}x",
+                    "confirmed" if s.decode_speedup > 1.0 else "refuted"))
     return rows
 
 
 def _stacked_rows(by: dict[str, dict], quality: dict[str, float], dense_ppl: float, theory_mem: dict) -> list[Row]:
     """Table 5: quantization combined with sparsity."""
     r = by["2:4+int4"]
-    mem = by["dense"]["weights_ram_mb"] / r["weights_ram_mb"]
+    mem = by["dense"].weights_ram_mb / r.weights_ram_mb
     return [
         Row("5. quantization + sparsity", "2:4 + int4: weights x smaller than fp32", f"{theory_mem['2:4+int4']:.1f}x",
             "theory (2 of 4 kept at 4 bits + 2-bit index + scales)", f"{mem:.2f}x",
             ratio_verdict(theory_mem["2:4+int4"], mem)),
         Row("5. quantization + sparsity", "2:4 + int4: decode speed-up on this device", "needs a 2:4 kernel",
-            "article", f"{r['decode_speedup']:.2f}x",
-            "confirmed (no kernel here: slower than int4 alone)" if r["decode_speedup"] < by["int4"]["decode_speedup"]
+            "article", f"{r.decode_speedup:.2f}x",
+            "confirmed (no kernel here: slower than int4 alone)" if r.decode_speedup < by["int4"].decode_speedup
             else "refuted"),
         Row("5. quantization + sparsity", "2:4 + int4: ppl change", "adds up (sparsity and rounding)", "article",
             f"{quality['2:4+int4'] / dense_ppl - 1:+.0%} (int4 alone {quality['int4'] / dense_ppl - 1:+.0%}, "
@@ -202,14 +201,14 @@ def _stacked_rows(by: dict[str, dict], quality: dict[str, float], dense_ppl: flo
     ]
 
 
-def model_rows(model: str, output: Path, eval_windows: int, calibration: tuple[int, int], progress: Progress,
+def model_rows(model: str, output: Path, protocol: Protocol, progress: Progress,
                log: Callable[[str], None]) -> tuple[list[Row], list[dict]]:
     """Tables 3-5, measured on `model` in this run."""
-    reports, by = _measure_variants(model, output, eval_windows, calibration, progress, log)
-    ppl = {r["recipe"]["name"]: r["compressed"]["value"] for r in reports}
-    params = {r["recipe"]["name"]: r["model"]["parameters"] for r in reports}
-    dense_ppl = reports[0]["baseline"]["value"]
-    quality = {"int8": ppl["rtn-int8"], "w8a8": by["w8a8"]["ppl"], "int4": ppl["gptq-int4-g64"],
+    reports, by = _measure_variants(model, output, protocol, progress, log)
+    ppl = {r.recipe_name: r.compressed.value for r in reports}
+    params = {r.recipe_name: r.model.parameters for r in reports}
+    dense_ppl = reports[0].baseline.value
+    quality = {"int8": ppl["rtn-int8"], "w8a8": by["w8a8"].ppl, "int4": ppl["gptq-int4-g64"],
                "2:4": ppl["sparsegpt-2of4"], "2:4+int4": ppl["sparsegpt-2of4-gptq-int4"],
                "structured (no recovery)": ppl["structured-heads-mlp"]}
     theory_mem = _theory_memory(model)
@@ -275,20 +274,20 @@ def plot(rows: list[Row], sparsity: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def reproduce(model: str, output: Path, quick: bool = True, progress: Progress = NoProgress(),
+def reproduce(model: str, output: Path, protocol: Protocol = QUICK, progress: Progress = NoProgress(),
               log: Callable[[str], None] = lambda m: None, overwrite: bool = False) -> list[Row]:
     from slimkit.io.outputs import output_directory
     from slimkit.paths import MeasureDir
 
     output = Path(output).absolute()
     log("table 1-2: kernels")
-    rows, sparsity = sparsity_rows(model, 21 if quick else 41, progress)
-    more, bench = model_rows(model, output, 16 if quick else 200, (16, 256) if quick else (128, 512), progress, log)
+    rows, sparsity = sparsity_rows(model, protocol.kernel_repeats, progress)
+    more, bench = model_rows(model, output, protocol, progress, log)
     rows += more
     md = "\n".join([
         f"# slimkit reproduce: the article's tables on this machine ({model})", "",
         f"- threads: {torch.get_num_threads()}; CUDA: {'yes' if torch.cuda.is_available() else 'no'}; "
-        f"{'quick' if quick else 'full'} settings",
+        f"protocol {protocol.describe()}",
         "- verdicts: confirmed = within a factor of 1.5 (ratios) or the ordering/range holds; refuted otherwise; "
         "not measurable here = the hardware is missing",
         "- claimed = the article's figure as recorded in shared/design.md, or the arithmetic (source says which); "
@@ -297,8 +296,9 @@ def reproduce(model: str, output: Path, quick: bool = True, progress: Progress =
     with output_directory(output, overwrite, inputs=[model], command="reproduce") as tmp:
         written = MeasureDir(tmp, "reproduce")
         written.md.write_text(md)
-        written.json.write_text(json.dumps({"model": model, "quick": quick,
+        written.json.write_text(json.dumps({"model": model, "protocol": asdict(protocol),
                                                         "rows": [r.to_dict() for r in rows],
-                                                        "sparsity": sparsity, "bench": bench}, indent=2, default=str))
+                                                        "sparsity": sparsity,
+                                            "bench": {k: v.to_dict() for k, v in bench.items()}}, indent=2, default=str))
         plot(rows, sparsity, written.png)
     return rows

@@ -31,12 +31,13 @@ from slimkit.data.tokens import calibration_windows
 from slimkit.evaluation.perplexity import PerplexityProtocol, perplexity
 from slimkit.models.loading import load_model
 from slimkit.paths import TrainRunDir
+from slimkit.protocol import parse_windows
 from slimkit.pruning.structured import StructuredPruneConfig, parameter_count, prune_structured, token_batches
 from slimkit.reports.tables import dict_table
 
 
-def _ppl(model, loaded, split, windows: int) -> float:
-    return perplexity(model, loaded.tokenizer, split, PerplexityProtocol(512, None if windows < 0 else windows)).ppl
+def _ppl(model, loaded, split, windows: int | None) -> float:
+    return perplexity(model, loaded.tokenizer, split, PerplexityProtocol(512, windows)).ppl
 
 
 def _emit(rows: list[dict]) -> None:
@@ -104,8 +105,8 @@ def cmd_minitron(args) -> None:
     if not args.no_latency:
         lat = bench_model.run(["smollm2-135m", str(work / "pruned")], windows=0)
         for r in lat:
-            rows.append({"experiment": "latency", **{k: r.get(k) for k in ("model", "decode_ms_per_token", "prefill_ms",
-                                                                            "throughput_tok_s", "peak_rss_mb", "weights_ram_mb")}})
+            rows.append({"experiment": "latency", **r.model_dump(include={
+                "model", "decode_ms_per_token", "prefill_ms", "throughput_tok_s", "peak_rss_mb", "weights_ram_mb"})})
     _emit(rows)
 
 
@@ -233,7 +234,7 @@ def main(argv=None) -> None:
     k.add_argument("--threads", type=int, default=2)
     for sp in (m, la, mi, im):
         sp.add_argument("--calibration", type=int, default=64, help="windows for importance / block influence")
-        sp.add_argument("--eval-windows", type=int, default=40, help="ppl windows of 512 (-1: the full 200)")
+        sp.add_argument("--eval-windows", type=parse_windows, default=40, help="ppl windows of 512 (all: the full protocol)")
     for sp in (m, mi, k):
         sp.add_argument("--work", default=None, help="keep models and runs here (default: a temp dir)")
     args = p.parse_args(argv)

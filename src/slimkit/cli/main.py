@@ -8,11 +8,14 @@ from typing import List, Optional
 
 import typer
 
+from slimkit.advisor.search import Constraints
 from slimkit.cli.console import console
 from slimkit.cli.errors import DEBUG, friendly_errors, install_sigterm
+from slimkit.cli.options import settings_options
 from slimkit.errors import SlimkitError
 from slimkit.io.outputs import reserve_output
 from slimkit.paths import MeasureDir, ModelDir
+from slimkit.protocol import FULL, QUICK, EvalSettings, parse_windows, windows_text
 
 app = typer.Typer(
     help=(
@@ -29,6 +32,8 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 _SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+COMPRESS_SETTINGS = ("seqlen", "max_windows", "n_texts", "data", "calibration_windows", "calibration_seqlen", "seed")
+EVAL_SETTINGS = ("seqlen", "max_windows", "n_texts", "data")
 OVERWRITE_HELP = ("replace an existing output (only one slimkit wrote; never the current dir, home, "
                   "or a dir holding an input)")
 
@@ -36,6 +41,13 @@ OVERWRITE_HELP = ("replace an existing output (only one slimkit wrote; never the
 @app.callback()
 def _options(debug: bool = typer.Option(False, "--debug", help="show the full traceback of an error")) -> None:
     DEBUG["on"] = DEBUG["on"] or debug
+
+
+def _windows(text: str, allow_zero: bool = False) -> int | None:
+    try:
+        return parse_windows(text, allow_zero)
+    except ValueError as exc:
+        raise SlimkitError(f"--windows: {exc}") from None
 
 
 def _quiet_transformers() -> None:
@@ -81,40 +93,24 @@ def recipes(name: Optional[str] = typer.Argument(None, help="show this recipe's 
         console.print(f"[bold]{recipe_name}[/bold]: {recipe.summary()}\n    {recipe.description}")
 
 
-def _settings(seqlen: int, windows: int, full: bool, data: Optional[Path], n_texts: int, cal_n: int, cal_len: int, seed: int):
-    from slimkit.workflow import EvalSettings
-
-    return EvalSettings(seqlen=seqlen, max_windows=None if full else windows, n_texts=n_texts,
-                        data=str(data) if data else None, calibration_windows=cal_n,
-                        calibration_seqlen=cal_len, seed=seed)
-
-
 @app.command()
 @friendly_errors
+@settings_options(EvalSettings, COMPRESS_SETTINGS)
 def compress(
     model: str = typer.Argument(..., help="packaged name (see `slimkit models`), HF model dir, or .gguf file"),
     recipe: List[str] = typer.Option(..., "--recipe", "-r", help="built-in recipe name or YAML/JSON file; repeat to compare several"),
     output: Path = typer.Option(..., "--output", "-o", help="output dir (written atomically)"),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
-    seqlen: Optional[int] = typer.Option(None, min=2, help="perplexity window length in tokens (default 512, "
-                                         "or the model's positions if it has fewer)"),
-    windows: int = typer.Option(16, min=1, help="evaluate the first N windows (quick); see --full"),
-    full: bool = typer.Option(False, "--full", help="evaluate every window: the full protocol"),
-    n_texts: int = typer.Option(256, min=2, help="encoders: texts for embedding similarity"),
-    data: Optional[Path] = typer.Option(None, help="your own text (.txt, blank-line separated, or .jsonl with 'text')"),
-    calibration_windows: int = typer.Option(32, min=1, help="calibration windows for SparseGPT/Wanda/GPTQ/AWQ "
-                                            "(quick default; the papers use 128)"),
-    calibration_seqlen: Optional[int] = typer.Option(None, min=2, help="tokens per calibration window (default "
-                                                     "256, or the model's positions if fewer; the papers use 512)"),
     offload_activations: Optional[Path] = typer.Option(None, help="keep calibration activations in this dir "
                                                        "on disk instead of RAM (big models)"),
-    seed: int = typer.Option(0, help="seed for calibration sampling"),
     save_dtype: str = typer.Option("auto", help="dtype of the saved dense weights: auto (the checkpoint's own), "
                                    "float32, bfloat16, float16; compression always computes in float32"),
     restart: bool = typer.Option(False, "--restart", help="distill steps: discard an interrupted training run "
                                  "(e.g. a damaged checkpoint) and start it from step 0"),
     bench: bool = typer.Option(False, "--bench", help="also pack each output (OUT/.../packed) and measure "
                                "decode/prefill latency, throughput, RSS and size against the dense model"),
+    settings=None,
+    explicit=frozenset(),
 ) -> None:
     """Compress a model with one or more recipes, evaluate before and after, write HF dirs.
 
@@ -130,9 +126,9 @@ def compress(
 
       slimkit compress minilm-l6 -r rtn-int8 -o out/minilm-int8
 
-      slimkit compress smollm2-135m -r gptq-int4-g64 -o out/gptq --calibration-windows 128 --calibration-seqlen 512
+      slimkit compress smollm2-135m -r gptq-int4-g64 -o out/gptq --full     # the papers' sizes
 
-      slimkit compress ./my-model -r my-recipe.yaml -o out/mine --full
+      slimkit compress ./my-model -r my-recipe.yaml -o out/mine --calibration-windows 64 --windows all
     """
     from slimkit.progress import RichProgress
     from slimkit.recipes import get_recipe
@@ -146,18 +142,16 @@ def compress(
         names = [r.name for r in recipes_]
         if len(set(names)) != len(names):
             raise SlimkitError(f"recipe names must differ to share an output dir, got {names}")
-        seqlen, calibration_seqlen = _preflight(model, recipes_, data, offload_activations, seqlen,
-                                                calibration_seqlen)
+        settings = _preflight(model, recipes_, settings, explicit, offload_activations)
         _quiet_transformers()
-        settings = _settings(seqlen, windows, full, data, n_texts, calibration_windows, calibration_seqlen, seed)
         with RichProgress(console) as progress:
             reports = compress_to_dir(model, recipes_, output, settings, overwrite, _dtype(save_dtype), progress,
                                       log=lambda m: console.print(f"[dim]{m}[/dim]"),
                                       offload_dir=str(offload_activations) if offload_activations else None,
                                       restart_training=restart)
-        console.print(rich_table(comparison_rows(reports), f"slimkit compress: {reports[0]['model']['name']}"))
+        console.print(rich_table(comparison_rows(reports), f"slimkit compress: {reports[0].model.name}"))
         console.print(f"{metric_legend(reports[0])}\npacked MB = the packed format's arithmetic; "
-                      f"total time {reports[-1]['timing']['total_s']:.0f}s; output: {output}")
+                      f"total time {reports[-1].timing['total_s']:.0f}s; output: {output}")
         if bench:
             _bench_outputs(model, recipes_, output, settings)
 
@@ -168,21 +162,19 @@ def _dtype(name: str):
     return None if name == "auto" else getattr(torch, name)
 
 
-def _preflight(model: str, recipes: list, data: Optional[Path], offload: Optional[Path], seqlen: Optional[int],
-               calibration_seqlen: Optional[int]) -> tuple[int, int]:
+def _preflight(model: str, recipes: list, settings, explicit: frozenset[str], offload: Optional[Path]):
     """Everything that can be checked before the model loads (seconds, not minutes); returns
-    the sequence lengths to use."""
-    from slimkit.preflight import check_data, check_recipe_shapes, check_work_dir, outline, sequence_length
+    the settings with sequence lengths that fit the model."""
+    from slimkit.preflight import check_data, check_recipe_shapes, check_work_dir, fit_settings, outline
 
-    check_data(data)
+    check_data(Path(settings.data) if settings.data else None)
     check_work_dir(offload, "--offload-activations")
     shape = outline(model)
-    seqlen = sequence_length(shape, seqlen, 512)
-    calibration_seqlen = sequence_length(shape, calibration_seqlen, 256, "--calibration-seqlen")
+    settings = fit_settings(shape, settings, explicit)
     for recipe in recipes:
         check_recipe_shapes(shape, recipe)
     shape.adapter  # an architecture slimkit has no adapter for fails here, before loading
-    return seqlen, calibration_seqlen
+    return settings
 
 
 def _bench_outputs(model: str, recipes: list, root: Path, settings) -> None:
@@ -199,7 +191,7 @@ def _bench_outputs(model: str, recipes: list, root: Path, settings) -> None:
                               lambda v: layout.model_dir(v.recipe.name).packed, progress,
                               on_error=lambda v, exc: console.print(f"[yellow]not benchmarked[/yellow] {v.label}: {exc}"))
         rows = bench_model.compare(measure_stage([model, *measured.values()], progress,
-                                                 windows=settings.max_windows or 200))
+                                                 windows=settings.max_windows))
     md = bench_model.table(rows)
     console.print(md)
     write_text_atomic(layout.bench_md, md + "\n")
@@ -207,17 +199,14 @@ def _bench_outputs(model: str, recipes: list, root: Path, settings) -> None:
 
 @app.command(name="eval")
 @friendly_errors
+@settings_options(EvalSettings, EVAL_SETTINGS)
 def eval_(
     model: str = typer.Argument(..., help="packaged name, HF model dir (e.g. a compress output), or .gguf"),
-    seqlen: Optional[int] = typer.Option(None, min=2, help="perplexity window length in tokens (default 512, "
-                                         "or the model's positions if it has fewer)"),
-    windows: int = typer.Option(16, min=1, help="evaluate the first N windows (quick); see --full"),
-    full: bool = typer.Option(False, "--full", help="evaluate every window: the full protocol"),
-    n_texts: int = typer.Option(256, min=2, help="encoders: texts for embedding similarity"),
     reference: Optional[str] = typer.Option(None, help="encoders: the uncompressed model to compare to "
                                             "(default: the base model recorded in report.json)"),
-    data: Optional[Path] = typer.Option(None, help="your own text (.txt or .jsonl)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    settings=None,
+    explicit=frozenset(),
 ) -> None:
     """Perplexity (decoders) or embedding similarity (encoders) on the fixed protocol.
 
@@ -231,14 +220,13 @@ def eval_(
     """
     from slimkit.data import load_split
     from slimkit.models import load_model
-    from slimkit.preflight import check_data, outline, sequence_length
+    from slimkit.preflight import check_data, fit_settings, outline
     from slimkit.progress import RichProgress
-    from slimkit.workflow import QualityMeter
+    from slimkit.workflow import QualityMeter, protocol_text
 
-    check_data(data)
-    seqlen = sequence_length(outline(model), seqlen, 512)
+    check_data(Path(settings.data) if settings.data else None)
+    settings = fit_settings(outline(model), settings, explicit)
     _quiet_transformers()
-    settings = _settings(seqlen, windows, full, data, n_texts, 0, 2, 0)
     loaded = load_model(model)
     split = load_split(settings.data)
     with RichProgress(console) as progress:
@@ -248,20 +236,18 @@ def eval_(
             ref_meter = QualityMeter(load_model(ref), split, settings, progress)
             ref_meter.measure("reference")
             meter.reference = ref_meter.reference
-        result = meter.measure(model)
-    result["model"] = model
-    result["reference"] = ref
-    result["protocol"] = settings.protocol(loaded.kind)
+        quality = meter.measure(model)
     if as_json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps({**quality.to_dict(), "model": model, "reference": ref,
+                          "protocol": protocol_text(settings, loaded.kind)}, indent=2))
         return
-    d = result["details"]
-    if result["metric"] == "ppl":
-        console.print(f"{model}: perplexity [bold]{result['value']:.3f}[/bold] on {d['tokens']} tokens "
+    d = quality.details
+    if quality.metric == "ppl":
+        console.print(f"{model}: perplexity [bold]{quality.value:.3f}[/bold] on {d['tokens']} tokens "
                       f"({d['windows']}/{d['total_windows']} windows, seqlen {d['seqlen']}, split "
                       f"{d['split_hash']}) in {d['seconds']:.1f}s")
     else:
-        console.print(f"{model}: mean cosine to {ref} [bold]{result['value']:.4f}[/bold] (min "
+        console.print(f"{model}: mean cosine to {ref} [bold]{quality.value:.4f}[/bold] (min "
                       f"{d['min_cosine']:.4f}) over {d['texts']} texts, split {d['split_hash']}")
 
 
@@ -270,10 +256,12 @@ def _reference_of(model: str, reference: Optional[str]) -> str:
     output records in report.json, or the model itself."""
     report_file = ModelDir(Path(model)).report_json
     if reference is None and report_file.is_file():
+        from slimkit.results import CompressReport
+
         try:
-            reference = json.loads(report_file.read_text(encoding="utf-8"))["model"]["name"]
-        except (ValueError, KeyError, TypeError):
-            raise SlimkitError(f"{report_file} is damaged; pass --reference MODEL") from None
+            reference = CompressReport.read(report_file).model.name
+        except SlimkitError as exc:
+            raise SlimkitError(f"{exc}; pass --reference MODEL") from None
     return reference or model
 
 
@@ -333,7 +321,8 @@ def export(
                                   "q8_0, q4_0, f16, f32"),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="load the export in transformers and compare "
                                 "its perplexity with slimkit's own evaluation"),
-    windows: int = typer.Option(16, min=1, help="perplexity windows for the check"),
+    windows: str = typer.Option(windows_text(QUICK.eval_windows), metavar="N|all",
+                                help="perplexity windows for the check (all: the full protocol)"),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Hand a compressed model to vLLM (compressed-tensors), llama.cpp (GGUF) or any runtime (hf).
@@ -356,12 +345,12 @@ def export(
         raise SlimkitError(f"--gguf-type must be one of {', '.join(QTYPES)}")
     with reserve_output(output, overwrite, inputs=[source]):
         _quiet_transformers()
-        result = export_model(source, output, to, gguf_type, overwrite, verify, windows)
+        result = export_model(source, output, to, gguf_type, overwrite, verify, _windows(windows))
     console.print(f"exported {source} ({', '.join(result['formats']) or 'dense'}) to {to}: {output}")
     check = result.get("verify")
     if check:
         console.print(f"check: loaded by {check['loaded_by']}: ppl {check['their_ppl']:.3f} vs slimkit "
-                      f"{check['slimkit_ppl']:.3f} ({check['relative_diff']:+.2%}) on {check['windows']} windows"
+                      f"{check['slimkit_ppl']:.3f} ({check['relative_diff']:+.2%}) on {windows_text(check['windows'])} windows"
                       + (f"; tokenizer matches: {check['tokenizer_matches']}" if "tokenizer_matches" in check else ""))
 
 
@@ -417,7 +406,8 @@ def bench_model_cmd(
     prompt: int = typer.Option(128, min=1, help="prefill tokens"),
     decode: int = typer.Option(32, min=1, help="decode steps (median ms/token)"),
     batch: int = typer.Option(8, min=1, help="batch for the throughput measurement"),
-    windows: int = typer.Option(16, min=0, help="ppl windows (0 skips; 200 is the full protocol)"),
+    windows: str = typer.Option(windows_text(QUICK.eval_windows), metavar="N|all",
+                                help="ppl windows of 512 (0 skips; all is the full protocol)"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="also write bench.md and bench.json here"),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
@@ -439,14 +429,15 @@ def bench_model_cmd(
         for m in models:
             _outline_of(m)
         with RichProgress(console) as progress:
-            rows = bench.run(models, progress, prompt=prompt, decode=decode, batch=batch, windows=windows)
+            rows = bench.run(models, progress, prompt=prompt, decode=decode, batch=batch,
+                             windows=_windows(windows, allow_zero=True))
         md = bench.table(rows)
         console.print(md)
         if output is not None:
             with output_directory(output, overwrite, inputs=models, command="bench model") as tmp:
                 written = MeasureDir(tmp, "bench")
                 written.md.write_text(md + "\n")
-                written.json.write_text(json.dumps(rows, indent=2))
+                written.json.write_text(json.dumps([r.to_dict() for r in rows], indent=2))
 
 
 def _outline_of(model: str):
@@ -523,31 +514,19 @@ def report(
     console.print(f"wrote {output} ({len(page) / 1024:.0f} KiB)")
 
 
-def _fraction(text: str, name: str) -> float:
-    try:
-        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
-    except ValueError:
-        raise SlimkitError(f"{name} takes a fraction (0.1) or a percentage (10%), not '{text}'") from None
-    if value < 0:
-        raise SlimkitError(f"{name} must not be negative")
-    return value
-
-
 @app.command()
 @friendly_errors
+@settings_options(Constraints, ("max_ppl_increase", "max_memory_mb", "max_decode_ms", "min_throughput"),
+                  param="constraints")
 def advise(
     model: str = typer.Argument(..., help="zoo name, HF dir or .gguf"),
-    max_ppl_increase: str = typer.Option("10%", help="largest acceptable perplexity increase (10% or 0.1)"),
-    max_memory_mb: Optional[float] = typer.Option(None, help="peak RSS budget of the packed model, MB"),
-    max_decode_ms: Optional[float] = typer.Option(None, help="batch-1 decode latency budget, ms/token"),
-    min_throughput: Optional[float] = typer.Option(None, help="tokens/s needed at batch 8"),
     target: str = typer.Option("auto", help="auto (CUDA if present, else this CPU), cpu or cuda"),
-    quick: bool = typer.Option(True, "--quick/--full", help="quick: 16x256 calibration, 16 eval windows; "
-                               "full: 128x512 and the full 200-window protocol"),
+    quick: bool = typer.Option(True, "--quick/--full", help=f"{QUICK.describe()}; {FULL.describe()}"),
     include_research: bool = typer.Option(False, help="also measure unstructured sparsity (rule 5)"),
     output: Path = typer.Option(Path("runs/advise"), "--output", "-o", help="dir for advise.md/json, "
                                 "frontier.png, recommended.yaml (scratch work goes to OUTPUT.work)"),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+    constraints=None,
 ) -> None:
     """Run the decision framework on real measurements of MODEL on this machine.
 
@@ -562,38 +541,29 @@ def advise(
 
       slimkit advise smollm2-135m --max-ppl-increase 25% --max-decode-ms 30
     """
-    from slimkit.advisor import AdviseSettings, Constraints, detect
+    from slimkit.advisor import AdviseSettings, detect
     from slimkit.advisor import advise as run_advise
     from slimkit.progress import RichProgress
 
-    constraints = Constraints(_fraction(max_ppl_increase, "--max-ppl-increase"), max_memory_mb, max_decode_ms,
-                              min_throughput)
-    for name, value in (("--max-memory-mb", max_memory_mb), ("--max-decode-ms", max_decode_ms),
-                        ("--min-throughput", min_throughput)):
-        if value is not None and value <= 0:
-            raise SlimkitError(f"{name} must be positive, got {value}")
     with reserve_output(output, overwrite, inputs=[model]):
         _outline_of(model)
         _quiet_transformers()
         device = detect(target)
-        settings = AdviseSettings.quick() if quick else AdviseSettings.full()
-        if include_research:
-            settings = AdviseSettings(**{**settings.__dict__, "include_research": True})
+        settings = AdviseSettings(QUICK if quick else FULL, include_research=include_research)
         console.print(f"device: {device.describe()}")
         with RichProgress(console) as progress:
             result = run_advise(model, constraints, device, output, settings, progress, log=console.print,
                                 overwrite=overwrite)
     console.print(MeasureDir(output, "advise").md.read_text(), markup=False, highlight=False)
     console.print(f"wrote {output} (advise.md, advise.json, frontier.png"
-                  + (", recommended.yaml)" if result["recommended"] else ")"))
+                  + (", recommended.yaml)" if result.recommended else ")"))
 
 
 @app.command()
 @friendly_errors
 def reproduce(
     model: str = typer.Option("smollm2-135m", help="the model whose whole-model tables are measured"),
-    quick: bool = typer.Option(True, "--quick/--full", help="quick: 16x256 calibration, 16 eval windows, 9 "
-                               "kernel repeats; full: 128x512, the 200-window protocol, 25 repeats"),
+    quick: bool = typer.Option(True, "--quick/--full", help=f"{QUICK.describe()}; {FULL.describe()}"),
     output: Path = typer.Option(Path("runs/reproduce"), "--output", "-o", help="dir for reproduce.md/json/png "
                                 "(scratch work goes to OUTPUT.work)"),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
@@ -619,7 +589,7 @@ def reproduce(
         _outline_of(model)
         _quiet_transformers()
         with RichProgress(console) as progress:
-            rows = run_reproduce(model, output, quick, progress, log=console.print, overwrite=overwrite)
+            rows = run_reproduce(model, output, QUICK if quick else FULL, progress, log=console.print, overwrite=overwrite)
     console.print(table(rows), markup=False, highlight=False)
     console.print(f"wrote {output} (reproduce.md, reproduce.json, reproduce.png)")
 

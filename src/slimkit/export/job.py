@@ -72,7 +72,7 @@ def _lineage_gguf(loaded: LoadedModel) -> Path | None:
 
 
 def export_model(source: str, output: str | Path, to: str, gguf_type: str = "auto", overwrite: bool = False,
-                 verify: bool = True, windows: int = 16, progress=None) -> dict:
+                 verify: bool = True, windows: int | None = 16, progress=None) -> dict:
     if to not in TARGETS:
         raise SlimkitError(f"unknown export target '{to}'; choose one of {', '.join(TARGETS)}")
     loaded = load_model(source)
@@ -103,7 +103,7 @@ def export_model(source: str, output: str | Path, to: str, gguf_type: str = "aut
     return result
 
 
-def _ppl(model, tokenizer, windows: int) -> float:
+def _ppl(model, tokenizer, windows: int | None) -> float:
     from slimkit.data import load_split
     from slimkit.evaluation import PerplexityProtocol, perplexity
 
@@ -120,7 +120,7 @@ def load_exported(output: Path, to: str) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(str(output), dtype=torch.float32, **NO_CODE).eval()
 
 
-def verify_export(output: Path, to: str, tokenizer, own_ppl: float, windows: int) -> dict:
+def verify_export(output: Path, to: str, tokenizer, own_ppl: float, windows: int | None) -> dict:
     model = load_exported(output, to)
     theirs = _ppl(model, tokenizer, windows)
     check = {"loaded_by": "transformers" + (" (gguf_file)" if to == "gguf" else ""), "their_ppl": theirs,

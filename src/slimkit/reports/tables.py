@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from slimkit.results import CompressReport, Quality
+
 MB = 1e6
 
 COLUMNS = (
@@ -18,51 +20,49 @@ COLUMNS = (
 )
 
 
-def _quality(q: dict | None) -> str:
-    if not q:
-        return "-"
-    return f"{q['value']:.3f}" if q["metric"] == "cosine" else f"{q['value']:.2f}"
+def _quality(q: Quality) -> str:
+    return f"{q.value:.3f}" if q.metric == "cosine" else f"{q.value:.2f}"
 
 
-def _change(before: dict, after: dict) -> str:
-    if before["metric"] == "cosine":
-        return f"{after['value'] - before['value']:+.4f}"
-    return f"{(after['value'] / before['value'] - 1) * 100:+.1f}%"
+def _change(before: Quality, after: Quality) -> str:
+    if before.metric == "cosine":
+        return f"{after.value - before.value:+.4f}"
+    return f"{(after.value / before.value - 1) * 100:+.1f}%"
 
 
-def row(report: dict) -> dict[str, str]:
-    comp, size = report["compression"], report["size"]
+def row(report: CompressReport) -> dict[str, str]:
+    comp, size = report.compression, report.size
     return {
-        "recipe": report["recipe"]["name"],
-        "method": report["recipe_summary"],
-        "sparsity": f"{comp['sparsity_overall']:.1%}",
-        "bits": comp["bits"],
-        "dense MB": f"{size['dense_bytes'] / MB:.1f}",
-        "packed MB": f"{size['packed_bytes'] / MB:.1f}",
-        "before": _quality(report["baseline"]),
-        "after": _quality(report["compressed"]),
-        "change": _change(report["baseline"], report["compressed"]),
-        "time s": f"{comp['seconds']:.1f}",
+        "recipe": report.recipe_name,
+        "method": report.recipe_summary,
+        "sparsity": f"{comp.sparsity_overall:.1%}",
+        "bits": comp.bits,
+        "dense MB": f"{size.dense_bytes / MB:.1f}",
+        "packed MB": f"{size.packed_bytes / MB:.1f}",
+        "before": _quality(report.baseline),
+        "after": _quality(report.compressed),
+        "change": _change(report.baseline, report.compressed),
+        "time s": f"{comp.seconds:.1f}",
     }
 
 
-def baseline_row(report: dict) -> dict[str, str]:
-    size = report["size"]
+def baseline_row(report: CompressReport) -> dict[str, str]:
+    size = report.size
     return {
         "recipe": "dense",
         "method": "-",
-        "sparsity": f"{report['baseline_sparsity']:.1%}",
-        "bits": str(report["model"]["dtype_bits"]),
-        "dense MB": f"{size['dense_bytes'] / MB:.1f}",
-        "packed MB": f"{size['dense_bytes'] / MB:.1f}",
-        "before": _quality(report["baseline"]),
-        "after": _quality(report["baseline"]),
+        "sparsity": f"{report.baseline_sparsity:.1%}",
+        "bits": str(report.model.dtype_bits),
+        "dense MB": f"{size.dense_bytes / MB:.1f}",
+        "packed MB": f"{size.dense_bytes / MB:.1f}",
+        "before": _quality(report.baseline),
+        "after": _quality(report.baseline),
         "change": "-",
         "time s": "-",
     }
 
 
-def comparison_rows(reports: list[dict]) -> list[dict[str, str]]:
+def comparison_rows(reports: list[CompressReport]) -> list[dict[str, str]]:
     return [baseline_row(reports[0])] + [row(r) for r in reports]
 
 
@@ -85,48 +85,48 @@ def rich_table(rows: list[dict[str, str]], title: str):
     return table
 
 
-def metric_legend(report: dict) -> str:
-    q = report["baseline"]
-    if q["metric"] == "cosine":
+def metric_legend(report: CompressReport) -> str:
+    q = report.baseline
+    if q.metric == "cosine":
         return "quality = mean cosine similarity of sentence embeddings to the uncompressed model"
-    d = q["details"]
+    d = q.details
     return (
         f"quality = perplexity (lower is better) on {d['tokens']} tokens: {d['windows']} of "
         f"{d['total_windows']} windows of seqlen {d['seqlen']}, split {d['split_hash']}"
     )
 
 
-def report_markdown(report: dict) -> str:
+def report_markdown(report: CompressReport) -> str:
     rows = comparison_rows([report])
     lines = [
-        f"# slimkit compress: {report['model']['name']} with `{report['recipe']['name']}`",
+        f"# slimkit compress: {report.model.name} with `{report.recipe_name}`",
         "",
         markdown_table(rows),
         "",
         f"- {metric_legend(report)}",
-        f"- protocol: {report['protocol']}",
-        f"- data: {report['data']['description']}",
+        f"- protocol: {report.protocol}",
+        f"- data: {report.data['description']}",
         "- dense MB: the uncompressed tensors; packed MB: the same model in its packed format, "
         "by the format's arithmetic (codes + scales, or bitmask + kept values).",
         f"- written to disk (dense safetensors with masks/quantization applied): "
-        f"{report['size']['stored_bytes'] / MB:.1f} MB",
-        f"- dtype: stored as {report['model'].get('stored_dtype', 'float32')} (the checkpoint's own); statistics, "
-        f"compression and evaluation computed in {report['model'].get('computed_in', 'float32')}",
+        f"{report.size.stored_bytes / MB:.1f} MB",
+        f"- dtype: stored as {report.model.stored_dtype} (the checkpoint's own); statistics, "
+        f"compression and evaluation computed in {report.model.computed_in}",
         "",
         "## Size by tensor kind (dense, MB)",
         "",
         "| kind | MB |",
         "|---|---|",
-        *(f"| {k} | {v / MB:.1f} |" for k, v in report["size"]["dense_by_kind"].items()),
+        *(f"| {k} | {v / MB:.1f} |" for k, v in report.size.dense_by_kind.items()),
         "",
-        *structure_lines(report.get("compression", {}).get("structure_and_training") or []),
+        *structure_lines(report.compression.structure_and_training),
         "## Per-layer sparsity and bits",
         "",
         "| layer | shape | sparsity | bits |",
         "|---|---|---|---|",
         *(
-            f"| {layer['name']} | {'x'.join(map(str, layer['shape']))} | {layer['sparsity']:.1%} | {layer['bits']} |"
-            for layer in report["compression"]["layers"]
+            f"| {layer.name} | {'x'.join(map(str, layer.shape))} | {layer.sparsity:.1%} | {layer.bits} |"
+            for layer in report.compression.layers
         ),
         "",
     ]

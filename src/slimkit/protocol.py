@@ -1,0 +1,89 @@
+"""How much data a run spends: the quick and the full protocol, declared once.
+
+Every command that calibrates, evaluates or times (compress, eval, advise, reproduce, the
+benchmarks) takes one `Protocol`; `--quick/--full` picks it and single options override a field.
+"Every evaluation window" has one spelling: `ALL_WINDOWS` (None), written `all` on a command line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+ALL_WINDOWS = None  # evaluate every window of the fixed protocol
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    calibration_windows: int  # windows of calibration text for SparseGPT/Wanda/GPTQ/AWQ
+    calibration_seqlen: int  # tokens per calibration window
+    eval_windows: int | None  # perplexity windows of 512 tokens; ALL_WINDOWS: every one
+    kernel_repeats: int  # timing repeats per kernel measurement (reproduce's tables 1-2)
+
+    def with_changes(self, **changes) -> "Protocol":
+        """This protocol with some fields set; None values leave a field as it is."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def describe(self) -> str:
+        windows = "every window" if self.eval_windows is ALL_WINDOWS else f"{self.eval_windows} windows"
+        return (f"{self.name}: calibration {self.calibration_windows} x {self.calibration_seqlen} tokens, "
+                f"ppl on {windows} of 512, {self.kernel_repeats} kernel repeats")
+
+
+QUICK = Protocol("quick", calibration_windows=16, calibration_seqlen=256, eval_windows=16, kernel_repeats=21)
+FULL = Protocol("full", calibration_windows=128, calibration_seqlen=512, eval_windows=ALL_WINDOWS,
+                kernel_repeats=41)
+PROTOCOLS = {p.name: p for p in (QUICK, FULL)}
+
+
+def parse_windows(text: str, allow_zero: bool = False) -> int | None:
+    """A window count from a command line: a positive number (0 too with `allow_zero`: no
+    perplexity), or `all`."""
+    if text.strip().lower() == "all":
+        return ALL_WINDOWS
+    lowest = 0 if allow_zero else 1
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < lowest:
+        raise ValueError(f"windows must be a number >= {lowest} or 'all', got '{text}'")
+    return value
+
+
+def windows_text(windows: int | None) -> str:
+    return "all" if windows is ALL_WINDOWS else str(windows)
+
+
+class EvalSettings(BaseModel):
+    """How one compress or eval run calibrates and measures quality. The defaults are the quick
+    protocol; `from_protocol(FULL)` is the papers' sizes and every window. The descriptions are
+    the command line's help: `cli/options.py` makes one option per field."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    seqlen: int = Field(512, ge=2, description="perplexity window length in tokens (cut to the model's "
+                        "positions when it has fewer)")
+    max_windows: int | None = Field(QUICK.eval_windows, ge=1, description="perplexity windows to evaluate: "
+                                    "N (the first N), or all (the full protocol)",
+                                    json_schema_extra={"option": "--windows"})
+    n_texts: int = Field(256, ge=2, description="encoders: texts for embedding similarity")
+    data: str | None = Field(None, description="your own text (.txt, blank-line separated, or .jsonl with "
+                             "'text'); default: the packaged Wikipedia summaries")
+    calibration_windows: int = Field(QUICK.calibration_windows, ge=1, description="calibration windows for "
+                                     "SparseGPT/Wanda/GPTQ/AWQ (the papers use 128)")
+    calibration_seqlen: int = Field(QUICK.calibration_seqlen, ge=2, description="tokens per calibration window "
+                                    "(cut to the model's positions when it has fewer; the papers use 512)")
+    seed: int = Field(0, description="seed for calibration sampling")
+
+    @field_validator("max_windows", mode="before")
+    @classmethod
+    def _all_windows(cls, value):
+        return parse_windows(value) if isinstance(value, str) else value
+
+    @classmethod
+    def from_protocol(cls, protocol: Protocol, **fields) -> "EvalSettings":
+        return cls(max_windows=protocol.eval_windows, calibration_windows=protocol.calibration_windows,
+                   calibration_seqlen=protocol.calibration_seqlen, **fields)

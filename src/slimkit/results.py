@@ -1,0 +1,173 @@
+"""The results that cross modules, typed: a compress report, a benchmark row, an advise row.
+
+Each is a pydantic model. Modules read them by attribute, so a renamed field fails where it is
+used, at import-time checks and in tests, not in a distant module at run time. `to_dict()` is
+what goes into JSON files; `from_dict()` reads a file back and checks it. report.json carries
+`schema_version`: 1 lacked stored_dtype/computed_in, 2 added them (read with their defaults).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from slimkit.errors import SlimkitError
+from slimkit.io.text import read_text
+
+REPORT_SCHEMA_VERSION = 2
+
+
+class Result(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump()  # python values, as json.dumps wrote them before (NaN stays NaN)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        return cls.model_validate(data)
+
+
+class Quality(Result):
+    """A model's quality on the fixed protocol: perplexity (decoders) or cosine (encoders)."""
+
+    metric: Literal["ppl", "cosine"]
+    value: float
+    details: dict[str, Any]
+
+
+class LayerRow(Result):
+    name: str
+    kind: str
+    shape: list[int]
+    sparsity: float
+    bits: str
+    methods: list[str]
+    notes: list[str]
+
+
+class ModelSection(Result):
+    name: str
+    source: str
+    kind: str
+    architecture: str
+    parameters: int
+    config: dict[str, Any]
+    dtype_bits: int
+    stored_dtype: str = "float32"  # schema 1 had no field: its models were float32
+    computed_in: str = "float32"
+
+
+class CompressionSection(Result):
+    seconds: float
+    step_seconds: list[float]
+    sparsity_overall: float
+    compressed_parameters: int
+    bits: str
+    calibration: dict[str, int] | None
+    engine: list[dict[str, float]]
+    layers: list[LayerRow]
+    structure_and_training: list[dict[str, Any]]
+
+
+class SizeSection(Result):
+    dense_bytes: int
+    dense_by_kind: dict[str, int]
+    packed_bytes: float
+    stored_bytes: int | None = None  # set once the model dir is written
+
+
+class CompressReport(Result):
+    """report.json: what one recipe did to one model, and its quality before and after."""
+
+    model_config = ConfigDict(extra="ignore")  # a newer slimkit's report still reads
+    schema_version: int = 1
+    slimkit_version: str
+    created: str
+    machine: dict[str, Any]
+    model: ModelSection
+    recipe: dict[str, Any]
+    recipe_summary: str
+    data: dict[str, str]
+    protocol: str
+    baseline: Quality
+    baseline_sparsity: float
+    compressed: Quality
+    compression: CompressionSection
+    size: SizeSection
+    timing: dict[str, float]
+    output: str | None = None
+
+    @property
+    def recipe_name(self) -> str:
+        return self.recipe["name"]
+
+    @classmethod
+    def read(cls, path: Path) -> "CompressReport":
+        """A report.json file, checked; a damaged or foreign one is a clear error."""
+        try:
+            return cls.from_dict(json.loads(read_text(path)))
+        except (ValueError, ValidationError) as exc:
+            raise SlimkitError(f"{path} is not a slimkit report: {str(exc).splitlines()[0]}") from None
+
+
+class BenchRow(Result):
+    """One model measured in its own process (`benchmarks/model.py`); ratios are against the
+    first row of the same run."""
+
+    model: str
+    prefill_ms: float
+    prompt_tokens: int
+    decode_ms_per_token: float
+    throughput_tok_s: float
+    batch: int
+    peak_rss_mb: float
+    weights_ram_mb: float
+    disk_mb: float
+    ppl: float | None
+    eval_tokens: int
+    formats: list[str]
+    kernels_batch_1: list[str]
+    threads: int
+    decode_speedup: float | None = None
+    prefill_speedup: float | None = None
+    throughput_ratio: float | None = None
+
+
+class AdviseRow(BenchRow):
+    """A benchmark row of one advisor candidate, with where it stands in the framework."""
+
+    candidate: str
+    rule: int  # 0: the dense model
+    order: int  # the framework's order; -1: the dense model
+    recipe: str | None
+    pack: str | None = None
+    what: str
+    meets: bool | None = None  # every constraint met (set by `decide`)
+    pareto: bool = False
+    ppl_increase: float | None = None
+
+
+class SkippedCandidate(Result):
+    candidate: str
+    rule: int
+    reason: str
+
+
+class AdviseResult(Result):
+    """advise.json: the candidates measured, those skipped, and the recommendation with its reason."""
+
+    model: str
+    device: dict[str, Any]
+    constraints: dict[str, Any]
+    settings: dict[str, Any]
+    baseline: AdviseRow
+    candidates: list[AdviseRow]
+    skipped: list[SkippedCandidate]
+    recommended: str | None
+    recommended_recipe: str | None
+    recommended_pack: str | None
+    reason: str
