@@ -17,7 +17,7 @@ from typing import Callable
 
 from slimkit.paths import CompressOutput
 from slimkit.progress import NoProgress, Progress
-from slimkit.protocol import EvalSettings
+from slimkit.protocol import BenchSettings, EvalSettings
 from slimkit.recipes.schema import Recipe
 from slimkit.results import BenchRow, CompressReport
 from slimkit.workflow import compress_to_dir
@@ -72,18 +72,19 @@ def pack_stage(layout: CompressOutput, variants: list[Variant], where: Callable[
     return measured
 
 
-def measure_stage(models: list[Path | str], progress: Progress, **bench) -> list[BenchRow]:
+def measure_stage(models: list[Path | str], progress: Progress, bench: BenchSettings = BenchSettings()
+                  ) -> list[BenchRow]:
     """One benchmark row per directory, each measured in a fresh process (its RSS is its own)."""
     from slimkit.benchmarks import model as bench_model
 
-    return [bench_model.measure_isolated(str(m), note=progress.note, **bench)
+    return [bench_model.measure_isolated(str(m), bench, note=progress.note)
             for m in progress.track(models, "measure")]
 
 
 def compress_pack_measure(model: str, variants: list[Variant], compressed: Path, where: Callable[[Variant], Path],
                           settings: EvalSettings, progress: Progress = NoProgress(),
                           log: Callable[[str], None] = lambda m: None, also_compress: tuple[Recipe, ...] = (),
-                          **bench) -> PipelineResult:
+                          bench: BenchSettings = BenchSettings()) -> PipelineResult:
     """Compress every variant's recipe (and `also_compress`, evaluated only) into `compressed`,
     pack each variant into `where(variant)`, and measure each packed model."""
     recipes = list({r.name: r for r in [*also_compress, *(v.recipe for v in variants)]}.values())
@@ -91,5 +92,5 @@ def compress_pack_measure(model: str, variants: list[Variant], compressed: Path,
     layout, reports = compress_stage(model, recipes, compressed, settings, True, progress, log)
     measured = pack_stage(layout, variants, where, progress)
     log("measuring each model in its own process")
-    rows = measure_stage(list(measured.values()), progress, **bench)
+    rows = measure_stage(list(measured.values()), progress, bench)
     return PipelineResult(reports, measured, rows)

@@ -87,3 +87,21 @@ class EvalSettings(BaseModel):
     def from_protocol(cls, protocol: Protocol, **fields) -> "EvalSettings":
         return cls(max_windows=protocol.eval_windows, calibration_windows=protocol.calibration_windows,
                    calibration_seqlen=protocol.calibration_seqlen, **fields)
+
+
+class BenchSettings(BaseModel):
+    """How one model is timed and scored in `slimkit bench model`, the advisor and reproduce; the
+    descriptions are the command line's help."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    prompt: int = Field(128, ge=1, description="prefill tokens (batch 1)")
+    decode: int = Field(32, ge=1, description="decode steps (median ms/token, batch 1, KV cache)")
+    batch: int = Field(8, ge=1, description="sequences decoding together for the throughput measurement")
+    windows: int | None = Field(QUICK.eval_windows, ge=0, description="ppl windows of 512: N (0 skips), or all "
+                                "(the full protocol)")
+
+    @field_validator("windows", mode="before")
+    @classmethod
+    def _all_windows(cls, value):
+        return parse_windows(value, allow_zero=True) if isinstance(value, str) else value

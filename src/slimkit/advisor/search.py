@@ -156,7 +156,7 @@ def advise(model: str, constraints: Constraints, device: Device, output: Path,
     from slimkit.benchmarks import model as bench_model
     from slimkit.paths import MeasureDir
     from slimkit.pipeline import Variant, compress_pack_measure
-    from slimkit.protocol import EvalSettings
+    from slimkit.protocol import BenchSettings, EvalSettings
     from slimkit.recipes import get_recipe
 
     output = Path(output).absolute()
@@ -164,18 +164,16 @@ def advise(model: str, constraints: Constraints, device: Device, output: Path,
     measured, skipped = _plan(device, settings)
     # the compress stage's own ppl is a 4-window sanity check; the benchmark measures the protocol's windows
     eval_settings = EvalSettings.from_protocol(settings.protocol.with_changes(eval_windows=4))
-    windows = settings.protocol.eval_windows
+    bench = BenchSettings(windows=settings.protocol.eval_windows, decode=settings.decode_tokens)
 
     def run_candidates(cands: list[tuple[int, Candidate]]) -> list[AdviseRow]:
         variants = [Variant(c.name, get_recipe(c.recipe), c.pack) for _, c in cands]
         rows = compress_pack_measure(model, variants, layout.compressed, lambda v: layout.packed(v.label),
-                                     eval_settings, progress, log, windows=windows,
-                                     decode=settings.decode_tokens).rows
+                                     eval_settings, progress, log, bench=bench).rows
         return [_candidate_row(row, order, c) for (order, c), row in zip(cands, rows)]
 
     log("measuring the dense model")
-    base = bench_model.measure_isolated(model, note=progress.note, windows=windows,
-                                        decode=settings.decode_tokens)
+    base = bench_model.measure_isolated(model, bench, note=progress.note)
     rows = run_candidates([(o, c) for o, c in measured if c.rule != 4])
     accurate = [r for r in rows if constraints.check(r, base)["accuracy"][0]]
     latency_missed = (constraints.max_decode_ms is not None

@@ -9,7 +9,7 @@ after the other, and the table puts every ratio against the first model (the bas
 - peak RSS of the process, and bytes of the weights as held in RAM;
 - size on disk of the weight files; ppl on the fixed protocol (`windows` windows of 512).
 
-    python -m slimkit.benchmarks.model smollm2-135m runs/int4-packed --windows 16
+    slimkit bench model smollm2-135m runs/int4-packed --windows 16
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from slimkit.protocol import QUICK, parse_windows, windows_text
+from slimkit.protocol import BenchSettings, windows_text
 from slimkit.results import BenchRow
 
 
@@ -65,14 +65,14 @@ def _disk_bytes(loaded) -> int:
 
 
 @torch.no_grad()
-def measure(source: str, prompt: int = 128, decode: int = 32, batch: int = 8, windows: int | None = QUICK.eval_windows,
-            note=lambda text: None) -> BenchRow:
+def measure(source: str, settings: BenchSettings = BenchSettings(), note=lambda text: None) -> BenchRow:
     """Everything about one model, in this process; `note` hears each phase as it starts."""
     from slimkit.data import load_split
     from slimkit.evaluation import PerplexityProtocol, eval_windows, perplexity
     from slimkit.formats import packed_layers
     from slimkit.models import load_model
 
+    prompt, decode, batch, windows = settings.prompt, settings.decode, settings.batch, settings.windows
     note(f"{source}: loading")
     loaded = load_model(source)
     model, tok = loaded.model, loaded.tokenizer
@@ -121,14 +121,13 @@ def measure(source: str, prompt: int = 128, decode: int = 32, batch: int = 8, wi
 PROGRESS_PREFIX = "slimkit-progress: "
 
 
-def measure_isolated(source: str, note=None, **kw) -> BenchRow:
+def measure_isolated(source: str, settings: BenchSettings = BenchSettings(), note=None) -> BenchRow:
     """`measure` in a fresh Python process: its peak RSS is this model's alone. The worker's
     phase lines go to `note` as they happen (a long benchmark is never silent)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
-        args = [sys.executable, "-m", "slimkit.benchmarks.model", "--worker", str(out), source]
-        for k, v in kw.items():
-            args += [f"--{k}", windows_text(v) if k == "windows" else str(v)]
+        args = [sys.executable, "-m", "slimkit.benchmarks.model", "--worker", str(out),
+                "--settings", settings.model_dump_json(), source]
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         errors = []
         for line in proc.stderr:
@@ -168,35 +167,26 @@ def table(rows: list[BenchRow]) -> str:
     return "\n".join(lines)
 
 
-def run(models: list[str], progress=None, **kw) -> list[BenchRow]:
+def run(models: list[str], settings: BenchSettings = BenchSettings(), progress=None) -> list[BenchRow]:
     items = [(m,) for m in models]
     if progress is not None:
         items = progress.track(items, "bench model")
     note = progress.note if progress is not None else None
-    return compare([measure_isolated(m, note=note, **kw) for (m,) in items])
+    return compare([measure_isolated(m, settings, note) for (m,) in items])
 
 
 def main(argv=None) -> None:
+    """The worker `measure_isolated` starts (people use `slimkit bench model`)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("models", nargs="+", help="baseline first: zoo name, HF dir, packed dir, .gguf")
-    p.add_argument("--prompt", type=int, default=128)
-    p.add_argument("--decode", type=int, default=32)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--windows", type=lambda t: parse_windows(t, allow_zero=True), default=QUICK.eval_windows,
-                   help="ppl windows of 512 (0: skip; all: the full protocol)")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("model", help="zoo name, HF dir, packed dir or .gguf")
+    p.add_argument("--worker", required=True, help="write the row here, as JSON")
+    p.add_argument("--settings", type=BenchSettings.model_validate_json, default=BenchSettings())
     args = p.parse_args(argv)
-    kw = dict(prompt=args.prompt, decode=args.decode, batch=args.batch, windows=args.windows)
-    if args.worker:
-        def note(text: str) -> None:
-            print(PROGRESS_PREFIX + text, file=sys.stderr, flush=True)
 
-        Path(args.worker).write_text(json.dumps(measure(args.models[0], note=note, **kw).to_dict()))
-        return
-    rows = run(args.models, **kw)
-    for r in rows:
-        print(json.dumps(r.to_dict()))
-    print(table(rows))
+    def note(text: str) -> None:
+        print(PROGRESS_PREFIX + text, file=sys.stderr, flush=True)
+
+    Path(args.worker).write_text(json.dumps(measure(args.model, args.settings, note).to_dict()))
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ def _measure_variants(model: str, output: Path, protocol: Protocol, progress: Pr
     from slimkit.benchmarks import model as bench_model
     from slimkit.paths import MeasureDir
     from slimkit.pipeline import DENSE, Variant, compress_pack_measure
-    from slimkit.protocol import EvalSettings
+    from slimkit.protocol import BenchSettings, EvalSettings
     from slimkit.pruning.structured import StructuredPruneConfig
     from slimkit.recipes import get_recipe, parse_recipe
     from slimkit.recipes.schema import Recipe
@@ -122,15 +122,15 @@ def _measure_variants(model: str, output: Path, protocol: Protocol, progress: Pr
                 Variant("int4", get_recipe("gptq-int4-g64")), Variant("2:4", get_recipe("sparsegpt-2of4"), "2:4"),
                 Variant("2:4+int4", joint), Variant("structured (no recovery)", structured, DENSE)]
     settings = EvalSettings.from_protocol(protocol)
+    bench = BenchSettings(windows=protocol.eval_windows)
     result = compress_pack_measure(
         model, variants, layout.compressed, lambda v: layout.packed(v.label.replace(":", "of").replace("+", "-")),
         settings, progress, log, also_compress=tuple(get_recipe(n) for n in ("sparsegpt-50", "magnitude-50",
                                                                              "magnitude-2of4")),
-        windows=protocol.eval_windows)
+        bench=bench)
     log("measuring the dense model")
-    bench = bench_model.compare([bench_model.measure_isolated(model, note=progress.note, windows=protocol.eval_windows),
-                                 *result.rows])
-    return result.reports, dict(zip(["dense", *result.measured], bench))
+    rows = bench_model.compare([bench_model.measure_isolated(model, bench, note=progress.note), *result.rows])
+    return result.reports, dict(zip(["dense", *result.measured], rows))
 
 
 def _sparsegpt_rows(model: str, ppl: dict[str, float], dense_ppl: float) -> list[Row]:

@@ -31,7 +31,7 @@ from slimkit.data.tokens import calibration_windows
 from slimkit.evaluation.perplexity import PerplexityProtocol, perplexity
 from slimkit.models.loading import load_model
 from slimkit.paths import TrainRunDir
-from slimkit.protocol import parse_windows
+from slimkit.protocol import BenchSettings, parse_windows
 from slimkit.pruning.structured import StructuredPruneConfig, parameter_count, prune_structured, token_batches
 from slimkit.reports.tables import dict_table
 
@@ -103,7 +103,7 @@ def cmd_minitron(args) -> None:
         "distill_s": round(seconds, 1), "eval_windows": args.eval_windows, "work": str(work),
     })
     if not args.no_latency:
-        lat = bench_model.run(["smollm2-135m", str(work / "pruned")], windows=0)
+        lat = bench_model.run(["smollm2-135m", str(work / "pruned")], BenchSettings(windows=0))
         for r in lat:
             rows.append({"experiment": "latency", **r.model_dump(include={
                 "model", "decode_ms_per_token", "prefill_ms", "throughput_tok_s", "peak_rss_mb", "weights_ram_mb"})})

@@ -15,7 +15,7 @@ from slimkit.cli.options import settings_options
 from slimkit.errors import SlimkitError
 from slimkit.io.outputs import reserve_output
 from slimkit.paths import MeasureDir, ModelDir
-from slimkit.protocol import FULL, QUICK, EvalSettings, parse_windows, windows_text
+from slimkit.protocol import FULL, QUICK, BenchSettings, EvalSettings, parse_windows, windows_text
 
 app = typer.Typer(
     help=(
@@ -191,7 +191,7 @@ def _bench_outputs(model: str, recipes: list, root: Path, settings) -> None:
                               lambda v: layout.model_dir(v.recipe.name).packed, progress,
                               on_error=lambda v, exc: console.print(f"[yellow]not benchmarked[/yellow] {v.label}: {exc}"))
         rows = bench_model.compare(measure_stage([model, *measured.values()], progress,
-                                                 windows=settings.max_windows))
+                                                 BenchSettings(windows=settings.max_windows)))
     md = bench_model.table(rows)
     console.print(md)
     write_text_atomic(layout.bench_md, md + "\n")
@@ -401,15 +401,12 @@ def _numbers(text: str, kind, option: str, ok, rule: str) -> list:
 
 @bench_app.command("model")
 @friendly_errors
+@settings_options(BenchSettings, ("prompt", "decode", "batch", "windows"))
 def bench_model_cmd(
     models: List[str] = typer.Argument(..., help="baseline first; then packed/compressed dirs, names, .gguf"),
-    prompt: int = typer.Option(128, min=1, help="prefill tokens"),
-    decode: int = typer.Option(32, min=1, help="decode steps (median ms/token)"),
-    batch: int = typer.Option(8, min=1, help="batch for the throughput measurement"),
-    windows: str = typer.Option(windows_text(QUICK.eval_windows), metavar="N|all",
-                                help="ppl windows of 512 (0 skips; all is the full protocol)"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="also write bench.md and bench.json here"),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+    settings=None,
 ) -> None:
     """Latency, throughput, peak RSS, size and ppl of whole models, each in a fresh process.
 
@@ -429,8 +426,7 @@ def bench_model_cmd(
         for m in models:
             _outline_of(m)
         with RichProgress(console) as progress:
-            rows = bench.run(models, progress, prompt=prompt, decode=decode, batch=batch,
-                             windows=_windows(windows, allow_zero=True))
+            rows = bench.run(models, settings, progress)
         md = bench.table(rows)
         console.print(md)
         if output is not None:
