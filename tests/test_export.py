@@ -122,3 +122,53 @@ def test_smollm2_exports_keep_perplexity_within_2_percent(smollm2_first_load, tm
         check = export_model(str(packed), tmp_path / to, to, windows=2)["verify"]
         assert abs(check["relative_diff"]) < 0.02, (to, check)
         assert check.get("tokenizer_matches", True)
+
+
+def _fields(path) -> dict:
+    """Every metadata field of a GGUF file, arrays included, as Python values."""
+    import gguf
+
+    return {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items() if not k.startswith("GGUF.")}
+
+
+def test_gguf_export_of_smollm2_keeps_the_source_tokenizer_and_description(smollm2_first_load, tmp_path):
+    """SmolLM2 comes from a GGUF: a compress -> pack -> export chain copies its tokenizer (the
+    pre-tokenizer llama.cpp splits text with included) and its general.* description."""
+    from transformers import AutoTokenizer
+
+    from slimkit.models.zoo import zoo_entry
+    from slimkit.protocol import EvalSettings
+    from slimkit.recipes import get_recipe
+    from slimkit.workflow import compress_to_dir
+
+    compress_to_dir("smollm2-135m", [get_recipe("rtn-int4-g64")], tmp_path / "c", EvalSettings(max_windows=1))
+    pack_to_dir(str(tmp_path / "c"), tmp_path / "p")
+    export_model(str(tmp_path / "p"), tmp_path / "g", "gguf", verify=False)
+    source, ours = _fields(zoo_entry("smollm2-135m").locate()), _fields(tmp_path / "g" / "model.gguf")
+    tokenizer_keys = {k for k in source if k.startswith("tokenizer.")}
+    assert tokenizer_keys and {k: ours.get(k) for k in tokenizer_keys} == {k: source[k] for k in tokenizer_keys}
+    assert ours["tokenizer.ggml.pre"] == "smollm"
+    for key in ("general.name", "general.organization", "general.license", "general.size_label"):
+        assert ours[key] == source[key], key
+    assert ours["general.quantization_version"] == 2
+    # gguf + tokenizers (transformers' GGUF loader) rebuild the tokenizer: the same ids as the source's
+    text = "The Eiffel Tower, completed in 1889, is 330 metres tall; it's Paris' most-visited monument."
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "g", gguf_file="model.gguf")
+    assert theirs.encode(text, add_special_tokens=False) == smollm2_first_load.tokenizer.encode(
+        text, add_special_tokens=False)
+
+
+def test_gguf_export_from_an_hf_tokenizer_names_its_pre_tokenizer(tiny_int4, tmp_path):
+    export_model(str(tiny_int4), tmp_path / "g", "gguf", verify=False)
+    assert _fields(tmp_path / "g" / "model.gguf")["tokenizer.ggml.pre"] == "smollm"  # SmolLM2's HF tokenizer
+
+
+def test_an_unknown_pre_tokenizer_is_refused_not_guessed():
+    from slimkit.export.gguf_metadata import pre_tokenizer
+
+    class Splitter:
+        def encode(self, text):
+            return [len(word) for word in text.split()]
+
+    with pytest.raises(SlimkitError, match="would not know this tokenizer's pre-tokenizer"):
+        pre_tokenizer(Splitter())

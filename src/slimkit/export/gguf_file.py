@@ -2,8 +2,7 @@
 
 Linears go out as Q8_0 or Q4_0 (blocks of 32, one fp16 scale each) or F16; norms as F32, the
 embedding as F16. Q/K rows are permuted to llama.cpp's rotary layout (transformers' GGUF
-loader undoes it). Tokenizer metadata is copied from the GGUF the model came from when there is
-one (exact), else built from the Hugging Face tokenizer (byte-level BPE).
+loader undoes it). Tokenizer and model metadata: see `gguf_metadata.py`.
 
 Requantizing int4 codes of groups of 64 into Q4_0 blocks of 32 is not lossless (Q4_0 picks its
 own scale per 32), so the export is verified by perplexity, not bit for bit.
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from slimkit.errors import SlimkitError
+from slimkit.export.gguf_metadata import copy_from_gguf, describe_from_hf, pre_tokenizer
 from slimkit.formats import packed_layers
 
 QTYPES = ("auto", "q8_0", "q4_0", "f16", "f32")
@@ -66,21 +66,6 @@ def _qtype_for(name: str, fmt: str | None, requested: str):
     return {"int4": t.Q4_0, "int8": t.Q8_0, "w8a8": t.Q8_0}.get(fmt, t.F16)
 
 
-def _tokenizer_from_gguf(writer, source: Path) -> None:
-    import gguf
-
-    reader = gguf.GGUFReader(source)
-    for key, field in reader.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        value = field.contents()
-        vtype = field.types[0]
-        if vtype == gguf.GGUFValueType.ARRAY:
-            writer.add_array(key, value)
-        else:
-            writer.add_key_value(key, value, vtype)
-
-
 def _tokenizer_from_hf(writer, tokenizer) -> None:
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model = spec["model"]
@@ -95,7 +80,7 @@ def _tokenizer_from_hf(writer, tokenizer) -> None:
     special = {a["id"] for a in spec.get("added_tokens", []) if a.get("special")}
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(pre_tokenizer(tokenizer))
     writer.add_token_list(tokens)
     writer.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
     writer.add_token_merges(merges)
@@ -116,11 +101,10 @@ def _permuted_int4_blocks(mod, module_name: str, config):
     return None if blocks is None else (blocks[0][idx], blocks[1])
 
 
-def _write_metadata(writer, config, packed: dict, qtype: str, name: str) -> None:
+def _write_metadata(writer, config, packed: dict, qtype: str) -> None:
     import gguf
 
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    writer.add_name(name)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -133,6 +117,7 @@ def _write_metadata(writer, config, packed: dict, qtype: str, name: str) -> None
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0 if qtype in ("auto", "q4_0") and any(
         m.format == "int4" for m in packed.values()) else gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
 def _weights(model: torch.nn.Module, packed: dict):
@@ -178,8 +163,10 @@ def _add_tensor(writer, gname: str, module_name: str, module, weight: torch.Tens
     return t.name
 
 
-def export_gguf(model: torch.nn.Module, tokenizer, path: Path, qtype: str = "auto", name: str = "model",
-                source_gguf: Path | None = None) -> dict:
+def export_gguf(model: torch.nn.Module, tokenizer, path: Path, qtype: str = "auto",
+                source_gguf: Path | None = None, source_dir: Path | None = None) -> dict:
+    """`model` as a GGUF at `path`. Tokenizer and model description come from `source_gguf` when
+    the model came from one (copied exactly), else from `tokenizer` and the HF dir `source_dir`."""
     import gguf
 
     config = model.config
@@ -189,11 +176,12 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: Path, qtype: str = "aut
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     packed = packed_layers(model)
     writer = gguf.GGUFWriter(str(path), "llama")
-    _write_metadata(writer, config, packed, qtype, name)
+    _write_metadata(writer, config, packed, qtype)
     if source_gguf is not None:
-        _tokenizer_from_gguf(writer, source_gguf)
+        copy_from_gguf(writer, source_gguf)
     elif tokenizer is not None:
         _tokenizer_from_hf(writer, tokenizer)
+        describe_from_hf(writer, source_dir, sum(p.numel() for p in model.parameters()))
     else:
         raise SlimkitError("GGUF export needs the tokenizer: this model directory has none")
     counts: dict[str, int] = {}

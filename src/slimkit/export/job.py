@@ -21,11 +21,13 @@ from torch import nn
 from slimkit.errors import SlimkitError
 from slimkit.formats import pack_model, packed_layers
 from slimkit.io.outputs import output_directory
+from slimkit.io.text import read_text
 from slimkit.models.checks import NO_CODE
 from slimkit.models.loading import LoadedModel, load_model
 from slimkit.models.zoo import zoo_entry
 from slimkit.paths import ExportDir, ModelDir, PackedDir
 from slimkit.recipes.state import COMPRESSION_FILE, load_compression_state
+from slimkit.results import CompressReport
 
 TARGETS = ("hf", "compressed-tensors", "gguf")
 GGUF_NAME = ExportDir.GGUF
@@ -52,23 +54,38 @@ def unpack(model: nn.Module) -> nn.Module:
     return model
 
 
-def _lineage_gguf(loaded: LoadedModel) -> Path | None:
-    """The GGUF file this model came from, if any (its tokenizer metadata is copied exactly)."""
-    candidates = [loaded.name, str(loaded.source)]
-    src = Path(loaded.source)
-    for meta, key in ((PackedDir(src).summary, ("source",)), (ModelDir(src).report_json, ("model", "name"))):
-        if meta.is_file():
-            value = json.loads(meta.read_text())
-            for k in key:
-                value = value.get(k, {}) if isinstance(value, dict) else {}
-            if isinstance(value, str):
-                candidates.append(value)
-    for c in candidates:
-        entry = zoo_entry(c)
-        path = entry.locate() if entry is not None else Path(c)
-        if path.suffix == ".gguf" and path.is_file():
-            return path
-    return None
+def ancestors(source: str, hops: int = 4) -> list[str]:
+    """`source`, the model it was made from, and so on: a pack output names its source in
+    pack.json, a compress output names its model (zoo name and path) in report.json."""
+    chain = [source]
+    for here in chain:
+        if len(chain) > hops:
+            break
+        parents: list[str] = []
+        if PackedDir(Path(here)).summary.is_file():
+            parents = [json.loads(read_text(PackedDir(Path(here)).summary)).get("source") or ""]
+        elif ModelDir(Path(here)).report_json.is_file():
+            try:
+                model = CompressReport.read(ModelDir(Path(here)).report_json).model
+            except SlimkitError:  # a damaged report ends the trail; the tokenizer is then checked by hash
+                break
+            parents = [model.name, model.source]
+        chain += [p for p in parents if p and p not in chain]
+    return chain
+
+
+def _as_path(name: str) -> Path:
+    entry = zoo_entry(name)
+    return entry.locate() if entry is not None else Path(name)
+
+
+def lineage_sources(loaded: LoadedModel) -> tuple[Path | None, Path | None]:
+    """(the GGUF the model came from, if any: its tokenizer and description are copied exactly;
+    the first Hugging Face dir on the way, for the model card)."""
+    paths = [_as_path(p) for p in ancestors(str(loaded.source)) + [loaded.name]]
+    gguf_file = next((p for p in paths if p.suffix == ".gguf" and p.is_file()), None)
+    hf_dir = next((p for p in paths if (p / "config.json").is_file()), None)
+    return gguf_file, hf_dir
 
 
 def export_model(source: str, output: str | Path, to: str, gguf_type: str = "auto", overwrite: bool = False,
@@ -95,8 +112,8 @@ def export_model(source: str, output: str | Path, to: str, gguf_type: str = "aut
         else:
             from slimkit.export.gguf_file import export_gguf
 
-            result.update(export_gguf(loaded.model, loaded.tokenizer, tmp / GGUF_NAME, gguf_type, Path(source).name,
-                                      _lineage_gguf(loaded)))
+            result.update(export_gguf(loaded.model, loaded.tokenizer, tmp / GGUF_NAME, gguf_type,
+                                      *lineage_sources(loaded)))
         if own_ppl is not None:  # checked before the rename: the export.json written states the check
             result["verify"] = verify_export(tmp, to, loaded.tokenizer, own_ppl, windows)
         ExportDir(tmp).summary.write_text(json.dumps(result, indent=2))
