@@ -81,3 +81,14 @@ def test_advise_constraints_are_options_too():
                                                                                           "max_decode_ms"}
     with pytest.raises(SlimkitError, match="--max-memory-mb -5: Input should be greater than 0"):
         build_settings(Constraints, False, {"max_memory_mb": "-5"})
+
+
+def test_lottery_options_are_its_config_fields():
+    from slimkit.pruning.lottery import LotteryConfig
+
+    built, _ = build_settings(LotteryConfig, False, {"seeds": "2", "hidden": "64,32", "levels": "4"})
+    assert (built.seeds, built.hidden, built.levels) == ((0, 1), (64, 32), 4)
+    assert build_settings(LotteryConfig, False, {"seeds": "3,7"})[0].seeds == (3, 7)
+    for field, value in (("seeds", ""), ("hidden", "3,a")):
+        with pytest.raises(SlimkitError, match=f"--{field} {value}: takes comma-separated integers"):
+            build_settings(LotteryConfig, False, {field: value})

@@ -16,6 +16,7 @@ from slimkit.errors import SlimkitError
 from slimkit.io.outputs import reserve_output
 from slimkit.paths import MeasureDir, ModelDir
 from slimkit.protocol import FULL, QUICK, BenchSettings, EvalSettings, parse_windows, windows_text
+from slimkit.pruning.lottery import LotteryConfig
 
 app = typer.Typer(
     help=(
@@ -444,16 +445,11 @@ def _outline_of(model: str):
 
 @app.command()
 @friendly_errors
+@settings_options(LotteryConfig, ("dataset", "levels", "steps", "rewind_step", "seeds", "hidden", "lr", "batch_size"),
+                  param="config")
 def lottery(
-    dataset: str = typer.Option("fashion-mnist", help="fashion-mnist (make fashion-mnist) or digits"),
-    levels: int = typer.Option(11, help="pruning levels after the dense one; 0.8^11 leaves 8.6% of the weights"),
-    steps: int = typer.Option(1500, help="training steps per level"),
-    rewind_step: int = typer.Option(100, help="k: survivors restart from their weights at step k"),
-    seeds: int = typer.Option(3, help="seeds 0..N-1"),
-    hidden: str = typer.Option("300,100", help="MLP widths"),
-    lr: float = typer.Option(1e-3),
-    batch_size: int = typer.Option(128),
     output: Path = typer.Option(Path("runs/lottery"), "--output", "-o", help="root; the run dir is a hash inside"),
+    config=None,
 ) -> None:
     """Lottery tickets (open_lth semantics): iterative global magnitude pruning, 20% of the
     remaining weights per level, rewinding to step k, and a random re-initialisation control
@@ -466,17 +462,8 @@ def lottery(
       slimkit lottery --dataset digits --levels 4 --steps 200 --seeds 2 --hidden 64
     """
     from slimkit.progress import RichProgress
-    from slimkit.pruning.lottery import LotteryConfig, run_lottery
+    from slimkit.pruning.lottery import run_lottery
 
-    try:
-        widths = tuple(int(w) for w in hidden.split(",") if w.strip())
-    except ValueError:
-        raise SlimkitError(f"--hidden takes comma-separated widths such as 300,100, not '{hidden}'") from None
-    try:
-        config = LotteryConfig(dataset=dataset, levels=levels, steps=steps, rewind_step=rewind_step,
-                               seeds=tuple(range(seeds)), hidden=widths, lr=lr, batch_size=batch_size)
-    except Exception as exc:  # pydantic: name the field
-        raise SlimkitError(f"invalid lottery settings: {exc}") from None
     with RichProgress(console) as progress:
         run_dir, summary = run_lottery(config, output, progress)
     from slimkit.reports.tables import dict_table

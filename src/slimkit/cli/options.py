@@ -42,6 +42,8 @@ def _shown_default(model: type[BaseModel], field: str) -> str:
     quick, full = _defaults(model, False)[field], _defaults(model, True)[field]
     if quick is None:
         return ""
+    if isinstance(quick, tuple):
+        quick = full = ",".join(map(str, quick))
     if quick == full:
         return f" [default: {quick}]"
     return f" [quick: {quick}, full: {'all' if full is None else full}]"

@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -32,15 +32,30 @@ from slimkit.progress import NoProgress, Progress
 class LotteryConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    dataset: Literal["fashion-mnist", "digits"] = "fashion-mnist"
-    hidden: tuple[int, ...] = Field((300, 100), description="MLP widths (LeNet-300-100)")
+    dataset: Literal["fashion-mnist", "digits"] = Field("fashion-mnist", description="fashion-mnist (make "
+                                                         "fashion-mnist) or digits")
+    hidden: tuple[int, ...] = Field((300, 100), description="MLP widths, comma-separated (LeNet-300-100)")
     levels: int = Field(11, ge=1, description="pruning levels after the dense one (0.8^11 = 8.6% left)")
     prune_fraction: float = Field(0.2, gt=0, lt=1, description="of the remaining weights, per level")
     steps: int = Field(1500, ge=1, description="training steps per level")
     rewind_step: int = Field(100, ge=0, description="k: survivors restart from their weights at step k")
-    batch_size: int = 128
-    lr: float = 1e-3
-    seeds: tuple[int, ...] = (0, 1, 2)
+    batch_size: int = Field(128, ge=1, description="examples per training step")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    seeds: tuple[int, ...] = Field((0, 1, 2), description="N (seeds 0..N-1) or a comma-separated list")
+
+    @field_validator("hidden", "seeds", mode="before")
+    @classmethod
+    def _integers(cls, value, info):
+        """The command line's forms: "300,100"; seeds also "3" (seeds 0, 1, 2)."""
+        if not isinstance(value, str):
+            return value
+        try:
+            numbers = tuple(int(part) for part in value.split(",") if part.strip())
+        except ValueError:
+            numbers = ()
+        if not numbers:
+            raise ValueError(f"takes comma-separated integers, not '{value}'")
+        return tuple(range(numbers[0])) if info.field_name == "seeds" and "," not in value else numbers
 
     def describe(self) -> dict:
         return self.model_dump(mode="json")
