@@ -131,9 +131,11 @@ def _fields(path) -> dict:
     return {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items() if not k.startswith("GGUF.")}
 
 
-def test_gguf_export_of_smollm2_keeps_the_source_tokenizer_and_description(smollm2_first_load, tmp_path):
+def test_gguf_export_of_smollm2_keeps_the_source_tokenizer_and_description(smollm2_first_load, tmp_path,
+                                                                           monkeypatch):
     """SmolLM2 comes from a GGUF: a compress -> pack -> export chain copies its tokenizer (the
-    pre-tokenizer llama.cpp splits text with included) and its general.* description."""
+    pre-tokenizer llama.cpp splits text with included) and its general.* description, also when
+    the pack was made with a relative path from another directory."""
     from transformers import AutoTokenizer
 
     from slimkit.models.zoo import zoo_entry
@@ -142,7 +144,10 @@ def test_gguf_export_of_smollm2_keeps_the_source_tokenizer_and_description(smoll
     from slimkit.workflow import compress_to_dir
 
     compress_to_dir("smollm2-135m", [get_recipe("rtn-int4-g64")], tmp_path / "c", EvalSettings(max_windows=1))
-    pack_to_dir(str(tmp_path / "c"), tmp_path / "p")
+    monkeypatch.chdir(tmp_path)
+    pack_to_dir("c", "p")  # as a user types it
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     export_model(str(tmp_path / "p"), tmp_path / "g", "gguf", verify=False)
     source, ours = _fields(zoo_entry("smollm2-135m").locate()), _fields(tmp_path / "g" / "model.gguf")
     tokenizer_keys = {k for k in source if k.startswith("tokenizer.")}

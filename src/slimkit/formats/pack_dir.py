@@ -11,6 +11,7 @@ from slimkit.formats import pack_model, save_packed
 from slimkit.formats.pack import AUTO
 from slimkit.io.outputs import output_directory
 from slimkit.models.loading import load_model
+from slimkit.models.zoo import zoo_entry
 from slimkit.paths import PackedDir
 from slimkit.progress import NoProgress, Progress
 from slimkit.recipes.state import COMPRESSION_FILE, load_compression_state
@@ -51,7 +52,8 @@ def pack_to_dir(source: str, output: str | Path, fmt: str = AUTO, group_size: in
     with output_directory(output, overwrite, inputs=[source], command="pack") as tmp:
         save_packed(loaded.model, loaded.tokenizer, tmp)
         summary = {
-            "source": str(source), "format": fmt, "packed_layers": len(packed), "left_dense": left_dense,
+            "source": source if zoo_entry(source) else str(Path(source).absolute()),  # found again from any cwd
+            "format": fmt, "packed_layers": len(packed), "left_dense": left_dense,
             "linears_dense_bytes": dense_bytes,
             "linears_packed_bytes": sum(v["disk_bytes"] for v in layers.values()) + sum(
                 linears[n].weight.numel() * linears[n].weight.element_size() for n in left_dense),
