@@ -177,3 +177,15 @@ def test_an_unknown_pre_tokenizer_is_refused_not_guessed():
 
     with pytest.raises(SlimkitError, match="would not know this tokenizer's pre-tokenizer"):
         pre_tokenizer(Splitter())
+
+
+def test_a_damaged_record_ends_the_lineage_instead_of_failing_the_export(tmp_path):
+    from slimkit.export.job import ancestors
+
+    (tmp_path / "p").mkdir()
+    (tmp_path / "c").mkdir()
+    (tmp_path / "p" / "pack.json").write_text(json.dumps({"source": str(tmp_path / "c")}))
+    (tmp_path / "c" / "report.json").write_text("{ damaged")
+    assert ancestors(str(tmp_path / "p")) == [str(tmp_path / "p"), str(tmp_path / "c")]
+    (tmp_path / "p" / "pack.json").write_text("[1, 2]")  # JSON, but not a pack record
+    assert ancestors(str(tmp_path / "p")) == [str(tmp_path / "p")]

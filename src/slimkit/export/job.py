@@ -54,6 +54,15 @@ def unpack(model: nn.Module) -> nn.Module:
     return model
 
 
+def _parents(here: Path) -> list[str]:
+    if PackedDir(here).summary.is_file():
+        return [json.loads(read_text(PackedDir(here).summary)).get("source") or ""]
+    if ModelDir(here).report_json.is_file():
+        model = CompressReport.read(ModelDir(here).report_json).model
+        return [model.name, model.source]
+    return []
+
+
 def ancestors(source: str, hops: int = 4) -> list[str]:
     """`source`, the model it was made from, and so on: a pack output names its source in
     pack.json, a compress output names its model (zoo name and path) in report.json."""
@@ -61,15 +70,10 @@ def ancestors(source: str, hops: int = 4) -> list[str]:
     for here in chain:
         if len(chain) > hops:
             break
-        parents: list[str] = []
-        if PackedDir(Path(here)).summary.is_file():
-            parents = [json.loads(read_text(PackedDir(Path(here)).summary)).get("source") or ""]
-        elif ModelDir(Path(here)).report_json.is_file():
-            try:
-                model = CompressReport.read(ModelDir(Path(here)).report_json).model
-            except SlimkitError:  # a damaged report ends the trail; the tokenizer is then checked by hash
-                break
-            parents = [model.name, model.source]
+        try:
+            parents = _parents(Path(here))
+        except (SlimkitError, ValueError, AttributeError):  # a damaged record ends the trail
+            break  # (the tokenizer is then built from HF and its pre-tokenizer checked by hash)
         chain += [p for p in parents if p and p not in chain]
     return chain
 
