@@ -35,14 +35,15 @@ def main() -> None:
     args = parser.parse_args()
     recipes = [shortened(get_recipe(name), args.distill_steps) for name in builtin_recipes()]
     settings = EvalSettings(seqlen=256, max_windows=2, calibration_windows=8, calibration_seqlen=128)
-    work = Path(tempfile.mkdtemp(prefix="slimkit-fingerprints-"))
-    reports = compress_to_dir(args.model, recipes, work / "out", settings, runs_dir=str(work / "runs"),
-                              log=print)
     result = {}
-    for report in reports:
-        weights = Path(report.output) / "model.safetensors"
-        result[report.recipe_name] = {"sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
-                                      "ppl": report.compressed.value}
+    with tempfile.TemporaryDirectory(prefix="slimkit-fingerprints-") as tmp:  # ~11 GB for SmolLM2: removed
+        work = Path(tmp)
+        reports = compress_to_dir(args.model, recipes, work / "out", settings, runs_dir=str(work / "runs"),
+                                  log=print)
+        for report in reports:
+            weights = Path(report.output) / "model.safetensors"
+            result[report.recipe_name] = {"sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+                                          "ppl": report.compressed.value}
     Path(args.output).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     print(json.dumps(result, indent=2, sort_keys=True))
 
