@@ -35,7 +35,6 @@ class Protocol:
 QUICK = Protocol("quick", calibration_windows=16, calibration_seqlen=256, eval_windows=16, kernel_repeats=21)
 FULL = Protocol("full", calibration_windows=128, calibration_seqlen=512, eval_windows=ALL_WINDOWS,
                 kernel_repeats=41)
-PROTOCOLS = {p.name: p for p in (QUICK, FULL)}
 
 
 def parse_windows(text: str, allow_zero: bool = False) -> int | None:

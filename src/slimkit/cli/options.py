@@ -2,8 +2,8 @@
 
 `settings_options(Model, fields)` adds one option per field, named after it (or after the
 field's `option` extra), with the field's description as help, and validates what the user typed
-with the model itself. For `EvalSettings` it adds `--quick/--full` too: the protocol gives the
-defaults and the options override single fields. The command receives the built model as
+with the model itself. For a model with a `from_protocol` constructor (`EvalSettings`) it adds
+`--quick/--full` too: the protocol gives the defaults and the options override single fields. The command receives the built model as
 `param` (default `settings`), and `explicit`: the fields the user set (for defaults that depend
 on the model being compressed, such as sequence lengths).
 """
@@ -18,7 +18,7 @@ import typer
 from pydantic import BaseModel, ValidationError
 
 from slimkit.errors import SlimkitError
-from slimkit.protocol import FULL, QUICK, EvalSettings
+from slimkit.protocol import FULL, QUICK
 
 _PROTOCOL_FLAG = inspect.Parameter(
     "quick", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
@@ -32,9 +32,13 @@ def option_name(model: type[BaseModel], field: str) -> str:
     return extra.get("option") or "--" + field.replace("_", "-")
 
 
+def _has_protocol(model: type[BaseModel]) -> bool:
+    return hasattr(model, "from_protocol")
+
+
 def _defaults(model: type[BaseModel], full: bool) -> dict:
-    if model is EvalSettings:
-        return EvalSettings.from_protocol(FULL if full else QUICK).model_dump()
+    if _has_protocol(model):
+        return model.from_protocol(FULL if full else QUICK).model_dump()
     return {name: info.default for name, info in model.model_fields.items()}
 
 
@@ -78,7 +82,7 @@ def build_settings(model: type[BaseModel], full: bool, given: dict[str, str | No
 
 def settings_options(model: type[BaseModel], fields: tuple[str, ...], param: str = "settings"):
     """Decorator for a typer command that takes `param` (the built model) and `explicit`."""
-    with_protocol = model is EvalSettings
+    with_protocol = _has_protocol(model)
 
     def decorate(command):
         signature = inspect.signature(command)

@@ -163,27 +163,36 @@ def _add_tensor(writer, gname: str, module_name: str, module, weight: torch.Tens
     return t.name
 
 
+def check_gguf_export(model: torch.nn.Module, tokenizer, source_gguf: Path | None) -> None:
+    """What would make the export fail, checked before any heavy work: the architecture, and a
+    tokenizer llama.cpp can name (unless it is copied from the source GGUF)."""
+    config = model.config
+    if getattr(config, "model_type", None) not in ("llama", "mistral", "qwen2") or not hasattr(model, "lm_head"):
+        raise SlimkitError(f"GGUF export covers LLaMA-family decoders; this model is {config.model_type}. "
+                           "Use `--to hf` or `--to compressed-tensors`.")
+    if source_gguf is None:
+        if tokenizer is None:
+            raise SlimkitError("GGUF export needs the tokenizer: this model directory has none")
+        pre_tokenizer(tokenizer)
+
+
 def export_gguf(model: torch.nn.Module, tokenizer, path: Path, qtype: str = "auto",
                 source_gguf: Path | None = None, source_dir: Path | None = None) -> dict:
     """`model` as a GGUF at `path`. Tokenizer and model description come from `source_gguf` when
     the model came from one (copied exactly), else from `tokenizer` and the HF dir `source_dir`."""
     import gguf
 
+    check_gguf_export(model, tokenizer, source_gguf)
     config = model.config
-    if getattr(config, "model_type", None) not in ("llama", "mistral", "qwen2") or not hasattr(model, "lm_head"):
-        raise SlimkitError(f"GGUF export covers LLaMA-family decoders; this model is {config.model_type}. "
-                           "Use `--to hf` or `--to compressed-tensors`.")
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     packed = packed_layers(model)
     writer = gguf.GGUFWriter(str(path), "llama")
     _write_metadata(writer, config, packed, qtype)
     if source_gguf is not None:
         copy_from_gguf(writer, source_gguf)
-    elif tokenizer is not None:
+    else:
         _tokenizer_from_hf(writer, tokenizer)
         describe_from_hf(writer, source_dir, sum(p.numel() for p in model.parameters()))
-    else:
-        raise SlimkitError("GGUF export needs the tokenizer: this model directory has none")
     counts: dict[str, int] = {}
     for module_name, module, weight, fmt in _weights(model, packed):
         gname = names.get_name(module_name)

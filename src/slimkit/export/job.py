@@ -99,6 +99,11 @@ def export_model(source: str, output: str | Path, to: str, gguf_type: str = "aut
     loaded = load_model(source)
     _with_formats(loaded)
     formats = sorted({m.format for m in packed_layers(loaded.model).values()})
+    lineage = lineage_sources(loaded) if to == "gguf" else (None, None)
+    if to == "gguf":
+        from slimkit.export.gguf_file import check_gguf_export
+
+        check_gguf_export(loaded.model, loaded.tokenizer, lineage[0])  # before the reference ppl
     own_ppl = _ppl(loaded.model, loaded.tokenizer, windows) if verify and loaded.kind == "causal-lm" else None
     output = Path(output)
     result = {"source": source, "to": to, "formats": formats, "output": str(output)}
@@ -117,7 +122,7 @@ def export_model(source: str, output: str | Path, to: str, gguf_type: str = "aut
             from slimkit.export.gguf_file import export_gguf
 
             result.update(export_gguf(loaded.model, loaded.tokenizer, tmp / GGUF_NAME, gguf_type,
-                                      *lineage_sources(loaded)))
+                                      *lineage))
         if own_ppl is not None:  # checked before the rename: the export.json written states the check
             result["verify"] = verify_export(tmp, to, loaded.tokenizer, own_ppl, windows)
         ExportDir(tmp).summary.write_text(json.dumps(result, indent=2))
