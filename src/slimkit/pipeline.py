@@ -74,9 +74,11 @@ def pack_stage(layout: CompressOutput, variants: list[Variant], where: Callable[
 
 def measure_stage(models: list[Path | str], progress: Progress, bench: BenchSettings = BenchSettings()
                   ) -> list[BenchRow]:
-    """One benchmark row per directory, each measured in a fresh process (its RSS is its own)."""
+    """One benchmark row per directory, each measured in a fresh process (its RSS is its own);
+    KLD against the first unless `bench` names another reference."""
     from slimkit.benchmarks import model as bench_model
 
+    bench = bench_model.with_reference(bench, str(models[0]))
     return [bench_model.measure_isolated(str(m), bench, note=progress.note)
             for m in progress.track(models, "measure")]
 

@@ -99,6 +99,8 @@ class BenchSettings(BaseModel):
     batch: int = Field(8, ge=1, description="sequences decoding together for the throughput measurement")
     windows: int | None = Field(QUICK.eval_windows, ge=0, description="ppl windows of 512: N (0 skips), or all "
                                 "(the full protocol)")
+    reference: str | None = Field(None, description="also measure the KL divergence and top-1 agreement against "
+                                  "this model, on the ppl windows (its distributions are computed once, cached)")
 
     @field_validator("windows", mode="before")
     @classmethod

@@ -31,12 +31,24 @@ class Result(BaseModel):
         return cls.model_validate(data)
 
 
+class Divergence(Result):
+    """How far a decoder's next-token distributions moved from the base model's
+    (evaluation/divergence.py): mean and 99th percentile of KL(base || model), top-1 agreement."""
+
+    mean_kld: float
+    p99_kld: float
+    top1_agreement: float
+    tokens: int
+
+
 class Quality(Result):
-    """A model's quality on the fixed protocol: perplexity (decoders) or cosine (encoders)."""
+    """A model's quality on the fixed protocol: perplexity (decoders) or cosine (encoders); for a
+    compressed decoder, also its divergence from the base model."""
 
     metric: Literal["ppl", "cosine"]
     value: float
     details: dict[str, Any]
+    divergence: Divergence | None = None
 
 
 class LayerRow(Result):
@@ -132,6 +144,8 @@ class BenchRow(Result):
     formats: list[str]
     kernels_batch_1: list[str]
     threads: int
+    mean_kld: float | None = None  # KL(reference || model) per token, when a reference was given
+    top1_agreement: float | None = None
     decode_speedup: float | None = None
     prefill_speedup: float | None = None
     throughput_ratio: float | None = None

@@ -15,12 +15,13 @@ import torch
 import slimkit
 from slimkit.data.corpus import TextSplit, load_split
 from slimkit.data.tokens import calibration_windows
+from slimkit.evaluation.divergence import BaseLogprobs
 from slimkit.evaluation.embedding import EmbeddingProtocol, sentence_embeddings, similarity
-from slimkit.evaluation.perplexity import PerplexityProtocol, perplexity
+from slimkit.evaluation.perplexity import LogprobsUse, PerplexityProtocol, perplexity
 from slimkit.evaluation.size import bytes_by_kind, files_bytes, packed_bytes
 from slimkit.export.hf import save_model_dir
 from slimkit.io.outputs import output_directory, reserve_output
-from slimkit.models.loading import LoadedModel, load_model
+from slimkit.models.loading import LoadedModel, cache_root, load_model
 from slimkit.paths import CompressOutput, ModelDir
 from slimkit.progress import NoProgress, Progress
 from slimkit.protocol import EvalSettings
@@ -33,6 +34,7 @@ from slimkit.results import (
     REPORT_SCHEMA_VERSION,
     CompressionSection,
     CompressReport,
+    Divergence,
     LayerRow,
     ModelSection,
     Quality,
@@ -52,14 +54,24 @@ class QualityMeter:
 
     def __init__(self, loaded: LoadedModel, split: TextSplit, settings: EvalSettings, progress: Progress):
         self.loaded, self.split, self.settings, self.progress = loaded, split, settings, progress
-        self.reference: torch.Tensor | None = None
+        self.reference: torch.Tensor | None = None  # encoders: the base model's embeddings
+        self.base_logprobs: BaseLogprobs | None = None  # decoders: the base model's distributions
 
     def measure(self, label: str, projection: torch.Tensor | None = None) -> Quality:
+        """The first call measures the base model (and keeps its next-token distributions, on
+        disk); later calls, or a meter given `base_logprobs`, also measure the divergence."""
         lm, s = self.loaded, self.settings
         if lm.kind == "causal-lm":
+            if self.base_logprobs is None:
+                self.base_logprobs = BaseLogprobs.for_model(cache_root(), Path(lm.source), self.split.split_hash,
+                                                            s.seqlen)
+                use = LogprobsUse(record=self.base_logprobs)
+            else:
+                use = LogprobsUse(compare=self.base_logprobs)
             r = perplexity(lm.model, lm.tokenizer, self.split, PerplexityProtocol(s.seqlen, s.max_windows),
-                           self.progress, f"ppl ({label})")
-            return Quality(metric="ppl", value=r.ppl, details=r.to_dict())
+                           self.progress, f"ppl ({label})", use)
+            divergence = Divergence.from_dict(r.divergence) if r.divergence else None
+            return Quality(metric="ppl", value=r.ppl, details=r.to_dict(), divergence=divergence)
         start = time.perf_counter()
         emb = sentence_embeddings(lm.model, lm.tokenizer, self.split, EmbeddingProtocol(s.n_texts), self.progress)
         if self.reference is None:

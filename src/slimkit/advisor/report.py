@@ -9,7 +9,8 @@ from slimkit.results import AdviseResult, AdviseRow
 
 
 def _row(r: AdviseRow) -> str:
-    return (f"| {r.candidate} | {r.rule or '-'} | {r.ppl:.2f} | {r.ppl_increase:+.1%} | "
+    kld = f"{r.mean_kld:.4f}" if r.mean_kld is not None else "-"
+    return (f"| {r.candidate} | {r.rule or '-'} | {r.ppl:.2f} | {r.ppl_increase:+.1%} | {kld} | "
             f"{r.decode_ms_per_token:.1f} | {r.decode_speedup:.2f}x | {r.throughput_tok_s:.1f} | "
             f"{r.peak_rss_mb:.0f} | {r.disk_mb:.0f} | {'yes' if r.meets else ('-' if not r.rule else 'no')} | "
             f"{'*' if r.pareto else ''} |")
@@ -18,6 +19,8 @@ def _row(r: AdviseRow) -> str:
 def markdown(result: AdviseResult) -> str:
     c = result.constraints
     budget = [f"ppl increase <= {c['max_ppl_increase']:.0%}"]
+    if c.get("max_kld"):
+        budget.append(f"mean KLD <= {c['max_kld']:.4f}")
     if c["max_memory_mb"]:
         budget.append(f"peak RSS <= {c['max_memory_mb']:.0f} MB")
     if c["max_decode_ms"]:
@@ -41,10 +44,12 @@ def markdown(result: AdviseResult) -> str:
         "",
         result.reason,
         "",
-        "## Measured candidates (* = on the Pareto frontier of ppl, decode latency and peak memory)",
+        f"## Measured candidates (* = on the Pareto frontier of {'KLD' if c.get('max_kld') else 'ppl'}, decode "
+        "latency and peak memory)",
         "",
-        "| candidate | rule | ppl | ppl change | decode ms/tok | decode x | tok/s @batch | peak RSS MB | disk MB | meets | frontier |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| candidate | rule | ppl | ppl change | KLD | decode ms/tok | decode x | tok/s @batch | peak RSS MB | disk MB "
+        "| meets | frontier |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *[_row(r) for r in rows],
         "",
         "## Skipped, with the reason",

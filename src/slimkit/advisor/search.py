@@ -33,6 +33,9 @@ class Constraints(BaseModel):
                                         "(measured in its own process)")
     max_decode_ms: float | None = Field(None, gt=0, description="batch-1 decode latency budget, ms/token")
     min_throughput: float | None = Field(None, gt=0, description="tokens/s needed at batch 8")
+    max_kld: float | None = Field(None, gt=0, description="largest acceptable mean KL divergence from the dense "
+                                  "model's next-token distributions (nats/token); also ranks near misses and the "
+                                  "frontier by KLD instead of ppl")
 
     @field_validator("max_ppl_increase", mode="before")
     @classmethod
@@ -41,10 +44,19 @@ class Constraints(BaseModel):
             return float(value.strip()[:-1]) / 100
         return value
 
+    @property
+    def quality_key(self) -> str:
+        """The accuracy measure candidates are ranked by."""
+        return "mean_kld" if self.max_kld is not None else "ppl"
+
     def check(self, row: BenchRow, base: BenchRow) -> dict[str, tuple[bool, str]]:
         inc = row.ppl / base.ppl - 1
         out = {"accuracy": (inc <= self.max_ppl_increase,
                             f"ppl {row.ppl:.2f} vs dense {base.ppl:.2f} ({inc:+.1%}, bound +{self.max_ppl_increase:.0%})")}
+        if self.max_kld is not None:
+            kld = row.mean_kld if row.mean_kld is not None else float("inf")
+            ok, text = out["accuracy"]
+            out["accuracy"] = (ok and kld <= self.max_kld, f"{text}; KLD {kld:.4f} (bound {self.max_kld:.4f})")
         out["memory"] = ((self.max_memory_mb is None or row.peak_rss_mb <= self.max_memory_mb),
                          f"peak RSS {row.peak_rss_mb:.0f} MB" + (f" (budget {self.max_memory_mb:.0f})"
                                                                     if self.max_memory_mb else " (no budget)"))
@@ -67,11 +79,14 @@ class AdviseSettings:
 def pareto(rows: list[AdviseRow], keys: tuple[str, ...] = ("ppl", "decode_ms_per_token", "peak_rss_mb")
            ) -> list[AdviseRow]:
     """Rows no other row beats on every key (lower is better) and strictly on one."""
+    def values(r: AdviseRow) -> list[float]:
+        return [float("inf") if getattr(r, k) is None else getattr(r, k) for k in keys]
+
     front = []
     for r in rows:
-        mine = [getattr(r, k) for k in keys]
+        mine = values(r)
         dominated = any(all(a <= b for a, b in zip(theirs, mine)) and any(a < b for a, b in zip(theirs, mine))
-                        for theirs in ([getattr(o, k) for k in keys] for o in rows if o is not r))
+                        for theirs in (values(o) for o in rows if o is not r))
         if not dominated:
             front.append(r)
     return front
@@ -104,7 +119,7 @@ def decide(rows: list[AdviseRow], base: BenchRow, constraints: Constraints) -> t
         r.meets = all(ok for ok, _ in constraints.check(r, base).values())
     chosen = next((r for r in rows if r.meets), None)
     if chosen is None:
-        near = sorted(rows, key=lambda r: r.ppl)[:3]
+        near = sorted(rows, key=lambda r: getattr(r, constraints.quality_key) or float("inf"))[:3]
         return None, ("No measured candidate meets every constraint. Closest on accuracy: "
                       + ", ".join(f"{r.candidate} ({'; '.join(t for ok, t in constraints.check(r, base).values() if not ok)})"
                                   for r in near))
@@ -164,7 +179,7 @@ def advise(model: str, constraints: Constraints, device: Device, output: Path,
     measured, skipped = _plan(device, settings)
     # the compress stage's own ppl is a 4-window sanity check; the benchmark measures the protocol's windows
     eval_settings = EvalSettings.from_protocol(settings.protocol.with_changes(eval_windows=4))
-    bench = BenchSettings(windows=settings.protocol.eval_windows, decode=settings.decode_tokens)
+    bench = BenchSettings(windows=settings.protocol.eval_windows, decode=settings.decode_tokens, reference=model)
 
     def run_candidates(cands: list[tuple[int, Candidate]]) -> list[AdviseRow]:
         variants = [Variant(c.name, get_recipe(c.recipe), c.pack) for _, c in cands]
@@ -189,7 +204,7 @@ def advise(model: str, constraints: Constraints, device: Device, output: Path,
     chosen, reason = decide(rows, base, constraints)  # sets "meets" on every row
     base_row = AdviseRow(**base.to_dict(), candidate="dense", rule=0, order=-1, recipe=None, what="the model as given")
     bench_model.compare([base_row] + rows)
-    front = pareto([base_row] + rows)
+    front = pareto([base_row] + rows, (constraints.quality_key, "decode_ms_per_token", "peak_rss_mb"))
     for r in [base_row] + rows:
         r.pareto = r in front
         r.ppl_increase = r.ppl / base.ppl - 1

@@ -77,7 +77,8 @@ def measure(source: str, settings: BenchSettings = BenchSettings(), note=lambda 
     loaded = load_model(source)
     model, tok = loaded.model, loaded.tokenizer
     split = load_split()
-    stream = eval_windows(tok, split, 512)[0]
+    all_windows = eval_windows(tok, split, 512)
+    stream = all_windows[0]
     ids = stream[:prompt].unsqueeze(0)
 
     def step(tokens, past=None):
@@ -105,17 +106,44 @@ def measure(source: str, settings: BenchSettings = BenchSettings(), note=lambda 
     throughput = batch * steps / (time.perf_counter() - t0)
     if windows != 0:
         note(f"{source}: perplexity on {windows_text(windows)} windows")
-    ppl = perplexity(model, tok, split, PerplexityProtocol(512, windows)) if windows != 0 else None
+    peak_mb = _peak_rss_mb()  # before any reference model is loaded below
+    count = all_windows.shape[0] if windows is None else min(windows, all_windows.shape[0])
+    use = _divergence_use(source, settings.reference, split, windows, count, note)
+    ppl = perplexity(model, tok, split, PerplexityProtocol(512, windows), logprobs=use) if windows != 0 else None
     packed = packed_layers(model)
     paths = sorted({m.path_for(1) for m in packed.values()}) or ["dense fp32 (torch.nn.Linear)"]
+    divergence = (ppl.divergence or {}) if ppl else {}
+    if use is not None and use.compare is None:  # this model is the reference: KL(P || P) = 0
+        divergence = {"mean_kld": 0.0, "top1_agreement": 1.0}
     return BenchRow(
         model=source, prefill_ms=prefill_ms, prompt_tokens=prompt, decode_ms_per_token=decode_ms,
-        throughput_tok_s=throughput, batch=batch, peak_rss_mb=_peak_rss_mb(),
+        throughput_tok_s=throughput, batch=batch, peak_rss_mb=peak_mb,
         weights_ram_mb=_weights_ram_bytes(model) / 2**20, disk_mb=_disk_bytes(loaded) / 2**20,
         ppl=ppl.ppl if ppl else None, eval_tokens=ppl.tokens if ppl else 0,
         formats=sorted({m.format for m in packed.values()}), kernels_batch_1=paths,
-        threads=torch.get_num_threads(),
+        threads=torch.get_num_threads(), mean_kld=divergence.get("mean_kld"),
+        top1_agreement=divergence.get("top1_agreement"),
     )
+
+
+def _divergence_use(source: str, reference: str | None, split, windows: int | None, count: int, note):
+    """Record the reference's distributions when `source` is the reference; else compare with
+    them, computing the ones not cached yet (after the timings and the peak RSS were taken)."""
+    from slimkit.evaluation import PerplexityProtocol, perplexity
+    from slimkit.evaluation.divergence import BaseLogprobs
+    from slimkit.evaluation.perplexity import LogprobsUse
+    from slimkit.models import cache_root, load_model, resolve
+
+    if reference is None or windows == 0:
+        return None
+    store = BaseLogprobs.for_model(cache_root(), resolve(reference)[0], split.split_hash, 512)
+    if resolve(source)[0] == resolve(reference)[0]:
+        return LogprobsUse(record=store)
+    if not all(store.has(i) for i in range(count)):
+        note(f"{reference}: the reference's distributions for the KL divergence")
+        base = load_model(reference)
+        perplexity(base.model, base.tokenizer, split, PerplexityProtocol(512, windows), logprobs=LogprobsUse(record=store))
+    return LogprobsUse(compare=store)
 
 
 PROGRESS_PREFIX = "slimkit-progress: "
@@ -155,19 +183,27 @@ def compare(rows: list[BenchRow]) -> list[BenchRow]:
 
 def table(rows: list[BenchRow]) -> str:
     head = ("| model | formats | decode ms/tok | decode x | prefill ms | prefill x | tok/s @batch | RSS MB "
-            "| weights MB | disk MB | ppl | kernel at batch 1 |")
-    lines = [head, "|" + "---|" * 12]
+            "| weights MB | disk MB | ppl | KLD | top-1 | kernel at batch 1 |")
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         ppl = f"{r.ppl:.2f}" if r.ppl is not None else "-"
+        kld = f"{r.mean_kld:.4f} | {r.top1_agreement:.1%}" if r.mean_kld is not None else "- | -"
         lines.append(
             f"| {r.model} | {','.join(r.formats) or 'dense'} | {r.decode_ms_per_token:.1f} | "
             f"{r.decode_speedup:.2f}x | {r.prefill_ms:.0f} | {r.prefill_speedup:.2f}x | "
             f"{r.throughput_tok_s:.1f} @{r.batch} | {r.peak_rss_mb:.0f} | {r.weights_ram_mb:.0f} | "
-            f"{r.disk_mb:.0f} | {ppl} | {'; '.join(r.kernels_batch_1)} |")
+            f"{r.disk_mb:.0f} | {ppl} | {kld} | {'; '.join(r.kernels_batch_1)} |")
     return "\n".join(lines)
 
 
+def with_reference(settings: BenchSettings, baseline: str) -> BenchSettings:
+    """The KL divergence is measured against the baseline unless another reference was named."""
+    return settings if settings.reference else settings.model_copy(update={"reference": baseline})
+
+
 def run(models: list[str], settings: BenchSettings = BenchSettings(), progress=None) -> list[BenchRow]:
+    """Each model in its own process, in order; ratios and KLD against the first."""
+    settings = with_reference(settings, models[0])
     items = [(m,) for m in models]
     if progress is not None:
         items = progress.track(items, "bench model")

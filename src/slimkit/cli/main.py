@@ -203,7 +203,8 @@ def _bench_outputs(model: str, recipes: list, root: Path, settings) -> None:
 @settings_options(EvalSettings, EVAL_SETTINGS)
 def eval_(
     model: str = typer.Argument(..., help="packaged name, HF model dir (e.g. a compress output), or .gguf"),
-    reference: Optional[str] = typer.Option(None, help="encoders: the uncompressed model to compare to "
+    reference: Optional[str] = typer.Option(None, help="the uncompressed model to compare to: cosine for "
+                                            "encoders, KL divergence and top-1 agreement for decoders "
                                             "(default: the base model recorded in report.json)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
     settings=None,
@@ -211,11 +212,17 @@ def eval_(
 ) -> None:
     """Perplexity (decoders) or embedding similarity (encoders) on the fixed protocol.
 
+    A decoder with a reference (--reference, or the base model of a compress output) is also
+    measured by its KL divergence from the reference's next-token distributions (mean and
+    99th percentile) and top-1 agreement; the reference's distributions are cached.
+
     Examples:
 
       slimkit eval smollm2-135m
 
-      slimkit eval out/int4 --full
+      slimkit eval out/int4 --full          # ppl, and KLD vs the base model in report.json
+
+      slimkit eval out/int4 --reference smollm2-135m
 
       slimkit eval out/minilm-int8          # cosine vs the base model in report.json
     """
@@ -231,12 +238,13 @@ def eval_(
     loaded = load_model(model)
     split = load_split(settings.data)
     with RichProgress(console) as progress:
-        ref = _reference_of(model, reference) if loaded.kind == "encoder" else None
+        ref = _reference_of(model, reference)
+        ref = None if ref == model and loaded.kind == "causal-lm" else ref
         meter = QualityMeter(loaded, split, settings, progress)
-        if ref is not None:  # encoders are measured against their uncompressed model's embeddings
+        if ref is not None:  # measured against the uncompressed model's embeddings or distributions
             ref_meter = QualityMeter(load_model(ref), split, settings, progress)
             ref_meter.measure("reference")
-            meter.reference = ref_meter.reference
+            meter.reference, meter.base_logprobs = ref_meter.reference, ref_meter.base_logprobs
         quality = meter.measure(model)
     if as_json:
         print(json.dumps({**quality.to_dict(), "model": model, "reference": ref,
@@ -247,6 +255,10 @@ def eval_(
         console.print(f"{model}: perplexity [bold]{quality.value:.3f}[/bold] on {d['tokens']} tokens "
                       f"({d['windows']}/{d['total_windows']} windows, seqlen {d['seqlen']}, split "
                       f"{d['split_hash']}) in {d['seconds']:.1f}s")
+        if quality.divergence is not None:
+            v = quality.divergence
+            console.print(f"  vs {ref}: mean KLD [bold]{v.mean_kld:.4f}[/bold] (99th percentile {v.p99_kld:.4f}), "
+                          f"top-1 agreement {v.top1_agreement:.1%}")
     else:
         console.print(f"{model}: mean cosine to {ref} [bold]{quality.value:.4f}[/bold] (min "
                       f"{d['min_cosine']:.4f}) over {d['texts']} texts, split {d['split_hash']}")
@@ -402,14 +414,15 @@ def _numbers(text: str, kind, option: str, ok, rule: str) -> list:
 
 @bench_app.command("model")
 @friendly_errors
-@settings_options(BenchSettings, ("prompt", "decode", "batch", "windows"))
+@settings_options(BenchSettings, ("prompt", "decode", "batch", "windows", "reference"))
 def bench_model_cmd(
     models: List[str] = typer.Argument(..., help="baseline first; then packed/compressed dirs, names, .gguf"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="also write bench.md and bench.json here"),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     settings=None,
 ) -> None:
-    """Latency, throughput, peak RSS, size and ppl of whole models, each in a fresh process.
+    """Latency, throughput, peak RSS, size, ppl and KL divergence of whole models, each in a fresh
+    process. KLD and top-1 agreement are measured against the baseline (or --reference).
 
     Examples:
 
@@ -499,7 +512,7 @@ def report(
 
 @app.command()
 @friendly_errors
-@settings_options(Constraints, ("max_ppl_increase", "max_memory_mb", "max_decode_ms", "min_throughput"),
+@settings_options(Constraints, ("max_ppl_increase", "max_kld", "max_memory_mb", "max_decode_ms", "min_throughput"),
                   param="constraints")
 def advise(
     model: str = typer.Argument(..., help="zoo name, HF dir or .gguf"),

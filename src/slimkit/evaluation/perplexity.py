@@ -21,6 +21,7 @@ from torch import nn
 from slimkit.data.corpus import TextSplit
 from slimkit.data.tokens import bos_id, token_stream
 from slimkit.errors import DataError
+from slimkit.evaluation.divergence import BaseLogprobs, DivergenceMeter, token_logprobs
 from slimkit.progress import NoProgress, Progress
 
 
@@ -45,6 +46,7 @@ class PerplexityResult:
     seqlen: int
     split_hash: str
     seconds: float
+    divergence: dict | None = None  # KLD from the base model and top-1 agreement (DivergenceResult)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,14 +66,35 @@ def eval_windows(tokenizer: Any, split: TextSplit, seqlen: int) -> torch.Tensor:
     return windows
 
 
-@torch.inference_mode()
-def window_nll(model: nn.Module, windows: torch.Tensor) -> tuple[float, int]:
-    """Summed NLL of tokens 1..L-1 given their prefixes, and how many tokens were predicted."""
-    logits = model(input_ids=windows).logits.float()
+def _nll(logits: torch.Tensor, windows: torch.Tensor) -> tuple[float, int]:
     loss = F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1), reduction="sum"
     )
     return float(loss), windows[:, 1:].numel()
+
+
+@torch.inference_mode()
+def window_nll(model: nn.Module, windows: torch.Tensor) -> tuple[float, int]:
+    """Summed NLL of tokens 1..L-1 given their prefixes, and how many tokens were predicted."""
+    return _nll(model(input_ids=windows).logits.float(), windows)
+
+
+@dataclass
+class LogprobsUse:
+    """What an evaluation does with full distributions: keep this model's as the base (`record`),
+    and/or measure the divergence from a stored base (`compare`)."""
+
+    record: BaseLogprobs | None = None
+    compare: BaseLogprobs | None = None
+
+
+def _use_logprobs(use: LogprobsUse, logits: torch.Tensor, first: int, meter: DivergenceMeter) -> None:
+    lp = token_logprobs(logits)
+    for j in range(lp.shape[0]):
+        if use.record is not None and not use.record.has(first + j):
+            use.record.write(first + j, lp[j])
+        if use.compare is not None:
+            meter.add(use.compare.read(first + j), lp[j])
 
 
 def perplexity(
@@ -81,7 +104,10 @@ def perplexity(
     protocol: PerplexityProtocol = PerplexityProtocol(),
     progress: Progress = NoProgress(),
     description: str = "perplexity",
+    logprobs: LogprobsUse | None = None,
 ) -> PerplexityResult:
+    """ppl on the protocol; with `logprobs`, also records the base distributions or measures the
+    KL divergence from them (in the same forward passes)."""
     if tokenizer is None:
         raise DataError("perplexity needs a tokenizer, and this model directory has none")
     start = time.perf_counter()
@@ -90,11 +116,16 @@ def perplexity(
     if protocol.max_windows is not None:
         windows = windows[: protocol.max_windows]
     batches = list(torch.split(windows, protocol.batch_size))
-    nll, count = 0.0, 0
+    nll, count, first = 0.0, 0, 0
+    meter = DivergenceMeter()
     model.eval()
     for batch in progress.track(batches, description):
-        batch_nll, batch_count = window_nll(model, batch)
-        nll, count = nll + batch_nll, count + batch_count
+        with torch.inference_mode():
+            logits = model(input_ids=batch).logits.float()
+        batch_nll, batch_count = _nll(logits, batch)
+        if logprobs is not None:
+            _use_logprobs(logprobs, logits, first, meter)
+        nll, count, first = nll + batch_nll, count + batch_count, first + batch.shape[0]
     mean = nll / count
     return PerplexityResult(
         ppl=math.exp(mean),
@@ -105,4 +136,5 @@ def perplexity(
         seqlen=protocol.seqlen,
         split_hash=split.split_hash,
         seconds=time.perf_counter() - start,
+        divergence=meter.result().to_dict() if meter.kld else None,
     )

@@ -16,6 +16,8 @@ COLUMNS = (
     "before",
     "after",
     "change",
+    "KLD",
+    "top-1",
     "time s",
 )
 
@@ -30,6 +32,13 @@ def _change(before: Quality, after: Quality) -> str:
     return f"{(after.value / before.value - 1) * 100:+.1f}%"
 
 
+def _divergence(q: Quality) -> dict[str, str]:
+    d = q.divergence
+    if d is None:
+        return {"KLD": "-", "top-1": "-"}
+    return {"KLD": f"{d.mean_kld:.4f}", "top-1": f"{d.top1_agreement:.1%}"}
+
+
 def row(report: CompressReport) -> dict[str, str]:
     comp, size = report.compression, report.size
     return {
@@ -42,6 +51,7 @@ def row(report: CompressReport) -> dict[str, str]:
         "before": _quality(report.baseline),
         "after": _quality(report.compressed),
         "change": _change(report.baseline, report.compressed),
+        **_divergence(report.compressed),
         "time s": f"{comp.seconds:.1f}",
     }
 
@@ -58,6 +68,8 @@ def baseline_row(report: CompressReport) -> dict[str, str]:
         "before": _quality(report.baseline),
         "after": _quality(report.baseline),
         "change": "-",
+        "KLD": "0" if report.compressed.divergence else "-",
+        "top-1": "100%" if report.compressed.divergence else "-",
         "time s": "-",
     }
 
@@ -92,7 +104,9 @@ def metric_legend(report: CompressReport) -> str:
     d = q.details
     return (
         f"quality = perplexity (lower is better) on {d['tokens']} tokens: {d['windows']} of "
-        f"{d['total_windows']} windows of seqlen {d['seqlen']}, split {d['split_hash']}"
+        f"{d['total_windows']} windows of seqlen {d['seqlen']}, split {d['split_hash']}; KLD = mean "
+        "KL(base || compressed) of the next-token distributions over the same tokens (0 = unchanged), "
+        "top-1 = how often both models rank the same next token first"
     )
 
 
@@ -104,6 +118,7 @@ def report_markdown(report: CompressReport) -> str:
         markdown_table(rows),
         "",
         f"- {metric_legend(report)}",
+        *divergence_lines(report.compressed),
         f"- protocol: {report.protocol}",
         f"- data: {report.data['description']}",
         "- dense MB: the uncompressed tensors; packed MB: the same model in its packed format, "
@@ -131,6 +146,14 @@ def report_markdown(report: CompressReport) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def divergence_lines(q: Quality) -> list[str]:
+    d = q.divergence
+    if d is None:
+        return []
+    return [f"- divergence from the base model over {d.tokens} tokens: mean KLD {d.mean_kld:.4f}, "
+            f"99th percentile {d.p99_kld:.4f}, top-1 agreement {d.top1_agreement:.1%}"]
 
 
 def structure_lines(details: list[dict]) -> list[str]:
