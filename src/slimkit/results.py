@@ -151,6 +151,27 @@ class BenchRow(Result):
     throughput_ratio: float | None = None
 
 
+class LlamaCppRow(Result):
+    """One GGUF measured by llama.cpp's own tools (`bench model --runtime llamacpp`,
+    `benchmarks/peer_llamacpp.py`): llama-bench speeds, llama-perplexity ppl and KL divergence
+    from the first row's model on the same chunks."""
+
+    model: str
+    made_by: str  # "slimkit ..." or "llama.cpp ..."
+    gguf: str
+    file_mb: float
+    bits_per_weight: float  # file bytes * 8 / parameters, llama.cpp's BPW
+    ppl: float
+    mean_kld: float
+    p99_kld: float
+    top1_agreement: float
+    prefill_tok_s: float
+    decode_tok_s: float
+    decode_tok_s_std: float
+    threads: int
+    chunks: int  # llama-perplexity chunks of 512 tokens scored
+
+
 class AdviseRow(BenchRow):
     """A benchmark row of one advisor candidate, with where it stands in the framework."""
 

@@ -85,7 +85,7 @@ def _layer_rows(result: CompressionResult, model: torch.nn.Module, stored_bits: 
     rows = []
     for name, rec in result.records.items():
         w = params[name + ".weight"]
-        bits = f"{rec.quant.spec.bits}" if rec.quant else f"{stored_bits}"
+        bits = rec.ggml.qtype if rec.ggml else f"{rec.quant.spec.bits}" if rec.quant else f"{stored_bits}"
         if rec.quant and rec.quant.spec.group_size:
             bits += f" g{rec.quant.spec.group_size}"
         rows.append(LayerRow(name=name, kind=rec.kind, shape=list(rec.shape),

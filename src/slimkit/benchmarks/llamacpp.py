@@ -10,6 +10,7 @@ ctx/2, each predicted from all before it in its chunk.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -32,19 +33,80 @@ def tool(name: str) -> Path | None:
     return path if path.is_file() and os.access(path, os.X_OK) else None
 
 
-def llamacpp_perplexity(gguf: Path, text_file: Path, ctx: int = 512, chunks: int = 8, threads: int = 2) -> float:
-    """`llama-perplexity`'s final estimate on `text_file`."""
-    binary = tool("llama-perplexity")
+def _run(name: str, args: list[str], what: str) -> str:
+    """A llama.cpp tool's combined output; a clear error when it is missing or fails."""
+    binary = tool(name)
     if binary is None:
-        raise SlimkitError("llama-perplexity is not built: run `make peers`")
+        raise SlimkitError(f"{name} is not built: run `make peers` (or set SLIMKIT_LLAMA_CPP to a llama.cpp bin dir)")
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # spinning threads stall a 2-core machine
-    cmd = [str(binary), "-m", str(gguf), "-f", str(text_file), "-c", str(ctx), "-b", str(ctx),
-           "--chunks", str(chunks), "-t", str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
-    found = _FINAL.search(proc.stdout + proc.stderr)
-    if proc.returncode or not found:
-        raise SlimkitError(f"llama-perplexity failed on {gguf}:\n{(proc.stdout + proc.stderr)[-2000:]}")
+    proc = subprocess.run([str(binary), *args], capture_output=True, text=True, env=env, timeout=3600)
+    if proc.returncode:
+        raise SlimkitError(f"{name} failed on {what}:\n{(proc.stdout + proc.stderr)[-2000:]}")
+    return proc.stdout + proc.stderr
+
+
+def _scoring_args(ctx: int, chunks: int, threads: int) -> list[str]:
+    return ["-c", str(ctx), "-b", str(ctx), "--chunks", str(chunks), "-t", str(threads)]
+
+
+def llamacpp_perplexity(gguf: Path, text_file: Path, ctx: int = 512, chunks: int = 8, threads: int = 2,
+                        save_logits: Path | None = None) -> float:
+    """`llama-perplexity`'s final estimate on `text_file`; with `save_logits`, it also stores the
+    model's distributions there (--kl-divergence-base) for `llamacpp_divergence`."""
+    extra = ["--kl-divergence-base", str(save_logits)] if save_logits is not None else []
+    out = _run("llama-perplexity", ["-m", str(gguf), "-f", str(text_file), *_scoring_args(ctx, chunks, threads),
+                                    *extra], str(gguf))
+    found = _FINAL.search(out)
+    if not found:
+        raise SlimkitError(f"llama-perplexity printed no estimate for {gguf}:\n{out[-2000:]}")
     return float(found.group(1))
+
+
+_STATS = {"ppl": r"Mean PPL\(Q\)\s*:\s*([0-9.]+)", "mean_kld": r"Mean\s+KLD:\s*([0-9.]+)",
+          "p99_kld": r"99\.0%\s+KLD:\s*([0-9.]+)", "top1_agreement": r"Same top p:\s*([0-9.]+)"}
+
+
+def llamacpp_divergence(gguf: Path, base_logits: Path, ctx: int = 512, chunks: int = 8, threads: int = 2
+                        ) -> dict[str, float]:
+    """llama-perplexity --kl-divergence against the base's saved distributions (same text, same
+    chunks): ppl, mean and 99th-percentile KLD, top-1 agreement (a fraction)."""
+    out = _run("llama-perplexity", ["-m", str(gguf), "--kl-divergence-base", str(base_logits), "--kl-divergence",
+                                    *_scoring_args(ctx, chunks, threads)], str(gguf))
+    stats = {}
+    for key, pattern in _STATS.items():
+        found = re.search(pattern, out)
+        if not found:
+            raise SlimkitError(f"llama-perplexity printed no '{key}' for {gguf}:\n{out[-2000:]}")
+        stats[key] = float(found.group(1))
+    stats["top1_agreement"] /= 100
+    return stats
+
+
+def llamacpp_speed(gguf: Path, prompt: int = 128, decode: int = 32, threads: int = 2, repeats: int = 3
+                   ) -> dict[str, float]:
+    """llama-bench: prefill and decode tokens/s (mean of `repeats`), and the weights' bytes."""
+    out = _run("llama-bench", ["-m", str(gguf), "-p", str(prompt), "-n", str(decode), "-t", str(threads),
+                               "-r", str(repeats), "-o", "json"], str(gguf))
+    rows = json.loads(out[out.index("["): out.rindex("]") + 1])
+    prefill = next(r for r in rows if r["n_prompt"] and not r["n_gen"])
+    decode_row = next(r for r in rows if r["n_gen"] and not r["n_prompt"])
+    return {"prefill_tok_s": prefill["avg_ts"], "decode_tok_s": decode_row["avg_ts"],
+            "decode_tok_s_std": decode_row["stddev_ts"], "weights_bytes": prefill["model_size"],
+            "parameters": prefill["model_n_params"]}
+
+
+def make_imatrix(base: Path, text_file: Path, out: Path, ctx: int, chunks: int, threads: int = 2) -> Path:
+    """llama-imatrix on `text_file` (chunks of `ctx` tokens): the importance matrix llama-quantize reads."""
+    _run("llama-imatrix", ["-m", str(base), "-f", str(text_file), "-o", str(out), *_scoring_args(ctx, chunks, threads)],
+         str(base))
+    return out
+
+
+def llamacpp_quantize(base: Path, out: Path, ftype: str, imatrix: Path | None = None, threads: int = 2) -> Path:
+    """llama-quantize `base` to `ftype` (Q4_0, Q4_K_M, ...), with an imatrix when given."""
+    extra = ["--imatrix", str(imatrix)] if imatrix is not None else []
+    _run("llama-quantize", [*extra, str(base), str(out), ftype, str(threads)], str(base))
+    return out
 
 
 @torch.no_grad()

@@ -330,8 +330,12 @@ def export(
     source: str = typer.Argument(..., help="a compress or pack output dir, or any model"),
     to: str = typer.Option(..., "--to", help="hf | compressed-tensors | gguf"),
     output: Path = typer.Option(..., "--output", "-o", help="output dir (written atomically)"),
-    gguf_type: str = typer.Option("auto", help="gguf: auto (int4 codes -> Q4_0/Q4_1, int8 -> Q8_0, rest F16), "
-                                  "q8_0, q4_0, f16, f32"),
+    gguf_type: str = typer.Option("auto", "--gguf-type", "--type",
+                                  help="gguf: auto (keeps what compression decided: gguf_quantize blocks, int4 "
+                                  "codes -> Q4_0/Q4_1, int8 -> Q8_0, rest F16); a llama.cpp file type with its "
+                                  "per-tensor mix: q4_k_m, q4_k_s, q5_k_m, q5_k_s, q6_k, q5_0 (fitted here, "
+                                  "uncalibrated, unless a gguf_quantize step chose the codes); or q8_0, q4_0, "
+                                  "f16, f32"),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="load the export in transformers and compare "
                                 "its perplexity with slimkit's own evaluation"),
     windows: str = typer.Option(windows_text(QUICK.eval_windows), metavar="N|all",
@@ -349,11 +353,14 @@ def export(
 
       slimkit export out/int4-packed --to gguf -o out/int4-gguf
 
+      slimkit compress smollm2-135m -r gguf-q4_k_m -o out/q4km && slimkit export out/q4km --to gguf -o out/q4km-gguf
+
       slimkit export out/sparse24 --to hf -o out/sparse24-dense
     """
     from slimkit.export.gguf_file import QTYPES
     from slimkit.export.job import export_model
 
+    gguf_type = gguf_type.lower()
     if gguf_type not in QTYPES:
         raise SlimkitError(f"--gguf-type must be one of {', '.join(QTYPES)}")
     with reserve_output(output, overwrite, inputs=[source]):
@@ -419,29 +426,47 @@ def bench_model_cmd(
     models: List[str] = typer.Argument(..., help="baseline first; then packed/compressed dirs, names, .gguf"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="also write bench.md and bench.json here"),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+    runtime: str = typer.Option("torch", help="torch: slimkit's own modules and kernels, each model in a fresh "
+                                "process; llamacpp: llama.cpp's llama-bench and llama-perplexity on GGUF files "
+                                "(models that are not GGUF are exported first; needs `make peers`)"),
+    threads: int = typer.Option(2, min=1, help="llamacpp: threads for llama-bench and llama-perplexity"),
     settings=None,
 ) -> None:
     """Latency, throughput, peak RSS, size, ppl and KL divergence of whole models, each in a fresh
     process. KLD and top-1 agreement are measured against the baseline (or --reference).
+
+    With --runtime llamacpp the models run in llama.cpp instead: prefill/decode tok/s from
+    llama-bench, ppl and KLD vs the baseline from llama-perplexity, file size and bits per weight.
 
     Examples:
 
       slimkit pack smollm2-135m --format int4 -o out/int4 && slimkit bench model smollm2-135m out/int4
 
       slimkit bench model smollm2-135m out/int8 out/int4 --windows 0
+
+      slimkit bench model smollm2-135m out/q4km --runtime llamacpp    # out/q4km: a gguf-q4_k_m compress
     """
     import contextlib
+    import tempfile
 
     from slimkit.benchmarks import model as bench
     from slimkit.io.outputs import output_directory
     from slimkit.progress import RichProgress
 
+    if runtime not in ("torch", "llamacpp"):
+        raise SlimkitError(f"--runtime must be torch or llamacpp, not {runtime}")
     with reserve_output(output, overwrite, inputs=models) if output else contextlib.nullcontext():
         for m in models:
             _outline_of(m)
-        with RichProgress(console) as progress:
-            rows = bench.run(models, settings, progress)
-        md = bench.table(rows)
+        with RichProgress(console) as progress, tempfile.TemporaryDirectory(prefix="slimkit-llamacpp-") as work:
+            if runtime == "llamacpp":
+                from slimkit.benchmarks.llamacpp_model import llamacpp_table, run_llamacpp
+
+                rows = run_llamacpp(models, settings, Path(work), threads, progress)
+                md = llamacpp_table(rows)
+            else:
+                rows = bench.run(models, settings, progress)
+                md = bench.table(rows)
         console.print(md)
         if output is not None:
             with output_directory(output, overwrite, inputs=models, command="bench model") as tmp:

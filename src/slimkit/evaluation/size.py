@@ -34,13 +34,15 @@ def files_bytes(directory: str | Path, pattern: str = "*.safetensors") -> int:
 def packed_bytes(record) -> int:
     """Bytes one compressed tensor takes in its packed format, by the format's arithmetic.
 
-    Quantized: codes + scales (+ zero points). Pruned only: the smaller of dense and a bitmask
-    plus the kept values. Otherwise dense.
+    Quantized: codes + scales (+ zero points); llama.cpp blocks: their bytes. Pruned only: the
+    smaller of dense and a bitmask plus the kept values. Otherwise dense.
     """
     from slimkit.quantization.rtn import bytes_per_weight
 
     numel = math.prod(record.shape)
     dense = numel * record.element_size
+    if record.ggml is not None:
+        return record.ggml.blocks.numel()
     if record.quant is not None:
         return round(numel * bytes_per_weight(record.quant.spec, record.shape[-1]))
     if record.mask is not None:

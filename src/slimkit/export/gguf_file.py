@@ -1,8 +1,13 @@
 """Export a LLaMA-family model to GGUF (llama.cpp), with the `gguf` package's writer and quantizers.
 
-Linears go out as Q8_0 or Q4_0 (blocks of 32, one fp16 scale each) or F16; norms as F32, the
-embedding as F16. Q/K rows are permuted to llama.cpp's rotary layout (transformers' GGUF
-loader undoes it). Tokenizer and model metadata: see `gguf_metadata.py`.
+Types: a llama.cpp file type (Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, Q5_0) gives every tensor the
+type llama.cpp's mix gives it (quantization/gguf_mix.py); blocks a `gguf_quantize` step chose
+are written as they are ("codes kept"), other tensors are fitted here without calibration
+(importance-weighted search, uniform importance). Q8_0, Q4_0 and F16/F32 are the simple types;
+`auto` keeps what compression decided (gguf_quantize blocks, int4 codes as Q4_0/Q4_1, int8 as
+Q8_0, the rest F16). Norms are F32. Q/K rows are permuted to llama.cpp's rotary layout
+(transformers' GGUF loader undoes it); rows move whole, so packed blocks move with them.
+Tokenizer and model metadata: see `gguf_metadata.py`.
 
 Requantizing int4 codes of groups of 64 into Q4_0 blocks of 32 is not lossless (Q4_0 picks its
 own scale per 32), so the export is verified by perplexity, not bit for bit.
@@ -11,6 +16,7 @@ own scale per 32), so the export is verified by perplexity, not bit for bit.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +25,12 @@ import torch
 from slimkit.errors import SlimkitError
 from slimkit.export.gguf_metadata import copy_from_gguf, describe_from_hf, pre_tokenizer
 from slimkit.formats import packed_layers
+from slimkit.formats.ggml import pack_blocks
+from slimkit.quantization.ggml_grids import fit_grid, round_codes
+from slimkit.quantization.gguf_mix import tensor_type
 
-QTYPES = ("auto", "q8_0", "q4_0", "f16", "f32")
+MIXES = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q5_0")
+QTYPES = ("auto", *MIXES, "q8_0", "q4_0", "f16", "f32")
 
 
 def _permute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -56,14 +66,40 @@ def int4_blocks(mod) -> tuple[np.ndarray, object] | None:
     return np.concatenate(parts, axis=-1).reshape(rows, -1), qtype
 
 
-def _qtype_for(name: str, fmt: str | None, requested: str):
-    import gguf
+@dataclass(frozen=True)
+class _Plan:
+    """How tensors are typed: the type asked for, and the llama.cpp file type whose mix applies."""
 
-    t = gguf.GGMLQuantizationType
-    table = {"q8_0": t.Q8_0, "q4_0": t.Q4_0, "f16": t.F16, "f32": t.F32}
-    if requested != "auto":
-        return table[requested]
-    return {"int4": t.Q4_0, "int8": t.Q8_0, "w8a8": t.Q8_0}.get(fmt, t.F16)
+    requested: str  # one of QTYPES
+    mix: str | None  # "Q4_K_M" ... or None (the simple types)
+    n_layers: int
+    tied: bool  # no output tensor: llama.cpp reuses token_embd as the head
+
+    def keeps(self, mod) -> bool:
+        """Are a packed layer's own codes written as they are?"""
+        if mod.format == "ggml":
+            return self.requested == "auto" or self.requested.upper() == mod.meta["ftype"]
+        return mod.format == "int4" and self.requested in ("auto", "q4_0")
+
+    def simple_type(self, fmt: str | None, module) -> str:
+        if self.requested in ("q8_0", "q4_0", "f16", "f32"):
+            return "F32" if self.requested == "f32" else "F16" if isinstance(module, torch.nn.Embedding) else \
+                self.requested.upper()
+        return "F16" if isinstance(module, torch.nn.Embedding) else \
+            {"int4": "Q4_0", "int8": "Q8_0", "w8a8": "Q8_0"}.get(fmt, "F16")
+
+
+def plan_types(model: torch.nn.Module, packed: dict, requested: str) -> _Plan:
+    if requested not in QTYPES:
+        raise SlimkitError(f"unknown GGUF type {requested}; choose one of {', '.join(QTYPES)}")
+    mix = requested.upper() if requested in MIXES else None
+    if requested == "auto":
+        mixes = sorted({m.meta["ftype"] for m in packed.values() if m.format == "ggml"})
+        if len(mixes) > 1:
+            raise SlimkitError(f"this model mixes llama.cpp file types {mixes}; pass --gguf-type")
+        mix = mixes[0] if mixes else None
+    tied = getattr(model.config, "tie_word_embeddings", False) and "lm_head" not in packed
+    return _Plan(requested, mix, model.config.num_hidden_layers, tied)
 
 
 def _tokenizer_from_hf(writer, tokenizer) -> None:
@@ -93,15 +129,36 @@ def _tokenizer_from_hf(writer, tokenizer) -> None:
         writer.add_chat_template(tokenizer.chat_template)
 
 
-def _permuted_int4_blocks(mod, module_name: str, config):
-    """q/k rows are permuted for llama.cpp; rows move whole, so the codes and scales move with them."""
+def _row_order(module_name: str, config, rows: int) -> np.ndarray | None:
+    """llama.cpp's rotary row order for q/k (None for other tensors)."""
+    if not module_name.endswith(("q_proj", "k_proj")):
+        return None
     heads = config.num_attention_heads if module_name.endswith("q_proj") else config.num_key_value_heads
-    idx = _permute(np.arange(mod.out_features)[:, None], heads)[:, 0]
-    blocks = int4_blocks(mod)
-    return None if blocks is None else (blocks[0][idx], blocks[1])
+    return _permute(np.arange(rows)[:, None], heads)[:, 0]
 
 
-def _write_metadata(writer, config, packed: dict, qtype: str) -> None:
+def _kept_blocks(mod) -> tuple[np.ndarray, object] | None:
+    """A packed layer's own codes as GGUF blocks: gguf_quantize blocks, or int4 as Q4_0/Q4_1."""
+    import gguf
+
+    if mod.format == "ggml":
+        return mod.blocks.numpy(), gguf.GGMLQuantizationType[mod.meta["ggml_type"]]
+    return int4_blocks(mod)
+
+
+def _file_type(packed: dict, plan: _Plan):
+    import gguf
+
+    if plan.mix is not None:
+        return gguf.LlamaFileType[f"MOSTLY_{plan.mix}"]
+    if plan.requested in ("f16", "f32"):
+        return gguf.LlamaFileType.MOSTLY_F16 if plan.requested == "f16" else gguf.LlamaFileType.ALL_F32
+    int4 = any(m.format == "int4" for m in packed.values())
+    return gguf.LlamaFileType.MOSTLY_Q4_0 if plan.requested == "q4_0" or (plan.requested == "auto" and int4) \
+        else gguf.LlamaFileType.MOSTLY_Q8_0
+
+
+def _write_metadata(writer, config, packed: dict, plan: _Plan) -> None:
     import gguf
 
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -115,52 +172,56 @@ def _write_metadata(writer, config, packed: dict, qtype: str) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0 if qtype in ("auto", "q4_0") and any(
-        m.format == "int4" for m in packed.values()) else gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_file_type(_file_type(packed, plan))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _weights(model: torch.nn.Module, packed: dict):
-    """(module name, module, fp32 weight, packed format or None) for every tensor GGUF stores."""
-    tied = getattr(model.config, "tie_word_embeddings", False) and "lm_head" not in packed
+def _weights(model: torch.nn.Module, packed: dict, plan: _Plan):
+    """(module name, module, fp32 weight, packed layer or None) for every tensor GGUF stores."""
     for module_name, module in model.named_modules():
         if module_name in packed:
-            yield module_name, module, packed[module_name].dequantize(), packed[module_name].format
+            yield module_name, module, packed[module_name].dequantize(), packed[module_name]
         elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) or type(module).__name__.endswith("RMSNorm"):
-            if module_name == "lm_head" and tied:
+            if module_name == "lm_head" and plan.tied:
                 continue  # llama.cpp reuses token_embd when there is no output tensor
             yield module_name, module, module.weight.detach().float(), None
 
 
-def _add_tensor(writer, gname: str, module_name: str, module, weight: torch.Tensor, fmt: str | None,
-                packed: dict, qtype: str, config) -> str:
-    """Write one tensor; returns the GGUF type it was stored as (int4 codes are kept as they are)."""
+def _fitted_blocks(data: np.ndarray, qtype: str) -> np.ndarray:
+    """Blocks of `qtype` fitted here, without calibration (uniform importance, round to nearest)."""
+    w = torch.from_numpy(data)
+    grid = fit_grid(qtype, w)
+    return pack_blocks(round_codes(w, grid), grid)
+
+
+def _add_tensor(writer, gname: str, module_name: str, module, weight: torch.Tensor, mod, plan: _Plan,
+                config) -> str:
+    """Write one tensor; returns the GGUF type it was stored as ("... (codes kept)" when the
+    packed layer's own blocks went out as they are)."""
     import gguf
 
-    if fmt == "int4" and qtype in ("auto", "q4_0"):
-        direct = (_permuted_int4_blocks(packed[module_name], module_name, config)
-                  if module_name.endswith(("q_proj", "k_proj")) else int4_blocks(packed[module_name]))
-        if direct is not None:
-            writer.add_tensor(gname + ".weight", direct[0], raw_dtype=direct[1])
-            return direct[1].name + " (codes kept)"
+    order = _row_order(module_name, config, weight.shape[0])
+    kept = _kept_blocks(mod) if mod is not None and plan.keeps(mod) else None
+    if kept is not None:
+        blocks = kept[0] if order is None else kept[0][order]
+        writer.add_tensor(gname + ".weight", blocks, raw_dtype=kept[1])
+        return kept[1].name + " (codes kept)"
     data = weight.numpy().astype(np.float32)
-    if module_name.endswith("q_proj"):
-        data = _permute(data, config.num_attention_heads)
-    elif module_name.endswith("k_proj"):
-        data = _permute(data, config.num_key_value_heads)
+    data = data if order is None else data[order]
     if data.ndim == 1:
-        t = gguf.GGMLQuantizationType.F32
-    elif isinstance(module, torch.nn.Embedding):
-        t = gguf.GGMLQuantizationType.F16
+        t = "F32"
+    elif plan.mix is not None:
+        t = tensor_type(plan.mix, module_name, plan.n_layers, data.shape[1], plan.tied)
     else:
-        t = _qtype_for(module_name, fmt, qtype)
-    if t == gguf.GGMLQuantizationType.F16:
-        writer.add_tensor(gname + ".weight", data.astype(np.float16))
-    elif t == gguf.GGMLQuantizationType.F32:
-        writer.add_tensor(gname + ".weight", data)
+        t = plan.simple_type(mod.format if mod is not None else None, module)
+    if t in ("F16", "F32"):
+        writer.add_tensor(gname + ".weight", data.astype(np.float16 if t == "F16" else np.float32))
+    elif t in ("Q8_0", "Q4_0") and plan.mix is None:
+        writer.add_tensor(gname + ".weight", gguf.quants.quantize(data, gguf.GGMLQuantizationType[t]),
+                          raw_dtype=gguf.GGMLQuantizationType[t])
     else:
-        writer.add_tensor(gname + ".weight", gguf.quants.quantize(data, t), raw_dtype=t)
-    return t.name
+        writer.add_tensor(gname + ".weight", _fitted_blocks(data, t), raw_dtype=gguf.GGMLQuantizationType[t])
+    return t
 
 
 def check_gguf_export(model: torch.nn.Module, tokenizer, source_gguf: Path | None) -> None:
@@ -186,19 +247,20 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: Path, qtype: str = "aut
     config = model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     packed = packed_layers(model)
+    plan = plan_types(model, packed, qtype)
     writer = gguf.GGUFWriter(str(path), "llama")
-    _write_metadata(writer, config, packed, qtype)
+    _write_metadata(writer, config, packed, plan)
     if source_gguf is not None:
         copy_from_gguf(writer, source_gguf)
     else:
         _tokenizer_from_hf(writer, tokenizer)
         describe_from_hf(writer, source_dir, sum(p.numel() for p in model.parameters()))
     counts: dict[str, int] = {}
-    for module_name, module, weight, fmt in _weights(model, packed):
+    for module_name, module, weight, mod in _weights(model, packed, plan):
         gname = names.get_name(module_name)
         if gname is None:
             raise SlimkitError(f"GGUF export: no llama.cpp name for {module_name}")
-        stored = _add_tensor(writer, gname, module_name, module, weight, fmt, packed, qtype, config)
+        stored = _add_tensor(writer, gname, module_name, module, weight, mod, plan, config)
         counts[stored] = counts.get(stored, 0) + 1
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -46,6 +46,8 @@ def pack_linear(module: nn.Linear, record=None, fmt: str = AUTO, group_size: int
         if fmt in ("sparse", "2:4"):
             return cls.from_dense(w, bias, mask=mask)
         return cls.from_dense(w, bias, group_size=group_size)
+    if record is not None and record.ggml is not None:  # llama.cpp blocks, exactly as decided
+        return format_class("ggml").from_codes(record.ggml, w.shape[1], bias)
     if quant is not None:
         spec = quant.spec
         if is_24(mask):

@@ -69,3 +69,27 @@ class AWQConfig(StepConfig, QuantFields):
 
     def summary(self) -> str:
         return f"AWQ {self.describe()}" + (" +GPTQ" if self.quantizer == "gptq" else "")
+
+
+class GGUFQuantizeConfig(StepConfig):
+    """llama.cpp's GGUF types (K-quants and the legacy ones), with codes chosen by calibration.
+
+    Each linear gets the GGML type llama.cpp's mix gives it in a file of `gguf_type`
+    (quantization/gguf_mix.py); its grid (scales, offsets, 6-bit sub-block scales) is fitted
+    with the layer's importance (imatrix: mean x^2 of its input), then GPTQ rounds every weight
+    onto that grid (`solver: gptq`), or round-to-nearest does (`solver: imatrix`, llama.cpp's
+    own method, the baseline). The packed blocks are what `slimkit export --to gguf` writes.
+    """
+
+    method: Literal["gguf_quantize"] = "gguf_quantize"
+    needs_calibration: ClassVar[bool] = True
+    gguf_type: Literal["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q6_K", "Q8_0", "Q5_0", "Q4_0"] = Field(
+        "Q4_K_M", description="llama.cpp file type: the per-tensor type mix")
+    solver: Literal["gptq", "imatrix"] = Field("gptq", description="gptq: codes by GPTQ on the fitted grid; "
+                                               "imatrix: round-to-nearest on it (llama.cpp's method)")
+    act_order: bool = Field(True, description="GPTQ: columns by decreasing diag(H) (the grid is fixed, so free)")
+    blocksize: int = Field(128, gt=0, description="GPTQ: columns per lazy-update block")
+    percdamp: float = Field(0.01, gt=0.0, description="GPTQ: damping, as a fraction of mean(diag H)")
+
+    def summary(self) -> str:
+        return f"GGUF {self.gguf_type} ({'GPTQ' if self.solver == 'gptq' else 'imatrix RTN'} on llama.cpp's grids)"

@@ -11,6 +11,7 @@ from torch import nn
 
 from slimkit.models.adapters import ArchitectureAdapter
 from slimkit.progress import NoProgress, Progress
+from slimkit.quantization.ggml_grids import GGMLCodes
 from slimkit.quantization.rtn import QuantParams
 
 
@@ -24,6 +25,7 @@ class LayerRecord:
     element_size: int = 4  # bytes per element of the dense tensor
     mask: torch.Tensor | None = None  # bool, True = kept
     quant: QuantParams | None = None
+    ggml: GGMLCodes | None = None  # llama.cpp blocks chosen by a gguf_quantize step
     methods: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # e.g. a damping that had to be raised
 

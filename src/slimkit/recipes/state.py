@@ -1,7 +1,8 @@
 """What compression did to each tensor, kept beside a compressed model: `compression.safetensors`.
 
 Masks are bit-packed; quantized layers keep their scales and zero points (the codes are
-recomputed from the saved weights, which lie exactly on their grid). Packing and export read it.
+recomputed from the saved weights, which lie exactly on their grid); layers quantized to a
+llama.cpp type keep their packed blocks as they are. Packing and export read it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def save_compression_state(records: dict[str, LayerRecord], path: Path) -> None:
             tensors[f"{name}.scale"] = rec.quant.scale.contiguous()
             if rec.quant.zero is not None:
                 tensors[f"{name}.zero_point"] = rec.quant.zero.to(torch.int8).contiguous()
+        if rec.ggml is not None:
+            entry["ggml"] = {"type": rec.ggml.qtype, "ftype": rec.ggml.ftype}
+            tensors[f"{name}.ggml_blocks"] = rec.ggml.blocks.contiguous()
         layers[name] = entry
     save_file(tensors, str(path), metadata={"slimkit_layers": json.dumps(layers)})
 
@@ -49,6 +53,7 @@ def load_compression_state(path: Path, model: torch.nn.Module) -> dict[str, Laye
     from safetensors import SafetensorError, safe_open
 
     from slimkit.errors import SlimkitError
+    from slimkit.quantization.ggml_grids import GGMLCodes
     from slimkit.quantization.rtn import QuantParams, QuantSpec, quantize
 
     try:
@@ -71,5 +76,7 @@ def load_compression_state(path: Path, model: torch.nn.Module) -> dict[str, Laye
             zero = zero.to(torch.int32) if zero is not None else None
             weight = model.get_submodule(name).weight.detach().float()
             rec.quant = QuantParams(spec, quantize(weight, scale, zero, spec), scale, zero)
+        if "ggml" in entry:
+            rec.ggml = GGMLCodes(entry["ggml"]["type"], entry["ggml"]["ftype"], tensors[f"{name}.ggml_blocks"])
         records[name] = rec
     return records

@@ -1,0 +1,68 @@
+"""llama.cpp's per-tensor type mix for a GGUF file type (Q4_K_M, Q4_K_S, ...), as data and rules.
+
+A file type names a default GGML type and the tensors that get more bits (llama-quant.cpp,
+llama_tensor_get_type, for dense LLaMA-family models): the output head (and a tied token
+embedding) goes to Q6_K; `_M` gives Q6_K to attn_v and ffn_down of the layers `use_more_bits`
+picks (the first and last eighth, and every third between); `_S` gives Q5_K to the first
+four attn_v and the first eighth of ffn_down. A type whose blocks do not tile a row falls back
+(Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, then F16): SmolLM2's 576-wide rows are not a multiple
+of 256, so most of its "Q4_K_M" is Q5_0, as llama-quantize makes it.
+"""
+
+from __future__ import annotations
+
+import re
+
+from slimkit.errors import SlimkitError
+from slimkit.quantization.ggml_grids import TYPES
+
+FILE_TYPES = {"Q4_K_M": "Q4_K", "Q4_K_S": "Q4_K", "Q5_K_M": "Q5_K", "Q5_K_S": "Q5_K", "Q6_K": "Q6_K",
+              "Q8_0": "Q8_0", "Q5_0": "Q5_0", "Q4_0": "Q4_0"}
+FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+ROLES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+         "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down", "lm_head": "output",
+         "embed_tokens": "token_embd"}
+
+
+def file_type(name: str) -> str:
+    key = name.upper()
+    if key not in FILE_TYPES:
+        raise SlimkitError(f"unknown GGUF file type {name}; known: {', '.join(FILE_TYPES)}")
+    return key
+
+
+def use_more_bits(layer: int, n_layers: int) -> bool:
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def role_and_layer(module_name: str) -> tuple[str, int | None]:
+    """('attn_v', 3) for 'model.layers.3.self_attn.v_proj'; ('output', None) for 'lm_head'."""
+    leaf = module_name.rsplit(".", 1)[-1]
+    if leaf not in ROLES:
+        raise SlimkitError(f"{module_name}: no llama.cpp tensor role for '{leaf}'")
+    found = re.search(r"layers\.(\d+)\.", module_name)
+    return ROLES[leaf], int(found.group(1)) if found else None
+
+
+def _preferred(ftype: str, role: str, layer: int | None, n_layers: int, cols: int, tied: bool) -> str:
+    base = FILE_TYPES[ftype]
+    if role == "output" or (tied and role == "token_embd"):
+        return "Q8_0" if cols % TYPES[base].row_multiple or base == "Q8_0" else "Q6_K"
+    if role in ("attn_v", "ffn_down") and layer is not None:
+        if ftype in ("Q4_K_M", "Q5_K_M") and use_more_bits(layer, n_layers):
+            return "Q6_K"
+        if ftype == "Q4_K_S" and (layer < 4 if role == "attn_v" else layer < n_layers // 8):
+            return "Q5_K"
+    return base
+
+
+def tensor_type(ftype: str, module_name: str, n_layers: int, cols: int, tied: bool = False) -> str:
+    """The GGML type llama.cpp gives this tensor in a file of type `ftype` ("F16" when no
+    quantized type tiles its rows)."""
+    role, layer = role_and_layer(module_name)
+    qtype = _preferred(file_type(ftype), role, layer, n_layers, cols, tied)
+    while cols % TYPES[qtype].row_multiple:
+        if qtype not in FALLBACK:
+            return "F16"
+        qtype = FALLBACK[qtype]
+    return qtype

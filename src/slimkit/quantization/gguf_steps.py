@@ -1,0 +1,52 @@
+"""Recipe step handler for gguf_quantize: llama.cpp's types with calibrated codes."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slimkit.calibration.runner import run_calibrated
+from slimkit.calibration.stats import StatsRequest
+from slimkit.errors import RecipeError
+from slimkit.formats.ggml import pack_blocks
+from slimkit.quantization.config import GGUFQuantizeConfig
+from slimkit.quantization.ggml_grids import GGMLCodes, fit_grid, grid_values, round_codes
+from slimkit.quantization.gguf_mix import tensor_type
+from slimkit.quantization.grid_gptq import gptq_on_grid
+from slimkit.recipes.context import LayerRecord, StepContext
+from slimkit.recipes.registry import register_step
+
+
+def _quantize_linear(config: GGUFQuantizeConfig, qtype: str, module: nn.Module, hessian: torch.Tensor,
+                     record: LayerRecord, name: str) -> None:
+    w = module.weight.detach().float()
+    grid = fit_grid(qtype, w, torch.diagonal(hessian))
+    if config.solver == "gptq":
+        codes, damp = gptq_on_grid(w, hessian, grid, config.percdamp, config.blocksize, config.act_order, name)
+        if damp > config.percdamp:
+            record.notes.append(f"{config.summary()}: damping raised to {damp:.3g}")
+    else:
+        codes = round_codes(w, grid)
+    module.weight.data.copy_(grid_values(codes, grid).to(module.weight.dtype))
+    record.ggml = GGMLCodes(qtype, config.gguf_type, torch.from_numpy(pack_blocks(codes, grid)))
+    record.methods.append(f"{config.summary()}: {qtype}")
+
+
+@register_step(GGUFQuantizeConfig)
+def apply_gguf_quantize(config: GGUFQuantizeConfig, ctx: StepContext) -> None:
+    n_layers = ctx.state.model.config.num_hidden_layers
+
+    def qtype_of(name: str, module: nn.Module) -> str:
+        qtype = tensor_type(config.gguf_type, name, n_layers, module.weight.shape[1])
+        if qtype == "F16":
+            raise RecipeError(f"{name}: rows of {module.weight.shape[1]} weights fit no GGML block type")
+        return qtype
+
+    def block(work, selected):
+        for name, module in ctx.run.progress.track(list(selected.items()), f"block {work.index}: linears"):
+            if ctx.state.records[name].mask is not None:
+                raise RecipeError(f"{name}: gguf_quantize after pruning is not supported (GGUF has no sparse type)")
+            _quantize_linear(config, qtype_of(name, module), module, work.stats[name].hessian,
+                             ctx.state.records[name], name)
+
+    run_calibrated(config, ctx, StatsRequest(hessian=True), block, qtype_of)
