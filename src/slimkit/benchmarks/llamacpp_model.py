@@ -10,6 +10,7 @@ agreement. Threads spin in llama.cpp unless OMP_WAIT_POLICY=PASSIVE, which is se
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from slimkit.benchmarks.llamacpp import llamacpp_divergence, llamacpp_perplexity, llamacpp_speed
@@ -54,37 +55,65 @@ def file_type_name(gguf: Path) -> str:
     return gguf_lib.LlamaFileType(int(field.contents())).name.removeprefix("MOSTLY_").removeprefix("ALL_")
 
 
-def measure_gguf(label: str, made_by: str, gguf: Path, base_logits: Path, text: Path, settings: BenchSettings,
-                 threads: int, baseline: bool) -> LlamaCppRow:
-    chunks = -1 if settings.windows is None else settings.windows
+def gguf_quality(gguf: Path, base_logits: Path, text: Path, chunks: int, threads: int, baseline: bool) -> dict:
+    """ppl and divergence from the baseline (the baseline itself saves its distributions)."""
     if baseline:
         ppl = llamacpp_perplexity(gguf, text, CTX, chunks, threads, save_logits=base_logits)
-        quality = {"ppl": ppl, "mean_kld": 0.0, "p99_kld": 0.0, "top1_agreement": 1.0}
-    else:
-        quality = llamacpp_divergence(gguf, base_logits, CTX, chunks, threads)
-    speed = llamacpp_speed(gguf, settings.prompt, settings.decode, threads)
-    size = gguf.stat().st_size
-    return LlamaCppRow(model=label, made_by=made_by, gguf=str(gguf), file_mb=size / 2**20,
+        return {"ppl": ppl, "mean_kld": 0.0, "p99_kld": 0.0, "top1_agreement": 1.0}
+    return llamacpp_divergence(gguf, base_logits, CTX, chunks, threads)
+
+
+def interleaved_speed(ggufs: list[Path], settings: BenchSettings, threads: int, rounds: int = 3) -> list[dict]:
+    """llama-bench of every file, `rounds` times in turn (file 1, 2, ..., 1, 2, ...), so that a slow
+    spell of the machine hits every file alike; tok/s: mean and spread over the rounds."""
+    runs: list[list[dict]] = [[] for _ in ggufs]
+    for _ in range(rounds):
+        for i, gguf in enumerate(ggufs):
+            runs[i].append(llamacpp_speed(gguf, settings.prompt, settings.decode, threads))
+    out = []
+    for r in runs:
+        decode = [x["decode_tok_s"] for x in r]
+        out.append({"prefill_tok_s": statistics.mean(x["prefill_tok_s"] for x in r),
+                    "decode_tok_s": statistics.mean(decode),
+                    "decode_tok_s_std": statistics.stdev(decode) if len(r) > 1 else r[0]["decode_tok_s_std"],
+                    "weights_bytes": r[0]["weights_bytes"], "parameters": r[0]["parameters"]})
+    return out
+
+
+def gguf_row(label: str, made_by: str, gguf: Path, quality: dict, speed: dict, threads: int, chunks: int
+             ) -> LlamaCppRow:
+    return LlamaCppRow(model=label, made_by=made_by, gguf=str(gguf), file_mb=gguf.stat().st_size / 2**20,
                        bits_per_weight=speed["weights_bytes"] * 8 / speed["parameters"], **quality,
                        prefill_tok_s=speed["prefill_tok_s"], decode_tok_s=speed["decode_tok_s"],
                        decode_tok_s_std=speed["decode_tok_s_std"], threads=threads, chunks=chunks)
 
 
+def measure_all(entries: list[tuple[str, str, Path]], work: Path, settings: BenchSettings, threads: int,
+                rounds: int = 3, progress: Progress = NoProgress()) -> list[LlamaCppRow]:
+    """(label, made by, gguf) entries, the first being the baseline: quality one by one, speed in
+    interleaved rounds."""
+    if settings.windows == 0:
+        raise SlimkitError("llama.cpp scores ppl and KLD on the evaluation text: --windows must be >= 1")
+    chunks = -1 if settings.windows is None else settings.windows
+    text, base_logits = evaluation_text(work / "evaluation.txt"), work / "base.kld"
+    qualities = []
+    for i, (_, _, gguf) in enumerate(progress.track(entries, "llama-perplexity")):
+        qualities.append(gguf_quality(gguf, base_logits, text, chunks, threads, baseline=i == 0))
+    progress.note(f"llama-bench: {rounds} rounds over {len(entries)} files")
+    speeds = interleaved_speed([g for _, _, g in entries], settings, threads, rounds)
+    base_logits.unlink(missing_ok=True)  # vocab x tokens x 2 bytes
+    return [gguf_row(label, made_by, gguf, q, sp, threads, chunks)
+            for (label, made_by, gguf), q, sp in zip(entries, qualities, speeds)]
+
+
 def run_llamacpp(models: list[str], settings: BenchSettings, work: Path, threads: int = 2,
                  progress: Progress = NoProgress()) -> list[LlamaCppRow]:
-    """Every model in llama.cpp; KLD against the first. `work` keeps the exports and the base's
-    distributions (vocab x tokens x 2 bytes)."""
-    if settings.windows == 0:
-        raise SlimkitError("--runtime llamacpp scores ppl and KLD on the evaluation text: --windows must be >= 1")
-    text = evaluation_text(work / "evaluation.txt")
-    base_logits = work / "base.kld"
-    rows = []
-    for i, model in enumerate(progress.track(models, "llama.cpp")):
-        progress.note(f"{model}: GGUF, llama-perplexity, llama-bench")
+    """Every model in llama.cpp; KLD against the first. `work` keeps the exports."""
+    entries = []
+    for i, model in enumerate(progress.track(models, "GGUF files")):
         gguf = gguf_of(model, work, baseline=i == 0)
-        rows.append(measure_gguf(model, file_type_name(gguf), gguf, base_logits, text, settings, threads,
-                                 baseline=i == 0))
-    return rows
+        entries.append((model, file_type_name(gguf), gguf))
+    return measure_all(entries, work, settings, threads, progress=progress)
 
 
 def llamacpp_table(rows: list[LlamaCppRow]) -> str:

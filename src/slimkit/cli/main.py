@@ -14,7 +14,7 @@ from slimkit.cli.errors import DEBUG, friendly_errors, install_sigterm
 from slimkit.cli.options import settings_options
 from slimkit.errors import SlimkitError
 from slimkit.io.outputs import reserve_output
-from slimkit.paths import MeasureDir, ModelDir
+from slimkit.paths import ExportDir, MeasureDir, ModelDir
 from slimkit.protocol import FULL, QUICK, BenchSettings, EvalSettings, parse_windows, windows_text
 from slimkit.pruning.lottery import LotteryConfig
 
@@ -457,7 +457,8 @@ def bench_model_cmd(
         raise SlimkitError(f"--runtime must be torch or llamacpp, not {runtime}")
     with reserve_output(output, overwrite, inputs=models) if output else contextlib.nullcontext():
         for m in models:
-            _outline_of(m)
+            if not (runtime == "llamacpp" and (m.endswith(".gguf") or ExportDir(Path(m)).gguf.is_file())):
+                _outline_of(m)
         with RichProgress(console) as progress, tempfile.TemporaryDirectory(prefix="slimkit-llamacpp-") as work:
             if runtime == "llamacpp":
                 from slimkit.benchmarks.llamacpp_model import llamacpp_table, run_llamacpp

@@ -224,6 +224,35 @@ def _add_tensor(writer, gname: str, module_name: str, module, weight: torch.Tens
     return t
 
 
+class _RecordedBlocks:
+    """A dense tensor's recorded llama.cpp blocks, seen by the writer like a packed ggml layer."""
+
+    format = "ggml"
+
+    def __init__(self, codes) -> None:
+        self.blocks, self.meta = codes.blocks, {"ggml_type": codes.qtype, "ftype": codes.ftype}
+
+
+class _TensorQueue:
+    """Tensors collected, then added in llama-quantize's order: the global ones by name, then each
+    block's by name (a block's weights lie together in the file, as llama.cpp writes them)."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, np.ndarray, object]] = []
+
+    def add_tensor(self, name: str, data: np.ndarray, raw_dtype=None) -> None:
+        self.items.append((name, data, raw_dtype))
+
+    @staticmethod
+    def _key(name: str) -> tuple[int, str]:
+        parts = name.split(".")
+        return (int(parts[1]) + 1, name) if parts[0] == "blk" else (0, name)
+
+    def write_to(self, writer) -> None:
+        for name, data, raw_dtype in sorted(self.items, key=lambda item: self._key(item[0])):
+            writer.add_tensor(name, data, raw_dtype=raw_dtype)
+
+
 def check_gguf_export(model: torch.nn.Module, tokenizer, source_gguf: Path | None) -> None:
     """What would make the export fail, checked before any heavy work: the architecture, and a
     tokenizer llama.cpp can name (unless it is copied from the source GGUF)."""
@@ -238,9 +267,12 @@ def check_gguf_export(model: torch.nn.Module, tokenizer, source_gguf: Path | Non
 
 
 def export_gguf(model: torch.nn.Module, tokenizer, path: Path, qtype: str = "auto",
-                source_gguf: Path | None = None, source_dir: Path | None = None) -> dict:
+                source_gguf: Path | None = None, source_dir: Path | None = None, dense_blocks: dict | None = None
+                ) -> dict:
     """`model` as a GGUF at `path`. Tokenizer and model description come from `source_gguf` when
-    the model came from one (copied exactly), else from `tokenizer` and the HF dir `source_dir`."""
+    the model came from one (copied exactly), else from `tokenizer` and the HF dir `source_dir`.
+    `dense_blocks`: llama.cpp blocks a gguf_quantize step recorded for tensors that are not packed
+    linears (the embedding), written as they are like the packed ones."""
     import gguf
 
     check_gguf_export(model, tokenizer, source_gguf)
@@ -256,12 +288,16 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: Path, qtype: str = "aut
         _tokenizer_from_hf(writer, tokenizer)
         describe_from_hf(writer, source_dir, sum(p.numel() for p in model.parameters()))
     counts: dict[str, int] = {}
+    tensors = _TensorQueue()
     for module_name, module, weight, mod in _weights(model, packed, plan):
+        if mod is None and module_name in (dense_blocks or {}):
+            mod = _RecordedBlocks(dense_blocks[module_name])
         gname = names.get_name(module_name)
         if gname is None:
             raise SlimkitError(f"GGUF export: no llama.cpp name for {module_name}")
-        stored = _add_tensor(writer, gname, module_name, module, weight, mod, plan, config)
+        stored = _add_tensor(tensors, gname, module_name, module, weight, mod, plan, config)
         counts[stored] = counts.get(stored, 0) + 1
+    tensors.write_to(writer)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

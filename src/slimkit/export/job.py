@@ -33,12 +33,15 @@ TARGETS = ("hf", "compressed-tensors", "gguf")
 GGUF_NAME = ExportDir.GGUF
 
 
-def _with_formats(loaded: LoadedModel) -> None:
-    """A compress output holds fake-quantized dense weights: pack them in memory (auto)."""
+def _with_formats(loaded: LoadedModel) -> dict:
+    """A compress output holds fake-quantized dense weights: pack them in memory (auto). Returns
+    the llama.cpp blocks recorded for tensors that stay dense (a gguf_quantize embedding)."""
     state = Path(loaded.source) / COMPRESSION_FILE if Path(loaded.source).is_dir() else None
-    if not packed_layers(loaded.model) and state is not None and state.is_file():
-        records = load_compression_state(state, loaded.model)
-        pack_model(loaded.model, loaded.adapter.linears(loaded.model, include_lm_head=True), records)
+    if packed_layers(loaded.model) or state is None or not state.is_file():
+        return {}
+    records = load_compression_state(state, loaded.model)
+    packed = pack_model(loaded.model, loaded.adapter.linears(loaded.model, include_lm_head=True), records)
+    return {n: r.ggml for n, r in records.items() if r.ggml is not None and n not in packed}
 
 
 def unpack(model: nn.Module) -> nn.Module:
@@ -97,7 +100,7 @@ def export_model(source: str, output: str | Path, to: str, gguf_type: str = "aut
     if to not in TARGETS:
         raise SlimkitError(f"unknown export target '{to}'; choose one of {', '.join(TARGETS)}")
     loaded = load_model(source)
-    _with_formats(loaded)
+    dense_blocks = _with_formats(loaded)
     formats = sorted({m.format for m in packed_layers(loaded.model).values()})
     lineage = lineage_sources(loaded) if to == "gguf" else (None, None)
     if to == "gguf":
@@ -122,7 +125,7 @@ def export_model(source: str, output: str | Path, to: str, gguf_type: str = "aut
             from slimkit.export.gguf_file import export_gguf
 
             result.update(export_gguf(loaded.model, loaded.tokenizer, tmp / GGUF_NAME, gguf_type,
-                                      *lineage))
+                                      *lineage, dense_blocks=dense_blocks))
         if own_ppl is not None:  # checked before the rename: the export.json written states the check
             result["verify"] = verify_export(tmp, to, loaded.tokenizer, own_ppl, windows)
         ExportDir(tmp).summary.write_text(json.dumps(result, indent=2))

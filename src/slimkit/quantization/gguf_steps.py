@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fnmatch import fnmatch
+
 import torch
 from torch import nn
 
@@ -32,6 +34,38 @@ def _quantize_linear(config: GGUFQuantizeConfig, qtype: str, module: nn.Module, 
     record.methods.append(f"{config.summary()}: {qtype}")
 
 
+def _record(ctx: StepContext, name: str, module: nn.Module) -> LayerRecord:
+    if name not in ctx.state.records:
+        w = module.weight
+        ctx.state.records[name] = LayerRecord(name, ctx.state.adapter.tensor_kind(name + ".weight"), tuple(w.shape),
+                                              w.element_size())
+    return ctx.state.records[name]
+
+
+def _quantize_outer(config: GGUFQuantizeConfig, ctx: StepContext, n_layers: int) -> None:
+    """The token embedding and the head (one tensor when tied) get their types of the mix too,
+    round to nearest (no Hessian reaches them), so that the model evaluated here is the file."""
+    model = ctx.state.model
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    tensors = dict(ctx.state.adapter.embedding_modules(model))
+    if not tied:
+        tensors.update({n: m for n, m in ctx.state.adapter.linears(model, include_lm_head=True).items()
+                        if ctx.state.adapter.tensor_kind(n + ".weight") == "lm_head"})
+    for name, module in tensors.items():
+        if any(fnmatch(name, p) for p in config.ignore):
+            continue
+        w = module.weight.detach().float()
+        qtype = tensor_type(config.gguf_type, name, n_layers, w.shape[1], tied)
+        if qtype == "F16":
+            continue
+        grid = fit_grid(qtype, w)
+        codes = round_codes(w, grid)
+        module.weight.data.copy_(grid_values(codes, grid).to(module.weight.dtype))
+        record = _record(ctx, name, module)
+        record.ggml = GGMLCodes(qtype, config.gguf_type, torch.from_numpy(pack_blocks(codes, grid)))
+        record.methods.append(f"{config.summary()}: {qtype}, round to nearest")
+
+
 @register_step(GGUFQuantizeConfig)
 def apply_gguf_quantize(config: GGUFQuantizeConfig, ctx: StepContext) -> None:
     n_layers = ctx.state.model.config.num_hidden_layers
@@ -50,3 +84,4 @@ def apply_gguf_quantize(config: GGUFQuantizeConfig, ctx: StepContext) -> None:
                              ctx.state.records[name], name)
 
     run_calibrated(config, ctx, StatsRequest(hessian=True), block, qtype_of)
+    _quantize_outer(config, ctx, n_layers)
