@@ -47,6 +47,37 @@ def test_first_candidate_in_framework_order_that_meets_every_constraint_wins():
     assert chosen is None and "No measured candidate" in reason
 
 
+def test_a_kld_bound_ranks_and_decides_by_kld():
+    """With --max-kld, accuracy also needs the KL divergence in bound; near misses and the frontier
+    are ranked by KLD (ppl can hide a changed distribution)."""
+    base = BASE.model_copy(update={"mean_kld": 0.0})
+    int8 = _row("int8", 0, 1, 10.05, 30, 500).model_copy(update={"mean_kld": 0.004})
+    gptq = _row("gptq-int4", 2, 2, 10.3, 20, 300).model_copy(update={"mean_kld": 0.05})
+    rtn = _row("rtn-int4", 4, 2, 10.2, 20, 300).model_copy(update={"mean_kld": 0.08})  # better ppl, worse KLD
+    chosen, reason = decide([int8, gptq, rtn], base, Constraints(max_ppl_increase=0.10, max_kld=0.06,
+                                                                  max_decode_ms=25))
+    assert chosen.candidate == "gptq-int4" and "KLD 0.0500 (bound 0.0600)" in reason
+    assert not Constraints(max_kld=0.06).check(rtn, base)["accuracy"][0]
+    chosen, reason = decide([gptq, rtn], base, Constraints(max_ppl_increase=0.5, max_kld=0.01))
+    assert chosen is None and reason.index("gptq-int4") < reason.index("rtn-int4")  # closest by KLD first
+    keys = (Constraints(max_kld=0.1).quality_key, "decode_ms_per_token", "peak_rss_mb")
+    assert [r.candidate for r in pareto([base, int8, gptq, rtn], keys)] == ["dense", "int8", "gptq-int4"]
+
+
+def test_llamacpp_measurements_become_advisor_rows():
+    from slimkit.advisor.framework import LLAMACPP_CANDIDATES
+    from slimkit.advisor.llamacpp import advise_row
+    from slimkit.results import LlamaCppRow
+
+    row = LlamaCppRow(model="m", made_by="Q4_K_M", gguf="m.gguf", file_mb=100.0, bits_per_weight=6.2, ppl=16.1,
+                      mean_kld=0.026, p99_kld=0.24, top1_agreement=0.92, prefill_tok_s=640.0, decode_tok_s=40.0,
+                      decode_tok_s_std=1.0, threads=2, chunks=16)
+    r = advise_row(row, 128, 3, LLAMACPP_CANDIDATES[3])
+    assert (r.candidate, r.rule, r.decode_ms_per_token, r.prefill_ms, r.peak_rss_mb) == ("gguf-q4_k_m", 2, 25.0, 200.0,
+                                                                                         100.0)
+    assert r.mean_kld == 0.026 and r.pack == "gguf" and r.kernels_batch_1 == ["llama.cpp Q4_K_M"]
+
+
 def test_skip_reasons_follow_the_device_and_the_budgets():
     by = {c.name: c for c in CANDIDATES}
     assert "sparse tensor cores" in by["sparsegpt-2of4-int4"].skip_reason(CPU, None, False)

@@ -105,3 +105,23 @@ def test_bench_model_runs_gguf_files_in_llamacpp(smollm2_first_load, tmp_path):
     assert base["mean_kld"] == 0 and base["made_by"] == "F32" and base["bits_per_weight"] == pytest.approx(32, abs=0.1)
     assert q8["made_by"] == "Q8_0" and 0 < q8["mean_kld"] < 0.01 and q8["top1_agreement"] > 0.95
     assert q8["decode_tok_s"] > 0 and q8["prefill_tok_s"] > 0 and q8["file_mb"] < base["file_mb"] / 3
+
+
+def test_advise_for_llamacpp_picks_a_gguf_type_by_kld(smollm2_first_load, tmp_path):
+    """`advise --target llamacpp`: every GGUF candidate compressed, exported and measured by
+    llama.cpp; the recommendation follows the framework's order under a KLD bound."""
+    from slimkit.advisor import AdviseSettings, Constraints, advise, detect
+    from slimkit.protocol import QUICK
+    from slimkit.recipes import load_recipe_file
+
+    tiny = QUICK.with_changes(name="tiny", calibration_windows=4, calibration_seqlen=128, eval_windows=2)
+    out = tmp_path / "advise"
+    result = advise("smollm2-135m", Constraints(max_ppl_increase=0.5, max_kld=0.02), detect("llamacpp"), out,
+                    AdviseSettings(tiny, decode_tokens=4))
+    by = {r.candidate: r for r in result.candidates}
+    assert list(by) == ["gguf-q8_0", "gguf-q6_k", "gguf-q5_k_m", "gguf-q4_k_m", "gguf-q4_k_s"]
+    assert result.baseline.mean_kld == 0 and all(r.mean_kld > 0 for r in result.candidates)
+    assert by["gguf-q8_0"].mean_kld < by["gguf-q4_k_m"].mean_kld and by["gguf-q4_k_s"].disk_mb < by["gguf-q8_0"].disk_mb
+    assert result.recommended == "gguf-q8_0" and "KLD" in result.reason  # the first that meets the bound
+    assert load_recipe_file(out / "recommended.yaml").name == "gguf-q8_0"
+    assert "--to gguf" in (out / "recommended.yaml").read_text()

@@ -54,10 +54,20 @@ def _cpu_flags() -> tuple[str, str]:
 
 
 def detect(target: str = "auto") -> Device:
-    """The device to advise for: 'cpu', 'cuda', or 'auto' (CUDA when present, else the CPU)."""
-    if target not in ("auto", "cpu", "cuda"):
+    """The device to advise for: 'cpu', 'cuda', 'auto' (CUDA when present, else the CPU), or
+    'llamacpp' (this CPU, running llama.cpp's tools from `make peers`)."""
+    if target not in ("auto", "cpu", "cuda", "llamacpp"):
         from slimkit.errors import SlimkitError
-        raise SlimkitError(f"unknown target '{target}'; use auto, cpu or cuda")
+        raise SlimkitError(f"unknown target '{target}'; use auto, cpu, cuda or llamacpp")
+    if target == "llamacpp":
+        from slimkit.benchmarks.llamacpp import tool
+        from slimkit.errors import SlimkitError
+
+        if tool("llama-bench") is None or tool("llama-perplexity") is None:
+            raise SlimkitError("target llamacpp needs llama.cpp's tools: run `make peers` (or set SLIMKIT_LLAMA_CPP)")
+        name, flags = _cpu_flags()
+        return Device("llamacpp", f"{name} (llama.cpp)", os.cpu_count() or 1, tuple(sorted(flags.split())), None,
+                      ("candidates measured by llama-bench and llama-perplexity",))
     if target in ("auto", "cuda") and torch.cuda.is_available():
         cap = torch.cuda.get_device_capability()
         return Device("cuda", torch.cuda.get_device_name(), os.cpu_count() or 1, (), tuple(cap))

@@ -55,3 +55,20 @@ CANDIDATES: tuple[Candidate, ...] = (
               "remove 1/3 of KV groups + 25% MLP, then logit distillation"),
     Candidate("sparsegpt-50", 5, "sparsegpt-50", "sparse", "SparseGPT 50% unstructured (CSR)"),
 )
+
+
+# For llama.cpp (`advise --target llamacpp`): GGUF file types, most bits first; the codes of each
+# are GPTQ's on llama.cpp's grids (the gguf_quantize step), measured by llama.cpp's own tools.
+LLAMACPP_CANDIDATES: tuple[Candidate, ...] = (
+    Candidate("gguf-q8_0", 1, "gguf-q8_0", "gguf", "llama.cpp Q8_0 (8-bit blocks of 32)"),
+    Candidate("gguf-q6_k", 2, "gguf-q6_k", "gguf", "llama.cpp Q6_K mix (6-bit K-quant)"),
+    Candidate("gguf-q5_k_m", 2, "gguf-q5_k_m", "gguf", "llama.cpp Q5_K_M mix"),
+    Candidate("gguf-q4_k_m", 2, "gguf-q4_k_m", "gguf", "llama.cpp Q4_K_M mix (the usual pick)"),
+    Candidate("gguf-q4_k_s", 2, "gguf-q4_k_s", "gguf", "llama.cpp Q4_K_S mix (smallest here)"),
+)
+LLAMACPP_SKIPPED = {
+    3: "llama.cpp has no 2:4 sparse kernels: zeros would be stored and multiplied like any weight",
+    4: "distillation changes the architecture, not the file type: distil with `slimkit compress -r "
+       "minitron-heads-mlp`, then measure it with `slimkit bench model --runtime llamacpp`",
+    5: "llama.cpp has no sparse kernels",
+}

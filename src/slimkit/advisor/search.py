@@ -158,24 +158,22 @@ def _write_advice(output: Path, overwrite: bool, model: str, result: AdviseResul
         frontier_plot(plotted, written.frontier, model)
         if chosen is not None:
             recipe = get_recipe(chosen.recipe)
+            then = {"dense": "\n", "gguf": " && slimkit export OUT --to gguf -o OUT-gguf\n"}.get(
+                chosen.pack, f" && slimkit pack OUT -o OUT-packed --format {chosen.pack}\n")
             header = (f"# recommended by `slimkit advise {model}` ({chosen.candidate}, rule {chosen.rule}).\n"
-                      f"# slimkit compress {model} -r recommended.yaml -o OUT"
-                      + (f" && slimkit pack OUT -o OUT-packed --format {chosen.pack}\n" if chosen.pack != "dense"
-                         else "\n"))
+                      f"# slimkit compress {model} -r recommended.yaml -o OUT" + then)
             written.recommended.write_text(header + recipe.to_yaml())
 
 
-def advise(model: str, constraints: Constraints, device: Device, output: Path,
-           settings: AdviseSettings = AdviseSettings(), progress: Progress = NoProgress(),
-           log: Callable[[str], None] = lambda m: None, overwrite: bool = False) -> AdviseResult:
+def _measure_torch(model: str, constraints: Constraints, device: Device, layout, settings: AdviseSettings,
+                   progress: Progress, log: Callable[[str], None]
+                   ) -> tuple[BenchRow, list[AdviseRow], list[SkippedCandidate]]:
+    """Compress, pack and measure the candidates the device can run, in slimkit's own runtime."""
     from slimkit.benchmarks import model as bench_model
-    from slimkit.paths import MeasureDir
     from slimkit.pipeline import Variant, compress_pack_measure
     from slimkit.protocol import BenchSettings, EvalSettings
     from slimkit.recipes import get_recipe
 
-    output = Path(output).absolute()
-    layout = MeasureDir(output, "advise")
     measured, skipped = _plan(device, settings)
     # the compress stage's own ppl is a 4-window sanity check; the benchmark measures the protocol's windows
     eval_settings = EvalSettings.from_protocol(settings.protocol.with_changes(eval_windows=4))
@@ -200,9 +198,30 @@ def advise(model: str, constraints: Constraints, device: Device, output: Path,
             skipped.append(SkippedCandidate(candidate=c.name, rule=c.rule, reason=reason))
         else:
             rows += run_candidates([(order, c)])
+    return base, rows, skipped
+
+
+def advise(model: str, constraints: Constraints, device: Device, output: Path,
+           settings: AdviseSettings = AdviseSettings(), progress: Progress = NoProgress(),
+           log: Callable[[str], None] = lambda m: None, overwrite: bool = False) -> AdviseResult:
+    """Measure the candidates on `device` (slimkit's runtime, or llama.cpp for kind "llamacpp"),
+    recommend the first in the framework's order that meets every constraint, write the report."""
+    from slimkit.benchmarks import model as bench_model
+    from slimkit.paths import MeasureDir
+
+    output = Path(output).absolute()
+    layout = MeasureDir(output, "advise")
+    if device.kind == "llamacpp":
+        from slimkit.advisor import llamacpp
+
+        base, rows = llamacpp.measure_candidates(model, layout.work, settings, progress, log)
+        skipped = llamacpp.skipped(device)
+    else:
+        base, rows, skipped = _measure_torch(model, constraints, device, layout, settings, progress, log)
     rows.sort(key=lambda r: r.order)
     chosen, reason = decide(rows, base, constraints)  # sets "meets" on every row
-    base_row = AdviseRow(**base.to_dict(), candidate="dense", rule=0, order=-1, recipe=None, what="the model as given")
+    base_row = base if isinstance(base, AdviseRow) else AdviseRow(
+        **base.to_dict(), candidate="dense", rule=0, order=-1, recipe=None, what="the model as given")
     bench_model.compare([base_row] + rows)
     front = pareto([base_row] + rows, (constraints.quality_key, "decode_ms_per_token", "peak_rss_mb"))
     for r in [base_row] + rows:

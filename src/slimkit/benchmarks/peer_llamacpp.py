@@ -2,7 +2,7 @@
 
     make peers     # once: llama.cpp's tools in .peers/llama.cpp/bin
     python -m slimkit.benchmarks.peer_llamacpp -o out/peer-llamacpp            # quick: 16 x 256 calibration
-    python -m slimkit.benchmarks.peer_llamacpp -o out/peer-llamacpp --full     # 128 x 512, every chunk
+    python -m slimkit.benchmarks.peer_llamacpp -o out/peer-llamacpp --full     # 128 x 512 calibration
 
 - the base: slimkit exports the dense model to an F32 GGUF; llama-perplexity saves its
   distributions on the evaluation text (--kl-divergence-base) and every other file is scored
@@ -63,13 +63,14 @@ def llamacpp_ggufs(base: Path, calibration: Path, work: Path, windows: int, seql
             "Q4_K_M + imatrix": llamacpp_quantize(base, work / "llamacpp-q4_k_m-imatrix.gguf", "Q4_K_M", imatrix)}
 
 
-def run(model: str, output: Path, full: bool, types: list[str], threads: int, seed: int = 0) -> list[LlamaCppRow]:
+def run(model: str, output: Path, full: bool, types: list[str], threads: int, seed: int = 0, chunks: int = 32
+        ) -> list[LlamaCppRow]:
     from slimkit.io.outputs import output_directory
 
     protocol = FULL if full else QUICK
     windows, seqlen = protocol.calibration_windows, protocol.calibration_seqlen
     settings = EvalSettings(max_windows=2, calibration_windows=windows, calibration_seqlen=seqlen, seed=seed)
-    bench = BenchSettings(windows=None if full else 16)
+    bench = BenchSettings(windows=chunks)
     with output_directory(output, False, inputs=[model], command="peer_llamacpp") as tmp:
         base = gguf_of(model, tmp, baseline=True)
         calibration = calibration_text(model, tmp / "calibration.txt", windows, seqlen, seed)
@@ -95,12 +96,14 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("-o", "--output", type=Path, required=True, help="output dir (written atomically)")
-    p.add_argument("--full", action="store_true", help="the full protocol: 128 x 512 calibration, every chunk")
+    p.add_argument("--full", action="store_true", help="the full protocol's calibration: 128 x 512 (quick: 16 x 256)")
+    p.add_argument("--chunks", type=int, default=32, help="llama-perplexity chunks of 512 tokens scored (the base's "
+                   "distributions take chunks x 512 x vocab x 2 bytes: 1.6 GB for 32)")
     p.add_argument("--types", default="Q4_K_M,Q4_K_S,Q5_K_M,Q6_K", help="slimkit's GGUF file types")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    run(args.model, args.output, args.full, args.types.split(","), args.threads, args.seed)
+    run(args.model, args.output, args.full, args.types.split(","), args.threads, args.seed, args.chunks)
 
 
 if __name__ == "__main__":

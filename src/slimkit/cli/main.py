@@ -249,19 +249,23 @@ def eval_(
     if as_json:
         print(json.dumps({**quality.to_dict(), "model": model, "reference": ref,
                           "protocol": protocol_text(settings, loaded.kind)}, indent=2))
-        return
-    d = quality.details
-    if quality.metric == "ppl":
-        console.print(f"{model}: perplexity [bold]{quality.value:.3f}[/bold] on {d['tokens']} tokens "
-                      f"({d['windows']}/{d['total_windows']} windows, seqlen {d['seqlen']}, split "
-                      f"{d['split_hash']}) in {d['seconds']:.1f}s")
-        if quality.divergence is not None:
-            v = quality.divergence
-            console.print(f"  vs {ref}: mean KLD [bold]{v.mean_kld:.4f}[/bold] (99th percentile {v.p99_kld:.4f}), "
-                          f"top-1 agreement {v.top1_agreement:.1%}")
     else:
+        _print_quality(model, ref, quality)
+
+
+def _print_quality(model: str, ref: str | None, quality) -> None:
+    d = quality.details
+    if quality.metric == "cosine":
         console.print(f"{model}: mean cosine to {ref} [bold]{quality.value:.4f}[/bold] (min "
                       f"{d['min_cosine']:.4f}) over {d['texts']} texts, split {d['split_hash']}")
+        return
+    console.print(f"{model}: perplexity [bold]{quality.value:.3f}[/bold] on {d['tokens']} tokens "
+                  f"({d['windows']}/{d['total_windows']} windows, seqlen {d['seqlen']}, split "
+                  f"{d['split_hash']}) in {d['seconds']:.1f}s")
+    if quality.divergence is not None:
+        v = quality.divergence
+        console.print(f"  vs {ref}: mean KLD [bold]{v.mean_kld:.4f}[/bold] (99th percentile {v.p99_kld:.4f}), "
+                      f"top-1 agreement {v.top1_agreement:.1%}")
 
 
 def _reference_of(model: str, reference: Optional[str]) -> str:
@@ -542,7 +546,8 @@ def report(
                   param="constraints")
 def advise(
     model: str = typer.Argument(..., help="zoo name, HF dir or .gguf"),
-    target: str = typer.Option("auto", help="auto (CUDA if present, else this CPU), cpu or cuda"),
+    target: str = typer.Option("auto", help="auto (CUDA if present, else this CPU), cpu, cuda, or llamacpp "
+                               "(GGUF file types measured by llama.cpp's own tools; needs `make peers`)"),
     quick: bool = typer.Option(True, "--quick/--full", help=f"{QUICK.describe()}; {FULL.describe()}"),
     include_research: bool = typer.Option(False, help="also measure unstructured sparsity (rule 5)"),
     output: Path = typer.Option(Path("runs/advise"), "--output", "-o", help="dir for advise.md/json, "
@@ -562,6 +567,8 @@ def advise(
       slimkit advise smollm2-135m --quick --max-ppl-increase 10% --target cpu
 
       slimkit advise smollm2-135m --max-ppl-increase 25% --max-decode-ms 30
+
+      slimkit advise smollm2-135m --target llamacpp --max-kld 0.03   # which GGUF type, ranked by KLD
     """
     from slimkit.advisor import AdviseSettings, detect
     from slimkit.advisor import advise as run_advise
