@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from slimkit.errors import SlimkitError
 from slimkit.evaluation.divergence import BaseLogprobs, DivergenceMeter, token_divergence, token_logprobs
 
 
@@ -36,6 +38,9 @@ def test_store_round_trip(tmp_path):
     store.write(3, lp)
     assert store.has(3) and torch.equal(store.read(3), lp)
     assert not list((tmp_path / "s").glob(".*tmp"))  # written atomically, no temp left
+    (tmp_path / "s" / "window-00003.safetensors").write_bytes(b"\x00" * 20)  # damaged in the cache
+    with pytest.raises(SlimkitError, match="damaged.*delete"):
+        store.read(3)
 
 
 def test_kld_zero_unchanged_and_positive_after_rtn_int3(smollm2_first_load, tmp_path):

@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from slimkit.advisor.device import Device
 from slimkit.advisor.framework import LLAMACPP_CANDIDATES, LLAMACPP_SKIPPED, Candidate
 from slimkit.progress import NoProgress, Progress
 from slimkit.results import AdviseRow, LlamaCppRow, SkippedCandidate
@@ -32,9 +31,10 @@ def advise_row(row: LlamaCppRow, prompt: int, order: int, c: Candidate | None) -
         pack=c.pack if c else None, what=c.what if c else "the model as given, F32 GGUF")
 
 
-def measure_candidates(model: str, work: Path, settings, progress: Progress = NoProgress(),
+def measure_candidates(model: str, work: Path, settings, threads: int, progress: Progress = NoProgress(),
                        log: Callable[[str], None] = lambda m: None) -> tuple[AdviseRow, list[AdviseRow]]:
-    """Compress every candidate, export each (and the dense model) to GGUF, measure in llama.cpp."""
+    """Compress every candidate, export each (and the dense model) to GGUF, measure in llama.cpp
+    with `threads` threads."""
     from slimkit.benchmarks.llamacpp_model import file_type_name, gguf_of, measure_all
     from slimkit.pipeline import compress_stage
     from slimkit.protocol import BenchSettings, EvalSettings
@@ -52,11 +52,12 @@ def measure_candidates(model: str, work: Path, settings, progress: Progress = No
         entries.append((c.name, file_type_name(gguf), gguf))
     bench = BenchSettings(windows=settings.protocol.eval_windows or 32, decode=settings.decode_tokens)
     log("measuring every GGUF in llama.cpp (llama-perplexity, then llama-bench in interleaved rounds)")
-    rows = measure_all(entries, ggufs, bench, threads=2, rounds=2, progress=progress)
+    rows = measure_all(entries, ggufs, bench, threads, rounds=2, progress=progress)
     base = advise_row(rows[0], bench.prompt, -1, None)
     return base, [advise_row(r, bench.prompt, i, c) for i, (r, c) in enumerate(zip(rows[1:], LLAMACPP_CANDIDATES))]
 
 
-def skipped(device: Device) -> list[SkippedCandidate]:
+def skipped() -> list[SkippedCandidate]:
+    """The framework's rules llama.cpp gives nothing to measure for, with the reason."""
     return [SkippedCandidate(candidate=f"rule {rule}", rule=rule, reason=reason)
             for rule, reason in LLAMACPP_SKIPPED.items()]

@@ -214,8 +214,8 @@ def advise(model: str, constraints: Constraints, device: Device, output: Path,
     if device.kind == "llamacpp":
         from slimkit.advisor import llamacpp
 
-        base, rows = llamacpp.measure_candidates(model, layout.work, settings, progress, log)
-        skipped = llamacpp.skipped(device)
+        base, rows = llamacpp.measure_candidates(model, layout.work, settings, device.cores, progress, log)
+        skipped = llamacpp.skipped()
     else:
         base, rows, skipped = _measure_torch(model, constraints, device, layout, settings, progress, log)
     rows.sort(key=lambda r: r.order)

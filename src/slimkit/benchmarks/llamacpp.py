@@ -33,8 +33,9 @@ def tool(name: str) -> Path | None:
     return path if path.is_file() and os.access(path, os.X_OK) else None
 
 
-def _run(name: str, args: list[str], what: str) -> str:
-    """A llama.cpp tool's combined output; a clear error when it is missing or fails."""
+def _run(name: str, args: list[str], what: str, stdout_only: bool = False) -> str:
+    """A llama.cpp tool's output (stdout and its log on stderr, or stdout alone); a clear error
+    when it is missing or fails."""
     binary = tool(name)
     if binary is None:
         raise SlimkitError(f"{name} is not built: run `make peers` (or set SLIMKIT_LLAMA_CPP to a llama.cpp bin dir)")
@@ -42,7 +43,7 @@ def _run(name: str, args: list[str], what: str) -> str:
     proc = subprocess.run([str(binary), *args], capture_output=True, text=True, env=env, timeout=3600)
     if proc.returncode:
         raise SlimkitError(f"{name} failed on {what}:\n{(proc.stdout + proc.stderr)[-2000:]}")
-    return proc.stdout + proc.stderr
+    return proc.stdout if stdout_only else proc.stdout + proc.stderr
 
 
 def _scoring_args(ctx: int, chunks: int, threads: int) -> list[str]:
@@ -86,8 +87,8 @@ def llamacpp_speed(gguf: Path, prompt: int = 128, decode: int = 32, threads: int
                    ) -> dict[str, float]:
     """llama-bench: prefill and decode tokens/s (mean of `repeats`), and the weights' bytes."""
     out = _run("llama-bench", ["-m", str(gguf), "-p", str(prompt), "-n", str(decode), "-t", str(threads),
-                               "-r", str(repeats), "-o", "json"], str(gguf))
-    rows = json.loads(out[out.index("["): out.rindex("]") + 1])
+                               "-r", str(repeats), "-o", "json"], str(gguf), stdout_only=True)
+    rows = json.loads(out)
     prefill = next(r for r in rows if r["n_prompt"] and not r["n_gen"])
     decode_row = next(r for r in rows if r["n_gen"] and not r["n_prompt"])
     return {"prefill_tok_s": prefill["avg_ts"], "decode_tok_s": decode_row["avg_ts"],

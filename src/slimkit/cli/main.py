@@ -463,11 +463,12 @@ def bench_model_cmd(
         for m in models:
             if not (runtime == "llamacpp" and (m.endswith(".gguf") or ExportDir(Path(m)).gguf.is_file())):
                 _outline_of(m)
-        with RichProgress(console) as progress, tempfile.TemporaryDirectory(prefix="slimkit-llamacpp-") as work:
+        with RichProgress(console) as progress:
             if runtime == "llamacpp":
                 from slimkit.benchmarks.llamacpp_model import llamacpp_table, run_llamacpp
 
-                rows = run_llamacpp(models, settings, Path(work), threads, progress)
+                with tempfile.TemporaryDirectory(prefix="slimkit-llamacpp-") as work:  # exports, base.kld
+                    rows = run_llamacpp(models, settings, Path(work), threads, progress)
                 md = llamacpp_table(rows)
             else:
                 rows = bench.run(models, settings, progress)

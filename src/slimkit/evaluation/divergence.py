@@ -24,7 +24,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from slimkit.errors import SlimkitError
 
 STORED_DTYPE = torch.float16
 
@@ -101,11 +104,19 @@ class BaseLogprobs:
         return self._file(window).is_file()
 
     def read(self, window: int) -> torch.Tensor:
-        return load_file(str(self._file(window)))["logprobs"]
+        try:
+            return load_file(str(self._file(window)))["logprobs"]
+        except (SafetensorError, OSError, KeyError) as exc:
+            raise SlimkitError(f"the cached base distributions {self._file(window)} are damaged ({exc}); "
+                               f"delete {self.root} and run again") from None
 
     def write(self, window: int, logprobs: torch.Tensor) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         target = self._file(window)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        save_file({"logprobs": logprobs.contiguous()}, str(tmp))
-        os.replace(tmp, target)
+        try:
+            save_file({"logprobs": logprobs.contiguous()}, str(tmp))
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no partial file in the cache
+            raise

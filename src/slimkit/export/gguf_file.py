@@ -25,7 +25,7 @@ import torch
 from slimkit.errors import SlimkitError
 from slimkit.export.gguf_metadata import copy_from_gguf, describe_from_hf, pre_tokenizer
 from slimkit.formats import packed_layers
-from slimkit.formats.ggml import pack_blocks
+from slimkit.formats.ggml import GGMLBlocks, pack_blocks
 from slimkit.quantization.ggml_grids import fit_grid, round_codes
 from slimkit.quantization.gguf_mix import tensor_type
 
@@ -224,15 +224,6 @@ def _add_tensor(writer, gname: str, module_name: str, module, weight: torch.Tens
     return t
 
 
-class _RecordedBlocks:
-    """A dense tensor's recorded llama.cpp blocks, seen by the writer like a packed ggml layer."""
-
-    format = "ggml"
-
-    def __init__(self, codes) -> None:
-        self.blocks, self.meta = codes.blocks, {"ggml_type": codes.qtype, "ftype": codes.ftype}
-
-
 class _TensorQueue:
     """Tensors collected, then added in llama-quantize's order: the global ones by name, then each
     block's by name (a block's weights lie together in the file, as llama.cpp writes them)."""
@@ -291,7 +282,7 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: Path, qtype: str = "aut
     tensors = _TensorQueue()
     for module_name, module, weight, mod in _weights(model, packed, plan):
         if mod is None and module_name in (dense_blocks or {}):
-            mod = _RecordedBlocks(dense_blocks[module_name])
+            mod = GGMLBlocks.from_codes(dense_blocks[module_name], weight.shape[1])  # as a packed layer
         gname = names.get_name(module_name)
         if gname is None:
             raise SlimkitError(f"GGUF export: no llama.cpp name for {module_name}")

@@ -78,7 +78,9 @@ class GGUFQuantizeConfig(StepConfig):
     (quantization/gguf_mix.py); its grid (scales, offsets, 6-bit sub-block scales) is fitted
     with the layer's importance (imatrix: mean x^2 of its input), then GPTQ rounds every weight
     onto that grid (`solver: gptq`), or round-to-nearest does (`solver: imatrix`, llama.cpp's
-    own method, the baseline). The packed blocks are what `slimkit export --to gguf` writes.
+    own method, the baseline). The token embedding and the head (one tensor when tied) get their
+    types of the mix by round-to-nearest, as no Hessian reaches them. The packed blocks are what
+    `slimkit export --to gguf` writes.
     """
 
     method: Literal["gguf_quantize"] = "gguf_quantize"
