@@ -106,3 +106,26 @@ class LotteryDir:
     summary = _inside("summary.csv")
     plot = _inside("lottery.png")
     config = _inside("config.json")
+
+
+@dataclass(frozen=True)
+class StreamWork:
+    """A streamed compress of one recipe, in progress: `.OUTPUT.slimkit-stream/<recipe>/` beside
+    the output. Each finished block leaves its weights and records here, and `state.json` says
+    where to go on; the output is assembled from these files at the end, and the folder removed."""
+
+    root: Path
+
+    state = _inside("state.json")
+    activations = _inside("activations.safetensors")  # the next block's calibration inputs
+    outer = _inside("outer.safetensors")  # embedding / norm / head, when a step rewrote them
+
+    def block_weights(self, index: int) -> Path:
+        return self.root / "blocks" / f"{index:05d}.safetensors"
+
+    def block_records(self, index: int) -> Path:
+        return self.root / "records" / f"{index:05d}.safetensors"
+
+    @staticmethod
+    def beside(output: Path, recipe: str) -> StreamWork:
+        return StreamWork(output.parent / f".{output.name}.slimkit-stream" / recipe)

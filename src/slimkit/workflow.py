@@ -7,6 +7,7 @@ import json
 import math
 import platform
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -80,18 +81,49 @@ class QualityMeter:
         return Quality(metric="cosine", value=r.mean_cosine, details=r.to_dict())
 
 
-def _layer_rows(result: CompressionResult, model: torch.nn.Module, stored_bits: int) -> list[LayerRow]:
-    params = dict(model.named_parameters(remove_duplicate=False))
-    rows = []
-    for name, rec in result.records.items():
-        w = params[name + ".weight"]
-        bits = rec.ggml.qtype if rec.ggml else f"{rec.quant.spec.bits}" if rec.quant else f"{stored_bits}"
-        if rec.quant and rec.quant.spec.group_size:
-            bits += f" g{rec.quant.spec.group_size}"
-        rows.append(LayerRow(name=name, kind=rec.kind, shape=list(rec.shape),
-                             sparsity=float((w == 0).sum()) / w.numel(), bits=bits, methods=rec.methods,
-                             notes=rec.notes))
-    return rows
+def layer_row(name: str, record, weight: torch.Tensor, stored_bits: int) -> LayerRow:
+    """One tensor's line of the report (its sparsity read from the compressed weight)."""
+    bits = record.ggml.qtype if record.ggml else f"{record.quant.spec.bits}" if record.quant else f"{stored_bits}"
+    if record.quant and record.quant.spec.group_size:
+        bits += f" g{record.quant.spec.group_size}"
+    return LayerRow(name=name, kind=record.kind, shape=list(record.shape),
+                    sparsity=float((weight == 0).sum()) / weight.numel(), bits=bits, methods=record.methods,
+                    notes=record.notes)
+
+
+@dataclass
+class LayerTally:
+    """The report's per-tensor lines and their totals; a streamed run adds them up block by block."""
+
+    rows: list[LayerRow] = field(default_factory=list)
+    zeros: int = 0  # zero weights in the compressed tensors
+    total: int = 0  # weights in the compressed tensors
+    packed_delta: int = 0  # packed bytes minus dense bytes, over the compressed tensors
+
+    @classmethod
+    def of(cls, records: dict, params: dict[str, torch.Tensor], stored: int) -> LayerTally:
+        tally = cls()
+        for name, rec in records.items():
+            rec.element_size = stored  # sizes as stored, not as computed
+            w = params[name + ".weight"]
+            tally.rows.append(layer_row(name, rec, w, stored * 8))
+            tally.zeros += int((w == 0).sum())
+            tally.total += w.numel()
+            tally.packed_delta += packed_bytes(rec) - rec.element_size * math.prod(rec.shape)
+        return tally
+
+    def add(self, other: LayerTally) -> None:
+        self.rows += other.rows
+        self.zeros, self.total = self.zeros + other.zeros, self.total + other.total
+        self.packed_delta += other.packed_delta
+
+    def to_dict(self) -> dict:
+        return {"rows": [r.to_dict() for r in self.rows], "zeros": self.zeros, "total": self.total,
+                "packed_delta": self.packed_delta}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LayerTally:
+        return cls([LayerRow.from_dict(r) for r in d["rows"]], d["zeros"], d["total"], d["packed_delta"])
 
 
 def _model_sparsity(model: torch.nn.Module, names: list[str]) -> tuple[int, int]:
@@ -128,18 +160,19 @@ def build_report(
     compressed: Quality,
     dense_by_kind: dict[str, int],
     timing: dict[str, float],
+    tally: LayerTally | None = None,
 ) -> CompressReport:
+    """The report of one recipe; `tally`: the per-tensor lines when the caller added them up
+    (a streamed run), else they are read from the compressed model in memory."""
     stored = loaded.source_dtype.itemsize
-    for record in result.records.values():  # sizes as stored, not as computed
-        record.element_size = stored
-    layers = _layer_rows(result, loaded.model, stored * 8)
-    zeros, total = _model_sparsity(loaded.model, [layer.name for layer in layers])
+    if tally is None:
+        tally = LayerTally.of(result.records, dict(loaded.model.named_parameters(remove_duplicate=False)), stored)
+    layers, zeros, total = tally.rows, tally.zeros, tally.total
     dense_bytes = sum(dense_by_kind.values())
     # structural steps shrink the dense model itself; masks and codes then pack what is left
     after_dense = (sum(bytes_by_kind(loaded.model, loaded.adapter, stored).values()) if result.details
                    else dense_bytes)
-    packed = after_dense + sum(packed_bytes(r) - r.element_size * math.prod(r.shape)
-                               for r in result.records.values())
+    packed = after_dense + tally.packed_delta
     return CompressReport(
         schema_version=REPORT_SCHEMA_VERSION,
         slimkit_version=slimkit.__version__,

@@ -7,7 +7,9 @@
    algorithm, then re-run the block with the compressed weights: its outputs are the next
    block's inputs. Every algorithm thus sees inputs produced by already-compressed blocks.
 Peak memory is one block's weights plus the activations; `offload_dir` keeps the activations
-on disk (memory-mapped) for models whose activations do not fit in RAM.
+on disk (memory-mapped) for models whose activations do not fit in RAM. Where the blocks' weights
+live is a `BlockAccess`: in memory (the default), or in files, read and written one block at a
+time (`slimkit.streaming`), which can also resume a pass at the block where it stopped.
 """
 
 from __future__ import annotations
@@ -70,6 +72,24 @@ class ActivationStore:
             shutil.rmtree(self._dir, ignore_errors=True)
 
 
+class BlockAccess:
+    """Where the engine's blocks live; this base class: all in memory, nothing to do."""
+
+    def model_inputs(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the model is called with to reach block 0 (token ids, or their embeddings)."""
+        return {"input_ids": batch}
+
+    def resume(self, store: ActivationStore) -> int:
+        """The first block to work on; a resumed pass also puts that block's inputs in `store`."""
+        return 0
+
+    def open(self, index: int, block: nn.Module) -> None:
+        """Before block `index` is worked on (a streamed block is read here)."""
+
+    def close(self, index: int, block: nn.Module, store: ActivationStore) -> None:
+        """After block `index` is compressed and `store` holds the next block's inputs."""
+
+
 @dataclass
 class BlockWork:
     """What an algorithm gets for one block."""
@@ -97,7 +117,8 @@ def _block_output(out: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, adapter: ArchitectureAdapter, windows: torch.Tensor, batch_size: int, store: ActivationStore
+    model: nn.Module, adapter: ArchitectureAdapter, windows: torch.Tensor, batch_size: int, store: ActivationStore,
+    access: BlockAccess = BlockAccess(),
 ) -> list[tuple[tuple, dict]]:
     """Inputs of block 0 for each batch, and the other args the model passes to every block."""
     first = adapter.get_blocks(model)[0]
@@ -114,7 +135,7 @@ def capture_block_inputs(
     try:
         for batch in torch.split(windows, batch_size):
             try:
-                model(input_ids=batch, use_cache=False)
+                model(**access.model_inputs(batch), use_cache=False)
             except _StopForward:
                 pass
     finally:
@@ -151,8 +172,8 @@ def _collect_stats(block: nn.Module, work: BlockWork, store, extra) -> None:
                 h.remove()
 
 
-def _next_inputs(block: nn.Module, store, extra) -> None:
-    """Re-run the *compressed* block: its outputs are the next block's inputs."""
+def forward_block(block: nn.Module, store, extra) -> None:
+    """Run `block` on every stored input; its outputs replace them (the next block's inputs)."""
     store.next_generation()
     with torch.no_grad():
         for i, (args, kwargs) in enumerate(extra):
@@ -169,22 +190,27 @@ def sequential_compress(
     batch_size: int = 8,
     offload_dir: str | Path | None = None,
     description: str = "calibrated",
+    access: BlockAccess = BlockAccess(),
 ) -> EngineReport:
     report = EngineReport(tokens=windows.numel())
     store = ActivationStore(offload_dir)
     model.eval()
     try:
-        extra = capture_block_inputs(model, adapter, windows, batch_size, store)
+        extra = capture_block_inputs(model, adapter, windows, batch_size, store, access)
+        first = access.resume(store)
         names = {id(m): n for n, m in model.named_modules()}
-        for index, block in progress.track(list(enumerate(adapter.get_blocks(model))), f"{description}: blocks"):
+        blocks = list(enumerate(adapter.get_blocks(model)))[first:]
+        for index, block in progress.track(blocks, f"{description}: blocks"):
             start = time.perf_counter()
+            access.open(index, block)
             work = _block_work(index, block, adapter, names, request)
             t0 = time.perf_counter()
             _collect_stats(block, work, store, extra)
             t1 = time.perf_counter()
             compress_block(work)
             t2 = time.perf_counter()
-            _next_inputs(block, store, extra)
+            forward_block(block, store, extra)  # the compressed block: what the next one sees
+            access.close(index, block, store)
             report.stats_seconds += t1 - t0
             report.algorithm_seconds += t2 - t1
             report.forward_seconds += time.perf_counter() - t2

@@ -42,8 +42,9 @@ def run_calibrated(
         if selected:
             compress_block(work, selected)
 
+    extra = {"access": ctx.run.blocks} if ctx.run.blocks is not None else {}
     report = sequential_compress(ctx.state.model, ctx.state.adapter, windows, request, per_block, ctx.run.progress,
-                                 offload_dir=ctx.run.offload_dir, description=config.summary())
+                                 offload_dir=ctx.run.offload_dir, description=config.summary(), **extra)
     ctx.state.engine_reports.append(report)
     return report
 

@@ -1,7 +1,9 @@
-"""Tensors that share storage (tied weights) written once."""
+"""Tensors that share storage (tied weights) written once, and tensor files written atomically."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -25,3 +27,19 @@ def unique_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[dict[str,
             first[key] = name
             kept[name] = t
     return kept, aliases
+
+
+def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file that is either complete or absent: written beside `path`, synced, renamed.
+    A failed write (full disk, Ctrl-C) removes its temp file."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -14,7 +14,7 @@ from slimkit.recipes.targets import select_targets
 @register_step(MagnitudePruneConfig)
 @torch.no_grad()
 def apply_magnitude(config: MagnitudePruneConfig, ctx: StepContext) -> None:
-    targets = select_targets(ctx.state.model, ctx.state.adapter, config, ctx.state.records)
+    targets = select_targets(ctx.state.model, ctx.state.adapter, config, ctx.state.records, loaded_only=True)
     if config.pattern:
         n, m = magnitude.parse_nm(config.pattern)
         for name, module in targets.items():  # every shape is checked before any weight changes

@@ -85,6 +85,7 @@ class GGUFQuantizeConfig(StepConfig):
 
     method: Literal["gguf_quantize"] = "gguf_quantize"
     needs_calibration: ClassVar[bool] = True
+    quantizes_outer: ClassVar[bool] = True
     gguf_type: Literal["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q6_K", "Q8_0", "Q5_0", "Q4_0"] = Field(
         "Q4_K_M", description="llama.cpp file type: the per-tensor type mix")
     solver: Literal["gptq", "imatrix"] = Field("gptq", description="gptq: codes by GPTQ on the fitted grid; "

@@ -15,7 +15,7 @@ from slimkit.recipes.targets import select_targets
 @torch.no_grad()
 def apply_rtn(config: RTNQuantizeConfig, ctx: StepContext) -> None:
     spec = config.spec()
-    targets = select_targets(ctx.state.model, ctx.state.adapter, config, ctx.state.records)
+    targets = select_targets(ctx.state.model, ctx.state.adapter, config, ctx.state.records, loaded_only=True)
     for name, module in targets.items():  # shapes are checked before any weight changes
         check_groups(module.weight, spec, name)
     for name, module in ctx.run.progress.track(list(targets.items()), config.summary()):

@@ -54,6 +54,7 @@ class RunResources:
     split: object | None = None  # the text split training data comes from
     runs_dir: str | None = None  # where training runs keep checkpoints
     restart_training: bool = False  # discard interrupted training runs instead of resuming them
+    blocks: object | None = None  # a calibration.engine.BlockAccess when blocks live in files (streamed runs)
 
 
 @dataclass

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
+from slimkit.io.tensors import save_tensors_atomic
 from slimkit.paths import ModelDir
 from slimkit.recipes.context import LayerRecord
 
@@ -42,7 +42,20 @@ def save_compression_state(records: dict[str, LayerRecord], path: Path) -> None:
             entry["ggml"] = {"type": rec.ggml.qtype, "ftype": rec.ggml.ftype}
             tensors[f"{name}.ggml_blocks"] = rec.ggml.blocks.contiguous()
         layers[name] = entry
-    save_file(tensors, str(path), metadata={"slimkit_layers": json.dumps(layers)})
+    save_tensors_atomic(tensors, Path(path), metadata={"slimkit_layers": json.dumps(layers)})
+
+
+def merge_compression_states(parts: list[Path], path: Path) -> None:
+    """One compression file from several (a streamed run writes one per block)."""
+    from safetensors import safe_open
+
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict = {}
+    for part in parts:
+        with safe_open(str(part), framework="pt") as f:
+            layers.update(json.loads((f.metadata() or {})["slimkit_layers"]))
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    save_tensors_atomic(tensors, Path(path), metadata={"slimkit_layers": json.dumps(layers)})
 
 
 def load_compression_state(path: Path, model: torch.nn.Module) -> dict[str, LayerRecord]:

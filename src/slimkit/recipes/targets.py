@@ -12,9 +12,12 @@ from slimkit.recipes.context import LayerRecord
 
 
 def select_targets(
-    model: nn.Module, adapter: ArchitectureAdapter, config: StepConfig, records: dict[str, LayerRecord]
+    model: nn.Module, adapter: ArchitectureAdapter, config: StepConfig, records: dict[str, LayerRecord],
+    loaded_only: bool = False,
 ) -> dict[str, nn.Module]:
-    """Modules whose `.weight` the step rewrites, by full name; a tied weight appears once."""
+    """Modules whose `.weight` the step rewrites, by full name; a tied weight appears once.
+    `loaded_only`: leave out weights still on the meta device (the blocks a streamed run has not
+    read), for steps that work on values one tensor at a time."""
     modules: dict[str, nn.Module] = dict(adapter.linears(model, include_lm_head=config.include_lm_head))
     if config.include_embeddings:
         modules.update(adapter.embedding_modules(model))
@@ -22,6 +25,8 @@ def select_targets(
     out: dict[str, nn.Module] = {}
     for name, module in modules.items():
         if any(fnmatch(name, pattern) for pattern in config.ignore) or id(module.weight) in seen:
+            continue
+        if loaded_only and module.weight.is_meta:
             continue
         seen.add(id(module.weight))
         out[name] = module

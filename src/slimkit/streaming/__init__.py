@@ -1,0 +1,1 @@
+"""Models bigger than RAM: compress one block at a time, from disk to disk, and resume."""

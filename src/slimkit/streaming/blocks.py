@@ -1,0 +1,72 @@
+"""The engine's blocks, read from the checkpoint one at a time and written out when done.
+
+`StreamedBlocks` is the calibration engine's `BlockAccess` for a model whose weights stay in their
+files: `open` reads block k (compute dtype) and runs the recipe's steps that come before the
+calibrated one; `close` runs the steps after it, writes the block's weights and records, the next
+block's inputs and the state, then drops the block back to the meta device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slimkit.calibration.engine import ActivationStore, BlockAccess
+from slimkit.io.tensors import save_tensors_atomic
+from slimkit.models.streamed import StreamedModel
+from slimkit.recipes.base import StepConfig
+from slimkit.recipes.builtin_steps import handler_for
+from slimkit.recipes.context import StepContext
+from slimkit.recipes.state import save_compression_state
+from slimkit.streaming.work import StreamState, WorkDir
+from slimkit.workflow import LayerTally
+
+
+class StreamedBlocks(BlockAccess):
+    def __init__(self, streamed: StreamedModel, ctx: StepContext, work: WorkDir, state: StreamState,
+                 before: list[StepConfig], after: list[StepConfig], save_dtype: torch.dtype):
+        self.streamed, self.ctx, self.work, self.state = streamed, ctx, work, state
+        self.before, self.after, self.save_dtype = before, after, save_dtype
+
+    def model_inputs(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"inputs_embeds": self.streamed.embed(batch)}
+
+    def resume(self, store: ActivationStore) -> int:
+        if self.state.next_block:
+            for i, inputs in enumerate(self.work.load_activations()):
+                store.put(i, inputs)
+        return self.state.next_block
+
+    def open(self, index: int, block: nn.Module) -> None:
+        self.streamed.materialize(block)
+        for linear in self.streamed.adapter.block_linears(block).values():
+            self.state.baseline_zeros += int((linear.weight == 0).sum())
+            self.state.baseline_total += linear.weight.numel()
+        for step in self.before:
+            handler_for(step)(step, self.ctx)
+
+    def close(self, index: int, block: nn.Module, store: ActivationStore | None) -> None:
+        for step in self.after:
+            handler_for(step)(step, self.ctx)
+        self._write(index, block)
+        if store is not None and index + 1 < len(self.streamed.adapter.get_blocks(self.streamed.model)):
+            self.work.save_activations([store[i] for i in range(len(store))])
+        self.state.next_block = index + 1
+        self.work.save_state(self.state)
+        self.streamed.release(block)
+
+    def _write(self, index: int, block: nn.Module) -> None:
+        """The block's tensors (as the checkpoint names them, in the save dtype) and its records."""
+        prefix = self.streamed.prefix(block)
+        own = block.state_dict()
+        tensors = {n: own[n[len(prefix):]].detach().to(self.save_dtype) for n in self.streamed.shards.under(prefix)}
+        save_tensors_atomic(tensors, self.work.layout.block_weights(index))
+        records = {n: r for n, r in self.ctx.state.records.items() if n.startswith(prefix)}
+        params = {prefix + n: p for n, p in block.named_parameters()}
+        tally = LayerTally.of(records, params, self.streamed.source_dtype.itemsize)
+        save_compression_state(records, self.work.layout.block_records(index))
+        total = LayerTally.from_dict(self.state.tally)
+        total.add(tally)
+        self.state.tally = total.to_dict()
+        for name in records:  # codes and masks are on disk now; keep RAM to one block
+            del self.ctx.state.records[name]
