@@ -110,6 +110,9 @@ def compress(
                                  "(e.g. a damaged checkpoint) and start it from step 0"),
     bench: bool = typer.Option(False, "--bench", help="also pack each output (OUT/.../packed) and measure "
                                "decode/prefill latency, throughput, RSS and size against the dense model"),
+    stream: str = typer.Option("auto", "--stream", help="read and write the model one block at a time (models "
+                               "bigger than RAM; a killed run resumes at its block): auto (when the model in "
+                               "float32 needs more than half the free RAM), on, off"),
     settings=None,
     explicit=frozenset(),
 ) -> None:
@@ -130,10 +133,13 @@ def compress(
       slimkit compress smollm2-135m -r gptq-int4-g64 -o out/gptq --full     # the papers' sizes
 
       slimkit compress ./my-model -r my-recipe.yaml -o out/mine --calibration-windows 64 --windows all
+
+      slimkit compress ./llama-8b -r gptq-int4-g64 -o out/8b --stream on   # bigger than RAM; rerun resumes
     """
     from slimkit.progress import RichProgress
     from slimkit.recipes import get_recipe
     from slimkit.reports.tables import comparison_rows, metric_legend, rich_table
+    from slimkit.streaming.job import compress_streamed
     from slimkit.workflow import compress_to_dir
 
     if save_dtype not in _SAVE_DTYPES:
@@ -145,16 +151,31 @@ def compress(
             raise SlimkitError(f"recipe names must differ to share an output dir, got {names}")
         settings = _preflight(model, recipes_, settings, explicit, offload_activations)
         _quiet_transformers()
+        options = dict(offload_dir=str(offload_activations) if offload_activations else None)
+        if not _streams(stream, model):
+            options["restart_training"] = restart
+        run = compress_streamed if _streams(stream, model) else compress_to_dir
         with RichProgress(console) as progress:
-            reports = compress_to_dir(model, recipes_, output, settings, overwrite, _dtype(save_dtype), progress,
-                                      log=lambda m: console.print(f"[dim]{m}[/dim]"),
-                                      offload_dir=str(offload_activations) if offload_activations else None,
-                                      restart_training=restart)
+            reports = run(model, recipes_, output, settings, overwrite, _dtype(save_dtype), progress,
+                          log=lambda m: console.print(f"[dim]{m}[/dim]"), **options)
         console.print(rich_table(comparison_rows(reports), f"slimkit compress: {reports[0].model.name}"))
         console.print(f"{metric_legend(reports[0])}\npacked MB = the packed format's arithmetic; "
                       f"total time {reports[-1].timing['total_s']:.0f}s; output: {output}")
         if bench:
             _bench_outputs(model, recipes_, output, settings)
+
+
+def _streams(stream: str, model: str) -> bool:
+    """--stream: on, off, or auto (an HF dir whose float32 size needs more than half the free RAM)."""
+    if stream not in ("auto", "on", "off"):
+        raise SlimkitError(f"--stream must be auto, on or off, not {stream}")
+    if stream != "auto":
+        return stream == "on"
+    from slimkit.models.loading import resolve
+    from slimkit.models.streamed import CheckpointShards, should_stream
+
+    path, _ = resolve(model)
+    return path.is_dir() and should_stream(CheckpointShards.of_dir(path))
 
 
 def _dtype(name: str):

@@ -1,0 +1,172 @@
+"""Streamed compression (one block at a time from disk) against the in-memory path: the same
+output tensor for tensor, resume after SIGKILL, the streamed perplexity, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import tiny_llama
+from slimkit.protocol import EvalSettings
+
+SETTINGS = EvalSettings(seqlen=64, max_windows=2, calibration_windows=4, calibration_seqlen=64)
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A 3-block random LLaMA stored in bf16 over several shards, untied head, SmolLM2's tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-bf16")
+    model = tiny_llama(vocab_size=len(smollm2_tokenizer), num_hidden_layers=3, tie_word_embeddings=False)
+    model.to(torch.bfloat16).save_pretrained(path, max_shard_size="3MB")
+    smollm2_tokenizer.save_pretrained(path)
+    assert len(list(path.glob("model-*.safetensors"))) > 1
+    return path
+
+
+def dir_tensors(directory: Path, pattern: str = "model*.safetensors") -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(directory.glob(pattern)):
+        with safe_open(str(file), framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def assert_same_output(a: Path, b: Path) -> None:
+    """Two compress outputs: equal weights, compression records and report numbers."""
+    ta, tb = dir_tensors(a), dir_tensors(b)
+    assert set(ta) == set(tb)
+    assert [k for k in ta if not torch.equal(ta[k], tb[k])] == []
+    ca, cb = dir_tensors(a, "compression.safetensors"), dir_tensors(b, "compression.safetensors")
+    assert set(ca) == set(cb) and all(torch.equal(ca[k], cb[k]) for k in ca)
+    ra, rb = json.loads((a / "report.json").read_text()), json.loads((b / "report.json").read_text())
+    assert ra["compression"]["layers"] == rb["compression"]["layers"]
+    assert ra["size"]["packed_bytes"] == rb["size"]["packed_bytes"]
+    assert ra["size"]["dense_by_kind"] == rb["size"]["dense_by_kind"]
+    assert ra["baseline_sparsity"] == rb["baseline_sparsity"]
+    assert ra["compressed"]["value"] == pytest.approx(rb["compressed"]["value"], rel=1e-4)
+
+
+@pytest.mark.parametrize("recipe", ["rtn-int4-g64", "gptq-int4-g64", "awq-int4-g64", "sparsegpt-50", "wanda-2of4",
+                                    "magnitude-2of4-int4"])
+def test_streamed_equals_in_memory(tiny_bf16, tmp_path, recipe):
+    from slimkit.recipes import get_recipe
+    from slimkit.streaming.job import compress_streamed
+    from slimkit.workflow import compress_to_dir
+
+    compress_to_dir(str(tiny_bf16), [get_recipe(recipe)], tmp_path / "memory", SETTINGS)
+    reports = compress_streamed(str(tiny_bf16), [get_recipe(recipe)], tmp_path / "streamed", SETTINGS)
+    assert_same_output(tmp_path / "memory", tmp_path / "streamed")
+    index = json.loads((tmp_path / "streamed" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 3 + 1  # a shard per block, one for embedding/norm/head
+    assert reports[0].model.stored_dtype == "bfloat16"
+    assert not (tmp_path / ".streamed.slimkit-stream").exists()  # the resumable state goes with success
+
+
+def test_streamed_output_loads_in_transformers(tiny_bf16, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from slimkit.recipes import get_recipe
+    from slimkit.streaming.job import compress_streamed
+
+    compress_streamed(str(tiny_bf16), [get_recipe("rtn-int4-g64")], tmp_path / "out", SETTINGS)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.dtype == torch.bfloat16
+    written = dir_tensors(tmp_path / "out")
+    assert all(torch.equal(p, written[n]) for n, p in model.state_dict().items())
+
+
+def test_streamed_perplexity_matches_in_memory(tiny_bf16, split):
+    from slimkit.evaluation.perplexity import PerplexityProtocol, perplexity
+    from slimkit.evaluation.streamed import streamed_perplexity
+    from slimkit.models.loading import load_model
+    from slimkit.models.streamed import open_streamed
+
+    loaded = load_model(tiny_bf16)
+    protocol = PerplexityProtocol(64, 3, batch_size=2)
+    expected = perplexity(loaded.model, loaded.tokenizer, split, protocol)
+    streamed = open_streamed(tiny_bf16)
+    got = streamed_perplexity(streamed, streamed.shards, split, protocol)
+    assert got.tokens == expected.tokens
+    assert got.mean_nll == pytest.approx(expected.mean_nll, rel=1e-5)
+    assert all(p.is_meta for p in streamed.model.parameters())  # every block was dropped again
+
+
+KILL_AT_BLOCK = textwrap.dedent("""
+    import os, signal, sys
+    from slimkit.streaming.blocks import StreamedBlocks
+    from slimkit.cli.main import main
+    opened = StreamedBlocks.open
+    def open_then_die(self, index, block):
+        opened(self, index, block)
+        if index == int(os.environ["KILL_AT"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+    StreamedBlocks.open = open_then_die
+    sys.argv = ["slimkit", *sys.argv[1:]]
+    main()
+""")
+
+
+def test_sigkill_mid_block_resumes_at_that_block(tiny_bf16, tmp_path):
+    """SIGKILL in the middle of block 1 of 3; the rerun says it resumes at block 1 and writes what
+    an uninterrupted run writes."""
+    args = ["compress", str(tiny_bf16), "-r", "gptq-int4-g64", "--stream", "on", "--windows", "2", "--seqlen", "64",
+            "--calibration-windows", "4", "--calibration-seqlen", "64"]
+    env = {**os.environ, "KILL_AT": "1", "COLUMNS": "200"}
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_BLOCK, *args, "-o", str(tmp_path / "out")], env=env,
+                            capture_output=True, text=True)
+    assert killed.returncode == -9
+    assert not (tmp_path / "out").exists()  # nothing that looks complete
+    state = json.loads((tmp_path / ".out.slimkit-stream" / "gptq-int4-g64" / "state.json").read_text())
+    assert state["next_block"] == 1
+    rerun = subprocess.run([sys.executable, "-m", "slimkit", *args, "-o", str(tmp_path / "out")], env=env,
+                           capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resuming at block 1" in " ".join(rerun.stdout.split())
+    whole = subprocess.run([sys.executable, "-m", "slimkit", *args, "-o", str(tmp_path / "whole")], env=env,
+                           capture_output=True, text=True)
+    assert whole.returncode == 0 and "resuming" not in whole.stdout
+    assert_same_output(tmp_path / "out", tmp_path / "whole")
+    assert not (tmp_path / ".out.slimkit-stream").exists()
+
+
+def test_changed_arguments_start_over(tiny_bf16, tmp_path):
+    """A saved state from other arguments is discarded, never mixed into this run."""
+    from slimkit.paths import StreamWork
+    from slimkit.streaming.work import StreamState, WorkDir
+
+    layout = StreamWork.beside(tmp_path / "out", "r")
+    old = WorkDir(layout, "identity-a")
+    state = old.start()
+    state.next_block = 2
+    old.save_state(state)
+    messages = []
+    fresh = WorkDir(layout, "identity-b", messages.append).start()
+    assert fresh == StreamState("identity-b") and "discarding" in messages[0]
+    again = WorkDir(layout, "identity-b", messages.append)
+    state = again.start()
+    state.next_block = 1
+    again.save_state(state)
+    assert WorkDir(layout, "identity-b", messages.append).start().next_block == 1 and "resuming" in messages[-1]
+
+
+@pytest.mark.parametrize("steps, message", [
+    ([{"method": "gptq", "bits": 4}, {"method": "sparsegpt", "sparsity": 0.5}], "at most one calibrated step"),
+    ([{"method": "magnitude_prune", "sparsity": 0.5, "scope": "global"}], "scope global"),
+    ([{"method": "rtn_quantize", "bits": 8, "include_lm_head": True}], "include_lm_head"),
+    ([{"method": "prune_structured", "mlp": 0.25}], "cannot stream"),
+])
+def test_what_cannot_stream_is_refused_before_work(steps, message):
+    from slimkit.errors import RecipeError
+    from slimkit.recipes.schema import parse_recipe
+    from slimkit.streaming.job import check_streamable
+
+    with pytest.raises(RecipeError, match=message):
+        check_streamable(parse_recipe({"name": "r", "steps": steps}))
