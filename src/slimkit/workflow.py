@@ -221,6 +221,28 @@ def write_output(loaded: LoadedModel, result: CompressionResult, report: Compres
     return report
 
 
+def compress_worker(model: str, recipes: list[Recipe], settings: EvalSettings = EvalSettings(),
+                    offload_dir: str | None = None) -> None:
+    """A rank other than 0 of `torchrun ... slimkit compress`: the same recipes on the same model,
+    taking part in the calibration collectives; it evaluates nothing and writes nothing."""
+    loaded = load_model(model)
+    split = load_split(settings.data)
+    original = {k: v.clone() for k, v in loaded.model.state_dict().items()} if len(recipes) > 1 else None
+    model_object = loaded.model
+
+    def calibration() -> torch.Tensor:
+        return calibration_windows(loaded.tokenizer, split, settings.calibration_windows,
+                                   settings.calibration_seqlen, settings.seed)
+
+    for i, recipe in enumerate(recipes):
+        if i and original is not None:
+            loaded.model = model_object
+            loaded.model.load_state_dict(original)
+        run = RunResources(NoProgress(), calibration if loaded.tokenizer else None, offload_dir, loaded.tokenizer,
+                           split)
+        loaded.model = compress(loaded.model, recipe, loaded.adapter, run).model
+
+
 def compress_to_dir(
     model: str,
     recipes: list[Recipe],

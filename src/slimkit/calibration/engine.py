@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from slimkit.calibration.distributed import reduce_stats, shard_windows
 from slimkit.calibration.stats import InputStats, StatsRequest
 from slimkit.models.adapters import ArchitectureAdapter
 from slimkit.progress import NoProgress, Progress
@@ -192,6 +193,7 @@ def sequential_compress(
     description: str = "calibrated",
     access: BlockAccess = BlockAccess(),
 ) -> EngineReport:
+    windows = shard_windows(windows)  # this rank's share when several processes calibrate together
     report = EngineReport(tokens=windows.numel())
     store = ActivationStore(offload_dir)
     model.eval()
@@ -206,6 +208,7 @@ def sequential_compress(
             work = _block_work(index, block, adapter, names, request)
             t0 = time.perf_counter()
             _collect_stats(block, work, store, extra)
+            reduce_stats(list(work.stats.values()))
             t1 = time.perf_counter()
             compress_block(work)
             t2 = time.perf_counter()

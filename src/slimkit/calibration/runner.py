@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from slimkit.calibration import distributed
 from slimkit.calibration.engine import BlockWork, EngineReport, sequential_compress
 from slimkit.calibration.obs import ObsProblem, ObsResult, obs_solve_batch
 from slimkit.calibration.stats import StatsRequest
@@ -67,18 +68,43 @@ def write_result(module: nn.Module, record: LayerRecord, result: ObsResult, spec
 def solve_linears(work: BlockWork, selected: dict[str, nn.Module], hessians: dict[str, torch.Tensor],
                   keep_masks: dict[str, torch.Tensor | None], progress, **solver) -> dict[str, ObsResult]:
     """OBS for a block's selected linears: one stacked problem per shared input, one batched
-    solve per input width (q/k/v + o + gate/up together, then down)."""
-    by_width: dict[int, list[ObsProblem]] = {}
+    solve per input width (q/k/v + o + gate/up together, then down). Over several processes,
+    each problem is solved by its owner rank and broadcast."""
+    problems = []
     for group in work.groups:
         names = [n for n in group if n in selected]
         if names:
-            H = hessians[names[0]]
-            problem = ObsProblem(H, [selected[n].weight for n in names], names, [keep_masks.get(n) for n in names])
-            by_width.setdefault(H.shape[0], []).append(problem)
+            problems.append(ObsProblem(hessians[names[0]], [selected[n].weight for n in names], names,
+                                       [keep_masks.get(n) for n in names]))
+    rank, size = distributed.world()
+    owner = distributed.owners([p.rows * p.hessian.shape[0] ** 2 for p in problems]) if size > 1 else [0] * len(problems)
+    mine = [p for p, o in zip(problems, owner) if o == rank]
+    results = _solve_by_width(work.index, mine, progress, solver)
+    if size > 1:
+        for problem, src in zip(problems, owner):
+            results.update(_shared_results(problem, results, src))
+    return results
+
+
+def _solve_by_width(index: int, problems: list[ObsProblem], progress, solver: dict) -> dict[str, ObsResult]:
+    by_width: dict[int, list[ObsProblem]] = {}
+    for problem in problems:
+        by_width.setdefault(problem.hessian.shape[0], []).append(problem)
     results: dict[str, ObsResult] = {}
     batches = list(by_width.values())
     labels = [" + ".join(n.rsplit(".", 1)[-1] for p in b for n in p.names) for b in batches]
-    for batch, _ in progress.track(list(zip(batches, labels)), f"block {work.index}: linears"):
+    for batch, _ in progress.track(list(zip(batches, labels)), f"block {index}: linears"):
         for problem, solved in zip(batch, obs_solve_batch(batch, **solver)):
             results.update(zip(problem.names, solved))
     return results
+
+
+def _shared_results(problem: ObsProblem, results: dict[str, ObsResult], src: int) -> dict[str, ObsResult]:
+    """The owner's results for `problem`, on every rank."""
+    shared = {}
+    for name in problem.names:
+        r = results.get(name)
+        fields = [r.weight, r.keep, r.scale, r.zero, torch.tensor([r.damping], dtype=torch.float64)] if r else [None] * 5
+        weight, keep, scale, zero, damping = distributed.broadcast_tensors(fields, src)
+        shared[name] = ObsResult(weight, keep, scale, zero, float(damping))
+    return shared

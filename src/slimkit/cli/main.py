@@ -144,6 +144,8 @@ def compress(
 
     if save_dtype not in _SAVE_DTYPES:
         raise SlimkitError(f"--save-dtype must be one of {', '.join(_SAVE_DTYPES)}, got {save_dtype}")
+    if _distributed_worker(model, recipe, stream, bench, settings, explicit, offload_activations):
+        return
     with reserve_output(output, overwrite, inputs=[model]):  # before anything else: a clash fails first
         recipes_ = [get_recipe(r) for r in recipe]
         names = [r.name for r in recipes_]
@@ -165,6 +167,29 @@ def compress(
             _bench_outputs(model, recipes_, output, settings)
 
 
+def _distributed_worker(model: str, recipe: list[str], stream: str, bench: bool, settings, explicit, offload) -> bool:
+    """Under torchrun (WORLD_SIZE > 1): join the group; a rank other than 0 runs the recipes'
+    calibration collectives and returns True (rank 0 alone evaluates and writes)."""
+    from slimkit.calibration.distributed import init_from_env
+
+    rank, size = init_from_env()
+    if size == 1:
+        return False
+    if stream == "on" or bench:
+        raise SlimkitError("several processes (torchrun) calibrate in-memory models for now: drop --stream on / --bench")
+    console.print(f"[dim]rank {rank} of {size}: calibration windows split, statistics summed, "
+                  "solves shared[/dim]")
+    if rank == 0:
+        return False
+    from slimkit.recipes import get_recipe
+    from slimkit.workflow import compress_worker
+
+    recipes = [get_recipe(r) for r in recipe]
+    settings = _preflight(model, recipes, settings, explicit, offload)  # the same fitted settings as rank 0
+    compress_worker(model, recipes, settings, str(offload) if offload else None)
+    return True
+
+
 def _streams(stream: str, model: str) -> bool:
     """--stream: on, off, or auto (an HF dir whose float32 size needs more than half the free RAM)."""
     if stream not in ("auto", "on", "off"):
@@ -175,7 +200,9 @@ def _streams(stream: str, model: str) -> bool:
     from slimkit.models.streamed import CheckpointShards, should_stream
 
     path, _ = resolve(model)
-    return path.is_dir() and should_stream(CheckpointShards.of_dir(path))
+    from slimkit.calibration.distributed import world
+
+    return path.is_dir() and world()[1] == 1 and should_stream(CheckpointShards.of_dir(path))
 
 
 def _dtype(name: str):
@@ -647,7 +674,13 @@ def reproduce(
 
 def main() -> None:
     install_sigterm()
-    app()
+    try:
+        app()
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

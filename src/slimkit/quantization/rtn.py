@@ -112,11 +112,26 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, 
     return (g * scale.float().unsqueeze(-1)).reshape(q.shape)
 
 
+ROW_SLICE_ELEMENTS = 1 << 22  # rows are quantized in slices of about this many weights
+
+
 def rtn_quantize(weight: torch.Tensor, spec: QuantSpec, name: str = "weight") -> tuple[torch.Tensor, QuantParams]:
-    """Quantize and dequantize: returns the fake-quantized weight (fp32) and its parameters."""
-    scale, zero = compute_qparams(weight, spec, name)
-    q = quantize(weight, scale, zero, spec)
-    return dequantize(q, scale, zero, spec), QuantParams(spec, q, scale, zero)
+    """Quantize and dequantize: returns the fake-quantized weight (fp32) and its parameters.
+    Rows are independent, so they go in slices: the temporaries stay a few MB on any weight."""
+    check_groups(weight, spec, name)
+    rows = max(1, ROW_SLICE_ELEMENTS // weight.shape[-1])
+    w_hat = torch.empty(weight.shape)
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    scales, zeros = [], []
+    for start in range(0, weight.shape[0], rows):
+        part = weight[start: start + rows]
+        scale, zero = compute_qparams(part, spec, name)
+        q[start: start + rows] = quantize(part, scale, zero, spec)
+        w_hat[start: start + rows] = dequantize(q[start: start + rows], scale, zero, spec)
+        scales.append(scale)
+        zeros.append(zero)
+    zero = torch.cat(zeros) if zeros[0] is not None else None
+    return w_hat, QuantParams(spec, q, torch.cat(scales), zero)
 
 
 def bytes_per_weight(spec: QuantSpec, in_features: int) -> float:

@@ -8,12 +8,15 @@ block's inputs and the state, then drops the block back to the meta device.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
 from slimkit.calibration.engine import ActivationStore, BlockAccess
 from slimkit.io.tensors import save_tensors_atomic
 from slimkit.models.streamed import StreamedModel
+from slimkit.progress import NoProgress
 from slimkit.recipes.base import StepConfig
 from slimkit.recipes.builtin_steps import handler_for
 from slimkit.recipes.context import StepContext
@@ -38,29 +41,42 @@ class StreamedBlocks(BlockAccess):
         return self.state.next_block
 
     def open(self, index: int, block: nn.Module) -> None:
+        start = time.perf_counter()
         self.streamed.materialize(block)
         for linear in self.streamed.adapter.block_linears(block).values():
             self.state.baseline_zeros += int((linear.weight == 0).sum())
             self.state.baseline_total += linear.weight.numel()
-        for step in self.before:
-            handler_for(step)(step, self.ctx)
+        self.state.add_time("read_s", time.perf_counter() - start)
+        self._steps(self.before)
 
     def close(self, index: int, block: nn.Module, store: ActivationStore | None) -> None:
-        for step in self.after:
-            handler_for(step)(step, self.ctx)
+        self._steps(self.after)
+        start = time.perf_counter()
         self._write(index, block)
         if store is not None and index + 1 < len(self.streamed.adapter.get_blocks(self.streamed.model)):
             self.work.save_activations([store[i] for i in range(len(store))])
         self.state.next_block = index + 1
         self.work.save_state(self.state)
         self.streamed.release(block)
+        self.state.add_time("write_s", time.perf_counter() - start)
+
+    def _steps(self, steps: list[StepConfig]) -> None:
+        """Per-tensor steps on the block just read (quietly: the blocks' progress is shown)."""
+        if not steps:
+            return
+        start, shown = time.perf_counter(), self.ctx.run.progress
+        self.ctx.run.progress = NoProgress()
+        try:
+            for step in steps:
+                handler_for(step)(step, self.ctx)
+        finally:
+            self.ctx.run.progress = shown
+        self.state.add_time("per_tensor_steps_s", time.perf_counter() - start)
 
     def _write(self, index: int, block: nn.Module) -> None:
-        """The block's tensors (as the checkpoint names them, in the save dtype) and its records."""
+        """The block's records, then its tensors (as the checkpoint names them, in the save dtype;
+        each converted in place, so the block never exists twice in memory)."""
         prefix = self.streamed.prefix(block)
-        own = block.state_dict()
-        tensors = {n: own[n[len(prefix):]].detach().to(self.save_dtype) for n in self.streamed.shards.under(prefix)}
-        save_tensors_atomic(tensors, self.work.layout.block_weights(index))
         records = {n: r for n, r in self.ctx.state.records.items() if n.startswith(prefix)}
         params = {prefix + n: p for n, p in block.named_parameters()}
         tally = LayerTally.of(records, params, self.streamed.source_dtype.itemsize)
@@ -70,3 +86,9 @@ class StreamedBlocks(BlockAccess):
         self.state.tally = total.to_dict()
         for name in records:  # codes and masks are on disk now; keep RAM to one block
             del self.ctx.state.records[name]
+        for tensor in [*block.parameters(), *block.buffers()]:
+            if tensor.is_floating_point():
+                tensor.data = tensor.data.to(self.save_dtype)
+        own = block.state_dict()
+        tensors = {n: own[n[len(prefix):]] for n in self.streamed.shards.under(prefix)}
+        save_tensors_atomic(tensors, self.work.layout.block_weights(index))

@@ -193,7 +193,7 @@ def _report(streamed, recipe, result, state, work, split, settings, baseline, pr
     sparsity = state.baseline_zeros / state.baseline_total if state.baseline_total else 0.0
     dense_by_kind = streamed.shards.bytes_by_kind(streamed.adapter, streamed.source_dtype.itemsize)
     timing = {"load_s": 0.0, "compress_s": state.seconds, "eval_before_s": baseline.details["seconds"],
-              "eval_after_s": after.details["seconds"]}
+              "eval_after_s": after.details["seconds"], **{f"stream_{k}": v for k, v in state.phase_seconds.items()}}
     return build_report(streamed, recipe, result, split, settings, baseline, sparsity, after, dense_by_kind, timing,
                         LayerTally.from_dict(state.tally))
 

@@ -36,6 +36,10 @@ class StreamState:
     baseline_total: int = 0
     seconds: float = 0.0  # compression time so far, over every session of the run
     resumed_at: list[int] = field(default_factory=list)  # blocks where a session started again
+    phase_seconds: dict = field(default_factory=dict)  # read / per-tensor steps / write, over every session
+
+    def add_time(self, phase: str, seconds: float) -> None:
+        self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + seconds
 
 
 class WorkDir:
