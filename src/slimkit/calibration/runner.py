@@ -86,12 +86,27 @@ def solve_linears(work: BlockWork, selected: dict[str, nn.Module], hessians: dic
     return results
 
 
-def _solve_by_width(index: int, problems: list[ObsProblem], progress, solver: dict) -> dict[str, ObsResult]:
-    by_width: dict[int, list[ObsProblem]] = {}
+BATCH_BYTES = 1 << 28  # a batched solve pads every problem to the most rows; above this, solve apart
+
+
+def _batches(problems: list[ObsProblem]) -> list[list[ObsProblem]]:
+    """Problems of one input width solved together, unless padding them to the most rows would
+    take more than BATCH_BYTES (big models: a 4096-wide q/k/v beside a 28672-row gate/up)."""
+    by_width: dict[int, list[list[ObsProblem]]] = {}
     for problem in problems:
-        by_width.setdefault(problem.hessian.shape[0], []).append(problem)
+        batches = by_width.setdefault(problem.hessian.shape[0], [[]])
+        last = batches[-1]
+        rows = max([p.rows for p in last] + [problem.rows])
+        if last and (len(last) + 1) * rows * problem.hessian.shape[0] * 4 > BATCH_BYTES:
+            batches.append([problem])
+        else:
+            last.append(problem)
+    return [b for batches in by_width.values() for b in batches]
+
+
+def _solve_by_width(index: int, problems: list[ObsProblem], progress, solver: dict) -> dict[str, ObsResult]:
     results: dict[str, ObsResult] = {}
-    batches = list(by_width.values())
+    batches = _batches(problems)
     labels = [" + ".join(n.rsplit(".", 1)[-1] for p in b for n in p.names) for b in batches]
     for batch, _ in progress.track(list(zip(batches, labels)), f"block {index}: linears"):
         for problem, solved in zip(batch, obs_solve_batch(batch, **solver)):
