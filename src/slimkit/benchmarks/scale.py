@@ -49,8 +49,12 @@ def measure(model: str, recipe: str, stream: str, work: Path) -> dict:
     from slimkit.models.streamed import CheckpointShards
 
     path = model_path(model)
+    data = json.loads(json.dumps(RECIPES[recipe]))
+    if model == "smollm2-135m":  # 576 columns: groups of 64
+        data["steps"][0]["group_size"] = 64
+        data["name"] = recipe = recipe.replace("g128", "g64")
     recipe_file = work / f"{recipe}.yaml"
-    recipe_file.write_text(json.dumps(RECIPES[recipe]))
+    recipe_file.write_text(json.dumps(data))
     output = work / f"{Path(path).name}-{recipe}-{stream}"
     windows, seqlen = CALIBRATION
     command = [sys.executable, "-m", "slimkit", "compress", path, "-r", str(recipe_file), "-o", str(output),

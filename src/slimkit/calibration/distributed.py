@@ -1,10 +1,13 @@
 """Calibration over several processes with `torch.distributed` (torchrun; gloo on CPU, nccl on CUDA).
 
-- each rank runs the blocks on its share of the calibration windows (a contiguous slice);
-- the statistics of every input group are summed over ranks with their token counts (Hessians as
-  token-weighted means, Wanda's column norms, AWQ's mean |x|);
-- each OBS problem (GPTQ / SparseGPT: one stacked group of linears) is solved by one owner rank,
-  chosen by bin-packing on its solve cost, and the owner broadcasts the result to every rank;
+- each rank runs the blocks on its share of the calibration batches (global batches rank,
+  rank + size, ...);
+- the statistics (Hessians, Wanda's column norms, AWQ's mean |x|) come out bit-identical to one
+  process: each batch's group inputs are broadcast by the rank that ran it, and every rank adds
+  them in the global batch order (calibration/engine.py);
+- each batched OBS solve (GPTQ / SparseGPT: the stacked groups of one input width, batched as one
+  process batches them) is done by one owner rank, chosen by bin-packing on its cost, and the
+  owner broadcasts the results; so codes and masks are those of one process too;
 - only rank 0 writes anything (`workflow.compress_to_dir`); the others run `compress` alone.
 
 With one process every function here is the identity.
@@ -16,8 +19,6 @@ import os
 
 import torch
 import torch.distributed as dist
-
-from slimkit.calibration.stats import InputStats
 
 
 def world() -> tuple[int, int]:
@@ -34,26 +35,14 @@ def init_from_env() -> tuple[int, int]:
     return world()
 
 
-def shard_windows(windows: torch.Tensor) -> torch.Tensor:
+def shard_windows(windows: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """This rank's calibration batches: global batches rank, rank + size, ... (split by
+    `batch_size` again, they are exactly those batches)."""
     rank, size = world()
-    return windows if size == 1 else torch.tensor_split(windows, size)[rank]
-
-
-def reduce_stats(stats: list[InputStats]) -> None:
-    """Every rank ends with the statistics of all ranks' tokens (each shared object once)."""
-    if world()[1] == 1:
-        return
-    for s in {id(s): s for s in stats}.values():
-        tokens = torch.tensor([float(s.tokens)], dtype=torch.float64)
-        dist.all_reduce(tokens)
-        total = float(tokens)
-        if s.hessian is not None:  # a token-weighted mean
-            h = s.hessian.mul_(s.tokens / total)
-            dist.all_reduce(h)
-        for summed in (s.col_sq, s.abs_sum):
-            if summed is not None:
-                dist.all_reduce(summed)
-        s.tokens = int(total)
+    if size == 1:
+        return windows
+    mine = torch.split(windows, batch_size)[rank::size]
+    return torch.cat(mine) if mine else windows[:0]
 
 
 def owners(costs: list[float]) -> list[int]:

@@ -23,7 +23,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from slimkit.calibration.distributed import reduce_stats, shard_windows
+from slimkit.calibration.distributed import broadcast_tensors, shard_windows
+from slimkit.calibration.distributed import world as distributed_world
 from slimkit.calibration.stats import InputStats, StatsRequest
 from slimkit.models.adapters import ArchitectureAdapter
 from slimkit.progress import NoProgress, Progress
@@ -135,6 +136,8 @@ def capture_block_inputs(
     handle = first.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         for batch in torch.split(windows, batch_size):
+            if batch.shape[0] == 0:  # a rank with no calibration batch (fewer batches than ranks)
+                continue
             try:
                 model(**access.model_inputs(batch), use_cache=False)
             except _StopForward:
@@ -144,33 +147,43 @@ def capture_block_inputs(
     return extra
 
 
-def _collect_stats(block: nn.Module, work: BlockWork, store, extra) -> None:
+def _collect_stats(block: nn.Module, work: BlockWork, store, extra, global_batches: int) -> None:
     """Run the dense block on every calibration batch with hooks on each input group's first
-    linear; stop each forward as soon as every group's input has been seen."""
-    seen: set[int] = set()
+    linear; stop each forward as soon as every group's input has been seen. Over several
+    processes, each batch's group inputs go from the rank that ran it to every rank, and all
+    ranks add them in the global batch order: the statistics are those of one process, bit for bit."""
+    rank, size = distributed_world()
+    firsts = [group[0] for group in work.groups]
+    for step in range(-(-global_batches // size)):
+        inputs = _group_inputs(block, work, store[step], *extra[step]) if step < len(store) else [None] * len(firsts)
+        for src in range(size):
+            if step * size + src >= global_batches:
+                break
+            shared = inputs if size == 1 else broadcast_tensors(inputs if rank == src else [None] * len(firsts), src)
+            for name, x in zip(firsts, shared):
+                work.stats[name].add(x)
 
-    def observe(args, stats, group: int) -> None:
-        stats.add(args[0])
-        seen.add(group)
+
+def _group_inputs(block: nn.Module, work: BlockWork, hidden: torch.Tensor, args, kwargs) -> list[torch.Tensor]:
+    """The input of each input group's first linear for one batch (the forward stops once all are seen)."""
+    seen: dict[int, torch.Tensor] = {}
+
+    def observe(args, group: int) -> None:
+        seen[group] = args[0]
         if len(seen) == len(work.groups):  # every input captured: the rest of the block is not needed
             raise _StopForward
 
-    handles = [
-        work.linears[group[0]].register_forward_pre_hook(
-            lambda mod, args, st=work.stats[group[0]], g=g: observe(args, st, g))
-        for g, group in enumerate(work.groups)
-    ]
-    with torch.no_grad():
-        try:
-            for i, (args, kwargs) in enumerate(extra):
-                seen.clear()
-                try:
-                    block(store[i], *args, **kwargs)
-                except _StopForward:
-                    pass
-        finally:
-            for h in handles:
-                h.remove()
+    handles = [work.linears[group[0]].register_forward_pre_hook(lambda mod, args, g=g: observe(args, g))
+               for g, group in enumerate(work.groups)]
+    try:
+        with torch.no_grad():
+            block(hidden, *args, **kwargs)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return [seen[g] for g in range(len(work.groups))]
 
 
 def forward_block(block: nn.Module, store, extra) -> None:
@@ -193,8 +206,9 @@ def sequential_compress(
     description: str = "calibrated",
     access: BlockAccess = BlockAccess(),
 ) -> EngineReport:
-    windows = shard_windows(windows)  # this rank's share when several processes calibrate together
     report = EngineReport(tokens=windows.numel())
+    global_batches = len(torch.split(windows, batch_size))
+    windows = shard_windows(windows, batch_size)  # this rank's batches when several processes calibrate
     store = ActivationStore(offload_dir)
     model.eval()
     try:
@@ -207,8 +221,7 @@ def sequential_compress(
             access.open(index, block)
             work = _block_work(index, block, adapter, names, request)
             t0 = time.perf_counter()
-            _collect_stats(block, work, store, extra)
-            reduce_stats(list(work.stats.values()))
+            _collect_stats(block, work, store, extra, global_batches)
             t1 = time.perf_counter()
             compress_block(work)
             t2 = time.perf_counter()

@@ -77,12 +77,14 @@ def solve_linears(work: BlockWork, selected: dict[str, nn.Module], hessians: dic
             problems.append(ObsProblem(hessians[names[0]], [selected[n].weight for n in names], names,
                                        [keep_masks.get(n) for n in names]))
     rank, size = distributed.world()
-    owner = distributed.owners([p.rows * p.hessian.shape[0] ** 2 for p in problems]) if size > 1 else [0] * len(problems)
-    mine = [p for p, o in zip(problems, owner) if o == rank]
-    results = _solve_by_width(work.index, mine, progress, solver)
+    batches = _batches(problems)  # as one process batches them, so each solve is bit for bit the same
+    costs = [sum(p.rows * p.hessian.shape[0] ** 2 for p in batch) for batch in batches]
+    owner = distributed.owners(costs) if size > 1 else [0] * len(batches)
+    results = _solve(work.index, [b for b, o in zip(batches, owner) if o == rank], progress, solver)
     if size > 1:
-        for problem, src in zip(problems, owner):
-            results.update(_shared_results(problem, results, src))
+        for batch, src in zip(batches, owner):
+            for problem in batch:
+                results.update(_shared_results(problem, results, src))
     return results
 
 
@@ -104,9 +106,8 @@ def _batches(problems: list[ObsProblem]) -> list[list[ObsProblem]]:
     return [b for batches in by_width.values() for b in batches]
 
 
-def _solve_by_width(index: int, problems: list[ObsProblem], progress, solver: dict) -> dict[str, ObsResult]:
+def _solve(index: int, batches: list[list[ObsProblem]], progress, solver: dict) -> dict[str, ObsResult]:
     results: dict[str, ObsResult] = {}
-    batches = _batches(problems)
     labels = [" + ".join(n.rsplit(".", 1)[-1] for p in b for n in p.names) for b in batches]
     for batch, _ in progress.track(list(zip(batches, labels)), f"block {index}: linears"):
         for problem, solved in zip(batch, obs_solve_batch(batch, **solver)):

@@ -21,7 +21,7 @@ from slimkit.models.adapters import submodule_at
 from slimkit.models.streamed import CheckpointShards, StreamedModel
 from slimkit.progress import NoProgress, Progress
 
-HEAD_SLICE_BYTES = 1 << 28  # rows of the head read at once
+HEAD_SLICE_BYTES = 1 << 26  # rows of the head read at once (as fp32)
 
 
 class _EmbeddingsFrom(BlockAccess):

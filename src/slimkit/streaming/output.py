@@ -1,5 +1,6 @@
 """The model dir of a streamed run, assembled from its work files: one weight shard per block
-(hard-linked, not copied), the embedding / norm / head shard(s), the HF index, the merged
+(hard-linked, not copied), the embedding / norm / head shard(s) copied a slice of rows at a
+time, the HF index, the merged
 compression records, config, tokenizer and the reports."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from slimkit.evaluation.size import files_bytes
-from slimkit.io.tensors import save_tensors_atomic
+from slimkit.io.tensors import copy_tensors_sliced
 from slimkit.models.streamed import StreamedModel
 from slimkit.paths import ModelDir
 from slimkit.recipes.schema import Recipe
@@ -44,7 +45,9 @@ def _outer_parts(streamed: StreamedModel, work: WorkDir, directory: Path, save_d
         size = sum(math.prod(streamed.shards.shapes[n]) * save_dtype.itemsize for n in group)
         if size >= OUTER_SHARD_BYTES or i == len(names) - 1:
             part = directory / f".outer-{len(parts)}.safetensors"
-            save_tensors_atomic(streamed.shards.read(group, save_dtype), part)
+            shards = streamed.shards
+            copy_tensors_sliced(lambda n, a, b: shards.rows(n, a, b, save_dtype), {n: shards.shapes[n] for n in group},
+                                part, save_dtype)
             parts.append(part)
             group = []
     return parts
