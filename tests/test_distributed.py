@@ -15,7 +15,8 @@ from test_streaming import dir_tensors
 
 ARGS = ["--windows", "2", "--seqlen", "64", "--calibration-windows", "20", "--calibration-seqlen", "64",
         "--stream", "off"]
-RECIPES = ["gptq-int4-g64", "sparsegpt-50", "wanda-2of4", "awq-int4-g64"]
+FAST = ["gptq-int4-g64", "wanda-2of4"]  # the shared solves, and statistics alone
+ALL = [*FAST, "sparsegpt-50", "awq-int4-g64"]
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +27,8 @@ def tiny_dir(tmp_path_factory, smollm2_tokenizer):
     return path
 
 
-def _compress(launcher: list[str], model, out) -> subprocess.CompletedProcess:
-    recipes = [a for r in RECIPES for a in ("-r", r)]
+def _compress(launcher: list[str], model, out, names: list[str]) -> subprocess.CompletedProcess:
+    recipes = [a for r in names for a in ("-r", r)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     done = subprocess.run([*launcher, "-m", "slimkit", "compress", str(model), *recipes, "-o", str(out), *ARGS],
                           env=env, capture_output=True, text=True, timeout=900)
@@ -35,13 +36,14 @@ def _compress(launcher: list[str], model, out) -> subprocess.CompletedProcess:
     return done
 
 
-def test_two_gloo_processes_equal_one(tiny_dir, tmp_path):
-    _compress([sys.executable], tiny_dir, tmp_path / "one")
+@pytest.mark.parametrize("names", [FAST, pytest.param(ALL, marks=pytest.mark.slow)], ids=["fast", "all"])
+def test_two_gloo_processes_equal_one(tiny_dir, tmp_path, names):
+    _compress([sys.executable], tiny_dir, tmp_path / "one", names)
     two = _compress([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                     "--master_port", "29533"], tiny_dir, tmp_path / "two")
+                     "--master_port", "29533"], tiny_dir, tmp_path / "two", names)
     assert "rank 1 of 2" in two.stdout and "rank 0 of 2" in two.stdout
     assert not any(p.name.startswith("two") for p in tmp_path.iterdir() if p.name not in ("two",))  # rank 0 wrote
-    for recipe in RECIPES:  # weights, masks, scales and zero points: bit for bit
+    for recipe in names:  # weights, masks, scales and zero points: bit for bit
         a, b = tmp_path / "one" / recipe, tmp_path / "two" / recipe
         for files in ("model*.safetensors", "compression.safetensors"):
             wa, wb = dir_tensors(a, files), dir_tensors(b, files)

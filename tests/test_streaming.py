@@ -54,8 +54,12 @@ def assert_same_output(a: Path, b: Path) -> None:
     assert ra["compressed"]["value"] == pytest.approx(rb["compressed"]["value"], rel=1e-4)
 
 
-@pytest.mark.parametrize("recipe", ["rtn-int4-g64", "gptq-int4-g64", "awq-int4-g64", "sparsegpt-50", "wanda-2of4",
-                                    "magnitude-2of4-int4"])
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("recipe", ["gptq-int4-g64", "magnitude-2of4-int4", pytest.param("rtn-int4-g64", marks=SLOW),
+                                    pytest.param("awq-int4-g64", marks=SLOW), pytest.param("sparsegpt-50", marks=SLOW),
+                                    pytest.param("wanda-2of4", marks=SLOW)])
 def test_streamed_equals_in_memory(tiny_bf16, tmp_path, recipe):
     from slimkit.recipes import get_recipe
     from slimkit.streaming.job import compress_streamed
@@ -185,3 +189,43 @@ def test_sliced_copy_writes_what_the_library_reads(tmp_path):
         assert set(got) == set(source)
         assert all(torch.equal(got[n], t.to(dtype)) for n, t in source.items())
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.slow
+def test_eval_stream_on_equals_off(tiny_bf16):
+    import json as json_
+
+    from typer.testing import CliRunner
+
+    from slimkit.cli.main import app
+
+    args = ["eval", str(tiny_bf16), "--windows", "2", "--seqlen", "64", "--json", "--stream"]
+    on, off = (CliRunner().invoke(app, [*args, mode]) for mode in ("on", "off"))
+    assert on.exit_code == 0 and off.exit_code == 0, on.output + off.output
+    got, want = (json_.loads(r.stdout[r.stdout.index("{"):]) for r in (on, off))
+    assert got["streamed"] and got["details"]["tokens"] == want["details"]["tokens"]
+    assert got["value"] == pytest.approx(want["value"], rel=1e-5)
+
+
+def _calibrated_builtins() -> list[str]:
+    from slimkit.recipes import get_recipe
+    from slimkit.recipes.builtin import builtin_recipes
+
+    recipes = {n: get_recipe(n).steps for n in builtin_recipes()}
+    return sorted(n for n, steps in recipes.items() if any(s.needs_calibration for s in steps)
+                  and not any(s.changes_shapes or s.needs_teacher for s in steps))  # those cannot stream
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+@pytest.mark.parametrize("recipe", _calibrated_builtins())
+def test_smollm2_streamed_equals_in_memory(smollm2_first_load, tmp_path, recipe):
+    """Every built-in calibrated recipe on SmolLM2: the streamed output is the in-memory one."""
+    from slimkit.recipes import get_recipe
+    from slimkit.streaming.job import compress_streamed
+    from slimkit.workflow import compress_to_dir
+
+    settings = EvalSettings(seqlen=128, max_windows=2, calibration_windows=8, calibration_seqlen=128)
+    compress_to_dir("smollm2-135m", [get_recipe(recipe)], tmp_path / "memory", settings)
+    compress_streamed("smollm2-135m", [get_recipe(recipe)], tmp_path / "streamed", settings)
+    assert_same_output(tmp_path / "memory", tmp_path / "streamed")

@@ -77,16 +77,21 @@ def inverse_hessian_factor(
         raise SingularHessianError(
             f"{name}: the Hessian holds NaN/Inf, so this layer's inputs were not finite (NaN/Inf weights or "
             "activations upstream); more calibration data will not help. Check the model with `slimkit eval`.")
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype)
     mean_diag = float(torch.diagonal(hessian).mean())
     damp = percdamp
     for attempt in range(max_tries):
         # U = J L^-1 J with L = chol(J H J) and J the reversal: the upper factor of H^-1 from
-        # one Cholesky and one triangular solve (instead of chol, cholesky_inverse, chol)
-        flipped = torch.flip(hessian + damp * mean_diag * eye, (0, 1))
+        # one Cholesky and one triangular solve (instead of chol, cholesky_inverse, chol).
+        # Each n x n buffer is dropped as soon as the next exists (big models: n = 14336 is 0.8 GB).
+        flipped = torch.flip(hessian, (0, 1))
+        flipped.diagonal().add_(damp * mean_diag)  # J (H + lambda I) J
         factor, info = torch.linalg.cholesky_ex(flipped)
+        del flipped
         if int(info) == 0:
-            upper = torch.flip(_lower_inverse(factor), (0, 1))
+            inverse = _lower_inverse(factor)
+            del factor
+            upper = torch.flip(inverse, (0, 1))
+            del inverse
             if torch.isfinite(upper).all() and bool((torch.diagonal(upper) > 0).all()):
                 if attempt:
                     log.warning("%s: Hessian needed damping %.3g x mean(diag) (asked %.3g)", name, damp, percdamp)
@@ -179,7 +184,7 @@ def _stack(problems: list[ObsProblem], quant: QuantSpec | None, percdamp: float,
     """Dead columns zeroed, static group parameters, act-order permutation, one factor each."""
     G, R = len(problems), max(p.rows for p in problems)
     has_keep = any(m is not None for p in problems for m in (p.keep_masks or []))
-    batch = _Batch(WT=torch.zeros(G, cols, R), U=torch.empty(G, cols, cols),
+    batch = _Batch(WT=torch.zeros(G, cols, R), U=torch.empty(0),
                    keepT=torch.ones(G, cols, R, dtype=torch.bool) if has_keep else None,
                    perms=torch.empty(G, cols, dtype=torch.long) if act_order else None,
                    scale_all=None, zero_all=None, damps=[], prunedT=torch.zeros(G, cols, R, dtype=torch.bool),
@@ -187,15 +192,18 @@ def _stack(problems: list[ObsProblem], quant: QuantSpec | None, percdamp: float,
     if quant is not None:
         batch.scale_all = torch.ones(G, R, cols // group, dtype=quant.scale_dtype)
         batch.zero_all = None if quant.symmetric else torch.zeros(G, R, cols // group, dtype=torch.int32)
+    uppers = []
     for g, p in enumerate(problems):
         W = torch.cat([w.detach().float() for w in p.weights])
-        H = p.hessian.detach().float().clone()
+        H = p.hessian.detach().float()
         keep = None
         if has_keep:
             keep = torch.cat([m if m is not None else torch.ones(w.shape, dtype=torch.bool)
                               for w, m in zip(p.weights, p.keep_masks or [None] * len(p.weights))])
         dead = torch.diagonal(H) == 0
-        H[dead, dead] = 1.0
+        if dead.any():  # the caller's Hessian is left as it is
+            H = H.clone()
+            H[dead, dead] = 1.0
         W[:, dead] = 0.0
         if quant is not None and not dynamic_groups:
             # static groups: parameters from the original contiguous groups (kept weights), so
@@ -209,11 +217,13 @@ def _stack(problems: list[ObsProblem], quant: QuantSpec | None, percdamp: float,
             batch.perms[g] = perm
             W, H = W[:, perm], H[perm][:, perm]
             keep = keep[:, perm] if keep is not None else None
-        batch.U[g], damp = inverse_hessian_factor(H, percdamp, name="+".join(p.names))
+        upper, damp = inverse_hessian_factor(H, percdamp, name="+".join(p.names))
+        uppers.append(upper)
         batch.damps.append(damp)
         batch.WT[g, :, : p.rows] = W.T
         if keep is not None:
             batch.keepT[g, :, : p.rows] = keep.T
+    batch.U = uppers[0].unsqueeze(0) if G == 1 else torch.stack(uppers)  # one problem: no copy
     return batch
 
 

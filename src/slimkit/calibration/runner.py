@@ -66,10 +66,13 @@ def write_result(module: nn.Module, record: LayerRecord, result: ObsResult, spec
 
 
 def solve_linears(work: BlockWork, selected: dict[str, nn.Module], hessians: dict[str, torch.Tensor],
-                  keep_masks: dict[str, torch.Tensor | None], progress, **solver) -> dict[str, ObsResult]:
+                  keep_masks: dict[str, torch.Tensor | None], progress,
+                  on_solved: Callable[[str, ObsResult], None] | None = None, **solver) -> dict[str, ObsResult]:
     """OBS for a block's selected linears: one stacked problem per shared input, one batched
     solve per input width (q/k/v + o + gate/up together, then down). Over several processes,
-    each problem is solved by its owner rank and broadcast."""
+    each batch is solved by its owner rank and broadcast. With `on_solved`, each result is handed
+    over as soon as its batch is done and not kept (one process: a big block's results never
+    coexist), and the returned dict is empty."""
     problems = []
     for group in work.groups:
         names = [n for n in group if n in selected]
@@ -80,11 +83,16 @@ def solve_linears(work: BlockWork, selected: dict[str, nn.Module], hessians: dic
     batches = _batches(problems)  # as one process batches them, so each solve is bit for bit the same
     costs = [sum(p.rows * p.hessian.shape[0] ** 2 for p in batch) for batch in batches]
     owner = distributed.owners(costs) if size > 1 else [0] * len(batches)
-    results = _solve(work.index, [b for b, o in zip(batches, owner) if o == rank], progress, solver)
+    streamed = on_solved if size == 1 else None
+    results = _solve(work.index, [b for b, o in zip(batches, owner) if o == rank], progress, solver, streamed)
     if size > 1:
         for batch, src in zip(batches, owner):
             for problem in batch:
                 results.update(_shared_results(problem, results, src))
+    if on_solved is not None and streamed is None:
+        for name, result in results.items():
+            on_solved(name, result)
+        return {}
     return results
 
 
@@ -106,12 +114,17 @@ def _batches(problems: list[ObsProblem]) -> list[list[ObsProblem]]:
     return [b for batches in by_width.values() for b in batches]
 
 
-def _solve(index: int, batches: list[list[ObsProblem]], progress, solver: dict) -> dict[str, ObsResult]:
+def _solve(index: int, batches: list[list[ObsProblem]], progress, solver: dict,
+           on_solved: Callable[[str, ObsResult], None] | None = None) -> dict[str, ObsResult]:
     results: dict[str, ObsResult] = {}
     labels = [" + ".join(n.rsplit(".", 1)[-1] for p in b for n in p.names) for b in batches]
     for batch, _ in progress.track(list(zip(batches, labels)), f"block {index}: linears"):
         for problem, solved in zip(batch, obs_solve_batch(batch, **solver)):
-            results.update(zip(problem.names, solved))
+            for name, result in zip(problem.names, solved):
+                if on_solved is not None:
+                    on_solved(name, result)
+                else:
+                    results[name] = result
     return results
 
 

@@ -255,6 +255,9 @@ def eval_(
                                             "encoders, KL divergence and top-1 agreement for decoders "
                                             "(default: the base model recorded in report.json)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    stream: str = typer.Option("auto", "--stream", help="run the model one block at a time from disk (bigger "
+                               "than RAM; ppl only, no KLD): auto (when float32 needs more than half the free "
+                               "RAM), on, off"),
     settings=None,
     explicit=frozenset(),
 ) -> None:
@@ -283,6 +286,8 @@ def eval_(
     check_data(Path(settings.data) if settings.data else None)
     settings = fit_settings(outline(model), settings, explicit)
     _quiet_transformers()
+    if _streams(stream, model):
+        return _eval_streamed(model, settings, as_json)
     loaded = load_model(model)
     split = load_split(settings.data)
     with RichProgress(console) as progress:
@@ -299,6 +304,27 @@ def eval_(
                           "protocol": protocol_text(settings, loaded.kind)}, indent=2))
     else:
         _print_quality(model, ref, quality)
+
+
+def _eval_streamed(model: str, settings, as_json: bool) -> None:
+    """`eval --stream`: perplexity with one block in memory at a time."""
+    from slimkit.data import load_split
+    from slimkit.evaluation.perplexity import PerplexityProtocol
+    from slimkit.evaluation.streamed import streamed_perplexity
+    from slimkit.models.streamed import open_streamed
+    from slimkit.progress import RichProgress
+    from slimkit.results import Quality
+    from slimkit.streaming.job import streamed_source
+
+    streamed = open_streamed(streamed_source(model, console.print), name=model)
+    with RichProgress(console) as progress:
+        r = streamed_perplexity(streamed, streamed.shards, load_split(settings.data),
+                                PerplexityProtocol(settings.seqlen, settings.max_windows), progress, "ppl (streamed)")
+    quality = Quality(metric="ppl", value=r.ppl, details=r.to_dict())
+    if as_json:
+        print(json.dumps({**quality.to_dict(), "model": model, "streamed": True}, indent=2))
+    else:
+        _print_quality(model, None, quality)
 
 
 def _print_quality(model: str, ref: str | None, quality) -> None:

@@ -35,10 +35,11 @@ def apply_sparsegpt(config: SparseGPTConfig, ctx: StepContext) -> None:
 
     def block(work, selected):
         hessians = {n: work.stats[n].hessian for n in selected}
-        results = solve_linears(work, selected, hessians, {}, ctx.run.progress, prune=target, quant=spec,
-                                blocksize=config.blocksize, percdamp=config.percdamp)
-        for name, module in selected.items():
-            write_result(module, ctx.state.records[name], results[name], spec, config.summary(), config.percdamp)
+        def store(name, result):  # written as soon as solved: a big block's results never coexist
+            write_result(selected[name], ctx.state.records[name], result, spec, config.summary(), config.percdamp)
+
+        solve_linears(work, selected, hessians, {}, ctx.run.progress, on_solved=store, prune=target, quant=spec,
+                      blocksize=config.blocksize, percdamp=config.percdamp)
 
     run_calibrated(config, ctx, StatsRequest(hessian=True), block, _shape_check(config, spec))
 

@@ -26,10 +26,11 @@ def apply_gptq(config: GPTQConfig, ctx: StepContext) -> None:
     def block(work, selected):
         hessians = {n: work.stats[n].hessian for n in selected}
         masks = {n: ctx.state.records[n].mask for n in selected}
-        results = solve_linears(work, selected, hessians, masks, ctx.run.progress, quant=spec, blocksize=config.blocksize,
-                                percdamp=config.percdamp, act_order=config.act_order)
-        for name, module in selected.items():
-            write_result(module, ctx.state.records[name], results[name], spec, config.summary(), config.percdamp)
+        def store(name, result):  # written as soon as solved: a big block's results never coexist
+            write_result(selected[name], ctx.state.records[name], result, spec, config.summary(), config.percdamp)
+
+        solve_linears(work, selected, hessians, masks, ctx.run.progress, on_solved=store, quant=spec,
+                      blocksize=config.blocksize, percdamp=config.percdamp, act_order=config.act_order)
 
     run_calibrated(config, ctx, StatsRequest(hessian=True), block, _group_check(spec))
 
