@@ -77,6 +77,40 @@ def measure(model: str, recipe: str, stream: str, work: Path) -> dict:
             "timing": report["timing"], "engine": report["compression"]["engine"], "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def distributed_rows(work: Path, recipe: str = "gptq-int4-g64", windows: int = 128, seqlen: int = 512) -> list[dict]:
+    """SmolLM2 calibrated by 1 process (all threads) and by 2 gloo processes x 1 thread, same
+    data; wall time of each, and whether the outputs are bit-identical."""
+    import os
+
+    import torch
+    from safetensors import safe_open
+
+    base = [sys.executable, "-m", "slimkit", "compress", "smollm2-135m", "-r", recipe, "--overwrite", "--stream", "off",
+            "--calibration-windows", str(windows), "--calibration-seqlen", str(seqlen), "--windows", "1"]
+    launch = {"1 process": [], "2 processes x 1 thread": [sys.executable, "-m", "torch.distributed.run",
+                                                           "--nproc_per_node", "2", "--master_port", "29561", "-m"]}
+    rows, outputs = [], []
+    for label, prefix in launch.items():
+        out = work / label.replace(" ", "-")
+        command = [*prefix, *base[2:], "-o", str(out)] if prefix else [*base, "-o", str(out)]
+        env_threads = "1" if prefix else str(os.cpu_count())
+        os.environ["OMP_NUM_THREADS"] = env_threads
+        rc, wall, peak = _measured(command)
+        os.environ.pop("OMP_NUM_THREADS")
+        report = json.loads((out / "report.json").read_text())
+        rows.append({"mode": label, "wall_s": wall, "compress_s": report["timing"]["compress_s"], "rc": rc,
+                     "calibration": f"{windows} x {seqlen}", "recipe": recipe})
+        outputs.append(out)
+    tensors = [{} for _ in outputs]
+    for got, out in zip(tensors, outputs):
+        with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+            got.update({k: f.get_tensor(k) for k in f.keys()})
+    same = tensors[0].keys() == tensors[1].keys() and all(torch.equal(tensors[0][k], tensors[1][k]) for k in tensors[0])
+    for row in rows:
+        row["outputs_identical"] = same
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| model | recipe | mode | size GB | peak RSS GB | wall s | compress s | calib tok/s |",
              "|---|---|---|---|---|---|---|---|"]
@@ -92,8 +126,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="smollm2-135m,llama-3.2-1b,llama-3.1-8b")
     parser.add_argument("--recipes", default="rtn-int4-g128,gptq-int4-g128")
     parser.add_argument("-o", "--output", type=Path, default=Path("runs/scale"))
+    parser.add_argument("--distributed", action="store_true", help="instead: SmolLM2 GPTQ (128 x 512) calibrated "
+                        "by 1 process vs 2 gloo processes x 1 thread")
     args = parser.parse_args(argv)
     args.output.mkdir(parents=True, exist_ok=True)
+    if args.distributed:
+        with tempfile.TemporaryDirectory(prefix="slimkit-scale-") as tmp:
+            rows = distributed_rows(Path(tmp))
+        (args.output / "distributed.json").write_text(json.dumps(rows, indent=2))
+        for row in rows:
+            print(json.dumps(row))
+        return
     rows = []
     with tempfile.TemporaryDirectory(prefix="slimkit-scale-") as tmp:
         for model in args.models.split(","):

@@ -139,8 +139,6 @@ def compress(
     from slimkit.progress import RichProgress
     from slimkit.recipes import get_recipe
     from slimkit.reports.tables import comparison_rows, metric_legend, rich_table
-    from slimkit.streaming.job import compress_streamed
-    from slimkit.workflow import compress_to_dir
 
     if save_dtype not in _SAVE_DTYPES:
         raise SlimkitError(f"--save-dtype must be one of {', '.join(_SAVE_DTYPES)}, got {save_dtype}")
@@ -153,10 +151,7 @@ def compress(
             raise SlimkitError(f"recipe names must differ to share an output dir, got {names}")
         settings = _preflight(model, recipes_, settings, explicit, offload_activations)
         _quiet_transformers()
-        options = dict(offload_dir=str(offload_activations) if offload_activations else None)
-        if not _streams(stream, model):
-            options["restart_training"] = restart
-        run = compress_streamed if _streams(stream, model) else compress_to_dir
+        run, options = _compress_job(stream, model, offload_activations, restart)
         with RichProgress(console) as progress:
             reports = run(model, recipes_, output, settings, overwrite, _dtype(save_dtype), progress,
                           log=lambda m: console.print(f"[dim]{m}[/dim]"), **options)
@@ -165,6 +160,17 @@ def compress(
                       f"total time {reports[-1].timing['total_s']:.0f}s; output: {output}")
         if bench:
             _bench_outputs(model, recipes_, output, settings)
+
+
+def _compress_job(stream: str, model: str, offload: Optional[Path], restart: bool):
+    """The compress job (streamed or in memory) and its options."""
+    from slimkit.streaming.job import compress_streamed
+    from slimkit.workflow import compress_to_dir
+
+    offload_dir = str(offload) if offload else None
+    if _streams(stream, model):
+        return compress_streamed, {"offload_dir": offload_dir}
+    return compress_to_dir, {"offload_dir": offload_dir, "restart_training": restart}
 
 
 def _distributed_worker(model: str, recipe: list[str], stream: str, bench: bool, settings, explicit, offload) -> bool:
