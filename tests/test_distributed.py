@@ -49,3 +49,16 @@ def test_two_gloo_processes_equal_one(tiny_dir, tmp_path, names):
             wa, wb = dir_tensors(a, files), dir_tensors(b, files)
             assert set(wa) == set(wb)
             assert [n for n in wa if not torch.equal(wa[n], wb[n])] == [], recipe
+
+
+def test_owners_balance_and_batches_dealt_round_robin(monkeypatch):
+    from slimkit.calibration import distributed
+
+    monkeypatch.setattr(distributed, "world", lambda: (1, 2))
+    owner = distributed.owners([10.0, 1.0, 9.0, 2.0])
+    loads = [sum(c for c, o in zip([10.0, 1.0, 9.0, 2.0], owner) if o == r) for r in (0, 1)]
+    assert sorted(loads) == [11.0, 11.0]  # longest first, to the least loaded
+    windows = torch.arange(20).view(10, 2)
+    mine = distributed.shard_windows(windows, 3)  # batches [0-2] [3-5] [6-8] [9]: rank 1 gets the 2nd and 4th
+    assert mine[:, 0].tolist() == [6, 8, 10, 18]
+    assert [b.shape[0] for b in torch.split(mine, 3)] == [3, 1]
