@@ -73,21 +73,31 @@ def inverse_hessian_factor(
     hessian: torch.Tensor, percdamp: float = 0.01, max_tries: int = 8, name: str = "weight"
 ) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + lambda I)^-1, raising lambda 10x on each failure."""
+    _check_finite(hessian, name)
+    mean_diag = float(torch.diagonal(hessian).mean())
+    return inverse_factor_of_reversed(torch.flip(hessian, (0, 1)), mean_diag, percdamp, max_tries, name)
+
+
+def _check_finite(hessian: torch.Tensor, name: str) -> None:
     if not bool(torch.isfinite(hessian).all()):
         raise SingularHessianError(
             f"{name}: the Hessian holds NaN/Inf, so this layer's inputs were not finite (NaN/Inf weights or "
             "activations upstream); more calibration data will not help. Check the model with `slimkit eval`.")
-    mean_diag = float(torch.diagonal(hessian).mean())
+
+
+def inverse_factor_of_reversed(reversed_h: torch.Tensor, mean_diag: float, percdamp: float = 0.01,
+                               max_tries: int = 8, name: str = "weight") -> tuple[torch.Tensor, float]:
+    """`inverse_hessian_factor` given J H J (J the reversal), which it damps in place and drops:
+    pass a temporary, and no other n x n copy of H is alive (big models: n = 14336 is 0.8 GB)."""
+    diagonal = reversed_h.diagonal().clone()
     damp = percdamp
     for attempt in range(max_tries):
-        # U = J L^-1 J with L = chol(J H J) and J the reversal: the upper factor of H^-1 from
-        # one Cholesky and one triangular solve (instead of chol, cholesky_inverse, chol).
-        # Each n x n buffer is dropped as soon as the next exists (big models: n = 14336 is 0.8 GB).
-        flipped = torch.flip(hessian, (0, 1))
-        flipped.diagonal().add_(damp * mean_diag)  # J (H + lambda I) J
-        factor, info = torch.linalg.cholesky_ex(flipped)
-        del flipped
+        # U = J L^-1 J with L = chol(J (H + lambda I) J): the upper factor of H^-1 from one
+        # Cholesky and one triangular solve (instead of chol, cholesky_inverse, chol)
+        reversed_h.diagonal().copy_(diagonal).add_(damp * mean_diag)
+        factor, info = torch.linalg.cholesky_ex(reversed_h)
         if int(info) == 0:
+            del reversed_h  # each n x n buffer goes as soon as the next exists
             inverse = _lower_inverse(factor)
             del factor
             upper = torch.flip(inverse, (0, 1))
@@ -96,6 +106,8 @@ def inverse_hessian_factor(
                 if attempt:
                     log.warning("%s: Hessian needed damping %.3g x mean(diag) (asked %.3g)", name, damp, percdamp)
                 return upper, damp
+            raise SingularHessianError(f"{name}: the inverse Hessian factor is not finite at damping {damp:.3g}; "
+                                       "use more calibration windows or a larger percdamp")
         log.warning("%s: Cholesky failed at damping %.3g x mean(diag); retrying with %.3g", name, damp, damp * 10)
         damp *= 10
     raise SingularHessianError(
@@ -109,10 +121,11 @@ def inverse_hessian_factor(
 class ObsProblem:
     """One Hessian and the linears that read its input (their rows are stacked)."""
 
-    hessian: torch.Tensor
+    hessian: torch.Tensor | None
     weights: list[torch.Tensor]
     names: list[str]
     keep_masks: list[torch.Tensor | None] | None = None
+    release_hessian: bool = False  # drop `hessian` once the solver has its factor (big models: memory)
 
     @property
     def rows(self) -> int:
@@ -196,6 +209,8 @@ def _stack(problems: list[ObsProblem], quant: QuantSpec | None, percdamp: float,
     for g, p in enumerate(problems):
         W = torch.cat([w.detach().float() for w in p.weights])
         H = p.hessian.detach().float()
+        if p.release_hessian:
+            p.hessian = None
         keep = None
         if has_keep:
             keep = torch.cat([m if m is not None else torch.ones(w.shape, dtype=torch.bool)
@@ -212,12 +227,15 @@ def _stack(problems: list[ObsProblem], quant: QuantSpec | None, percdamp: float,
             batch.scale_all[g, : p.rows] = s
             if batch.zero_all is not None:
                 batch.zero_all[g, : p.rows] = z
+        order = torch.argsort(torch.diagonal(H), descending=True) if act_order else None
         if act_order:
-            perm = torch.argsort(torch.diagonal(H), descending=True)
-            batch.perms[g] = perm
-            W, H = W[:, perm], H[perm][:, perm]
-            keep = keep[:, perm] if keep is not None else None
-        upper, damp = inverse_hessian_factor(H, percdamp, name="+".join(p.names))
+            batch.perms[g] = order
+            W = W[:, order]
+            keep = keep[:, order] if keep is not None else None
+        held = [H]
+        del H  # the only other reference is the problem's, unless released
+        upper, damp = inverse_factor_of_reversed(*_reversed_permuted(held, order if act_order else None), percdamp,
+                                                 name="+".join(p.names))
         uppers.append(upper)
         batch.damps.append(damp)
         batch.WT[g, :, : p.rows] = W.T
@@ -225,6 +243,31 @@ def _stack(problems: list[ObsProblem], quant: QuantSpec | None, percdamp: float,
             batch.keepT[g, :, : p.rows] = keep.T
     batch.U = uppers[0].unsqueeze(0) if G == 1 else torch.stack(uppers)  # one problem: no copy
     return batch
+
+
+def _reversed_permuted(held: list[torch.Tensor], order: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+    """(J P H P^T J, mean of P H P^T's diagonal) from H, taken out of `held` so that it can be
+    freed; the permuted copy is reversed in place, so at most two n x n buffers exist at once."""
+    hessian = held.pop()
+    _check_finite(hessian, "hessian")
+    if order is None:
+        return torch.flip(hessian, (0, 1)), float(torch.diagonal(hessian).mean())
+    permuted = hessian.index_select(0, order).index_select(1, order)
+    del hessian
+    mean_diag = float(torch.diagonal(permuted).mean())
+    _reverse_in_place(permuted)
+    return permuted, mean_diag
+
+
+def _reverse_in_place(matrix: torch.Tensor, step: int = 1 << 20) -> None:
+    """flip(matrix, (0, 1)) in place: a contiguous matrix read backwards, swapped in slices."""
+    flat = matrix.view(-1)
+    n = flat.numel()
+    for a in range(0, n // 2, step):
+        b = min(a + step, n // 2)
+        front = flat[a:b].clone()
+        flat[a:b] = flat[n - b: n - a].flip(0)
+        flat[n - b: n - a] = front.flip(0)
 
 
 def _static_columns(batch: _Batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -65,6 +65,17 @@ def write_result(module: nn.Module, record: LayerRecord, result: ObsResult, spec
     record.methods.append(summary)
 
 
+def take_hessians(work: BlockWork, selected: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Each selected linear's input Hessian, taken out of the block's statistics (so that
+    `solve_linears` can free each one as soon as its factor exists)."""
+    taken: dict[int, torch.Tensor] = {}
+    for name in selected:
+        stats = work.stats[name]
+        if id(stats) not in taken:
+            taken[id(stats)] = stats.take_hessian()
+    return {name: taken[id(work.stats[name])] for name in selected}
+
+
 def solve_linears(work: BlockWork, selected: dict[str, nn.Module], hessians: dict[str, torch.Tensor],
                   keep_masks: dict[str, torch.Tensor | None], progress,
                   on_solved: Callable[[str, ObsResult], None] | None = None, **solver) -> dict[str, ObsResult]:
@@ -72,13 +83,16 @@ def solve_linears(work: BlockWork, selected: dict[str, nn.Module], hessians: dic
     solve per input width (q/k/v + o + gate/up together, then down). Over several processes,
     each batch is solved by its owner rank and broadcast. With `on_solved`, each result is handed
     over as soon as its batch is done and not kept (one process: a big block's results never
-    coexist), and the returned dict is empty."""
+    coexist), and the returned dict is empty; the Hessians are then consumed (`hessians` is
+    emptied, each freed once its factor exists: use `take_hessians`)."""
     problems = []
     for group in work.groups:
         names = [n for n in group if n in selected]
         if names:
             problems.append(ObsProblem(hessians[names[0]], [selected[n].weight for n in names], names,
-                                       [keep_masks.get(n) for n in names]))
+                                       [keep_masks.get(n) for n in names], release_hessian=on_solved is not None))
+    if on_solved is not None:
+        hessians.clear()
     rank, size = distributed.world()
     batches = _batches(problems)  # as one process batches them, so each solve is bit for bit the same
     costs = [sum(p.rows * p.hessian.shape[0] ** 2 for p in batch) for batch in batches]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from slimkit.calibration.obs import PruneTarget
-from slimkit.calibration.runner import run_calibrated, solve_linears, write_result
+from slimkit.calibration.runner import run_calibrated, solve_linears, take_hessians, write_result
 from slimkit.calibration.stats import StatsRequest
 from slimkit.pruning.config import SparseGPTConfig, WandaConfig
 from slimkit.pruning.magnitude import check_nm_shape
@@ -34,7 +34,8 @@ def apply_sparsegpt(config: SparseGPTConfig, ctx: StepContext) -> None:
     spec = config.quantize.spec() if config.quantize else None
 
     def block(work, selected):
-        hessians = {n: work.stats[n].hessian for n in selected}
+        hessians = take_hessians(work, selected)  # each freed once its factor exists
+
         def store(name, result):  # written as soon as solved: a big block's results never coexist
             write_result(selected[name], ctx.state.records[name], result, spec, config.summary(), config.percdamp)
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from slimkit.calibration.obs import ObsResult
-from slimkit.calibration.runner import run_calibrated, solve_linears, write_result
+from slimkit.calibration.runner import run_calibrated, solve_linears, take_hessians, write_result
 from slimkit.calibration.stats import StatsRequest
 from slimkit.quantization import awq
 from slimkit.quantization.config import AWQConfig, GPTQConfig
@@ -24,8 +24,9 @@ def apply_gptq(config: GPTQConfig, ctx: StepContext) -> None:
     spec = config.spec()
 
     def block(work, selected):
-        hessians = {n: work.stats[n].hessian for n in selected}
+        hessians = take_hessians(work, selected)  # each freed once its factor exists
         masks = {n: ctx.state.records[n].mask for n in selected}
+
         def store(name, result):  # written as soon as solved: a big block's results never coexist
             write_result(selected[name], ctx.state.records[name], result, spec, config.summary(), config.percdamp)
 
