@@ -7,6 +7,8 @@ block. SmolLM2 is also measured in memory (`--stream off`) for contrast.
 
     python -m slimkit.benchmarks.scale -o runs/scale                      # RTN and GPTQ, all sizes
     python -m slimkit.benchmarks.scale --models smollm2-135m,llama-3.2-1b --recipes gptq-int4-g128
+    python -m slimkit.benchmarks.scale --distributed     # 1 process vs 2 gloo processes on SmolLM2
+    python -m slimkit.benchmarks.scale --verify OUT SOURCE 17   # a streamed RTN output, without loading it
 """
 
 from __future__ import annotations
@@ -128,7 +130,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-o", "--output", type=Path, default=Path("runs/scale"))
     parser.add_argument("--distributed", action="store_true", help="instead: SmolLM2 GPTQ (128 x 512) calibrated "
                         "by 1 process vs 2 gloo processes x 1 thread")
+    parser.add_argument("--verify", nargs=3, metavar=("OUTPUT", "SOURCE", "BLOCK"),
+                        help="instead: check a streamed rtn-int4-g128 OUTPUT of checkpoint SOURCE (verify_output)")
     args = parser.parse_args(argv)
+    if args.verify:
+        output, source, block = args.verify
+        print(json.dumps(verify_output(Path(output), Path(source), int(block))))
+        return
     args.output.mkdir(parents=True, exist_ok=True)
     if args.distributed:
         with tempfile.TemporaryDirectory(prefix="slimkit-scale-") as tmp:
@@ -149,9 +157,6 @@ def main(argv: list[str] | None = None) -> None:
     (args.output / "scale.md").write_text(table(rows) + "\n")
     print(table(rows))
 
-
-if __name__ == "__main__":
-    main()
 
 
 def verify_output(output: Path, source: Path, block: int, recipe: str = "rtn-int4-g128") -> dict:
@@ -182,3 +187,7 @@ def verify_output(output: Path, source: Path, block: int, recipe: str = "rtn-int
         assert torch.equal(got[name], want.to(got[name].dtype)), f"{name} differs from RTN of the source"
     return {"tensors": len(index["weight_map"]), "shards": len(set(index["weight_map"].values())),
             "checked_block": block, "checked_tensors": len(names)}
+
+
+if __name__ == "__main__":
+    main()
