@@ -56,17 +56,18 @@ class ObsResult:
     damping: float  # relative damping actually used
 
 
-def _lower_inverse(L: torch.Tensor, block: int = 256) -> torch.Tensor:
-    """Inverse of a lower-triangular matrix by column blocks: the inverse is lower triangular,
-    so block j only needs rows j.. (about n^3/3 FLOPs instead of a full solve's n^3)."""
+def _invert_lower_in_place(L: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """L^-1 written over a lower-triangular L, by column blocks from the last: with L = [[A, 0], [B, C]],
+    L^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]], and C^-1 is already in place when A's block comes.
+    No second n x n buffer (big models: n = 14336 is 0.8 GB), and the work is matrix products."""
     n = L.shape[0]
-    inv = torch.zeros_like(L)
-    for j in range(0, n, block):
+    for j in range(((n - 1) // block) * block, -1, -block):
         k = min(j + block, n)
-        rhs = torch.zeros(n - j, k - j, dtype=L.dtype)
-        rhs[: k - j].fill_diagonal_(1.0)
-        inv[j:, j:k] = torch.linalg.solve_triangular(L[j:, j:], rhs, upper=False)
-    return inv
+        diagonal_inverse = torch.linalg.solve_triangular(L[j:k, j:k], torch.eye(k - j, dtype=L.dtype), upper=False)
+        if k < n:
+            L[k:, j:k] = torch.matmul(L[k:, k:], L[k:, j:k] @ diagonal_inverse).neg_()
+        L[j:k, j:k] = diagonal_inverse
+    return L
 
 
 def inverse_hessian_factor(
@@ -75,20 +76,26 @@ def inverse_hessian_factor(
     """Upper Cholesky factor of (H + lambda I)^-1, raising lambda 10x on each failure."""
     _check_finite(hessian, name)
     mean_diag = float(torch.diagonal(hessian).mean())
-    return inverse_factor_of_reversed(torch.flip(hessian, (0, 1)), mean_diag, percdamp, max_tries, name)
+    return inverse_factor_of_reversed([torch.flip(hessian, (0, 1))], mean_diag, percdamp, max_tries, name)
 
 
 def _check_finite(hessian: torch.Tensor, name: str) -> None:
-    if not bool(torch.isfinite(hessian).all()):
+    if not _all_finite(hessian):
         raise SingularHessianError(
             f"{name}: the Hessian holds NaN/Inf, so this layer's inputs were not finite (NaN/Inf weights or "
             "activations upstream); more calibration data will not help. Check the model with `slimkit eval`.")
 
 
-def inverse_factor_of_reversed(reversed_h: torch.Tensor, mean_diag: float, percdamp: float = 0.01,
+def _all_finite(matrix: torch.Tensor) -> bool:
+    """No NaN/Inf, without an n x n mask (min and max propagate NaN)."""
+    return bool(torch.isfinite(torch.stack(torch.aminmax(matrix))).all())
+
+
+def inverse_factor_of_reversed(held: list[torch.Tensor], mean_diag: float, percdamp: float = 0.01,
                                max_tries: int = 8, name: str = "weight") -> tuple[torch.Tensor, float]:
-    """`inverse_hessian_factor` given J H J (J the reversal), which it damps in place and drops:
-    pass a temporary, and no other n x n copy of H is alive (big models: n = 14336 is 0.8 GB)."""
+    """`inverse_hessian_factor` given `[J H J]` (J the reversal), which it damps in place and takes out
+    of the list: then at most two n x n buffers are alive at once (big models: n = 14336 is 0.8 GB)."""
+    reversed_h = held.pop()
     diagonal = reversed_h.diagonal().clone()
     damp = percdamp
     for attempt in range(max_tries):
@@ -97,12 +104,10 @@ def inverse_factor_of_reversed(reversed_h: torch.Tensor, mean_diag: float, percd
         reversed_h.diagonal().copy_(diagonal).add_(damp * mean_diag)
         factor, info = torch.linalg.cholesky_ex(reversed_h)
         if int(info) == 0:
-            del reversed_h  # each n x n buffer goes as soon as the next exists
-            inverse = _lower_inverse(factor)
-            del factor
-            upper = torch.flip(inverse, (0, 1))
-            del inverse
-            if torch.isfinite(upper).all() and bool((torch.diagonal(upper) > 0).all()):
+            del reversed_h  # the factor is the only n x n buffer from here on
+            upper = _invert_lower_in_place(factor)
+            _reverse_in_place(upper)
+            if _all_finite(upper) and bool((torch.diagonal(upper) > 0).all()):
                 if attempt:
                     log.warning("%s: Hessian needed damping %.3g x mean(diag) (asked %.3g)", name, damp, percdamp)
                 return upper, damp
@@ -234,7 +239,8 @@ def _stack(problems: list[ObsProblem], quant: QuantSpec | None, percdamp: float,
             keep = keep[:, order] if keep is not None else None
         held = [H]
         del H  # the only other reference is the problem's, unless released
-        upper, damp = inverse_factor_of_reversed(*_reversed_permuted(held, order if act_order else None), percdamp,
+        mean_diag = _reverse_permute(held, order if act_order else None)
+        upper, damp = inverse_factor_of_reversed(held, mean_diag, percdamp,
                                                  name="+".join(p.names))
         uppers.append(upper)
         batch.damps.append(damp)
@@ -245,23 +251,28 @@ def _stack(problems: list[ObsProblem], quant: QuantSpec | None, percdamp: float,
     return batch
 
 
-def _reversed_permuted(held: list[torch.Tensor], order: torch.Tensor | None) -> tuple[torch.Tensor, float]:
-    """(J P H P^T J, mean of P H P^T's diagonal) from H, taken out of `held` so that it can be
-    freed; the permuted copy is reversed in place, so at most two n x n buffers exist at once."""
+def _reverse_permute(held: list[torch.Tensor], order: torch.Tensor | None) -> float:
+    """Replaces `held`'s H with J P H P^T J and returns the mean of H's diagonal. The copy is permuted
+    a slice of rows at a time and reversed in place, so at most two n x n buffers exist at once."""
     hessian = held.pop()
     _check_finite(hessian, "hessian")
+    mean_diag = float(torch.diagonal(hessian).mean())
     if order is None:
-        return torch.flip(hessian, (0, 1)), float(torch.diagonal(hessian).mean())
-    permuted = hessian.index_select(0, order).index_select(1, order)
+        held.append(torch.flip(hessian, (0, 1)))
+        return mean_diag
+    permuted = torch.empty_like(hessian)
+    for a in range(0, len(order), rows := max(1, (1 << 22) // len(order))):  # ~16 MB of rows at a time
+        torch.index_select(hessian.index_select(0, order[a: a + rows]), 1, order, out=permuted[a: a + rows])
     del hessian
-    mean_diag = float(torch.diagonal(permuted).mean())
     _reverse_in_place(permuted)
-    return permuted, mean_diag
+    held.append(permuted)
+    return mean_diag
 
 
 def _reverse_in_place(matrix: torch.Tensor, step: int = 1 << 20) -> None:
-    """flip(matrix, (0, 1)) in place: a contiguous matrix read backwards, swapped in slices."""
-    flat = matrix.view(-1)
+    """flip(matrix, (0, 1)) in place: a dense matrix (row- or column-major, as LAPACK returns it)
+    read backwards, swapped in slices."""
+    flat = (matrix if matrix.is_contiguous() else matrix.mT).view(-1)
     n = flat.numel()
     for a in range(0, n // 2, step):
         b = min(a + step, n // 2)
