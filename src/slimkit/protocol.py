@@ -101,6 +101,8 @@ class BenchSettings(BaseModel):
                                 "(the full protocol)")
     reference: str | None = Field(None, description="also measure the KL divergence and top-1 agreement against "
                                   "this model, on the ppl windows (its distributions are computed once, cached)")
+    device: str = Field("cpu", description="where the models run: cpu, cuda (cuda:N) or auto (cuda when a GPU is "
+                        "visible); timings on a GPU wait for its queue to finish")
 
     @field_validator("windows", mode="before")
     @classmethod

@@ -144,6 +144,7 @@ class BenchRow(Result):
     formats: list[str]
     kernels_batch_1: list[str]
     threads: int
+    device: str = "cpu"  # where the model ran (`--device`)
     mean_kld: float | None = None  # KL(reference || model) per token, when a reference was given
     top1_agreement: float | None = None
     decode_speedup: float | None = None

@@ -16,6 +16,7 @@ import torch
 import slimkit
 from slimkit.data.corpus import TextSplit, load_split
 from slimkit.data.tokens import calibration_windows
+from slimkit.devices import placed
 from slimkit.evaluation.divergence import BaseLogprobs
 from slimkit.evaluation.embedding import EmbeddingProtocol, sentence_embeddings, similarity
 from slimkit.evaluation.perplexity import LogprobsUse, PerplexityProtocol, perplexity
@@ -53,8 +54,10 @@ def protocol_text(settings: EvalSettings, kind: str) -> str:
 class QualityMeter:
     """Measures a model's quality on the fixed protocol, against the dense baseline."""
 
-    def __init__(self, loaded: LoadedModel, split: TextSplit, settings: EvalSettings, progress: Progress):
+    def __init__(self, loaded: LoadedModel, split: TextSplit, settings: EvalSettings, progress: Progress,
+                 device: str = "cpu"):
         self.loaded, self.split, self.settings, self.progress = loaded, split, settings, progress
+        self.device = device  # where the model is evaluated (it goes back to the CPU afterwards)
         self.reference: torch.Tensor | None = None  # encoders: the base model's embeddings
         self.base_logprobs: BaseLogprobs | None = None  # decoders: the base model's distributions
 
@@ -69,12 +72,14 @@ class QualityMeter:
                 use = LogprobsUse(record=self.base_logprobs)
             else:
                 use = LogprobsUse(compare=self.base_logprobs)
-            r = perplexity(lm.model, lm.tokenizer, self.split, PerplexityProtocol(s.seqlen, s.max_windows),
-                           self.progress, f"ppl ({label})", use)
+            with placed(lm.model, self.device):
+                r = perplexity(lm.model, lm.tokenizer, self.split, PerplexityProtocol(s.seqlen, s.max_windows),
+                               self.progress, f"ppl ({label})", use)
             divergence = Divergence.from_dict(r.divergence) if r.divergence else None
             return Quality(metric="ppl", value=r.ppl, details=r.to_dict(), divergence=divergence)
         start = time.perf_counter()
-        emb = sentence_embeddings(lm.model, lm.tokenizer, self.split, EmbeddingProtocol(s.n_texts), self.progress)
+        with placed(lm.model, self.device):
+            emb = sentence_embeddings(lm.model, lm.tokenizer, self.split, EmbeddingProtocol(s.n_texts), self.progress)
         if self.reference is None:
             self.reference = emb
         r = similarity(self.reference, emb, self.split.split_hash, time.perf_counter() - start, projection)
@@ -222,7 +227,7 @@ def write_output(loaded: LoadedModel, result: CompressionResult, report: Compres
 
 
 def compress_worker(model: str, recipes: list[Recipe], settings: EvalSettings = EvalSettings(),
-                    offload_dir: str | None = None) -> None:
+                    offload_dir: str | None = None, device: str = "cpu") -> None:
     """A rank other than 0 of `torchrun ... slimkit compress`: the same recipes on the same model,
     taking part in the calibration collectives; it evaluates nothing and writes nothing."""
     loaded = load_model(model)
@@ -239,7 +244,7 @@ def compress_worker(model: str, recipes: list[Recipe], settings: EvalSettings = 
             loaded.model = model_object
             loaded.model.load_state_dict(original)
         run = RunResources(NoProgress(), calibration if loaded.tokenizer else None, offload_dir, loaded.tokenizer,
-                           split)
+                           split, device=device)
         loaded.model = compress(loaded.model, recipe, loaded.adapter, run).model
 
 
@@ -255,6 +260,7 @@ def compress_to_dir(
     offload_dir: str | None = None,
     runs_dir: str | None = None,
     restart_training: bool = False,
+    device: str = "cpu",
 ) -> list[CompressReport]:
     """Compress `model` with each recipe; write one HF dir per recipe (the output dir itself
     when there is one recipe, else OUTPUT/<recipe name>/) and return the reports.
@@ -263,18 +269,18 @@ def compress_to_dir(
     output = Path(output).absolute()
     with reserve_output(output, overwrite, inputs=[model]):
         return _compress_reserved(model, recipes, output, settings, overwrite, save_dtype, progress, log,
-                                  offload_dir, runs_dir, restart_training)
+                                  offload_dir, runs_dir, restart_training, device)
 
 
 def _compress_reserved(model, recipes, output, settings, overwrite, save_dtype, progress, log, offload_dir,
-                       runs_dir, restart_training) -> list[CompressReport]:
+                       runs_dir, restart_training, device) -> list[CompressReport]:
     start = time.perf_counter()
     loaded = load_model(model)
     log(f"loaded {loaded.name} ({loaded.adapter.name}, {loaded.kind}) in {loaded.load_seconds:.1f}s"
         + (" from cache" if loaded.from_cache else ""))
     split = load_split(settings.data)
     log(f"data: {split.describe()}")
-    meter = QualityMeter(loaded, split, settings, progress)
+    meter = QualityMeter(loaded, split, settings, progress, device)
     baseline = meter.measure("dense")
     dense_by_kind = bytes_by_kind(loaded.model, loaded.adapter, loaded.source_dtype.itemsize)
     original = {k: v.clone() for k, v in loaded.model.state_dict().items()} if len(recipes) > 1 else None
@@ -295,7 +301,8 @@ def _compress_reserved(model, recipes, output, settings, overwrite, save_dtype, 
                 loaded.model = original_model  # a structural recipe replaced the object
                 loaded.model.load_state_dict(original)
             t0 = time.perf_counter()
-            run = RunResources(progress, calibration, offload_dir, loaded.tokenizer, split, runs_dir, restart_training)
+            run = RunResources(progress, calibration, offload_dir, loaded.tokenizer, split, runs_dir, restart_training,
+                               device=device)
             result = compress(loaded.model, recipe, loaded.adapter, run)
             loaded.model = result.model
             t_compress = time.perf_counter() - t0

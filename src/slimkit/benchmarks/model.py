@@ -68,6 +68,7 @@ def _disk_bytes(loaded) -> int:
 def measure(source: str, settings: BenchSettings = BenchSettings(), note=lambda text: None) -> BenchRow:
     """Everything about one model, in this process; `note` hears each phase as it starts."""
     from slimkit.data import load_split
+    from slimkit.devices import resolve_device, synchronize
     from slimkit.evaluation import PerplexityProtocol, eval_windows, perplexity
     from slimkit.formats import packed_layers
     from slimkit.models import load_model
@@ -75,15 +76,18 @@ def measure(source: str, settings: BenchSettings = BenchSettings(), note=lambda 
     prompt, decode, batch, windows = settings.prompt, settings.decode, settings.batch, settings.windows
     note(f"{source}: loading")
     loaded = load_model(source)
-    model, tok = loaded.model, loaded.tokenizer
+    device = resolve_device(settings.device)
+    model, tok = loaded.model.to(device), loaded.tokenizer
     split = load_split()
     all_windows = eval_windows(tok, split, 512)
-    stream = all_windows[0]
+    stream = all_windows[0].to(device)
     ids = stream[:prompt].unsqueeze(0)
 
     def step(tokens, past=None):
         out = model(input_ids=tokens, past_key_values=past, use_cache=True)
-        return out.logits[:, -1:].argmax(-1), out.past_key_values
+        nxt = out.logits[:, -1:].argmax(-1)
+        synchronize(device)
+        return nxt, out.past_key_values
 
     note(f"{source}: prefill {prompt} tokens, decode {decode}")
     step(ids[:, :16])  # warm-up: kernels, allocator
@@ -121,7 +125,7 @@ def measure(source: str, settings: BenchSettings = BenchSettings(), note=lambda 
         weights_ram_mb=_weights_ram_bytes(model) / 2**20, disk_mb=_disk_bytes(loaded) / 2**20,
         ppl=ppl.ppl if ppl else None, eval_tokens=ppl.tokens if ppl else 0,
         formats=sorted({m.format for m in packed.values()}), kernels_batch_1=paths,
-        threads=torch.get_num_threads(), mean_kld=divergence.get("mean_kld"),
+        threads=torch.get_num_threads(), device=str(device), mean_kld=divergence.get("mean_kld"),
         top1_agreement=divergence.get("top1_agreement"),
     )
 
@@ -189,7 +193,7 @@ def table(rows: list[BenchRow]) -> str:
         ppl = f"{r.ppl:.2f}" if r.ppl is not None else "-"
         kld = f"{r.mean_kld:.4f} | {r.top1_agreement:.1%}" if r.mean_kld is not None else "- | -"
         lines.append(
-            f"| {r.model} | {','.join(r.formats) or 'dense'} | {r.decode_ms_per_token:.1f} | "
+            f"| {r.model}{'' if r.device == 'cpu' else f' ({r.device})'} | {','.join(r.formats) or 'dense'} | {r.decode_ms_per_token:.1f} | "
             f"{r.decode_speedup:.2f}x | {r.prefill_ms:.0f} | {r.prefill_speedup:.2f}x | "
             f"{r.throughput_tok_s:.1f} @{r.batch} | {r.peak_rss_mb:.0f} | {r.weights_ram_mb:.0f} | "
             f"{r.disk_mb:.0f} | {ppl} | {kld} | {'; '.join(r.kernels_batch_1)} |")

@@ -31,6 +31,8 @@ def world() -> tuple[int, int]:
 def init_from_env() -> tuple[int, int]:
     """Join the process group torchrun describes in the environment (WORLD_SIZE > 1)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():  # one GPU per process: the one of its local rank
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return world()
 
@@ -57,6 +59,11 @@ def owners(costs: list[float]) -> list[int]:
     return owner
 
 
+def _wire_device() -> torch.device:
+    """Where collectives need their tensors: this process's GPU under nccl, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def broadcast_tensors(tensors: list[torch.Tensor | None], src: int) -> list[torch.Tensor | None]:
     """`src`'s tensors on every rank (shapes and dtypes sent first; None stays None)."""
     rank, _ = world()
@@ -68,7 +75,8 @@ def broadcast_tensors(tensors: list[torch.Tensor | None], src: int) -> list[torc
             out.append(None)
             continue
         shape, dtype = spec
-        buf = tensors[i].contiguous() if rank == src else torch.empty(shape, dtype=getattr(torch, dtype[6:]))
+        buf = (tensors[i].contiguous().to(_wire_device()) if rank == src
+               else torch.empty(shape, dtype=getattr(torch, dtype[6:]), device=_wire_device()))
         wire = buf.to(torch.uint8) if buf.dtype == torch.bool else buf
         dist.broadcast(wire, src=src)
         out.append(wire.to(torch.bool) if buf.dtype == torch.bool else wire)

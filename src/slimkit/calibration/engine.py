@@ -6,7 +6,8 @@
    inputs to accumulate statistics (fp32; the pass stops once every group has seen its input), hand each linear and its statistics to the
    algorithm, then re-run the block with the compressed weights: its outputs are the next
    block's inputs. Every algorithm thus sees inputs produced by already-compressed blocks.
-Peak memory is one block's weights plus the activations; `offload_dir` keeps the activations
+Peak memory is one block's weights plus the activations; `device` is where the block being worked
+on, its inputs and statistics go (the activations wait on the CPU); `offload_dir` keeps the activations
 on disk (memory-mapped) for models whose activations do not fit in RAM. Where the blocks' weights
 live is a `BlockAccess`: in memory (the default), or in files, read and written one block at a
 time (`slimkit.streaming`), which can also resume a pass at the block where it stopped.
@@ -26,6 +27,7 @@ from torch import nn
 from slimkit.calibration.distributed import broadcast_tensors, shard_windows
 from slimkit.calibration.distributed import world as distributed_world
 from slimkit.calibration.stats import InputStats, StatsRequest
+from slimkit.devices import to_device
 from slimkit.models.adapters import ArchitectureAdapter
 from slimkit.progress import NoProgress, Progress
 
@@ -147,7 +149,8 @@ def capture_block_inputs(
     return extra
 
 
-def _collect_stats(block: nn.Module, work: BlockWork, store, extra, global_batches: int) -> None:
+def _collect_stats(block: nn.Module, work: BlockWork, store, extra, global_batches: int,
+                   device: torch.device = torch.device("cpu")) -> None:
     """Run the dense block on every calibration batch with hooks on each input group's first
     linear; stop each forward as soon as every group's input has been seen. Over several
     processes, each batch's group inputs go from the rank that ran it to every rank, and all
@@ -155,7 +158,8 @@ def _collect_stats(block: nn.Module, work: BlockWork, store, extra, global_batch
     rank, size = distributed_world()
     firsts = [group[0] for group in work.groups]
     for step in range(-(-global_batches // size)):
-        inputs = _group_inputs(block, work, store[step], *extra[step]) if step < len(store) else [None] * len(firsts)
+        inputs = (_group_inputs(block, work, *to_device((store[step], *extra[step]), device))
+                  if step < len(store) else [None] * len(firsts))
         for src in range(size):
             if step * size + src >= global_batches:
                 break
@@ -186,12 +190,14 @@ def _group_inputs(block: nn.Module, work: BlockWork, hidden: torch.Tensor, args,
     return [seen[g] for g in range(len(work.groups))]
 
 
-def forward_block(block: nn.Module, store, extra) -> None:
-    """Run `block` on every stored input; its outputs replace them (the next block's inputs)."""
+def forward_block(block: nn.Module, store, extra, device: torch.device = torch.device("cpu")) -> None:
+    """Run `block` (on `device`) on every stored input; its outputs replace them on the CPU (the next
+    block's inputs)."""
     store.next_generation()
     with torch.no_grad():
         for i, (args, kwargs) in enumerate(extra):
-            store.put(i, _block_output(block(store[i], *args, **kwargs)))
+            hidden, args, kwargs = to_device((store[i], args, kwargs), device)
+            store.put(i, _block_output(block(hidden, *args, **kwargs)).cpu())
 
 
 def sequential_compress(
@@ -205,7 +211,9 @@ def sequential_compress(
     offload_dir: str | Path | None = None,
     description: str = "calibrated",
     access: BlockAccess = BlockAccess(),
+    device: torch.device | str = "cpu",
 ) -> EngineReport:
+    device = torch.device(device)
     report = EngineReport(tokens=windows.numel())
     global_batches = len(torch.split(windows, batch_size))
     windows = shard_windows(windows, batch_size)  # this rank's batches when several processes calibrate
@@ -219,13 +227,15 @@ def sequential_compress(
         for index, block in progress.track(blocks, f"{description}: blocks"):
             start = time.perf_counter()
             access.open(index, block)
-            work = _block_work(index, block, adapter, names, request)
+            block.to(device)
+            work = _block_work(index, block, adapter, names, request, device)
             t0 = time.perf_counter()
-            _collect_stats(block, work, store, extra, global_batches)
+            _collect_stats(block, work, store, extra, global_batches, device)
             t1 = time.perf_counter()
             compress_block(work)
             t2 = time.perf_counter()
-            forward_block(block, store, extra)  # the compressed block: what the next one sees
+            forward_block(block, store, extra, device)  # the compressed block: what the next one sees
+            block.to("cpu")
             access.close(index, block, store)
             report.stats_seconds += t1 - t0
             report.algorithm_seconds += t2 - t1
@@ -236,12 +246,13 @@ def sequential_compress(
     return report
 
 
-def _block_work(index: int, block: nn.Module, adapter: ArchitectureAdapter, names: dict, request: StatsRequest) -> BlockWork:
+def _block_work(index: int, block: nn.Module, adapter: ArchitectureAdapter, names: dict, request: StatsRequest,
+                device: torch.device) -> BlockWork:
     linears, groups, producers, stats = {}, [], [], {}
     for paths, producer in zip(adapter.input_groups, adapter.group_producers):
         mods = [adapter.block_module(block, p) for p in paths]
         full = [names[id(m)] for m in mods]
-        shared = InputStats(mods[0].in_features, request)
+        shared = InputStats(mods[0].in_features, request, device)
         for n, m in zip(full, mods):
             linears[n] = m
             stats[n] = shared

@@ -63,7 +63,8 @@ def _invert_lower_in_place(L: torch.Tensor, block: int = 256) -> torch.Tensor:
     n = L.shape[0]
     for j in range(((n - 1) // block) * block, -1, -block):
         k = min(j + block, n)
-        diagonal_inverse = torch.linalg.solve_triangular(L[j:k, j:k], torch.eye(k - j, dtype=L.dtype), upper=False)
+        diagonal_inverse = torch.linalg.solve_triangular(L[j:k, j:k], torch.eye(k - j, dtype=L.dtype, device=L.device),
+                                                             upper=False)
         if k < n:
             L[k:, j:k] = torch.matmul(L[k:, k:], L[k:, j:k] @ diagonal_inverse).neg_()
         L[j:k, j:k] = diagonal_inverse
@@ -201,24 +202,25 @@ def _stack(problems: list[ObsProblem], quant: QuantSpec | None, percdamp: float,
            group: int, dynamic_groups: bool) -> _Batch:
     """Dead columns zeroed, static group parameters, act-order permutation, one factor each."""
     G, R = len(problems), max(p.rows for p in problems)
+    on = {"device": problems[0].weights[0].device}  # the solve runs where the weights are
     has_keep = any(m is not None for p in problems for m in (p.keep_masks or []))
-    batch = _Batch(WT=torch.zeros(G, cols, R), U=torch.empty(0),
-                   keepT=torch.ones(G, cols, R, dtype=torch.bool) if has_keep else None,
-                   perms=torch.empty(G, cols, dtype=torch.long) if act_order else None,
-                   scale_all=None, zero_all=None, damps=[], prunedT=torch.zeros(G, cols, R, dtype=torch.bool),
+    batch = _Batch(WT=torch.zeros(G, cols, R, **on), U=torch.empty(0, **on),
+                   keepT=torch.ones(G, cols, R, dtype=torch.bool, **on) if has_keep else None,
+                   perms=torch.empty(G, cols, dtype=torch.long, **on) if act_order else None,
+                   scale_all=None, zero_all=None, damps=[], prunedT=torch.zeros(G, cols, R, dtype=torch.bool, **on),
                    group=group, dynamic_groups=dynamic_groups)
     if quant is not None:
-        batch.scale_all = torch.ones(G, R, cols // group, dtype=quant.scale_dtype)
-        batch.zero_all = None if quant.symmetric else torch.zeros(G, R, cols // group, dtype=torch.int32)
+        batch.scale_all = torch.ones(G, R, cols // group, dtype=quant.scale_dtype, **on)
+        batch.zero_all = None if quant.symmetric else torch.zeros(G, R, cols // group, dtype=torch.int32, **on)
     uppers = []
     for g, p in enumerate(problems):
         W = torch.cat([w.detach().float() for w in p.weights])
-        H = p.hessian.detach().float()
+        H = p.hessian.detach().to(on["device"], torch.float32)
         if p.release_hessian:
             p.hessian = None
         keep = None
         if has_keep:
-            keep = torch.cat([m if m is not None else torch.ones(w.shape, dtype=torch.bool)
+            keep = torch.cat([m.to(on["device"]) if m is not None else torch.ones(w.shape, dtype=torch.bool, **on)
                               for w, m in zip(p.weights, p.keep_masks or [None] * len(p.weights))])
         dead = torch.diagonal(H) == 0
         if dead.any():  # the caller's Hessian is left as it is
@@ -284,7 +286,7 @@ def _reverse_in_place(matrix: torch.Tensor, step: int = 1 << 20) -> None:
 def _static_columns(batch: _Batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Each column's static scale (and zero) row, laid out like WT: [G, cols, R]."""
     G, cols, R = batch.WT.shape
-    colgroup = (batch.perms if batch.perms is not None else torch.arange(cols).expand(G, cols)) // batch.group
+    colgroup = (batch.perms if batch.perms is not None else torch.arange(cols, device=batch.WT.device).expand(G, cols)) // batch.group
     index = colgroup.unsqueeze(1).expand(G, R, cols)
     static_s = batch.scale_all.float().gather(2, index).transpose(1, 2).contiguous()
     static_z = None
@@ -412,7 +414,7 @@ def obs_solve_batch(
     q = _Quantizer(quant, *static)
     masked = prune is not None or batch.keepT is not None
     ub = _sub_block(blocksize, prune.m if prune else None, group if dynamic_groups else None)
-    Err1 = torch.empty(batch.WT.shape[0], ub, batch.WT.shape[2])
+    Err1 = torch.empty(batch.WT.shape[0], ub, batch.WT.shape[2], device=batch.WT.device)
     for b1 in range(0, cols, blocksize):
         b2 = min(b1 + blocksize, cols)
         _block_mask(batch, problems, prune, d, b1, b2)

@@ -42,10 +42,13 @@ def run_calibrated(
         selected = {n: m for n, m in work.linears.items() if n in targets}
         if selected:
             compress_block(work, selected)
+            for name in selected:  # the block goes back to the CPU, and so do its records
+                ctx.state.records[name].to("cpu")
 
     extra = {"access": ctx.run.blocks} if ctx.run.blocks is not None else {}
     report = sequential_compress(ctx.state.model, ctx.state.adapter, windows, request, per_block, ctx.run.progress,
-                                 offload_dir=ctx.run.offload_dir, description=config.summary(), **extra)
+                                 offload_dir=ctx.run.offload_dir, description=config.summary(), device=ctx.run.device,
+                                 **extra)
     ctx.state.engine_reports.append(report)
     return report
 

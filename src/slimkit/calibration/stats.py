@@ -22,19 +22,20 @@ class StatsRequest:
 
 
 class InputStats:
-    def __init__(self, in_features: int, request: StatsRequest):
+    def __init__(self, in_features: int, request: StatsRequest, device: torch.device | str = "cpu"):
         self.tokens = 0
         self.request = request
-        self._hessian = torch.zeros(in_features, in_features) if request.hessian else None
+        self.device = torch.device(device)  # where the statistics are accumulated (the block's device)
+        self._hessian = torch.zeros(in_features, in_features, device=device) if request.hessian else None
         self._mirrored = True
         parts = 4 if in_features >= 256 else 1
         edges = [in_features * k // parts for k in range(parts + 1)]
         self._spans = list(zip(edges[:-1], edges[1:]))
-        self.col_sq = torch.zeros(in_features) if request.col_sq else None
-        self.abs_sum = torch.zeros(in_features) if request.abs_mean else None
+        self.col_sq = torch.zeros(in_features, device=device) if request.col_sq else None
+        self.abs_sum = torch.zeros(in_features, device=device) if request.abs_mean else None
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.device, torch.float32)
         b = x.shape[0]
         total = self.tokens + b
         if self._hessian is not None:

@@ -12,6 +12,7 @@ from slimkit.advisor.search import Constraints
 from slimkit.cli.console import console
 from slimkit.cli.errors import DEBUG, friendly_errors, install_sigterm
 from slimkit.cli.options import settings_options
+from slimkit.devices import DEVICE_HELP, resolve_device
 from slimkit.errors import SlimkitError
 from slimkit.io.outputs import reserve_output
 from slimkit.paths import ExportDir, MeasureDir, ModelDir
@@ -113,6 +114,7 @@ def compress(
     stream: str = typer.Option("auto", "--stream", help="read and write the model one block at a time (models "
                                "bigger than RAM; a killed run resumes at its block): auto (when the model in "
                                "float32 needs more than half the free RAM), on, off"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     settings=None,
     explicit=frozenset(),
 ) -> None:
@@ -142,7 +144,8 @@ def compress(
 
     if save_dtype not in _SAVE_DTYPES:
         raise SlimkitError(f"--save-dtype must be one of {', '.join(_SAVE_DTYPES)}, got {save_dtype}")
-    if _distributed_worker(model, recipe, stream, bench, settings, explicit, offload_activations):
+    place = str(resolve_device(device))
+    if _distributed_worker(model, recipe, stream, bench, settings, explicit, offload_activations, place):
         return
     with reserve_output(output, overwrite, inputs=[model]):  # before anything else: a clash fails first
         recipes_ = [get_recipe(r) for r in recipe]
@@ -151,7 +154,7 @@ def compress(
             raise SlimkitError(f"recipe names must differ to share an output dir, got {names}")
         settings = _preflight(model, recipes_, settings, explicit, offload_activations)
         _quiet_transformers()
-        run, options = _compress_job(stream, model, offload_activations, restart)
+        run, options = _compress_job(stream, model, offload_activations, restart, place)
         with RichProgress(console) as progress:
             reports = run(model, recipes_, output, settings, overwrite, _dtype(save_dtype), progress,
                           log=lambda m: console.print(f"[dim]{m}[/dim]"), **options)
@@ -162,18 +165,19 @@ def compress(
             _bench_outputs(model, recipes_, output, settings)
 
 
-def _compress_job(stream: str, model: str, offload: Optional[Path], restart: bool):
+def _compress_job(stream: str, model: str, offload: Optional[Path], restart: bool, device: str):
     """The compress job (streamed or in memory) and its options."""
     from slimkit.streaming.job import compress_streamed
     from slimkit.workflow import compress_to_dir
 
     offload_dir = str(offload) if offload else None
     if _streams(stream, model):
-        return compress_streamed, {"offload_dir": offload_dir}
-    return compress_to_dir, {"offload_dir": offload_dir, "restart_training": restart}
+        return compress_streamed, {"offload_dir": offload_dir, "device": device}
+    return compress_to_dir, {"offload_dir": offload_dir, "restart_training": restart, "device": device}
 
 
-def _distributed_worker(model: str, recipe: list[str], stream: str, bench: bool, settings, explicit, offload) -> bool:
+def _distributed_worker(model: str, recipe: list[str], stream: str, bench: bool, settings, explicit, offload,
+                        device: str) -> bool:
     """Under torchrun (WORLD_SIZE > 1): join the group; a rank other than 0 runs the recipes'
     calibration collectives and returns True (rank 0 alone evaluates and writes)."""
     from slimkit.calibration.distributed import init_from_env
@@ -192,7 +196,7 @@ def _distributed_worker(model: str, recipe: list[str], stream: str, bench: bool,
 
     recipes = [get_recipe(r) for r in recipe]
     settings = _preflight(model, recipes, settings, explicit, offload)  # the same fitted settings as rank 0
-    compress_worker(model, recipes, settings, str(offload) if offload else None)
+    compress_worker(model, recipes, settings, str(offload) if offload else None, device)
     return True
 
 
@@ -264,6 +268,8 @@ def eval_(
     stream: str = typer.Option("auto", "--stream", help="run the model one block at a time from disk (bigger "
                                "than RAM; ppl only, no KLD): auto (when float32 needs more than half the free "
                                "RAM), on, off"),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda (cuda:N) or auto (cuda when a GPU is "
+                               "visible): where the model runs (streamed: one block at a time)"),
     settings=None,
     explicit=frozenset(),
 ) -> None:
@@ -292,16 +298,17 @@ def eval_(
     check_data(Path(settings.data) if settings.data else None)
     settings = fit_settings(outline(model), settings, explicit)
     _quiet_transformers()
+    place = str(resolve_device(device))
     if _streams(stream, model):
-        return _eval_streamed(model, settings, as_json)
+        return _eval_streamed(model, settings, as_json, place)
     loaded = load_model(model)
     split = load_split(settings.data)
     with RichProgress(console) as progress:
         ref = _reference_of(model, reference)
         ref = None if ref == model and loaded.kind == "causal-lm" else ref
-        meter = QualityMeter(loaded, split, settings, progress)
+        meter = QualityMeter(loaded, split, settings, progress, place)
         if ref is not None:  # measured against the uncompressed model's embeddings or distributions
-            ref_meter = QualityMeter(load_model(ref), split, settings, progress)
+            ref_meter = QualityMeter(load_model(ref), split, settings, progress, place)
             ref_meter.measure("reference")
             meter.reference, meter.base_logprobs = ref_meter.reference, ref_meter.base_logprobs
         quality = meter.measure(model)
@@ -312,7 +319,7 @@ def eval_(
         _print_quality(model, ref, quality)
 
 
-def _eval_streamed(model: str, settings, as_json: bool) -> None:
+def _eval_streamed(model: str, settings, as_json: bool, device: str) -> None:
     """`eval --stream`: perplexity with one block in memory at a time."""
     from slimkit.data import load_split
     from slimkit.evaluation.perplexity import PerplexityProtocol
@@ -325,7 +332,8 @@ def _eval_streamed(model: str, settings, as_json: bool) -> None:
     streamed = open_streamed(streamed_source(model, console.print), name=model)
     with RichProgress(console) as progress:
         r = streamed_perplexity(streamed, streamed.shards, load_split(settings.data),
-                                PerplexityProtocol(settings.seqlen, settings.max_windows), progress, "ppl (streamed)")
+                                PerplexityProtocol(settings.seqlen, settings.max_windows), progress, "ppl (streamed)",
+                                device)
     quality = Quality(metric="ppl", value=r.ppl, details=r.to_dict())
     if as_json:
         print(json.dumps({**quality.to_dict(), "model": model, "streamed": True}, indent=2))
@@ -505,7 +513,7 @@ def _numbers(text: str, kind, option: str, ok, rule: str) -> list:
 
 @bench_app.command("model")
 @friendly_errors
-@settings_options(BenchSettings, ("prompt", "decode", "batch", "windows", "reference"))
+@settings_options(BenchSettings, ("prompt", "decode", "batch", "windows", "reference", "device"))
 def bench_model_cmd(
     models: List[str] = typer.Argument(..., help="baseline first; then packed/compressed dirs, names, .gguf"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="also write bench.md and bench.json here"),
@@ -539,6 +547,7 @@ def bench_model_cmd(
 
     if runtime not in ("torch", "llamacpp"):
         raise SlimkitError(f"--runtime must be torch or llamacpp, not {runtime}")
+    resolve_device(settings.device)  # a missing GPU is said before any model loads
     with reserve_output(output, overwrite, inputs=models) if output else contextlib.nullcontext():
         for m in models:
             if not (runtime == "llamacpp" and (m.endswith(".gguf") or ExportDir(Path(m)).gguf.is_file())):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimkit.data.corpus import TextSplit
+from slimkit.devices import model_device, to_device
 from slimkit.errors import ShapeError
 from slimkit.progress import NoProgress, Progress
 
@@ -59,7 +60,7 @@ def sentence_embeddings(
     model.eval()
     for batch in progress.track(batches, "embeddings"):
         enc = tokenizer(batch, padding=True, truncation=True, max_length=protocol.max_length, return_tensors="pt")
-        hidden = model(**enc).last_hidden_state
+        hidden = model(**to_device(dict(enc), model_device(model))).last_hidden_state.cpu()
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
         out.append(F.normalize(pooled.float(), dim=-1))

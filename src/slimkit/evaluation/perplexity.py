@@ -20,6 +20,7 @@ from torch import nn
 
 from slimkit.data.corpus import TextSplit
 from slimkit.data.tokens import bos_id, token_stream
+from slimkit.devices import model_device
 from slimkit.errors import DataError
 from slimkit.evaluation.divergence import BaseLogprobs, DivergenceMeter, token_logprobs
 from slimkit.progress import NoProgress, Progress
@@ -119,9 +120,10 @@ def perplexity(
     nll, count, first = 0.0, 0, 0
     meter = DivergenceMeter()
     model.eval()
+    device = model_device(model)
     for batch in progress.track(batches, description):
         with torch.inference_mode():
-            logits = model(input_ids=batch).logits.float()
+            logits = model(input_ids=batch.to(device)).logits.float().cpu()
         batch_nll, batch_count = _nll(logits, batch)
         if logprobs is not None:
             _use_logprobs(logprobs, logits, first, meter)

@@ -62,8 +62,9 @@ def _chunked_nll(streamed: StreamedModel, weights: CheckpointShards, hidden: lis
 @torch.inference_mode()
 def streamed_perplexity(streamed: StreamedModel, weights: CheckpointShards, split: TextSplit,
                         protocol: PerplexityProtocol = PerplexityProtocol(), progress: Progress = NoProgress(),
-                        description: str = "perplexity") -> PerplexityResult:
-    """ppl of the causal LM whose tensors `weights` holds (the skeleton is `streamed`'s)."""
+                        description: str = "perplexity", device: torch.device | str = "cpu") -> PerplexityResult:
+    """ppl of the causal LM whose tensors `weights` holds (the skeleton is `streamed`'s); each
+    block runs on `device`, the activations, final norm and head on the CPU."""
     if streamed.tokenizer is None:
         raise DataError("perplexity needs a tokenizer, and this model directory has none")
     start = time.perf_counter()
@@ -77,7 +78,7 @@ def streamed_perplexity(streamed: StreamedModel, weights: CheckpointShards, spli
                                      _EmbeddingsFrom(streamed, weights))
         for block in progress.track(list(streamed.adapter.get_blocks(streamed.model)), description):
             streamed.materialize(block, weights)
-            forward_block(block, store, extra)
+            forward_block(block.to(device), store, extra, torch.device(device))
             streamed.release(block)
         norm = submodule_at(streamed.model.base_model, streamed.adapter.final_norm)
         streamed.materialize(norm, weights)

@@ -37,7 +37,7 @@ def smallest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     k ~ numel/2 that pruning asks for.
     """
     flat = scores.detach().float().reshape(-1)
-    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     if k <= 0:
         return mask.view(scores.shape)
     if k >= flat.numel():
@@ -61,7 +61,7 @@ def smallest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def _keep_largest(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """Bool mask keeping exactly `keep` highest scores (ties broken by position)."""
-    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     if keep > 0:
         idx = torch.topk(scores.flatten(), keep, sorted=False).indices
         mask[idx] = True

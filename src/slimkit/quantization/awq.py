@@ -57,11 +57,11 @@ def search_clip(
     group = spec.group_of(cols)
     ngroups = cols // group
     blocks = [hessian[g * group : (g + 1) * group, g * group : (g + 1) * group] for g in range(ngroups)]
-    best_err = torch.full((rows, ngroups), float("inf"))
-    best_ratio = torch.ones(rows, ngroups)
+    best_err = torch.full((rows, ngroups), float("inf"), device=w.device)
+    best_ratio = torch.ones(rows, ngroups, device=w.device)
     for i in range(grid):
         ratio = 1.0 - max_shrink * i / grid
-        clip = torch.full((rows, ngroups), ratio)
+        clip = torch.full((rows, ngroups), ratio, device=w.device)
         delta = (fake_quant(w, spec, clip) - w).view(rows, ngroups, group)
         err = torch.stack([((delta[:, g] @ blocks[g]) * delta[:, g]).sum(-1) for g in range(ngroups)], dim=1)
         better = err < best_err

@@ -27,7 +27,7 @@ def gptq_on_grid(weight: torch.Tensor, hessian: torch.Tensor, grid: BlockGrid, p
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     cols = W.shape[1]
-    order = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(cols)
+    order = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(cols, device=W.device)
     W, H = W[:, order], H[order][:, order]
     U, damp = inverse_hessian_factor(H, percdamp, name=name)
     block_of = (order // grid.qtype.block).tolist()
@@ -35,7 +35,7 @@ def gptq_on_grid(weight: torch.Tensor, hessian: torch.Tensor, grid: BlockGrid, p
     offset_cols = grid.offset.T.contiguous() if grid.offset is not None else None
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1, err = W[:, i1:i2], torch.empty(W.shape[0], i2 - i1)
+        W1, err = W[:, i1:i2], torch.empty(W.shape[0], i2 - i1, device=W.device)
         for i in range(i2 - i1):
             b = block_of[i1 + i]
             w = W1[:, i].clone()

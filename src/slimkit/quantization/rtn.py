@@ -120,8 +120,8 @@ def rtn_quantize(weight: torch.Tensor, spec: QuantSpec, name: str = "weight") ->
     Rows are independent, so they go in slices: the temporaries stay a few MB on any weight."""
     check_groups(weight, spec, name)
     rows = max(1, ROW_SLICE_ELEMENTS // weight.shape[-1])
-    w_hat = torch.empty(weight.shape)
-    q = torch.empty(weight.shape, dtype=torch.int8)
+    w_hat = torch.empty(weight.shape, device=weight.device)
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     scales, zeros = [], []
     for start in range(0, weight.shape[0], rows):
         part = weight[start: start + rows]

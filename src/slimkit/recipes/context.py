@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -28,6 +28,17 @@ class LayerRecord:
     ggml: GGMLCodes | None = None  # llama.cpp blocks chosen by a gguf_quantize step
     methods: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # e.g. a damping that had to be raised
+
+    def to(self, device: torch.device | str) -> None:
+        """Move the record's tensors (mask, codes, scales, GGML blocks) to `device`, in place."""
+        if self.mask is not None:
+            self.mask = self.mask.to(device)
+        if self.quant is not None:
+            q = self.quant
+            self.quant = replace(q, q=q.q.to(device), scale=q.scale.to(device),
+                                 zero=q.zero.to(device) if q.zero is not None else None)
+        if self.ggml is not None:
+            self.ggml = replace(self.ggml, blocks=self.ggml.blocks.to(device))
 
 
 @dataclass
@@ -55,6 +66,7 @@ class RunResources:
     runs_dir: str | None = None  # where training runs keep checkpoints
     restart_training: bool = False  # discard interrupted training runs instead of resuming them
     blocks: object | None = None  # a calibration.engine.BlockAccess when blocks live in files (streamed runs)
+    device: str = "cpu"  # where calibrated steps work on each block (slimkit.devices.resolve_device)
 
 
 @dataclass

@@ -60,9 +60,9 @@ def check_streamable(recipe: Recipe) -> None:
 
 
 def _quality(streamed: StreamedModel, weights: CheckpointShards, split: TextSplit, settings: EvalSettings,
-             progress: Progress, label: str) -> Quality:
+             progress: Progress, label: str, device: str = "cpu") -> Quality:
     r = streamed_perplexity(streamed, weights, split, PerplexityProtocol(settings.seqlen, settings.max_windows),
-                            progress, f"ppl ({label}, streamed)")
+                            progress, f"ppl ({label}, streamed)", device)
     return Quality(metric="ppl", value=r.ppl, details=r.to_dict())
 
 
@@ -93,7 +93,8 @@ def _run_steps(streamed: StreamedModel, recipe: Recipe, ctx: StepContext, access
 
 
 def stream_recipe(streamed: StreamedModel, recipe: Recipe, work: WorkDir, settings: EvalSettings, split: TextSplit,
-                  progress: Progress, offload_dir: str | None, save_dtype: torch.dtype) -> tuple[StreamState, CompressionResult]:
+                  progress: Progress, offload_dir: str | None, save_dtype: torch.dtype,
+                  device: str = "cpu") -> tuple[StreamState, CompressionResult]:
     """Compress every block of `streamed` with `recipe` into `work` (resuming where it stopped)."""
     check_streamable(recipe)
     state = work.start()
@@ -103,7 +104,7 @@ def stream_recipe(streamed: StreamedModel, recipe: Recipe, work: WorkDir, settin
         return calibration_windows(streamed.tokenizer, split, settings.calibration_windows,
                                    settings.calibration_seqlen, settings.seed)
 
-    run = RunResources(progress, calibration, offload_dir, streamed.tokenizer, split)
+    run = RunResources(progress, calibration, offload_dir, streamed.tokenizer, split, device=device)
     ctx = StepContext(ModelState(streamed.model, streamed.adapter), run)
     steps = list(recipe.steps)
     cut = next((i for i, s in enumerate(steps) if s.needs_calibration), len(steps))
@@ -147,7 +148,7 @@ def _write_outer(streamed: StreamedModel, ctx: StepContext, work: WorkDir, outer
 def compress_streamed(model: str, recipes: list[Recipe], output: str | Path, settings: EvalSettings = EvalSettings(),
                       overwrite: bool = False, save_dtype: torch.dtype | None = None,
                       progress: Progress = NoProgress(), log: Callable[[str], None] = lambda m: None,
-                      offload_dir: str | None = None) -> list[CompressReport]:
+                      offload_dir: str | None = None, device: str = "cpu") -> list[CompressReport]:
     """`compress_to_dir`'s job for a model read one block at a time; same outputs and reports."""
     output = Path(output).absolute()
     with reserve_output(output, overwrite, inputs=[model]):
@@ -155,16 +156,17 @@ def compress_streamed(model: str, recipes: list[Recipe], output: str | Path, set
         for recipe in recipes:
             check_streamable(recipe)
         return _compress_reserved(streamed, recipes, output, settings, overwrite, save_dtype, progress, log,
-                                  offload_dir)
+                                  offload_dir, device)
 
 
-def _compress_reserved(streamed, recipes, output, settings, overwrite, save_dtype, progress, log, offload_dir):
+def _compress_reserved(streamed, recipes, output, settings, overwrite, save_dtype, progress, log, offload_dir,
+                       device):
     start = time.perf_counter()
     save_dtype = save_dtype or streamed.source_dtype
     log(f"streaming {streamed.name} ({streamed.adapter.name}, {streamed.shards.nbytes() / 1e9:.2f} GB in "
         f"{len(set(streamed.shards.files.values()))} file(s)) one block at a time")
     split = load_split(settings.data)
-    baseline = _quality(streamed, streamed.shards, split, settings, progress, "dense")
+    baseline = _quality(streamed, streamed.shards, split, settings, progress, "dense", device)
     works, reports = [], []
     layout = CompressOutput(output, tuple(r.name for r in recipes))
     with output_directory(output, overwrite, inputs=[streamed.name], command="compress") as root:
@@ -173,8 +175,9 @@ def _compress_reserved(streamed, recipes, output, settings, overwrite, save_dtyp
             identity = run_identity(model=str(streamed.source), files=_files_signature(streamed.shards),
                                     recipe=recipe.to_dict(), settings=settings, save_dtype=str(save_dtype))
             work = WorkDir(StreamWork.beside(output, recipe.name), identity, log)
-            state, result = stream_recipe(streamed, recipe, work, settings, split, progress, offload_dir, save_dtype)
-            report = _report(streamed, recipe, result, state, work, split, settings, baseline, progress)
+            state, result = stream_recipe(streamed, recipe, work, settings, split, progress, offload_dir, save_dtype,
+                                          device)
+            report = _report(streamed, recipe, result, state, work, split, settings, baseline, progress, device)
             report.timing["total_s"] = time.perf_counter() - start
             write_streamed_output(streamed, work, written.model_dir(recipe.name).root, recipe, report,
                                   layout.model_dir(recipe.name).root, save_dtype)
@@ -187,9 +190,9 @@ def _compress_reserved(streamed, recipes, output, settings, overwrite, save_dtyp
     return reports
 
 
-def _report(streamed, recipe, result, state, work, split, settings, baseline, progress) -> CompressReport:
+def _report(streamed, recipe, result, state, work, split, settings, baseline, progress, device) -> CompressReport:
     compressed_weights = CheckpointShards.of_files(_compressed_files(streamed, work))
-    after = _quality(streamed, compressed_weights, split, settings, progress, recipe.name)
+    after = _quality(streamed, compressed_weights, split, settings, progress, recipe.name, device)
     sparsity = state.baseline_zeros / state.baseline_total if state.baseline_total else 0.0
     dense_by_kind = streamed.shards.bytes_by_kind(streamed.adapter, streamed.source_dtype.itemsize)
     timing = {"load_s": 0.0, "compress_s": state.seconds, "eval_before_s": baseline.details["seconds"],
