@@ -229,3 +229,42 @@ def test_smollm2_streamed_equals_in_memory(smollm2_first_load, tmp_path, recipe)
     compress_to_dir("smollm2-135m", [get_recipe(recipe)], tmp_path / "memory", settings)
     compress_streamed("smollm2-135m", [get_recipe(recipe)], tmp_path / "streamed", settings)
     assert_same_output(tmp_path / "memory", tmp_path / "streamed")
+
+
+@pytest.fixture(scope="module")
+def tiny_tied_bf16(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """As `tiny_bf16`, with the head tied to the embedding."""
+    path = tmp_path_factory.mktemp("tiny-tied-bf16")
+    tiny_llama(vocab_size=len(smollm2_tokenizer), num_hidden_layers=3).to(torch.bfloat16).save_pretrained(
+        path, max_shard_size="3MB")
+    smollm2_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("source,recipe,fmt", [("untied", "gptq-int4-g64", "auto"), ("tied", "magnitude-2of4-int4", "auto"),
+                                               ("tied", None, "int4"), ("untied", None, "int8")])
+def test_streamed_pack_equals_in_memory(tiny_bf16, tiny_tied_bf16, tmp_path, source, recipe, fmt):
+    """`pack --stream on` writes the same packed.safetensors (tensors and header) and summary as the
+    in-memory pack: from compress records (auto) or in a format, tied head included."""
+    from safetensors import safe_open
+
+    from slimkit.formats import PACKED_FILE, load_packed
+    from slimkit.formats.pack_dir import pack_to_dir
+    from slimkit.recipes import get_recipe
+    from slimkit.streaming.job import compress_streamed
+    from slimkit.streaming.pack import pack_streamed
+
+    model = tiny_bf16 if source == "untied" else tiny_tied_bf16
+    if recipe is not None:
+        compress_streamed(str(model), [get_recipe(recipe)], tmp_path / "compressed", SETTINGS)
+        model = tmp_path / "compressed"
+    memory = pack_to_dir(str(model), tmp_path / "memory", fmt, group_size=32)
+    streamed = pack_streamed(str(model), tmp_path / "streamed", fmt, group_size=32)
+    assert abs(memory.pop("file_bytes") - streamed.pop("file_bytes")) < 4096 and memory == streamed
+    a, b = dir_tensors(tmp_path / "memory", PACKED_FILE), dir_tensors(tmp_path / "streamed", PACKED_FILE)
+    assert set(a) == set(b) and [k for k in a if not torch.equal(a[k], b[k])] == []
+    headers = [safe_open(str(d / PACKED_FILE), framework="pt").metadata()["slimkit_packed"]
+               for d in (tmp_path / "memory", tmp_path / "streamed")]
+    assert json.loads(headers[0]) == json.loads(headers[1])
+    ids = torch.randint(0, 500, (1, 16))
+    assert torch.equal(load_packed(tmp_path / "memory")(ids).logits, load_packed(tmp_path / "streamed")(ids).logits)

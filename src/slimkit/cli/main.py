@@ -381,6 +381,8 @@ def pack(
     lm_head: bool = typer.Option(True, "--lm-head/--no-lm-head", help="explicit formats: pack the LM head too "
                                  "(int8 for the 4-bit formats; a tied embedding stays dense)"),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+    stream: str = typer.Option("auto", "--stream", help="read the model one block at a time (bigger than RAM): "
+                               "auto (when float32 needs more than half the free RAM), on, off"),
 ) -> None:
     """Store a model in a packed format that is really smaller, executed by real kernels.
 
@@ -394,17 +396,21 @@ def pack(
       slimkit pack smollm2-135m --format int8 -o out/int8
 
       slimkit pack smollm2-135m --format nf4 -o out/nf4
+
+      slimkit pack out/8b-gptq -o out/8b-packed --stream on   # one block in memory at a time
     """
     from slimkit.formats import format_names
     from slimkit.formats.pack_dir import pack_to_dir
     from slimkit.progress import RichProgress
+    from slimkit.streaming.pack import pack_streamed
 
     if format != "auto" and format not in format_names():
         raise SlimkitError(f"unknown format '{format}'; choose auto or one of {', '.join(format_names())}")
     with reserve_output(output, overwrite, inputs=[source]):
         _quiet_transformers()
         with RichProgress(console) as progress:
-            summary = pack_to_dir(source, output, format, group_size, overwrite, progress, include_lm_head=lm_head)
+            job = pack_streamed if _streams(stream, source) else pack_to_dir
+            summary = job(source, output, format, group_size, overwrite, progress, include_lm_head=lm_head)
     fmts: dict[str, int] = {}
     for layer in summary["layers"].values():
         fmts[layer["format"]] = fmts.get(layer["format"], 0) + 1

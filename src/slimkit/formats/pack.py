@@ -88,17 +88,25 @@ def packed_layers(model: nn.Module) -> dict[str, PackedLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
 
 
+def packed_layer_tensors(name: str, mod: PackedLinear) -> dict[str, torch.Tensor]:
+    """What a packed directory stores for one packed linear, under `<name>.<tensor>`."""
+    tensors = {f"{name}.{key}": t.contiguous() for key, t in mod.stored().items()}
+    if mod.bias is not None:
+        tensors[f"{name}.bias"] = mod.bias.detach().contiguous()
+    return tensors
+
+
+def packed_layer_header(mod: PackedLinear) -> dict:
+    """The header entry of one packed linear: its format, shape and the format's own fields."""
+    return {"format": mod.format, "shape": [mod.out_features, mod.in_features], **mod.meta}
+
+
 def save_packed(model: nn.Module, tokenizer, directory: Path) -> None:
     """Write a packed model into `directory` (the caller makes it atomic)."""
     layers = packed_layers(model)
     tensors: dict[str, torch.Tensor] = {}
-    meta_layers = {}
     for name, mod in layers.items():
-        for key, t in mod.stored().items():
-            tensors[f"{name}.{key}"] = t.contiguous()
-        if mod.bias is not None:
-            tensors[f"{name}.bias"] = mod.bias.detach().contiguous()
-        meta_layers[name] = {"format": mod.format, "shape": [mod.out_features, mod.in_features], **mod.meta}
+        tensors.update(packed_layer_tensors(name, mod))
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embedding is not None and any(m.meta.get("tied_to") for m in layers.values()):
         model.config.tie_word_embeddings = False  # the head is packed on its own; the embedding stays
@@ -108,8 +116,14 @@ def save_packed(model: nn.Module, tokenizer, directory: Path) -> None:
     state.update({k: b for k, b in model.named_buffers() if b is not None and k not in persistent})
     dense, tied = unique_tensors((k, t) for k, t in state.items() if not any(k.startswith(n + ".") for n in layers))
     tensors.update({k: t.detach().contiguous() for k, t in dense.items()})
-    header = {"format_version": FORMAT_VERSION, "layers": meta_layers, "tied": tied}
+    header = {"format_version": FORMAT_VERSION, "layers": {n: packed_layer_header(m) for n, m in layers.items()},
+              "tied": tied}
     save_file(tensors, str(directory / PACKED_FILE), metadata={"slimkit_packed": json.dumps(header)})
+    save_packed_config(model, tokenizer, directory)
+
+
+def save_packed_config(model: nn.Module, tokenizer, directory: Path) -> None:
+    """config.json (with the architecture that loading picks), generation config and tokenizer."""
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]  # so that loading picks the same head
     model.config.save_pretrained(directory)

@@ -25,39 +25,60 @@ def pack_to_dir(source: str, output: str | Path, fmt: str = AUTO, group_size: in
     linear (and the LM head, unless told not to; in int8 when `fmt` has 4 bits) round-to-nearest
     into `fmt`. A head tied to
     the embedding is packed on its own; the embedding stays dense (a row gather reads little).
-    Returns a summary with sizes per layer."""
+    Returns a summary with sizes per layer. (`streaming.pack` does the same one block at a time.)"""
     loaded = load_model(source)
     records = None
-    state = Path(loaded.source) / COMPRESSION_FILE if Path(loaded.source).is_dir() else None
-    if fmt == AUTO:
-        if state is None or not state.is_file():
-            raise SlimkitError(f"{source} is not a `slimkit compress` output (no {COMPRESSION_FILE}): "
-                               "choose a format with --format (int8, w8a8, int4, nf4, fp8, sparse, 2:4)")
+    state = check_pack_source(source, Path(loaded.source), fmt)
+    if state is not None:
         records = load_compression_state(state, loaded.model)
-    linears = loaded.adapter.linears(loaded.model, include_lm_head=include_lm_head and fmt != AUTO)
-    dense_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears.values())
-    head = loaded.adapter.lm_head if fmt in FOUR_BIT and loaded.adapter.lm_head in linears else None
+    linears, head = pack_plan(loaded.adapter, loaded.model, fmt, include_lm_head)
     body = {n: m for n, m in linears.items() if n != head}
     packed = pack_model(loaded.model, body, records, fmt, group_size, progress)
     if head is not None:  # 4 bits on the LM head costs far more quality than it saves: int8 there
         packed.update(pack_model(loaded.model, {head: linears[head]}, None, "int8"))
-    if not packed:
-        raise SlimkitError(f"nothing to pack in {source}: no layer was quantized or pruned")
-    layers = {n: {"format": m.format, "shape": [m.out_features, m.in_features], "disk_bytes": m.disk_bytes(),
-                  "ram_bytes": m.ram_bytes(), "bytes_per_weight": m.disk_bytes() / (m.out_features * m.in_features),
-                  "path_batch_1": m.path_for(1), "path_batch_128": m.path_for(128)}
-              for n, m in packed.items()}
-    left_dense = sorted(set(linears) - set(packed))
+    layers = {n: layer_summary(m) for n, m in packed.items()}
     output = Path(output)
     with output_directory(output, overwrite, inputs=[source], command="pack") as tmp:
         save_packed(loaded.model, loaded.tokenizer, tmp)
-        summary = {
-            "source": source if zoo_entry(source) else str(Path(source).absolute()),  # found again from any cwd
-            "format": fmt, "packed_layers": len(packed), "left_dense": left_dense,
-            "linears_dense_bytes": dense_bytes,
-            "linears_packed_bytes": sum(v["disk_bytes"] for v in layers.values()) + sum(
-                linears[n].weight.numel() * linears[n].weight.element_size() for n in left_dense),
-            "file_bytes": files_bytes(tmp), "layers": layers,
-        }
-        PackedDir(tmp).summary.write_text(json.dumps(summary, indent=2))
+        return write_pack_summary(source, fmt, linears, layers, tmp)
+
+
+def check_pack_source(source: str, directory: Path, fmt: str) -> Path | None:
+    """The compression state `auto` packs from (None for an explicit format), or a clear refusal."""
+    if fmt != AUTO:
+        return None
+    state = directory / COMPRESSION_FILE if directory.is_dir() else None
+    if state is None or not state.is_file():
+        raise SlimkitError(f"{source} is not a `slimkit compress` output (no {COMPRESSION_FILE}): "
+                           "choose a format with --format (int8, w8a8, int4, nf4, fp8, sparse, 2:4)")
+    return state
+
+
+def pack_plan(adapter, model, fmt: str, include_lm_head: bool) -> tuple[dict, str | None]:
+    """The linears to pack, and the head when it gets int8 instead of a 4-bit `fmt`."""
+    linears = adapter.linears(model, include_lm_head=include_lm_head and fmt != AUTO)
+    head = adapter.lm_head if fmt in FOUR_BIT and adapter.lm_head in linears else None
+    return linears, head
+
+
+def layer_summary(m) -> dict:
+    return {"format": m.format, "shape": [m.out_features, m.in_features], "disk_bytes": m.disk_bytes(),
+            "ram_bytes": m.ram_bytes(), "bytes_per_weight": m.disk_bytes() / (m.out_features * m.in_features),
+            "path_batch_1": m.path_for(1), "path_batch_128": m.path_for(128)}
+
+
+def write_pack_summary(source: str, fmt: str, linears: dict, layers: dict, directory: Path) -> dict:
+    """summary.json of a packed dir: what was packed, what stayed dense, the bytes before and after."""
+    if not layers:
+        raise SlimkitError(f"nothing to pack in {source}: no layer was quantized or pruned")
+    left_dense = sorted(set(linears) - set(layers))
+    summary = {
+        "source": source if zoo_entry(source) else str(Path(source).absolute()),  # found again from any cwd
+        "format": fmt, "packed_layers": len(layers), "left_dense": left_dense,
+        "linears_dense_bytes": sum(m.weight.numel() * m.weight.element_size() for m in linears.values()),
+        "linears_packed_bytes": sum(v["disk_bytes"] for v in layers.values()) + sum(
+            linears[n].weight.numel() * linears[n].weight.element_size() for n in left_dense),
+        "file_bytes": files_bytes(directory), "layers": layers,
+    }
+    PackedDir(directory).summary.write_text(json.dumps(summary, indent=2))
     return summary

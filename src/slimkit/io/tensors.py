@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -45,24 +46,36 @@ def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: 
         raise
 
 
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
 
 
-def copy_tensors_sliced(read_rows, tensors: dict[str, tuple[int, ...]], path: Path, dtype: torch.dtype,
-                        slice_bytes: int = 1 << 26) -> None:
-    """Write `tensors` (name -> shape) into one safetensors file at `path` in `dtype`, reading each
-    a slice of rows at a time through `read_rows(name, start, stop)`: the process holds one slice,
-    never a whole embedding. The safetensors library writes only whole in-memory dicts, so the
-    (simple, documented) layout is written here: header length, JSON header, raw little-endian data.
-    Atomic like `save_tensors_atomic`."""
+@dataclass(frozen=True)
+class RowSource:
+    """A tensor to be written a slice of rows at a time: `read(start, stop)` gives rows
+    [start, stop) in `dtype` (a 0-d tensor: read(0, 1) gives it whole)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    read: Callable[[int, int], torch.Tensor]
+
+
+def write_tensors_by_rows(sources: dict[str, RowSource], path: Path, metadata: dict[str, str] | None = None,
+                          slice_bytes: int = 1 << 26) -> None:
+    """One safetensors file at `path` from `sources`, reading each a slice of rows at a time: the
+    process holds one slice, never a whole embedding. The safetensors library writes only whole
+    in-memory dicts, so the (simple, documented) layout is written here: header length, JSON
+    header, raw little-endian data. Atomic like `save_tensors_atomic`."""
     import json
     import math
     import struct
 
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape in tensors.items():
-        size = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+    header, offset = {"__metadata__": {"format": "pt", **(metadata or {})}}, 0
+    for name, src in sources.items():
+        size = math.prod(src.shape) * src.dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[src.dtype], "shape": list(src.shape),
+                        "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
@@ -70,15 +83,25 @@ def copy_tensors_sliced(read_rows, tensors: dict[str, tuple[int, ...]], path: Pa
     try:
         with open(tmp, "wb") as fh:
             fh.write(struct.pack("<Q", len(blob)) + blob)
-            for name, shape in tensors.items():
-                row = math.prod(shape[1:]) * dtype.itemsize if len(shape) > 1 else dtype.itemsize
-                step = max(1, slice_bytes // max(row, 1)) if len(shape) > 1 else max(shape[0], 1)
-                for start in range(0, shape[0] if shape else 1, step):
-                    part = read_rows(name, start, min(start + step, shape[0])).to(dtype).contiguous()
-                    fh.write(part.view(torch.uint8).numpy().tobytes())
+            for src in sources.values():
+                rows = src.shape[0] if src.shape else 1
+                row = math.prod(src.shape[1:]) * src.dtype.itemsize if len(src.shape) > 1 else src.dtype.itemsize
+                step = max(1, slice_bytes // max(row, 1)) if len(src.shape) > 1 else max(rows, 1)
+                for start in range(0, rows, step):
+                    part = src.read(start, min(start + step, rows)).to(src.dtype).contiguous()
+                    fh.write(part.reshape(-1).view(torch.uint8).numpy().tobytes())
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def copy_tensors_sliced(read_rows, tensors: dict[str, tuple[int, ...]], path: Path, dtype: torch.dtype,
+                        slice_bytes: int = 1 << 26) -> None:
+    """Write `tensors` (name -> shape) into one safetensors file at `path` in `dtype`, reading each
+    a slice of rows at a time through `read_rows(name, start, stop)` (`write_tensors_by_rows`)."""
+    sources = {name: RowSource(tuple(shape), dtype, lambda a, b, name=name: read_rows(name, a, b))
+               for name, shape in tensors.items()}
+    write_tensors_by_rows(sources, path, slice_bytes=slice_bytes)

@@ -63,33 +63,54 @@ def load_compression_state(path: Path, model: torch.nn.Module) -> dict[str, Laye
 
     The codes are recomputed from the saved weights, which lie exactly on their grid.
     """
-    from safetensors import SafetensorError, safe_open
+    with CompressionStateReader(path) as state:
+        return {name: state.record(name, model.get_submodule(name).weight) for name in state.layers}
 
-    from slimkit.errors import SlimkitError
-    from slimkit.quantization.ggml_grids import GGMLCodes
-    from slimkit.quantization.rtn import QuantParams, QuantSpec, quantize
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            layers = json.loads((f.metadata() or {})["slimkit_layers"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, KeyError, ValueError) as exc:
-        raise SlimkitError(f"{path} is corrupt or truncated ({exc})") from None
-    records = {}
-    for name, entry in layers.items():
+class CompressionStateReader:
+    """A compression state file opened for one record at a time (`record(name, weight)`): a
+    streamed pack reads only the records of the block it holds."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> "CompressionStateReader":
+        from safetensors import SafetensorError, safe_open
+
+        from slimkit.errors import SlimkitError
+
+        try:
+            self._file = safe_open(str(self.path), framework="pt").__enter__()
+            self.layers: dict[str, dict] = json.loads((self._file.metadata() or {})["slimkit_layers"])
+            self._keys = set(self._file.keys())
+        except (SafetensorError, OSError, KeyError, ValueError) as exc:
+            raise SlimkitError(f"{self.path} is corrupt or truncated ({exc})") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.__exit__(*exc)
+
+    def _tensor(self, key: str) -> torch.Tensor | None:
+        return self._file.get_tensor(key) if key in self._keys else None
+
+    def record(self, name: str, weight: torch.Tensor) -> LayerRecord:
+        """The record of linear `name`, whose saved weight is `weight`."""
+        from slimkit.quantization.ggml_grids import GGMLCodes
+        from slimkit.quantization.rtn import QuantParams, QuantSpec, quantize
+
+        entry = self.layers[name]
         shape = tuple(entry["shape"])
         rec = LayerRecord(name, entry["kind"], shape, methods=entry.get("methods", []))
-        if f"{name}.mask_bits" in tensors:
-            bits = np.unpackbits(tensors[f"{name}.mask_bits"].numpy())[: int(np.prod(shape))]
+        mask_bits = self._tensor(f"{name}.mask_bits")
+        if mask_bits is not None:
+            bits = np.unpackbits(mask_bits.numpy())[: int(np.prod(shape))]
             rec.mask = torch.from_numpy(bits.astype(bool)).reshape(shape)
         if "quant" in entry:
             q = entry["quant"]
             spec = QuantSpec(q["bits"], q["symmetric"], q["group_size"], getattr(torch, q["scale_dtype"]))
-            scale, zero = tensors[f"{name}.scale"], tensors.get(f"{name}.zero_point")
+            scale, zero = self._tensor(f"{name}.scale"), self._tensor(f"{name}.zero_point")
             zero = zero.to(torch.int32) if zero is not None else None
-            weight = model.get_submodule(name).weight.detach().float()
-            rec.quant = QuantParams(spec, quantize(weight, scale, zero, spec), scale, zero)
+            rec.quant = QuantParams(spec, quantize(weight.detach().float(), scale, zero, spec), scale, zero)
         if "ggml" in entry:
-            rec.ggml = GGMLCodes(entry["ggml"]["type"], entry["ggml"]["ftype"], tensors[f"{name}.ggml_blocks"])
-        records[name] = rec
-    return records
+            rec.ggml = GGMLCodes(entry["ggml"]["type"], entry["ggml"]["ftype"], self._tensor(f"{name}.ggml_blocks"))
+        return rec
