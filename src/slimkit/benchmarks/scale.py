@@ -9,6 +9,7 @@ block. SmolLM2 is also measured in memory (`--stream off`) for contrast.
     python -m slimkit.benchmarks.scale --models smollm2-135m,llama-3.2-1b --recipes gptq-int4-g128
     python -m slimkit.benchmarks.scale --distributed     # 1 process vs 2 gloo processes on SmolLM2
     python -m slimkit.benchmarks.scale --verify OUT SOURCE 17   # a streamed RTN output, without loading it
+    python -m slimkit.benchmarks.scale --pack          # `slimkit pack --format int4` streamed vs in memory
 """
 
 from __future__ import annotations
@@ -79,6 +80,22 @@ def measure(model: str, recipe: str, stream: str, work: Path) -> dict:
             "timing": report["timing"], "engine": report["compression"]["engine"], "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def pack_row(model: str, stream: str, work: Path, fmt: str = "int4", group_size: int = 128) -> dict:
+    """Peak RSS and wall time of `slimkit pack MODEL --format int4` (streamed or in memory)."""
+    output = work / f"{Path(model).name}-{fmt}-{stream}"
+    command = [sys.executable, "-m", "slimkit", "pack", model_path(model), "--format", fmt, "--group-size",
+               str(group_size), "-o", str(output), "--overwrite", "--stream", stream]
+    rc, wall, peak = _measured(command)
+    if rc != 0:
+        raise RuntimeError(f"{' '.join(command)} failed with exit code {rc}")
+    from slimkit.paths import PackedDir
+
+    summary = json.loads(PackedDir(output).summary.read_text())
+    shutil.rmtree(output)
+    return {"model": model, "format": f"{fmt} g{group_size}", "stream": stream, "peak_rss_gb": peak / 1e9,
+            "wall_s": wall, "file_gb": summary["file_bytes"] / 1e9, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
 def distributed_rows(work: Path, recipe: str = "gptq-int4-g64", windows: int = 128, seqlen: int = 512) -> list[dict]:
     """SmolLM2 calibrated by 1 process (all threads) and by 2 gloo processes x 1 thread, same
     data; wall time of each, and whether the outputs are bit-identical."""
@@ -130,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-o", "--output", type=Path, default=Path("runs/scale"))
     parser.add_argument("--distributed", action="store_true", help="instead: SmolLM2 GPTQ (128 x 512) calibrated "
                         "by 1 process vs 2 gloo processes x 1 thread")
+    parser.add_argument("--pack", action="store_true", help="instead: `slimkit pack --format int4` of each model, "
+                        "streamed (and in memory for SmolLM2)")
     parser.add_argument("--verify", nargs=3, metavar=("OUTPUT", "SOURCE", "BLOCK"),
                         help="instead: check a streamed rtn-int4-g128 OUTPUT of checkpoint SOURCE (verify_output)")
     args = parser.parse_args(argv)
@@ -138,6 +157,14 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(verify_output(Path(output), Path(source), int(block))))
         return
     args.output.mkdir(parents=True, exist_ok=True)
+    if args.pack:
+        with tempfile.TemporaryDirectory(prefix="slimkit-scale-") as tmp:
+            rows = [pack_row(m, stream, Path(tmp), group_size=64 if m == "smollm2-135m" else 128)
+                    for m in args.models.split(",") for stream in (["off", "on"] if m == "smollm2-135m" else ["on"])]
+        (args.output / "pack.json").write_text(json.dumps(rows, indent=2))
+        for row in rows:
+            print(json.dumps(row))
+        return
     if args.distributed:
         with tempfile.TemporaryDirectory(prefix="slimkit-scale-") as tmp:
             rows = distributed_rows(Path(tmp))
