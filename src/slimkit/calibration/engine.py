@@ -27,7 +27,7 @@ from torch import nn
 from slimkit.calibration.distributed import broadcast_tensors, shard_windows
 from slimkit.calibration.distributed import world as distributed_world
 from slimkit.calibration.stats import InputStats, StatsRequest
-from slimkit.devices import to_device
+from slimkit.devices import model_device, to_device
 from slimkit.models.adapters import ArchitectureAdapter
 from slimkit.progress import NoProgress, Progress
 
@@ -227,6 +227,7 @@ def sequential_compress(
         for index, block in progress.track(blocks, f"{description}: blocks"):
             start = time.perf_counter()
             access.open(index, block)
+            home = model_device(block)  # where the block goes back to (the CPU, or a model's own device)
             block.to(device)
             work = _block_work(index, block, adapter, names, request, device)
             t0 = time.perf_counter()
@@ -235,7 +236,7 @@ def sequential_compress(
             compress_block(work)
             t2 = time.perf_counter()
             forward_block(block, store, extra, device)  # the compressed block: what the next one sees
-            block.to("cpu")
+            block.to(home)
             access.close(index, block, store)
             report.stats_seconds += t1 - t0
             report.algorithm_seconds += t2 - t1
