@@ -26,11 +26,22 @@ from slimkit.formats.base import (
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)
 
 
+ROW_SLICE_ELEMENTS = 1 << 22  # rows are independent: coded a slice at a time, temporaries stay a few MB
+
+
 def int8_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel symmetric int8: codes in [-128, 127], scale = absmax / 127.5."""
-    w = weight.detach().float()
-    scale = (w.abs().amax(1) / 127.5).clamp(min=1e-12)
-    return torch.round(w / scale[:, None]).clamp(-128, 127).to(torch.int8), scale
+    """Per-channel symmetric int8: codes in [-128, 127], scale = absmax / 127.5 (rows in slices,
+    so a 128k-row head costs its codes, not several float32 copies)."""
+    w = weight.detach()
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], device=w.device)
+    step = max(1, ROW_SLICE_ELEMENTS // max(w.shape[1], 1))
+    for a in range(0, w.shape[0], step):
+        part = w[a: a + step].float()
+        s = (part.abs().amax(1) / 127.5).clamp(min=1e-12)
+        q[a: a + step] = torch.round(part / s[:, None]).clamp(-128, 127)
+        scale[a: a + step] = s
+    return q, scale
 
 
 @register_format
