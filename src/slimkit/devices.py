@@ -59,9 +59,11 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 @contextmanager
 def placed(model: torch.nn.Module, device: torch.device | str) -> Iterator[torch.nn.Module]:
-    """`model` on `device` for the duration (evaluation), then back on the CPU."""
+    """`model` on `device` for the duration (evaluation), then back on the CPU. A model bigger than
+    the GPU's free memory stays where it is (a streamed run is the way to put such a model on a GPU)."""
     device = torch.device(device)
-    if device.type == "cpu":
+    size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    if device.type == "cpu" or (device.type == "cuda" and size > 0.9 * torch.cuda.mem_get_info(device)[0]):
         yield model
         return
     model.to(device)
