@@ -20,7 +20,9 @@ from slimkit.recipes.context import RunResources
 
 HAS_CUDA = torch.cuda.is_available()
 cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device visible")
-CALIBRATED = ["gptq-int4-g64", "awq-int4-g64", "sparsegpt-2of4", "wanda-50", "gguf-q4_k_m-imatrix"]
+SLOW = pytest.mark.slow
+CALIBRATED = ["gptq-int4-g64", "awq-int4-g64", pytest.param("sparsegpt-2of4", marks=SLOW),
+              pytest.param("wanda-50", marks=SLOW), pytest.param("gguf-q4_k_m-imatrix", marks=SLOW)]
 
 
 def test_device_choices_resolve_or_say_why_not(monkeypatch):

@@ -111,7 +111,7 @@ def test_bench_model_compares_in_fresh_processes(tiny_llama_dir, tiny_int4, tmp_
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("fmt", ["int4", "int8"])
+@pytest.mark.parametrize("fmt", ["int4", pytest.param("int8", marks=pytest.mark.slow)])
 def test_smollm2_exports_keep_perplexity_within_2_percent(smollm2_first_load, tmp_path, fmt):
     packed = tmp_path / fmt
     summary = pack_to_dir("smollm2-135m", packed, fmt=fmt)

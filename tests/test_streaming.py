@@ -241,9 +241,11 @@ def tiny_tied_bf16(tmp_path_factory, smollm2_tokenizer) -> Path:
     return path
 
 
-@pytest.mark.parametrize("source,recipe,fmt", [("untied", "gptq-int4-g64", "auto"), ("tied", "magnitude-2of4-int4", "auto"),
-                                               ("tied", None, "int4"), ("untied", None, "int8")])
-def test_streamed_pack_equals_in_memory(tiny_bf16, tiny_tied_bf16, tmp_path, source, recipe, fmt):
+@pytest.mark.parametrize("source,recipe,fmt", [("tiny_bf16", "gptq-int4-g64", "auto"),
+                                               pytest.param("tiny_tied_bf16", None, "int4", marks=SLOW),
+                                               pytest.param("tiny_tied_bf16", "magnitude-2of4-int4", "auto", marks=SLOW),
+                                               pytest.param("tiny_bf16", None, "int8", marks=SLOW)])
+def test_streamed_pack_equals_in_memory(request, tmp_path, source, recipe, fmt):
     """`pack --stream on` writes the same packed.safetensors (tensors and header) and summary as the
     in-memory pack: from compress records (auto) or in a format, tied head included."""
     from safetensors import safe_open
@@ -254,7 +256,7 @@ def test_streamed_pack_equals_in_memory(tiny_bf16, tiny_tied_bf16, tmp_path, sou
     from slimkit.streaming.job import compress_streamed
     from slimkit.streaming.pack import pack_streamed
 
-    model = tiny_bf16 if source == "untied" else tiny_tied_bf16
+    model = request.getfixturevalue(source)  # the tied model is built only by the slow cases
     if recipe is not None:
         compress_streamed(str(model), [get_recipe(recipe)], tmp_path / "compressed", SETTINGS)
         model = tmp_path / "compressed"
