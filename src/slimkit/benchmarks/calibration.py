@@ -50,8 +50,8 @@ def flop_budget(model, adapter, tokens: int, seqlen: int, method: str, grid: int
     hess = fwd = solver = 0.0
     for block in blocks:
         linears = adapter.block_linears(block)
-        for group in adapter.input_groups:
-            d_in = linears[group[0]].in_features
+        for group in adapter.groups:
+            d_in = linears[group.projections[0]].in_features
             hess += 2 * tokens * d_in**2
         params = sum(m.in_features * m.out_features for m in linears.values())
         attn = 2 * tokens * seqlen * heads.num_heads * heads.head_dim  # QK^T and AV, causal half

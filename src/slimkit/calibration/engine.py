@@ -250,8 +250,9 @@ def sequential_compress(
 def _block_work(index: int, block: nn.Module, adapter: ArchitectureAdapter, names: dict, request: StatsRequest,
                 device: torch.device) -> BlockWork:
     linears, groups, producers, stats = {}, [], [], {}
-    for paths, producer in zip(adapter.input_groups, adapter.group_producers):
-        mods = [adapter.block_module(block, p) for p in paths]
+    for group in adapter.groups:
+        producer = group.producer
+        mods = [adapter.block_module(block, p) for p in group.projections]
         full = [names[id(m)] for m in mods]
         shared = InputStats(mods[0].in_features, request, device)
         for n, m in zip(full, mods):
