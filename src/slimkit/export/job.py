@@ -139,14 +139,19 @@ def _ppl(model, tokenizer, windows: int | None) -> float:
     return perplexity(model, tokenizer, load_split(), PerplexityProtocol(512, windows)).ppl
 
 
-def load_exported(output: Path, to: str) -> nn.Module:
-    """The export, loaded by transformers alone (no slimkit code in the model)."""
-    from transformers import AutoModelForCausalLM
+def load_exported(output: Path, to: str, dequantize: bool = False) -> nn.Module:
+    """The export, loaded by transformers alone (no slimkit code in the model). `dequantize`: a
+    compressed-tensors model decompressed at load, for architectures whose weight init in
+    transformers reads `.weight` of every linear (Falcon, ModernBERT) and so fails on packed ones."""
+    from transformers import AutoModel, AutoModelForCausalLM, CompressedTensorsConfig
 
     if to == "gguf":
         return AutoModelForCausalLM.from_pretrained(str(output), gguf_file=GGUF_NAME, dtype=torch.float32,
                                                     **NO_CODE).eval()
-    return AutoModelForCausalLM.from_pretrained(str(output), dtype=torch.float32, **NO_CODE).eval()
+    archs = json.loads((output / "config.json").read_text()).get("architectures") or []
+    auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs) else AutoModel
+    extra = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if dequantize else {}
+    return auto.from_pretrained(str(output), dtype=torch.float32, **extra, **NO_CODE).eval()
 
 
 def verify_export(output: Path, to: str, tokenizer, own_ppl: float, windows: int | None) -> dict:

@@ -8,6 +8,7 @@ from torch import nn
 from slimkit.calibration.obs import ObsResult
 from slimkit.calibration.runner import run_calibrated, solve_linears, take_hessians, write_result
 from slimkit.calibration.stats import StatsRequest
+from slimkit.models.fold_check import scale_consumer, scale_producer
 from slimkit.quantization import awq
 from slimkit.quantization.config import AWQConfig, GPTQConfig
 from slimkit.quantization.rtn import check_groups, compute_qparams, dequantize, quantize
@@ -44,15 +45,8 @@ def _foldable(producer: nn.Module | None, width: int) -> bool:
     return producer.weight.dim() == 1 and producer.weight.numel() == width
 
 
-@torch.no_grad()
-def _fold(producer: nn.Module, scales: torch.Tensor) -> None:
-    """Divide the producer's output channels by s (inputs x -> x/s), keeping the function."""
-    if isinstance(producer, nn.Linear):
-        producer.weight.div_(scales.unsqueeze(1).to(producer.weight.dtype))
-    else:
-        producer.weight.div_(scales.to(producer.weight.dtype))
-    if getattr(producer, "bias", None) is not None:
-        producer.bias.div_(scales.to(producer.bias.dtype))
+NOT_FOLDED = ("AWQ scales skipped: no op before this input takes them exactly (a norm feeding the residual too, "
+              "Gemma's (1 + w) norm, an activation, or GQA heads); clipping only")
 
 
 @register_step(AWQConfig)
@@ -70,12 +64,15 @@ def apply_awq(config: AWQConfig, ctx: StepContext) -> None:
                 weights = [work.linears[n].weight for n in group]
                 s, alpha, ratio = awq.search_scales(weights, H, stats.abs_mean, spec, config.grid)
                 for n in group:  # scale every linear that reads this input, selected or not
-                    work.linears[n].weight.mul_(s.unsqueeze(0).to(work.linears[n].weight.dtype))
-                _fold(producer, s)
+                    scale_consumer(work.linears[n], s)
+                scale_producer(producer, s)
                 H = H / torch.outer(s, s)
                 for n in group:
                     if n in selected:
                         ctx.state.records[n].notes.append(f"AWQ alpha {alpha:.2f} (error x{ratio:.3f} vs no scaling)")
+            else:
+                for n in set(group) & set(selected):
+                    ctx.state.records[n].notes.append(NOT_FOLDED)
             for n in group:
                 hessians[n] = H
         # 2. quantize each selected linear: clip search + RTN, or GPTQ on the scaled inputs

@@ -1,0 +1,259 @@
+"""Structure discovery: an `ArchitectureAdapter` derived from the model object and one short forward pass.
+
+No per-architecture definition and no tracing. One forward pass of a few tokens, with hooks on the
+first block, shows which projections run and which read the very same tensor (tensor identity, not
+names). A producer (norm or projection) is accepted only when folding scales into it provably keeps
+the block's function: `fold_check.py` tries it on a random copy of the block.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from slimkit.errors import UnsupportedArchitectureError
+from slimkit.formats.base import PackedLinear
+from slimkit.models.fold_check import FoldCheck, is_projection
+from slimkit.models.structure import ArchitectureAdapter, InputGroup
+
+ATTENTION_WORDS = ("attn", "attention")
+ROLE_NAMES = {"q": ("q_proj", "query", "q", "wq", "q_lin"), "k": ("k_proj", "key", "k", "wk", "k_lin"),
+              "v": ("v_proj", "value", "v", "wv", "v_lin")}
+HINT = ("give the structure as data with slimkit.models.adapters.register_adapter(ArchitectureAdapter(...)) "
+        "for this model_type (see LLAMA in slimkit/models/adapters.py)")
+
+
+def discovery_error(model: nn.Module, what: str) -> UnsupportedArchitectureError:
+    model_type = getattr(model.config, "model_type", "?")
+    return UnsupportedArchitectureError(
+        f"could not discover the structure of {type(model).__name__} (model_type '{model_type}'): {what}. "
+        f"To use it anyway, {HINT}.")
+
+
+def find_blocks(model: nn.Module) -> str:
+    """The ModuleList of `num_hidden_layers` modules of one class, relative to the base model."""
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    for name, module in model.base_model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers and n_layers:
+            if len({type(m) for m in module}) == 1 and name:
+                return name
+    raise discovery_error(model, f"no list of num_hidden_layers={n_layers} blocks of one class")
+
+
+@dataclass
+class BlockTrace:
+    """What one forward pass showed of the first block."""
+
+    order: list[str] = field(default_factory=list)  # module paths in the order they returned
+    inputs: dict[str, object] = field(default_factory=dict)  # every submodule's first positional input
+    outputs: dict[str, object] = field(default_factory=dict)  # every submodule's output
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    after_blocks: list[str] = field(default_factory=list)  # base-model modules that ran after the blocks
+
+
+def trace_first_block(model: nn.Module, blocks_path: str) -> BlockTrace:
+    blocks = model.base_model.get_submodule(blocks_path)
+    trace, handles = BlockTrace(), []
+
+    def keep_call(_module, args, kwargs):
+        trace.args, trace.kwargs = args, kwargs
+
+    def keep_io(path):
+        def hook(module, args, output):
+            trace.order.append(path)
+            trace.outputs[path] = output
+            if args:
+                trace.inputs.setdefault(path, args[0])
+        return hook
+
+    handles.append(blocks[0].register_forward_pre_hook(keep_call, with_kwargs=True))
+    handles += [m.register_forward_hook(keep_io(p)) for p, m in blocks[0].named_modules() if p]
+    last = blocks[-1]
+    outside = [(p, m) for p, m in model.base_model.named_modules() if p and not (p + ".").startswith(blocks_path + ".")]
+    handles.append(last.register_forward_hook(lambda *_: trace.after_blocks.clear()))
+    handles += [m.register_forward_hook(lambda *_, p=p: trace.after_blocks.append(p)) for p, m in outside]
+    try:
+        _run_a_few_tokens(model)
+    finally:
+        for h in handles:
+            h.remove()
+    return trace
+
+
+def _run_a_few_tokens(model: nn.Module) -> None:
+    device = next(model.parameters()).device
+    vocab = getattr(model.config, "vocab_size", 32) or 32
+    ids = (torch.arange(8, device=device) % max(vocab - 4, 1) + 3).unsqueeze(0)
+    kwargs = {"use_cache": False} if "use_cache" in model.config.to_dict() else {}
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+
+
+def input_groups(trace: BlockTrace, projections: dict[str, nn.Module]) -> list[list[str]]:
+    """Projections grouped by the identity of the tensor they read, in execution order."""
+    groups: dict[int, list[str]] = {}
+    for path in projections:
+        if path in trace.inputs:
+            groups.setdefault(id(trace.inputs[path]), []).append(path)
+    return list(groups.values())
+
+
+def producer_candidates(trace: BlockTrace, group: list[str], projections: dict[str, nn.Module],
+                        norms: dict[str, nn.Module]) -> list[str]:
+    """The module whose output is the group's input, then earlier projections of the right width
+    (nearest first): folding into a projection can hold through attention or a gated product."""
+    x = trace.inputs[group[0]]
+    if x is (trace.args[0] if trace.args else trace.kwargs.get("hidden_states")):
+        return []  # the block's own input: produced outside the block
+    first = min(trace.order.index(p) for p in group)
+    earlier = list(reversed(trace.order[:first]))
+    same = [p for p in earlier if trace.outputs.get(p) is x and p not in projections and p in norms]
+    width = x.shape[-1]
+    linear = [p for p in earlier if p in projections and p not in group and out_width(projections[p]) == width]
+    return list(dict.fromkeys(same[:1] + linear))
+
+
+def out_width(module: nn.Module) -> int:
+    return module.weight.shape[1] if type(module).__name__ == "Conv1D" else module.weight.shape[0]
+
+
+def _is_norm(module: nn.Module, width: int) -> bool:
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.dim() == 1 and weight.numel() == width \
+        and not isinstance(module, nn.Embedding)
+
+
+@dataclass
+class BlockParts:
+    projections: dict[str, nn.Module]  # by path in the block, in execution order
+    norms: dict[str, nn.Module]  # hidden-width norms of the block, in execution order
+    groups: list[InputGroup]
+
+
+def block_parts(model: nn.Module, block: nn.Module, trace: BlockTrace) -> BlockParts:
+    hidden = model.config.hidden_size
+    ran = list(dict.fromkeys(trace.order))
+    projections = {p: block.get_submodule(p) for p in ran if is_projection(block.get_submodule(p))}
+    norms = {p: block.get_submodule(p) for p in ran if _is_norm(block.get_submodule(p), hidden)}
+    grouped = input_groups(trace, projections)
+    fed_by_inputs = {id(trace.outputs[p]) for g in grouped[:1] for p in g}  # q/k norms read q or k
+    norms = {p: m for p, m in norms.items() if id(trace.inputs.get(p)) not in fed_by_inputs}
+    checker = FoldCheck(block, trace.args, trace.kwargs)
+    groups = []
+    for group in grouped:
+        candidates = producer_candidates(trace, group, projections, norms)
+        producer = next((c for c in candidates if checker.keeps_function(c, group)), None)
+        groups.append(InputGroup(tuple(group), producer))
+    return BlockParts(projections, norms, groups)
+
+
+def _is_attention(path: str) -> bool:
+    return any(word in part.lower() for part in path.split(".")[:-1] for word in ATTENTION_WORDS)
+
+
+def _by_role(paths: list[str], role: str) -> str | None:
+    return next((p for p in paths if p.split(".")[-1].lower() in ROLE_NAMES[role]), None)
+
+
+def attention_roles(model: nn.Module, parts: BlockParts) -> dict[str, str]:
+    """q, k, v (the same path when fused) and o among the projections under an attention module."""
+    attention = [p for p in parts.projections if _is_attention(p)]
+    reading = next((g.projections for g in parts.groups if set(g.projections) & set(attention)), ())
+    inputs = [p for p in reading if p in attention]
+    outputs = [p for p in attention if p not in inputs]
+    roles = {r: _by_role(inputs, r) for r in ("q", "k", "v")}
+    if len(inputs) == 1:
+        roles = dict.fromkeys(("q", "k", "v"), inputs[0])  # fused qkv
+    if None in roles.values() or len(outputs) != 1:
+        raise discovery_error(model, f"no q/k/v and output projections among the attention linears {attention}")
+    return {"q_proj": roles["q"], "k_proj": roles["k"], "v_proj": roles["v"], "o_proj": outputs[0]}
+
+
+def mlp_roles(model: nn.Module, parts: BlockParts) -> tuple[tuple[str, ...], str]:
+    """The MLP's input projections (reading the hidden state) and the one writing back."""
+    hidden = model.config.hidden_size
+    mlp = [p for p in parts.projections if not _is_attention(p)]
+    writers = [p for p in mlp if out_width(parts.projections[p]) == hidden]
+    if not mlp or len(writers) != 1 or len(mlp) < 2:
+        raise discovery_error(model, f"no MLP input and output projections among {mlp} (other linears: "
+                                     f"{[p for p in parts.projections if p not in mlp]})")
+    return tuple(p for p in mlp if p != writers[0]), writers[0]
+
+
+def _outside_blocks(model: nn.Module, blocks: str, trace: BlockTrace) -> dict:
+    """Embeddings, norms and square linears of the base model, and the final norm."""
+    hidden = model.config.hidden_size
+    base = model.base_model
+    outside = {p: m for p, m in base.named_modules() if p and not (p + ".").startswith(blocks + ".")}
+    embeddings = tuple(p for p, m in outside.items() if isinstance(m, nn.Embedding))
+    norms = [p for p, m in outside.items() if _is_norm(m, hidden)]
+    final = next((p for p in reversed(trace.after_blocks) if p in norms), None)
+    square = tuple(p for p, m in outside.items() if isinstance(m, nn.Linear) and m.weight.shape == (hidden, hidden))
+    return {"embeddings": embeddings, "final_norm": final,
+            "hidden_norms": tuple(p for p in norms if p != final), "hidden_square_linears": square}
+
+
+def _lm_head(model: nn.Module) -> str | None:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+
+
+def packed_layers(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, PackedLinear)]
+
+
+def one_block_twin(model: nn.Module) -> nn.Module:
+    """A real (CPU) model of the same class with one block and a small vocabulary: for a skeleton on
+    `meta`, whose forward pass cannot run (transformers asks for values on the way), or a packed model."""
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = 1
+    for key in ("layer_types",):
+        if isinstance(getattr(config, key, None), list):
+            setattr(config, key, getattr(config, key)[:1])
+    config.vocab_size = min(getattr(config, "vocab_size", 64) or 64, 64)
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if isinstance(getattr(config, key, None), int) and getattr(config, key) >= config.vocab_size:
+            setattr(config, key, None)
+    with torch.device("cpu"):
+        return type(model)(config).eval()
+
+
+def discover_adapter(model: nn.Module) -> ArchitectureAdapter:
+    """The adapter of a model no registered adapter covers, or an error naming what is missing."""
+    if any(p.device.type == "meta" for p in model.parameters()) or packed_layers(model):
+        model = one_block_twin(model)  # a skeleton, or packed layers: discover on the plain class
+    config = model.config
+    blocks = find_blocks(model)
+    trace = trace_first_block(model, blocks)
+    first = model.base_model.get_submodule(blocks)[0]
+    _refuse_unknown_weights(model, first, trace)
+    parts = block_parts(model, first, trace)
+    if not parts.projections:
+        raise discovery_error(model, "the first block ran no nn.Linear or Conv1D projection")
+    conv1d = [p for p, m in parts.projections.items() if type(m).__name__ == "Conv1D"]
+    if conv1d:
+        raise discovery_error(model, f"its projections {conv1d} are transformers Conv1D layers (weights stored "
+                                     "transposed, the GPT-2 family), which slimkit cannot compress yet")
+    mlp_inputs, mlp_output = mlp_roles(model, parts)
+    kv_attr = "num_key_value_heads" if getattr(config, "num_key_value_heads", None) else None
+    return ArchitectureAdapter(
+        name=config.model_type, model_types=(config.model_type,), blocks=blocks,
+        **attention_roles(model, parts), mlp_inputs=mlp_inputs, mlp_output=mlp_output,
+        block_norms=tuple(parts.norms), lm_head=_lm_head(model), groups=tuple(parts.groups),
+        kv_heads_attr=kv_attr, free_head_dim=getattr(config, "head_dim", None) is not None,
+        **_outside_blocks(model, blocks, trace))
+
+
+def _refuse_unknown_weights(model: nn.Module, block: nn.Module, trace: BlockTrace) -> None:
+    """Never skip a weight silently: every matrix in the block must belong to a projection that ran."""
+    ran = (block.get_submodule(p) for p in dict.fromkeys(trace.order))
+    known = {id(m.weight) for m in ran if is_projection(m)}
+    unknown = [f"{name} {tuple(p.shape)}" for name, p in block.named_parameters() if p.dim() >= 2 and id(p) not in known]
+    if unknown:
+        raise discovery_error(model, f"the block holds weights that are not nn.Linear or Conv1D projections run by "
+                                     f"the forward pass: {', '.join(unknown)} (MoE experts stored as 3-D parameters "
+                                     "and their routers are not supported yet)")

@@ -1,0 +1,101 @@
+"""The architecture matrix: every discovered architecture through every compression method.
+
+Tiny random models built from transformers' config classes (no downloads), saved as HF dirs with
+SmolLM2's tokenizer. RTN runs in the default tier; the calibrated methods are `slow`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from slimkit.protocol import EvalSettings
+from tiny_archs import DECODERS, ENCODERS, tiny_model
+
+SETTINGS = EvalSettings(seqlen=32, max_windows=2, calibration_windows=4, calibration_seqlen=32)
+# transformers' weight init for these reads `.weight` of every linear, so it cannot build their packed
+# (compressed-tensors) linears; it loads the same files decompressed
+CT_DEQUANTIZED = ("falcon", "modernbert")
+METHODS = ["rtn-int4-g64", *(pytest.param(m, marks=pytest.mark.slow)
+                             for m in ("gptq-int4-g64", "awq-int4-g64", "sparsegpt-50", "wanda-50"))]
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory, smollm2_tokenizer):
+    made = {}
+
+    def make(model_type: str):
+        if model_type not in made:
+            path = tmp_path_factory.mktemp(model_type)
+            tiny_model(model_type, vocab_size=len(smollm2_tokenizer)).save_pretrained(path)
+            smollm2_tokenizer.save_pretrained(path)
+            made[model_type] = path
+        return made[model_type]
+    return make
+
+
+def block_projections(model_type: str) -> dict[str, int]:
+    """Every nn.Linear inside the model's block list, by name, with its number of weights."""
+    model = tiny_model(model_type)
+    blocks = next(m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == 2)
+    names = {id(m): n for n, m in model.named_modules()}
+    return {names[id(m)]: m.weight.numel() for b in blocks for m in b.modules() if isinstance(m, nn.Linear)}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("model_type", DECODERS + ENCODERS)
+def test_every_projection_is_compressed(model_dirs, tmp_path, model_type, method):
+    from slimkit.recipes.builtin import get_recipe
+    from slimkit.workflow import compress_to_dir
+
+    out = tmp_path / "out"
+    compress_to_dir(str(model_dirs(model_type)), [get_recipe(method)], out, SETTINGS)
+    report = json.loads((out / "report.json").read_text())
+    expected = block_projections(model_type)
+    layers = {row["name"]: row for row in report["compression"]["layers"]}
+    assert sorted(layers) == sorted(expected)
+    assert report["compression"]["compressed_parameters"] == sum(expected.values())
+    if method.endswith("-50"):
+        assert all(row["sparsity"] >= 0.49 for row in layers.values())
+    else:
+        assert all(row["bits"] == "4 g64" for row in layers.values())
+    assert math.isfinite(report["compressed"]["value"])
+
+
+def _outputs(model, ids):
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+# the default tier packs one of each kind (fused projections, post-norms, a transformers quirk, encoders)
+PACK_FAST = ("phi3", "gemma2", "falcon", "distilbert", "modernbert")
+
+
+@pytest.mark.parametrize("model_type", [t if t in PACK_FAST else pytest.param(t, marks=pytest.mark.slow)
+                                        for t in DECODERS + ENCODERS])
+def test_packed_and_compressed_tensors_reload_with_the_same_function(model_dirs, tmp_path, model_type):
+    """RTN int4 g64 records -> packed int4 (slimkit's kernels) -> compressed-tensors loaded by
+    transformers alone: the three compute the same function on the same codes."""
+    from slimkit.export.job import export_model, load_exported
+    from slimkit.formats.pack_dir import pack_to_dir
+    from slimkit.models import load_model
+    from slimkit.recipes.builtin import get_recipe
+    from slimkit.workflow import compress_to_dir
+
+    compress_to_dir(str(model_dirs(model_type)), [get_recipe("rtn-int4-g64")], tmp_path / "rtn", SETTINGS)
+    pack_to_dir(str(tmp_path / "rtn"), tmp_path / "packed")
+    export_model(str(tmp_path / "packed"), tmp_path / "ct", "compressed-tensors", verify=False)
+    ids = torch.randint(3, 200, (1, 16), generator=torch.Generator().manual_seed(0))
+    fake = _outputs(load_model(tmp_path / "rtn").model, ids)
+    packed = _outputs(load_model(tmp_path / "packed").model, ids)
+    theirs = load_exported(tmp_path / "ct", "compressed-tensors", dequantize=model_type in CT_DEQUANTIZED)
+    assert not any("slimkit" in type(m).__module__ for m in theirs.modules())
+    exported = _outputs(theirs, ids)
+    # slimkit's int4 kernel takes bf16 activations; the dequantized weights compute in fp32
+    for other in (packed, exported):
+        assert (fake - other).abs().max() <= 0.02 * fake.abs().max(), model_type
