@@ -99,3 +99,50 @@ def test_packed_and_compressed_tensors_reload_with_the_same_function(model_dirs,
     # slimkit's int4 kernel takes bf16 activations; the dequantized weights compute in fp32
     for other in (packed, exported):
         assert (fake - other).abs().max() <= 0.02 * fake.abs().max(), model_type
+
+
+STRUCTURED = {"heads": dict(heads=0.5, head_grouping="kv_groups"), "mlp": dict(mlp=0.5), "hidden": dict(hidden=0.25),
+              "layers": dict(layers=1)}
+# what structured pruning does on each architecture; every other combination is refused with its reason
+STRUCTURED_WORKS = {
+    **{t: ("heads", "mlp", "hidden", "layers") for t in ("llama", "mistral", "qwen3", "gemma", "gemma2", "gemma3_text")},
+    **{t: ("heads", "mlp", "layers") for t in ("qwen2", "phi", "granite", "stablelm", "starcoder2", "cohere", "bert",
+                                               "roberta")},
+    **{t: ("heads", "layers") for t in ("gptj", "distilbert")},
+    **{t: ("mlp", "layers") for t in ("gpt_neox", "olmo2")},
+    **{t: ("layers",) for t in ("phi3", "opt", "falcon")},
+    "modernbert": (),
+}
+
+
+STRUCTURED_FAST = ("llama", "qwen2", "phi3", "olmo2", "gptj", "bert", "modernbert")
+
+
+@pytest.mark.parametrize("model_type", [t if t in STRUCTURED_FAST else pytest.param(t, marks=pytest.mark.slow)
+                                        for t in DECODERS + ENCODERS])
+def test_structured_pruning_gives_a_smaller_standard_model_or_says_why_not(tmp_path, model_type):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from slimkit.errors import ShapeError, UnsupportedArchitectureError
+    from slimkit.pruning.structured import StructuredPruneConfig, prune_structured, token_batches
+
+    ids = torch.randint(3, 200, (4, 12), generator=torch.Generator().manual_seed(0))
+    works = []
+    for kind, fields in STRUCTURED.items():
+        model = tiny_model(model_type)
+        try:
+            result = prune_structured(model, StructuredPruneConfig(**fields), lambda: token_batches(ids, 2))
+        except UnsupportedArchitectureError as exc:
+            assert "structured pruning of" in str(exc) and "use only those not named here" in str(exc)
+            continue
+        except ShapeError as exc:  # the head size is hidden / heads: hidden alone cannot shrink
+            assert "derives the head size" in str(exc) and kind == "hidden"
+            continue
+        result.model.save_pretrained(tmp_path / kind)
+        auto = AutoModel if model_type in ENCODERS else AutoModelForCausalLM
+        again = auto.from_pretrained(tmp_path / kind).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(again(input_ids=ids)[0], result.model(input_ids=ids)[0])
+        assert result.parameters_after < result.parameters_before
+        works.append(kind)
+    assert tuple(works) == STRUCTURED_WORKS[model_type]

@@ -66,6 +66,11 @@ class ArchitectureAdapter:
     # Whether the config stores the head size (LLaMA: head_dim) or derives it as hidden / heads.
     free_head_dim: bool = True
 
+    def head_dim_is_free(self, config) -> bool:
+        """Whether the config class stores (and saves) the head size, so that it may differ from
+        hidden / heads (Qwen2's model reads `head_dim` but its config class does not save it)."""
+        return self.free_head_dim and "head_dim" in type(config)().to_dict()
+
     @property
     def attention_linears(self) -> tuple[str, ...]:
         """q, k, v and o without repeats (a fused qkv projection appears once)."""

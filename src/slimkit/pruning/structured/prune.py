@@ -19,6 +19,7 @@ from slimkit.pruning.structured.select import (
     select_heads,
     top_sorted,
 )
+from slimkit.pruning.structured.support import check_structured_support
 from slimkit.pruning.structured.surgery import StructuredPlan, apply_plan, parameter_count
 
 Batches = Callable[[], Iterable[dict]]
@@ -71,9 +72,9 @@ def build_plan(model: nn.Module, adapter: ArchitectureAdapter, config: Structure
         keep_heads = keep_count(group, config.heads, None, "query heads per group") * layout.num_kv_heads
     else:
         keep_heads = keep_count(layout.num_heads, None, config.num_heads, "query heads")
-    keep_mlp = keep_count(cfg.intermediate_size, config.mlp, config.intermediate_size, "MLP channels")
+    keep_mlp = keep_count(getattr(cfg, "intermediate_size", 0), config.mlp, config.intermediate_size, "MLP channels")
     keep_hidden = keep_count(cfg.hidden_size, config.hidden, config.hidden_size, "hidden channels")
-    if keep_heads is not None and not adapter.free_head_dim and keep_hidden is None:
+    if keep_heads is not None and not adapter.head_dim_is_free(cfg) and keep_hidden is None:
         keep_hidden = keep_heads * layout.head_dim
         notes.append(f"{adapter.name} ties the head size to hidden_size / heads, so keeping {keep_heads} heads of "
                      f"{layout.head_dim} also keeps {keep_hidden} of {cfg.hidden_size} hidden channels")
@@ -112,6 +113,7 @@ def prune_structured(model: nn.Module, config: StructuredPruneConfig, batches: B
                      adapter: ArchitectureAdapter | None = None) -> StructuredResult:
     """Return a smaller copy of `model` (same class, updated config); `model` is not modified."""
     adapter = adapter or adapter_for(model)
+    check_structured_support(model, adapter, config)
     before = {k: getattr(model.config, k, None) for k in _WATCHED}
     plan, influence, notes = build_plan(model, adapter, config, batches)
     new = apply_plan(model, adapter, plan)

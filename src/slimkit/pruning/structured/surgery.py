@@ -101,7 +101,7 @@ def _cut_heads(op: _Surgery, plan: StructuredPlan) -> None:
         setattr(op.cfg, a.kv_heads_attr, n_kv)
     elif n_kv != n_heads:
         raise ShapeError(f"{a.name} has no KV groups: keep as many KV heads as query heads")
-    if a.free_head_dim:
+    if a.head_dim_is_free(op.cfg):
         op.cfg.head_dim = d
 
 
@@ -139,7 +139,7 @@ def _cut_hidden(op: _Surgery, h: torch.Tensor | None) -> None:
             s.linear_in(a.lm_head, h)
         op.cfg.hidden_size = len(h)
     heads_now = getattr(op.cfg, a.heads_attr)
-    if not a.free_head_dim and op.cfg.hidden_size != heads_now * op.head_dim:
+    if not a.head_dim_is_free(op.cfg) and op.cfg.hidden_size != heads_now * op.head_dim:
         raise ShapeError(
             f"{a.name} derives the head size from hidden_size / {a.heads_attr}: keeping "
             f"{heads_now} heads of {op.head_dim} needs hidden_size {heads_now * op.head_dim}, not {op.cfg.hidden_size}"
