@@ -7,12 +7,18 @@ config calls something else, blocks that differ); each is refused up front with 
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
 from slimkit.errors import UnsupportedArchitectureError
 from slimkit.models.adapters import ArchitectureAdapter
 from slimkit.pruning.structured.config import StructuredPruneConfig
+
+# config fields that name a width (OPT's word_embed_proj_dim, ALBERT's embedding_size), not a length
+WIDTH_WORDS = re.compile(r"dim|size|embd|embed")
+NOT_WIDTHS = re.compile(r"position|vocab|max_|window|chunk")
 
 
 def _out_features(block: nn.Module, path: str) -> int:
@@ -47,7 +53,8 @@ def _fused_mlp(block: nn.Module, adapter: ArchitectureAdapter, width: int | None
 def _hidden_problems(model: nn.Module) -> list[str]:
     config = model.config
     names = {"hidden_size", getattr(config, "attribute_map", {}).get("hidden_size")}  # GPT-J stores it as n_embd
-    alike = [k for k, v in config.to_dict().items() if v == config.hidden_size and k not in names and type(v) is int]
+    alike = [k for k, v in config.to_dict().items() if v == config.hidden_size and k not in names and type(v) is int
+             and WIDTH_WORDS.search(k) and not NOT_WIDTHS.search(k)]
     return [f"its config has other fields equal to hidden_size ({', '.join(alike)}) that slimkit cannot tell "
             "whether to change"] if alike else []
 
