@@ -129,9 +129,16 @@ def _tokenizer_from_hf(writer, tokenizer) -> None:
         writer.add_chat_template(tokenizer.chat_template)
 
 
+# model_type -> (llama.cpp architecture, whether q/k rows go to llama.cpp's interleaved rotary order).
+# LLaMA-family types share the llama architecture (its optional q/k/v biases cover Qwen2); Qwen3 needs
+# its own for the q/k norms, and keeps the HF (NEOX) row order.
+GGUF_ARCHITECTURES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("LLAMA", True),
+                      "qwen3": ("QWEN3", False)}
+
+
 def _row_order(module_name: str, config, rows: int) -> np.ndarray | None:
-    """llama.cpp's rotary row order for q/k (None for other tensors)."""
-    if not module_name.endswith(("q_proj", "k_proj")):
+    """llama.cpp's rotary row order for q/k (None for other tensors, or where the architecture keeps HF's)."""
+    if not GGUF_ARCHITECTURES[config.model_type][1] or not module_name.endswith(("q_proj", "k_proj")):
         return None
     heads = config.num_attention_heads if module_name.endswith("q_proj") else config.num_key_value_heads
     return _permute(np.arange(rows)[:, None], heads)[:, 0]
@@ -171,6 +178,8 @@ def _write_metadata(writer, config, packed: dict, plan: _Plan) -> None:
     writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)  # llama.cpp would otherwise take hidden / heads (Qwen3 differs)
+    writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(_file_type(packed, plan))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -224,6 +233,15 @@ def _add_tensor(writer, gname: str, module_name: str, module, weight: torch.Tens
     return t
 
 
+def _add_bias(writer, gname: str, module_name: str, module, config) -> None:
+    """A linear's bias in F32 (Qwen2's q/k/v), in the same row order as its weight."""
+    bias = getattr(module, "bias", None)
+    if not isinstance(module, torch.nn.Embedding) and isinstance(bias, torch.Tensor):
+        data = bias.detach().float().numpy()
+        order = _row_order(module_name, config, data.shape[0])
+        writer.add_tensor(gname + ".bias", data if order is None else data[order])
+
+
 class _TensorQueue:
     """Tensors collected, then added in llama-quantize's order: the global ones by name, then each
     block's by name (a block's weights lie together in the file, as llama.cpp writes them)."""
@@ -248,9 +266,9 @@ def check_gguf_export(model: torch.nn.Module, tokenizer, source_gguf: Path | Non
     """What would make the export fail, checked before any heavy work: the architecture, and a
     tokenizer llama.cpp can name (unless it is copied from the source GGUF)."""
     config = model.config
-    if getattr(config, "model_type", None) not in ("llama", "mistral", "qwen2") or not hasattr(model, "lm_head"):
-        raise SlimkitError(f"GGUF export covers LLaMA-family decoders; this model is {config.model_type}. "
-                           "Use `--to hf` or `--to compressed-tensors`.")
+    if getattr(config, "model_type", None) not in GGUF_ARCHITECTURES or not hasattr(model, "lm_head"):
+        raise SlimkitError(f"GGUF export covers {', '.join(GGUF_ARCHITECTURES)}; this model is "
+                           f"{config.model_type}. Use `--to hf` or `--to compressed-tensors`.")
     if source_gguf is None:
         if tokenizer is None:
             raise SlimkitError("GGUF export needs the tokenizer: this model directory has none")
@@ -268,10 +286,11 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: Path, qtype: str = "aut
 
     check_gguf_export(model, tokenizer, source_gguf)
     config = model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    arch = gguf.MODEL_ARCH[GGUF_ARCHITECTURES[config.model_type][0]]
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     packed = packed_layers(model)
     plan = plan_types(model, packed, qtype)
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     _write_metadata(writer, config, packed, plan)
     if source_gguf is not None:
         copy_from_gguf(writer, source_gguf)
@@ -288,6 +307,7 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: Path, qtype: str = "aut
             raise SlimkitError(f"GGUF export: no llama.cpp name for {module_name}")
         stored = _add_tensor(tensors, gname, module_name, module, weight, mod, plan, config)
         counts[stored] = counts.get(stored, 0) + 1
+        _add_bias(tensors, gname, module_name, module, config)
     tensors.write_to(writer)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -82,4 +82,5 @@ def describe_from_hf(writer, model_dir: Path | None, parameters: int) -> None:
 
     metadata = gguf.Metadata.load(None, model_dir if model_dir is not None and model_dir.is_dir() else None,
                                   None, parameters)
+    metadata.name = metadata.name or "model"  # no dir to name it after (a model given as an object)
     metadata.set_gguf_meta_model(writer)
