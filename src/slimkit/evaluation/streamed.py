@@ -29,13 +29,23 @@ class _EmbeddingsFrom(BlockAccess):
         self.streamed, self.weights = streamed, weights
 
     def model_inputs(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        name = self.streamed.embedding_name()
-        return {"inputs_embeds": self.weights.gather_rows(name, batch, self.streamed.compute_dtype)}
+        return {"inputs_embeds": self.streamed.embed(batch, self.weights)}
 
 
 def _head_name(streamed: StreamedModel, weights: CheckpointShards) -> str:
     head = streamed.adapter.lm_head
     return f"{head}.weight" if head and f"{head}.weight" in weights.files else streamed.embedding_name()
+
+
+def finish_logits(logits: torch.Tensor, config) -> torch.Tensor:
+    """What a causal LM does to the head's output after the matmul, by its config: Cohere's
+    logit_scale, Granite's logits_scaling, Gemma-2/3's final soft-capping."""
+    if getattr(config, "logit_scale", None):
+        logits = logits * config.logit_scale
+    if getattr(config, "logits_scaling", None):
+        logits = logits / config.logits_scaling
+    cap = getattr(config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def _chunked_nll(streamed: StreamedModel, weights: CheckpointShards, hidden: list[torch.Tensor],
@@ -48,10 +58,12 @@ def _chunked_nll(streamed: StreamedModel, weights: CheckpointShards, hidden: lis
     targets = [b[:, 1:].reshape(-1) for b in batches]
     lse = [torch.full((t.numel(),), -math.inf) for t in targets]
     picked = [torch.zeros(t.numel()) for t in targets]
+    bias = name.removesuffix(".weight") + ".bias"
     for start in range(0, vocab, step):
         rows = weights.rows(name, start, min(vocab, start + step), streamed.compute_dtype)
+        shift = weights.rows(bias, start, start + rows.shape[0], torch.float32) if bias in weights.files else 0.0
         for i, (x, t) in enumerate(zip(feats, targets)):
-            logits = (x @ rows.T).float()
+            logits = finish_logits((x @ rows.T).float() + shift, streamed.model.config)
             lse[i] = torch.logaddexp(lse[i], logits.logsumexp(-1))
             inside = (t >= start) & (t < start + rows.shape[0])
             picked[i][inside] = logits[inside, t[inside] - start]

@@ -165,9 +165,14 @@ class StreamedModel:
     def release(self, module: nn.Module) -> None:
         module.to("meta")
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, shards: CheckpointShards | None = None) -> torch.Tensor:
+        """The block stack's input for `input_ids`, from these shards or `shards` (a compressed copy)."""
         name = self.embedding_name()
-        return self.shards.gather_rows(name, input_ids, self.compute_dtype)
+        rows = (shards or self.shards).gather_rows(name, input_ids, self.compute_dtype)
+        # transformers' scaled embeddings (Gemma: x sqrt(hidden)) scale inside their forward, which
+        # inputs_embeds skips
+        scale = getattr(self.model.get_submodule(name.removesuffix(".weight")), "scalar_embed_scale", None)
+        return rows if scale is None else rows * torch.tensor(scale, dtype=rows.dtype)
 
     def embedding_name(self) -> str:
         embeddings = self.adapter.embedding_modules(self.model)
@@ -196,8 +201,26 @@ def open_streamed(path: Path, name: str | None = None) -> StreamedModel:
     check_files(path, config, skeleton)
     real_buffers(skeleton)
     skeleton.eval()
-    return StreamedModel(skeleton, CheckpointShards.of_dir(path), _load_tokenizer(path), adapter_for(skeleton),
-                         kind, name or str(path), path)
+    streamed = StreamedModel(skeleton, CheckpointShards.of_dir(path), _load_tokenizer(path), adapter_for(skeleton),
+                             kind, name or str(path), path)
+    read_small_globals(streamed)
+    return streamed
+
+
+def read_small_globals(streamed: "StreamedModel") -> None:
+    """Read the weights outside the blocks that the model's own forward uses before the first block
+    (OPT's learned positions, say): everything but the token embedding and the head, which stay on
+    disk and are read a slice at a time."""
+    adapter, model = streamed.adapter, streamed.model
+    blocks = adapter.get_blocks(model)
+    inside = {id(m) for b in blocks for m in b.modules()}
+    big = {streamed.embedding_name().removesuffix(".weight"), adapter.lm_head}
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if id(module) in inside or name in big or not own or not all(p.is_meta for p in own):
+            continue
+        if all(f"{name}.{n}" in streamed.shards.files for n, _ in module.named_parameters(recurse=False)):
+            streamed.materialize(module)
 
 
 def return_freed_memory(threshold: int = 4 << 20) -> None:
