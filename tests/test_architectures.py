@@ -148,13 +148,14 @@ def test_structured_pruning_gives_a_smaller_standard_model_or_says_why_not(tmp_p
     assert tuple(works) == STRUCTURED_WORKS[model_type]
 
 
-GGUF_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+GGUF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
-@pytest.mark.parametrize("model_type", [t if t in ("qwen2", "qwen3") else pytest.param(t, marks=pytest.mark.slow)
+@pytest.mark.parametrize("model_type", [t if t in ("qwen2", "qwen3", "phi3") else pytest.param(t, marks=pytest.mark.slow)
                                         for t in GGUF_TYPES] + ["gemma2"])
 def test_gguf_export_reloads_in_transformers_or_is_refused(smollm2_tokenizer, tmp_path, model_type):
-    """int4 packed -> GGUF (Q4_0 codes kept, Qwen2's q/k/v biases, Qwen3's q/k norms) -> transformers'
+    """int4 packed -> GGUF (Q4_0 codes kept, Qwen2's q/k/v biases, Qwen3's q/k norms, Phi-3's fused
+    projections) -> transformers'
     gguf_file= loader: the same function; an architecture the exporter lacks is refused by name.
     (The tokenizer object is passed in: from a qwen2 dir transformers would load SmolLM2's files as a
     Qwen2 tokenizer, which splits differently and which the exporter rightly refuses to name.)"""
@@ -170,7 +171,7 @@ def test_gguf_export_reloads_in_transformers_or_is_refused(smollm2_tokenizer, tm
     pack_model(model, adapter_for(model).linears(model), fmt="int4", group_size=32)
     (tmp_path / "gguf").mkdir()
     if model_type not in GGUF_TYPES:
-        with pytest.raises(SlimkitError, match=f"GGUF export covers llama.*qwen3; this model is {model_type}"):
+        with pytest.raises(SlimkitError, match=f"GGUF export covers llama.*phi3; this model is {model_type}"):
             export_gguf(model, smollm2_tokenizer, tmp_path / "gguf" / GGUF_NAME)
         assert not (tmp_path / "gguf" / GGUF_NAME).exists()
         return

@@ -133,7 +133,7 @@ def _tokenizer_from_hf(writer, tokenizer) -> None:
 # LLaMA-family types share the llama architecture (its optional q/k/v biases cover Qwen2); Qwen3 needs
 # its own for the q/k norms, and keeps the HF (NEOX) row order.
 GGUF_ARCHITECTURES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("LLAMA", True),
-                      "qwen3": ("QWEN3", False)}
+                      "qwen3": ("QWEN3", False), "phi3": ("PHI3", False)}
 
 
 def _row_order(module_name: str, config, rows: int) -> np.ndarray | None:
