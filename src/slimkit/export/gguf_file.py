@@ -1,12 +1,14 @@
-"""Export a LLaMA-family model to GGUF (llama.cpp), with the `gguf` package's writer and quantizers.
+"""Export a model to GGUF (llama.cpp), with the `gguf` package's writer, name maps and quantizers.
+Architectures: `GGUF_ARCHITECTURES` (LLaMA family, Qwen3, Phi-3); tensor names from the gguf package.
 
 Types: a llama.cpp file type (Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, Q5_0) gives every tensor the
 type llama.cpp's mix gives it (quantization/gguf_mix.py); blocks a `gguf_quantize` step chose
 are written as they are ("codes kept"), other tensors are fitted here without calibration
 (importance-weighted search, uniform importance). Q8_0, Q4_0 and F16/F32 are the simple types;
 `auto` keeps what compression decided (gguf_quantize blocks, int4 codes as Q4_0/Q4_1, int8 as
-Q8_0, the rest F16). Norms are F32. Q/K rows are permuted to llama.cpp's rotary layout
-(transformers' GGUF loader undoes it); rows move whole, so packed blocks move with them.
+Q8_0, the rest F16). Norms and biases are F32. For the llama architecture Q/K rows are permuted to
+llama.cpp's rotary layout (transformers' GGUF loader undoes it); rows move whole, so packed blocks
+move with them.
 Tokenizer and model metadata: see `gguf_metadata.py`.
 
 Requantizing int4 codes of groups of 64 into Q4_0 blocks of 32 is not lossless (Q4_0 picks its
