@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from slimkit.errors import UnsupportedArchitectureError
-from slimkit.formats.base import PackedLinear
-from slimkit.models.fold_check import FoldCheck, is_projection
+from slimkit.formats.pack import packed_layers
+from slimkit.models.fold_check import FoldCheck, is_projection, out_width
 from slimkit.models.structure import ArchitectureAdapter, InputGroup
 
 ATTENTION_WORDS = ("attn", "attention")
@@ -117,10 +117,6 @@ def producer_candidates(trace: BlockTrace, group: list[str], projections: dict[s
     return list(dict.fromkeys(same[:1] + linear))
 
 
-def out_width(module: nn.Module) -> int:
-    return module.weight.shape[1] if type(module).__name__ == "Conv1D" else module.weight.shape[0]
-
-
 def _is_norm(module: nn.Module, width: int) -> bool:
     weight = getattr(module, "weight", None)
     return isinstance(weight, torch.Tensor) and weight.dim() == 1 and weight.numel() == width \
@@ -202,10 +198,6 @@ def _lm_head(model: nn.Module) -> str | None:
     return next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
 
 
-def packed_layers(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, PackedLinear)]
-
-
 def one_block_twin(model: nn.Module) -> nn.Module:
     """A real (CPU) model of the same class with one block and a small vocabulary: for a skeleton on
     `meta`, whose forward pass cannot run (transformers asks for values on the way), or a packed model."""
@@ -222,8 +214,20 @@ def one_block_twin(model: nn.Module) -> nn.Module:
         return type(model)(config).eval()
 
 
+_DISCOVERED: dict[str, ArchitectureAdapter] = {}
+
+
 def discover_adapter(model: nn.Module) -> ArchitectureAdapter:
-    """The adapter of a model no registered adapter covers, or an error naming what is missing."""
+    """The adapter of a model no registered adapter covers, or an error naming what is missing.
+    Found once per config and module tree (a run asks at preflight, at load and at each export)."""
+    tree = ";".join(f"{n}:{type(m).__name__}" for n, m in model.named_modules())
+    key = f"{type(model).__qualname__}:{model.config.to_json_string()}:{tree}"
+    if key not in _DISCOVERED:
+        _DISCOVERED[key] = _discover(model)
+    return _DISCOVERED[key]
+
+
+def _discover(model: nn.Module) -> ArchitectureAdapter:
     if any(p.device.type == "meta" for p in model.parameters()) or packed_layers(model):
         model = one_block_twin(model)  # a skeleton, or packed layers: discover on the plain class
     config = model.config

@@ -22,6 +22,11 @@ def is_projection(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
+def out_width(module: nn.Module) -> int:
+    """A projection's number of outputs (Conv1D stores its weight as [in, out])."""
+    return module.weight.shape[1] if type(module).__name__ == "Conv1D" else module.weight.shape[0]
+
+
 def scale_producer(module: nn.Module, scales: torch.Tensor) -> None:
     """Divide the module's output channels by s (norms: weight and bias; projections: rows)."""
     weight = module.weight.data
@@ -83,7 +88,7 @@ class FoldCheck:
     def keeps_function(self, producer: str, consumers: list[str]) -> bool:
         """Fold random scales from `producer` into `consumers`: is the block's output unchanged?"""
         p = self.block.get_submodule(producer)
-        width = p.weight.shape[1] if type(p).__name__ == "Conv1D" else p.weight.shape[0]
+        width = out_width(p) if is_projection(p) else p.weight.numel()
         scales = torch.rand(width, generator=self.generator, dtype=torch.float64) * 1.5 + 0.5
         try:
             with torch.no_grad():

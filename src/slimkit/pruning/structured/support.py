@@ -14,15 +14,12 @@ from torch import nn
 
 from slimkit.errors import UnsupportedArchitectureError
 from slimkit.models.adapters import ArchitectureAdapter
+from slimkit.models.fold_check import out_width
 from slimkit.pruning.structured.config import StructuredPruneConfig
 
 # config fields that name a width (OPT's word_embed_proj_dim, ALBERT's embedding_size), not a length
 WIDTH_WORDS = re.compile(r"dim|size|embd|embed")
 NOT_WIDTHS = re.compile(r"position|vocab|max_|window|chunk")
-
-
-def _out_features(block: nn.Module, path: str) -> int:
-    return block.get_submodule(path).weight.shape[0]
 
 
 def _head_problems(model: nn.Module, block: nn.Module, adapter: ArchitectureAdapter) -> list[str]:
@@ -46,7 +43,7 @@ def _mlp_problems(model: nn.Module, block: nn.Module, adapter: ArchitectureAdapt
 def _fused_mlp(block: nn.Module, adapter: ArchitectureAdapter, width: int | None) -> list[str]:
     if not width:
         return []
-    fused = [p for p in adapter.mlp_inputs if _out_features(block, p) != width]
+    fused = [p for p in adapter.mlp_inputs if out_width(block.get_submodule(p)) != width]
     return [f"{', '.join(fused)} is wider than intermediate_size={width} (fused MLP inputs)"] if fused else []
 
 
