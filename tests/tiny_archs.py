@@ -22,7 +22,7 @@ OVERRIDES = {
     "modernbert": dict(global_attn_every_n_layers=2, local_attention=16),
     "distilbert": dict(dim=64, hidden_dim=128, n_layers=2, n_heads=4),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
-    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, head_dim=16),
 }
 ENCODERS = ("bert", "roberta", "distilbert", "modernbert")
 DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "phi3", "gpt_neox",

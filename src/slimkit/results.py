@@ -80,7 +80,7 @@ class CompressionSection(Result):
     compressed_parameters: int
     bits: str
     calibration: dict[str, int] | None
-    engine: list[dict[str, float]]
+    engine: list[dict]
     layers: list[LayerRow]
     structure_and_training: list[dict[str, Any]]
 

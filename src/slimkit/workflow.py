@@ -199,14 +199,25 @@ def build_report(
             bits=", ".join(sorted({layer.bits for layer in layers})),
             calibration={"windows": settings.calibration_windows, "seqlen": settings.calibration_seqlen,
                          "seed": settings.seed} if result.engine_reports else None,
-            engine=[{"stats_s": e.stats_seconds, "algorithm_s": e.algorithm_seconds,
-                     "forward_s": e.forward_seconds, "tokens": e.tokens} for e in result.engine_reports],
+            engine=[engine_row(e) for e in result.engine_reports],
             layers=layers,
             structure_and_training=result.details,
         ),
         size=SizeSection(dense_bytes=dense_bytes, dense_by_kind=dense_by_kind, packed_bytes=packed),
         timing=timing,
     )
+
+
+def engine_row(e) -> dict:
+    """One calibrated pass in the report: its timings and, for MoE, the tokens routed to each expert."""
+    row = {"stats_s": e.stats_seconds, "algorithm_s": e.algorithm_seconds, "forward_s": e.forward_seconds,
+           "tokens": e.tokens}
+    if e.expert_tokens:
+        from slimkit.calibration.engine import MIN_EXPERT_TOKENS
+
+        row["experts"] = {"count": len(e.expert_tokens), "min_tokens": MIN_EXPERT_TOKENS,
+                          "data_free": e.data_free_experts, "tokens": e.expert_tokens}
+    return row
 
 
 def write_output(loaded: LoadedModel, result: CompressionResult, report: CompressReport, directory: Path,

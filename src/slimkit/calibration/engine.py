@@ -104,6 +104,8 @@ class BlockWork:
     groups: list[list[str]]  # full names of linears sharing one input
     producers: list[nn.Module | None]  # the op producing each group's input (for folding)
     stats: dict[str, InputStats]  # full name -> the stats of its (shared) input
+    experts: list[int] = field(default_factory=list)  # the groups that belong to MoE experts
+    data_free: dict[str, int] = field(default_factory=dict)  # linears given identity statistics -> tokens seen
 
 
 @dataclass
@@ -113,6 +115,8 @@ class EngineReport:
     forward_seconds: float = 0.0
     algorithm_seconds: float = 0.0
     tokens: int = 0
+    expert_tokens: dict[str, int] = field(default_factory=dict)  # each expert (module name) -> tokens routed to it
+    data_free_experts: list[str] = field(default_factory=list)  # experts below MIN_EXPERT_TOKENS
 
 
 def _block_output(out: Any) -> torch.Tensor:
@@ -165,7 +169,26 @@ def _collect_stats(block: nn.Module, work: BlockWork, store, extra, global_batch
                 break
             shared = inputs if size == 1 else broadcast_tensors(inputs if rank == src else [None] * len(firsts), src)
             for name, x in zip(firsts, shared):
-                work.stats[name].add(x)
+                if x is not None:  # an expert the router sent none of this batch's tokens to
+                    work.stats[name].add(x)
+
+
+MIN_EXPERT_TOKENS = 16
+
+
+def expert_fallback(work: BlockWork, report: EngineReport) -> None:
+    """Count the tokens each expert received; an expert with fewer than MIN_EXPERT_TOKENS gets identity
+    statistics (Hessian I, unit activations), under which every method becomes its data-free form:
+    GPTQ is RTN, SparseGPT and Wanda are magnitude pruning, AWQ scales nothing."""
+    for g in work.experts:
+        stats = work.stats[work.groups[g][0]]
+        expert = work.groups[g][0].rpartition(".")[0]  # e.g. model.layers.0.mlp.experts.3
+        report.expert_tokens[expert] = max(stats.tokens, report.expert_tokens.get(expert, 0))
+        if stats.tokens < MIN_EXPERT_TOKENS:
+            if expert not in report.data_free_experts:
+                report.data_free_experts.append(expert)
+            work.data_free.update(dict.fromkeys(work.groups[g], stats.tokens))
+            stats.make_data_free()
 
 
 def _group_inputs(block: nn.Module, work: BlockWork, hidden: torch.Tensor, args, kwargs) -> list[torch.Tensor]:
@@ -187,7 +210,7 @@ def _group_inputs(block: nn.Module, work: BlockWork, hidden: torch.Tensor, args,
     finally:
         for h in handles:
             h.remove()
-    return [seen[g] for g in range(len(work.groups))]
+    return [seen.get(g) for g in range(len(work.groups))]
 
 
 def forward_block(block: nn.Module, store, extra, device: torch.device = torch.device("cpu")) -> None:
@@ -232,6 +255,7 @@ def sequential_compress(
             work = _block_work(index, block, adapter, names, request, device)
             t0 = time.perf_counter()
             _collect_stats(block, work, store, extra, global_batches, device)
+            expert_fallback(work, report)
             t1 = time.perf_counter()
             compress_block(work)
             t2 = time.perf_counter()
@@ -249,8 +273,10 @@ def sequential_compress(
 
 def _block_work(index: int, block: nn.Module, adapter: ArchitectureAdapter, names: dict, request: StatsRequest,
                 device: torch.device) -> BlockWork:
-    linears, groups, producers, stats = {}, [], [], {}
-    for group in adapter.groups:
+    linears, groups, producers, stats, experts = {}, [], [], {}, []
+    for g, group in enumerate(adapter.groups):
+        if group.projections[0] in adapter.experts:
+            experts.append(g)
         producer = group.producer
         mods = [adapter.block_module(block, p) for p in group.projections]
         full = [names[id(m)] for m in mods]
@@ -260,4 +286,4 @@ def _block_work(index: int, block: nn.Module, adapter: ArchitectureAdapter, name
             stats[n] = shared
         groups.append(full)
         producers.append(adapter.block_module(block, producer) if producer else None)
-    return BlockWork(index, block, linears, groups, producers, stats)
+    return BlockWork(index, block, linears, groups, producers, stats, experts)

@@ -44,6 +44,10 @@ def run_calibrated(
             compress_block(work, selected)
             for name in selected:  # the block goes back to the CPU, and so do its records
                 ctx.state.records[name].to("cpu")
+                if name in work.data_free:
+                    ctx.state.records[name].notes.append(
+                        f"expert routed {work.data_free[name]} calibration tokens: data-free fallback "
+                        "(identity statistics)")
 
     extra = {"access": ctx.run.blocks} if ctx.run.blocks is not None else {}
     report = sequential_compress(ctx.state.model, ctx.state.adapter, windows, request, per_block, ctx.run.progress,

@@ -24,6 +24,7 @@ class StatsRequest:
 class InputStats:
     def __init__(self, in_features: int, request: StatsRequest, device: torch.device | str = "cpu"):
         self.tokens = 0
+        self.in_features = in_features
         self.request = request
         self.device = torch.device(device)  # where the statistics are accumulated (the block's device)
         self._hessian = torch.zeros(in_features, in_features, device=device) if request.hessian else None
@@ -50,6 +51,18 @@ class InputStats:
         if self.abs_sum is not None:
             self.abs_sum += x.abs().sum(0)
         self.tokens = total
+
+    def make_data_free(self) -> None:
+        """Identity statistics, for an input seen on too few tokens (an MoE expert the router
+        rarely picks): H = I, unit column norms, unit mean |x|."""
+        n = self.in_features
+        if self._hessian is not None:
+            self._hessian = torch.eye(n, device=self.device)
+            self._mirrored = True
+        if self.col_sq is not None:
+            self.col_sq = torch.ones(n, device=self.device)
+        if self.abs_sum is not None:
+            self.abs_sum = torch.ones(n, device=self.device) * max(self.tokens, 1)
 
     @property
     def hessian(self) -> torch.Tensor | None:

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from slimkit.errors import SlimkitError
 from slimkit.formats import PackedLinear, packed_layers
 from slimkit.io.tensors import unique_tensors
+from slimkit.models.experts import checkpoint_names, expert_modules
 from slimkit.paths import ExportDir
 
 REFUSED = {
@@ -91,26 +92,37 @@ def _config(groups: dict[tuple, list[str]], ignore: list[str]) -> dict:
     return json.loads(cfg.model_dump_json())
 
 
+def checkpoint_key(model: torch.nn.Module):
+    """slimkit's tensor or module name -> the checkpoint's (MoE experts are named as the model type's
+    checkpoints name them; any other model keeps its names)."""
+    names = checkpoint_names(model) if expert_modules(model) else {}
+
+    def key(name: str, suffix: str = "") -> str:
+        return names.get(name + suffix, name + suffix).removesuffix(suffix) if suffix else names.get(name, name)
+    return key
+
+
 def export_compressed_tensors(model: torch.nn.Module, tokenizer, directory: Path, all_linears: list[str],
                               dtype: torch.dtype = torch.bfloat16) -> dict:
     layers = packed_layers(model)
     if not layers:
         raise SlimkitError("nothing quantized to export: compressed-tensors needs an int4/int8/W8A8 model "
                            "(`slimkit compress ... -r rtn-int4-g64`, or `slimkit pack MODEL --format int4`)")
+    key = checkpoint_key(model)
     groups: dict[tuple, list[str]] = {}
     for name, mod in layers.items():
-        groups.setdefault(_scheme(mod), []).append(name)
+        groups.setdefault(_scheme(mod), []).append(key(name, ".weight"))
     tensors: dict[str, torch.Tensor] = {}
     for name, mod in layers.items():
-        tensors.update(_tensors(name, mod, dtype))
+        tensors.update(_tensors(key(name, ".weight"), mod, dtype))
     dense, _ = unique_tensors((k, t) for k, t in model.state_dict().items()
                               if not any(k.startswith(n + ".") for n in layers))
-    for key, t in dense.items():
-        tensors[key] = t.detach().to(dtype if t.is_floating_point() else t.dtype).contiguous()
+    for name, t in dense.items():
+        tensors[key(name)] = t.detach().to(dtype if t.is_floating_point() else t.dtype).contiguous()
     config = model.config
     if any(m.meta.get("tied_to") for m in layers.values()) or "lm_head" in layers:
         config.tie_word_embeddings = False
-    config.quantization_config = _config(groups, [n for n in all_linears if n not in layers])
+    config.quantization_config = _config(groups, [key(n, ".weight") for n in all_linears if n not in layers])
     config.dtype = dtype
     save_file(tensors, str(directory / ExportDir.WEIGHTS), metadata={"format": "pt"})
     config.save_pretrained(directory)

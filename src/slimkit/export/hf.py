@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from slimkit.models.experts import fused_experts
 from slimkit.models.loading import LoadedModel
 
 
@@ -18,7 +19,8 @@ def save_model_dir(loaded: LoadedModel, directory: Path, dtype: torch.dtype | No
     dtype = dtype or loaded.source_dtype
     original = next(loaded.model.parameters()).dtype
     model = loaded.model if dtype == original else loaded.model.to(dtype)
-    model.save_pretrained(directory)
+    with fused_experts(model):  # MoE: the 3-D expert parameters transformers reads
+        model.save_pretrained(directory)
     if dtype != original:
         loaded.model.to(original)
     if loaded.tokenizer is not None:

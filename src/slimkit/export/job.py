@@ -23,6 +23,7 @@ from slimkit.formats import pack_model, packed_layers
 from slimkit.io.outputs import output_directory
 from slimkit.io.text import read_text
 from slimkit.models.checks import NO_CODE
+from slimkit.models.experts import fused_experts
 from slimkit.models.loading import LoadedModel, load_model
 from slimkit.models.zoo import zoo_entry
 from slimkit.paths import ExportDir, ModelDir, PackedDir
@@ -114,7 +115,8 @@ def export_model(source: str, output: str | Path, to: str, gguf_type: str = "aut
     with output_directory(output, overwrite, inputs=[source], command="export") as tmp:
         if to == "hf":
             model = unpack(loaded.model)
-            model.save_pretrained(tmp)
+            with fused_experts(model):
+                model.save_pretrained(tmp)
             if loaded.tokenizer is not None:
                 loaded.tokenizer.save_pretrained(tmp)
         elif to == "compressed-tensors":

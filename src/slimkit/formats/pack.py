@@ -200,6 +200,7 @@ def load_packed(directory: Path, dtype: torch.dtype = torch.float32) -> nn.Modul
     from transformers import AutoModel, AutoModelForCausalLM
 
     from slimkit.models.checks import load_config
+    from slimkit.models.experts import unfuse_experts
 
     header, tensors = read_packed_file(directory / PACKED_FILE)
     config = load_config(directory)
@@ -207,6 +208,7 @@ def load_packed(directory: Path, dtype: torch.dtype = torch.float32) -> nn.Modul
     auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs) else AutoModel
     with torch.device("meta"):  # no fp32 weights allocated only to be replaced: peak RSS stays low
         model = auto.from_config(config, dtype=dtype, trust_remote_code=False).eval()
+    unfuse_experts(model)  # packed experts are one packed linear per expert projection
     for name, meta in header["layers"].items():
         model.set_submodule(name, _packed_layer(directory / PACKED_FILE, model, name, meta, tensors))
     rest = {k: v for k, v in tensors.items() if not any(k.startswith(n + ".") for n in header["layers"])}

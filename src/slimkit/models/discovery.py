@@ -16,6 +16,7 @@ from torch import nn
 
 from slimkit.errors import UnsupportedArchitectureError
 from slimkit.formats.pack import packed_layers
+from slimkit.models.experts import ExpertLinears, is_stacked_experts, unfuse_experts
 from slimkit.models.fold_check import FoldCheck, is_projection, out_width
 from slimkit.models.structure import ArchitectureAdapter, InputGroup
 
@@ -124,15 +125,50 @@ def _is_norm(module: nn.Module, width: int) -> bool:
 
 
 @dataclass
+class MoEParts:
+    """A block's experts (known from the module, not from the trace: the few tokens of the trace
+    reach only some experts) and its routers (kept dense)."""
+
+    groups: list[InputGroup] = field(default_factory=list)  # per expert: (gate, up), then (down,) fed by up
+    routers: tuple[str, ...] = ()  # router / shared-expert gates: few outputs, reading the hidden state
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        return tuple(p for g in self.groups for p in g.projections)
+
+
+def moe_parts(block: nn.Module, hidden: int) -> MoEParts:
+    parts = MoEParts()
+    routers = []
+    for path, experts in ((p, m) for p, m in block.named_modules() if isinstance(m, ExpertLinears)):
+        for e in range(len(experts)):
+            prefix = f"{path}.{e}."
+            parts.groups += [InputGroup((prefix + "gate_proj", prefix + "up_proj")),
+                             InputGroup((prefix + "down_proj",), prefix + "up_proj")]
+        parent = path.rpartition(".")[0]
+        routers += [p for p, m in block.named_modules() if (p + ".").startswith(parent + ".") and p != path
+                    and _is_router(m, len(experts), hidden)]
+    parts.routers = tuple(dict.fromkeys(routers))
+    return parts
+
+
+def _is_router(module: nn.Module, experts: int, hidden: int) -> bool:
+    weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+    return weight is not None and weight.dim() == 2 and weight.shape[0] <= experts and weight.shape[1] == hidden
+
+
+@dataclass
 class BlockParts:
     projections: dict[str, nn.Module]  # by path in the block, in execution order
     norms: dict[str, nn.Module]  # hidden-width norms of the block, in execution order
     groups: list[InputGroup]
+    moe: MoEParts = field(default_factory=MoEParts)
 
 
 def block_parts(model: nn.Module, block: nn.Module, trace: BlockTrace) -> BlockParts:
     hidden = model.config.hidden_size
-    ran = list(dict.fromkeys(trace.order))
+    moe = moe_parts(block, hidden)
+    ran = [p for p in dict.fromkeys(trace.order) if p not in moe.projections and p not in moe.routers]
     projections = {p: block.get_submodule(p) for p in ran if is_projection(block.get_submodule(p))}
     norms = {p: block.get_submodule(p) for p in ran if _is_norm(block.get_submodule(p), hidden)}
     grouped = input_groups(trace, projections)
@@ -144,7 +180,7 @@ def block_parts(model: nn.Module, block: nn.Module, trace: BlockTrace) -> BlockP
         candidates = producer_candidates(trace, group, projections, norms)
         producer = next((c for c in candidates if checker.keeps_function(c, group)), None)
         groups.append(InputGroup(tuple(group), producer))
-    return BlockParts(projections, norms, groups)
+    return BlockParts(projections, norms, groups + moe.groups, moe)
 
 
 def _is_attention(path: str) -> bool:
@@ -169,11 +205,13 @@ def attention_roles(model: nn.Module, parts: BlockParts) -> dict[str, str]:
     return {"q_proj": roles["q"], "k_proj": roles["k"], "v_proj": roles["v"], "o_proj": outputs[0]}
 
 
-def mlp_roles(model: nn.Module, parts: BlockParts) -> tuple[tuple[str, ...], str]:
+def mlp_roles(model: nn.Module, parts: BlockParts) -> tuple[tuple[str, ...], str | None]:
     """The MLP's input projections (reading the hidden state) and the one writing back."""
     hidden = model.config.hidden_size
     mlp = [p for p in parts.projections if not _is_attention(p)]
     writers = [p for p in mlp if out_width(parts.projections[p]) == hidden]
+    if not mlp and parts.moe.groups:
+        return (), None  # experts only (Mixtral): no dense MLP
     if not mlp or len(writers) != 1 or len(mlp) < 2:
         raise discovery_error(model, f"no MLP input and output projections among {mlp} (other linears: "
                                      f"{[p for p in parts.projections if p not in mlp]})")
@@ -211,7 +249,9 @@ def one_block_twin(model: nn.Module) -> nn.Module:
         if isinstance(getattr(config, key, None), int) and getattr(config, key) >= config.vocab_size:
             setattr(config, key, None)
     with torch.device("cpu"):
-        return type(model)(config).eval()
+        twin = type(model)(config).eval()
+    unfuse_experts(twin)
+    return twin
 
 
 _DISCOVERED: dict[str, ArchitectureAdapter] = {}
@@ -234,6 +274,7 @@ def _discover(model: nn.Module) -> ArchitectureAdapter:
     blocks = find_blocks(model)
     trace = trace_first_block(model, blocks)
     first = model.base_model.get_submodule(blocks)[0]
+    _refuse_unlike_blocks(model, blocks)
     _refuse_unknown_weights(model, first, trace)
     parts = block_parts(model, first, trace)
     if not parts.projections:
@@ -247,17 +288,34 @@ def _discover(model: nn.Module) -> ArchitectureAdapter:
     return ArchitectureAdapter(
         name=config.model_type, model_types=(config.model_type,), blocks=blocks,
         **attention_roles(model, parts), mlp_inputs=mlp_inputs, mlp_output=mlp_output,
-        block_norms=tuple(parts.norms), lm_head=_lm_head(model), groups=tuple(parts.groups),
+        experts=parts.moe.projections, routers=parts.moe.routers, block_norms=tuple(parts.norms), lm_head=_lm_head(model), groups=tuple(parts.groups),
         kv_heads_attr=kv_attr, free_head_dim=getattr(config, "head_dim", None) is not None,
         **_outside_blocks(model, blocks, trace))
 
 
+def _refuse_unlike_blocks(model: nn.Module, blocks: str) -> None:
+    """Discovery reads the first block; every other block must hold the same matrices (a model mixing
+    MoE and dense blocks needs its structure given as data)."""
+    trees = [[(n, tuple(p.shape)) for n, p in b.named_parameters() if p.dim() >= 2]
+             for b in model.base_model.get_submodule(blocks)]
+    unlike = [i for i, tree in enumerate(trees) if tree != trees[0]]
+    if unlike:
+        raise discovery_error(model, f"blocks {unlike[:5]} are built differently from block 0 (for example MoE "
+                                     "and dense MLP blocks mixed)")
+
+
 def _refuse_unknown_weights(model: nn.Module, block: nn.Module, trace: BlockTrace) -> None:
-    """Never skip a weight silently: every matrix in the block must belong to a projection that ran."""
-    ran = (block.get_submodule(p) for p in dict.fromkeys(trace.order))
+    """Never skip a weight silently: every matrix in the block must belong to a projection that ran,
+    an expert or a router."""
+    moe = moe_parts(block, model.config.hidden_size)
+    ran = [block.get_submodule(p) for p in dict.fromkeys(trace.order)]
     known = {id(m.weight) for m in ran if is_projection(m)}
-    unknown = [f"{name} {tuple(p.shape)}" for name, p in block.named_parameters() if p.dim() >= 2 and id(p) not in known]
+    known |= {id(block.get_submodule(p).weight) for p in (*moe.projections, *moe.routers)}
+    unknown = [f"{name} {tuple(p.shape)}" for name, p in block.named_parameters()
+               if p.dim() >= 2 and id(p) not in known and p.numel()]
+    stacked = [p for p, m in block.named_modules() if is_stacked_experts(m)]
     if unknown:
         raise discovery_error(model, f"the block holds weights that are not nn.Linear or Conv1D projections run by "
-                                     f"the forward pass: {', '.join(unknown)} (MoE experts stored as 3-D parameters "
-                                     "and their routers are not supported yet)")
+                                     f"the forward pass, experts or routers: {', '.join(unknown)}"
+                                     + (f" (the experts {stacked} are still 3-D parameters: call "
+                                        "slimkit.models.experts.unfuse_experts(model) first)" if stacked else ""))

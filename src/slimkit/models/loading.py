@@ -23,6 +23,7 @@ from slimkit.errors import ModelNotFoundError, OutputInUseError, OutputRefusedEr
 from slimkit.io.outputs import output_directory
 from slimkit.models.adapters import ArchitectureAdapter, adapter_for
 from slimkit.models.checks import NO_CODE, check_before_load, check_finite, check_gguf, check_loading_info, read_config
+from slimkit.models.experts import unfuse_experts
 from slimkit.models.zoo import ZOO, ModelKind, zoo_entry
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # slimkit never downloads at run time
@@ -100,6 +101,7 @@ def _load_hf_dir(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any, ModelK
                            f"with config.json): {str(exc).splitlines()[0][:300]}") from None
     check_loading_info(path, info)
     check_finite(model, str(path))
+    unfuse_experts(model)  # MoE: one linear per expert projection (models/experts.py)
     return model.eval(), _load_tokenizer(path), kind, held.main_dtype() or dtype
 
 

@@ -51,7 +51,7 @@ class ArchitectureAdapter:
     v_proj: str
     o_proj: str
     mlp_inputs: tuple[str, ...]  # the linears that read the block's hidden state (gate/up, or intermediate)
-    mlp_output: str  # the linear that writes back to the hidden width (down)
+    mlp_output: str | None  # the linear that writes back to the hidden width (down); None: experts only
     block_norms: tuple[str, ...]
     embeddings: tuple[str, ...]  # relative to the base model
     final_norm: str | None  # relative to the base model
@@ -65,6 +65,10 @@ class ArchitectureAdapter:
     hidden_square_linears: tuple[str, ...] = ()
     # Whether the config stores the head size (LLaMA: head_dim) or derives it as hidden / heads.
     free_head_dim: bool = True
+    # MoE: every expert's linears (gate, up, down per expert; `models/experts.py`) and the routers
+    # (and shared-expert gates), which stay dense; relative to a block
+    experts: tuple[str, ...] = ()
+    routers: tuple[str, ...] = ()
 
     def head_dim_is_free(self, config) -> bool:
         """Whether the config class stores (and saves) the head size, so that it may differ from
@@ -84,7 +88,8 @@ class ArchitectureAdapter:
 
     @property
     def mlp_linears(self) -> tuple[str, ...]:
-        return (*self.mlp_inputs, self.mlp_output)
+        """The dense MLP's linears (a shared expert's, in an MoE block); not the experts."""
+        return (*self.mlp_inputs, self.mlp_output) if self.mlp_output else ()
 
     # ---- structure -------------------------------------------------------------------------
     def missing_parts(self, model: nn.Module) -> list[str]:
@@ -116,7 +121,7 @@ class ArchitectureAdapter:
         return submodule_at(model.base_model, self.blocks)
 
     def block_linears(self, block: nn.Module) -> dict[str, nn.Linear]:
-        return {p: submodule_at(block, p) for p in self.attention_linears + self.mlp_linears}
+        return {p: submodule_at(block, p) for p in self.attention_linears + self.mlp_linears + self.experts}
 
     def linears(self, model: nn.Module, include_lm_head: bool = False) -> dict[str, nn.Linear]:
         """The compressible linears by full module name, in execution order."""
@@ -151,7 +156,7 @@ class ArchitectureAdapter:
             return "lm_head"
         if any(e.split(".")[-1] in parts for e in self.embeddings):
             return "embedding"
-        for kind, paths in (("attention", self.attention_linears), ("mlp", self.mlp_linears)):
+        for kind, paths in (("attention", self.attention_linears), ("mlp", self.mlp_linears + self.experts)):
             if any(f".{p}." in f".{param_name}" for p in paths):
                 return kind
         if any("norm" in part.lower() for part in parts):

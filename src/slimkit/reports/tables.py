@@ -135,6 +135,7 @@ def report_markdown(report: CompressReport) -> str:
         *(f"| {k} | {v / MB:.1f} |" for k, v in report.size.dense_by_kind.items()),
         "",
         *structure_lines(report.compression.structure_and_training),
+        *expert_lines(report.compression.engine),
         "## Per-layer sparsity and bits",
         "",
         "| layer | shape | sparsity | bits |",
@@ -154,6 +155,21 @@ def divergence_lines(q: Quality) -> list[str]:
         return []
     return [f"- divergence from the base model over {d.tokens} tokens: mean KLD {d.mean_kld:.4f}, "
             f"99th percentile {d.p99_kld:.4f}, top-1 agreement {d.top1_agreement:.1%}"]
+
+
+def expert_lines(engine: list[dict]) -> list[str]:
+    """Markdown for the tokens the router sent to each MoE expert during calibration."""
+    passes = [e["experts"] for e in engine if e.get("experts")]
+    if not passes:
+        return []
+    lines = ["## MoE experts (calibration tokens routed to each)", ""]
+    for i, experts in enumerate(passes):
+        counts = sorted(experts["tokens"].values())
+        lines.append(f"- pass {i + 1}: {experts['count']} experts; tokens min {counts[0]}, median "
+                     f"{counts[len(counts) // 2]}, max {counts[-1]}; {len(experts['data_free'])} below "
+                     f"{experts['min_tokens']} tokens got the data-free fallback (identity statistics)")
+        lines += [f"  - {name}: {experts['tokens'][name]} tokens" for name in experts["data_free"]]
+    return lines + [""]
 
 
 def structure_lines(details: list[dict]) -> list[str]:

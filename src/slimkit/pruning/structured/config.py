@@ -22,7 +22,8 @@ class StructuredPruneConfig(StepConfig):
 
     @property
     def needs_calibration(self) -> bool:  # activation / Taylor importance and Block Influence read data
-        return self.importance != "magnitude" or self.layer_selection == "block_influence"
+        return (self.importance != "magnitude" or self.layer_selection == "block_influence"
+                or self.experts is not None or self.num_experts is not None)
     importance: Literal["activation", "magnitude", "taylor"] = Field(
         "activation", description="how heads/channels are ranked (activation = Minitron)")
     heads: float | None = Field(None, gt=0, lt=1, description="fraction removed: of the KV groups (kv_groups), or of each group's query heads (per_group)")
@@ -33,6 +34,9 @@ class StructuredPruneConfig(StepConfig):
     intermediate_size: int | None = Field(None, ge=1, description="MLP channels kept per layer")
     hidden: float | None = Field(None, gt=0, lt=1, description="fraction of hidden (embedding) channels removed")
     hidden_size: int | None = Field(None, ge=1, description="hidden channels kept")
+    experts: float | None = Field(None, gt=0, lt=1, description="MoE: fraction of each block's experts removed, "
+                                  "the least routed on the calibration data")
+    num_experts: int | None = Field(None, ge=1, description="MoE: experts kept per block")
     layers: int | None = Field(None, ge=1, description="number of blocks removed")
     layer_selection: Literal["block_influence", "evenly_spaced", "last"] = Field(
         "block_influence", description="which blocks `layers` removes")
@@ -43,13 +47,13 @@ class StructuredPruneConfig(StepConfig):
     @model_validator(mode="after")
     def _targets(self):
         pairs = (("heads", "num_heads"), ("mlp", "intermediate_size"), ("hidden", "hidden_size"),
-                 ("layers", "drop_layers"))
+                 ("layers", "drop_layers"), ("experts", "num_experts"))
         for a, b in pairs:
             if getattr(self, a) is not None and getattr(self, b) is not None:
                 raise ValueError(f"give '{a}' or '{b}', not both")
         if all(getattr(self, a) is None and getattr(self, b) is None for a, b in pairs):
             raise ValueError("give at least one target: heads/num_heads, mlp/intermediate_size, "
-                             "hidden/hidden_size, layers/drop_layers")
+                             "hidden/hidden_size, layers/drop_layers, experts/num_experts")
         return self
 
     def summary(self) -> str:
@@ -60,6 +64,8 @@ class StructuredPruneConfig(StepConfig):
             parts.append(f"mlp -{self.mlp:.0%}" if self.mlp else f"mlp={self.intermediate_size}")
         if self.hidden or self.hidden_size:
             parts.append(f"hidden -{self.hidden:.0%}" if self.hidden else f"hidden={self.hidden_size}")
+        if self.experts or self.num_experts:
+            parts.append(f"experts -{self.experts:.0%}" if self.experts else f"experts={self.num_experts}")
         if self.layers or self.drop_layers:
             parts.append(f"-{self.layers} layers ({self.layer_selection})" if self.layers
                          else f"drop layers {list(self.drop_layers)}")

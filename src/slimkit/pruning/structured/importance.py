@@ -92,7 +92,8 @@ def activation_importance(model: nn.Module, adapter: ArchitectureAdapter, batche
 
     for i, block in enumerate(blocks):
         hooks.append(adapter.block_module(block, o_name).register_forward_pre_hook(head_hook(i)))
-        hooks.append(adapter.block_module(block, down_name).register_forward_pre_hook(mlp_hook(i)))
+        if down_name:  # an MoE block without a dense MLP has no channels to score
+            hooks.append(adapter.block_module(block, down_name).register_forward_pre_hook(mlp_hook(i)))
         for norm in adapter.block_norms:
             hooks.append(adapter.block_module(block, norm).register_forward_hook(norm_hook))
     for path in ([adapter.final_norm] if adapter.final_norm else []) + list(adapter.hidden_norms):
@@ -106,8 +107,8 @@ def activation_importance(model: nn.Module, adapter: ArchitectureAdapter, batche
             h.remove()
     if hidden.sumsq is None:
         raise SlimkitError("importance needs at least one calibration batch")
-    return Importance("activation", torch.stack([h.result() for h in heads]),
-                      torch.stack([m.result() for m in mlp]), hidden.result())
+    mlp_scores = torch.stack([m.result() for m in mlp]) if down_name else torch.zeros(len(blocks), 0)
+    return Importance("activation", torch.stack([h.result() for h in heads]), mlp_scores, hidden.result())
 
 
 def _weight_importance(model: nn.Module, adapter: ArchitectureAdapter, method: str,
@@ -126,11 +127,15 @@ def _weight_importance(model: nn.Module, adapter: ArchitectureAdapter, method: s
         h = s[q].sum(1).view(layout.num_heads, d).sum(1) + s[o].sum(0).view(layout.num_heads, d).sum(1)
         kv = (s[k].sum(1) + s[v].sum(1)).view(layout.num_kv_heads, d).sum(1)
         heads.append(h + (kv / group).repeat_interleave(group))
-        mlp.append(sum(s[n].sum(1) for n in mlp_in) + s[down].sum(0))
-        hidden += sum(s[n].sum(0) for n in (q, k, v, *mlp_in)) + s[o].sum(1) + s[down].sum(1)
+        if down:
+            mlp.append(sum(s[n].sum(1) for n in mlp_in) + s[down].sum(0))
+            hidden += sum(s[n].sum(0) for n in (q, k, v, *mlp_in)) + s[o].sum(1) + s[down].sum(1)
+        else:  # an MoE block without a dense MLP has no channels to score
+            hidden += sum(s[n].sum(0) for n in (q, k, v)) + s[o].sum(1)
     for emb in adapter.embedding_modules(model).values():
         hidden += score(emb.weight).double().sum(0)
-    return Importance(method, torch.stack(heads).float(), torch.stack(mlp).float(), hidden.float())
+    mlp_scores = torch.stack(mlp).float() if mlp else torch.zeros(len(heads), 0)
+    return Importance(method, torch.stack(heads).float(), mlp_scores, hidden.float())
 
 
 def magnitude_importance(model: nn.Module, adapter: ArchitectureAdapter) -> Importance:

@@ -11,6 +11,7 @@ from torch import nn
 from slimkit.errors import ShapeError
 from slimkit.models.adapters import ArchitectureAdapter, adapter_for
 from slimkit.pruning.structured.config import StructuredPruneConfig
+from slimkit.pruning.structured.experts import EXPERT_COUNT_FIELDS, keep_experts, routing_frequency
 from slimkit.pruning.structured.importance import block_influence, compute_importance
 from slimkit.pruning.structured.select import (
     evenly_spaced,
@@ -56,7 +57,7 @@ class StructuredResult:
 
 
 _WATCHED = ("num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "hidden_size",
-            "num_hidden_layers")
+            "num_hidden_layers", *EXPERT_COUNT_FIELDS)
 
 
 def build_plan(model: nn.Module, adapter: ArchitectureAdapter, config: StructuredPruneConfig,
@@ -105,8 +106,23 @@ def build_plan(model: nn.Module, adapter: ArchitectureAdapter, config: Structure
             if config.layers >= n_layers:
                 raise ShapeError(f"cannot drop {config.layers} of {n_layers} layers")
             drop = tuple(range(n_layers - config.layers, n_layers))
-    plan = StructuredPlan(heads, kvs, mlp, hidden, drop, tuple(notes))
+    experts = _expert_plan(model, adapter, config, batches, notes)
+    plan = StructuredPlan(heads, kvs, mlp, hidden, drop, experts, tuple(notes))
     return plan, influence, notes
+
+
+def _expert_plan(model: nn.Module, adapter: ArchitectureAdapter, config: StructuredPruneConfig, batches: Batches,
+                 notes: list[str]) -> tuple[torch.Tensor, ...] | None:
+    """MoE: the most-routed experts of each block, as many as the config keeps."""
+    if config.experts is None and config.num_experts is None:
+        return None
+    counts = routing_frequency(model, adapter, batches())
+    keep = keep_count(counts.shape[1], config.experts, config.num_experts, "experts")
+    kept = keep_experts(counts, keep, getattr(model.config, "num_experts_per_tok", None))
+    for i, k in enumerate(kept):
+        dropped = [e for e in range(counts.shape[1]) if e not in set(k.tolist())]
+        notes.append(f"block {i}: tokens routed per expert {counts[i].tolist()}; removed experts {dropped}")
+    return kept
 
 
 def prune_structured(model: nn.Module, config: StructuredPruneConfig, batches: Batches,

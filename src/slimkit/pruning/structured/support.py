@@ -72,6 +72,11 @@ def check_structured_support(model: nn.Module, adapter: ArchitectureAdapter, con
         problems += _head_problems(model, block, adapter)
     if config.mlp is not None or config.intermediate_size is not None:
         problems += _mlp_problems(model, block, adapter)
+    if adapter.experts and (hidden or config.mlp is not None or config.intermediate_size is not None):
+        problems.append("its MLP is a set of MoE experts: remove whole experts (`experts`/`num_experts`) "
+                        "rather than MLP or hidden channels")
+    if not adapter.experts and (config.experts is not None or config.num_experts is not None):
+        problems.append("it has no MoE experts to remove")
     if hidden:
         problems += _fused_mlp(block, adapter, getattr(model.config, "intermediate_size", None))
         problems += _hidden_problems(model)

@@ -16,6 +16,8 @@ from torch import nn
 
 from slimkit.errors import ShapeError
 from slimkit.models.adapters import ArchitectureAdapter
+from slimkit.models.experts import unfuse_experts
+from slimkit.pruning.structured.experts import cut_experts
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class StructuredPlan:
     keep_mlp: tuple[torch.Tensor, ...] | None = None  # intermediate channels kept, per layer
     keep_hidden: torch.Tensor | None = None  # residual channels kept (all layers)
     drop_layers: tuple[int, ...] = ()
+    keep_experts: tuple[torch.Tensor, ...] | None = None  # MoE experts kept, per layer
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -179,6 +182,7 @@ def _rebuild(model: nn.Module, op: _Surgery) -> nn.Module:
                          f"that {type(cfg).__name__} accepts") from None
     dtype = next(model.parameters()).dtype
     new = type(model)(cfg).to(dtype)
+    unfuse_experts(new)  # MoE: the state dict holds one linear per expert projection
     missing, unexpected = new.load_state_dict(op.slicer.sd, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(cfg, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
@@ -201,6 +205,8 @@ def apply_plan(model: nn.Module, adapter: ArchitectureAdapter, plan: StructuredP
     _cut_heads(op, plan)
     _cut_mlp(op, plan)
     _cut_hidden(op, plan.keep_hidden)
+    if plan.keep_experts is not None:  # before blocks are renumbered
+        cut_experts(op.slicer.sd, op.blocks, adapter, plan.keep_experts, op.cfg)
     _drop_layers(op, plan.drop_layers)
     return _rebuild(model, op)
 

@@ -1,0 +1,234 @@
+"""MoE: transformers' 3-D experts as one linear per expert projection, every expert compressed from
+the tokens its router sends it, routers kept dense, and the model saved back in transformers' layout."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from slimkit.protocol import EvalSettings
+from tiny_archs import MOE, tiny_model
+
+SETTINGS = EvalSettings(seqlen=32, max_windows=2, calibration_windows=4, calibration_seqlen=32)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_experts_as_linears_compute_the_same_function_and_save_back(tmp_path, model_type):
+    from transformers import AutoModelForCausalLM
+
+    from slimkit.models.experts import ExpertLinears, fused_experts, unfuse_experts
+
+    model = tiny_model(model_type)
+    ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    before = _logits(model, ids)
+    assert unfuse_experts(model) == model.config.num_hidden_layers
+    assert not any(p.dim() == 3 and p.numel() for p in model.parameters())
+    # one matmul per projection instead of one for gate and up: float rounding apart
+    assert torch.allclose(_logits(model, ids), before, rtol=0, atol=1e-5)
+    with fused_experts(model):
+        model.save_pretrained(tmp_path)
+    assert all(isinstance(m, ExpertLinears) for n, m in model.named_modules() if n.endswith("experts"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert torch.equal(_logits(reloaded, ids), before)
+
+
+def test_experts_that_compute_something_else_are_refused():
+    from slimkit.errors import UnsupportedArchitectureError
+    from slimkit.models.experts import unfuse_experts
+
+    model = tiny_model("mixtral")
+    experts = model.model.layers[0].mlp.experts
+    experts.act_fn = torch.nn.GELU()  # the split experts keep the act_fn; a forward that ignores it differs
+    type(experts).forward, original = (lambda self, h, i, w: h * 2), type(experts).forward
+    try:
+        with pytest.raises(UnsupportedArchitectureError, match="do not compute"):
+            unfuse_experts(model)
+    finally:
+        type(experts).forward = original
+
+
+def test_routers_stay_dense_and_every_expert_is_in_a_group():
+    from slimkit.models.adapters import adapter_for
+    from slimkit.models.experts import unfuse_experts
+
+    model = tiny_model("qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                       shared_expert_intermediate_size=48)
+    unfuse_experts(model)
+    adapter = adapter_for(model)
+    assert adapter.routers == ("mlp.gate", "mlp.shared_expert_gate")
+    assert len(adapter.experts) == 4 * 3
+    grouped = [p for g in adapter.groups for p in g.projections]
+    assert sorted(grouped) == sorted(adapter.attention_linears + adapter.mlp_linears + adapter.experts)
+    assert adapter.mlp_output == "mlp.shared_expert.down_proj"
+    assert not set(adapter.routers) & set(grouped)
+
+
+def _expert_projections(model_type: str) -> int:
+    model = tiny_model(model_type)
+    blocks = model.model.layers
+    attention = sum(m.weight.numel() for b in blocks for m in b.self_attn.modules() if isinstance(m, torch.nn.Linear))
+    experts = sum(p.numel() for b in blocks for p in b.mlp.experts.parameters())
+    return attention + experts
+
+
+@pytest.mark.parametrize("method", ["gptq-int4-g64", pytest.param("awq-int4-g64", marks=pytest.mark.slow),
+                                    pytest.param("sparsegpt-50", marks=pytest.mark.slow),
+                                    pytest.param("wanda-50", marks=pytest.mark.slow),
+                                    pytest.param("rtn-int4-g64", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("model_type", MOE)
+def test_every_expert_is_compressed_from_its_routed_tokens(smollm2_tokenizer, tmp_path, model_type, method):
+    from slimkit.recipes.builtin import get_recipe
+    from slimkit.workflow import compress_to_dir
+
+    source = tmp_path / "model"
+    tiny_model(model_type, vocab_size=len(smollm2_tokenizer)).save_pretrained(source)
+    smollm2_tokenizer.save_pretrained(source)
+    compress_to_dir(str(source), [get_recipe(method)], tmp_path / "out", SETTINGS)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    layers = report["compression"]["layers"]
+    assert report["compression"]["compressed_parameters"] == _expert_projections(model_type)
+    assert not any(".gate." in row["name"] or row["name"].endswith(".gate") for row in layers)  # routers dense
+    assert math.isfinite(report["compressed"]["value"])
+    if method.startswith("rtn"):
+        return
+    (engine,) = report["compression"]["engine"]
+    experts = engine["experts"]
+    assert experts["count"] == 2 * 4  # layers x experts
+    routed = 4 * 32 * 2  # calibration tokens x top-2: every token reaches two experts of each layer
+    for layer in range(2):
+        assert sum(n for name, n in experts["tokens"].items() if f"layers.{layer}." in name) == routed
+    assert all((n < experts["min_tokens"]) == (name in experts["data_free"]) for name, n in experts["tokens"].items())
+
+
+def test_experts_with_too_few_tokens_get_the_data_free_fallback(smollm2_tokenizer, tmp_path, monkeypatch):
+    """GPTQ with identity statistics is RTN: with the threshold above every expert's count, every
+    expert's weights equal RTN's (attention's do not), and the report lists them."""
+    from slimkit.calibration import engine
+    from slimkit.models import load_model
+    from slimkit.recipes.builtin import get_recipe
+    from slimkit.workflow import compress_to_dir
+
+    monkeypatch.setattr(engine, "MIN_EXPERT_TOKENS", 10**6)
+    model = tiny_model("mixtral", vocab_size=len(smollm2_tokenizer))
+    source = tmp_path / "model"
+    model.save_pretrained(source)
+    smollm2_tokenizer.save_pretrained(source)
+    compress_to_dir(str(source), [get_recipe("gptq-int4-g64")], tmp_path / "gptq", SETTINGS)
+    compress_to_dir(str(source), [get_recipe("rtn-int4-g64")], tmp_path / "rtn", SETTINGS)
+    report = json.loads((tmp_path / "gptq" / "report.json").read_text())
+    starved = report["compression"]["engine"][0]["experts"]["data_free"]
+    assert starved == [f"model.layers.{i}.mlp.experts.{e}" for i in range(2) for e in range(4)]
+    gptq, rtn = load_model(tmp_path / "gptq").model, load_model(tmp_path / "rtn").model
+    for i in range(2):
+        for e in range(4):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                name = f"model.layers.{i}.mlp.experts.{e}.{proj}"
+                assert torch.equal(gptq.get_submodule(name).weight, rtn.get_submodule(name).weight), name
+        other = f"model.layers.{i}.self_attn.q_proj"
+        assert not torch.equal(gptq.get_submodule(other).weight, rtn.get_submodule(other).weight)
+    assert "data-free fallback" in (tmp_path / "gptq" / "report.md").read_text()
+
+
+def test_a_model_mixing_moe_and_dense_blocks_is_refused_with_the_reason():
+    from slimkit.errors import UnsupportedArchitectureError
+    from slimkit.models.adapters import adapter_for
+    from slimkit.models.experts import unfuse_experts
+
+    model = tiny_model("qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                       shared_expert_intermediate_size=64, mlp_only_layers=[1])
+    unfuse_experts(model)
+    with pytest.raises(UnsupportedArchitectureError, match=r"blocks \[1\] are built differently.*register_adapter"):
+        adapter_for(model)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", pytest.param("qwen3_moe", marks=pytest.mark.slow)])
+def test_packed_experts_and_their_compressed_tensors_export_reload_with_the_same_function(
+        smollm2_tokenizer, tmp_path, model_type):
+    """RTN int4 -> one packed int4 linear per expert projection -> compressed-tensors named as the model
+    type's checkpoints name experts (Mixtral: block_sparse_moe.experts.N.w1/w2/w3), which transformers
+    alone loads into its 3-D experts."""
+    from safetensors import safe_open
+
+    from slimkit.export.job import export_model, load_exported
+    from slimkit.formats.pack import packed_layers
+    from slimkit.formats.pack_dir import pack_to_dir
+    from slimkit.models import load_model
+    from slimkit.recipes.builtin import get_recipe
+    from slimkit.workflow import compress_to_dir
+
+    source = tmp_path / "model"
+    tiny_model(model_type, vocab_size=len(smollm2_tokenizer)).save_pretrained(source)
+    smollm2_tokenizer.save_pretrained(source)
+    compress_to_dir(str(source), [get_recipe("rtn-int4-g64")], tmp_path / "rtn", SETTINGS)
+    pack_to_dir(str(tmp_path / "rtn"), tmp_path / "packed")
+    export_model(str(tmp_path / "packed"), tmp_path / "ct", "compressed-tensors", verify=False)
+    ids = torch.randint(3, 200, (1, 16), generator=torch.Generator().manual_seed(0))
+    fake = _logits(load_model(tmp_path / "rtn").model, ids)
+    packed_model = load_model(tmp_path / "packed").model
+    assert sum(".experts." in n for n in packed_layers(packed_model)) == 2 * 4 * 3
+    theirs = load_exported(tmp_path / "ct", "compressed-tensors")
+    assert not any("slimkit" in type(m).__module__ for m in theirs.modules())
+    with safe_open(str(tmp_path / "ct" / "model.safetensors"), "pt") as f:
+        expert_keys = [k for k in f.keys() if ".experts." in k and k.endswith("weight_packed")]
+    assert len(expert_keys) == 2 * 4 * 3
+    if model_type == "mixtral":
+        assert "model.layers.0.block_sparse_moe.experts.3.w3.weight_packed" in expert_keys
+    for other in (_logits(packed_model, ids), _logits(theirs, ids)):
+        assert (fake - other).abs().max() <= 0.02 * fake.abs().max()
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_expert_pruning_removes_the_least_routed_experts_into_a_standard_model(tmp_path, model_type):
+    """Routing counts equal those read from transformers' own router logits (top-k of each layer);
+    the least-routed half goes, and the smaller model saves and reloads in transformers alone."""
+    from transformers import AutoModelForCausalLM
+
+    from slimkit.models.adapters import adapter_for
+    from slimkit.models.experts import fused_experts, unfuse_experts
+    from slimkit.pruning.structured import StructuredPruneConfig, prune_structured, token_batches
+    from slimkit.pruning.structured.experts import routing_frequency
+
+    ids = torch.randint(3, 200, (4, 12), generator=torch.Generator().manual_seed(0))
+    model = tiny_model(model_type)
+    with torch.no_grad():
+        logits = model(input_ids=ids, output_router_logits=True).router_logits
+    top_k = model.config.num_experts_per_tok
+    expected = torch.stack([torch.bincount(layer.topk(top_k, dim=-1).indices.flatten(), minlength=4)
+                            for layer in logits])
+    unfuse_experts(model)
+    counts = routing_frequency(model, adapter_for(model), token_batches(ids, 2))
+    assert torch.equal(counts, expected)
+    result = prune_structured(model, StructuredPruneConfig(experts=0.5), lambda: token_batches(ids, 2))
+    for i, kept in enumerate(result.plan.keep_experts):
+        assert sorted(kept.tolist()) == sorted(torch.argsort(expected[i], descending=True, stable=True)[:2].tolist())
+    assert result.parameters_after < result.parameters_before
+    assert len(result.model.model.layers[0].mlp.experts) == 2
+    with fused_experts(result.model):
+        result.model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, result.model(input_ids=ids).logits)
+
+
+def test_moe_structured_pruning_refuses_channel_pruning_and_keeps_top_k():
+    from slimkit.errors import ShapeError, UnsupportedArchitectureError
+    from slimkit.models.experts import unfuse_experts
+    from slimkit.pruning.structured import StructuredPruneConfig, prune_structured, token_batches
+
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    model = tiny_model("mixtral")
+    unfuse_experts(model)
+    with pytest.raises(UnsupportedArchitectureError, match="remove whole experts"):
+        prune_structured(model, StructuredPruneConfig(mlp=0.5), lambda: token_batches(ids, 2))
+    with pytest.raises(ShapeError, match="fewer than the 2 each token is routed to"):
+        prune_structured(model, StructuredPruneConfig(num_experts=1), lambda: token_batches(ids, 2))
+    with pytest.raises(UnsupportedArchitectureError, match="no MoE experts"):
+        prune_structured(tiny_model("llama"), StructuredPruneConfig(experts=0.5), lambda: token_batches(ids, 2))
