@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from slimkit.protocol import EvalSettings
-from tiny_archs import DECODERS, ENCODERS, tiny_model
+from tiny_archs import CONV1D, DECODERS, ENCODERS, tiny_model
 
 SETTINGS = EvalSettings(seqlen=32, max_windows=2, calibration_windows=4, calibration_seqlen=32)
 # transformers' weight init for these reads `.weight` of every linear, so it cannot build their packed
@@ -39,15 +39,17 @@ def model_dirs(tmp_path_factory, smollm2_tokenizer):
 
 
 def block_projections(model_type: str) -> dict[str, int]:
-    """Every nn.Linear inside the model's block list, by name, with its number of weights."""
+    """Every nn.Linear and Conv1D inside the model's block list, by name, with its number of weights."""
+    from slimkit.models.fold_check import is_projection
+
     model = tiny_model(model_type)
     blocks = next(m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == 2)
     names = {id(m): n for n, m in model.named_modules()}
-    return {names[id(m)]: m.weight.numel() for b in blocks for m in b.modules() if isinstance(m, nn.Linear)}
+    return {names[id(m)]: m.weight.numel() for b in blocks for m in b.modules() if is_projection(m)}
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("model_type", DECODERS + ENCODERS)
+@pytest.mark.parametrize("model_type", DECODERS + CONV1D + ENCODERS)
 def test_every_projection_is_compressed(model_dirs, tmp_path, model_type, method):
     from slimkit.recipes.builtin import get_recipe
     from slimkit.workflow import compress_to_dir
@@ -77,10 +79,11 @@ PACK_FAST = ("phi3", "gemma2", "falcon", "distilbert", "modernbert")
 
 
 @pytest.mark.parametrize("model_type", [t if t in PACK_FAST else pytest.param(t, marks=pytest.mark.slow)
-                                        for t in DECODERS + ENCODERS])
+                                        for t in DECODERS + CONV1D + ENCODERS])
 def test_packed_and_compressed_tensors_reload_with_the_same_function(model_dirs, tmp_path, model_type):
     """RTN int4 g64 records -> packed int4 (slimkit's kernels) -> compressed-tensors loaded by
     transformers alone: the three compute the same function on the same codes."""
+    from slimkit.errors import SlimkitError
     from slimkit.export.job import export_model, load_exported
     from slimkit.formats.pack_dir import pack_to_dir
     from slimkit.models import load_model
@@ -89,10 +92,15 @@ def test_packed_and_compressed_tensors_reload_with_the_same_function(model_dirs,
 
     compress_to_dir(str(model_dirs(model_type)), [get_recipe("rtn-int4-g64")], tmp_path / "rtn", SETTINGS)
     pack_to_dir(str(tmp_path / "rtn"), tmp_path / "packed")
-    export_model(str(tmp_path / "packed"), tmp_path / "ct", "compressed-tensors", verify=False)
     ids = torch.randint(3, 200, (1, 16), generator=torch.Generator().manual_seed(0))
     fake = _outputs(load_model(tmp_path / "rtn").model, ids)
     packed = _outputs(load_model(tmp_path / "packed").model, ids)
+    if model_type in CONV1D:  # transformers' compressed-tensors loader quantizes nn.Linear only
+        assert (fake - packed).abs().max() <= 0.02 * fake.abs().max()
+        with pytest.raises(SlimkitError, match="Conv1D layers.*--to hf"):
+            export_model(str(tmp_path / "packed"), tmp_path / "ct", "compressed-tensors", verify=False)
+        return
+    export_model(str(tmp_path / "packed"), tmp_path / "ct", "compressed-tensors", verify=False)
     theirs = load_exported(tmp_path / "ct", "compressed-tensors", dequantize=model_type in CT_DEQUANTIZED)
     assert not any("slimkit" in type(m).__module__ for m in theirs.modules())
     exported = _outputs(theirs, ids)
@@ -112,6 +120,7 @@ STRUCTURED_WORKS = {
     **{t: ("mlp", "layers") for t in ("gpt_neox", "olmo2")},
     **{t: ("layers",) for t in ("phi3", "opt", "falcon")},
     "modernbert": (),
+    "gpt2": ("layers",),
 }
 
 
@@ -119,17 +128,18 @@ STRUCTURED_FAST = ("qwen2", "phi3", "olmo2", "modernbert")
 
 
 @pytest.mark.parametrize("model_type", [t if t in STRUCTURED_FAST else pytest.param(t, marks=pytest.mark.slow)
-                                        for t in DECODERS + ENCODERS])
+                                        for t in DECODERS + CONV1D + ENCODERS])
 def test_structured_pruning_gives_a_smaller_standard_model_or_says_why_not(tmp_path, model_type):
     from transformers import AutoModel, AutoModelForCausalLM
 
     from slimkit.errors import ShapeError, UnsupportedArchitectureError
+    from slimkit.models.layouts import as_linears, checkpoint_layout
     from slimkit.pruning.structured import StructuredPruneConfig, prune_structured, token_batches
 
     ids = torch.randint(3, 200, (4, 12), generator=torch.Generator().manual_seed(0))
     works = []
     for kind, fields in STRUCTURED.items():
-        model = tiny_model(model_type)
+        model = as_linears(tiny_model(model_type))
         try:
             result = prune_structured(model, StructuredPruneConfig(**fields), lambda: token_batches(ids, 2))
         except UnsupportedArchitectureError as exc:
@@ -138,7 +148,8 @@ def test_structured_pruning_gives_a_smaller_standard_model_or_says_why_not(tmp_p
         except ShapeError as exc:  # the head size is hidden / heads: hidden alone cannot shrink
             assert "derives the head size" in str(exc) and kind == "hidden"
             continue
-        result.model.save_pretrained(tmp_path / kind)
+        with checkpoint_layout(result.model):
+            result.model.save_pretrained(tmp_path / kind)
         auto = AutoModel if model_type in ENCODERS else AutoModelForCausalLM
         again = auto.from_pretrained(tmp_path / kind).eval()
         with torch.no_grad():

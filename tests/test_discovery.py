@@ -85,7 +85,7 @@ def test_every_projection_is_in_exactly_one_group(model_type):
 @pytest.mark.parametrize("model_type", MOE + CONV1D)
 def test_what_cannot_be_compressed_yet_is_refused_by_name(model_type):
     """Conv1D projections, and experts still stored as 3-D parameters (loading splits them)."""
-    pattern = r"(experts\.gate_up_proj.*unfuse_experts\(model\) first|c_attn).*register_adapter"
+    pattern = r"(experts\.gate_up_proj.*as_linears\(model\) first|c_attn.*as_linears).*register_adapter"
     with pytest.raises(UnsupportedArchitectureError, match=pattern):
         discover_adapter(tiny_model(model_type))
 

@@ -79,6 +79,7 @@ def _expert_projections(model_type: str) -> int:
     return attention + experts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["gptq-int4-g64", pytest.param("awq-int4-g64", marks=pytest.mark.slow),
                                     pytest.param("sparsegpt-50", marks=pytest.mark.slow),
                                     pytest.param("wanda-50", marks=pytest.mark.slow),

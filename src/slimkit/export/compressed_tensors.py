@@ -21,6 +21,7 @@ from slimkit.errors import SlimkitError
 from slimkit.formats import PackedLinear, packed_layers
 from slimkit.io.tensors import unique_tensors
 from slimkit.models.experts import checkpoint_names, expert_modules
+from slimkit.models.layouts import checkpoint_conv1d
 from slimkit.paths import ExportDir
 
 REFUSED = {
@@ -105,6 +106,11 @@ def checkpoint_key(model: torch.nn.Module):
 def export_compressed_tensors(model: torch.nn.Module, tokenizer, directory: Path, all_linears: list[str],
                               dtype: torch.dtype = torch.bfloat16) -> dict:
     layers = packed_layers(model)
+    conv1d = checkpoint_conv1d(model)
+    if conv1d:
+        raise SlimkitError(f"{type(model).__name__} keeps its projections as transformers Conv1D layers ({conv1d[0]}, "
+                           "...), which compressed-tensors loaders do not quantize (they take nn.Linear only). "
+                           "Export with `--to hf` (dense) or `--to gguf` instead.")
     if not layers:
         raise SlimkitError("nothing quantized to export: compressed-tensors needs an int4/int8/W8A8 model "
                            "(`slimkit compress ... -r rtn-int4-g64`, or `slimkit pack MODEL --format int4`)")

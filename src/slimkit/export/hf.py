@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from slimkit.models.experts import fused_experts
+from slimkit.models.layouts import checkpoint_layout
 from slimkit.models.loading import LoadedModel
 
 
@@ -19,7 +19,7 @@ def save_model_dir(loaded: LoadedModel, directory: Path, dtype: torch.dtype | No
     dtype = dtype or loaded.source_dtype
     original = next(loaded.model.parameters()).dtype
     model = loaded.model if dtype == original else loaded.model.to(dtype)
-    with fused_experts(model):  # MoE: the 3-D expert parameters transformers reads
+    with checkpoint_layout(model):  # MoE experts as 3-D parameters, Conv1D: what transformers reads
         model.save_pretrained(directory)
     if dtype != original:
         loaded.model.to(original)

@@ -23,8 +23,8 @@ from slimkit.formats import pack_model, packed_layers
 from slimkit.io.outputs import output_directory
 from slimkit.io.text import read_text
 from slimkit.models.checks import NO_CODE
-from slimkit.models.experts import fused_experts
-from slimkit.models.loading import LoadedModel, load_model
+from slimkit.models.layouts import checkpoint_layout
+from slimkit.models.loading import LoadedModel, is_causal_lm, load_model
 from slimkit.models.zoo import zoo_entry
 from slimkit.paths import ExportDir, ModelDir, PackedDir
 from slimkit.recipes.state import COMPRESSION_FILE, load_compression_state
@@ -115,7 +115,7 @@ def export_model(source: str, output: str | Path, to: str, gguf_type: str = "aut
     with output_directory(output, overwrite, inputs=[source], command="export") as tmp:
         if to == "hf":
             model = unpack(loaded.model)
-            with fused_experts(model):
+            with checkpoint_layout(model):
                 model.save_pretrained(tmp)
             if loaded.tokenizer is not None:
                 loaded.tokenizer.save_pretrained(tmp)
@@ -151,7 +151,7 @@ def load_exported(output: Path, to: str, dequantize: bool = False) -> nn.Module:
         return AutoModelForCausalLM.from_pretrained(str(output), gguf_file=GGUF_NAME, dtype=torch.float32,
                                                     **NO_CODE).eval()
     archs = json.loads((output / "config.json").read_text()).get("architectures") or []
-    auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs) else AutoModel
+    auto = AutoModelForCausalLM if is_causal_lm(archs) else AutoModel
     extra = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if dequantize else {}
     return auto.from_pretrained(str(output), dtype=torch.float32, **extra, **NO_CODE).eval()
 

@@ -200,15 +200,16 @@ def load_packed(directory: Path, dtype: torch.dtype = torch.float32) -> nn.Modul
     from transformers import AutoModel, AutoModelForCausalLM
 
     from slimkit.models.checks import load_config
-    from slimkit.models.experts import unfuse_experts
+    from slimkit.models.layouts import as_linears
+    from slimkit.models.loading import is_causal_lm
 
     header, tensors = read_packed_file(directory / PACKED_FILE)
     config = load_config(directory)
     archs = getattr(config, "architectures", None) or []
-    auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs) else AutoModel
+    auto = AutoModelForCausalLM if is_causal_lm(archs) else AutoModel
     with torch.device("meta"):  # no fp32 weights allocated only to be replaced: peak RSS stays low
         model = auto.from_config(config, dtype=dtype, trust_remote_code=False).eval()
-    unfuse_experts(model)  # packed experts are one packed linear per expert projection
+    as_linears(model)  # packed experts: one packed linear per expert projection; no Conv1D
     for name, meta in header["layers"].items():
         model.set_submodule(name, _packed_layer(directory / PACKED_FILE, model, name, meta, tensors))
     rest = {k: v for k, v in tensors.items() if not any(k.startswith(n + ".") for n in header["layers"])}

@@ -16,7 +16,7 @@ from torch import nn
 
 from slimkit.errors import UnsupportedArchitectureError
 from slimkit.formats.pack import packed_layers
-from slimkit.models.experts import ExpertLinears, is_stacked_experts, unfuse_experts
+from slimkit.models.experts import ExpertLinears, is_stacked_experts
 from slimkit.models.fold_check import FoldCheck, is_projection, out_width
 from slimkit.models.structure import ArchitectureAdapter, InputGroup
 
@@ -250,7 +250,9 @@ def one_block_twin(model: nn.Module) -> nn.Module:
             setattr(config, key, None)
     with torch.device("cpu"):
         twin = type(model)(config).eval()
-    unfuse_experts(twin)
+    from slimkit.models.layouts import as_linears
+
+    as_linears(twin)
     return twin
 
 
@@ -282,7 +284,8 @@ def _discover(model: nn.Module) -> ArchitectureAdapter:
     conv1d = [p for p, m in parts.projections.items() if type(m).__name__ == "Conv1D"]
     if conv1d:
         raise discovery_error(model, f"its projections {conv1d} are transformers Conv1D layers (weights stored "
-                                     "transposed, the GPT-2 family), which slimkit cannot compress yet")
+                                     "transposed, the GPT-2 family): call slimkit.models.layouts.as_linears(model) "
+                                     "first (slimkit's loading does)")
     mlp_inputs, mlp_output = mlp_roles(model, parts)
     kv_attr = "num_key_value_heads" if getattr(config, "num_key_value_heads", None) else None
     return ArchitectureAdapter(
@@ -318,4 +321,4 @@ def _refuse_unknown_weights(model: nn.Module, block: nn.Module, trace: BlockTrac
         raise discovery_error(model, f"the block holds weights that are not nn.Linear or Conv1D projections run by "
                                      f"the forward pass, experts or routers: {', '.join(unknown)}"
                                      + (f" (the experts {stacked} are still 3-D parameters: call "
-                                        "slimkit.models.experts.unfuse_experts(model) first)" if stacked else ""))
+                                        "slimkit.models.layouts.as_linears(model) first)" if stacked else ""))

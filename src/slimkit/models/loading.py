@@ -23,7 +23,7 @@ from slimkit.errors import ModelNotFoundError, OutputInUseError, OutputRefusedEr
 from slimkit.io.outputs import output_directory
 from slimkit.models.adapters import ArchitectureAdapter, adapter_for
 from slimkit.models.checks import NO_CODE, check_before_load, check_finite, check_gguf, check_loading_info, read_config
-from slimkit.models.experts import unfuse_experts
+from slimkit.models.layouts import as_linears
 from slimkit.models.zoo import ZOO, ModelKind, zoo_entry
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # slimkit never downloads at run time
@@ -63,10 +63,16 @@ def _file_digest(path: Path) -> str:
 
 
 def model_kind(config: dict) -> ModelKind:
-    archs = config.get("architectures") or []
-    if any(a.endswith("ForCausalLM") for a in archs):
-        return "causal-lm"
-    return "encoder"
+    return "causal-lm" if is_causal_lm(config.get("architectures") or []) else "encoder"
+
+
+def is_causal_lm(architectures: list[str]) -> bool:
+    """Whether config.json's architectures name a causal LM (`...ForCausalLM`, or one transformers maps
+    as such under another name, like GPT2LMHeadModel)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    known = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
+    return any(a.endswith("ForCausalLM") or a in known for a in architectures)
 
 
 def _load_tokenizer(path: Path, **kwargs) -> Any | None:
@@ -101,7 +107,7 @@ def _load_hf_dir(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any, ModelK
                            f"with config.json): {str(exc).splitlines()[0][:300]}") from None
     check_loading_info(path, info)
     check_finite(model, str(path))
-    unfuse_experts(model)  # MoE: one linear per expert projection (models/experts.py)
+    as_linears(model)  # MoE experts and Conv1D as nn.Linear (models/layouts.py)
     return model.eval(), _load_tokenizer(path), kind, held.main_dtype() or dtype
 
 

@@ -23,6 +23,7 @@ from slimkit.errors import SlimkitError, WeightsError
 from slimkit.models.adapters import ArchitectureAdapter, adapter_for
 from slimkit.models.checks import FLOAT_DTYPES, check_files, load_config, meta_model, model_files, read_config
 from slimkit.models.experts import is_stacked_experts
+from slimkit.models.layouts import is_conv1d
 from slimkit.models.zoo import ModelKind
 
 
@@ -199,10 +200,11 @@ def open_streamed(path: Path, name: str | None = None) -> StreamedModel:
     return_freed_memory()
     config = load_config(path)
     skeleton = meta_model(config, kind)
-    stacked = [n for n, m in skeleton.named_modules() if is_stacked_experts(m)]
-    if stacked:
-        raise SlimkitError(f"{path}: MoE models (experts in {stacked[0]}, ...) are not streamed yet; "
-                           "run without --stream (`--stream off`) on a machine whose memory holds the model")
+    unusual = [n for n, m in skeleton.named_modules() if is_stacked_experts(m) or is_conv1d(m)]
+    if unusual:
+        raise SlimkitError(f"{path}: models with MoE experts or Conv1D projections ({unusual[0]}, ...) are not "
+                           "streamed yet; run without --stream (`--stream off`) on a machine whose memory holds "
+                           "the model")
     check_files(path, config, skeleton)
     real_buffers(skeleton)
     skeleton.eval()

@@ -16,7 +16,7 @@ from torch import nn
 
 from slimkit.errors import ShapeError
 from slimkit.models.adapters import ArchitectureAdapter
-from slimkit.models.experts import unfuse_experts
+from slimkit.models.layouts import as_linears
 from slimkit.pruning.structured.experts import cut_experts
 
 
@@ -182,7 +182,7 @@ def _rebuild(model: nn.Module, op: _Surgery) -> nn.Module:
                          f"that {type(cfg).__name__} accepts") from None
     dtype = next(model.parameters()).dtype
     new = type(model)(cfg).to(dtype)
-    unfuse_experts(new)  # MoE: the state dict holds one linear per expert projection
+    as_linears(new)  # the state dict holds one linear per expert projection, no Conv1D
     missing, unexpected = new.load_state_dict(op.slicer.sd, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(cfg, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
