@@ -159,14 +159,17 @@ def test_structured_pruning_gives_a_smaller_standard_model_or_says_why_not(tmp_p
     assert tuple(works) == STRUCTURED_WORKS[model_type]
 
 
-GGUF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+GGUF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe")
+# transformers' GGUF loader takes Qwen3's head size and Qwen3-MoE's expert width from its config
+# defaults, not from the file; it always renormalises Qwen3-MoE's routing weights
+GGUF_CONFIG = {"qwen3": {"head_dim": 128}, "qwen3_moe": {"moe_intermediate_size": 768, "norm_topk_prob": True}}
 
 
 @pytest.mark.parametrize("model_type", [t if t == "phi3" else pytest.param(t, marks=pytest.mark.slow)
                                         for t in GGUF_TYPES] + ["gemma2"])
 def test_gguf_export_reloads_in_transformers_or_is_refused(smollm2_tokenizer, tmp_path, model_type):
     """int4 packed -> GGUF (Q4_0 codes kept, Qwen2's q/k/v biases, Qwen3's q/k norms, Phi-3's fused
-    projections) -> transformers'
+    projections, Qwen3-MoE's experts as 3-D tensors) -> transformers'
     gguf_file= loader: the same function; an architecture the exporter lacks is refused by name.
     (The tokenizer object is passed in: from a qwen2 dir transformers would load SmolLM2's files as a
     Qwen2 tokenizer, which splits differently and which the exporter rightly refuses to name.)"""
@@ -175,14 +178,14 @@ def test_gguf_export_reloads_in_transformers_or_is_refused(smollm2_tokenizer, tm
     from slimkit.export.job import GGUF_NAME, load_exported
     from slimkit.formats.pack import pack_model
     from slimkit.models import adapter_for
+    from slimkit.models.layouts import as_linears
 
-    # transformers' GGUF loader takes Qwen3's head size from its config default (128), not from the file
-    model = tiny_model(model_type, vocab_size=len(smollm2_tokenizer), **({"head_dim": 128} if model_type == "qwen3" else {}))
+    model = as_linears(tiny_model(model_type, vocab_size=len(smollm2_tokenizer), **GGUF_CONFIG.get(model_type, {})))
     ids = torch.randint(3, 200, (1, 16), generator=torch.Generator().manual_seed(0))
     pack_model(model, adapter_for(model).linears(model), fmt="int4", group_size=32)
     (tmp_path / "gguf").mkdir()
     if model_type not in GGUF_TYPES:
-        with pytest.raises(SlimkitError, match=f"GGUF export covers llama.*phi3; this model is {model_type}"):
+        with pytest.raises(SlimkitError, match=f"GGUF export covers llama.*qwen3_moe; this model is {model_type}"):
             export_gguf(model, smollm2_tokenizer, tmp_path / "gguf" / GGUF_NAME)
         assert not (tmp_path / "gguf" / GGUF_NAME).exists()
         return

@@ -125,3 +125,42 @@ def test_advise_for_llamacpp_picks_a_gguf_type_by_kld(smollm2_first_load, tmp_pa
     assert result.recommended == "gguf-q8_0" and "KLD" in result.reason  # the first that meets the bound
     assert load_recipe_file(out / "recommended.yaml").name == "gguf-q8_0"
     assert "--to gguf" in (out / "recommended.yaml").read_text()
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_llamacpp_runs_slimkit_moe_ggufs_with_the_packed_models_perplexity(smollm2_tokenizer, tmp_path, model_type):
+    """A tiny MoE with a sharpened head (logits far from uniform, so a wrong expert, router or
+    norm moves the score) -> RTN int4 -> packed -> GGUF (experts as 3-D Q4_0 tensors, codes kept):
+    llama.cpp's perplexity equals slimkit's packed model's on the same chunks within 2%.
+    (transformers' GGUF loader has no Mixtral, so llama.cpp is the judge here.)"""
+    import math
+
+    import torch
+
+    from slimkit.data import load_split
+    from slimkit.export.job import export_model
+    from slimkit.formats.pack_dir import pack_to_dir
+    from slimkit.models import load_model
+    from slimkit.protocol import EvalSettings
+    from slimkit.recipes import get_recipe
+    from slimkit.workflow import compress_to_dir
+    from tiny_archs import tiny_model
+
+    extra = {"norm_topk_prob": True} if model_type == "qwen3_moe" else {}
+    model = tiny_model(model_type, vocab_size=len(smollm2_tokenizer), max_position_embeddings=512, **extra)
+    model.lm_head.weight.data *= 8  # logits with a spread of a few nats
+    model.save_pretrained(tmp_path / "m")
+    smollm2_tokenizer.save_pretrained(tmp_path / "m")
+    settings = EvalSettings(seqlen=32, max_windows=2, calibration_windows=4, calibration_seqlen=32)
+    compress_to_dir(str(tmp_path / "m"), [get_recipe("rtn-int4-g64")], tmp_path / "c", settings)
+    pack_to_dir(str(tmp_path / "c"), tmp_path / "p")
+    result = export_model(str(tmp_path / "p"), tmp_path / "g", "gguf", verify=False)
+    assert result["tensors_by_type"]["Q4_0 (codes kept)"] == 2 * (4 + 4 * 3)  # attention, and every expert
+    text = "\n\n".join(d.text for d in load_split().evaluation[:40])
+    (tmp_path / "text.txt").write_text(text, encoding="utf-8")
+    theirs = llamacpp_perplexity(tmp_path / "g" / "model.gguf", tmp_path / "text.txt", ctx=128, chunks=8)
+    tokens = smollm2_tokenizer.encode(text, add_special_tokens=False)
+    with torch.no_grad():
+        ours = chunked_perplexity(load_model(tmp_path / "p").model, tokens, ctx=128, chunks=8)
+    assert abs(math.log(ours / len(smollm2_tokenizer))) > 0.5  # far from uniform: the score depends on the logits
+    assert abs(theirs / ours - 1) < 0.02, (theirs, ours)

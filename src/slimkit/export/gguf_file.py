@@ -1,5 +1,6 @@
 """Export a model to GGUF (llama.cpp), with the `gguf` package's writer, name maps and quantizers.
-Architectures: `GGUF_ARCHITECTURES` (LLaMA family, Qwen3, Phi-3); tensor names from the gguf package.
+Architectures: `GGUF_ARCHITECTURES` (LLaMA family, Qwen3, Phi-3, Mixtral, Qwen3-MoE); tensor names from the
+gguf package. MoE experts go out as one 3-D tensor per projection and block, routers in F32.
 
 Types: a llama.cpp file type (Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, Q5_0) gives every tensor the
 type llama.cpp's mix gives it (quantization/gguf_mix.py); blocks a `gguf_quantize` step chose
@@ -28,6 +29,7 @@ from slimkit.errors import SlimkitError
 from slimkit.export.gguf_metadata import copy_from_gguf, describe_from_hf, pre_tokenizer
 from slimkit.formats import packed_layers
 from slimkit.formats.ggml import GGMLBlocks, pack_blocks
+from slimkit.models.experts import expert_modules
 from slimkit.quantization.ggml_grids import fit_grid, round_codes
 from slimkit.quantization.gguf_mix import tensor_type
 
@@ -135,7 +137,8 @@ def _tokenizer_from_hf(writer, tokenizer) -> None:
 # LLaMA-family types share the llama architecture (its optional q/k/v biases cover Qwen2); Qwen3 needs
 # its own for the q/k norms, and keeps the HF (NEOX) row order.
 GGUF_ARCHITECTURES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("LLAMA", True),
-                      "qwen3": ("QWEN3", False), "phi3": ("PHI3", False)}
+                      "qwen3": ("QWEN3", False), "phi3": ("PHI3", False), "mixtral": ("LLAMA", True),
+                      "qwen3_moe": ("QWEN3MOE", False)}
 
 
 def _row_order(module_name: str, config, rows: int) -> np.ndarray | None:
@@ -183,16 +186,52 @@ def _write_metadata(writer, config, packed: dict, plan: _Plan) -> None:
     writer.add_key_length(head_dim)  # llama.cpp would otherwise take hidden / heads (Qwen3 differs)
     writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
+    _write_expert_metadata(writer, config)
     writer.add_file_type(_file_type(packed, plan))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
+def routers(model: torch.nn.Module) -> set[str]:
+    """The MoE routers (`<moe>.gate` beside `<moe>.experts`): llama.cpp's ffn_gate_inp, kept F32."""
+    return {path.rpartition(".")[0] + ".gate" for path in expert_modules(model)}
+
+
+def _expert_weight(module, mod) -> tuple[torch.Tensor, object]:
+    return (mod.dequantize(), mod) if mod is not None else (module.weight.detach().float(), None)
+
+
+def _expert_projections(model: torch.nn.Module) -> dict[str, list[str]]:
+    """`<block>.<moe>.experts.<projection>` (the name llama.cpp's map knows) -> each expert's module name."""
+    stacked: dict[str, list[str]] = {}
+    for path, experts in expert_modules(model).items():
+        for e in range(len(experts)):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                stacked.setdefault(f"{path}.{proj}", []).append(f"{path}.{e}.{proj}")
+    return stacked
+
+
+def _write_expert_metadata(writer, config) -> None:
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    if not experts:
+        return
+    writer.add_expert_count(experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    if getattr(config, "moe_intermediate_size", None):  # Qwen-MoE: the experts' width differs from the dense one
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+
+
 def _weights(model: torch.nn.Module, packed: dict, plan: _Plan):
-    """(module name, module, fp32 weight, packed layer or None) for every tensor GGUF stores."""
+    """(module name, module, fp32 weight, packed layer or None) for every tensor GGUF stores, experts
+    apart (`_expert_projections`), routers included."""
+    inside_experts = {n for names in _expert_projections(model).values() for n in names}
+    gates = routers(model)
     for module_name, module in model.named_modules():
+        if module_name in inside_experts:
+            continue
         if module_name in packed:
             yield module_name, module, packed[module_name].dequantize(), packed[module_name]
-        elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) or type(module).__name__.endswith("RMSNorm"):
+        elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) or type(module).__name__.endswith("RMSNorm") \
+                or module_name in gates:
             if module_name == "lm_head" and plan.tied:
                 continue  # llama.cpp reuses token_embd when there is no output tensor
             yield module_name, module, module.weight.detach().float(), None
@@ -205,34 +244,57 @@ def _fitted_blocks(data: np.ndarray, qtype: str) -> np.ndarray:
     return pack_blocks(round_codes(w, grid), grid)
 
 
-def _add_tensor(writer, gname: str, module_name: str, module, weight: torch.Tensor, mod, plan: _Plan,
-                config) -> str:
-    """Write one tensor; returns the GGUF type it was stored as ("... (codes kept)" when the
-    packed layer's own blocks went out as they are)."""
+@dataclass
+class _Stored:
+    """One tensor as GGUF stores it: data (blocks for quantized types), raw type, and what to report."""
+
+    data: np.ndarray
+    raw_dtype: object | None
+    label: str
+
+
+def _stored(module_name: str, module, weight: torch.Tensor, mod, plan: _Plan, config, f32: bool = False) -> _Stored:
+    """One weight in its GGUF type; the label says "... (codes kept)" when the packed layer's own
+    blocks go out as they are."""
     import gguf
 
     order = _row_order(module_name, config, weight.shape[0])
     kept = _kept_blocks(mod) if mod is not None and plan.keeps(mod) else None
     if kept is not None:
-        blocks = kept[0] if order is None else kept[0][order]
-        writer.add_tensor(gname + ".weight", blocks, raw_dtype=kept[1])
-        return kept[1].name + " (codes kept)"
+        return _Stored(kept[0] if order is None else kept[0][order], kept[1], kept[1].name + " (codes kept)")
     data = weight.numpy().astype(np.float32)
     data = data if order is None else data[order]
-    if data.ndim == 1:
-        t = "F32"
+    if data.ndim == 1 or f32:
+        t = "F32"  # norms, and routers (small, and llama.cpp's converter keeps them F32)
     elif plan.mix is not None:
         t = tensor_type(plan.mix, module_name, plan.n_layers, data.shape[1], plan.tied)
     else:
         t = plan.simple_type(mod.format if mod is not None else None, module)
     if t in ("F16", "F32"):
-        writer.add_tensor(gname + ".weight", data.astype(np.float16 if t == "F16" else np.float32))
-    elif t in ("Q8_0", "Q4_0") and plan.mix is None:
-        writer.add_tensor(gname + ".weight", gguf.quants.quantize(data, gguf.GGMLQuantizationType[t]),
-                          raw_dtype=gguf.GGMLQuantizationType[t])
-    else:
-        writer.add_tensor(gname + ".weight", _fitted_blocks(data, t), raw_dtype=gguf.GGMLQuantizationType[t])
-    return t
+        return _Stored(data.astype(np.float16 if t == "F16" else np.float32), None, t)
+    qtype = gguf.GGMLQuantizationType[t]
+    if t in ("Q8_0", "Q4_0") and plan.mix is None:
+        return _Stored(gguf.quants.quantize(data, qtype), qtype, t)
+    return _Stored(_fitted_blocks(data, t), qtype, t)
+
+
+def _add_tensor(writer, gname: str, module_name: str, module, weight: torch.Tensor, mod, plan: _Plan,
+                config, f32: bool = False) -> str:
+    """Write one tensor; returns the GGUF type it was stored as."""
+    stored = _stored(module_name, module, weight, mod, plan, config, f32)
+    writer.add_tensor(gname + ".weight", stored.data, raw_dtype=stored.raw_dtype)
+    return stored.label
+
+
+def _add_experts(writer, gname: str, experts: list[tuple[str, object, torch.Tensor, object]], plan: _Plan,
+                 config) -> str:
+    """One projection of every expert of a block as one 3-D tensor [experts, rows, columns]."""
+    stored = [_stored(name, module, weight, mod, plan, config) for name, module, weight, mod in experts]
+    if len({(s.label, s.data.shape) for s in stored}) != 1:
+        raise SlimkitError(f"GGUF export: the experts of {gname} were compressed differently "
+                           f"({sorted({s.label for s in stored})}); llama.cpp stores them as one tensor of one type")
+    writer.add_tensor(gname + ".weight", np.stack([s.data for s in stored]), raw_dtype=stored[0].raw_dtype)
+    return stored[0].label
 
 
 def _add_bias(writer, gname: str, module_name: str, module, config) -> None:
@@ -271,6 +333,10 @@ def check_gguf_export(model: torch.nn.Module, tokenizer, source_gguf: Path | Non
     if getattr(config, "model_type", None) not in GGUF_ARCHITECTURES or not hasattr(model, "lm_head"):
         raise SlimkitError(f"GGUF export covers {', '.join(GGUF_ARCHITECTURES)}; this model is "
                            f"{config.model_type}. Use `--to hf` or `--to compressed-tensors`.")
+    if getattr(config, "norm_topk_prob", True) is False:
+        raise SlimkitError("GGUF export: llama.cpp renormalises the chosen experts' routing weights, and this model "
+                           "does not (norm_topk_prob is false), so llama.cpp would compute another function. "
+                           "Use `--to compressed-tensors` or `--to hf`.")
     if source_gguf is None:
         if tokenizer is None:
             raise SlimkitError("GGUF export needs the tokenizer: this model directory has none")
@@ -300,6 +366,7 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: Path, qtype: str = "aut
         _tokenizer_from_hf(writer, tokenizer)
         describe_from_hf(writer, source_dir, sum(p.numel() for p in model.parameters()))
     counts: dict[str, int] = {}
+    gates = routers(model)
     tensors = _TensorQueue()
     for module_name, module, weight, mod in _weights(model, packed, plan):
         if mod is None and module_name in (dense_blocks or {}):
@@ -307,9 +374,16 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: Path, qtype: str = "aut
         gname = names.get_name(module_name)
         if gname is None:
             raise SlimkitError(f"GGUF export: no llama.cpp name for {module_name}")
-        stored = _add_tensor(tensors, gname, module_name, module, weight, mod, plan, config)
+        stored = _add_tensor(tensors, gname, module_name, module, weight, mod, plan, config, module_name in gates)
         counts[stored] = counts.get(stored, 0) + 1
         _add_bias(tensors, gname, module_name, module, config)
+    for stacked_name, experts in _expert_projections(model).items():
+        gname = names.get_name(stacked_name)
+        if gname is None:
+            raise SlimkitError(f"GGUF export: no llama.cpp name for {stacked_name}")
+        entries = [(n, model.get_submodule(n), *_expert_weight(model.get_submodule(n), packed.get(n))) for n in experts]
+        stored = _add_experts(tensors, gname, entries, plan, config)
+        counts[stored] = counts.get(stored, 0) + len(experts)
     tensors.write_to(writer)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
