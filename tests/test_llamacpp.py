@@ -127,18 +127,21 @@ def test_advise_for_llamacpp_picks_a_gguf_type_by_kld(smollm2_first_load, tmp_pa
     assert "--to gguf" in (out / "recommended.yaml").read_text()
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
-def test_llamacpp_runs_slimkit_moe_ggufs_with_the_packed_models_perplexity(smollm2_tokenizer, tmp_path, model_type):
-    """A tiny MoE with a sharpened head (logits far from uniform, so a wrong expert, router or
-    norm moves the score) -> RTN int4 -> packed -> GGUF (experts as 3-D Q4_0 tensors, codes kept):
-    llama.cpp's perplexity equals slimkit's packed model's on the same chunks within 2%.
-    (transformers' GGUF loader has no Mixtral, so llama.cpp is the judge here.)"""
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "gpt2"])
+def test_llamacpp_runs_slimkit_moe_and_gpt2_ggufs_with_the_packed_models_perplexity(smollm2_tokenizer, tmp_path,
+                                                                                  model_type):
+    """A tiny model with a sharpened head (logits far from uniform, so a wrong expert, router, norm or
+    transposition moves the score) -> RTN int4 -> packed -> GGUF (experts as 3-D Q4_0 tensors, codes
+    kept; GPT-2's Conv1D weights as llama.cpp's [out, in]): llama.cpp's perplexity equals slimkit's
+    packed model's on the same chunks within 2%. (transformers' GGUF loader has no Mixtral, so
+    llama.cpp is the judge here.)"""
     import math
 
     import torch
 
     from slimkit.data import load_split
     from slimkit.export.job import export_model
+    from slimkit.formats.pack import packed_layers
     from slimkit.formats.pack_dir import pack_to_dir
     from slimkit.models import load_model
     from slimkit.protocol import EvalSettings
@@ -155,12 +158,13 @@ def test_llamacpp_runs_slimkit_moe_ggufs_with_the_packed_models_perplexity(smoll
     compress_to_dir(str(tmp_path / "m"), [get_recipe("rtn-int4-g64")], tmp_path / "c", settings)
     pack_to_dir(str(tmp_path / "c"), tmp_path / "p")
     result = export_model(str(tmp_path / "p"), tmp_path / "g", "gguf", verify=False)
-    assert result["tensors_by_type"]["Q4_0 (codes kept)"] == 2 * (4 + 4 * 3)  # attention, and every expert
+    packed = load_model(tmp_path / "p").model
+    assert result["tensors_by_type"]["Q4_0 (codes kept)"] == len(packed_layers(packed))  # every expert too
     text = "\n\n".join(d.text for d in load_split().evaluation[:40])
     (tmp_path / "text.txt").write_text(text, encoding="utf-8")
     theirs = llamacpp_perplexity(tmp_path / "g" / "model.gguf", tmp_path / "text.txt", ctx=128, chunks=8)
     tokens = smollm2_tokenizer.encode(text, add_special_tokens=False)
     with torch.no_grad():
-        ours = chunked_perplexity(load_model(tmp_path / "p").model, tokens, ctx=128, chunks=8)
+        ours = chunked_perplexity(packed, tokens, ctx=128, chunks=8)
     assert abs(math.log(ours / len(smollm2_tokenizer))) > 0.5  # far from uniform: the score depends on the logits
     assert abs(theirs / ours - 1) < 0.02, (theirs, ours)

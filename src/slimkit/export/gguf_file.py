@@ -138,7 +138,7 @@ def _tokenizer_from_hf(writer, tokenizer) -> None:
 # its own for the q/k norms, and keeps the HF (NEOX) row order.
 GGUF_ARCHITECTURES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("LLAMA", True),
                       "qwen3": ("QWEN3", False), "phi3": ("PHI3", False), "mixtral": ("LLAMA", True),
-                      "qwen3_moe": ("QWEN3MOE", False)}
+                      "qwen3_moe": ("QWEN3MOE", False), "gpt2": ("GPT2", False)}
 
 
 def _row_order(module_name: str, config, rows: int) -> np.ndarray | None:
@@ -177,12 +177,18 @@ def _write_metadata(writer, config, packed: dict, plan: _Plan) -> None:
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_feed_forward_length(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+                                   or 4 * config.hidden_size)  # GPT-2: n_inner, None meaning 4 x hidden
     writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]))
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    if getattr(config, "rms_norm_eps", None) is not None:
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    else:
+        writer.add_layer_norm_eps(config.layer_norm_epsilon)
+    theta = getattr(config, "rope_theta", None) or (getattr(config, "rope_parameters", None) or {}).get("rope_theta")
+    if theta is not None:  # GPT-2 learns its positions instead
+        writer.add_rope_freq_base(float(theta))
+        writer.add_rope_dimension_count(head_dim)
     writer.add_key_length(head_dim)  # llama.cpp would otherwise take hidden / heads (Qwen3 differs)
     writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
@@ -230,8 +236,8 @@ def _weights(model: torch.nn.Module, packed: dict, plan: _Plan):
             continue
         if module_name in packed:
             yield module_name, module, packed[module_name].dequantize(), packed[module_name]
-        elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) or type(module).__name__.endswith("RMSNorm") \
-                or module_name in gates:
+        elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm)) \
+                or type(module).__name__.endswith("RMSNorm") or module_name in gates:
             if module_name == "lm_head" and plan.tied:
                 continue  # llama.cpp reuses token_embd when there is no output tensor
             yield module_name, module, module.weight.detach().float(), None
@@ -298,7 +304,7 @@ def _add_experts(writer, gname: str, experts: list[tuple[str, object, torch.Tens
 
 
 def _add_bias(writer, gname: str, module_name: str, module, config) -> None:
-    """A linear's bias in F32 (Qwen2's q/k/v), in the same row order as its weight."""
+    """A linear's or a LayerNorm's bias in F32 (Qwen2's q/k/v, GPT-2), in the same row order as its weight."""
     bias = getattr(module, "bias", None)
     if not isinstance(module, torch.nn.Embedding) and isinstance(bias, torch.Tensor):
         data = bias.detach().float().numpy()
