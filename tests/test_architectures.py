@@ -159,15 +159,17 @@ def test_structured_pruning_gives_a_smaller_standard_model_or_says_why_not(tmp_p
     assert tuple(works) == STRUCTURED_WORKS[model_type]
 
 
-GGUF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe", "gpt2")
+GGUF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe", "gpt2", "gemma2", "gemma3_text")
 # transformers' GGUF loader takes Qwen3's head size and Qwen3-MoE's expert width from its config
 # defaults, not from the file; it always renormalises Qwen3-MoE's routing weights
 GGUF_CONFIG = {"qwen3": {"head_dim": 128}, "qwen3_moe": {"moe_intermediate_size": 768, "norm_topk_prob": True},
-               "gpt2": {"n_inner": None, "n_positions": 1024}}  # and GPT-2's MLP width and positions
+               "gpt2": {"n_inner": None, "n_positions": 1024},  # and GPT-2's MLP width and positions
+               # and Gemma's query scale (its default 256), which llama.cpp takes to be head_dim
+               "gemma2": {"head_dim": 256}, "gemma3_text": {"head_dim": 256}}
 
 
 @pytest.mark.parametrize("model_type", [t if t == "phi3" else pytest.param(t, marks=pytest.mark.slow)
-                                        for t in GGUF_TYPES] + ["gemma2"])
+                                        for t in GGUF_TYPES] + ["opt"])
 def test_gguf_export_reloads_in_transformers_or_is_refused(smollm2_tokenizer, tmp_path, model_type):
     """int4 packed -> GGUF (Q4_0 codes kept, Qwen2's q/k/v biases, Qwen3's q/k norms, Phi-3's fused
     projections, Qwen3-MoE's experts as 3-D tensors) -> transformers'
@@ -186,7 +188,7 @@ def test_gguf_export_reloads_in_transformers_or_is_refused(smollm2_tokenizer, tm
     pack_model(model, adapter_for(model).linears(model), fmt="int4", group_size=32)
     (tmp_path / "gguf").mkdir()
     if model_type not in GGUF_TYPES:
-        with pytest.raises(SlimkitError, match=f"GGUF export covers llama.*gpt2; this model is {model_type}"):
+        with pytest.raises(SlimkitError, match=f"GGUF export covers llama.*gemma3_text; this model is {model_type}"):
             export_gguf(model, smollm2_tokenizer, tmp_path / "gguf" / GGUF_NAME)
         assert not (tmp_path / "gguf" / GGUF_NAME).exists()
         return

@@ -127,7 +127,7 @@ def test_advise_for_llamacpp_picks_a_gguf_type_by_kld(smollm2_first_load, tmp_pa
     assert "--to gguf" in (out / "recommended.yaml").read_text()
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "gpt2"])
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "gpt2", "gemma", "gemma2", "gemma3_text"])
 def test_llamacpp_runs_slimkit_moe_and_gpt2_ggufs_with_the_packed_models_perplexity(smollm2_tokenizer, tmp_path,
                                                                                   model_type):
     """A tiny model with a sharpened head (logits far from uniform, so a wrong expert, router, norm or
@@ -150,8 +150,15 @@ def test_llamacpp_runs_slimkit_moe_and_gpt2_ggufs_with_the_packed_models_perplex
     from tiny_archs import tiny_model
 
     extra = {"norm_topk_prob": True} if model_type == "qwen3_moe" else {}
+    if model_type.startswith("gemma"):  # llama.cpp scales Gemma's queries by 1/sqrt(head_dim)
+        extra = {"head_dim": 256, "query_pre_attn_scalar": 256}
     model = tiny_model(model_type, vocab_size=len(smollm2_tokenizer), max_position_embeddings=512, **extra)
-    model.lm_head.weight.data *= 8  # logits with a spread of a few nats
+    with torch.no_grad():  # logits a few nats apart
+        if model_type.startswith("gemma"):  # tied head (llama.cpp names no Gemma output tensor): the final norm
+            model.model.norm.weight += 7  # x * (1 + w)
+        else:
+            model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() * 8)
+            model.config.tie_word_embeddings = False
     model.save_pretrained(tmp_path / "m")
     smollm2_tokenizer.save_pretrained(tmp_path / "m")
     settings = EvalSettings(seqlen=32, max_windows=2, calibration_windows=4, calibration_seqlen=32)

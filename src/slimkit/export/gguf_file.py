@@ -1,5 +1,5 @@
 """Export a model to GGUF (llama.cpp), with the `gguf` package's writer, name maps and quantizers.
-Architectures: `GGUF_ARCHITECTURES` (LLaMA family, Qwen3, Phi-3, Mixtral, Qwen3-MoE); tensor names from the
+Architectures: `GGUF_ARCHITECTURES` (LLaMA family, Qwen3, Phi-3, Mixtral, Qwen3-MoE, GPT-2, Gemma-2/3); names from the
 gguf package. MoE experts go out as one 3-D tensor per projection and block, routers in F32.
 
 Types: a llama.cpp file type (Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, Q5_0) gives every tensor the
@@ -133,17 +133,30 @@ def _tokenizer_from_hf(writer, tokenizer) -> None:
         writer.add_chat_template(tokenizer.chat_template)
 
 
-# model_type -> (llama.cpp architecture, whether q/k rows go to llama.cpp's interleaved rotary order).
-# LLaMA-family types share the llama architecture (its optional q/k/v biases cover Qwen2); Qwen3 needs
-# its own for the q/k norms, and keeps the HF (NEOX) row order.
-GGUF_ARCHITECTURES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("LLAMA", True),
-                      "qwen3": ("QWEN3", False), "phi3": ("PHI3", False), "mixtral": ("LLAMA", True),
-                      "qwen3_moe": ("QWEN3MOE", False), "gpt2": ("GPT2", False)}
+@dataclass(frozen=True)
+class GGUFArch:
+    """How a transformers model_type goes to one of llama.cpp's architectures."""
+
+    name: str  # gguf.MODEL_ARCH member
+    rotary_rows: bool = False  # q/k rows to llama.cpp's interleaved rotary order (LLaMA); else HF's (NEOX)
+    norm_offset: float = 0.0  # Gemma computes x * (1 + w); llama.cpp multiplies by the stored weight
+    gemma: bool = False  # logit soft-caps and sliding window in the metadata; q scaled by 1/sqrt(head_dim)
+
+
+# LLaMA-family types share the llama architecture (its optional q/k/v biases cover Qwen2, its expert
+# tensors Mixtral); Qwen3 needs its own for the q/k norms.
+GGUF_ARCHITECTURES = {
+    "llama": GGUFArch("LLAMA", rotary_rows=True), "mistral": GGUFArch("LLAMA", rotary_rows=True),
+    "qwen2": GGUFArch("LLAMA", rotary_rows=True), "mixtral": GGUFArch("LLAMA", rotary_rows=True),
+    "qwen3": GGUFArch("QWEN3"), "qwen3_moe": GGUFArch("QWEN3MOE"), "phi3": GGUFArch("PHI3"), "gpt2": GGUFArch("GPT2"),
+    "gemma": GGUFArch("GEMMA", norm_offset=1.0), "gemma2": GGUFArch("GEMMA2", norm_offset=1.0, gemma=True),
+    "gemma3_text": GGUFArch("GEMMA3", norm_offset=1.0, gemma=True),
+}
 
 
 def _row_order(module_name: str, config, rows: int) -> np.ndarray | None:
     """llama.cpp's rotary row order for q/k (None for other tensors, or where the architecture keeps HF's)."""
-    if not GGUF_ARCHITECTURES[config.model_type][1] or not module_name.endswith(("q_proj", "k_proj")):
+    if not GGUF_ARCHITECTURES[config.model_type].rotary_rows or not module_name.endswith(("q_proj", "k_proj")):
         return None
     heads = config.num_attention_heads if module_name.endswith("q_proj") else config.num_key_value_heads
     return _permute(np.arange(rows)[:, None], heads)[:, 0]
@@ -185,7 +198,7 @@ def _write_metadata(writer, config, packed: dict, plan: _Plan) -> None:
         writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     else:
         writer.add_layer_norm_eps(config.layer_norm_epsilon)
-    theta = getattr(config, "rope_theta", None) or (getattr(config, "rope_parameters", None) or {}).get("rope_theta")
+    theta = rope_theta(config)
     if theta is not None:  # GPT-2 learns its positions instead
         writer.add_rope_freq_base(float(theta))
         writer.add_rope_dimension_count(head_dim)
@@ -193,6 +206,12 @@ def _write_metadata(writer, config, packed: dict, plan: _Plan) -> None:
     writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
     _write_expert_metadata(writer, config)
+    if GGUF_ARCHITECTURES[config.model_type].gemma:
+        for key, add in (("attn_logit_softcapping", writer.add_attn_logit_softcapping),
+                         ("final_logit_softcapping", writer.add_final_logit_softcapping),
+                         ("sliding_window", writer.add_sliding_window)):
+            if getattr(config, key, None) is not None:
+                add(getattr(config, key))
     writer.add_file_type(_file_type(packed, plan))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -214,6 +233,30 @@ def _expert_projections(model: torch.nn.Module) -> dict[str, list[str]]:
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 stacked.setdefault(f"{path}.{proj}", []).append(f"{path}.{e}.{proj}")
     return stacked
+
+
+def rope_theta(config) -> float | None:
+    """The rotary base (of the full-attention layers where sliding ones differ: Gemma-3)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    params = params.get("full_attention", params)
+    return getattr(config, "rope_theta", None) or params.get("rope_theta")
+
+
+def _gemma_problems(config) -> list[str]:
+    """What llama.cpp's Gemma-2/3 would compute differently from this config."""
+    head_dim = config.head_dim
+    problems = []
+    if getattr(config, "query_pre_attn_scalar", head_dim) != head_dim:
+        problems.append(f"query_pre_attn_scalar {config.query_pre_attn_scalar} is not head_dim {head_dim} "
+                        "(llama.cpp scales queries by 1/sqrt(head_dim) below 27B)")
+    params = getattr(config, "rope_parameters", None) or {}
+    for kind, expected in (("full_attention", None), ("sliding_attention", 10000.0)):
+        rope = params.get(kind, params)
+        if rope.get("rope_type", "default") != "default":
+            problems.append(f"{kind} layers use {rope['rope_type']} rope scaling")
+        if expected is not None and kind in params and rope.get("rope_theta") != expected:
+            problems.append(f"sliding layers use rope base {rope.get('rope_theta')} (llama.cpp: {expected:g})")
+    return problems
 
 
 def _write_expert_metadata(writer, config) -> None:
@@ -270,6 +313,8 @@ def _stored(module_name: str, module, weight: torch.Tensor, mod, plan: _Plan, co
         return _Stored(kept[0] if order is None else kept[0][order], kept[1], kept[1].name + " (codes kept)")
     data = weight.numpy().astype(np.float32)
     data = data if order is None else data[order]
+    if data.ndim == 1:  # a norm's weight
+        data = data + np.float32(GGUF_ARCHITECTURES[config.model_type].norm_offset)
     if data.ndim == 1 or f32:
         t = "F32"  # norms, and routers (small, and llama.cpp's converter keeps them F32)
     elif plan.mix is not None:
@@ -339,6 +384,10 @@ def check_gguf_export(model: torch.nn.Module, tokenizer, source_gguf: Path | Non
     if getattr(config, "model_type", None) not in GGUF_ARCHITECTURES or not hasattr(model, "lm_head"):
         raise SlimkitError(f"GGUF export covers {', '.join(GGUF_ARCHITECTURES)}; this model is "
                            f"{config.model_type}. Use `--to hf` or `--to compressed-tensors`.")
+    problems = _gemma_problems(config) if GGUF_ARCHITECTURES[config.model_type].gemma else []
+    if problems:
+        raise SlimkitError(f"GGUF export: llama.cpp would compute another function for this {config.model_type}: "
+                           f"{'; '.join(problems)}. Use `--to compressed-tensors` or `--to hf`.")
     if getattr(config, "norm_topk_prob", True) is False:
         raise SlimkitError("GGUF export: llama.cpp renormalises the chosen experts' routing weights, and this model "
                            "does not (norm_topk_prob is false), so llama.cpp would compute another function. "
@@ -360,7 +409,7 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: Path, qtype: str = "aut
 
     check_gguf_export(model, tokenizer, source_gguf)
     config = model.config
-    arch = gguf.MODEL_ARCH[GGUF_ARCHITECTURES[config.model_type][0]]
+    arch = gguf.MODEL_ARCH[GGUF_ARCHITECTURES[config.model_type].name]
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     packed = packed_layers(model)
     plan = plan_types(model, packed, qtype)
