@@ -159,13 +159,15 @@ def test_structured_pruning_gives_a_smaller_standard_model_or_says_why_not(tmp_p
     assert tuple(works) == STRUCTURED_WORKS[model_type]
 
 
-GGUF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe", "gpt2", "gemma2", "gemma3_text")
+GGUF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe", "gpt2", "gemma2", "gemma3_text", "stablelm",
+              "starcoder2", "falcon")
 # transformers' GGUF loader takes Qwen3's head size and Qwen3-MoE's expert width from its config
 # defaults, not from the file; it always renormalises Qwen3-MoE's routing weights
 GGUF_CONFIG = {"qwen3": {"head_dim": 128}, "qwen3_moe": {"moe_intermediate_size": 768, "norm_topk_prob": True},
                "gpt2": {"n_inner": None, "n_positions": 1024},  # and GPT-2's MLP width and positions
                # and Gemma's query scale (its default 256), which llama.cpp takes to be head_dim
-               "gemma2": {"head_dim": 256}, "gemma3_text": {"head_dim": 256}}
+               "gemma2": {"head_dim": 256}, "gemma3_text": {"head_dim": 256},
+               "falcon": {"ffn_hidden_size": 256}}  # and Falcon's MLP width from hidden_size
 
 
 @pytest.mark.parametrize("model_type", [t if t == "phi3" else pytest.param(t, marks=pytest.mark.slow)

@@ -127,7 +127,8 @@ def test_advise_for_llamacpp_picks_a_gguf_type_by_kld(smollm2_first_load, tmp_pa
     assert "--to gguf" in (out / "recommended.yaml").read_text()
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "gpt2", "gemma", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "gpt2", "gemma", "gemma2", "gemma3_text",
+                                        "stablelm", "starcoder2", "falcon", "falcon-40b"])
 def test_llamacpp_runs_slimkit_moe_and_gpt2_ggufs_with_the_packed_models_perplexity(smollm2_tokenizer, tmp_path,
                                                                                   model_type):
     """A tiny model with a sharpened head (logits far from uniform, so a wrong expert, router, norm or
@@ -150,6 +151,8 @@ def test_llamacpp_runs_slimkit_moe_and_gpt2_ggufs_with_the_packed_models_perplex
     from tiny_archs import tiny_model
 
     extra = {"norm_topk_prob": True} if model_type == "qwen3_moe" else {}
+    if model_type == "falcon-40b":  # grouped fused qkv, reordered for llama.cpp
+        model_type, extra = "falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}
     if model_type.startswith("gemma"):  # llama.cpp scales Gemma's queries by 1/sqrt(head_dim)
         extra = {"head_dim": 256, "query_pre_attn_scalar": 256}
     model = tiny_model(model_type, vocab_size=len(smollm2_tokenizer), max_position_embeddings=512, **extra)

@@ -149,13 +149,17 @@ GGUF_ARCHITECTURES = {
     "llama": GGUFArch("LLAMA", rotary_rows=True), "mistral": GGUFArch("LLAMA", rotary_rows=True),
     "qwen2": GGUFArch("LLAMA", rotary_rows=True), "mixtral": GGUFArch("LLAMA", rotary_rows=True),
     "qwen3": GGUFArch("QWEN3"), "qwen3_moe": GGUFArch("QWEN3MOE"), "phi3": GGUFArch("PHI3"), "gpt2": GGUFArch("GPT2"),
+    "stablelm": GGUFArch("STABLELM"), "starcoder2": GGUFArch("STARCODER2"), "falcon": GGUFArch("FALCON"),
     "gemma": GGUFArch("GEMMA", norm_offset=1.0), "gemma2": GGUFArch("GEMMA2", norm_offset=1.0, gemma=True),
     "gemma3_text": GGUFArch("GEMMA3", norm_offset=1.0, gemma=True),
 }
 
 
 def _row_order(module_name: str, config, rows: int) -> np.ndarray | None:
-    """llama.cpp's rotary row order for q/k (None for other tensors, or where the architecture keeps HF's)."""
+    """llama.cpp's rotary row order for q/k (None for other tensors, or where the architecture keeps HF's),
+    or its order of a grouped fused qkv (Falcon-40B)."""
+    if module_name.endswith("query_key_value") and getattr(config, "new_decoder_architecture", False):
+        return _falcon_qkv_order(config, rows)
     if not GGUF_ARCHITECTURES[config.model_type].rotary_rows or not module_name.endswith(("q_proj", "k_proj")):
         return None
     heads = config.num_attention_heads if module_name.endswith("q_proj") else config.num_key_value_heads
@@ -190,18 +194,23 @@ def _write_metadata(writer, config, packed: dict, plan: _Plan) -> None:
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
-                                   or 4 * config.hidden_size)  # GPT-2: n_inner, None meaning 4 x hidden
+    width = next((getattr(config, k) for k in ("intermediate_size", "ffn_hidden_size", "n_inner")
+                  if getattr(config, k, None)), 4 * config.hidden_size)  # GPT-2's n_inner None: 4 x hidden
+    writer.add_feed_forward_length(width)
     writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    writer.add_head_count_kv(kv_heads(config))
     if getattr(config, "rms_norm_eps", None) is not None:
         writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    else:
-        writer.add_layer_norm_eps(config.layer_norm_epsilon)
+    else:  # LayerNorm, under the name each config gives its epsilon
+        eps = next(getattr(config, k) for k in ("layer_norm_epsilon", "layer_norm_eps", "norm_epsilon")
+                   if getattr(config, k, None) is not None)
+        writer.add_layer_norm_eps(eps)
     theta = rope_theta(config)
     if theta is not None:  # GPT-2 learns its positions instead
         writer.add_rope_freq_base(float(theta))
-        writer.add_rope_dimension_count(head_dim)
+        rotary = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor") \
+            or getattr(config, "partial_rotary_factor", None) or 1.0
+        writer.add_rope_dimension_count(int(head_dim * rotary))  # StableLM rotates a quarter of each head
     writer.add_key_length(head_dim)  # llama.cpp would otherwise take hidden / heads (Qwen3 differs)
     writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
@@ -233,6 +242,21 @@ def _expert_projections(model: torch.nn.Module) -> dict[str, list[str]]:
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 stacked.setdefault(f"{path}.{proj}", []).append(f"{path}.{e}.{proj}")
     return stacked
+
+
+def kv_heads(config) -> int:
+    if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
+        return 1  # Falcon-7B: one key/value head (its num_kv_heads is then unused)
+    return getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None) \
+        or config.num_attention_heads
+
+
+def _falcon_qkv_order(config, rows: int) -> np.ndarray:
+    """Falcon-40B's fused qkv rows, grouped [q.. k v] per key/value head, as llama.cpp's [q.., k.., v..]."""
+    head_dim = config.hidden_size // config.num_attention_heads
+    per = config.num_attention_heads // config.num_kv_heads
+    index = np.arange(rows).reshape(config.num_kv_heads, per + 2, head_dim)
+    return np.concatenate([index[:, :per].reshape(-1), index[:, per].reshape(-1), index[:, per + 1].reshape(-1)])
 
 
 def rope_theta(config) -> float | None:
@@ -385,6 +409,8 @@ def check_gguf_export(model: torch.nn.Module, tokenizer, source_gguf: Path | Non
         raise SlimkitError(f"GGUF export covers {', '.join(GGUF_ARCHITECTURES)}; this model is "
                            f"{config.model_type}. Use `--to hf` or `--to compressed-tensors`.")
     problems = _gemma_problems(config) if GGUF_ARCHITECTURES[config.model_type].gemma else []
+    if config.model_type == "falcon" and (getattr(config, "alibi", False) or not getattr(config, "parallel_attn", True)):
+        problems.append("llama.cpp's falcon has rotary positions and parallel attention only")
     if problems:
         raise SlimkitError(f"GGUF export: llama.cpp would compute another function for this {config.model_type}: "
                            f"{'; '.join(problems)}. Use `--to compressed-tensors` or `--to hf`.")
