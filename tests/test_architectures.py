@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from slimkit.protocol import EvalSettings
-from tiny_archs import CONV1D, DECODERS, ENCODERS, tiny_model
+from tiny_archs import CONV1D, DECODERS, ENCODERS, MOE, tiny_model
 
 SETTINGS = EvalSettings(seqlen=32, max_windows=2, calibration_windows=4, calibration_seqlen=32)
 # transformers' weight init for these reads `.weight` of every linear, so it cannot build their packed
@@ -229,3 +229,24 @@ def test_streamed_compress_equals_in_memory(smollm2_tokenizer, tmp_path, model_t
     ra, rb = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("memory", "streamed"))
     assert ra["baseline"]["value"] == pytest.approx(rb["baseline"]["value"], rel=1e-5)
     assert ra["compressed"]["value"] == pytest.approx(rb["compressed"]["value"], rel=1e-3)
+
+
+BENCH_FAST = ("gpt2",)
+
+
+@pytest.mark.parametrize("model_type", [t if t in BENCH_FAST else pytest.param(t, marks=pytest.mark.slow)
+                                        for t in DECODERS + CONV1D + MOE])
+def test_bench_model_measures_the_packed_model_of_every_decoder(model_dirs, tmp_path, model_type):
+    """`bench model`'s measurement (prefill, decode with the KV cache, batch throughput, ppl and KLD
+    against the dense model) runs on each architecture's int4 packed model."""
+    from slimkit.benchmarks.model import measure
+    from slimkit.formats.pack_dir import pack_to_dir
+    from slimkit.protocol import BenchSettings
+
+    source = str(model_dirs(model_type))
+    pack_to_dir(source, tmp_path / "int4", fmt="int4")
+    settings = BenchSettings(prompt=16, decode=4, batch=2, windows=1, reference=source)
+    row = measure(str(tmp_path / "int4"), settings)
+    assert "int4" in row.formats and row.decode_ms_per_token > 0 and row.prefill_ms > 0
+    assert math.isfinite(row.ppl) and row.mean_kld is not None and 0 <= row.mean_kld < 0.5
+    assert 0 < row.top1_agreement <= 1  # near-uniform random logits: top-1 flips easily
