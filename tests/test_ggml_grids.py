@@ -95,6 +95,7 @@ def test_type_mix_is_llama_cpps_for_smollm2():
 
 
 @pytest.mark.real_model
+@pytest.mark.slow  # 90 s: the default tier stays under 15 minutes on CI's 2 cores
 def test_smollm2_q4_k_m_gptq_beats_imatrix_rounding_and_exports_its_blocks(smollm2_first_load, tmp_path):
     """SmolLM2 -> gguf_quantize Q4_K_M with GPTQ and with imatrix rounding: GPTQ moves the
     distributions less; the GGUF carries the solver's blocks bit for bit, typed as llama.cpp types

@@ -22,9 +22,9 @@ from slimkit.errors import SlimkitError
 from slimkit.formats import pack_model, packed_layers
 from slimkit.io.outputs import output_directory
 from slimkit.io.text import read_text
-from slimkit.models.checks import NO_CODE
+from slimkit.models.checks import NO_CODE, is_causal_lm
 from slimkit.models.layouts import checkpoint_layout
-from slimkit.models.loading import LoadedModel, is_causal_lm, load_model
+from slimkit.models.loading import LoadedModel, load_model
 from slimkit.models.zoo import zoo_entry
 from slimkit.paths import ExportDir, ModelDir, PackedDir
 from slimkit.recipes.state import COMPRESSION_FILE, load_compression_state

@@ -199,9 +199,8 @@ def _packed_layer(file: Path, model: nn.Module, name: str, meta: dict, tensors: 
 def load_packed(directory: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     from transformers import AutoModel, AutoModelForCausalLM
 
-    from slimkit.models.checks import load_config
+    from slimkit.models.checks import is_causal_lm, load_config
     from slimkit.models.layouts import as_linears
-    from slimkit.models.loading import is_causal_lm
 
     header, tensors = read_packed_file(directory / PACKED_FILE)
     config = load_config(directory)

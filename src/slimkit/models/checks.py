@@ -180,3 +180,11 @@ def check_gguf(path: Path) -> None:
                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
     if count == 0:
         raise WeightsError(f"GGUF file {path} holds no tensors (header only); nothing to load")
+
+def is_causal_lm(architectures: list[str]) -> bool:
+    """Whether config.json's architectures name a causal LM (`...ForCausalLM`, or one transformers maps
+    as such under another name, like GPT2LMHeadModel)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    known = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
+    return any(a.endswith("ForCausalLM") or a in known for a in architectures)

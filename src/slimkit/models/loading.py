@@ -22,7 +22,15 @@ from torch import nn
 from slimkit.errors import ModelNotFoundError, OutputInUseError, OutputRefusedError, WeightsError
 from slimkit.io.outputs import output_directory
 from slimkit.models.adapters import ArchitectureAdapter, adapter_for
-from slimkit.models.checks import NO_CODE, check_before_load, check_finite, check_gguf, check_loading_info, read_config
+from slimkit.models.checks import (
+    NO_CODE,
+    check_before_load,
+    check_finite,
+    check_gguf,
+    check_loading_info,
+    is_causal_lm,
+    read_config,
+)
 from slimkit.models.layouts import as_linears
 from slimkit.models.zoo import ZOO, ModelKind, zoo_entry
 
@@ -65,14 +73,6 @@ def _file_digest(path: Path) -> str:
 def model_kind(config: dict) -> ModelKind:
     return "causal-lm" if is_causal_lm(config.get("architectures") or []) else "encoder"
 
-
-def is_causal_lm(architectures: list[str]) -> bool:
-    """Whether config.json's architectures name a causal LM (`...ForCausalLM`, or one transformers maps
-    as such under another name, like GPT2LMHeadModel)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    known = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
-    return any(a.endswith("ForCausalLM") or a in known for a in architectures)
 
 
 def _load_tokenizer(path: Path, **kwargs) -> Any | None:
