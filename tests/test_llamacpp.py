@@ -128,7 +128,8 @@ def test_advise_for_llamacpp_picks_a_gguf_type_by_kld(smollm2_first_load, tmp_pa
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "gpt2", "gemma", "gemma2", "gemma3_text",
-                                        "stablelm", "starcoder2", "falcon", "falcon-40b"])
+                                        "stablelm", "starcoder2", "falcon", "falcon-40b", "granite", "phi",
+                                        "gpt_neox", "olmo2", "cohere"])
 def test_llamacpp_runs_slimkit_moe_and_gpt2_ggufs_with_the_packed_models_perplexity(smollm2_tokenizer, tmp_path,
                                                                                   model_type):
     """A tiny model with a sharpened head (logits far from uniform, so a wrong expert, router, norm or
@@ -151,6 +152,11 @@ def test_llamacpp_runs_slimkit_moe_and_gpt2_ggufs_with_the_packed_models_perplex
     from tiny_archs import tiny_model
 
     extra = {"norm_topk_prob": True} if model_type == "qwen3_moe" else {}
+    if model_type == "granite":  # multipliers that change the function, as Granite's checkpoints have
+        extra = {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.125,
+                 "logits_scaling": 0.5}
+    if model_type == "cohere":  # its default logit scale (1/16) makes a tiny model's logits uniform
+        extra = {"logit_scale": 2.0}
     if model_type == "falcon-40b":  # grouped fused qkv, reordered for llama.cpp
         model_type, extra = "falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}
     if model_type.startswith("gemma"):  # llama.cpp scales Gemma's queries by 1/sqrt(head_dim)
@@ -159,6 +165,8 @@ def test_llamacpp_runs_slimkit_moe_and_gpt2_ggufs_with_the_packed_models_perplex
     with torch.no_grad():  # logits a few nats apart
         if model_type.startswith("gemma"):  # tied head (llama.cpp names no Gemma output tensor): the final norm
             model.model.norm.weight += 7  # x * (1 + w)
+        elif model_type == "cohere":  # tied head too
+            model.model.norm.weight *= 8
         else:
             model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() * 8)
             model.config.tie_word_embeddings = False

@@ -1,5 +1,5 @@
 """Export a model to GGUF (llama.cpp), with the `gguf` package's writer, name maps and quantizers.
-Architectures: `GGUF_ARCHITECTURES` (LLaMA family, Qwen3, Phi-3, Mixtral, Qwen3-MoE, GPT-2, Gemma-2/3); names from the
+Architectures: `GGUF_ARCHITECTURES` (LLaMA family, Qwen3, Phi, Mixtral, Qwen3-MoE, GPT-2, Gemma, ...); names from the
 gguf package. MoE experts go out as one 3-D tensor per projection and block, routers in F32.
 
 Types: a llama.cpp file type (Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, Q5_0) gives every tensor the
@@ -150,6 +150,8 @@ GGUF_ARCHITECTURES = {
     "qwen2": GGUFArch("LLAMA", rotary_rows=True), "mixtral": GGUFArch("LLAMA", rotary_rows=True),
     "qwen3": GGUFArch("QWEN3"), "qwen3_moe": GGUFArch("QWEN3MOE"), "phi3": GGUFArch("PHI3"), "gpt2": GGUFArch("GPT2"),
     "stablelm": GGUFArch("STABLELM"), "starcoder2": GGUFArch("STARCODER2"), "falcon": GGUFArch("FALCON"),
+    "granite": GGUFArch("GRANITE", rotary_rows=True), "phi": GGUFArch("PHI2"), "gpt_neox": GGUFArch("GPTNEOX"),
+    "olmo2": GGUFArch("OLMO2"), "cohere": GGUFArch("COMMAND_R"),
     "gemma": GGUFArch("GEMMA", norm_offset=1.0), "gemma2": GGUFArch("GEMMA2", norm_offset=1.0, gemma=True),
     "gemma3_text": GGUFArch("GEMMA3", norm_offset=1.0, gemma=True),
 }
@@ -157,9 +159,9 @@ GGUF_ARCHITECTURES = {
 
 def _row_order(module_name: str, config, rows: int) -> np.ndarray | None:
     """llama.cpp's rotary row order for q/k (None for other tensors, or where the architecture keeps HF's),
-    or its order of a grouped fused qkv (Falcon-40B)."""
-    if module_name.endswith("query_key_value") and getattr(config, "new_decoder_architecture", False):
-        return _falcon_qkv_order(config, rows)
+    or its order of a grouped fused qkv (Falcon-40B, GPT-NeoX)."""
+    if module_name.endswith("query_key_value"):
+        return _grouped_qkv_order(config, rows)
     if not GGUF_ARCHITECTURES[config.model_type].rotary_rows or not module_name.endswith(("q_proj", "k_proj")):
         return None
     heads = config.num_attention_heads if module_name.endswith("q_proj") else config.num_key_value_heads
@@ -215,6 +217,7 @@ def _write_metadata(writer, config, packed: dict, plan: _Plan) -> None:
     writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
     _write_expert_metadata(writer, config)
+    _write_scales(writer, config)
     if GGUF_ARCHITECTURES[config.model_type].gemma:
         for key, add in (("attn_logit_softcapping", writer.add_attn_logit_softcapping),
                          ("final_logit_softcapping", writer.add_final_logit_softcapping),
@@ -251,11 +254,18 @@ def kv_heads(config) -> int:
         or config.num_attention_heads
 
 
-def _falcon_qkv_order(config, rows: int) -> np.ndarray:
-    """Falcon-40B's fused qkv rows, grouped [q.. k v] per key/value head, as llama.cpp's [q.., k.., v..]."""
-    head_dim = config.hidden_size // config.num_attention_heads
-    per = config.num_attention_heads // config.num_kv_heads
-    index = np.arange(rows).reshape(config.num_kv_heads, per + 2, head_dim)
+def _grouped_qkv_order(config, rows: int) -> np.ndarray | None:
+    """A fused qkv whose rows are grouped [q.. k v] per key/value head (Falcon-40B; GPT-NeoX, one query
+    head per group), as llama.cpp's [q.., k.., v..]; None for a fused qkv already in that order."""
+    heads = config.num_attention_heads
+    if config.model_type == "gpt_neox":
+        groups = heads
+    elif config.model_type == "falcon" and getattr(config, "new_decoder_architecture", False):
+        groups = config.num_kv_heads
+    else:
+        return None
+    per, head_dim = heads // groups, config.hidden_size // heads
+    index = np.arange(rows).reshape(groups, per + 2, head_dim)
     return np.concatenate([index[:, :per].reshape(-1), index[:, per].reshape(-1), index[:, per + 1].reshape(-1)])
 
 
@@ -283,6 +293,18 @@ def _gemma_problems(config) -> list[str]:
     return problems
 
 
+def _write_scales(writer, config) -> None:
+    """Granite's multipliers, Cohere's logit scale, GPT-NeoX's parallel residual: as llama.cpp names them."""
+    for key, add in (("embedding_multiplier", writer.add_embedding_scale),
+                     ("residual_multiplier", writer.add_residual_scale),
+                     ("attention_multiplier", writer.add_attention_scale),
+                     ("logits_scaling", writer.add_logit_scale), ("logit_scale", writer.add_logit_scale)):
+        if isinstance(getattr(config, key, None), float):
+            add(getattr(config, key))
+    if config.model_type == "gpt_neox":
+        writer.add_parallel_residual(bool(config.use_parallel_residual))
+
+
 def _write_expert_metadata(writer, config) -> None:
     experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
     if not experts:
@@ -304,7 +326,7 @@ def _weights(model: torch.nn.Module, packed: dict, plan: _Plan):
         if module_name in packed:
             yield module_name, module, packed[module_name].dequantize(), packed[module_name]
         elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm)) \
-                or type(module).__name__.endswith("RMSNorm") or module_name in gates:
+                or type(module).__name__.endswith(("RMSNorm", "LayerNorm")) or module_name in gates:
             if module_name == "lm_head" and plan.tied:
                 continue  # llama.cpp reuses token_embd when there is no output tensor
             yield module_name, module, module.weight.detach().float(), None
