@@ -129,7 +129,7 @@ def test_advise_for_llamacpp_picks_a_gguf_type_by_kld(smollm2_first_load, tmp_pa
 
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "gpt2", "gemma", "gemma2", "gemma3_text",
                                         "stablelm", "starcoder2", "falcon", "falcon-40b", "granite", "phi",
-                                        "gpt_neox", "olmo2", "cohere"])
+                                        "gpt_neox", "olmo2", "cohere", "qwen2_moe"])
 def test_llamacpp_runs_slimkit_moe_and_gpt2_ggufs_with_the_packed_models_perplexity(smollm2_tokenizer, tmp_path,
                                                                                   model_type):
     """A tiny model with a sharpened head (logits far from uniform, so a wrong expert, router, norm or
@@ -155,6 +155,9 @@ def test_llamacpp_runs_slimkit_moe_and_gpt2_ggufs_with_the_packed_models_perplex
     if model_type == "granite":  # multipliers that change the function, as Granite's checkpoints have
         extra = {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.125,
                  "logits_scaling": 0.5}
+    if model_type == "qwen2_moe":
+        extra = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                 "shared_expert_intermediate_size": 64}
     if model_type == "cohere":  # its default logit scale (1/16) makes a tiny model's logits uniform
         extra = {"logit_scale": 2.0}
     if model_type == "falcon-40b":  # grouped fused qkv, reordered for llama.cpp

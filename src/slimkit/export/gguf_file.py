@@ -141,6 +141,7 @@ class GGUFArch:
     rotary_rows: bool = False  # q/k rows to llama.cpp's interleaved rotary order (LLaMA); else HF's (NEOX)
     norm_offset: float = 0.0  # Gemma computes x * (1 + w); llama.cpp multiplies by the stored weight
     gemma: bool = False  # logit soft-caps and sliding window in the metadata; q scaled by 1/sqrt(head_dim)
+    topk_renormalised: bool | None = None  # MoE: whether llama.cpp renormalises the chosen experts' weights
 
 
 # LLaMA-family types share the llama architecture (its optional q/k/v biases cover Qwen2, its expert
@@ -148,7 +149,8 @@ class GGUFArch:
 GGUF_ARCHITECTURES = {
     "llama": GGUFArch("LLAMA", rotary_rows=True), "mistral": GGUFArch("LLAMA", rotary_rows=True),
     "qwen2": GGUFArch("LLAMA", rotary_rows=True), "mixtral": GGUFArch("LLAMA", rotary_rows=True),
-    "qwen3": GGUFArch("QWEN3"), "qwen3_moe": GGUFArch("QWEN3MOE"), "phi3": GGUFArch("PHI3"), "gpt2": GGUFArch("GPT2"),
+    "qwen3": GGUFArch("QWEN3"), "qwen3_moe": GGUFArch("QWEN3MOE", topk_renormalised=True),
+    "qwen2_moe": GGUFArch("QWEN2MOE", topk_renormalised=False), "phi3": GGUFArch("PHI3"), "gpt2": GGUFArch("GPT2"),
     "stablelm": GGUFArch("STABLELM"), "starcoder2": GGUFArch("STARCODER2"), "falcon": GGUFArch("FALCON"),
     "granite": GGUFArch("GRANITE", rotary_rows=True), "phi": GGUFArch("PHI2"), "gpt_neox": GGUFArch("GPTNEOX"),
     "olmo2": GGUFArch("OLMO2"), "cohere": GGUFArch("COMMAND_R"),
@@ -229,8 +231,16 @@ def _write_metadata(writer, config, packed: dict, plan: _Plan) -> None:
 
 
 def routers(model: torch.nn.Module) -> set[str]:
-    """The MoE routers (`<moe>.gate` beside `<moe>.experts`): llama.cpp's ffn_gate_inp, kept F32."""
-    return {path.rpartition(".")[0] + ".gate" for path in expert_modules(model)}
+    """The MoE routers beside each `<moe>.experts` (few rows: `gate`, Qwen2-MoE's `shared_expert_gate`):
+    llama.cpp's ffn_gate_inp(_shexp), kept F32."""
+    found = set()
+    for path, experts in expert_modules(model).items():
+        parent = path.rpartition(".")[0]
+        for name, child in model.get_submodule(parent).named_children():
+            weight = child._parameters.get("weight")
+            if weight is not None and weight.dim() == 2 and weight.shape[0] <= len(experts):
+                found.add(f"{parent}.{name}")
+    return found
 
 
 def _expert_weight(module, mod) -> tuple[torch.Tensor, object]:
@@ -313,6 +323,8 @@ def _write_expert_metadata(writer, config) -> None:
     writer.add_expert_used_count(config.num_experts_per_tok)
     if getattr(config, "moe_intermediate_size", None):  # Qwen-MoE: the experts' width differs from the dense one
         writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if getattr(config, "shared_expert_intermediate_size", None):  # Qwen2-MoE's shared expert
+        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
 
 
 def _weights(model: torch.nn.Module, packed: dict, plan: _Plan):
@@ -361,6 +373,8 @@ def _stored(module_name: str, module, weight: torch.Tensor, mod, plan: _Plan, co
     data = data if order is None else data[order]
     if data.ndim == 1:  # a norm's weight
         data = data + np.float32(GGUF_ARCHITECTURES[config.model_type].norm_offset)
+    if f32 and data.shape[0] == 1:
+        data = data[0]  # a one-row gate (Qwen2-MoE's shared expert): llama.cpp declares a vector
     if data.ndim == 1 or f32:
         t = "F32"  # norms, and routers (small, and llama.cpp's converter keeps them F32)
     elif plan.mix is not None:
@@ -436,9 +450,11 @@ def check_gguf_export(model: torch.nn.Module, tokenizer, source_gguf: Path | Non
     if problems:
         raise SlimkitError(f"GGUF export: llama.cpp would compute another function for this {config.model_type}: "
                            f"{'; '.join(problems)}. Use `--to compressed-tensors` or `--to hf`.")
-    if getattr(config, "norm_topk_prob", True) is False:
-        raise SlimkitError("GGUF export: llama.cpp renormalises the chosen experts' routing weights, and this model "
-                           "does not (norm_topk_prob is false), so llama.cpp would compute another function. "
+    expected = GGUF_ARCHITECTURES[config.model_type].topk_renormalised
+    if expected is not None and bool(getattr(config, "norm_topk_prob", expected)) != expected:
+        raise SlimkitError(f"GGUF export: llama.cpp's {config.model_type} {'renormalises' if expected else 'keeps'} "
+                           f"the chosen experts' routing weights and this model {'does not' if expected else 'does'} "
+                           f"(norm_topk_prob), so llama.cpp would compute another function. "
                            "Use `--to compressed-tensors` or `--to hf`.")
     if source_gguf is None:
         if tokenizer is None:

@@ -209,7 +209,9 @@ def mlp_roles(model: nn.Module, parts: BlockParts) -> tuple[tuple[str, ...], str
     """The MLP's input projections (reading the hidden state) and the one writing back."""
     hidden = model.config.hidden_size
     mlp = [p for p in parts.projections if not _is_attention(p)]
-    writers = [p for p in mlp if out_width(parts.projections[p]) == hidden]
+    first = next((g.projections for g in parts.groups if set(g.projections) & set(mlp)), ())
+    # the writer reads what the MLP made, not the MLP's input (whose readers may be hidden-wide too)
+    writers = [p for p in mlp if out_width(parts.projections[p]) == hidden and p not in first]
     if not mlp and parts.moe.groups:
         return (), None  # experts only (Mixtral): no dense MLP
     if not mlp or len(writers) != 1 or len(mlp) < 2:
