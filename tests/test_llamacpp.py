@@ -135,7 +135,7 @@ def test_llamacpp_runs_slimkit_moe_and_gpt2_ggufs_with_the_packed_models_perplex
     """A tiny model with a sharpened head (logits far from uniform, so a wrong expert, router, norm or
     transposition moves the score) -> RTN int4 -> packed -> GGUF (experts as 3-D Q4_0 tensors, codes
     kept; GPT-2's Conv1D weights as llama.cpp's [out, in]): llama.cpp's perplexity equals slimkit's
-    packed model's on the same chunks within 2%. (transformers' GGUF loader has no Mixtral, so
+    packed model's on the same chunks within 0.5%. (transformers' GGUF loader has no Mixtral, so
     llama.cpp is the judge here.)"""
     import math
 
@@ -188,4 +188,5 @@ def test_llamacpp_runs_slimkit_moe_and_gpt2_ggufs_with_the_packed_models_perplex
     with torch.no_grad():
         ours = chunked_perplexity(packed, tokens, ctx=128, chunks=8)
     assert abs(math.log(ours / len(smollm2_tokenizer))) > 0.5  # far from uniform: the score depends on the logits
-    assert abs(theirs / ours - 1) < 0.02, (theirs, ours)
+    # measured within 0.15% on every architecture; leaving out Falcon-40B's qkv reordering moves it +0.8%
+    assert abs(theirs / ours - 1) < 0.005, (theirs, ours)
