@@ -23,11 +23,12 @@ OVERRIDES = {
     "distilbert": dict(dim=64, hidden_dim=128, n_layers=2, n_heads=4),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, head_dim=16),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=64),
 }
 ENCODERS = ("bert", "roberta", "distilbert", "modernbert")
 DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "phi3", "gpt_neox",
             "gptj", "opt", "falcon", "olmo2", "granite", "stablelm", "starcoder2", "cohere")
-MOE = ("mixtral", "qwen3_moe")
+MOE = ("mixtral", "qwen3_moe", "qwen2_moe")  # Qwen2-MoE: a shared expert and its one-row gate
 CONV1D = ("gpt2",)
 
 
