@@ -168,7 +168,9 @@ GGUF_CONFIG = {"qwen3": {"head_dim": 128}, "qwen3_moe": {"moe_intermediate_size"
                # and Gemma's query scale (its default 256), which llama.cpp takes to be head_dim
                "gemma2": {"head_dim": 256}, "gemma3_text": {"head_dim": 256},
                "falcon": {"ffn_hidden_size": 256},  # and Falcon's MLP width from hidden_size
-               "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2}}  # expert widths: the defaults
+               # and Qwen2-MoE's expert widths (tiny_archs makes them 64)
+               "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 1408,
+                             "shared_expert_intermediate_size": 5632}}
 
 
 @pytest.mark.parametrize("model_type", [t if t == "phi3" else pytest.param(t, marks=pytest.mark.slow)

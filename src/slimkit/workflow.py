@@ -213,9 +213,7 @@ def engine_row(e) -> dict:
     row = {"stats_s": e.stats_seconds, "algorithm_s": e.algorithm_seconds, "forward_s": e.forward_seconds,
            "tokens": e.tokens}
     if e.expert_tokens:
-        from slimkit.calibration.engine import MIN_EXPERT_TOKENS
-
-        row["experts"] = {"count": len(e.expert_tokens), "min_tokens": MIN_EXPERT_TOKENS,
+        row["experts"] = {"count": len(e.expert_tokens), "min_tokens": e.min_expert_tokens,
                           "data_free": e.data_free_experts, "tokens": e.expert_tokens}
     return row
 

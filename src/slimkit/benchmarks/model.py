@@ -79,7 +79,8 @@ def measure(source: str, settings: BenchSettings = BenchSettings(), note=lambda 
     device = resolve_device(settings.device)
     model, tok = loaded.model.to(device), loaded.tokenizer
     split = load_split()
-    all_windows = eval_windows(tok, split, ppl_seqlen(model.config))
+    seqlen = ppl_seqlen(model.config)
+    all_windows = eval_windows(tok, split, seqlen)
     stream = all_windows[0].to(device)
     ids = stream[:prompt].unsqueeze(0)
 
@@ -112,8 +113,8 @@ def measure(source: str, settings: BenchSettings = BenchSettings(), note=lambda 
         note(f"{source}: perplexity on {windows_text(windows)} windows")
     peak_mb = _peak_rss_mb()  # before any reference model is loaded below
     count = all_windows.shape[0] if windows is None else min(windows, all_windows.shape[0])
-    use = _divergence_use(source, settings.reference, split, windows, count, note)
-    ppl = perplexity(model, tok, split, PerplexityProtocol(ppl_seqlen(model.config), windows), logprobs=use) if windows != 0 else None
+    use = _divergence_use(source, settings.reference, split, windows, count, note, seqlen)
+    ppl = perplexity(model, tok, split, PerplexityProtocol(seqlen, windows), logprobs=use) if windows != 0 else None
     packed = packed_layers(model)
     paths = sorted({m.path_for(1) for m in packed.values()}) or ["dense fp32 (torch.nn.Linear)"]
     divergence = (ppl.divergence or {}) if ppl else {}
@@ -136,14 +137,8 @@ def ppl_seqlen(config, default: int = 512) -> int:
     return min(default, limit) if isinstance(limit, int) and limit > 0 else default
 
 
-def load_config_of(name: str):
-    """The config of a model name, directory or GGUF (from its dequantized cache when there is one)."""
-    from slimkit.preflight import outline
-
-    return outline(name).config
-
-
-def _divergence_use(source: str, reference: str | None, split, windows: int | None, count: int, note):
+def _divergence_use(source: str, reference: str | None, split, windows: int | None, count: int, note,
+                    seqlen: int):
     """Record the reference's distributions when `source` is the reference; else compare with
     them, computing the ones not cached yet (after the timings and the peak RSS were taken)."""
     from slimkit.evaluation import PerplexityProtocol, perplexity
@@ -153,7 +148,6 @@ def _divergence_use(source: str, reference: str | None, split, windows: int | No
 
     if reference is None or windows == 0:
         return None
-    seqlen = ppl_seqlen(load_config_of(reference))
     store = BaseLogprobs.for_model(cache_root(), resolve(reference)[0], split.split_hash, seqlen)
     if resolve(source)[0] == resolve(reference)[0]:
         return LogprobsUse(record=store)

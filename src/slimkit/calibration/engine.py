@@ -116,7 +116,8 @@ class EngineReport:
     algorithm_seconds: float = 0.0
     tokens: int = 0
     expert_tokens: dict[str, int] = field(default_factory=dict)  # each expert (module name) -> tokens routed to it
-    data_free_experts: list[str] = field(default_factory=list)  # experts below MIN_EXPERT_TOKENS
+    data_free_experts: list[str] = field(default_factory=list)  # experts below min_expert_tokens
+    min_expert_tokens: int = 0  # the threshold the pass applied (MIN_EXPERT_TOKENS)
 
 
 def _block_output(out: Any) -> torch.Tensor:
@@ -180,6 +181,7 @@ def expert_fallback(work: BlockWork, report: EngineReport) -> None:
     """Count the tokens each expert received; an expert with fewer than MIN_EXPERT_TOKENS gets identity
     statistics (Hessian I, unit activations), under which every method becomes its data-free form:
     GPTQ is RTN, SparseGPT and Wanda are magnitude pruning, AWQ scales nothing."""
+    report.min_expert_tokens = MIN_EXPERT_TOKENS
     for g in work.experts:
         stats = work.stats[work.groups[g][0]]
         expert = work.groups[g][0].rpartition(".")[0]  # e.g. model.layers.0.mlp.experts.3

@@ -29,7 +29,8 @@ from slimkit.errors import SlimkitError
 from slimkit.export.gguf_metadata import copy_from_gguf, describe_from_hf, pre_tokenizer
 from slimkit.formats import packed_layers
 from slimkit.formats.ggml import GGMLBlocks, pack_blocks
-from slimkit.models.experts import expert_modules
+from slimkit.models.adapters import adapter_for, submodule_at
+from slimkit.models.experts import EXPERT_PROJECTIONS, expert_modules
 from slimkit.quantization.ggml_grids import fit_grid, round_codes
 from slimkit.quantization.gguf_mix import tensor_type
 
@@ -231,16 +232,13 @@ def _write_metadata(writer, config, packed: dict, plan: _Plan) -> None:
 
 
 def routers(model: torch.nn.Module) -> set[str]:
-    """The MoE routers beside each `<moe>.experts` (few rows: `gate`, Qwen2-MoE's `shared_expert_gate`):
-    llama.cpp's ffn_gate_inp(_shexp), kept F32."""
-    found = set()
-    for path, experts in expert_modules(model).items():
-        parent = path.rpartition(".")[0]
-        for name, child in model.get_submodule(parent).named_children():
-            weight = child._parameters.get("weight")
-            if weight is not None and weight.dim() == 2 and weight.shape[0] <= len(experts):
-                found.add(f"{parent}.{name}")
-    return found
+    """The MoE routers the adapter names (`gate`, Qwen2-MoE's `shared_expert_gate`), by full module
+    name: llama.cpp's ffn_gate_inp(_shexp), kept F32."""
+    adapter = adapter_for(model)
+    if not adapter.routers:
+        return set()
+    names = {id(m): n for n, m in model.named_modules()}
+    return {names[id(submodule_at(block, r))] for block in adapter.get_blocks(model) for r in adapter.routers}
 
 
 def _expert_weight(module, mod) -> tuple[torch.Tensor, object]:
@@ -252,7 +250,7 @@ def _expert_projections(model: torch.nn.Module) -> dict[str, list[str]]:
     stacked: dict[str, list[str]] = {}
     for path, experts in expert_modules(model).items():
         for e in range(len(experts)):
-            for proj in ("gate_proj", "up_proj", "down_proj"):
+            for proj in EXPERT_PROJECTIONS:
                 stacked.setdefault(f"{path}.{proj}", []).append(f"{path}.{e}.{proj}")
     return stacked
 
@@ -327,11 +325,10 @@ def _write_expert_metadata(writer, config) -> None:
         writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
 
 
-def _weights(model: torch.nn.Module, packed: dict, plan: _Plan):
+def _weights(model: torch.nn.Module, packed: dict, plan: _Plan, gates: set[str]):
     """(module name, module, fp32 weight, packed layer or None) for every tensor GGUF stores, experts
-    apart (`_expert_projections`), routers included."""
+    apart (`_expert_projections`), the routers `gates` included."""
     inside_experts = {n for names in _expert_projections(model).values() for n in names}
-    gates = routers(model)
     for module_name, module in model.named_modules():
         if module_name in inside_experts:
             continue
@@ -487,7 +484,7 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: Path, qtype: str = "aut
     counts: dict[str, int] = {}
     gates = routers(model)
     tensors = _TensorQueue()
-    for module_name, module, weight, mod in _weights(model, packed, plan):
+    for module_name, module, weight, mod in _weights(model, packed, plan, gates):
         if mod is None and module_name in (dense_blocks or {}):
             mod = GGMLBlocks.from_codes(dense_blocks[module_name], weight.shape[1])  # as a packed layer
         gname = names.get_name(module_name)

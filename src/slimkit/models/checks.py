@@ -181,6 +181,7 @@ def check_gguf(path: Path) -> None:
     if count == 0:
         raise WeightsError(f"GGUF file {path} holds no tensors (header only); nothing to load")
 
+
 def is_causal_lm(architectures: list[str]) -> bool:
     """Whether config.json's architectures name a causal LM (`...ForCausalLM`, or one transformers maps
     as such under another name, like GPT2LMHeadModel)."""

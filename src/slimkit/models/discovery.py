@@ -165,9 +165,8 @@ class BlockParts:
     moe: MoEParts = field(default_factory=MoEParts)
 
 
-def block_parts(model: nn.Module, block: nn.Module, trace: BlockTrace) -> BlockParts:
+def block_parts(model: nn.Module, block: nn.Module, trace: BlockTrace, moe: MoEParts) -> BlockParts:
     hidden = model.config.hidden_size
-    moe = moe_parts(block, hidden)
     ran = [p for p in dict.fromkeys(trace.order) if p not in moe.projections and p not in moe.routers]
     projections = {p: block.get_submodule(p) for p in ran if is_projection(block.get_submodule(p))}
     norms = {p: block.get_submodule(p) for p in ran if _is_norm(block.get_submodule(p), hidden)}
@@ -279,8 +278,9 @@ def _discover(model: nn.Module) -> ArchitectureAdapter:
     trace = trace_first_block(model, blocks)
     first = model.base_model.get_submodule(blocks)[0]
     _refuse_unlike_blocks(model, blocks)
-    _refuse_unknown_weights(model, first, trace)
-    parts = block_parts(model, first, trace)
+    moe = moe_parts(first, config.hidden_size)
+    _refuse_unknown_weights(model, first, trace, moe)
+    parts = block_parts(model, first, trace, moe)
     if not parts.projections:
         raise discovery_error(model, "the first block ran no nn.Linear or Conv1D projection")
     conv1d = [p for p, m in parts.projections.items() if type(m).__name__ == "Conv1D"]
@@ -293,7 +293,8 @@ def _discover(model: nn.Module) -> ArchitectureAdapter:
     return ArchitectureAdapter(
         name=config.model_type, model_types=(config.model_type,), blocks=blocks,
         **attention_roles(model, parts), mlp_inputs=mlp_inputs, mlp_output=mlp_output,
-        experts=parts.moe.projections, routers=parts.moe.routers, block_norms=tuple(parts.norms), lm_head=_lm_head(model), groups=tuple(parts.groups),
+        experts=parts.moe.projections, routers=parts.moe.routers, block_norms=tuple(parts.norms),
+        lm_head=_lm_head(model), groups=tuple(parts.groups),
         kv_heads_attr=kv_attr, free_head_dim=getattr(config, "head_dim", None) is not None,
         **_outside_blocks(model, blocks, trace))
 
@@ -309,10 +310,9 @@ def _refuse_unlike_blocks(model: nn.Module, blocks: str) -> None:
                                      "and dense MLP blocks mixed)")
 
 
-def _refuse_unknown_weights(model: nn.Module, block: nn.Module, trace: BlockTrace) -> None:
+def _refuse_unknown_weights(model: nn.Module, block: nn.Module, trace: BlockTrace, moe: MoEParts) -> None:
     """Never skip a weight silently: every matrix in the block must belong to a projection that ran,
     an expert or a router."""
-    moe = moe_parts(block, model.config.hidden_size)
     ran = [block.get_submodule(p) for p in dict.fromkeys(trace.order)]
     known = {id(m.weight) for m in ran if is_projection(m)}
     known |= {id(block.get_submodule(p).weight) for p in (*moe.projections, *moe.routers)}

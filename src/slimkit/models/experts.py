@@ -21,6 +21,7 @@ from torch import nn
 from slimkit.errors import UnsupportedArchitectureError
 
 STACKED = ("gate_up_proj", "down_proj")  # the 3-D parameters transformers' experts modules hold
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # each ExpertMLP's linears
 
 
 class ExpertMLP(nn.Module):
@@ -172,7 +173,7 @@ def checkpoint_names(model: nn.Module) -> dict[str, str]:
         for e in range(len(experts)):
             gate_up.append([len(ours), len(ours) + 1])
             down.append([len(ours) + 2])
-            ours += [f"{path}.{e}.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
+            ours += [f"{path}.{e}.{p}.weight" for p in EXPERT_PROJECTIONS]
         markers[f"{path}.gate_up_proj"] = torch.tensor(gate_up, dtype=torch.float64).unsqueeze(-1)
         markers[f"{path}.down_proj"] = torch.tensor(down, dtype=torch.float64).unsqueeze(-1)
     reverted = revert_weight_conversion(model, markers)

@@ -58,7 +58,8 @@ def _conv1d_restored(model: nn.Module) -> Iterator[None]:
 
     swapped = {n: m for n, m in model.named_modules() if isinstance(m, TransposedLinear)}
     for name, linear in swapped.items():
-        conv = Conv1D(linear.out_features, linear.in_features).to(linear.weight.device, linear.weight.dtype)
+        with torch.device("meta"):  # no random init only to be replaced
+            conv = Conv1D(linear.out_features, linear.in_features)
         conv.weight = nn.Parameter(linear.weight.detach().T.contiguous(), requires_grad=False)
         if linear.bias is not None:
             conv.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)

@@ -74,7 +74,6 @@ def model_kind(config: dict) -> ModelKind:
     return "causal-lm" if is_causal_lm(config.get("architectures") or []) else "encoder"
 
 
-
 def _load_tokenizer(path: Path, **kwargs) -> Any | None:
     from transformers import AutoTokenizer
 
