@@ -213,7 +213,7 @@ def _calibrated_builtins() -> list[str]:
 
     recipes = {n: get_recipe(n).steps for n in builtin_recipes()}
     return sorted(n for n, steps in recipes.items() if any(s.needs_calibration for s in steps)
-                  and not any(s.changes_shapes or s.needs_teacher for s in steps))  # those cannot stream
+                  and not any(s.changes_shapes or s.needs_teacher or s.rewrites_weights for s in steps))  # cannot stream
 
 
 @pytest.mark.slow

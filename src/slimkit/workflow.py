@@ -24,6 +24,7 @@ from slimkit.evaluation.size import bytes_by_kind, files_bytes, packed_bytes
 from slimkit.export.hf import save_model_dir
 from slimkit.io.outputs import output_directory, reserve_output
 from slimkit.models.loading import LoadedModel, cache_root, load_model
+from slimkit.models.snapshot import ModelSnapshot
 from slimkit.paths import CompressOutput, ModelDir
 from slimkit.progress import NoProgress, Progress
 from slimkit.protocol import EvalSettings
@@ -241,7 +242,7 @@ def compress_worker(model: str, recipes: list[Recipe], settings: EvalSettings = 
     taking part in the calibration collectives; it evaluates nothing and writes nothing."""
     loaded = load_model(model)
     split = load_split(settings.data)
-    original = {k: v.clone() for k, v in loaded.model.state_dict().items()} if len(recipes) > 1 else None
+    original = ModelSnapshot.of(loaded.model) if len(recipes) > 1 else None
     model_object = loaded.model
 
     def calibration() -> torch.Tensor:
@@ -251,7 +252,7 @@ def compress_worker(model: str, recipes: list[Recipe], settings: EvalSettings = 
     for i, recipe in enumerate(recipes):
         if i and original is not None:
             loaded.model = model_object
-            loaded.model.load_state_dict(original)
+            original.restore(loaded.model)
         run = RunResources(NoProgress(), calibration if loaded.tokenizer else None, offload_dir, loaded.tokenizer,
                            split, device=device)
         loaded.model = compress(loaded.model, recipe, loaded.adapter, run).model
@@ -292,7 +293,7 @@ def _compress_reserved(model, recipes, output, settings, overwrite, save_dtype, 
     meter = QualityMeter(loaded, split, settings, progress, device)
     baseline = meter.measure("dense")
     dense_by_kind = bytes_by_kind(loaded.model, loaded.adapter, loaded.source_dtype.itemsize)
-    original = {k: v.clone() for k, v in loaded.model.state_dict().items()} if len(recipes) > 1 else None
+    original = ModelSnapshot.of(loaded.model) if len(recipes) > 1 else None
     original_model = loaded.model
     base_names = list(loaded.adapter.linears(loaded.model))
     zeros, total = _model_sparsity(loaded.model, base_names)
@@ -308,7 +309,7 @@ def _compress_reserved(model, recipes, output, settings, overwrite, save_dtype, 
         for i, recipe in enumerate(recipes):
             if i and original is not None:
                 loaded.model = original_model  # a structural recipe replaced the object
-                loaded.model.load_state_dict(original)
+                original.restore(loaded.model)
             t0 = time.perf_counter()
             run = RunResources(progress, calibration, offload_dir, loaded.tokenizer, split, runs_dir, restart_training,
                                device=device)

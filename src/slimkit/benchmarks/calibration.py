@@ -24,6 +24,7 @@ import torch
 from slimkit.data import calibration_windows, load_split
 from slimkit.evaluation import PerplexityProtocol, perplexity
 from slimkit.models import load_model
+from slimkit.models.snapshot import ModelSnapshot
 from slimkit.protocol import parse_windows
 from slimkit.recipes import RunResources, compress, get_recipe
 
@@ -83,14 +84,14 @@ def run(args) -> list[dict]:
     lm = load_model(args.model)
     split = load_split(args.data)
     windows = calibration_windows(lm.tokenizer, split, args.windows, args.seqlen, args.seed)
-    original = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    original = ModelSnapshot.of(lm.model)  # weights and head tying (a rotation unties)
     peak = measured_peak_flops()
     rows = []
     protocol = PerplexityProtocol(512, args.eval_windows)
     dense_ppl = perplexity(lm.model, lm.tokenizer, split, protocol).ppl if args.eval_windows != 0 else None
     for name in args.recipes.split(","):
         recipe = get_recipe(name)
-        lm.model.load_state_dict(original)
+        original.restore(lm.model)
         start = time.perf_counter()
         result = compress(lm.model, recipe, lm.adapter, RunResources(calibration=lambda: windows))
         seconds = time.perf_counter() - start

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import torch
 
+from slimkit.calibration.engine import BlockWork, sequential_compress
 from slimkit.calibration.obs import PruneTarget
 from slimkit.calibration.runner import run_calibrated, solve_linears, take_hessians, write_result
 from slimkit.calibration.stats import StatsRequest
-from slimkit.pruning.config import SparseGPTConfig, WandaConfig
+from slimkit.pruning.config import OutlierFields, SparseGPTConfig, WandaConfig
 from slimkit.pruning.magnitude import check_nm_shape
+from slimkit.pruning.owl import block_sparsities, outlier_ratio
 from slimkit.pruning.wanda import wanda_mask
 from slimkit.quantization.rtn import check_groups
 from slimkit.recipes.context import StepContext
 from slimkit.recipes.registry import register_step
+from slimkit.recipes.targets import select_targets
 
 
 def _shape_check(config, quant_spec=None):
@@ -27,17 +30,48 @@ def _shape_check(config, quant_spec=None):
     return check
 
 
+def block_targets(config: OutlierFields, ctx: StepContext) -> dict[int, float]:
+    """Each block's sparsity: the config's, or OWL's from a first engine pass over the dense model
+    (the blocks' Wanda scores on the calibration windows; no weight changes)."""
+    blocks = len(ctx.state.adapter.get_blocks(ctx.state.model))
+    owl = config.outlier_weighted
+    if owl is None:
+        return dict.fromkeys(range(blocks), config.sparsity)
+    targets = select_targets(ctx.state.model, ctx.state.adapter, config, ctx.state.records)
+    ratios, sizes = {}, {}
+
+    def measure(work: BlockWork) -> None:
+        chosen = [(m.weight, work.stats[n].col_norm) for n, m in work.linears.items() if n in targets]
+        if chosen:
+            ratios[work.index] = outlier_ratio(chosen, owl.threshold)
+            sizes[work.index] = sum(w.numel() for w, _ in chosen)
+
+    sequential_compress(ctx.state.model, ctx.state.adapter, ctx.run.calibration(), StatsRequest(col_sq=True),
+                        measure, ctx.run.progress, offload_dir=ctx.run.offload_dir,
+                        description="OWL outlier ratios", device=ctx.run.device)
+    order = sorted(ratios)
+    per_block = block_sparsities([ratios[i] for i in order], [sizes[i] for i in order], config.sparsity, owl.shift)
+    return dict(zip(order, per_block))
+
+
+def _note_block_sparsity(config: OutlierFields, record, sparsity: float) -> None:
+    if config.outlier_weighted is not None:
+        record.notes.append(f"OWL: this block pruned to {sparsity:.1%} (recipe average {config.sparsity:.0%})")
+
+
 @register_step(SparseGPTConfig)
 def apply_sparsegpt(config: SparseGPTConfig, ctx: StepContext) -> None:
     nm = config.nm()
-    target = PruneTarget(config.sparsity, *(nm or (None, None)))
     spec = config.quantize.spec() if config.quantize else None
+    per_block = block_targets(config, ctx)
 
     def block(work, selected):
+        target = PruneTarget(per_block[work.index], *(nm or (None, None)))
         hessians = take_hessians(work, selected)  # each freed once its factor exists
 
         def store(name, result):  # written as soon as solved: a big block's results never coexist
             write_result(selected[name], ctx.state.records[name], result, spec, config.summary(), config.percdamp)
+            _note_block_sparsity(config, ctx.state.records[name], per_block[work.index])
 
         solve_linears(work, selected, hessians, {}, ctx.run.progress, on_solved=store, prune=target, quant=spec,
                       blocksize=config.blocksize, percdamp=config.percdamp)
@@ -49,11 +83,13 @@ def apply_sparsegpt(config: SparseGPTConfig, ctx: StepContext) -> None:
 @torch.no_grad()
 def apply_wanda(config: WandaConfig, ctx: StepContext) -> None:
     nm = config.nm()
+    per_block = block_targets(config, ctx)
 
     def block(work, selected):
         for name, module in selected.items():
-            mask = wanda_mask(module.weight, work.stats[name].col_norm, config.sparsity, *(nm or (None, None)))
+            mask = wanda_mask(module.weight, work.stats[name].col_norm, per_block[work.index], *(nm or (None, None)))
             record = ctx.state.records[name]
+            _note_block_sparsity(config, record, per_block[work.index])
             record.mask = mask if record.mask is None else (mask & record.mask)
             module.weight.mul_(record.mask.to(module.weight.dtype))
             record.methods.append(config.summary())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from slimkit.pruning.magnitude import parse_nm
 from slimkit.quantization.config import QuantFields
@@ -56,7 +56,32 @@ class MagnitudePruneConfig(SparsityFields):
         return f"magnitude {self.target_text()}" + (" global" if self.scope == "global" else "")
 
 
-class WandaConfig(SparsityFields):
+class OutlierWeighting(BaseModel):
+    """OWL: per-block sparsity from the block's share of outlier Wanda scores, average kept exact."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    threshold: float = Field(5.0, gt=1.0, description="a score is an outlier above threshold x the block's mean")
+    shift: float = Field(0.08, gt=0.0, lt=0.5, description="largest change of a block's sparsity (OWL's lambda)")
+
+
+class OutlierFields(SparsityFields):
+    """Calibrated pruning that may spread its sparsity over the blocks by their outliers (OWL)."""
+
+    outlier_weighted: OutlierWeighting | None = Field(
+        None, description="OWL: blocks with more outliers pruned less, the same average (unstructured only)")
+
+    @model_validator(mode="after")
+    def _owl_unstructured(self):
+        if self.outlier_weighted is not None and self.pattern is not None:
+            raise ValueError("outlier_weighted sets a sparsity per block; an N:M pattern has one fixed density")
+        return self
+
+    def target_text(self) -> str:
+        return super().target_text() + (" OWL" if self.outlier_weighted else "")
+
+
+class WandaConfig(OutlierFields):
     """Wanda: prune by |W| x input-activation norm, per output row. Needs calibration data."""
 
     method: Literal["wanda"] = "wanda"
@@ -66,7 +91,7 @@ class WandaConfig(SparsityFields):
         return f"Wanda {self.target_text()}"
 
 
-class SparseGPTConfig(SparsityFields):
+class SparseGPTConfig(OutlierFields):
     """SparseGPT: one-shot OBS pruning with weight updates; optionally quantizes kept weights."""
 
     method: Literal["sparsegpt"] = "sparsegpt"

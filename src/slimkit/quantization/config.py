@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from slimkit.quantization.rtn import QuantSpec
 from slimkit.recipes.base import StepConfig
@@ -96,3 +96,25 @@ class GGUFQuantizeConfig(StepConfig):
 
     def summary(self) -> str:
         return f"GGUF {self.gguf_type} ({'GPTQ' if self.solver == 'gptq' else 'imatrix RTN'} on llama.cpp's grids)"
+
+
+class RotateConfig(StepConfig):
+    """Rotate the residual stream and each head's values by randomised Hadamard matrices, fused into
+    the weights (QuaRot / SpinQuant without online rotations): the same function, weights without
+    outliers for the quantizer that follows. Needs RMSNorm pre-norm blocks; unties a tied head."""
+
+    method: Literal["rotate"] = "rotate"
+    rewrites_weights: ClassVar[bool] = True
+
+    seed: int = Field(0, ge=0, description="seed of the random signs and of the odd-size orthogonal factor")
+    heads: bool = Field(True, description="also rotate each attention head's values (v_proj rows, o_proj columns)")
+
+    @model_validator(mode="after")
+    def _whole_stream(self) -> "RotateConfig":
+        if self.ignore or self.include_lm_head or self.include_embeddings:
+            raise ValueError("rotate turns the whole residual stream (embedding and head included); "
+                             "ignore, include_lm_head and include_embeddings do not apply to it")
+        return self
+
+    def summary(self) -> str:
+        return f"rotate (Hadamard{', values per head' if self.heads else ''}, seed {self.seed})"

@@ -41,6 +41,9 @@ def check_prerequisites(recipe: Recipe, run: RunResources) -> None:
             raise RecipeError(f"{where} trains on text: it needs a tokenizer and a text split")
         if step.changes_shapes and any(not (s.changes_shapes or s.needs_teacher) for s in recipe.steps[:i]):
             raise RecipeError(f"{where} changes tensor shapes: put it before masking or quantization steps")
+        if step.rewrites_weights and any(not (s.changes_shapes or s.needs_teacher or s.rewrites_weights)
+                                         for s in recipe.steps[:i]):
+            raise RecipeError(f"{where} rewrites every weight: put it before masking or quantization steps")
 
 
 def compress(model: nn.Module, recipe: Recipe, adapter: ArchitectureAdapter | None = None,

@@ -16,6 +16,7 @@ class StepConfig(BaseModel):
     needs_calibration: ClassVar[bool] = False  # calibration windows (so a tokenizer)
     needs_teacher: ClassVar[bool] = False  # a copy of the model before the recipe, and training text
     changes_shapes: ClassVar[bool] = False  # builds a smaller model: must come before masks and codes
+    rewrites_weights: ClassVar[bool] = False  # rewrites every weight (a rotation): must come before masks and codes
     quantizes_outer: ClassVar[bool] = False  # also rewrites the embedding / head on its own (gguf_quantize)
 
     include_lm_head: bool = Field(False, description="also compress the output projection")

@@ -14,6 +14,7 @@ STEP_MODULES = [
     "slimkit.pruning.structured.steps",  # prune_structured
     "slimkit.quantization.steps",  # rtn_quantize
     "slimkit.quantization.calibrated_steps",  # gptq, awq
+    "slimkit.quantization.rotation_steps",  # rotate
     "slimkit.quantization.gguf_steps",  # gguf_quantize
     "slimkit.distillation.steps",  # distill
 ]

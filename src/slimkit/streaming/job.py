@@ -48,7 +48,7 @@ def check_streamable(recipe: Recipe) -> None:
         raise RecipeError(f"recipe {recipe.name}: a streamed run takes at most one calibrated step, got "
                           f"{', '.join(calibrated)}; compress in two runs (the second on the first's output)")
     for step in recipe.steps:
-        if step.needs_teacher or step.changes_shapes:
+        if step.needs_teacher or step.changes_shapes or step.rewrites_weights:
             raise RecipeError(f"recipe {recipe.name}: {step.method} works on the whole model and cannot stream; "
                               "run it without --stream")
         if getattr(step, "scope", "layer") != "layer":
