@@ -82,3 +82,12 @@ def test_owl_blocks_get_the_textbook_sparsities(method):
 def test_owl_refuses_a_pattern():
     with pytest.raises(RecipeError, match="an N:M pattern has one fixed density"):
         parse_recipe({"steps": [{"method": "wanda", "pattern": "2:4", "outlier_weighted": {}}]})
+
+
+def test_owl_is_refused_by_streamed_runs_before_any_work():
+    """OWL measures every block before pruning any, which a one-block-at-a-time run cannot do."""
+    from slimkit.streaming.job import check_streamable
+
+    recipe = parse_recipe({"name": "owl", "steps": [{"method": "sparsegpt", "sparsity": 0.5, "outlier_weighted": {}}]})
+    with pytest.raises(RecipeError, match="outlier_weighted measures every block before pruning any"):
+        check_streamable(recipe)

@@ -150,3 +150,18 @@ def test_rotated_gptq_smollm2_packs_and_exports_with_the_same_perplexity(smollm2
     for to in ("compressed-tensors", "gguf"):
         check = export_model(str(tmp_path / "packed"), tmp_path / to, to, windows=2)["verify"]
         assert abs(check["relative_diff"]) < 0.01, (to, check)
+
+
+def test_a_recipe_after_rotate_in_the_same_run_starts_from_the_tied_model(tiny_llama_dir, tmp_path):
+    """Recipes of one run each start from the model as loaded: weights and head tying (ModelSnapshot)."""
+    import json
+
+    from slimkit.protocol import EvalSettings
+    from slimkit.recipes import get_recipe
+    from slimkit.workflow import compress_to_dir
+
+    settings = EvalSettings(seqlen=64, max_windows=1, calibration_windows=2, calibration_seqlen=64)
+    rotate = parse_recipe({"name": "rot", "steps": [{"method": "rotate"}]})
+    compress_to_dir(str(tiny_llama_dir), [rotate, get_recipe("rtn-int4-g64")], tmp_path / "out", settings)
+    assert json.loads((tmp_path / "out" / "rot" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert json.loads((tmp_path / "out" / "rtn-int4-g64" / "config.json").read_text())["tie_word_embeddings"] is True

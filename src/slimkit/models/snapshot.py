@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 
-def _configs(model: nn.Module) -> list:
+def model_configs(model: nn.Module) -> list:
+    """The model's config and its text config, each once (they are one object for text-only models)."""
     config = model.config
     return list({id(c): c for c in (config, config.get_text_config())}.values())
 
@@ -26,7 +27,7 @@ class ModelSnapshot:
 
     def restore(self, model: nn.Module) -> None:
         if self.tied is not None:
-            for config in _configs(model):
+            for config in model_configs(model):
                 config.tie_word_embeddings = self.tied
             if self.tied:
                 model.tie_weights()

@@ -18,6 +18,7 @@ from torch import nn
 from slimkit.errors import UnsupportedArchitectureError
 from slimkit.models.adapters import ArchitectureAdapter, submodule_at
 from slimkit.models.experts import EXPERT_PROJECTIONS
+from slimkit.models.snapshot import model_configs
 from slimkit.quantization.rotation import (
     fold_into_inputs,
     randomized_hadamard,
@@ -30,7 +31,6 @@ from slimkit.quantization.rotation import (
 
 @dataclass
 class RotationReport:
-    seed: int
     hidden: int
     head_dim: int | None  # None: values not rotated (fused qkv, or heads: false)
     untied_head: bool = False
@@ -108,7 +108,7 @@ def untie_head(model: nn.Module, head: nn.Linear, embeddings: dict[str, nn.Embed
     if not any(head.weight is e.weight or head.weight.data_ptr() == e.weight.data_ptr() for e in embeddings.values()):
         return False
     head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+    for config in model_configs(model):
         config.tie_word_embeddings = False
     return True
 
@@ -157,7 +157,7 @@ def rotate_model(model: nn.Module, adapter: ArchitectureAdapter, seed: int = 0, 
             check_rms_norm(norm, f"{adapter.blocks}.{i}.{path}")
     check_rms_norm(final_norm, adapter.final_norm)
     embeddings = adapter.embedding_modules(model)
-    report = RotationReport(seed, model.config.hidden_size, None)
+    report = RotationReport(model.config.hidden_size, None)
     report.untied_head = untie_head(model, head, embeddings)
     for r in roles:
         for norm, readers in zip(r.norms, r.readers):

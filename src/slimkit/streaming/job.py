@@ -51,6 +51,9 @@ def check_streamable(recipe: Recipe) -> None:
         if step.needs_teacher or step.changes_shapes or step.rewrites_weights:
             raise RecipeError(f"recipe {recipe.name}: {step.method} works on the whole model and cannot stream; "
                               "run it without --stream")
+        if getattr(step, "outlier_weighted", None) is not None:
+            raise RecipeError(f"recipe {recipe.name}: {step.method} with outlier_weighted measures every block "
+                              "before pruning any; run it without --stream")
         if getattr(step, "scope", "layer") != "layer":
             raise RecipeError(f"recipe {recipe.name}: {step.method} with scope global needs every weight at once; "
                               "use scope: layer to stream")
