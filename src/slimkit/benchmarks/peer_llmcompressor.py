@@ -5,9 +5,12 @@
 
 slimkit draws the calibration and evaluation windows once and hands them to llm-compressor's
 worker (run with the peer venv's Python), so both tools calibrate on identical tokens and are
-scored by the same NLL on identical windows. Methods: GPTQ int4 g64 symmetric (llm-compressor's
-g128 preset refuses SmolLM2's 576-wide inputs) and SparseGPT 50% unstructured. Wall time is
-the compression call alone (model loading excluded) for both tools.
+scored by the same NLL on identical windows. Methods: GPTQ int4 / int3 g64 symmetric
+(llm-compressor's g128 preset refuses SmolLM2's 576-wide inputs), SparseGPT 50% unstructured,
+rotation + GPTQ int4 (llm-compressor's SpinQuantModifier, R1 + R2 Hadamard) and AutoRound int4 /
+int3 g64 (its AutoRoundModifier, Intel's auto-round; torch.compile off on both sides). `--iters`
+sets AutoRound's steps per block on both sides (default: the built-ins' 200). Wall time is the
+compression call alone (model loading excluded) for both tools.
 """
 
 from __future__ import annotations
@@ -27,11 +30,23 @@ from safetensors.torch import save_file
 from slimkit.data import calibration_windows, load_split
 from slimkit.evaluation import eval_windows, window_nll
 from slimkit.models import load_model
+from slimkit.models.snapshot import ModelSnapshot
 from slimkit.protocol import parse_windows
-from slimkit.recipes import RunResources, compress, get_recipe
+from slimkit.recipes import Recipe, RunResources, compress, get_recipe
 
 WORKER = Path(__file__).parent / "peers" / "llmcompressor_worker.py"
 METHODS = ("gptq-int4-g64", "sparsegpt-50")
+ALL_METHODS = ("gptq-int4-g64", "gptq-int3-g64", "sparsegpt-50", "rot-gptq-int4-g64", "autoround-int4-g64",
+               "autoround-int3-g64")
+
+
+def slimkit_recipe(method: str, iters: int | None) -> Recipe:
+    """The built-in of that name; with `iters`, its AutoRound steps set to that count."""
+    recipe = get_recipe(method)
+    if iters is None or not any(s.method == "autoround" for s in recipe.steps):
+        return recipe
+    steps = [s.model_copy(update={"iters": iters}) if s.method == "autoround" else s for s in recipe.steps]
+    return recipe.model_copy(update={"steps": tuple(steps), "name": f"{recipe.name}-{iters}"})
 
 
 def ppl_on(model, windows: torch.Tensor) -> float:
@@ -49,7 +64,8 @@ def main(argv=None) -> None:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--eval-windows", type=parse_windows, default=16,
                    help="first N windows of the fixed protocol (seqlen 512), or all")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(ALL_METHODS)}")
+    p.add_argument("--iters", type=int, default=None, help="AutoRound steps per block, both tools (default 200)")
     p.add_argument("--seed", type=int, default=0, help="which calibration windows are drawn")
     p.add_argument("--peer-python", default=".peers/llmcompressor/bin/python")
     args = p.parse_args(argv)
@@ -60,19 +76,20 @@ def main(argv=None) -> None:
     split = load_split()
     cal = calibration_windows(lm.tokenizer, split, args.windows, args.seqlen, seed=args.seed)
     ev = eval_windows(lm.tokenizer, split, 512)[: args.eval_windows]
-    original = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    original = ModelSnapshot.of(lm.model)  # a rotation unties the head: each method starts from the loaded model
     dense = ppl_on(lm.model, ev)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tensors = Path(tmp) / "windows.safetensors"
         save_file({"calibration": cal.contiguous(), "evaluation": ev.contiguous()}, str(tensors))
         for method in args.methods.split(","):
-            lm.model.load_state_dict(original)
+            original.restore(lm.model)
             start = time.perf_counter()
-            compress(lm.model, get_recipe(method), lm.adapter, RunResources(calibration=lambda: cal))
+            compress(lm.model, slimkit_recipe(method, args.iters), lm.adapter, RunResources(calibration=lambda: cal))
             ours = {"seconds": time.perf_counter() - start, "ppl": ppl_on(lm.model, ev)}
             out = Path(tmp) / f"{method}.json"
-            proc = subprocess.run([args.peer_python, str(WORKER), str(lm.hf_dir), str(tensors), method, str(out)],
+            iters = [] if args.iters is None else [str(args.iters)]
+            proc = subprocess.run([args.peer_python, str(WORKER), str(lm.hf_dir), str(tensors), method, str(out), *iters],
                                   capture_output=True, text=True)
             if proc.returncode:
                 print(proc.stderr[-4000:], file=sys.stderr)

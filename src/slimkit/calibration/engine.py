@@ -95,6 +95,23 @@ class BlockAccess:
 
 
 @dataclass
+class BlockInputs:
+    """A block's calibration inputs (this process's batches) and the arguments the model passes it,
+    for algorithms that run the block themselves (learned rounding)."""
+
+    store: ActivationStore
+    extra: list[tuple[tuple, dict]]
+    device: torch.device
+
+    def __len__(self) -> int:
+        return len(self.extra)
+
+    def batch(self, i: int) -> tuple[torch.Tensor, tuple, dict]:
+        """Batch `i`: (hidden states, positional args, keyword args), on the block's device."""
+        return to_device((self.store[i], *self.extra[i]), self.device)
+
+
+@dataclass
 class BlockWork:
     """What an algorithm gets for one block."""
 
@@ -106,6 +123,7 @@ class BlockWork:
     stats: dict[str, InputStats]  # full name -> the stats of its (shared) input
     experts: list[int] = field(default_factory=list)  # the groups that belong to MoE experts
     data_free: dict[str, int] = field(default_factory=dict)  # linears given identity statistics -> tokens seen
+    inputs: BlockInputs | None = None  # the block's calibration inputs (the engine sets them)
 
 
 @dataclass
@@ -255,6 +273,7 @@ def sequential_compress(
             home = model_device(block)  # where the block goes back to (the CPU, or a model's own device)
             block.to(device)
             work = _block_work(index, block, adapter, names, request, device)
+            work.inputs = BlockInputs(store, extra, device)
             t0 = time.perf_counter()
             _collect_stats(block, work, store, extra, global_batches, device)
             expert_fallback(work, report)

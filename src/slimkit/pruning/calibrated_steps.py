@@ -11,6 +11,7 @@ from slimkit.calibration.stats import StatsRequest
 from slimkit.pruning.config import OutlierFields, SparseGPTConfig, WandaConfig
 from slimkit.pruning.magnitude import check_nm_shape
 from slimkit.pruning.owl import block_sparsities, outlier_ratio
+from slimkit.pruning.swap_refine import refine_mask
 from slimkit.pruning.wanda import wanda_mask
 from slimkit.quantization.rtn import check_groups
 from slimkit.recipes.context import StepContext
@@ -89,9 +90,14 @@ def apply_wanda(config: WandaConfig, ctx: StepContext) -> None:
         for name, module in selected.items():
             mask = wanda_mask(module.weight, work.stats[name].col_norm, per_block[work.index], *(nm or (None, None)))
             record = ctx.state.records[name]
+            if config.swaps:
+                mask, swapped = refine_mask(module.weight, mask, work.stats[name].hessian, config.swaps,
+                                            nm[1] if nm else None, revivable=record.mask)
+                record.notes.append(f"swaps: {swapped.swaps / mask.shape[0]:.1f} per row, reconstruction error "
+                                    f"x{swapped.error_after / max(swapped.error_before, 1e-30):.3f}")
             _note_block_sparsity(config, record, per_block[work.index])
             record.mask = mask if record.mask is None else (mask & record.mask)
             module.weight.mul_(record.mask.to(module.weight.dtype))
             record.methods.append(config.summary())
 
-    run_calibrated(config, ctx, StatsRequest(col_sq=True), block, _shape_check(config))
+    run_calibrated(config, ctx, StatsRequest(col_sq=True, hessian=config.swaps > 0), block, _shape_check(config))

@@ -82,13 +82,16 @@ class OutlierFields(SparsityFields):
 
 
 class WandaConfig(OutlierFields):
-    """Wanda: prune by |W| x input-activation norm, per output row. Needs calibration data."""
+    """Wanda: prune by |W| x input-activation norm, per output row. Needs calibration data.
+    With `swaps`, the mask is then refined (DSnoT-like): pruned and kept weights of a row trade
+    places while the row's reconstruction error on the calibration inputs drops."""
 
     method: Literal["wanda"] = "wanda"
     needs_calibration: ClassVar[bool] = True
+    swaps: int = Field(0, ge=0, description="mask refinement: at most this many swaps per row (0 = off)")
 
     def summary(self) -> str:
-        return f"Wanda {self.target_text()}"
+        return f"Wanda {self.target_text()}" + (f" +swaps {self.swaps}" if self.swaps else "")
 
 
 class SparseGPTConfig(OutlierFields):

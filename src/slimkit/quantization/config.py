@@ -71,6 +71,25 @@ class AWQConfig(StepConfig, QuantFields):
         return f"AWQ {self.describe()}" + (" +GPTQ" if self.quantizer == "gptq" else "")
 
 
+class AutoRoundConfig(StepConfig, QuantFields):
+    """Learned rounding (SignRound, as in AutoRound): per block, signed gradient descent on each
+    weight's rounding offset and each group's range, so that the quantized block reproduces the
+    dense block's output on the calibration inputs. Codes stay on the RTN grid (same packing and
+    export); a block whose tuned codes do worse than RTN's keeps RTN's. The papers' sizes are
+    200 steps of 8 windows; each step is one forward and backward of the block."""
+
+    method: Literal["autoround"] = "autoround"
+    needs_calibration: ClassVar[bool] = True
+    iters: int = Field(200, ge=1, description="signed-gradient steps per block")
+    lr: float | None = Field(None, gt=0.0, description="first step's size (decays linearly to 0); null = 1 / iters")
+    batch: int = Field(8, ge=1, description="calibration windows per step")
+    tune_range: bool = Field(True, description="also learn each group's clipping (range factors in [0.5, 1])")
+    seed: int = Field(0, ge=0, description="seed of the batch draws")
+
+    def summary(self) -> str:
+        return f"AutoRound {self.describe()} ({self.iters} steps)"
+
+
 class GGUFQuantizeConfig(StepConfig):
     """llama.cpp's GGUF types (K-quants and the legacy ones), with codes chosen by calibration.
 

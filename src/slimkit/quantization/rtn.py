@@ -72,16 +72,18 @@ def check_groups(weight: torch.Tensor, spec: QuantSpec, name: str = "weight") ->
 
 
 def compute_qparams(
-    weight: torch.Tensor, spec: QuantSpec, name: str = "weight", clip: torch.Tensor | None = None
+    weight: torch.Tensor, spec: QuantSpec, name: str = "weight", clip: torch.Tensor | None = None,
+    clip_low: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scales (and zero points) per [row, group]; `clip` [rows, groups] shrinks the range."""
+    """Scales (and zero points) per [row, group]; `clip` [rows, groups] shrinks the range (and only
+    its top when `clip_low` shrinks an asymmetric range's bottom on its own)."""
     g = _grouped(weight, spec, name)
     ratio = 1.0 if clip is None else clip.float()
     if spec.symmetric:
         scale = g.abs().amax(-1) * ratio / spec.half_range
         zero = None
     else:
-        lo = g.amin(-1).clamp(max=0.0) * ratio
+        lo = g.amin(-1).clamp(max=0.0) * (ratio if clip_low is None else clip_low.float())
         hi = g.amax(-1).clamp(min=0.0) * ratio
         scale = (hi - lo) / spec.qmax
     exact = torch.where(scale > 0, scale, torch.ones_like(scale))

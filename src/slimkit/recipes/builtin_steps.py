@@ -15,6 +15,7 @@ STEP_MODULES = [
     "slimkit.quantization.steps",  # rtn_quantize
     "slimkit.quantization.calibrated_steps",  # gptq, awq
     "slimkit.quantization.rotation_steps",  # rotate
+    "slimkit.quantization.learned_steps",  # autoround
     "slimkit.quantization.gguf_steps",  # gguf_quantize
     "slimkit.distillation.steps",  # distill
 ]

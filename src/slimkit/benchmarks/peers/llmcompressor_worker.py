@@ -1,6 +1,6 @@
 """Runs inside llm-compressor's own venv (`make peers`); imports nothing from slimkit.
 
-    python llmcompressor_worker.py MODEL_DIR WINDOWS.safetensors METHOD OUT.json
+    python llmcompressor_worker.py MODEL_DIR WINDOWS.safetensors METHOD OUT.json [AUTOROUND_ITERS]
 
 WINDOWS holds `calibration` [n, L] and `evaluation` [m, L] token windows made by slimkit, so
 both tools see identical data and are scored by the identical NLL computation below.
@@ -16,15 +16,27 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 
-def recipe_for(method: str):
-    if method == "gptq-int4-g64":
+def _weights(bits: int) -> dict:
+    return {"group_0": {"targets": ["Linear"], "weights": {
+        "num_bits": bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64}}}
+
+
+def recipe_for(method: str, iters: int = 200):
+    if method in ("gptq-int4-g64", "gptq-int3-g64", "rot-gptq-int4-g64"):
         from llmcompressor.modifiers.quantization import GPTQModifier
 
-        return GPTQModifier(
-            config_groups={"group_0": {"targets": ["Linear"], "weights": {
-                "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64}}},
-            ignore=["lm_head"], dampening_frac=0.01, block_size=128,
-        )
+        gptq = GPTQModifier(config_groups=_weights(3 if "int3" in method else 4), ignore=["lm_head"],
+                            dampening_frac=0.01, block_size=128)
+        if not method.startswith("rot-"):
+            return gptq
+        from llmcompressor.modifiers.transform import SpinQuantModifier
+
+        return [SpinQuantModifier(rotations=["R1", "R2"], transform_type="hadamard"), gptq]
+    if method in ("autoround-int4-g64", "autoround-int3-g64"):
+        from llmcompressor.modifiers.autoround import AutoRoundModifier
+
+        return AutoRoundModifier(config_groups=_weights(3 if "int3" in method else 4), ignore=["lm_head"],
+                                 iters=iters, batch_size=8, enable_torch_compile=False)
     if method == "sparsegpt-50":
         from llmcompressor.modifiers.pruning import SparseGPTModifier
 
@@ -45,6 +57,7 @@ def perplexity(model, windows):
 
 def main():
     model_dir, windows_file, method, out = sys.argv[1:5]
+    iters = int(sys.argv[5]) if len(sys.argv) > 5 else 200
     from datasets import Dataset
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM
@@ -54,7 +67,7 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False)
     dataset = Dataset.from_dict({"input_ids": cal.tolist(), "attention_mask": torch.ones_like(cal).tolist()})
     start = time.perf_counter()
-    oneshot(model=model, dataset=dataset, recipe=recipe_for(method), num_calibration_samples=cal.shape[0],
+    oneshot(model=model, dataset=dataset, recipe=recipe_for(method, iters), num_calibration_samples=cal.shape[0],
             max_seq_length=cal.shape[1], shuffle_calibration_samples=False)
     seconds = time.perf_counter() - start
     ppl, tokens = perplexity(model.eval(), tensors["evaluation"])

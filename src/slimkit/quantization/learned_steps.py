@@ -1,0 +1,61 @@
+"""Recipe step handler for learned rounding (AutoRound): the sequential engine hands each block
+and its calibration inputs; the dense block's outputs on them are the targets."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slimkit.calibration import distributed
+from slimkit.calibration.engine import BlockInputs, BlockWork
+from slimkit.calibration.runner import run_calibrated
+from slimkit.calibration.stats import StatsRequest
+from slimkit.errors import RecipeError
+from slimkit.quantization import signround
+from slimkit.quantization.config import AutoRoundConfig
+from slimkit.quantization.rtn import check_groups
+from slimkit.recipes.context import StepContext
+from slimkit.recipes.registry import register_step
+
+
+@torch.no_grad()
+def dense_outputs(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
+    """The block's outputs on each calibration batch, before any of its weights change (on the CPU)."""
+    outputs = []
+    for i in range(len(inputs)):
+        hidden, args, kwargs = inputs.batch(i)
+        out = block(hidden, *args, **kwargs)
+        outputs.append((out[0] if isinstance(out, (tuple, list)) else out).cpu())
+    return outputs
+
+
+def _settings(config: AutoRoundConfig) -> signround.TuneSettings:
+    return signround.TuneSettings(config.iters, config.lr, config.batch, config.tune_range, config.seed)
+
+
+@register_step(AutoRoundConfig)
+def apply_autoround(config: AutoRoundConfig, ctx: StepContext) -> None:
+    spec = config.spec()
+    if distributed.world()[1] > 1:
+        raise RecipeError("autoround runs in one process: its steps follow one gradient through the block; "
+                          "run it without torchrun (gptq and awq do use several processes)")
+
+    def block(work: BlockWork, selected: dict[str, nn.Module]) -> None:
+        local = {id(m): n for n, m in work.block.named_modules()}
+        linears = {local[id(m)]: m for m in selected.values()}
+        masks = {local[id(m)]: ctx.state.records[n].mask for n, m in selected.items()}
+        data = signround.BlockData(work.inputs.batch, dense_outputs(work.block, work.inputs))
+        steps = ctx.run.progress.track(range(config.iters), f"block {work.index}: rounding")
+        result = signround.tune_block(work.block, linears, spec, masks, data, _settings(config), steps)
+        ratio = result.error_tuned / max(result.error_rtn, 1e-30)
+        for name, module in selected.items():
+            rounding = result.rounding[local[id(module)]]
+            w_hat, params = signround.final_codes(module.weight, rounding, spec)
+            record = ctx.state.records[name]
+            module.weight.data.copy_((w_hat if record.mask is None else w_hat * record.mask).to(module.weight.dtype))
+            record.quant = params
+            record.methods.append(config.summary())
+            record.notes.append(f"block output error x{ratio:.3f} of RTN's" if result.kept else
+                                f"tuned rounding did worse than RTN (x{ratio:.3f}): RTN codes kept")
+
+    run_calibrated(config, ctx, StatsRequest(), block, lambda name, module: check_groups(module.weight, spec, name))
