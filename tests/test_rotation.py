@@ -133,11 +133,17 @@ def test_rotate_step_on_smollm2_keeps_the_function_and_spreads_outliers(smollm2,
     torch.testing.assert_close(_logits(again, ids), after, rtol=0, atol=1e-4)
 
 
+ROTATE_AUTOROUND = {"name": "rot-autoround-int4-g64", "steps": [
+    {"method": "rotate"}, {"method": "autoround", "bits": 4, "group_size": 64, "iters": 5}]}
+
+
 @pytest.mark.slow
 @pytest.mark.real_model
-def test_rotated_gptq_smollm2_packs_and_exports_with_the_same_perplexity(smollm2_first_load, tmp_path):
-    """rot-gptq-int4-g64 on SmolLM2 (short calibration) -> int4 packed -> compressed-tensors and GGUF:
-    each export's ppl within 1% of the packed model's (the untied head travels as its own tensor)."""
+@pytest.mark.parametrize("recipe", ["rot-gptq-int4-g64", "rot-autoround-int4-g64"])
+def test_rotated_quantized_smollm2_packs_and_exports_with_the_same_perplexity(smollm2_first_load, tmp_path, recipe):
+    """rot-gptq-int4-g64, and rotate + AutoRound int4 (5 steps), on SmolLM2 (short calibration) ->
+    packed -> compressed-tensors and GGUF: each export's ppl within 1% of the packed model's (the
+    untied head travels as its own tensor)."""
     from slimkit.export.job import export_model
     from slimkit.formats.pack_dir import pack_to_dir
     from slimkit.protocol import EvalSettings
@@ -145,7 +151,8 @@ def test_rotated_gptq_smollm2_packs_and_exports_with_the_same_perplexity(smollm2
     from slimkit.workflow import compress_to_dir
 
     settings = EvalSettings(seqlen=256, max_windows=2, calibration_windows=8, calibration_seqlen=256)
-    compress_to_dir("smollm2-135m", [get_recipe("rot-gptq-int4-g64")], tmp_path / "rot", settings)
+    chosen = get_recipe(recipe) if recipe == "rot-gptq-int4-g64" else parse_recipe(ROTATE_AUTOROUND)
+    compress_to_dir("smollm2-135m", [chosen], tmp_path / "rot", settings)
     pack_to_dir(str(tmp_path / "rot"), tmp_path / "packed", fmt="auto")
     for to in ("compressed-tensors", "gguf"):
         check = export_model(str(tmp_path / "packed"), tmp_path / to, to, windows=2)["verify"]

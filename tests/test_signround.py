@@ -161,3 +161,12 @@ def test_autoround_on_smollm2_first_block_lowers_its_output_error(smollm2):
     assert notes and all(n.startswith("model.layers.0.") for n in notes)
     ratio = float(next(iter(notes.values())).split("x")[1].split(" ")[0])
     assert ratio < 0.9, notes
+
+
+def test_the_peer_benchmark_sets_autoround_steps_on_autoround_recipes_only():
+    from slimkit.benchmarks.peer_llmcompressor import slimkit_recipe
+
+    assert [s.iters for s in slimkit_recipe("autoround-int3-g64", None).steps] == [200]
+    changed = slimkit_recipe("autoround-int3-g64", 50)
+    assert [s.iters for s in changed.steps] == [50] and changed.name == "autoround-int3-g64-50"
+    assert slimkit_recipe("rot-gptq-int4-g64", 50).name == "rot-gptq-int4-g64"

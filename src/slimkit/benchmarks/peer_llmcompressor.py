@@ -7,7 +7,7 @@ slimkit draws the calibration and evaluation windows once and hands them to llm-
 worker (run with the peer venv's Python), so both tools calibrate on identical tokens and are
 scored by the same NLL on identical windows. Methods: GPTQ int4 / int3 g64 symmetric
 (llm-compressor's g128 preset refuses SmolLM2's 576-wide inputs), SparseGPT 50% unstructured,
-rotation + GPTQ int4 (llm-compressor's SpinQuantModifier, R1 + R2 Hadamard) and AutoRound int4 /
+rotation + GPTQ int4 (llm-compressor's SpinQuantModifier, R1 + R2 random Hadamard) and AutoRound int4 /
 int3 g64 (its AutoRoundModifier, Intel's auto-round; torch.compile off on both sides). `--iters`
 sets AutoRound's steps per block on both sides (default: the built-ins' 200). Wall time is the
 compression call alone (model loading excluded) for both tools.

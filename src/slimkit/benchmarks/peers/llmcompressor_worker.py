@@ -31,7 +31,8 @@ def recipe_for(method: str, iters: int = 200):
             return gptq
         from llmcompressor.modifiers.transform import SpinQuantModifier
 
-        return [SpinQuantModifier(rotations=["R1", "R2"], transform_type="hadamard"), gptq]
+        # random-hadamard: built from known matrices (576 = 144 x 4); "hadamard" needs a power of 2
+        return [SpinQuantModifier(rotations=["R1", "R2"], transform_type="random-hadamard"), gptq]
     if method in ("autoround-int4-g64", "autoround-int3-g64"):
         from llmcompressor.modifiers.autoround import AutoRoundModifier
 
