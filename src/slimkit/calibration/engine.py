@@ -138,7 +138,7 @@ class EngineReport:
     min_expert_tokens: int = 0  # the threshold the pass applied (MIN_EXPERT_TOKENS)
 
 
-def _block_output(out: Any) -> torch.Tensor:
+def block_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -240,7 +240,7 @@ def forward_block(block: nn.Module, store, extra, device: torch.device = torch.d
     with torch.no_grad():
         for i, (args, kwargs) in enumerate(extra):
             hidden, args, kwargs = to_device((store[i], args, kwargs), device)
-            store.put(i, _block_output(block(hidden, *args, **kwargs)).cpu())
+            store.put(i, block_output(block(hidden, *args, **kwargs)).cpu())
 
 
 def sequential_compress(

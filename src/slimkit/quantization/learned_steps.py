@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from slimkit.calibration import distributed
-from slimkit.calibration.engine import BlockInputs, BlockWork
+from slimkit.calibration.engine import BlockInputs, BlockWork, block_output
 from slimkit.calibration.runner import run_calibrated
 from slimkit.calibration.stats import StatsRequest
 from slimkit.errors import RecipeError
@@ -24,8 +24,7 @@ def dense_outputs(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
     outputs = []
     for i in range(len(inputs)):
         hidden, args, kwargs = inputs.batch(i)
-        out = block(hidden, *args, **kwargs)
-        outputs.append((out[0] if isinstance(out, (tuple, list)) else out).cpu())
+        outputs.append(block_output(block(hidden, *args, **kwargs)).cpu())
     return outputs
 
 
