@@ -34,8 +34,14 @@ def recipe_for(method: str, iters: int = 200):
         # random-hadamard: built from known matrices (576 = 144 x 4); "hadamard" needs a power of 2
         return [SpinQuantModifier(rotations=["R1", "R2"], transform_type="random-hadamard"), gptq]
     if method in ("autoround-int4-g64", "autoround-int3-g64"):
+        import functools
+
+        import llmcompressor.modifiers.autoround.base as autoround_base
         from llmcompressor.modifiers.autoround import AutoRoundModifier
 
+        # on a CPU auto-round tunes in bf16 ("amp") and leaves the block in bf16, which the next
+        # block's fp32 forward refuses (float != BFloat16); fp32 tuning, as slimkit's
+        autoround_base.AutoRound = functools.partial(autoround_base.AutoRound, amp=False)
         return AutoRoundModifier(config_groups=_weights(3 if "int3" in method else 4), ignore=["lm_head"],
                                  iters=iters, batch_size=8, enable_torch_compile=False)
     if method == "sparsegpt-50":
