@@ -101,7 +101,8 @@ def test_bench_sparsity_writes_table_plot_and_json(tmp_path):
 
 def test_bench_model_compares_in_fresh_processes(tiny_llama_dir, tiny_int4, tmp_path):
     result = runner.invoke(app, ["bench", "model", str(tiny_llama_dir), str(tiny_int4), "--decode", "4",
-                                 "--prompt", "16", "--batch", "2", "--windows", "1", "-o", str(tmp_path / "bm")])
+                                 "--prompt", "16", "--batch", "2", "--windows", "1", "-o", str(tmp_path / "bm"),
+                                 "--no-compile"])  # the compiled path: test_generate.py
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "bm" / "bench.json").read_text())
     assert [r["formats"] for r in rows] == [[], ["int4"]]

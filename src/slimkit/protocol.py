@@ -103,6 +103,8 @@ class BenchSettings(BaseModel):
                                   "this model, on the ppl windows (its distributions are computed once, cached)")
     device: str = Field("cpu", description="where the models run: cpu, cuda (cuda:N) or auto (cuda when a GPU is "
                         "visible); timings on a GPU wait for its queue to finish")
+    compiled: bool = Field(False, description="also time decode compiled: a static KV cache and torch.compile "
+                           "(CUDA graphs on a GPU); the compilation is timed apart")
 
     @field_validator("windows", mode="before")
     @classmethod

@@ -147,9 +147,13 @@ class BenchRow(Result):
     device: str = "cpu"  # where the model ran (`--device`)
     mean_kld: float | None = None  # KL(reference || model) per token, when a reference was given
     top1_agreement: float | None = None
+    compiled_decode_ms_per_token: float | None = None  # static KV cache + torch.compile, when asked
+    compile_s: float | None = None  # what the first compiled step cost beyond a normal one
+    compiled_error: str | None = None  # why the compiled step could not run, when it could not
     decode_speedup: float | None = None
     prefill_speedup: float | None = None
     throughput_ratio: float | None = None
+    compiled_decode_speedup: float | None = None  # compiled decode against the baseline's eager decode
 
 
 class LlamaCppRow(Result):

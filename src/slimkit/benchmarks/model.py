@@ -101,6 +101,7 @@ def measure(source: str, settings: BenchSettings = BenchSettings(), note=lambda 
         nxt, past = step(nxt, past)
         times.append(time.perf_counter() - t0)
     decode_ms = statistics.median(times) * 1e3
+    compiled = _compiled_decode(model, ids, decode, source, note) if settings.compiled else {}
     note(f"{source}: throughput at batch {batch}")
     rows = torch.stack([stream[i * 16 : i * 16 + 32] for i in range(batch)])
     nxt, past = step(rows)
@@ -127,8 +128,21 @@ def measure(source: str, settings: BenchSettings = BenchSettings(), note=lambda 
         ppl=ppl.ppl if ppl else None, eval_tokens=ppl.tokens if ppl else 0,
         formats=sorted({m.format for m in packed.values()}), kernels_batch_1=paths,
         threads=torch.get_num_threads(), device=str(device), mean_kld=divergence.get("mean_kld"),
-        top1_agreement=divergence.get("top1_agreement"),
+        top1_agreement=divergence.get("top1_agreement"), **compiled,
     )
+
+
+def _compiled_decode(model, ids, decode: int, source: str, note) -> dict:
+    """Decode timed over a static KV cache with torch.compile (BenchRow's compiled fields); a
+    model the compiler cannot take gets its reason instead of numbers."""
+    from slimkit.generation import StaticDecoder
+
+    note(f"{source}: compiling the decode step (static KV cache, torch.compile), then {decode} steps")
+    try:
+        steps = StaticDecoder(model, ids.shape[1] + decode + 2, compiled=True).generate(ids, decode + 2).steps
+    except Exception as exc:  # noqa: BLE001 - any compiler failure is a result to report, not a crash
+        return {"compiled_error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
+    return {"compiled_decode_ms_per_token": steps.median_ms, "compile_s": steps.compile_s}
 
 
 def ppl_seqlen(config, default: int = 512) -> int:
@@ -191,22 +205,46 @@ def compare(rows: list[BenchRow]) -> list[BenchRow]:
         r.decode_speedup = base.decode_ms_per_token / r.decode_ms_per_token
         r.prefill_speedup = base.prefill_ms / r.prefill_ms
         r.throughput_ratio = r.throughput_tok_s / base.throughput_tok_s
+        if r.compiled_decode_ms_per_token is not None:
+            r.compiled_decode_speedup = base.decode_ms_per_token / r.compiled_decode_ms_per_token
     return rows
 
 
 def table(rows: list[BenchRow]) -> str:
-    head = ("| model | formats | decode ms/tok | decode x | prefill ms | prefill x | tok/s @batch | RSS MB "
-            "| weights MB | disk MB | ppl | KLD | top-1 | kernel at batch 1 |")
-    lines = [head, "|" + "---|" * 14]
+    compiled = any(r.compiled_decode_ms_per_token is not None or r.compiled_error for r in rows)
+    head = ("| model | formats | decode ms/tok | decode x | "
+            + ("compiled ms/tok | compiled x | compile s | " if compiled else "")
+            + "prefill ms | prefill x | tok/s @batch | RSS MB | weights MB | disk MB | ppl | KLD | top-1 "
+            "| kernel at batch 1 |")
+    lines = [head, "|" + "---|" * (17 if compiled else 14)]
     for r in rows:
         ppl = f"{r.ppl:.2f}" if r.ppl is not None else "-"
         kld = f"{r.mean_kld:.4f} | {r.top1_agreement:.1%}" if r.mean_kld is not None else "- | -"
         lines.append(
             f"| {r.model}{'' if r.device == 'cpu' else f' ({r.device})'} | {','.join(r.formats) or 'dense'} | {r.decode_ms_per_token:.1f} | "
-            f"{r.decode_speedup:.2f}x | {r.prefill_ms:.0f} | {r.prefill_speedup:.2f}x | "
+            f"{r.decode_speedup:.2f}x | {compiled_cells(r, compiled)}{r.prefill_ms:.0f} | {r.prefill_speedup:.2f}x | "
             f"{r.throughput_tok_s:.1f} @{r.batch} | {r.peak_rss_mb:.0f} | {r.weights_ram_mb:.0f} | "
             f"{r.disk_mb:.0f} | {ppl} | {kld} | {'; '.join(r.kernels_batch_1)} |")
-    return "\n".join(lines)
+    notes = [amortisation(r) for r in rows if r.compile_s is not None or r.compiled_error]
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def compiled_cells(r: BenchRow, shown: bool) -> str:
+    """The compiled columns of one row ('' when the table has none)."""
+    if r.compiled_decode_ms_per_token is not None:
+        return f"{r.compiled_decode_ms_per_token:.1f} | {r.compiled_decode_speedup:.2f}x | {r.compile_s:.0f} | "
+    return ("failed | - | - | " if r.compiled_error else "- | - | - | ") if shown else ""
+
+
+def amortisation(r: BenchRow) -> str:
+    """When compiling pays for itself against the same model's eager decode, in tokens."""
+    if r.compiled_error:
+        return f"- {r.model}: compiled decode failed ({r.compiled_error}); eager only"
+    saved_ms = r.decode_ms_per_token - r.compiled_decode_ms_per_token
+    if saved_ms <= 0:
+        return f"- {r.model}: compiled decode is not faster than eager; the {r.compile_s:.0f} s compile never pays off"
+    return (f"- {r.model}: the {r.compile_s:.0f} s compile pays off after {r.compile_s * 1e3 / saved_ms:,.0f} "
+            f"generated tokens (not amortised in a shorter generation)")
 
 
 def with_reference(settings: BenchSettings, baseline: str) -> BenchSettings:

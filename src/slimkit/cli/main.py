@@ -9,8 +9,9 @@ from typing import List, Optional
 import typer
 
 from slimkit.advisor.search import Constraints
-from slimkit.cli.console import console
+from slimkit.cli.console import console, quiet_transformers
 from slimkit.cli.errors import DEBUG, friendly_errors, install_sigterm
+from slimkit.cli.generate import generate
 from slimkit.cli.options import settings_options
 from slimkit.devices import DEVICE_HELP, resolve_device
 from slimkit.errors import SlimkitError
@@ -50,13 +51,6 @@ def _windows(text: str, allow_zero: bool = False) -> int | None:
         return parse_windows(text, allow_zero)
     except ValueError as exc:
         raise SlimkitError(f"--windows: {exc}") from None
-
-
-def _quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
 
 
 @app.command()
@@ -153,7 +147,7 @@ def compress(
         if len(set(names)) != len(names):
             raise SlimkitError(f"recipe names must differ to share an output dir, got {names}")
         settings = _preflight(model, recipes_, settings, explicit, offload_activations)
-        _quiet_transformers()
+        quiet_transformers()
         run, options = _compress_job(stream, model, offload_activations, restart, place)
         with RichProgress(console) as progress:
             reports = run(model, recipes_, output, settings, overwrite, _dtype(save_dtype), progress,
@@ -297,7 +291,7 @@ def eval_(
 
     check_data(Path(settings.data) if settings.data else None)
     settings = fit_settings(outline(model), settings, explicit)
-    _quiet_transformers()
+    quiet_transformers()
     place = str(resolve_device(device))
     if _streams(stream, model):
         return _eval_streamed(model, settings, as_json, place)
@@ -407,7 +401,7 @@ def pack(
     if format != "auto" and format not in format_names():
         raise SlimkitError(f"unknown format '{format}'; choose auto or one of {', '.join(format_names())}")
     with reserve_output(output, overwrite, inputs=[source]):
-        _quiet_transformers()
+        quiet_transformers()
         with RichProgress(console) as progress:
             job = pack_streamed if _streams(stream, source) else pack_to_dir
             summary = job(source, output, format, group_size, overwrite, progress, include_lm_head=lm_head)
@@ -462,7 +456,7 @@ def export(
     if gguf_type not in QTYPES:
         raise SlimkitError(f"--gguf-type must be one of {', '.join(QTYPES)}")
     with reserve_output(output, overwrite, inputs=[source]):
-        _quiet_transformers()
+        quiet_transformers()
         result = export_model(source, output, to, gguf_type, overwrite, verify, _windows(windows))
     console.print(f"exported {source} ({', '.join(result['formats']) or 'dense'}) to {to}: {output}")
     check = result.get("verify")
@@ -500,7 +494,7 @@ def bench_sparsity(
     levels = _numbers(sparsities, float, "--sparsities", lambda v: 0 < v < 1, "between 0 and 1")
     sizes = _numbers(batches, int, "--batches", lambda v: v >= 1, "at least 1")
     with reserve_output(output, overwrite, inputs=[model]):
-        _quiet_transformers()
+        quiet_transformers()
         with RichProgress(console) as progress:
             result = bench.run(model, output, levels, sizes, repeats, progress, blocks, overwrite)
     console.print(result["markdown"])
@@ -528,6 +522,9 @@ def bench_model_cmd(
                                 "process; llamacpp: llama.cpp's llama-bench and llama-perplexity on GGUF files "
                                 "(models that are not GGUF are exported first; needs `make peers`)"),
     threads: int = typer.Option(2, min=1, help="llamacpp: threads for llama-bench and llama-perplexity"),
+    compiled: bool = typer.Option(True, "--compile/--no-compile", help="torch: also decode over a static KV cache "
+                                  "with torch.compile (CUDA graphs on a GPU); compile time reported apart, with "
+                                  "the number of tokens after which it pays off"),
     settings=None,
 ) -> None:
     """Latency, throughput, peak RSS, size, ppl and KL divergence of whole models, each in a fresh
@@ -542,6 +539,8 @@ def bench_model_cmd(
 
       slimkit bench model smollm2-135m out/int8 out/int4 --windows 0
 
+      slimkit bench model smollm2-135m out/int4 --no-compile    # eager decode only (no compile wait)
+
       slimkit bench model smollm2-135m out/q4km --runtime llamacpp    # out/q4km: a gguf-q4_k_m compress
     """
     import contextlib
@@ -554,6 +553,7 @@ def bench_model_cmd(
     if runtime not in ("torch", "llamacpp"):
         raise SlimkitError(f"--runtime must be torch or llamacpp, not {runtime}")
     resolve_device(settings.device)  # a missing GPU is said before any model loads
+    settings = settings.model_copy(update={"compiled": compiled and runtime == "torch"})
     with reserve_output(output, overwrite, inputs=models) if output else contextlib.nullcontext():
         for m in models:
             if not (runtime == "llamacpp" and (m.endswith(".gguf") or ExportDir(Path(m)).gguf.is_file())):
@@ -672,7 +672,7 @@ def advise(
 
     with reserve_output(output, overwrite, inputs=[model]):
         _outline_of(model)
-        _quiet_transformers()
+        quiet_transformers()
         device = detect(target)
         settings = AdviseSettings(QUICK if quick else FULL, include_research=include_research)
         console.print(f"device: {device.describe()}")
@@ -712,11 +712,14 @@ def reproduce(
 
     with reserve_output(output, overwrite, inputs=[model]):
         _outline_of(model)
-        _quiet_transformers()
+        quiet_transformers()
         with RichProgress(console) as progress:
             rows = run_reproduce(model, output, QUICK if quick else FULL, progress, log=console.print, overwrite=overwrite)
     console.print(table(rows), markup=False, highlight=False)
     console.print(f"wrote {output} (reproduce.md, reproduce.json, reproduce.png)")
+
+
+app.command(name="generate")(generate)
 
 
 def main() -> None:

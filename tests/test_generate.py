@@ -1,0 +1,116 @@
+"""Greedy decoding over a static KV cache (slimkit.generation): eager checked against transformers'
+own `generate`, compiled checked against eager, on a packed int4 model; `slimkit generate`."""
+
+import json
+import re
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from slimkit.benchmarks import model as bench
+from slimkit.cli.main import app
+from slimkit.errors import SlimkitError
+from slimkit.formats.pack_dir import pack_to_dir
+from slimkit.generation import StaticDecoder
+from slimkit.models import load_model
+from slimkit.results import BenchRow
+
+PROMPTS = ["The history of the city", "In 1969 the first", "Water boils at", "Once upon a time, a",
+           "The most important rule of"]
+
+
+@pytest.fixture(scope="module")
+def tiny_packed(tiny_llama_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("generate") / "int4"
+    pack_to_dir(str(tiny_llama_dir), out, fmt="int4", group_size=32, include_lm_head=False)
+    return load_model(str(out))
+
+
+def _ids(tokenizer, text):
+    return tokenizer(text, return_tensors="pt").input_ids
+
+
+def test_eager_static_decode_equals_transformers_generate(tiny_packed):
+    model, tok = tiny_packed.model, tiny_packed.tokenizer
+    decoder = StaticDecoder(model, 48, compiled=False)
+    for text in PROMPTS[:2]:
+        ids = _ids(tok, text)
+        ours = decoder.generate(ids, 12).tokens
+        with torch.no_grad():
+            theirs = model.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12)[0, ids.shape[1]:]
+        assert ours == theirs.tolist()
+
+
+def test_compiled_decode_gives_eager_tokens_on_five_prompts(tiny_packed):
+    model, tok = tiny_packed.model, tiny_packed.tokenizer
+    eager, compiled = StaticDecoder(model, 40, compiled=False), StaticDecoder(model, 40, compiled=True)
+    for text in PROMPTS:
+        ids = _ids(tok, text)
+        assert compiled.generate(ids, 10).tokens == eager.generate(ids, 10).tokens, text
+        # teacher-forced on eager's tokens, the compiled step's logits match eager's
+        token, pos = int(eager.prefill(ids).argmax()), ids.shape[1]
+        compiled.prefill(ids)
+        for _ in range(4):
+            a, b = eager.step(token, pos), compiled.step(token, pos)
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+            token, pos = int(a.argmax()), pos + 1
+
+
+def test_decoder_stops_and_refuses_what_does_not_fit(tiny_packed):
+    model, tok = tiny_packed.model, tiny_packed.tokenizer
+    ids = _ids(tok, PROMPTS[0])
+    decoder = StaticDecoder(model, 24, compiled=False)
+    first = decoder.generate(ids, 6).tokens
+    stop = first[-1]  # the stop token is kept, then it ends
+    assert decoder.generate(ids, 6, stop={stop}).tokens == first[:first.index(stop) + 1]
+    with pytest.raises(SlimkitError, match="exceed the cache"):
+        decoder.generate(ids, 24)
+    with pytest.raises(SlimkitError, match="max_position_embeddings 256"):
+        StaticDecoder(model, 1000, compiled=False)
+    with pytest.raises(SlimkitError, match="one non-empty prompt"):
+        decoder.prefill(ids[:, :0])
+
+
+def test_generate_command_streams_tokens(tiny_llama_dir):
+    result = CliRunner().invoke(app, ["generate", str(tiny_llama_dir), "-p", "Water boils at", "-n", "5",
+                                      "--no-compile"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("Water boils at")
+    assert re.search(r"\n5 tokens; prompt \d+ tokens in \d+ ms; decode [\d.]+ tok/s \(eager, cpu\)", result.output)
+
+
+def test_bench_table_reports_compiled_decode_and_when_it_pays_off():
+    base = dict(prefill_ms=10.0, prompt_tokens=16, throughput_tok_s=50.0, batch=2, peak_rss_mb=100.0,
+                weights_ram_mb=10.0, disk_mb=10.0, ppl=None, eval_tokens=0, formats=[], kernels_batch_1=[],
+                threads=2)
+    rows = bench.compare([
+        BenchRow(model="dense", decode_ms_per_token=20.0, compiled_decode_ms_per_token=10.0, compile_s=30.0, **base),
+        BenchRow(model="int4", decode_ms_per_token=10.0, compiled_decode_ms_per_token=4.0, compile_s=30.0, **base),
+        BenchRow(model="w8a8", decode_ms_per_token=15.0, compiled_error="Unsupported: torchbind", **base)])
+    md = bench.table(rows)
+    assert "| int4 | dense | 10.0 | 2.00x | 4.0 | 5.00x | 30 | 10 |" in md
+    assert "int4: the 30 s compile pays off after 5,000 generated tokens" in md
+    assert "dense: the 30 s compile pays off after 3,000" in md
+    assert "| w8a8 | dense | 15.0 | 1.33x | failed | - | - |" in md and "w8a8: compiled decode failed" in md
+
+
+@pytest.mark.slow
+def test_bench_model_compiles_decode(tiny_llama_dir, tiny_packed, tmp_path):
+    result = CliRunner().invoke(app, ["bench", "model", str(tiny_llama_dir), str(tiny_packed.source), "--decode", "4",
+                                      "--prompt", "16", "--batch", "2", "--windows", "0", "-o", str(tmp_path / "bm")])
+    assert result.exit_code == 0, result.output
+    rows = [BenchRow.from_dict(r) for r in json.loads((tmp_path / "bm" / "bench.json").read_text())]
+    assert all(r.compiled_decode_ms_per_token > 0 and r.compile_s > 0 for r in rows)
+    assert "compiled ms/tok" in result.output and "compile pays off after" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_smollm2_int4_compiled_decode_equals_eager(smollm2_first_load, tmp_path):
+    pack_to_dir("smollm2-135m", tmp_path / "int4", fmt="int4")
+    lm = load_model(str(tmp_path / "int4"))
+    eager, compiled = StaticDecoder(lm.model, 64, compiled=False), StaticDecoder(lm.model, 64, compiled=True)
+    for text in PROMPTS:
+        ids = _ids(lm.tokenizer, text)
+        assert compiled.generate(ids, 16).tokens == eager.generate(ids, 16).tokens, text
