@@ -7,8 +7,18 @@ writes or reads an output asks its layout, never spells a file name itself.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+
+def cache_root() -> Path:
+    """slimkit's cache: $SLIMKIT_CACHE, else $XDG_CACHE_HOME/slimkit, else ~/.cache/slimkit."""
+    env = os.environ.get("SLIMKIT_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "slimkit"
 
 
 def _inside(name: str) -> property:

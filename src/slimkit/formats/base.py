@@ -15,11 +15,11 @@ from torch import nn
 
 _FORMATS: dict[str, type["PackedLinear"]] = {}
 
-# Rows (tokens) up to which the weight-only int8/int4 kernels (bf16 activations) run; beyond,
-# dequantize + fp32 GEMM. Measured on SmolLM2's shapes (1536x576, 576x1536, 2 threads): the
-# kernels beat dense fp32 at M = 1, 8, 32 and 128 (1.9x, 1.8x, 1.4x, 1.0-1.4x) while
-# dequantizing per call costs 3-50x, so the kernels run for any batch a CPU sees.
+# Rows (tokens) up to which a weight-only int8/int4 kernel (bf16 activations) runs when no
+# measurement says otherwise; beyond, dequantize (tile by tile) + fp32 GEMM. `kernel_rows.py`
+# measures the crossover per shape on the machine and sets each layer's own limit.
 KERNEL_MAX_ROWS = 1 << 16
+DEQUANTIZE_TILE_ELEMENTS = 1 << 21  # fp32 weights dequantized per GEMM tile: 8 MB, never a full copy
 
 
 def register_format(cls: type["PackedLinear"]) -> type["PackedLinear"]:
@@ -46,6 +46,7 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.meta = dict(meta)
+        self.kernel_max_rows = KERNEL_MAX_ROWS  # set from this machine's measurement (kernel_rows.py)
         self.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False) if bias is not None else None
 
     # --- what subclasses provide -------------------------------------------------------
@@ -70,6 +71,43 @@ class PackedLinear(nn.Module):
 
     def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         return x2d @ self.dequantize().T
+
+    # --- formats with a weight-only kernel and a dequantize path, chosen by rows ------------
+    def has_row_choice(self) -> bool:
+        """Whether this layer runs a kernel for few rows and dequantize + GEMM for many."""
+        return False
+
+    def kernel_rows(self) -> int:
+        """Rows up to which the kernel runs (measured per shape on this machine, kernel_rows.py)."""
+        return self.kernel_max_rows
+
+    def kernel_matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantize_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of the dense fp32 weight."""
+        return self.dequantize()[start:stop]
+
+    def dequantize_tile_rows(self) -> int:
+        """Rows per dequantized tile: about DEQUANTIZE_TILE_ELEMENTS, whole 64-row tiles."""
+        rows = max(64, DEQUANTIZE_TILE_ELEMENTS // max(self.in_features, 1) // 64 * 64)
+        return self.out_features if rows >= self.out_features else rows
+
+    def dequantized_matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        """x2d @ W.T with W dequantized a tile of output rows at a time (a few MB, not a full copy)."""
+        step = self.dequantize_tile_rows()
+        if step >= self.out_features:
+            return x2d @ self.dequantize_rows(0, self.out_features).T
+        out = x2d.new_empty(x2d.shape[0], self.out_features)
+        for start in range(0, self.out_features, step):
+            stop = min(start + step, self.out_features)
+            out[:, start:stop] = x2d @ self.dequantize_rows(start, stop).T
+        return out
+
+    def chosen_matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        if x2d.shape[0] <= self.kernel_rows():
+            return self.kernel_matmul(x2d)
+        return self.dequantized_matmul(x2d)
 
     # --- shared ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,6 @@ import warnings
 import torch
 
 from slimkit.formats.base import (
-    KERNEL_MAX_ROWS,
     PackedLinear,
     group_expand,
     pack_nibbles,
@@ -24,6 +23,7 @@ from slimkit.formats.base import (
 )
 
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)
+DEQUANTIZED_PATH = "dequantize (tiles) + fp32 matmul"
 
 
 ROW_SLICE_ELEMENTS = 1 << 22  # rows are independent: coded a slice at a time, temporaries stay a few MB
@@ -78,13 +78,20 @@ class Int8WeightOnly(PackedLinear):
     def dequantize(self):
         return self.q.float() * self.scale[:, None]
 
+    def dequantize_rows(self, start, stop):
+        return self.q[start:stop].float() * self.scale[start:stop, None]
+
+    def has_row_choice(self):
+        return True
+
     def path_for(self, m):
-        return "int8 weight-only kernel (bf16 activations)" if m <= KERNEL_MAX_ROWS else "dequantize + fp32 matmul"
+        return "int8 weight-only kernel (bf16 activations)" if m <= self.kernel_rows() else DEQUANTIZED_PATH
+
+    def kernel_matmul(self, x2d):
+        return torch.ops.aten._weight_int8pack_mm(x2d.to(torch.bfloat16), self.q, self.scale_bf16).float()
 
     def matmul(self, x2d):
-        if x2d.shape[0] <= KERNEL_MAX_ROWS:
-            return torch.ops.aten._weight_int8pack_mm(x2d.to(torch.bfloat16), self.q, self.scale_bf16).float()
-        return x2d @ self.dequantize().T
+        return self.chosen_matmul(x2d)
 
 
 @register_format
@@ -153,6 +160,16 @@ def _kernel_nibble_order(rows: int, cols: int) -> torch.Tensor:
     return order
 
 
+@functools.lru_cache(maxsize=16)
+def _tile_layout_is_k_major(cols: int) -> bool:
+    """Whether this torch's int4 CPU layout is [64-row tiles, K, 32 bytes] with row r in the low
+    nibble and row r + 32 in the high one (then unpacking is a view and two shifts), checked
+    against the probed permutation rather than assumed."""
+    r, k = torch.meshgrid(torch.arange(64), torch.arange(cols), indexing="ij")
+    expected = torch.stack([r[:32].T * cols + k[:32].T, r[32:].T * cols + k[32:].T], -1)  # [K, 32, 2]
+    return torch.equal(_kernel_nibble_order(64, cols), expected.reshape(-1))
+
+
 @register_format
 class Int4Grouped(PackedLinear):
     """int4 codes two per byte [N, K/2], scales [N, K/g] (+ int8 zero points if asymmetric).
@@ -180,18 +197,25 @@ class Int4Grouped(PackedLinear):
             self._scales_zeros = torch.stack([s.T, z.T], -1).to(torch.bfloat16).contiguous()
             self.packed = None
 
-    def nibbles(self) -> torch.Tensor:
-        """The stored 4-bit values, 0..15, [out, in] (recovered from the kernel layout when needed)."""
+    def nibbles(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The stored 4-bit values, 0..15, of rows [start, stop) x in (recovered from the kernel
+        layout when needed; row bounds on the layout's 64-row tiles when it is tiled)."""
+        stop = self.out_features if stop is None else stop
         if self.packed is not None:
-            return unpack_nibbles(self.packed)
-        # the kernel layout is a fixed permutation of the nibbles, repeating every 64 rows
+            return unpack_nibbles(self.packed[start:stop])
         rows, cols = self.out_features, self.in_features
         tile = 64 if rows % 64 == 0 else rows
-        order = _kernel_nibble_order(tile, cols)
-        slots = torch.stack([self._kernel & 0x0F, self._kernel >> 4], -1).reshape(rows // tile, tile * cols)
+        if start % tile or stop % tile:
+            raise ValueError(f"rows {start}:{stop} do not fall on the kernel layout's {tile}-row tiles")
+        kernel = self._kernel.view(rows // tile, -1)[start // tile: stop // tile]
+        if tile == 64 and _tile_layout_is_k_major(cols):  # [tiles, K, 32]: row r low nibble, r + 32 high
+            k = kernel.view(-1, cols, 32)
+            return torch.cat([k & 0x0F, k >> 4], 2).transpose(1, 2).reshape(stop - start, cols)
+        # any other layout: a fixed permutation of the nibbles per tile, found by probing
+        slots = torch.stack([kernel & 0x0F, kernel >> 4], -1).reshape(-1, tile * cols)
         out = torch.empty_like(slots)
-        out[:, order] = slots
-        return out.view(rows, cols)
+        out[:, _kernel_nibble_order(tile, cols)] = slots
+        return out.view(stop - start, cols)
 
     @classmethod
     def from_quant(cls, q, scale, zero, bias=None, bits=4):
@@ -227,15 +251,26 @@ class Int4Grouped(PackedLinear):
         return u - (8.0 if self.zero is None else group_expand(self.zero.float(), self.in_features))
 
     def dequantize(self):
-        return self.codes() * group_expand(self.scale.float(), self.in_features)
+        return self.dequantize_rows(0, self.out_features)
+
+    def dequantize_rows(self, start, stop):
+        u = self.nibbles(start, stop).float().view(stop - start, -1, self.group)
+        zero = 8.0 if self.zero is None else self.zero[start:stop].float()[:, :, None]
+        return ((u - zero) * self.scale[start:stop].float()[:, :, None]).view(stop - start, self.in_features)
+
+    def has_row_choice(self):
+        return self._kernel is not None
 
     def path_for(self, m):
-        if self._kernel is not None and m <= KERNEL_MAX_ROWS:
+        if self._kernel is not None and m <= self.kernel_rows():
             return "int4 weight-only kernel (bf16 activations)"
-        return "dequantize + fp32 matmul"
+        return DEQUANTIZED_PATH
+
+    def kernel_matmul(self, x2d):
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x2d.to(torch.bfloat16), self._kernel, self.group, self._scales_zeros).float()
 
     def matmul(self, x2d):
-        if self._kernel is not None and x2d.shape[0] <= KERNEL_MAX_ROWS:
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2d.to(torch.bfloat16), self._kernel, self.group, self._scales_zeros).float()
-        return x2d @ self.dequantize().T
+        if self._kernel is None:
+            return self.dequantized_matmul(x2d)
+        return self.chosen_matmul(x2d)

@@ -18,6 +18,7 @@ from torch import nn
 
 from slimkit.errors import SlimkitError, WeightsError
 from slimkit.formats.base import PackedLinear, format_class
+from slimkit.formats.kernel_rows import choose_kernel_rows
 from slimkit.io.tensors import unique_tensors
 from slimkit.paths import PackedDir
 
@@ -81,6 +82,7 @@ def pack_model(model: nn.Module, modules: dict[str, nn.Linear], records: dict | 
                 new.meta["tied_to"] = f"{embedding_name}.weight"  # packed apart; the embedding stays dense
             model.set_submodule(name, new)
             packed[name] = new
+    choose_kernel_rows(packed.values())  # kernel or dequantize + GEMM, by rows, as measured here
     return packed
 
 
@@ -231,4 +233,5 @@ def load_packed(directory: Path, dtype: torch.dtype = torch.float32) -> nn.Modul
                            f"unexpected {unexpected[:5]}")
     if header["tied"]:
         model.tie_weights()
+    choose_kernel_rows(packed_layers(model).values())
     return model

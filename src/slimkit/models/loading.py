@@ -33,6 +33,7 @@ from slimkit.models.checks import (
 )
 from slimkit.models.layouts import as_linears
 from slimkit.models.zoo import ZOO, ModelKind, zoo_entry
+from slimkit.paths import cache_root
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # slimkit never downloads at run time
 log = logging.getLogger(__name__)
@@ -52,14 +53,6 @@ class LoadedModel:
     from_cache: bool = False
     hf_dir: Path | None = None  # an HF directory holding these weights (for a GGUF: the cache)
     source_dtype: torch.dtype = torch.float32  # what the checkpoint stores; compute runs in `model`'s dtype
-
-
-def cache_root() -> Path:
-    env = os.environ.get("SLIMKIT_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "slimkit"
 
 
 def _file_digest(path: Path) -> str:

@@ -1,0 +1,138 @@
+"""Which path a packed int8/int4 linear takes, by the number of rows (tokens) in the call, measured.
+
+A weight-only kernel reads 0.5-1 byte per weight: it wins while a call is bound by reading the
+weights (decode, small batches). With many rows the call is bound by arithmetic instead, and
+fp32 GEMM over weights dequantized a tile at a time (a few MB, never a full fp32 copy) can win.
+Where the two cross depends on the CPU, the thread count and the shape, so it is measured: both
+paths timed side by side at growing row counts on random inputs of the layer's shape, and the
+kernel keeps every row count below the first one where dequantizing wins by more than
+`MARGIN` (and all counts from there go to dequantize + GEMM); up to 8 rows it always runs.
+
+The crossover belongs to the machine, not to the model: it is measured once per (format, shape,
+group, threads, CPU, torch) and kept in the slimkit cache (`kernel_rows.json`), then applied to
+every layer of that shape when a model is packed or a packed model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from slimkit.formats.base import KERNEL_MAX_ROWS, PackedLinear
+from slimkit.paths import cache_root
+
+ROWS = (16, 64, 128, 256, 512, 1024, 2048)
+ALWAYS_KERNEL_ROWS = 8  # decode-sized calls: dequantizing a whole weight for a few rows cannot pay
+MARGIN = 0.05  # dequantize + GEMM must beat the kernel by 5%, twice, for the kernel to give way
+CALL_BUDGET_S = 0.25  # stop growing the rows when one call takes longer (big layers)
+CACHE_FILE = "kernel_rows.json"
+
+
+def time_call(fn, repeats: int = 5) -> float:
+    """Fastest of `repeats` timed calls after an untimed warm-up (the fastest is the least
+    disturbed by other work); one call over CALL_BUDGET_S is the answer itself."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+        if times[-1] > CALL_BUDGET_S:
+            break
+    return min(times)
+
+
+def _dequantizing_wins(layer: PackedLinear, x: torch.Tensor, repeats: int) -> tuple[bool, list[float]]:
+    kernel = time_call(lambda: layer.kernel_matmul(x), repeats)
+    dense = time_call(lambda: layer.dequantized_matmul(x), repeats)
+    return dense < kernel * (1 - MARGIN), [round(kernel * 1e3, 4), round(dense * 1e3, 4)]
+
+
+@torch.no_grad()
+def measure_crossover(layer: PackedLinear, rows=ROWS, repeats: int = 5) -> dict:
+    """{"kernel_max_rows": N, "ms": {rows: [kernel, dequantize + GEMM]}} for this layer's shape:
+    the kernel keeps every row count below the first where dequantizing wins (confirmed by a
+    second timing, so that one disturbed measurement does not decide)."""
+    limit, ms = KERNEL_MAX_ROWS, {}
+    for index, m in enumerate(rows):
+        x = torch.randn(m, layer.in_features)
+        wins, ms[m] = _dequantizing_wins(layer, x, repeats)
+        if wins and _dequantizing_wins(layer, x, repeats)[0]:
+            limit = max(rows[index - 1] if index else 0, ALWAYS_KERNEL_ROWS)
+            break
+        if max(ms[m]) > CALL_BUDGET_S * 1e3:
+            break
+    return {"kernel_max_rows": limit, "ms": ms}
+
+
+def shape_key(layer: PackedLinear) -> str:
+    group = getattr(layer, "group", None)
+    zero = getattr(layer, "zero", None)
+    return (f"{layer.format} {layer.out_features}x{layer.in_features}" + (f" g{group}" if group else "")
+            + (" asym" if zero is not None else ""))
+
+
+def machine_key() -> str:
+    """What the crossover depends on besides the shape: CPU, threads, torch."""
+    return f"{_cpu_name()} | threads {torch.get_num_threads()} | torch {torch.__version__}"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cache_path() -> Path:
+    return cache_root() / CACHE_FILE
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}  # missing or damaged: measured again
+
+
+def _write_cache(path: Path, data: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only means measuring again next time
+
+
+def choose_kernel_rows(layers, measure=measure_crossover) -> dict[str, int]:
+    """Sets each int8/int4 layer's kernel row limit from the machine's measured crossover
+    (measured for shapes not seen before, then cached); returns {shape: limit}."""
+    layers = [m for m in layers if m.has_row_choice() and _on_cpu(m)]
+    if not layers:
+        return {}
+    path = _cache_path()
+    cache = _read_cache(path)
+    known = cache.setdefault(machine_key(), {})
+    fresh = False
+    for layer in layers:
+        key = shape_key(layer)
+        if key not in known or not isinstance(known[key], dict) or "kernel_max_rows" not in known[key]:
+            known[key], fresh = measure(layer), True
+        layer.kernel_max_rows = int(known[key]["kernel_max_rows"])
+    if fresh:
+        _write_cache(path, cache)
+    return {shape_key(m): m.kernel_rows() for m in layers}
+
+
+def _on_cpu(layer: PackedLinear) -> bool:
+    return all(t.device.type == "cpu" for t in layer.buffers())
