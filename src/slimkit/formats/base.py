@@ -19,6 +19,7 @@ _FORMATS: dict[str, type["PackedLinear"]] = {}
 # measurement says otherwise; beyond, dequantize (tile by tile) + fp32 GEMM. `kernel_rows.py`
 # measures the crossover per shape on the machine and sets each layer's own limit.
 KERNEL_MAX_ROWS = 1 << 16
+DEQUANTIZED_PATH = "dequantize (tiles) + fp32 matmul"
 DEQUANTIZE_TILE_ELEMENTS = 1 << 21  # fp32 weights dequantized per GEMM tile: 8 MB, never a full copy
 
 
@@ -76,6 +77,10 @@ class PackedLinear(nn.Module):
     def has_row_choice(self) -> bool:
         """Whether this layer runs a kernel for few rows and dequantize + GEMM for many."""
         return False
+
+    def shape_tag(self) -> str:
+        """What besides the shape decides the crossover (a sparse layer's density)."""
+        return ""
 
     def kernel_rows(self) -> int:
         """Rows up to which the kernel runs (measured per shape on this machine, kernel_rows.py)."""

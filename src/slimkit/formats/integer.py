@@ -15,6 +15,7 @@ import warnings
 import torch
 
 from slimkit.formats.base import (
+    DEQUANTIZED_PATH,
     PackedLinear,
     group_expand,
     pack_nibbles,
@@ -23,7 +24,6 @@ from slimkit.formats.base import (
 )
 
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)
-DEQUANTIZED_PATH = "dequantize (tiles) + fp32 matmul"
 
 
 ROW_SLICE_ELEMENTS = 1 << 22  # rows are independent: coded a slice at a time, temporaries stay a few MB

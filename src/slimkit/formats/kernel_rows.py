@@ -1,4 +1,4 @@
-"""Which path a packed int8/int4 linear takes, by the number of rows (tokens) in the call, measured.
+"""Which path a packed int8/int4/sparse linear takes, by the number of rows (tokens) in the call, measured.
 
 A weight-only kernel reads 0.5-1 byte per weight: it wins while a call is bound by reading the
 weights (decode, small batches). With many rows the call is bound by arithmetic instead, and
@@ -74,7 +74,7 @@ def shape_key(layer: PackedLinear) -> str:
     group = getattr(layer, "group", None)
     zero = getattr(layer, "zero", None)
     return (f"{layer.format} {layer.out_features}x{layer.in_features}" + (f" g{group}" if group else "")
-            + (" asym" if zero is not None else ""))
+            + (" asym" if zero is not None else "") + layer.shape_tag())
 
 
 def machine_key() -> str:

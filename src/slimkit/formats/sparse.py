@@ -1,13 +1,15 @@
 """Sparse formats: unstructured (bitmask or CSR) and 2:4 (alone, or with int8/int4 values).
 
 Unstructured: on disk, whichever of bitmask + values and CSR (int32 indices) is smaller for the
-density; in RAM always torch CSR with int32 indices (MKL converts int64 on every call),
-computed as W_csr @ x^T (design.md section 5). CSR only beats dense above ~70% sparsity; `slimkit
-bench sparsity` measures where.
+density. In RAM, up to BITMASK_MAX_SPARSITY and when slimkit's kernel is built (kernels/), the
+bitmask layout its AVX2 kernel reads (formats/bitmask.py), with dequantize + GEMM for many rows
+as measured (kernel_rows.py); otherwise torch CSR with int32 indices (MKL converts int64 on every
+call), computed as W_csr @ x^T. `slimkit bench sparsity` measures where each wins.
 
 2:4: the kept values [N, K/2] plus a 2-bit position per kept value (1 bit per weight).
-torch has no CPU kernel for 2:4, so on a CPU the dense weight is rebuilt for each matmul: the
-honest fallback, labelled. Values can be fp32, or int8 (per channel) / int4 (groups) codes.
+torch has no CPU kernel for 2:4: fp32 values run slimkit's bitmask kernel (a 2:4 mask is a
+bitmask); int8 (per channel) / int4 (groups) codes rebuild the dense weight for each matmul,
+the honest fallback, labelled.
 """
 
 from __future__ import annotations
@@ -17,7 +19,22 @@ import warnings
 import numpy as np
 import torch
 
-from slimkit.formats.base import PackedLinear, pack_2bit, pack_nibbles, register_format, unpack_2bit, unpack_nibbles
+from slimkit.formats.base import (
+    DEQUANTIZED_PATH,
+    PackedLinear,
+    pack_2bit,
+    pack_nibbles,
+    register_format,
+    unpack_2bit,
+    unpack_nibbles,
+)
+from slimkit.formats.bitmask import BitmaskRows, csr_mask
+from slimkit.kernels import bitmask_kernel
+
+# Up to this sparsity the bitmask kernel runs (1 bit per weight + fp32 kept values, AVX2); above
+# it, CSR (MKL), whose cost follows the kept weights alone.
+BITMASK_MAX_SPARSITY = 0.8
+BITMASK_PATH = "slimkit bitmask kernel (AVX2, fp32 values)"
 
 
 def _csr(crow, col, values, shape) -> torch.Tensor:
@@ -41,9 +58,12 @@ class SparseUnstructured(PackedLinear):
 
     def __init__(self, csr: torch.Tensor, bias=None, meta=None):
         super().__init__(csr.shape[1], csr.shape[0], bias, meta or {})
-        self.csr = csr
         self.layout = self.meta.get("layout") or self.smaller_layout(csr.shape[0], csr.shape[1], csr._nnz())
         self.meta["layout"] = self.layout
+        self.csr, self.bits = csr, None
+        sparsity = 1 - csr._nnz() / max(csr.shape[0] * csr.shape[1], 1)
+        if self.in_features % 8 == 0 and sparsity <= BITMASK_MAX_SPARSITY and bitmask_kernel() is not None:
+            self.csr, self.bits = None, BitmaskRows.from_csr(csr)  # RAM holds the kernel's layout only
 
     @staticmethod
     def smaller_layout(rows, cols, nnz) -> str:
@@ -60,17 +80,18 @@ class SparseUnstructured(PackedLinear):
             csr = _csr(csr.crow_indices().int(), csr.col_indices().int(), csr.values(), w.shape)
         return cls(csr, bias)
 
-    def stored(self):
-        values = self.csr.values()
-        if self.layout == "csr":
-            return {"crow": self.csr.crow_indices(), "col": self.csr.col_indices(), "values": values}
-        return {"mask_bits": torch.from_numpy(np.packbits(self._mask().numpy().ravel())), "values": values}
-
     def _mask(self) -> torch.Tensor:
-        rows = torch.repeat_interleave(torch.arange(self.out_features), self.csr.crow_indices().diff().long())
-        mask = torch.zeros(self.out_features, self.in_features, dtype=torch.bool)
-        mask[rows, self.csr.col_indices().long()] = True
-        return mask
+        return self.bits.bool_mask() if self.bits is not None else csr_mask(self.csr)
+
+    def _values(self) -> torch.Tensor:
+        return self.bits.kept_values() if self.bits is not None else self.csr.values()
+
+    def stored(self):
+        if self.layout == "csr":
+            mask = self._mask()
+            crow = torch.cat([torch.zeros(1, dtype=torch.int32), mask.sum(1).cumsum(0).int()])
+            return {"crow": crow, "col": torch.nonzero(mask)[:, 1].int(), "values": self._values()}
+        return {"mask_bits": torch.from_numpy(np.packbits(self._mask().numpy().ravel())), "values": self._values()}
 
     @classmethod
     def from_stored(cls, t, meta, bias):
@@ -90,15 +111,35 @@ class SparseUnstructured(PackedLinear):
         return cls(csr, bias, meta)
 
     def ram_tensors(self):
+        if self.bits is not None:
+            return self.bits.tensors()
         return [self.csr.crow_indices(), self.csr.col_indices(), self.csr.values()]
 
     def dequantize(self):
-        return self.csr.to_dense()
+        return self.dequantize_rows(0, self.out_features)
+
+    def dequantize_rows(self, start, stop):
+        if self.bits is not None:
+            return self.bits.dense_rows(start, stop)
+        return self.csr.to_dense()[start:stop]
+
+    def has_row_choice(self):
+        return self.bits is not None
+
+    def shape_tag(self):
+        return f" {round(10 * (1 - self.bits.nnz / (self.out_features * self.in_features))) * 10}% sparse"
 
     def path_for(self, m):
-        return "torch CSR (MKL, int32 indices)"
+        if self.bits is None:
+            return "torch CSR (MKL, int32 indices)"
+        return BITMASK_PATH if m <= self.kernel_rows() else DEQUANTIZED_PATH
+
+    def kernel_matmul(self, x2d):
+        return self.bits.matmul(x2d)
 
     def matmul(self, x2d):
+        if self.bits is not None:
+            return self.chosen_matmul(x2d)
         return (self.csr @ x2d.T).T
 
 
@@ -114,6 +155,11 @@ class Sparse24(PackedLinear):
         self.register_buffer("values", values.contiguous())
         self.register_buffer("index_bits", index_bits.contiguous())
         self.register_buffer("scale", scale.contiguous() if scale is not None else None)
+        self.bits = None
+        if self.value_kind == "fp32" and self.in_features % 8 == 0 and bitmask_kernel() is not None:
+            # RAM holds the bitmask kernel's layout only (2 kept fp32 values + 4 mask bits per 4 weights)
+            self.bits = BitmaskRows.from_mask(self._positions_mask(), self.values.float())
+            self.values = self.index_bits = None
 
     @classmethod
     def from_dense(cls, weight, bias=None, mask=None, quant=None, **_):
@@ -142,7 +188,16 @@ class Sparse24(PackedLinear):
             return cls(pack_nibbles(codes), index_bits, quant.scale, bias, {"values": "int4", "bits": spec.bits})
         raise NotImplementedError("2:4 with these quantized values (asymmetric, or 5-7 bits) is not a packed format")
 
+    def _positions_mask(self) -> torch.Tensor:
+        rows, cols = self.out_features, self.in_features
+        positions = unpack_2bit(self.index_bits).long().reshape(rows, cols // 4, 2)
+        return torch.zeros(rows, cols // 4, 4, dtype=torch.bool).scatter_(2, positions, True).reshape(rows, cols)
+
     def stored(self):
+        if self.bits is not None:
+            rows, cols = self.out_features, self.in_features
+            positions = torch.nonzero(self.bits.bool_mask().reshape(-1, 4))[:, 1].reshape(rows, cols // 2)
+            return {"values": self.bits.kept_values().reshape(rows, cols // 2), "index_bits": pack_2bit(positions)}
         t = {"values": self.values, "index_bits": self.index_bits}
         if self.scale is not None:
             t["scale"] = self.scale
@@ -161,7 +216,31 @@ class Sparse24(PackedLinear):
         group = self.in_features // self.scale.shape[1]  # scale groups run along K: g/2 kept values each
         return codes * self.scale.float().repeat_interleave(group // 2, dim=1)
 
+    def ram_tensors(self):
+        return self.bits.tensors() if self.bits is not None else list(self.stored().values())
+
+    def has_row_choice(self):
+        return self.bits is not None
+
+    def shape_tag(self):
+        return " 2:4"
+
+    def kernel_matmul(self, x2d):
+        return self.bits.matmul(x2d)
+
+    def matmul(self, x2d):
+        if self.bits is not None:
+            return self.chosen_matmul(x2d)
+        return x2d @ self.dequantize().T
+
+    def dequantize_rows(self, start, stop):
+        if self.bits is not None:
+            return self.bits.dense_rows(start, stop)
+        return self.dequantize()[start:stop]
+
     def dequantize(self):
+        if self.bits is not None:
+            return self.bits.dense_rows(0, self.out_features)
         rows, cols = self.out_features, self.in_features
         positions = unpack_2bit(self.index_bits).long().reshape(rows, cols // 4, 2)
         dense = torch.zeros(rows, cols // 4, 4)
@@ -169,4 +248,6 @@ class Sparse24(PackedLinear):
         return dense.reshape(rows, cols)
 
     def path_for(self, m):
-        return "dense fallback: rebuilt per call (torch has no CPU 2:4 kernel)"
+        if self.bits is not None:
+            return BITMASK_PATH if m <= self.kernel_rows() else DEQUANTIZED_PATH
+        return "dense fallback: rebuilt per call (torch has no CPU 2:4 kernel for these values)"

@@ -1,0 +1,5 @@
+"""`python -m slimkit.kernels`: build the kernels now (as `make setup` does) and say the outcome."""
+
+from slimkit.kernels.build import bitmask_kernel, kernel_status
+
+print("bitmask_matmul:", "ready" if bitmask_kernel() is not None else "unavailable", "-", kernel_status()["bitmask"])
