@@ -234,6 +234,28 @@ def test_engine_hessian_matches_a_direct_capture():
     assert torch.allclose(got["H"], 2 * X.T @ X / X.shape[0], rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("offload", [False, True])
+def test_engine_dense_targets_are_the_dense_models_own_activations(tmp_path, offload):
+    """With dense targets, each block gets what the uncompressed model computes at its depth,
+    even after earlier blocks were compressed (here: their weights halved)."""
+    model = tiny_llama(num_hidden_layers=3)
+    windows = _windows()
+    with torch.no_grad():
+        hidden = model(windows, output_hidden_states=True).hidden_states  # [i + 1]: block i's output
+    got = {}
+
+    def halve(work):
+        got[work.index] = torch.cat(work.dense_outputs)
+        for linear in work.linears.values():
+            linear.weight.data.mul_(0.5)
+
+    sequential_compress(model, adapter_for(model), windows, StatsRequest(dense_targets=True), halve,
+                        batch_size=3, offload_dir=tmp_path if offload else None)
+    for index in (0, 1):  # the last block's hidden state is the final norm's output
+        torch.testing.assert_close(got[index], hidden[index + 1], rtol=1e-5, atol=1e-5)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_sparsegpt_then_gptq_keeps_the_mask():
     model = tiny_llama()
     windows = _windows(8, 32)

@@ -161,6 +161,21 @@ def test_changed_arguments_start_over(tiny_bf16, tmp_path):
     assert WorkDir(layout, "identity-b", messages.append).start().next_block == 1 and "resuming" in messages[-1]
 
 
+def test_saved_activations_keep_the_dense_stream_for_a_resume(tmp_path):
+    """A learned-rounding pass carries two activation streams; a resumed one gets both back."""
+    from slimkit.paths import StreamWork
+    from slimkit.streaming.work import WorkDir
+
+    work = WorkDir(StreamWork.beside(tmp_path / "out", "r"), "identity")
+    work.start()
+    inputs, dense = [torch.randn(2, 4, 8) for _ in range(3)], [torch.randn(2, 4, 8) for _ in range(3)]
+    work.save_activations(inputs, dense)
+    got_inputs, got_dense = work.load_activations()
+    assert all(map(torch.equal, got_inputs, inputs)) and all(map(torch.equal, got_dense, dense))
+    work.save_activations(inputs)
+    assert work.load_activations()[1] == [] and len(work.load_activations()[0]) == 3
+
+
 @pytest.mark.parametrize("steps, message", [
     ([{"method": "gptq", "bits": 4}, {"method": "sparsegpt", "sparsity": 0.5}], "at most one calibrated step"),
     ([{"method": "magnitude_prune", "sparsity": 0.5, "scope": "global"}], "scope global"),

@@ -5,7 +5,9 @@
 2. For each block: hook the first linear of every input group, run the *dense* block on all
    inputs to accumulate statistics (fp32; the pass stops once every group has seen its input), hand each linear and its statistics to the
    algorithm, then re-run the block with the compressed weights: its outputs are the next
-   block's inputs. Every algorithm thus sees inputs produced by already-compressed blocks.
+   block's inputs. Every algorithm thus sees inputs produced by already-compressed blocks; one that
+   asks for dense targets (learned rounding) also gets what the dense model computes at this
+   depth, from a second stream of activations that never passes a compressed block.
 Peak memory is one block's weights plus the activations; `device` is where the block being worked
 on, its inputs and statistics go (the activations wait on the CPU); `offload_dir` keeps the activations
 on disk (memory-mapped) for models whose activations do not fit in RAM. Where the blocks' weights
@@ -43,6 +45,7 @@ class ActivationStore:
         self._tensors: list[torch.Tensor] = []
         self._dir = Path(tempfile.mkdtemp(prefix="slimkit-acts-", dir=offload_dir)) if offload_dir else None
         self._generation = 0
+        self.dense: ActivationStore | None = None  # the dense model's activations, when asked to carry them
 
     def put(self, i: int, x: torch.Tensor) -> None:
         x = x.detach()
@@ -69,6 +72,8 @@ class ActivationStore:
         return len(self._tensors)
 
     def close(self) -> None:
+        if self.dense is not None:
+            self.dense.close()
         self._tensors.clear()
         if self._dir is not None:
             import shutil
@@ -124,6 +129,9 @@ class BlockWork:
     experts: list[int] = field(default_factory=list)  # the groups that belong to MoE experts
     data_free: dict[str, int] = field(default_factory=dict)  # linears given identity statistics -> tokens seen
     inputs: BlockInputs | None = None  # the block's calibration inputs (the engine sets them)
+    # the dense block's outputs on the dense model's own inputs, per batch (on the CPU), when the
+    # request asks for dense targets: what the uncompressed model computes at this depth
+    dense_outputs: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -243,6 +251,21 @@ def forward_block(block: nn.Module, store, extra, device: torch.device = torch.d
             store.put(i, block_output(block(hidden, *args, **kwargs)).cpu())
 
 
+def start_dense_stream(store: ActivationStore, offload_dir) -> None:
+    """The dense model's activations begin as block 0's inputs (a copy: the two streams part after
+    the first compressed block)."""
+    store.dense = ActivationStore(offload_dir)
+    for i in range(len(store)):
+        store.dense.put(i, store[i].clone())
+
+
+def dense_targets(block: nn.Module, store: ActivationStore, extra, device: torch.device) -> list[torch.Tensor]:
+    """The still-dense block on the dense stream: its outputs are the targets, and the dense
+    stream's next inputs."""
+    forward_block(block, store.dense, extra, device)
+    return [store.dense[i] for i in range(len(store.dense))]
+
+
 def sequential_compress(
     model: nn.Module,
     adapter: ArchitectureAdapter,
@@ -264,7 +287,14 @@ def sequential_compress(
     model.eval()
     try:
         extra = capture_block_inputs(model, adapter, windows, batch_size, store, access)
-        first = access.resume(store)
+        first = access.resume(store)  # a resumed pass restores the dense stream too, when it had one
+        if request.dense_targets and store.dense is None:
+            if first:
+                from slimkit.errors import CheckpointError
+
+                raise CheckpointError("this resumed pass saved no dense activations (the learned-rounding "
+                                      "targets): start it again (--restart)")
+            start_dense_stream(store, offload_dir)
         names = {id(m): n for n, m in model.named_modules()}
         blocks = list(enumerate(adapter.get_blocks(model)))[first:]
         for index, block in progress.track(blocks, f"{description}: blocks"):
@@ -277,6 +307,8 @@ def sequential_compress(
             t0 = time.perf_counter()
             _collect_stats(block, work, store, extra, global_batches, device)
             expert_fallback(work, report)
+            if store.dense is not None:
+                work.dense_outputs = dense_targets(block, store, extra, device)
             t1 = time.perf_counter()
             compress_block(work)
             t2 = time.perf_counter()

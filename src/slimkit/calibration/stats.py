@@ -19,6 +19,7 @@ class StatsRequest:
     hessian: bool = False
     col_sq: bool = False
     abs_mean: bool = False
+    dense_targets: bool = False  # also carry the dense model's activations (learned rounding's targets)
 
 
 class InputStats:

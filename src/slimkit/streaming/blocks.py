@@ -36,8 +36,13 @@ class StreamedBlocks(BlockAccess):
 
     def resume(self, store: ActivationStore) -> int:
         if self.state.next_block:
-            for i, inputs in enumerate(self.work.load_activations()):
-                store.put(i, inputs)
+            inputs, dense = self.work.load_activations()
+            for i, x in enumerate(inputs):
+                store.put(i, x)
+            if dense:
+                store.dense = ActivationStore()
+                for i, x in enumerate(dense):
+                    store.dense.put(i, x)
         return self.state.next_block
 
     def open(self, index: int, block: nn.Module) -> None:
@@ -54,7 +59,9 @@ class StreamedBlocks(BlockAccess):
         start = time.perf_counter()
         self._write(index, block)
         if store is not None and index + 1 < len(self.streamed.adapter.get_blocks(self.streamed.model)):
-            self.work.save_activations([store[i] for i in range(len(store))])
+            dense = store.dense
+            self.work.save_activations([store[i] for i in range(len(store))],
+                                       [dense[i] for i in range(len(dense))] if dense is not None else [])
         self.state.next_block = index + 1
         self.work.save_state(self.state)
         self.streamed.release(block)

@@ -72,15 +72,20 @@ class WorkDir:
     def save_state(self, state: StreamState) -> None:
         write_text_atomic(self.layout.state, json.dumps(asdict(state)))
 
-    def save_activations(self, tensors: list[torch.Tensor]) -> None:
-        save_tensors_atomic({f"{i}": t for i, t in enumerate(tensors)}, self.layout.activations)
+    def save_activations(self, tensors: list[torch.Tensor], dense: list[torch.Tensor] = ()) -> None:
+        """The next block's inputs (and the dense model's, when the pass carries them)."""
+        named = {f"{i}": t for i, t in enumerate(tensors)} | {f"dense.{i}": t for i, t in enumerate(dense)}
+        save_tensors_atomic(named, self.layout.activations)
 
-    def load_activations(self) -> list[torch.Tensor]:
+    def load_activations(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         from slimkit.errors import CheckpointError
 
         try:
             with safe_open(str(self.layout.activations), framework="pt") as f:
-                return [f.get_tensor(f"{i}") for i in range(len(f.keys()))]
+                keys = set(f.keys())
+                count = sum(1 for k in keys if not k.startswith("dense."))
+                dense = [f.get_tensor(f"dense.{i}") for i in range(len(keys) - count)]
+                return [f.get_tensor(f"{i}") for i in range(count)], dense
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{self.layout.activations} cannot be read ({exc}); delete "
                                   f"{self.layout.root} to start the streamed run again") from None
