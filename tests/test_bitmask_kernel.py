@@ -22,6 +22,14 @@ def _sparse_weight(rows, cols, sparsity, seed=0):
     return w * mask, mask
 
 
+def _kernel_or_not(monkeypatch, kernel: bool) -> None:
+    """With the kernel (skipped where it is not built), or as a machine without a compiler."""
+    if kernel and bitmask_kernel() is None:
+        pytest.skip(f"kernel unavailable: {kernel_status()}")
+    if not kernel:
+        monkeypatch.setattr(sparse, "bitmask_kernel", lambda: None)
+
+
 @needs_kernel
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("batch", [1, 3, 8, 19])  # 19: two full chunks of 8 rows and a partial one
@@ -45,10 +53,7 @@ def test_kernel_refuses_mismatched_shapes():
 
 @pytest.mark.parametrize("kernel", [True, False])
 def test_sparse_format_runs_kernel_or_csr_and_stores_the_same(monkeypatch, kernel):
-    if kernel and bitmask_kernel() is None:
-        pytest.skip(f"kernel unavailable: {kernel_status()}")
-    if not kernel:
-        monkeypatch.setattr(sparse, "bitmask_kernel", lambda: None)
+    _kernel_or_not(monkeypatch, kernel)
     w, mask = _sparse_weight(64, 128, 0.5)
     layer = format_class("sparse").from_dense(w, mask=mask)
     assert (layer.bits is not None) == kernel
@@ -70,10 +75,7 @@ def test_high_sparsity_stays_csr():
 
 @pytest.mark.parametrize("kernel", [True, False])
 def test_two_four_runs_the_kernel_and_stores_its_positions(monkeypatch, kernel):
-    if kernel and bitmask_kernel() is None:
-        pytest.skip(f"kernel unavailable: {kernel_status()}")
-    if not kernel:
-        monkeypatch.setattr(sparse, "bitmask_kernel", lambda: None)
+    _kernel_or_not(monkeypatch, kernel)
     torch.manual_seed(1)
     w = torch.randn(48, 64)
     mask = nm_mask(w, 2, 4)

@@ -91,16 +91,7 @@ def measure(source: str, settings: BenchSettings = BenchSettings(), note=lambda 
         return nxt, out.past_key_values
 
     note(f"{source}: prefill {prompt} tokens, decode {decode}")
-    step(ids[:, :16])  # warm-up: kernels, allocator
-    t0 = time.perf_counter()
-    nxt, past = step(ids)
-    prefill_ms = (time.perf_counter() - t0) * 1e3
-    times = []
-    for _ in range(decode):
-        t0 = time.perf_counter()
-        nxt, past = step(nxt, past)
-        times.append(time.perf_counter() - t0)
-    decode_ms = statistics.median(times) * 1e3
+    prefill_ms, decode_ms = eager_latency(step, ids, decode)
     compiled = _compiled_decode(model, ids, decode, source, note) if settings.compiled else {}
     note(f"{source}: throughput at batch {batch}")
     rows = torch.stack([stream[i * 16 : i * 16 + 32] for i in range(batch)])
@@ -130,6 +121,20 @@ def measure(source: str, settings: BenchSettings = BenchSettings(), note=lambda 
         threads=torch.get_num_threads(), device=str(device), mean_kld=divergence.get("mean_kld"),
         top1_agreement=divergence.get("top1_agreement"), **compiled,
     )
+
+
+def eager_latency(step, ids: torch.Tensor, decode: int) -> tuple[float, float]:
+    """(prefill ms of the prompt, median ms per decode step) with the dynamic KV cache, eager."""
+    step(ids[:, :16])  # warm-up: kernels, allocator
+    t0 = time.perf_counter()
+    nxt, past = step(ids)
+    prefill_ms = (time.perf_counter() - t0) * 1e3
+    times = []
+    for _ in range(decode):
+        t0 = time.perf_counter()
+        nxt, past = step(nxt, past)
+        times.append(time.perf_counter() - t0)
+    return prefill_ms, statistics.median(times) * 1e3
 
 
 def _compiled_decode(model, ids, decode: int, source: str, note) -> dict:
