@@ -125,13 +125,15 @@ def _windows(n=8, seqlen=32, vocab=96):
     return torch.randint(3, vocab, (n, seqlen), generator=torch.Generator().manual_seed(0))
 
 
-def test_autoround_step_beats_rtn_on_a_tiny_model_and_keeps_a_mask():
+@pytest.mark.parametrize("targets", ["compressed-path", "dense-model"])
+def test_autoround_step_beats_rtn_on_a_tiny_model_and_keeps_a_mask(targets):
     windows = _windows()
     reference = tiny_llama()(windows).logits.detach()
     errors = {}
     for name, steps in [("rtn", [{"method": "rtn_quantize", "bits": 3, "group_size": 32}]),
                         ("autoround", [{"method": "magnitude_prune", "sparsity": 0.25},
-                                       {"method": "autoround", "bits": 3, "group_size": 32, "iters": 40, "batch": 4}])]:
+                                       {"method": "autoround", "bits": 3, "group_size": 32, "iters": 40, "batch": 4,
+                                        "targets": targets}])]:
         model = tiny_llama()
         result = compress(model, parse_recipe({"steps": steps}), run=RunResources(calibration=lambda: windows))
         errors[name] = float((model(windows).logits.detach() - reference).pow(2).mean())

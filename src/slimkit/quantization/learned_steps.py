@@ -1,13 +1,15 @@
-"""Recipe step handler for learned rounding (AutoRound): the sequential engine hands each block,
-its calibration inputs (through the blocks compressed before it) and the targets: what the dense
-model computes at this depth (a second activation stream, as AutoRound does)."""
+"""Recipe step handler for learned rounding (AutoRound): the sequential engine hands each block and
+its calibration inputs (through the blocks compressed before it); the targets are the dense
+block's outputs on them, or (`targets: dense-model`, AutoRound's own choice) the dense model's
+activations at this depth, from a second stream the engine carries."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from slimkit.calibration import distributed
-from slimkit.calibration.engine import BlockWork
+from slimkit.calibration.engine import BlockInputs, BlockWork, block_output
 from slimkit.calibration.runner import run_calibrated
 from slimkit.calibration.stats import StatsRequest
 from slimkit.errors import RecipeError
@@ -16,6 +18,16 @@ from slimkit.quantization.config import AutoRoundConfig
 from slimkit.quantization.rtn import check_groups
 from slimkit.recipes.context import StepContext
 from slimkit.recipes.registry import register_step
+
+
+@torch.no_grad()
+def dense_outputs(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
+    """The block's outputs on each calibration batch, before any of its weights change (on the CPU)."""
+    outputs = []
+    for i in range(len(inputs)):
+        hidden, args, kwargs = inputs.batch(i)
+        outputs.append(block_output(block(hidden, *args, **kwargs)).cpu())
+    return outputs
 
 
 def _settings(config: AutoRoundConfig) -> signround.TuneSettings:
@@ -33,9 +45,8 @@ def apply_autoround(config: AutoRoundConfig, ctx: StepContext) -> None:
         local = {id(m): n for n, m in work.block.named_modules()}
         linears = {local[id(m)]: m for m in selected.values()}
         masks = {local[id(m)]: ctx.state.records[n].mask for n, m in selected.items()}
-        # AutoRound's targets: the dense model's outputs at this depth (not the dense block on inputs
-        # that earlier compressed blocks produced), so each block also makes up for the error before it
-        data = signround.BlockData(work.inputs.batch, work.dense_outputs)
+        targets = work.dense_outputs if config.targets == "dense-model" else dense_outputs(work.block, work.inputs)
+        data = signround.BlockData(work.inputs.batch, targets)
         steps = ctx.run.progress.track(range(config.iters), f"block {work.index}: rounding")
         result = signround.tune_block(work.block, linears, spec, masks, data, _settings(config), steps)
         ratio = result.error_tuned / max(result.error_rtn, 1e-30)
@@ -49,4 +60,4 @@ def apply_autoround(config: AutoRoundConfig, ctx: StepContext) -> None:
             record.notes.append(f"block output error x{ratio:.3f} of RTN's" if result.kept else
                                 f"tuned rounding did worse than RTN (x{ratio:.3f}): RTN codes kept")
 
-    run_calibrated(config, ctx, StatsRequest(dense_targets=True), block, lambda name, module: check_groups(module.weight, spec, name))
+    run_calibrated(config, ctx, StatsRequest(dense_targets=config.targets == "dense-model"), block, lambda name, module: check_groups(module.weight, spec, name))
