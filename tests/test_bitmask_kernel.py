@@ -39,6 +39,7 @@ def test_kernel_is_x_times_w_transposed(sparsity, batch):
     x = torch.randn(batch, 136)
     torch.testing.assert_close(bits.matmul(x), x @ w.T, rtol=1e-5, atol=1e-5)
     assert torch.equal(bits.dense_rows(0, 72), w) and torch.equal(bits.bool_mask(), mask)
+    assert torch.equal(bits.dense_rows(8, 40), w[8:40])
 
 
 @needs_kernel
@@ -48,7 +49,7 @@ def test_kernel_refuses_mismatched_shapes():
     with pytest.raises(RuntimeError, match="the mask covers 64"):
         bits.matmul(torch.randn(2, 72))
     with pytest.raises(RuntimeError, match="padding"):
-        bitmask_kernel()(torch.randn(2, 64), bits.mask, bits.kept_values().clone(), bits.row_start)
+        bitmask_kernel().bitmask_matmul(torch.randn(2, 64), bits.mask, bits.kept_values().clone(), bits.row_start)
 
 
 @pytest.mark.parametrize("kernel", [True, False])

@@ -47,6 +47,11 @@ class BitmaskRows:
         return self.values[: self.nnz]
 
     def dense_rows(self, start: int, stop: int) -> torch.Tensor:
+        from slimkit.kernels import bitmask_kernel
+
+        kernel = bitmask_kernel()
+        if kernel is not None:
+            return kernel.bitmask_densify(self.mask, self.values, self.row_start, start, stop)
         mask = self.bool_mask(start, stop)
         dense = torch.zeros(mask.shape)
         dense[mask] = self.values[int(self.row_start[start]): int(self.row_start[stop])]
@@ -56,7 +61,7 @@ class BitmaskRows:
         """x2d @ W.T by the compiled kernel (callers check `bitmask_kernel()` first)."""
         from slimkit.kernels import bitmask_kernel
 
-        return bitmask_kernel()(x2d.contiguous(), self.mask, self.values, self.row_start)
+        return bitmask_kernel().bitmask_matmul(x2d.contiguous(), self.mask, self.values, self.row_start)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.mask, self.values, self.row_start]

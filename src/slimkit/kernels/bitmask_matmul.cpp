@@ -38,30 +38,41 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// rows [first, last) of W against `batch` (<= 8) rows of x
+// the 8 weights of mask byte `byte` (lanes not kept are 0); `v` advances past the byte's values
+inline __m256 expand_byte(int byte, const float*& v, const Permutes& table, __m256i bit) {
+  const __m256i index = _mm256_load_si256(reinterpret_cast<const __m256i*>(table.index[byte]));
+  const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(byte), bit), bit);
+  const __m256 w = _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(v), index), _mm256_castsi256_ps(keep));
+  v += __builtin_popcount(byte);
+  return w;
+}
+
+// rows [first, last) of W against B rows of x (B known at compile time: the sums stay in registers)
+template <int B>
 void rows_block(const uint8_t* mask, const float* values, const int64_t* row_start, const float* x,
-                float* y, int64_t k, int64_t n, int64_t batch, int64_t first, int64_t last) {
+                float* y, int64_t k, int64_t n, int64_t first, int64_t last) {
   const Permutes& table = permutes();
   const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   const int64_t bytes = k / 8;
   for (int64_t row = first; row < last; ++row) {
     const uint8_t* m = mask + row * bytes;
     const float* v = values + row_start[row];
-    __m256 acc[kMaxBatch];
-    for (int64_t b = 0; b < batch; ++b) acc[b] = _mm256_setzero_ps();
+    __m256 acc[B];
+    for (int b = 0; b < B; ++b) acc[b] = _mm256_setzero_ps();
     for (int64_t j = 0; j < bytes; ++j) {
       const int byte = m[j];
       if (byte == 0) continue;
-      const __m256i index = _mm256_load_si256(reinterpret_cast<const __m256i*>(table.index[byte]));
-      const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(byte), bit), bit);
-      const __m256 w = _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(v), index),
-                                     _mm256_castsi256_ps(keep));
-      v += __builtin_popcount(byte);
-      for (int64_t b = 0; b < batch; ++b) acc[b] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + b * k + 8 * j), acc[b]);
+      const __m256 w = expand_byte(byte, v, table, bit);
+      for (int b = 0; b < B; ++b) acc[b] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + b * k + 8 * j), acc[b]);
     }
-    for (int64_t b = 0; b < batch; ++b) y[b * n + row] = horizontal_sum(acc[b]);
+    for (int b = 0; b < B; ++b) y[b * n + row] = horizontal_sum(acc[b]);
   }
 }
+
+using RowsFn = void (*)(const uint8_t*, const float*, const int64_t*, const float*, float*, int64_t, int64_t,
+                        int64_t, int64_t);
+constexpr RowsFn kRows[kMaxBatch] = {rows_block<1>, rows_block<2>, rows_block<3>, rows_block<4>,
+                                     rows_block<5>, rows_block<6>, rows_block<7>, rows_block<8>};
 
 }  // namespace
 
@@ -82,12 +93,40 @@ torch::Tensor bitmask_matmul(torch::Tensor x, torch::Tensor mask, torch::Tensor 
     const float* xp = x.data_ptr<float>() + start * k;
     float* yp = y.data_ptr<float>() + start * n;
     at::parallel_for(0, n, 16, [&](int64_t first, int64_t last) {
-      rows_block(mp, vp, rp, xp, yp, k, n, batch, first, last);
+      kRows[batch - 1](mp, vp, rp, xp, yp, k, n, first, last);
     });
   }
   return y;
 }
 
+// rows [start, stop) of W as a dense float tensor (the dequantize path for many rows of x)
+torch::Tensor bitmask_densify(torch::Tensor mask, torch::Tensor values, torch::Tensor row_start, int64_t start,
+                              int64_t stop) {
+  TORCH_CHECK(mask.scalar_type() == torch::kUInt8 && mask.is_contiguous() && values.is_contiguous() &&
+              row_start.scalar_type() == torch::kLong, "mask uint8, values float, row_start int64, contiguous");
+  TORCH_CHECK(0 <= start && start <= stop && stop <= mask.size(0), "rows ", start, ":", stop, " out of range");
+  const int64_t bytes = mask.size(1);
+  auto dense = torch::empty({stop - start, bytes * 8}, values.options());
+  const uint8_t* mp = mask.data_ptr<uint8_t>();
+  const float* vp = values.data_ptr<float>();
+  const int64_t* rp = row_start.data_ptr<int64_t>();
+  float* out = dense.data_ptr<float>();
+  at::parallel_for(start, stop, 16, [&](int64_t first, int64_t last) {
+    const Permutes& table = permutes();
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    for (int64_t row = first; row < last; ++row) {
+      const float* v = vp + rp[row];
+      float* o = out + (row - start) * bytes * 8;
+      for (int64_t j = 0; j < bytes; ++j) {
+        const int byte = mp[row * bytes + j];
+        _mm256_storeu_ps(o + 8 * j, byte ? expand_byte(byte, v, table, bit) : _mm256_setzero_ps());
+      }
+    }
+  });
+  return dense;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("bitmask_matmul", &bitmask_matmul, "x @ W.T, W as a bitmask and its kept fp32 values (AVX2)");
+  module.def("bitmask_densify", &bitmask_densify, "rows [start, stop) of such a W, dense");
 }

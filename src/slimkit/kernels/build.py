@@ -40,7 +40,8 @@ def has_avx2() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def bitmask_kernel():
-    """The compiled `bitmask_matmul(x, mask, values, row_start)`, or None (see kernel_status)."""
+    """The compiled module (`bitmask_matmul(x, mask, values, row_start)`, `bitmask_densify(mask,
+    values, row_start, start, stop)`), or None (see kernel_status)."""
     if not has_avx2():
         _status["bitmask"] = f"no AVX2 on this CPU ({torch.backends.cpu.get_cpu_capability()})"
         return None
@@ -55,7 +56,7 @@ def bitmask_kernel():
         _status["bitmask"] = f"not built: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ''}"
         return None
     _status["bitmask"] = f"built in {directory}"
-    return module.bitmask_matmul
+    return module
 
 
 def kernel_status() -> dict[str, str]:
