@@ -95,6 +95,12 @@ def test_bench_table_reports_compiled_decode_and_when_it_pays_off():
     assert "| w8a8 | dense | 15.0 | 1.33x | failed | - | - |" in md and "w8a8: compiled decode failed" in md
 
 
+def test_generate_refuses_an_empty_prompt_before_loading_anything(tmp_path):
+    result = CliRunner().invoke(app, ["generate", str(tmp_path / "no-such-model"), "-p", ""])
+    assert result.exit_code != 0 and "--prompt is empty" in result.output
+    assert "Traceback" not in result.output
+
+
 @pytest.mark.slow
 def test_bench_model_compiles_decode(tiny_llama_dir, tiny_packed, tmp_path):
     result = CliRunner().invoke(app, ["bench", "model", str(tiny_llama_dir), str(tiny_packed.source), "--decode", "4",

@@ -38,6 +38,8 @@ def generate(
     from slimkit.generation import StaticDecoder, stop_tokens
     from slimkit.models import load_model
 
+    if not prompt:  # said before any model loads
+        raise SlimkitError("--prompt is empty: give the text to continue")
     place = resolve_device(device)
     quiet_transformers()
     loaded = load_model(model)
@@ -62,11 +64,8 @@ def generate(
 
 
 def _prompt_ids(tok, prompt: str, chat: bool):
-    if not prompt:
-        raise SlimkitError("--prompt is empty: give the text to continue")
     if chat and getattr(tok, "chat_template", None):
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                        add_generation_prompt=True)
         return tok(text, return_tensors="pt", add_special_tokens=False).input_ids
     return tok(prompt, return_tensors="pt").input_ids
-

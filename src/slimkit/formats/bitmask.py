@@ -3,7 +3,7 @@
 
 About 1/8 byte + 4 bytes per kept weight: at 50% sparsity 2.1 bytes per weight against dense
 fp32's 4, so a call bound by reading weights (batch 1-8) reads half as much. The sparse formats
-hold this layout in RAM when the kernel is built, and CSR otherwise.
+hold this layout in RAM only when the kernel is built (its methods call the kernel), CSR otherwise.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from slimkit.kernels import bitmask_kernel
+
 PAD = 8  # the kernel's last load of a row may read 8 floats past the row's end
 
 
@@ -21,7 +23,6 @@ class BitmaskRows:
     mask: torch.Tensor  # uint8 [N, K/8]
     values: torch.Tensor  # float32 [nnz + PAD]
     row_start: torch.Tensor  # int64 [N + 1]
-    cols: int
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor, values: torch.Tensor) -> "BitmaskRows":
@@ -29,7 +30,7 @@ class BitmaskRows:
         bits = torch.from_numpy(np.packbits(mask.numpy(), axis=1, bitorder="little"))
         padded = torch.cat([values.detach().float().reshape(-1), torch.zeros(PAD)])
         row_start = torch.cat([torch.zeros(1, dtype=torch.long), mask.sum(1).cumsum(0)])
-        return cls(bits.contiguous(), padded.contiguous(), row_start, mask.shape[1])
+        return cls(bits.contiguous(), padded.contiguous(), row_start)
 
     @classmethod
     def from_csr(cls, csr: torch.Tensor) -> "BitmaskRows":
@@ -47,20 +48,11 @@ class BitmaskRows:
         return self.values[: self.nnz]
 
     def dense_rows(self, start: int, stop: int) -> torch.Tensor:
-        from slimkit.kernels import bitmask_kernel
-
-        kernel = bitmask_kernel()
-        if kernel is not None:
-            return kernel.bitmask_densify(self.mask, self.values, self.row_start, start, stop)
-        mask = self.bool_mask(start, stop)
-        dense = torch.zeros(mask.shape)
-        dense[mask] = self.values[int(self.row_start[start]): int(self.row_start[stop])]
-        return dense
+        """Rows [start, stop) as a dense fp32 tensor, by the compiled kernel."""
+        return bitmask_kernel().bitmask_densify(self.mask, self.values, self.row_start, start, stop)
 
     def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
-        """x2d @ W.T by the compiled kernel (callers check `bitmask_kernel()` first)."""
-        from slimkit.kernels import bitmask_kernel
-
+        """x2d @ W.T by the compiled kernel."""
         return bitmask_kernel().bitmask_matmul(x2d.contiguous(), self.mask, self.values, self.row_start)
 
     def tensors(self) -> list[torch.Tensor]:

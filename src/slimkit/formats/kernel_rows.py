@@ -115,7 +115,7 @@ def _write_cache(path: Path, data: dict) -> None:
 
 
 def choose_kernel_rows(layers, measure=measure_crossover) -> dict[str, int]:
-    """Sets each int8/int4 layer's kernel row limit from the machine's measured crossover
+    """Sets each int8/int4/bitmask-sparse layer's kernel row limit from the machine's measured crossover
     (measured for shapes not seen before, then cached); returns {shape: limit}."""
     layers = [m for m in layers if m.has_row_choice() and _on_cpu(m)]
     if not layers:

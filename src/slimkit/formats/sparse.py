@@ -236,7 +236,7 @@ class Sparse24(PackedLinear):
     def dequantize_rows(self, start, stop):
         if self.bits is not None:
             return self.bits.dense_rows(start, stop)
-        return self.dequantize()[start:stop]
+        return super().dequantize_rows(start, stop)
 
     def dequantize(self):
         if self.bits is not None:
