@@ -45,17 +45,43 @@ def test_int4_export_loads_in_transformers_with_the_same_function(tiny_int4, tmp
         assert result["tensors_by_type"].get("Q4_0 (codes kept)", 0) > 0
 
 
-def test_gguf_q4_0_blocks_are_the_int4_codes_bit_for_bit():
+@pytest.mark.parametrize("full_range", [False, True])
+def test_gguf_q4_0_blocks_are_the_int4_codes_bit_for_bit(full_range):
     import gguf
 
     from slimkit.export.gguf_file import int4_blocks
     from slimkit.quantization.rtn import QuantSpec, rtn_quantize
 
     w = torch.randn(32, 128)
-    w_hat, p = rtn_quantize(w, QuantSpec(4, True, 64, torch.float16))
+    w_hat, p = rtn_quantize(w, QuantSpec(4, True, 64, torch.float16, full_range))  # full range: negative d
     data, qtype = int4_blocks(format_class("int4").from_quant(p.q, p.scale, p.zero))
     assert qtype == gguf.GGMLQuantizationType.Q4_0
     assert np.array_equal(gguf.quants.dequantize(data, qtype), w_hat.numpy())
+
+
+def test_full_range_codes_pack_and_export_with_their_negative_scales(tiny_llama_dir, tmp_path):
+    """A full-range int4 compress output (scales of both signs, code -8 used) -> packed -> compressed-tensors
+    and GGUF loaded by transformers: all compute the fake-quantized model's function."""
+    from slimkit.protocol import EvalSettings
+    from slimkit.recipes import parse_recipe
+    from slimkit.workflow import compress_to_dir
+
+    recipe = parse_recipe({"name": "fr", "steps": [{"method": "rtn_quantize", "bits": 4, "group_size": 32,
+                                                    "full_range": True}]})
+    settings = EvalSettings(seqlen=32, max_windows=2, calibration_windows=2, calibration_seqlen=32)
+    compress_to_dir(str(tiny_llama_dir), [recipe], tmp_path / "fr", settings)
+    pack_to_dir(str(tmp_path / "fr"), tmp_path / "packed")
+    packed = load_model(tmp_path / "packed").model
+    int4 = [m for m in packed.modules() if getattr(m, "format", None) == "int4"]
+    assert int4 and all((m.scale < 0).any() and (m.scale > 0).any() for m in int4)
+    ids = torch.randint(0, 200, (1, 24), generator=torch.Generator().manual_seed(0))
+    fake = _logits(load_model(tmp_path / "fr").model, ids)
+    outputs = {"packed": _logits(packed, ids)}
+    for to in ("compressed-tensors", "gguf"):
+        export_model(str(tmp_path / "packed"), tmp_path / to, to, verify=False)
+        outputs[to] = _logits(load_exported(tmp_path / to, to), ids)
+    for name, other in outputs.items():  # the packed kernel takes bf16 activations
+        assert (fake - other).abs().max() <= 0.02 * fake.abs().max(), name
 
 
 def test_24_is_refused_by_compressed_tensors_with_the_reason(tiny_llama_dir, tmp_path):

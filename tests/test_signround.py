@@ -40,13 +40,14 @@ def _data(block: nn.Module, batches: list[torch.Tensor]) -> BlockData:
     return BlockData(lambda i: (batches[i], (), {}), outputs)
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_untuned_rounding_is_rtn(symmetric):
+@pytest.mark.parametrize("symmetric,full_range", [(True, False), (False, False), (True, True)])
+def test_untuned_rounding_is_rtn(symmetric, full_range):
     w = torch.randn(16, 128, generator=torch.Generator().manual_seed(0))
-    exact = QuantSpec(3, symmetric, 32, torch.float32)
+    exact = QuantSpec(3, symmetric, 32, torch.float32, full_range)
     start = Rounding.start(w, exact)
+    assert (start.low is not None) == (full_range or not symmetric)  # a factor for each end of the range
     torch.testing.assert_close(fake_quantize(w, start, exact), rtn_quantize(w, exact)[0], rtol=0, atol=1e-6)
-    stored = QuantSpec(4, symmetric, 64)  # fp16 scales: the codes are RTN's bit for bit
+    stored = QuantSpec(4, symmetric, 64, full_range=full_range)  # fp16 scales: the codes are RTN's bit for bit
     w_hat, params = final_codes(w, Rounding.start(w, stored), stored)
     rtn_hat, rtn = rtn_quantize(w, stored)
     assert torch.equal(params.q, rtn.q) and torch.equal(params.scale, rtn.scale)
@@ -54,13 +55,14 @@ def test_untuned_rounding_is_rtn(symmetric):
     torch.testing.assert_close(dequantize(params.q, params.scale, params.zero, stored), w_hat, rtol=0, atol=0)
 
 
-def test_one_step_moves_each_offset_against_the_sign_of_its_textbook_gradient():
+@pytest.mark.parametrize("full_range", [False, True])
+def test_one_step_moves_each_offset_against_the_sign_of_its_textbook_gradient(full_range):
     """y = x W_hat^T, L = mean (y - t)^2: dL/dW_hat = 2 (y - t)^T x / numel(y), and through the
-    straight-through round dW_hat/dv = s > 0, so a step of size lr sets v = -lr sign(dL/dW_hat)
-    wherever the code is not clamped."""
+    straight-through round dW_hat/dv = s, so a step of size lr sets v = -lr sign(s dL/dW_hat)
+    wherever the code is not clamped (s < 0 on the full-range grid's groups whose extreme is positive)."""
     g = torch.Generator().manual_seed(1)
     w, x = torch.randn(8, 64, generator=g), torch.randn(32, 64, generator=g)
-    spec = QuantSpec(4, True, 32, torch.float32)
+    spec = QuantSpec(4, True, 32, torch.float32, full_range)
     block = OneLinear(w)
     lr = 0.01
     rounding = {"proj": Rounding.start(w, spec, tune_range=False)}
@@ -68,7 +70,7 @@ def test_one_step_moves_each_offset_against_the_sign_of_its_textbook_gradient():
     signed_step(rounding, loss, lr)
     w_hat, params = rtn_quantize(w, spec)
     y, t = x @ w_hat.T, x @ w.T
-    grad = 2 * (y - t).T @ x / y.numel()
+    grad = 2 * (y - t).T @ x / y.numel() * params.scale.float().sign().repeat_interleave(32, dim=1)
     unclamped = torch.round(w.reshape(8, 2, 32) / params.scale.unsqueeze(-1)).reshape(8, 64)
     inside = (unclamped >= spec.qmin) & (unclamped <= spec.qmax)  # clamp passes gradients at its bounds
     assert inside.float().mean() > 0.9
@@ -80,8 +82,8 @@ def _error(w_hat, w, x):
     return float(((w_hat - w) @ x.T).pow(2).sum())
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_tuned_rounding_lies_between_rtn_and_the_best_reachable(seed):
+@pytest.mark.parametrize("seed,full_range", [(0, False), (1, False), (2, False), (0, True), (1, True)])
+def test_tuned_rounding_lies_between_rtn_and_the_best_reachable(seed, full_range):
     """With v in [-1/2, 1/2] and the range fixed, each code is the floor or the ceiling of w / s: on
     10 weights per row all 2^10 roundings are tried. Signed descent stays in that set, beats RTN,
     and cannot beat the best (measured: it closes 25-55% of RTN's gap to it)."""
@@ -89,7 +91,7 @@ def test_tuned_rounding_lies_between_rtn_and_the_best_reachable(seed):
     w = torch.randn(3, 10, generator=g)
     mix = torch.randn(10, 10, generator=g) / 3 + torch.eye(10)
     x = torch.randn(256, 10, generator=g) @ mix  # correlated inputs: rounding errors interact
-    spec = QuantSpec(3, True, None, torch.float32)
+    spec = QuantSpec(3, True, None, torch.float32, full_range)
     block = OneLinear(w)
     result = tune_block(block, {"proj": block.proj}, spec, {}, _data(block, list(x.split(64))),
                         TuneSettings(iters=1000, batch=64, tune_range=False, seed=seed))
@@ -125,14 +127,16 @@ def _windows(n=8, seqlen=32, vocab=96):
     return torch.randint(3, vocab, (n, seqlen), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("targets", ["compressed-path", "dense-model"])
-def test_autoround_step_beats_rtn_on_a_tiny_model_and_keeps_a_mask(targets):
+@pytest.mark.parametrize("targets,full_range", [("compressed-path", False), ("dense-model", False),
+                                               ("compressed-path", True)])
+def test_autoround_step_beats_rtn_on_a_tiny_model_and_keeps_a_mask(targets, full_range):
     windows = _windows()
     reference = tiny_llama()(windows).logits.detach()
     errors = {}
-    for name, steps in [("rtn", [{"method": "rtn_quantize", "bits": 3, "group_size": 32}]),
+    grid = {"bits": 3, "group_size": 32, "full_range": full_range}
+    for name, steps in [("rtn", [{"method": "rtn_quantize", **grid}]),
                         ("autoround", [{"method": "magnitude_prune", "sparsity": 0.25},
-                                       {"method": "autoround", "bits": 3, "group_size": 32, "iters": 40, "batch": 4,
+                                       {"method": "autoround", **grid, "iters": 40, "batch": 4,
                                         "targets": targets}])]:
         model = tiny_llama()
         result = compress(model, parse_recipe({"steps": steps}), run=RunResources(calibration=lambda: windows))
@@ -143,7 +147,8 @@ def test_autoround_step_beats_rtn_on_a_tiny_model_and_keeps_a_mask(targets):
         q = record.quant
         torch.testing.assert_close(dequantize(q.q, q.scale, q.zero, q.spec) * record.mask, w, rtol=0, atol=0)
         assert not w[~record.mask].any()
-        assert record.methods[-1] == "AutoRound int3 g32 sym (40 steps)"
+        assert record.methods[-1] == f"AutoRound int3 g32 {'sym full-range' if full_range else 'sym'} (40 steps)"
+        assert (q.scale < 0).any() == full_range
         assert "of RTN's" in record.notes[-1]
 
 

@@ -25,7 +25,7 @@ Speed on a CPU (the column loop is Python, so the number of loop steps is what c
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -162,7 +162,7 @@ def _fake_quant_(out: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.T
 def _qparams_rows(span: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row parameters of a [G, columns, R] span (one group): scale/zero of shape [G, R]."""
     G, cols, R = span.shape
-    s, z = compute_qparams(span.transpose(1, 2).reshape(G * R, cols), QuantSpec(spec.bits, spec.symmetric, None, spec.scale_dtype))
+    s, z = compute_qparams(span.transpose(1, 2).reshape(G * R, cols), replace(spec, group_size=None))
     return s.view(G, R), (z.view(G, R) if z is not None else None)
 
 

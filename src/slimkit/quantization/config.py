@@ -22,13 +22,23 @@ class QuantFields(BaseModel):
     symmetric: bool = Field(True, description="symmetric (no zero point) or asymmetric")
     group_size: int | None = Field(None, gt=0, description="columns per group; null = per channel")
     scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    full_range: bool = Field(False, description="symmetric only: scale = the group's signed extreme / 2^(b-1) "
+                             "(llama.cpp's Q4_0 and AutoRound's grid: a finer step, the extreme exact, scales may "
+                             "be negative) instead of absmax / (2^(b-1) - 0.5)")
+
+    @model_validator(mode="after")
+    def _full_range_is_symmetric(self):
+        if self.full_range and not self.symmetric:
+            raise ValueError("full_range needs symmetric: true (an asymmetric grid already spans [min, max])")
+        return self
 
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.symmetric, self.group_size, _SCALE_DTYPES[self.scale_dtype])
+        return QuantSpec(self.bits, self.symmetric, self.group_size, _SCALE_DTYPES[self.scale_dtype], self.full_range)
 
     def describe(self) -> str:
         group = f"g{self.group_size}" if self.group_size else "per-channel"
-        return f"int{self.bits} {group} {'sym' if self.symmetric else 'asym'}"
+        grid = ("sym full-range" if self.full_range else "sym") if self.symmetric else "asym"
+        return f"int{self.bits} {group} {grid}"
 
 
 class RTNQuantizeConfig(StepConfig, QuantFields):

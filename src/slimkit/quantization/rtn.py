@@ -3,6 +3,10 @@
 Symmetric: q in [-2^(b-1), 2^(b-1)-1] (the full signed range, as compressed-tensors stores it),
 scale = absmax / (2^(b-1) - 0.5), no zero point: +absmax rounds to qmax (error scale/2) and
 -absmax to qmin, so 16 levels at 4 bits instead of 15 and the error stays within scale/2.
+Full-range symmetric (`full_range`, llama.cpp's Q4_0 grid and AutoRound's): the same codes, scale =
+the signed extreme / 2^(b-1), so the group's largest magnitude lands exactly on qmin = -2^(b-1) and the
+scale is negative when that extreme is positive: the step is 2^(b-1) / (2^(b-1) - 0.5) finer (12.5%
+at 3 bits), and the side the extreme is on gets the extra level.
 Asymmetric: q in [0, 2^b - 1], scale = (max - min) / qmax with min <= 0 <= max, integer zero
 point; zero stays exactly representable, so pruned weights stay pruned.
 Groups run along the input (last) dimension; group_size None means one group per row
@@ -24,6 +28,11 @@ class QuantSpec:
     symmetric: bool = True
     group_size: int | None = None  # None: per output channel
     scale_dtype: torch.dtype = torch.float16
+    full_range: bool = False  # symmetric only: scale = signed extreme / 2^(b-1), may be negative
+
+    def __post_init__(self):
+        if self.full_range and not self.symmetric:
+            raise ValueError("full_range is a symmetric grid: an asymmetric one already spans [min, max]")
 
     @property
     def qmin(self) -> int:
@@ -79,6 +88,8 @@ def compute_qparams(
     its top when `clip_low` shrinks an asymmetric range's bottom on its own)."""
     g = _grouped(weight, spec, name)
     ratio = 1.0 if clip is None else clip.float()
+    if spec.full_range:
+        return _full_range_scale(g, spec, ratio, ratio if clip_low is None else clip_low.float()), None
     if spec.symmetric:
         scale = g.abs().amax(-1) * ratio / spec.half_range
         zero = None
@@ -94,6 +105,20 @@ def compute_qparams(
     else:
         zero = torch.round(-lo / scale.float()).clamp(spec.qmin, spec.qmax).to(torch.int32)
     return scale, zero
+
+
+def signed_extreme(g: torch.Tensor, high, low) -> torch.Tensor:
+    """Per group: the larger of max(w) * high and |min(w)| * low, negated when it is max(w)'s, so
+    that dividing by it sends that extreme to -1 (the full-range grid; differentiable in high, low)."""
+    top = g.amax(-1).clamp(min=0.0) * high
+    bottom = -g.amin(-1).clamp(max=0.0) * low
+    return torch.where(bottom > top, bottom, -top)
+
+
+def _full_range_scale(g: torch.Tensor, spec: QuantSpec, high, low) -> torch.Tensor:
+    exact = signed_extreme(g, high, low) / -spec.qmin
+    exact = torch.where(exact != 0, exact, torch.ones_like(exact))
+    return exact.to(spec.scale_dtype)  # fp16 moves the extreme by < 2^-11 of qmin: never to another code
 
 
 def quantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:

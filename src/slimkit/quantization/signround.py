@@ -5,6 +5,7 @@ Round-to-nearest puts each weight on its closest code. Learned rounding adds an 
 [MIN_RANGE, 1] (a learned clipping):
 
     symmetric:   s = max|w| f / half_range,                      q = clamp(round(w / s + v))
+    full range:  s = signed extreme of (max(w) f_hi, min(w) f_lo) / 2^(b-1), q as symmetric
     asymmetric:  s = (max(w) f_hi - min(w) f_lo) / qmax,         q = clamp(round(w / s + v) + z),
                  z = round(-min(w) f_lo / s)
 
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from slimkit.quantization.rtn import QuantParams, QuantSpec, compute_qparams, dequantize
+from slimkit.quantization.rtn import QuantParams, QuantSpec, compute_qparams, dequantize, signed_extreme
 
 MIN_RANGE = 0.5  # a group's range is never clipped below half of its RTN range
 
@@ -36,7 +37,7 @@ class Rounding:
 
     offset: torch.Tensor  # [rows, cols], in [-1/2, 1/2]
     high: torch.Tensor  # [rows, groups]: factor of max|w| (symmetric) or of max(w)
-    low: torch.Tensor | None  # [rows, groups]: factor of min(w) (asymmetric only)
+    low: torch.Tensor | None  # [rows, groups]: factor of min(w) (asymmetric and full-range only)
 
     @classmethod
     def start(cls, weight: torch.Tensor, spec: QuantSpec, tune_range: bool = True) -> "Rounding":
@@ -46,7 +47,7 @@ class Rounding:
         ones = torch.ones(rows, groups, device=weight.device)
         offset = torch.zeros(rows, cols, device=weight.device).requires_grad_()
         return cls(offset, ones.clone().requires_grad_(tune_range),
-                   None if spec.symmetric else ones.clone().requires_grad_(tune_range))
+                   ones.clone().requires_grad_(tune_range) if _two_sided(spec) else None)
 
     def tensors(self) -> list[torch.Tensor]:
         """The tensors being tuned."""
@@ -60,6 +61,11 @@ class Rounding:
             self.low.clamp_(MIN_RANGE, 1.0)
 
 
+def _two_sided(spec: QuantSpec) -> bool:
+    """Whether the grid has a factor for each end of the range."""
+    return spec.full_range or not spec.symmetric
+
+
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
     """round(x) forward, identity backward (the straight-through estimator)."""
     return x + (torch.round(x) - x).detach()
@@ -71,13 +77,16 @@ def fake_quantize(weight: torch.Tensor, r: Rounding, spec: QuantSpec) -> torch.T
     group = spec.group_of(cols)
     g = weight.detach().float().reshape(rows, cols // group, group)
     v = r.offset.reshape(g.shape)
-    if spec.symmetric:
+    if spec.full_range:
+        scale = signed_extreme(g, r.high, r.low) / -spec.qmin
+        zero = None
+    elif spec.symmetric:
         scale = g.abs().amax(-1) * r.high / spec.half_range
         zero = None
     else:
         lo = g.amin(-1).clamp(max=0.0) * r.low
         scale = (g.amax(-1).clamp(min=0.0) * r.high - lo) / spec.qmax
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(-1)
+    scale = torch.where(scale != 0, scale, torch.ones_like(scale)).unsqueeze(-1)
     if spec.symmetric:
         q = torch.clamp(_round_ste(g / scale + v), spec.qmin, spec.qmax)
         return (q * scale).reshape(rows, cols)

@@ -32,6 +32,7 @@ def save_compression_state(records: dict[str, LayerRecord], path: Path) -> None:
             entry["quant"] = {
                 "bits": spec.bits,
                 "symmetric": spec.symmetric,
+                "full_range": spec.full_range,
                 "group_size": spec.group_of(rec.shape[-1]),
                 "scale_dtype": str(spec.scale_dtype).removeprefix("torch."),
             }
@@ -107,7 +108,8 @@ class CompressionStateReader:
             rec.mask = torch.from_numpy(bits.astype(bool)).reshape(shape)
         if "quant" in entry:
             q = entry["quant"]
-            spec = QuantSpec(q["bits"], q["symmetric"], q["group_size"], getattr(torch, q["scale_dtype"]))
+            spec = QuantSpec(q["bits"], q["symmetric"], q["group_size"], getattr(torch, q["scale_dtype"]),
+                             q.get("full_range", False))
             scale, zero = self._tensor(f"{name}.scale"), self._tensor(f"{name}.zero_point")
             zero = zero.to(torch.int32) if zero is not None else None
             rec.quant = QuantParams(spec, quantize(weight.detach().float(), scale, zero, spec), scale, zero)
