@@ -1,8 +1,9 @@
 """Round-to-nearest weight quantization as pure functions.
 
 Symmetric: q in [-2^(b-1), 2^(b-1)-1] (the full signed range, as compressed-tensors stores it),
-scale = absmax / (2^(b-1) - 0.5), no zero point: +absmax rounds to qmax (error scale/2) and
--absmax to qmin, so 16 levels at 4 bits instead of 15 and the error stays within scale/2.
+scale = absmax / (2^(b-1) - 0.5), no zero point, the stored scale never below the exact one: +absmax
+rounds to qmax and -absmax to -qmax (error just under scale/2), so round-to-nearest leaves code qmin
+to the methods that move weights (GPTQ's updates, learned offsets); the error stays within scale/2.
 Full-range symmetric (`full_range`, llama.cpp's Q4_0 grid and AutoRound's): the same codes, scale =
 the signed extreme / 2^(b-1), so the group's largest magnitude lands exactly on qmin = -2^(b-1) and the
 scale is negative when that extreme is positive: the step is 2^(b-1) / (2^(b-1) - 0.5) finer (12.5%
