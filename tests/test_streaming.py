@@ -286,3 +286,52 @@ def test_streamed_pack_equals_in_memory(request, tmp_path, source, recipe, fmt):
     assert json.loads(headers[0]) == json.loads(headers[1])
     ids = torch.randint(0, 500, (1, 16))
     assert torch.equal(load_packed(tmp_path / "memory")(ids).logits, load_packed(tmp_path / "streamed")(ids).logits)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_bf16(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A 3-block random GPT-2 (Conv1D projections, stored transposed) in bf16 over several shards."""
+    from tiny_archs import tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    tiny_model("gpt2", vocab_size=len(smollm2_tokenizer), num_hidden_layers=3).to(torch.bfloat16).save_pretrained(
+        path, max_shard_size="1MB")
+    smollm2_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("recipe", ["gptq-int4-g64", pytest.param("awq-int4-g64", marks=SLOW),
+                                    pytest.param("wanda-2of4", marks=SLOW)])
+def test_conv1d_models_stream_as_they_compress_in_memory(tiny_gpt2_bf16, tmp_path, recipe):
+    """GPT-2's Conv1D weights are read transposed into linears and written back transposed: the
+    streamed output equals the in-memory one, transformers loads it, and its streamed pack equals
+    the in-memory pack."""
+    from transformers import AutoModelForCausalLM
+
+    from slimkit.formats import PACKED_FILE
+    from slimkit.formats.pack_dir import pack_to_dir
+    from slimkit.recipes import get_recipe
+    from slimkit.streaming.job import compress_streamed
+    from slimkit.streaming.pack import pack_streamed
+    from slimkit.workflow import compress_to_dir
+
+    compress_to_dir(str(tiny_gpt2_bf16), [get_recipe(recipe)], tmp_path / "memory", SETTINGS)
+    compress_streamed(str(tiny_gpt2_bf16), [get_recipe(recipe)], tmp_path / "streamed", SETTINGS)
+    assert_same_output(tmp_path / "memory", tmp_path / "streamed")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed")
+    assert type(loaded.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+    pack_to_dir(str(tmp_path / "streamed"), tmp_path / "packed-memory")
+    pack_streamed(str(tmp_path / "streamed"), tmp_path / "packed-streamed", "auto")
+    a, b = (dir_tensors(tmp_path / d, PACKED_FILE) for d in ("packed-memory", "packed-streamed"))
+    assert set(a) == set(b) and [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_moe_models_are_refused_by_streaming_with_the_way_out(tmp_path, smollm2_tokenizer):
+    from slimkit.errors import SlimkitError
+    from slimkit.models.streamed import open_streamed
+    from tiny_archs import tiny_model
+
+    tiny_model("mixtral", vocab_size=len(smollm2_tokenizer)).save_pretrained(tmp_path)
+    smollm2_tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(SlimkitError, match=r"MoE experts .*not streamed yet.*--stream off"):
+        open_streamed(tmp_path)

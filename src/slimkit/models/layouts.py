@@ -52,6 +52,16 @@ def as_linears(model: nn.Module) -> nn.Module:
     return model
 
 
+def transposed_in_checkpoint(module: nn.Module) -> set[str]:
+    """Names (relative to `module`) of the weights its checkpoint stores transposed: the Conv1D ones."""
+    return {f"{n}.weight" if n else "weight" for n, m in module.named_modules() if isinstance(m, TransposedLinear)}
+
+
+def to_checkpoint(tensors: dict[str, torch.Tensor], transposed: set[str]) -> dict[str, torch.Tensor]:
+    """`tensors` as the checkpoint stores them (also its inverse: a transpose is its own)."""
+    return {n: t.T.contiguous() if n in transposed else t for n, t in tensors.items()}
+
+
 @contextmanager
 def _conv1d_restored(model: nn.Module) -> Iterator[None]:
     from transformers.pytorch_utils import Conv1D

@@ -23,7 +23,7 @@ from slimkit.errors import SlimkitError, WeightsError
 from slimkit.models.adapters import ArchitectureAdapter, adapter_for
 from slimkit.models.checks import FLOAT_DTYPES, check_files, load_config, meta_model, model_files, read_config
 from slimkit.models.experts import is_stacked_experts
-from slimkit.models.layouts import is_conv1d
+from slimkit.models.layouts import conv1d_as_linears, to_checkpoint, transposed_in_checkpoint
 from slimkit.models.zoo import ModelKind
 
 
@@ -162,7 +162,8 @@ class StreamedModel:
         local = [n for n, _ in module.named_parameters()] + [
             n for n, _ in module.named_buffers() if n.rsplit(".", 1)[-1] not in _non_persistent(module, n)]
         tensors = (shards or self.shards).read([prefix + n for n in local], self.compute_dtype)
-        module.load_state_dict({n: tensors[prefix + n] for n in local}, strict=False, assign=True)
+        tensors = to_checkpoint({n: tensors[prefix + n] for n in local}, transposed_in_checkpoint(module))
+        module.load_state_dict(tensors, strict=False, assign=True)
 
     def release(self, module: nn.Module) -> None:
         module.to("meta")
@@ -200,12 +201,12 @@ def open_streamed(path: Path, name: str | None = None) -> StreamedModel:
     return_freed_memory()
     config = load_config(path)
     skeleton = meta_model(config, kind)
-    unusual = [n for n, m in skeleton.named_modules() if is_stacked_experts(m) or is_conv1d(m)]
-    if unusual:
-        raise SlimkitError(f"{path}: models with MoE experts or Conv1D projections ({unusual[0]}, ...) are not "
-                           "streamed yet; run without --stream (`--stream off`) on a machine whose memory holds "
-                           "the model")
+    experts = [n for n, m in skeleton.named_modules() if is_stacked_experts(m)]
+    if experts:
+        raise SlimkitError(f"{path}: models with MoE experts ({experts[0]}, ...) are not streamed yet; run without "
+                           "--stream (`--stream off`) on a machine whose memory holds the model")
     check_files(path, config, skeleton)
+    conv1d_as_linears(skeleton)  # on meta; read and written transposed (`materialize`, the block writer)
     real_buffers(skeleton)
     skeleton.eval()
     streamed = StreamedModel(skeleton, CheckpointShards.of_dir(path), _load_tokenizer(path), adapter_for(skeleton),

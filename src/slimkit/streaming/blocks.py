@@ -15,6 +15,7 @@ from torch import nn
 
 from slimkit.calibration.engine import ActivationStore, BlockAccess
 from slimkit.io.tensors import save_tensors_atomic
+from slimkit.models.layouts import to_checkpoint, transposed_in_checkpoint
 from slimkit.models.streamed import StreamedModel
 from slimkit.progress import NoProgress
 from slimkit.recipes.base import StepConfig
@@ -96,6 +97,6 @@ class StreamedBlocks(BlockAccess):
         for tensor in [*block.parameters(), *block.buffers()]:
             if tensor.is_floating_point():
                 tensor.data = tensor.data.to(self.save_dtype)
-        own = block.state_dict()
+        own = to_checkpoint(block.state_dict(), transposed_in_checkpoint(block))
         tensors = {n: own[n[len(prefix):]] for n in self.streamed.shards.under(prefix)}
         save_tensors_atomic(tensors, self.work.layout.block_weights(index))
