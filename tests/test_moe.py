@@ -152,7 +152,8 @@ def test_a_model_mixing_moe_and_dense_blocks_is_refused_with_the_reason():
         adapter_for(model)
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", pytest.param("qwen3_moe", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("model_type", ["mixtral", pytest.param("qwen3_moe", marks=pytest.mark.slow),
+                                        pytest.param("qwen2_moe", marks=pytest.mark.slow)])
 def test_packed_experts_and_their_compressed_tensors_export_reload_with_the_same_function(
         smollm2_tokenizer, tmp_path, model_type):
     """RTN int4 -> one packed int4 linear per expert projection -> compressed-tensors named as the model
