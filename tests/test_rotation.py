@@ -134,7 +134,7 @@ def test_rotate_step_on_smollm2_keeps_the_function_and_spreads_outliers(smollm2,
 
 
 ROTATE_AUTOROUND = {"name": "rot-autoround-int4-g64", "steps": [
-    {"method": "rotate"}, {"method": "autoround", "bits": 4, "group_size": 64, "iters": 5}]}
+    {"method": "rotate"}, {"method": "autoround", "bits": 4, "group_size": 64, "full_range": True, "iters": 5}]}
 
 
 @pytest.mark.slow
