@@ -116,6 +116,7 @@ def test_experts_with_too_few_tokens_get_the_data_free_fallback(smollm2_tokenize
     expert's weights equal RTN's (attention's do not), and the report lists them."""
     from slimkit.calibration import engine
     from slimkit.models import load_model
+    from slimkit.recipes import parse_recipe
     from slimkit.recipes.builtin import get_recipe
     from slimkit.workflow import compress_to_dir
 
@@ -125,7 +126,9 @@ def test_experts_with_too_few_tokens_get_the_data_free_fallback(smollm2_tokenize
     model.save_pretrained(source)
     smollm2_tokenizer.save_pretrained(source)
     compress_to_dir(str(source), [get_recipe("gptq-int4-g64")], tmp_path / "gptq", SETTINGS)
-    compress_to_dir(str(source), [get_recipe("rtn-int4-g64")], tmp_path / "rtn", SETTINGS)
+    same_grid = parse_recipe({"name": "rtn", "steps": [  # RTN on the grid the GPTQ built-in uses
+        {"method": "rtn_quantize", "bits": 4, "group_size": 64, "full_range": True}]})
+    compress_to_dir(str(source), [same_grid], tmp_path / "rtn", SETTINGS)
     report = json.loads((tmp_path / "gptq" / "report.json").read_text())
     starved = report["compression"]["engine"][0]["experts"]["data_free"]
     assert starved == [f"model.layers.{i}.mlp.experts.{e}" for i in range(2) for e in range(4)]
