@@ -79,10 +79,8 @@ def fake_quantize(weight: torch.Tensor, r: Rounding, spec: QuantSpec) -> torch.T
     v = r.offset.reshape(g.shape)
     if spec.full_range:
         scale = signed_extreme(g, r.high, r.low) / -spec.qmin
-        zero = None
     elif spec.symmetric:
         scale = g.abs().amax(-1) * r.high / spec.half_range
-        zero = None
     else:
         lo = g.amin(-1).clamp(max=0.0) * r.low
         scale = (g.amax(-1).clamp(min=0.0) * r.high - lo) / spec.qmax
