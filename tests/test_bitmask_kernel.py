@@ -1,5 +1,6 @@
-"""slimkit's bitmask sparse kernel (kernels/bitmask_matmul.cpp) checked against the textbook
-x @ W.T, and the sparse formats that hold its layout: storage round trips, the CSR fallback."""
+"""slimkit's sparse kernels (kernels/bitmask_matmul.cpp: bitmask and CSR16) checked against the
+textbook x @ W.T, and the sparse formats that hold their layouts: storage round trips, the choice
+by sparsity, the CSR fallback."""
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch
 import slimkit.formats.sparse as sparse
 from slimkit.formats import format_class
 from slimkit.formats.bitmask import BitmaskRows
+from slimkit.formats.csr16 import Csr16Rows
 from slimkit.kernels import bitmask_kernel, kernel_status
 from slimkit.pruning.magnitude import nm_mask
 
@@ -57,8 +59,8 @@ def test_sparse_format_runs_kernel_or_csr_and_stores_the_same(monkeypatch, kerne
     _kernel_or_not(monkeypatch, kernel)
     w, mask = _sparse_weight(64, 128, 0.5)
     layer = format_class("sparse").from_dense(w, mask=mask)
-    assert (layer.bits is not None) == kernel
-    assert layer.path_for(1) == (sparse.BITMASK_PATH if kernel else "torch CSR (MKL, int32 indices)")
+    assert isinstance(layer.kernel_layout, BitmaskRows) if kernel else layer.kernel_layout is None
+    assert layer.path_for(1) == (sparse.BITMASK_PATH if kernel else sparse.MKL_PATH)
     x = torch.randn(4, 128)
     torch.testing.assert_close(layer(x), x @ w.T, rtol=1e-5, atol=1e-5)
     for layout in ("bitmask", "csr"):
@@ -69,9 +71,59 @@ def test_sparse_format_runs_kernel_or_csr_and_stores_the_same(monkeypatch, kerne
         assert layer.ram_bytes() < w.numel() * 4 * 0.6
 
 
-def test_high_sparsity_stays_csr():
-    w, mask = _sparse_weight(64, 128, 0.95)
-    assert format_class("sparse").from_dense(w, mask=mask).bits is None
+@needs_kernel
+@pytest.mark.parametrize("sparsity", [0.0, 0.7, 0.95, 1.0])
+@pytest.mark.parametrize("batch", [1, 2, 8, 19])  # 1: the gather loop; 2-8: x transposed; 19: 8 + 8 + 3
+def test_csr16_kernel_is_x_times_w_transposed(sparsity, batch):
+    w, mask = _sparse_weight(40, 137, sparsity)  # 137 columns: rows end mid-chunk, K not a multiple of 8
+    rows = Csr16Rows.from_mask(mask, w[mask])
+    x = torch.randn(batch, 137)
+    torch.testing.assert_close(rows.matmul(x), x @ w.T, rtol=1e-5, atol=1e-5)
+    assert torch.equal(rows.dense_rows(0, 40), w) and torch.equal(rows.bool_mask(), mask)
+    assert torch.equal(rows.dense_rows(8, 30), w[8:30]) and torch.equal(rows.bool_mask(8, 30), mask[8:30])
+
+
+@needs_kernel
+def test_csr16_reaches_columns_past_32767():
+    """The 16-bit column is unsigned: columns 32768-65535 (negative as int16) are read right."""
+    mask = torch.zeros(3, 40000, dtype=torch.bool)
+    mask[0, [0, 32767, 32768, 39999]] = True
+    mask[2, 35000:35011] = True
+    w = torch.randn(3, 40000) * mask
+    rows = Csr16Rows.from_mask(mask, w[mask])
+    x = torch.randn(2, 40000)
+    torch.testing.assert_close(rows.matmul(x), x @ w.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rows.matmul(x[:1]), x[:1] @ w.T, rtol=1e-5, atol=1e-5)
+    assert torch.equal(rows.dense_rows(0, 3), w)
+
+
+@needs_kernel
+def test_csr16_kernel_refuses_mismatched_shapes():
+    w, mask = _sparse_weight(16, 64, 0.9)
+    rows = Csr16Rows.from_mask(mask, w[mask])
+    with pytest.raises(RuntimeError, match="the weight has 64"):
+        rows.matmul(torch.randn(2, 72))
+    with pytest.raises(RuntimeError, match="one per kept weight"):
+        bitmask_kernel().csr16_matmul(torch.randn(2, 64), rows.columns[1:], rows.values, rows.row_start, 64)
+    with pytest.raises(ValueError, match="65536 columns"):
+        Csr16Rows.from_mask(torch.ones(1, 2**16 + 8, dtype=torch.bool), torch.ones(2**16 + 8))
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_high_sparsity_runs_csr16_or_mkl_and_stores_the_same(monkeypatch, kernel):
+    _kernel_or_not(monkeypatch, kernel)
+    w, mask = _sparse_weight(64, 128, 0.9)
+    layer = format_class("sparse").from_dense(w, mask=mask)
+    assert isinstance(layer.kernel_layout, Csr16Rows) if kernel else layer.kernel_layout is None
+    assert layer.path_for(1) == (sparse.CSR16_PATH if kernel else sparse.MKL_PATH)
+    x = torch.randn(4, 128)
+    torch.testing.assert_close(layer(x), x @ w.T, rtol=1e-5, atol=1e-5)
+    for layout in ("bitmask", "csr"):
+        layer.layout = layout
+        again = format_class("sparse").from_stored(layer.stored(), {"shape": [64, 128], "layout": layout}, None)
+        assert torch.equal(again.dequantize(), w)
+    if kernel:  # 6 bytes per kept weight (MKL's CSR: 8) and int64 row starts
+        assert layer.ram_bytes() == 6 * int(mask.sum()) + 8 * 65
 
 
 @pytest.mark.parametrize("kernel", [True, False])

@@ -95,6 +95,27 @@ def test_bench_table_reports_compiled_decode_and_when_it_pays_off():
     assert "| w8a8 | dense | 15.0 | 1.33x | failed | - | - |" in md and "w8a8: compiled decode failed" in md
 
 
+def test_bench_table_puts_llamacpp_beside_slimkit_at_the_same_threads():
+    """The llama.cpp columns: the GGUF's type, llama-bench's decode tok/s, and slimkit's best decode
+    (compiled when it ran, else eager) over it; a model without a GGUF says why."""
+    base = dict(prefill_ms=10.0, prompt_tokens=16, throughput_tok_s=50.0, batch=2, peak_rss_mb=100.0,
+                weights_ram_mb=10.0, disk_mb=10.0, ppl=None, eval_tokens=0, formats=[], kernels_batch_1=[],
+                threads=2)
+    rows = bench.compare([
+        BenchRow(model="dense", decode_ms_per_token=20.0, llamacpp_file_type="F32", llamacpp_decode_tok_s=40.0,
+                 **base),
+        BenchRow(model="int4", decode_ms_per_token=10.0, compiled_decode_ms_per_token=4.0, compile_s=30.0,
+                 llamacpp_file_type="Q4_0", llamacpp_decode_tok_s=200.0, **base),
+        BenchRow(model="nf4", decode_ms_per_token=12.5, llamacpp_error="nf4 has no GGUF type", **base)])
+    md = bench.table(rows)
+    assert "| dense | dense | 20.0 | 1.00x | - | - | - | F32 | 40.0 | 1.25x | 10 |" in md  # 50 tok/s eager
+    assert "| int4 | dense | 10.0 | 2.00x | 4.0 | 5.00x | 30 | Q4_0 | 200.0 | 1.25x | 10 |" in md  # 250 compiled
+    assert "| nf4 | dense | 12.5 | 1.60x | - | - | - | - | - | - | 10 |" in md
+    assert "nf4: no llama.cpp numbers (nf4 has no GGUF type)" in md and "both at 2 threads" in md
+    without = bench.compare([BenchRow(model="x", decode_ms_per_token=1.0, **base)])
+    assert "llama.cpp" not in bench.table(without)
+
+
 def test_generate_refuses_an_empty_prompt_before_loading_anything(tmp_path):
     result = CliRunner().invoke(app, ["generate", str(tmp_path / "no-such-model"), "-p", ""])
     assert result.exit_code != 0 and "--prompt is empty" in result.output

@@ -154,6 +154,10 @@ class BenchRow(Result):
     prefill_speedup: float | None = None
     throughput_ratio: float | None = None
     compiled_decode_speedup: float | None = None  # compiled decode against the baseline's eager decode
+    llamacpp_file_type: str | None = None  # the same model's GGUF in llama.cpp (when `make peers` built it)
+    llamacpp_decode_tok_s: float | None = None  # llama-bench at this row's thread count, same run
+    llamacpp_prefill_tok_s: float | None = None
+    llamacpp_error: str | None = None  # why this model has no llama.cpp numbers (no GGUF export, ...)
 
 
 class LlamaCppRow(Result):

@@ -33,13 +33,17 @@ def tool(name: str) -> Path | None:
     return path if path.is_file() and os.access(path, os.X_OK) else None
 
 
-def _run(name: str, args: list[str], what: str, stdout_only: bool = False) -> str:
+def _run(name: str, args: list[str], what: str, stdout_only: bool = False, spin: bool = False) -> str:
     """A llama.cpp tool's output (stdout and its log on stderr, or stdout alone); a clear error
-    when it is missing or fails."""
+    when it is missing or fails. Its OpenMP threads sleep between operations unless `spin`: the
+    scoring tools then leave the machine usable, and a timing runs as llama.cpp normally does
+    (spinning: measured 4x the decode tok/s of sleeping threads on SmolLM2 at 2 threads)."""
     binary = tool(name)
     if binary is None:
         raise SlimkitError(f"{name} is not built: run `make peers` (or set SLIMKIT_LLAMA_CPP to a llama.cpp bin dir)")
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # spinning threads stall a 2-core machine
+    env = dict(os.environ)
+    if not spin:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     proc = subprocess.run([str(binary), *args], capture_output=True, text=True, env=env, timeout=3600)
     if proc.returncode:
         raise SlimkitError(f"{name} failed on {what}:\n{(proc.stdout + proc.stderr)[-2000:]}")
@@ -87,7 +91,7 @@ def llamacpp_speed(gguf: Path, prompt: int = 128, decode: int = 32, threads: int
                    ) -> dict[str, float]:
     """llama-bench: prefill and decode tokens/s (mean of `repeats`), and the weights' bytes."""
     out = _run("llama-bench", ["-m", str(gguf), "-p", str(prompt), "-n", str(decode), "-t", str(threads),
-                               "-r", str(repeats), "-o", "json"], str(gguf), stdout_only=True)
+                               "-r", str(repeats), "-o", "json"], str(gguf), stdout_only=True, spin=True)
     rows = json.loads(out)
     prefill = next(r for r in rows if r["n_prompt"] and not r["n_gen"])
     decode_row = next(r for r in rows if r["n_gen"] and not r["n_prompt"])

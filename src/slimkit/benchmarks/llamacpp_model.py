@@ -5,7 +5,8 @@ exported first: the baseline as F32, the others with `--gguf-type auto`, which k
 compression chose). llama.cpp's own tools measure everything: `llama-bench` prefill and decode
 tokens/s at the given thread count, `llama-perplexity` ppl on the evaluation text and the KL
 divergence from the baseline's distributions (saved once, --kl-divergence-base) with top-1
-agreement. Threads spin in llama.cpp unless OMP_WAIT_POLICY=PASSIVE, which is set.
+agreement. llama-perplexity's threads sleep between operations (OMP_WAIT_POLICY=PASSIVE); llama-bench's
+spin, as llama.cpp runs by default.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from slimkit.errors import SlimkitError
 from slimkit.paths import ExportDir
 from slimkit.progress import NoProgress, Progress
 from slimkit.protocol import BenchSettings
-from slimkit.results import LlamaCppRow
+from slimkit.results import BenchRow, LlamaCppRow
 
 CTX = 512
 
@@ -124,3 +125,25 @@ def llamacpp_table(rows: list[LlamaCppRow]) -> str:
                      f"{r.mean_kld:.4f} | {r.p99_kld:.3f} | {r.top1_agreement:.1%} | {r.prefill_tok_s:.0f} | "
                      f"{r.decode_tok_s:.1f} ± {r.decode_tok_s_std:.1f} |")
     return "\n".join(lines)
+
+
+def add_llamacpp_columns(rows: list[BenchRow], models: list[str], settings: BenchSettings, work: Path,
+                         progress: Progress = NoProgress()) -> list[BenchRow]:
+    """The llama.cpp columns of `bench model`: each model's GGUF (the baseline as F32, the others
+    as their own codes: packed int4 -> Q4_0/Q4_1, int8 -> Q8_0) timed by llama-bench in interleaved
+    rounds at the thread count the torch rows ran with; a model without a GGUF gets the reason."""
+    entries = []
+    for i, (model, row) in enumerate(zip(models, progress.track(rows, "GGUF files for llama.cpp"))):
+        try:
+            gguf = gguf_of(model, work, baseline=i == 0)
+        except SlimkitError as exc:
+            row.llamacpp_error = str(exc).strip().splitlines()[0][:200]
+            continue
+        row.llamacpp_file_type = file_type_name(gguf)
+        entries.append((row, gguf))
+    if entries:
+        progress.note(f"llama-bench: 3 rounds over {len(entries)} files at {rows[0].threads} threads")
+        speeds = interleaved_speed([gguf for _, gguf in entries], settings, rows[0].threads)
+        for (row, _), speed in zip(entries, speeds):
+            row.llamacpp_decode_tok_s, row.llamacpp_prefill_tok_s = speed["decode_tok_s"], speed["prefill_tok_s"]
+    return rows

@@ -217,21 +217,43 @@ def compare(rows: list[BenchRow]) -> list[BenchRow]:
 
 def table(rows: list[BenchRow]) -> str:
     compiled = any(r.compiled_decode_ms_per_token is not None or r.compiled_error for r in rows)
+    llama = any(r.llamacpp_file_type is not None or r.llamacpp_error for r in rows)
     head = ("| model | formats | decode ms/tok | decode x | "
             + ("compiled ms/tok | compiled x | compile s | " if compiled else "")
+            + ("llama.cpp file | llama.cpp decode tok/s | slimkit / llama.cpp | " if llama else "")
             + "prefill ms | prefill x | tok/s @batch | RSS MB | weights MB | disk MB | ppl | KLD | top-1 "
             "| kernel at batch 1 |")
-    lines = [head, "|" + "---|" * (17 if compiled else 14)]
+    lines = [head, "|" + "---|" * (14 + 3 * compiled + 3 * llama)]
     for r in rows:
         ppl = f"{r.ppl:.2f}" if r.ppl is not None else "-"
         kld = f"{r.mean_kld:.4f} | {r.top1_agreement:.1%}" if r.mean_kld is not None else "- | -"
         lines.append(
             f"| {r.model}{'' if r.device == 'cpu' else f' ({r.device})'} | {','.join(r.formats) or 'dense'} | {r.decode_ms_per_token:.1f} | "
-            f"{r.decode_speedup:.2f}x | {compiled_cells(r, compiled)}{r.prefill_ms:.0f} | {r.prefill_speedup:.2f}x | "
-            f"{r.throughput_tok_s:.1f} @{r.batch} | {r.peak_rss_mb:.0f} | {r.weights_ram_mb:.0f} | "
+            f"{r.decode_speedup:.2f}x | {compiled_cells(r, compiled)}{llamacpp_cells(r, llama)}{r.prefill_ms:.0f} | "
+            f"{r.prefill_speedup:.2f}x | {r.throughput_tok_s:.1f} @{r.batch} | {r.peak_rss_mb:.0f} | {r.weights_ram_mb:.0f} | "
             f"{r.disk_mb:.0f} | {ppl} | {kld} | {'; '.join(r.kernels_batch_1)} |")
     notes = [amortisation(r) for r in rows if r.compile_s is not None or r.compiled_error]
+    notes += [f"- {r.model}: no llama.cpp numbers ({r.llamacpp_error})" for r in rows if r.llamacpp_error]
+    if llama:
+        notes.append(f"- slimkit / llama.cpp: slimkit's decode tokens/s (compiled where it ran, else eager) over "
+                     f"llama-bench's, both at {rows[0].threads} threads in this run")
     return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def slimkit_decode_tok_s(r: BenchRow) -> float:
+    """The row's best batch-1 decode speed: compiled when it ran, else eager."""
+    ms = min(x for x in (r.decode_ms_per_token, r.compiled_decode_ms_per_token) if x is not None)
+    return 1e3 / ms
+
+
+def llamacpp_cells(r: BenchRow, shown: bool) -> str:
+    """The llama.cpp columns of one row ('' when the table has none)."""
+    if not shown:
+        return ""
+    if r.llamacpp_decode_tok_s is None:
+        return "- | - | - | "
+    return (f"{r.llamacpp_file_type} | {r.llamacpp_decode_tok_s:.1f} | "
+            f"{slimkit_decode_tok_s(r) / r.llamacpp_decode_tok_s:.2f}x | ")
 
 
 def compiled_cells(r: BenchRow, shown: bool) -> str:

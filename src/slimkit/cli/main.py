@@ -525,6 +525,9 @@ def bench_model_cmd(
     compiled: bool = typer.Option(True, "--compile/--no-compile", help="torch: also decode over a static KV cache "
                                   "with torch.compile (CUDA graphs on a GPU); compile time reported apart, with "
                                   "the number of tokens after which it pays off"),
+    llamacpp: bool = typer.Option(True, "--llamacpp/--no-llamacpp", help="torch, on CPU: when `make peers` built "
+                                  "llama.cpp, also time each model's GGUF (the baseline as F32, packed int4 as "
+                                  "Q4_0/Q4_1 with the same codes) in llama-bench at the same thread count"),
     settings=None,
 ) -> None:
     """Latency, throughput, peak RSS, size, ppl and KL divergence of whole models, each in a fresh
@@ -542,6 +545,9 @@ def bench_model_cmd(
       slimkit bench model smollm2-135m out/int4 --no-compile    # eager decode only (no compile wait)
 
       slimkit bench model smollm2-135m out/q4km --runtime llamacpp    # out/q4km: a gguf-q4_k_m compress
+
+    When `make peers` has built llama.cpp, the torch table also gets llama.cpp columns: each model's
+    GGUF timed by llama-bench at the same thread count, and slimkit's decode speed over it.
     """
     import contextlib
     import tempfile
@@ -567,6 +573,8 @@ def bench_model_cmd(
                 md = llamacpp_table(rows)
             else:
                 rows = bench.run(models, settings, progress)
+                if llamacpp:
+                    _llamacpp_columns(rows, models, settings, progress)
                 md = bench.table(rows)
         console.print(md)
         if output is not None:
@@ -574,6 +582,21 @@ def bench_model_cmd(
                 written = MeasureDir(tmp, "bench")
                 written.md.write_text(md + "\n")
                 written.json.write_text(json.dumps([r.to_dict() for r in rows], indent=2))
+
+
+def _llamacpp_columns(rows, models: list[str], settings, progress) -> None:
+    """`bench model`'s llama.cpp columns, when llama.cpp is built and the models ran on the CPU."""
+    import tempfile
+
+    from slimkit.benchmarks.llamacpp import tool
+    from slimkit.benchmarks.llamacpp_model import add_llamacpp_columns
+
+    if tool("llama-bench") is None or rows[0].device != "cpu":
+        why = "not built (`make peers-llamacpp`)" if tool("llama-bench") is None else "the models ran on a GPU"
+        progress.note(f"llama.cpp columns skipped: {why}")
+        return
+    with tempfile.TemporaryDirectory(prefix="slimkit-llamacpp-") as work:
+        add_llamacpp_columns(rows, models, settings, Path(work), progress)
 
 
 def _outline_of(model: str):

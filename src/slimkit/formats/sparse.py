@@ -1,10 +1,11 @@
 """Sparse formats: unstructured (bitmask or CSR) and 2:4 (alone, or with int8/int4 values).
 
 Unstructured: on disk, whichever of bitmask + values and CSR (int32 indices) is smaller for the
-density. In RAM, up to BITMASK_MAX_SPARSITY and when slimkit's kernel is built (kernels/), the
-bitmask layout its AVX2 kernel reads (formats/bitmask.py), with dequantize + GEMM for many rows
-as measured (kernel_rows.py); otherwise torch CSR with int32 indices (MKL converts int64 on every
-call), computed as W_csr @ x^T. `slimkit bench sparsity` measures where each wins.
+density. In RAM, when slimkit's kernels are built (kernels/): up to BITMASK_MAX_SPARSITY the
+bitmask layout its AVX2 kernel reads (formats/bitmask.py), above it CSR with 16-bit columns
+(formats/csr16.py), each with dequantize + GEMM for many rows as measured (kernel_rows.py);
+without the kernels, torch CSR with int32 indices (MKL converts int64 on every call), computed as
+W_csr @ x^T. `slimkit bench sparsity` measures where each wins.
 
 2:4: the kept values [N, K/2] plus a 2-bit position per kept value (1 bit per weight).
 torch has no CPU kernel for 2:4: fp32 values run slimkit's bitmask kernel (a 2:4 mask is a
@@ -29,12 +30,31 @@ from slimkit.formats.base import (
     unpack_nibbles,
 )
 from slimkit.formats.bitmask import BitmaskRows, csr_mask
+from slimkit.formats.csr16 import MAX_COLUMNS as CSR16_MAX_COLUMNS
+from slimkit.formats.csr16 import Csr16Rows
 from slimkit.kernels import bitmask_kernel
 
 # Up to this sparsity the bitmask kernel runs (1 bit per weight + fp32 kept values, AVX2); above
-# it, CSR (MKL), whose cost follows the kept weights alone.
-BITMASK_MAX_SPARSITY = 0.8
+# it, the CSR16 kernel (16-bit columns), whose loop visits the kept weights alone (measured:
+# `slimkit bench sparsity`; at 2 threads the two cross near 60% at batch 1).
+BITMASK_MAX_SPARSITY = 0.6
 BITMASK_PATH = "slimkit bitmask kernel (AVX2, fp32 values)"
+CSR16_PATH = "slimkit CSR16 kernel (AVX2, fp32 values, 16-bit columns)"
+MKL_PATH = "torch CSR (MKL, int32 indices)"
+
+
+def kernel_layout_for(csr: torch.Tensor) -> BitmaskRows | Csr16Rows | None:
+    """The layout slimkit's kernels read for this weight: the bitmask up to BITMASK_MAX_SPARSITY,
+    CSR16 above; None (torch's CSR) without the kernel, or for shapes the kernels do not take."""
+    rows, cols = csr.shape
+    if bitmask_kernel() is None:
+        return None
+    sparsity = 1 - csr._nnz() / max(rows * cols, 1)
+    if cols % 8 == 0 and sparsity <= BITMASK_MAX_SPARSITY:
+        return BitmaskRows.from_csr(csr)
+    if cols <= CSR16_MAX_COLUMNS:
+        return Csr16Rows.from_mask(csr_mask(csr), csr.values())
+    return None
 
 
 def _csr(crow, col, values, shape) -> torch.Tensor:
@@ -60,10 +80,9 @@ class SparseUnstructured(PackedLinear):
         super().__init__(csr.shape[1], csr.shape[0], bias, meta or {})
         self.layout = self.meta.get("layout") or self.smaller_layout(csr.shape[0], csr.shape[1], csr._nnz())
         self.meta["layout"] = self.layout
-        self.csr, self.bits = csr, None
-        sparsity = 1 - csr._nnz() / max(csr.shape[0] * csr.shape[1], 1)
-        if self.in_features % 8 == 0 and sparsity <= BITMASK_MAX_SPARSITY and bitmask_kernel() is not None:
-            self.csr, self.bits = None, BitmaskRows.from_csr(csr)  # RAM holds the kernel's layout only
+        self.csr, self.kernel_layout = csr, kernel_layout_for(csr)  # RAM holds the kernel's layout only
+        if self.kernel_layout is not None:
+            self.csr = None
 
     @staticmethod
     def smaller_layout(rows, cols, nnz) -> str:
@@ -81,10 +100,10 @@ class SparseUnstructured(PackedLinear):
         return cls(csr, bias)
 
     def _mask(self) -> torch.Tensor:
-        return self.bits.bool_mask() if self.bits is not None else csr_mask(self.csr)
+        return self.kernel_layout.bool_mask() if self.kernel_layout is not None else csr_mask(self.csr)
 
     def _values(self) -> torch.Tensor:
-        return self.bits.kept_values() if self.bits is not None else self.csr.values()
+        return self.kernel_layout.kept_values() if self.kernel_layout is not None else self.csr.values()
 
     def stored(self):
         if self.layout == "csr":
@@ -111,34 +130,37 @@ class SparseUnstructured(PackedLinear):
         return cls(csr, bias, meta)
 
     def ram_tensors(self):
-        if self.bits is not None:
-            return self.bits.tensors()
+        if self.kernel_layout is not None:
+            return self.kernel_layout.tensors()
         return [self.csr.crow_indices(), self.csr.col_indices(), self.csr.values()]
 
     def dequantize(self):
         return self.dequantize_rows(0, self.out_features)
 
     def dequantize_rows(self, start, stop):
-        if self.bits is not None:
-            return self.bits.dense_rows(start, stop)
+        if self.kernel_layout is not None:
+            return self.kernel_layout.dense_rows(start, stop)
         return self.csr.to_dense()[start:stop]
 
     def has_row_choice(self):
-        return self.bits is not None
+        return self.kernel_layout is not None
 
-    def shape_tag(self):
-        return f" {round(10 * (1 - self.bits.nnz / (self.out_features * self.in_features))) * 10}% sparse"
+    def shape_tag(self):  # the kernel is part of the key: the crossover was measured with it
+        kernel = "" if isinstance(self.kernel_layout, BitmaskRows) else " csr16"
+        return f" {round(10 * (1 - self.kernel_layout.nnz / (self.out_features * self.in_features))) * 10}% sparse{kernel}"
 
     def path_for(self, m):
-        if self.bits is None:
-            return "torch CSR (MKL, int32 indices)"
-        return BITMASK_PATH if m <= self.kernel_rows() else DEQUANTIZED_PATH
+        if self.kernel_layout is None:
+            return MKL_PATH
+        if m > self.kernel_rows():
+            return DEQUANTIZED_PATH
+        return BITMASK_PATH if isinstance(self.kernel_layout, BitmaskRows) else CSR16_PATH
 
     def kernel_matmul(self, x2d):
-        return self.bits.matmul(x2d)
+        return self.kernel_layout.matmul(x2d)
 
     def matmul(self, x2d):
-        if self.bits is not None:
+        if self.kernel_layout is not None:
             return self.chosen_matmul(x2d)
         return (self.csr @ x2d.T).T
 
