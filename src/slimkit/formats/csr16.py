@@ -56,11 +56,8 @@ class Csr16Rows:
         return self.values
 
     def dense_rows(self, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) as a dense fp32 tensor."""
-        dense = torch.zeros(stop - start, self.in_features)
-        dense[self._rows_of(start, stop), self._columns(start, stop)] = \
-            self.values[self.row_start[start] : self.row_start[stop]]
-        return dense
+        """Rows [start, stop) as a dense fp32 tensor, by the compiled kernel."""
+        return bitmask_kernel().csr16_densify(self.columns, self.values, self.row_start, self.in_features, start, stop)
 
     def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         """x2d @ W.T by the compiled kernel."""

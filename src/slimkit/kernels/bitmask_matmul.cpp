@@ -97,20 +97,21 @@ void csr16_row_vector(const uint16_t* cols, const float* values, const int64_t* 
 }
 
 // batch 2-8: x transposed to [K, 8] (lane b = row b of x), so a kept weight meets its column of
-// every row in one load and one FMA; two accumulators hide the FMA latency
+// every row in one load and one FMA; four sums in flight hide the FMA latency
 void csr16_rows_transposed(const uint16_t* cols, const float* values, const int64_t* row_start, const float* xt,
                            float* y, int64_t batch, int64_t n, int64_t first, int64_t last) {
   for (int64_t row = first; row < last; ++row) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     int64_t p = row_start[row];
     const int64_t end = row_start[row + 1];
-    for (; p + 2 <= end; p += 2) {
-      acc0 = _mm256_fmadd_ps(_mm256_set1_ps(values[p]), _mm256_loadu_ps(xt + 8 * int64_t(cols[p])), acc0);
-      acc1 = _mm256_fmadd_ps(_mm256_set1_ps(values[p + 1]), _mm256_loadu_ps(xt + 8 * int64_t(cols[p + 1])), acc1);
+    for (; p + 4 <= end; p += 4) {
+      for (int u = 0; u < 4; ++u)
+        acc[u] = _mm256_fmadd_ps(_mm256_set1_ps(values[p + u]), _mm256_loadu_ps(xt + 8 * int64_t(cols[p + u])), acc[u]);
     }
-    if (p < end) acc0 = _mm256_fmadd_ps(_mm256_set1_ps(values[p]), _mm256_loadu_ps(xt + 8 * int64_t(cols[p])), acc0);
+    for (; p < end; ++p)
+      acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(values[p]), _mm256_loadu_ps(xt + 8 * int64_t(cols[p])), acc[0]);
     alignas(32) float sums[8];
-    _mm256_store_ps(sums, _mm256_add_ps(acc0, acc1));
+    _mm256_store_ps(sums, _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
     for (int64_t b = 0; b < batch; ++b) y[b * n + row] = sums[b];
   }
 }
@@ -174,6 +175,27 @@ torch::Tensor bitmask_matmul(torch::Tensor x, torch::Tensor mask, torch::Tensor 
   return y;
 }
 
+// rows [start, stop) of a CSR16 W as a dense float tensor (the dequantize path for many rows of x)
+torch::Tensor csr16_densify(torch::Tensor cols, torch::Tensor values, torch::Tensor row_start, int64_t in_features,
+                            int64_t start, int64_t stop) {
+  TORCH_CHECK(cols.scalar_type() == torch::kShort && values.scalar_type() == torch::kFloat &&
+              row_start.scalar_type() == torch::kLong && cols.is_contiguous() && values.is_contiguous() &&
+              row_start.is_contiguous(), "cols int16, values float, row_start int64, contiguous");
+  TORCH_CHECK(0 <= start && start <= stop && stop < row_start.numel(), "rows ", start, ":", stop, " out of range");
+  auto dense = torch::zeros({stop - start, in_features}, values.options());
+  const uint16_t* cp = reinterpret_cast<const uint16_t*>(cols.data_ptr<int16_t>());
+  const float* vp = values.data_ptr<float>();
+  const int64_t* rp = row_start.data_ptr<int64_t>();
+  float* out = dense.data_ptr<float>();
+  at::parallel_for(start, stop, 64, [&](int64_t first, int64_t last) {
+    for (int64_t row = first; row < last; ++row) {
+      float* o = out + (row - start) * in_features;
+      for (int64_t p = rp[row]; p < rp[row + 1]; ++p) o[cp[p]] = vp[p];
+    }
+  });
+  return dense;
+}
+
 // rows [start, stop) of W as a dense float tensor (the dequantize path for many rows of x)
 torch::Tensor bitmask_densify(torch::Tensor mask, torch::Tensor values, torch::Tensor row_start, int64_t start,
                               int64_t stop) {
@@ -204,5 +226,6 @@ torch::Tensor bitmask_densify(torch::Tensor mask, torch::Tensor values, torch::T
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("bitmask_matmul", &bitmask_matmul, "x @ W.T, W as a bitmask and its kept fp32 values (AVX2)");
   module.def("csr16_matmul", &csr16_matmul, "x @ W.T, W as CSR with uint16 columns and fp32 values (AVX2)");
+  module.def("csr16_densify", &csr16_densify, "rows [start, stop) of such a W, dense");
   module.def("bitmask_densify", &bitmask_densify, "rows [start, stop) of such a W, dense");
 }
