@@ -57,6 +57,22 @@ def test_compiled_decode_gives_eager_tokens_on_five_prompts(tiny_packed):
             token, pos = int(a.argmax()), pos + 1
 
 
+def test_compiled_decoders_of_two_models_in_one_process_each_follow_their_own_model(tiny_packed, tiny_llama_dir):
+    """The compiled step skips dynamo's guards on modules and weights; a new decoder resets the
+    compiled caches, so the second model (the dense original, same code object) never replays the
+    first one's graph: each gives its own eager logits."""
+    dense = load_model(str(tiny_llama_dir)).model
+    ids = _ids(tiny_packed.tokenizer, PROMPTS[0])
+    for model in (tiny_packed.model, dense, tiny_packed.model):
+        compiled, eager = StaticDecoder(model, 40, compiled=True), StaticDecoder(model, 40, compiled=False)
+        token = int(eager.prefill(ids).argmax())
+        compiled.prefill(ids)
+        torch.testing.assert_close(compiled.step(token, ids.shape[1]), eager.step(token, ids.shape[1]),
+                                   rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # the packed and dense models differ (int4 codes), so a replayed graph would show
+        assert not torch.allclose(dense(ids).logits, tiny_packed.model(ids).logits, atol=1e-4)
+
+
 def test_decoder_stops_and_refuses_what_does_not_fit(tiny_packed):
     model, tok = tiny_packed.model, tiny_packed.tokenizer
     ids = _ids(tok, PROMPTS[0])
