@@ -54,28 +54,11 @@ def test_kernel_refuses_mismatched_shapes():
         bitmask_kernel().bitmask_matmul(torch.randn(2, 64), bits.mask, bits.kept_values().clone(), bits.row_start)
 
 
-@pytest.mark.parametrize("kernel", [True, False])
-def test_sparse_format_runs_kernel_or_csr_and_stores_the_same(monkeypatch, kernel):
-    _kernel_or_not(monkeypatch, kernel)
-    w, mask = _sparse_weight(64, 128, 0.5)
-    layer = format_class("sparse").from_dense(w, mask=mask)
-    assert isinstance(layer.kernel_layout, BitmaskRows) if kernel else layer.kernel_layout is None
-    assert layer.path_for(1) == (sparse.BITMASK_PATH if kernel else sparse.MKL_PATH)
-    x = torch.randn(4, 128)
-    torch.testing.assert_close(layer(x), x @ w.T, rtol=1e-5, atol=1e-5)
-    for layout in ("bitmask", "csr"):
-        layer.layout = layout
-        again = format_class("sparse").from_stored(layer.stored(), {"shape": [64, 128], "layout": layout}, None)
-        assert torch.equal(again.dequantize(), w)
-    if kernel:  # 50%: about 1/8 + 2 bytes a weight (CSR: 4 + 4 per kept weight)
-        assert layer.ram_bytes() < w.numel() * 4 * 0.6
-
-
 @needs_kernel
 @pytest.mark.parametrize("sparsity", [0.0, 0.7, 0.95, 1.0])
-@pytest.mark.parametrize("batch", [1, 2, 8, 19])  # 1: the gather loop; 2-8: x transposed; 19: 8 + 8 + 3
+@pytest.mark.parametrize("batch", [1, 2, 8, 19])  # 1: one weight at a time; 2-8: x transposed; 19: 8 + 8 + 3
 def test_csr16_kernel_is_x_times_w_transposed(sparsity, batch):
-    w, mask = _sparse_weight(40, 137, sparsity)  # 137 columns: rows end mid-chunk, K not a multiple of 8
+    w, mask = _sparse_weight(40, 137, sparsity)  # 137 columns: rows end mid-unroll, K not a multiple of 8
     rows = Csr16Rows.from_mask(mask, w[mask])
     x = torch.randn(batch, 137)
     torch.testing.assert_close(rows.matmul(x), x @ w.T, rtol=1e-5, atol=1e-5)
@@ -110,20 +93,24 @@ def test_csr16_kernel_refuses_mismatched_shapes():
 
 
 @pytest.mark.parametrize("kernel", [True, False])
-def test_high_sparsity_runs_csr16_or_mkl_and_stores_the_same(monkeypatch, kernel):
+@pytest.mark.parametrize("sparsity, layout, path", [(0.5, BitmaskRows, sparse.BITMASK_PATH),
+                                                    (0.9, Csr16Rows, sparse.CSR16_PATH)])
+def test_sparse_format_runs_its_kernel_or_mkl_and_stores_the_same(monkeypatch, kernel, sparsity, layout, path):
+    """Up to 60% sparsity the bitmask kernel, above it CSR16; MKL's CSR without the kernels."""
     _kernel_or_not(monkeypatch, kernel)
-    w, mask = _sparse_weight(64, 128, 0.9)
+    w, mask = _sparse_weight(64, 128, sparsity)
     layer = format_class("sparse").from_dense(w, mask=mask)
-    assert isinstance(layer.kernel_layout, Csr16Rows) if kernel else layer.kernel_layout is None
-    assert layer.path_for(1) == (sparse.CSR16_PATH if kernel else sparse.MKL_PATH)
+    assert isinstance(layer.kernel_layout, layout) if kernel else layer.kernel_layout is None
+    assert layer.path_for(1) == (path if kernel else sparse.MKL_PATH)
     x = torch.randn(4, 128)
     torch.testing.assert_close(layer(x), x @ w.T, rtol=1e-5, atol=1e-5)
-    for layout in ("bitmask", "csr"):
-        layer.layout = layout
-        again = format_class("sparse").from_stored(layer.stored(), {"shape": [64, 128], "layout": layout}, None)
+    for stored in ("bitmask", "csr"):
+        layer.layout = stored
+        again = format_class("sparse").from_stored(layer.stored(), {"shape": [64, 128], "layout": stored}, None)
         assert torch.equal(again.dequantize(), w)
-    if kernel:  # 6 bytes per kept weight (MKL's CSR: 8) and int64 row starts
-        assert layer.ram_bytes() == 6 * int(mask.sum()) + 8 * 65
+    if kernel:  # bitmask: 1/8 byte a weight + 4 per kept one + 8 floats of padding; CSR16: 6 per kept one
+        per_kept, fixed = (4, 64 * 128 // 8 + 32) if layout is BitmaskRows else (6, 0)  # + int64 row starts
+        assert layer.ram_bytes() == per_kept * int(mask.sum()) + fixed + 8 * 65
 
 
 @pytest.mark.parametrize("kernel", [True, False])

@@ -591,8 +591,9 @@ def _llamacpp_columns(rows, models: list[str], settings, progress) -> None:
     from slimkit.benchmarks.llamacpp import tool
     from slimkit.benchmarks.llamacpp_model import add_llamacpp_columns
 
-    if tool("llama-bench") is None or rows[0].device != "cpu":
-        why = "not built (`make peers-llamacpp`)" if tool("llama-bench") is None else "the models ran on a GPU"
+    why = "not built (`make peers-llamacpp`)" if tool("llama-bench") is None else \
+        "the models ran on a GPU" if rows[0].device != "cpu" else None
+    if why:
         progress.note(f"llama.cpp columns skipped: {why}")
         return
     with tempfile.TemporaryDirectory(prefix="slimkit-llamacpp-") as work:

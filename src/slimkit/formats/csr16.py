@@ -26,14 +26,25 @@ class Csr16Rows:
     in_features: int
 
     @classmethod
-    def from_mask(cls, mask: torch.Tensor, values: torch.Tensor) -> "Csr16Rows":
-        """mask: bool [N, K] with K <= 65536; values: the kept values in row-major order."""
-        if mask.shape[1] > MAX_COLUMNS:
-            raise ValueError(f"CSR16 holds at most {MAX_COLUMNS} columns, not {mask.shape[1]}")
-        columns = torch.nonzero(mask)[:, 1].to(torch.int32)
+    def from_parts(cls, row_start: torch.Tensor, columns: torch.Tensor, values: torch.Tensor,
+                   in_features: int) -> "Csr16Rows":
+        """CSR pieces (row starts [N + 1], columns and values [nnz]) of a weight with <= 65536 columns."""
+        if in_features > MAX_COLUMNS:
+            raise ValueError(f"CSR16 holds at most {MAX_COLUMNS} columns, not {in_features}")
+        columns = columns.to(torch.int32)
         wrapped = torch.where(columns >= 2**15, columns - 2**16, columns).to(torch.int16)  # same 16 bits
+        return cls(wrapped.contiguous(), values.detach().float().reshape(-1).contiguous(), row_start.long(),
+                   in_features)
+
+    @classmethod
+    def from_csr(cls, csr: torch.Tensor) -> "Csr16Rows":
+        return cls.from_parts(csr.crow_indices(), csr.col_indices(), csr.values(), csr.shape[1])
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor, values: torch.Tensor) -> "Csr16Rows":
+        """mask: bool [N, K]; values: the kept values in row-major order."""
         row_start = torch.cat([torch.zeros(1, dtype=torch.long), mask.sum(1).cumsum(0)])
-        return cls(wrapped.contiguous(), values.detach().float().reshape(-1).contiguous(), row_start, mask.shape[1])
+        return cls.from_parts(row_start, torch.nonzero(mask)[:, 1], values, mask.shape[1])
 
     @property
     def nnz(self) -> int:

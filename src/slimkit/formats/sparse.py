@@ -53,7 +53,7 @@ def kernel_layout_for(csr: torch.Tensor) -> BitmaskRows | Csr16Rows | None:
     if cols % 8 == 0 and sparsity <= BITMASK_MAX_SPARSITY:
         return BitmaskRows.from_csr(csr)
     if cols <= CSR16_MAX_COLUMNS:
-        return Csr16Rows.from_mask(csr_mask(csr), csr.values())
+        return Csr16Rows.from_csr(csr)
     return None
 
 
