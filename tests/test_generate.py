@@ -14,6 +14,7 @@ from slimkit.errors import SlimkitError
 from slimkit.formats.pack_dir import pack_to_dir
 from slimkit.generation import StaticDecoder
 from slimkit.models import load_model
+from slimkit.protocol import BenchSettings
 from slimkit.results import BenchRow
 
 PROMPTS = ["The history of the city", "In 1969 the first", "Water boils at", "Once upon a time, a",
@@ -130,6 +131,33 @@ def test_bench_table_puts_llamacpp_beside_slimkit_at_the_same_threads():
     assert "nf4: no llama.cpp numbers (nf4 has no GGUF type)" in md and "both at 2 threads" in md
     without = bench.compare([BenchRow(model="x", decode_ms_per_token=1.0, **base)])
     assert "llama.cpp" not in bench.table(without)
+
+
+def test_bench_rounds_alternate_and_keep_each_timings_fastest(monkeypatch):
+    """Round 2 runs the models in reverse order without ppl; each timing keeps its faster round,
+    ppl and peak RSS stay the first round's, and the short and long prefills both get ratios."""
+    base = dict(prompt_tokens=128, long_prompt_tokens=512, batch=2, weights_ram_mb=10.0, disk_mb=10.0,
+                eval_tokens=0, formats=[], kernels_batch_1=[], threads=2)
+    slow = {"dense": 1, "int4": 2}  # the machine is slow for dense in round 1, for int4 in round 2
+    calls = []
+
+    def fake(model, settings, note):
+        calls.append((model, settings.windows))
+        k = 2.0 if slow[model] == sum(m == model for m, _ in calls) else 1.0
+        scale = {"dense": 1.0, "int4": 0.25}[model]
+        return BenchRow(model=model, prefill_ms=100 * scale * k, long_prefill_ms=400 * scale * k,
+                        decode_ms_per_token=20 * scale * k, throughput_tok_s=50 / scale / k,
+                        ppl=10.0 if settings.windows else None, peak_rss_mb=100.0 + len(calls), **base)
+
+    monkeypatch.setattr(bench, "measure_isolated", fake)
+    rows = bench.run(["dense", "int4"], BenchSettings(windows=4, rounds=2))
+    assert calls == [("dense", 4), ("int4", 4), ("int4", 0), ("dense", 0)]
+    assert [(r.decode_ms_per_token, r.prefill_ms, r.long_prefill_ms, r.ppl, r.peak_rss_mb) for r in rows] == \
+        [(20.0, 100.0, 400.0, 10.0, 101.0), (5.0, 25.0, 100.0, 10.0, 102.0)]
+    assert (rows[1].decode_speedup, rows[1].prefill_speedup, rows[1].long_prefill_speedup) == (4.0, 4.0, 4.0)
+    md = bench.table(rows)
+    assert "prefill@128 ms | prefill x | prefill@512 ms | prefill x |" in md
+    assert "| 25 | 4.00x | 100 | 4.00x | 200.0 @2 |" in md
 
 
 def test_generate_refuses_an_empty_prompt_before_loading_anything(tmp_path):

@@ -95,8 +95,12 @@ class BenchSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     prompt: int = Field(128, ge=1, description="prefill tokens (batch 1)")
+    long_prompt: int = Field(512, ge=0, description="a second, longer prefill (batch 1; 0 skips it), cut to the "
+                             "model's ppl window")
     decode: int = Field(32, ge=1, description="decode steps (median ms/token, batch 1, KV cache)")
     batch: int = Field(8, ge=1, description="sequences decoding together for the throughput measurement")
+    rounds: int = Field(2, ge=1, description="timing rounds over all the models, in alternating order; each timing "
+                        "keeps its fastest round (a busy machine slows a run, it never speeds one up)")
     windows: int | None = Field(QUICK.eval_windows, ge=0, description="ppl windows of 512: N (0 skips), or all "
                                 "(the full protocol)")
     reference: str | None = Field(None, description="also measure the KL divergence and top-1 agreement against "

@@ -145,6 +145,8 @@ class BenchRow(Result):
     kernels_batch_1: list[str]
     threads: int
     device: str = "cpu"  # where the model ran (`--device`)
+    long_prefill_ms: float | None = None  # the second, longer prefill (`--long-prompt`)
+    long_prompt_tokens: int | None = None
     mean_kld: float | None = None  # KL(reference || model) per token, when a reference was given
     top1_agreement: float | None = None
     compiled_decode_ms_per_token: float | None = None  # static KV cache + torch.compile, when asked
@@ -152,6 +154,7 @@ class BenchRow(Result):
     compiled_error: str | None = None  # why the compiled step could not run, when it could not
     decode_speedup: float | None = None
     prefill_speedup: float | None = None
+    long_prefill_speedup: float | None = None
     throughput_ratio: float | None = None
     compiled_decode_speedup: float | None = None  # compiled decode against the baseline's eager decode
     llamacpp_file_type: str | None = None  # the same model's GGUF in llama.cpp (when `make peers` built it)

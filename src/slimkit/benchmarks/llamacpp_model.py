@@ -66,7 +66,8 @@ def gguf_quality(gguf: Path, base_logits: Path, text: Path, chunks: int, threads
 
 def interleaved_speed(ggufs: list[Path], settings: BenchSettings, threads: int, rounds: int = 3) -> list[dict]:
     """llama-bench of every file, `rounds` times in turn (file 1, 2, ..., 1, 2, ...), so that a slow
-    spell of the machine hits every file alike; tok/s: mean and spread over the rounds."""
+    spell of the machine hits every file alike; tok/s: the fastest round (as `bench model`'s torch
+    rows keep theirs) and the spread over the rounds."""
     runs: list[list[dict]] = [[] for _ in ggufs]
     for _ in range(rounds):
         for i, gguf in enumerate(ggufs):
@@ -74,8 +75,7 @@ def interleaved_speed(ggufs: list[Path], settings: BenchSettings, threads: int, 
     out = []
     for r in runs:
         decode = [x["decode_tok_s"] for x in r]
-        out.append({"prefill_tok_s": statistics.mean(x["prefill_tok_s"] for x in r),
-                    "decode_tok_s": statistics.mean(decode),
+        out.append({"prefill_tok_s": max(x["prefill_tok_s"] for x in r), "decode_tok_s": max(decode),
                     "decode_tok_s_std": statistics.stdev(decode) if len(r) > 1 else r[0]["decode_tok_s_std"],
                     "weights_bytes": r[0]["weights_bytes"], "parameters": r[0]["parameters"]})
     return out

@@ -513,7 +513,7 @@ def _numbers(text: str, kind, option: str, ok, rule: str) -> list:
 
 @bench_app.command("model")
 @friendly_errors
-@settings_options(BenchSettings, ("prompt", "decode", "batch", "windows", "reference", "device"))
+@settings_options(BenchSettings, ("prompt", "long_prompt", "decode", "batch", "rounds", "windows", "reference", "device"))
 def bench_model_cmd(
     models: List[str] = typer.Argument(..., help="baseline first; then packed/compressed dirs, names, .gguf"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="also write bench.md and bench.json here"),
