@@ -75,15 +75,15 @@ def _outputs(model, ids):
 
 
 # the default tier packs one of each kind (fused projections, post-norms, a transformers quirk, encoders)
-PACK_FAST = ("phi3", "gemma2", "falcon", "distilbert", "modernbert")
+PACK_FAST = ("phi3", "gemma2", "falcon", "gpt2", "distilbert", "modernbert")
 
 
 @pytest.mark.parametrize("model_type", [t if t in PACK_FAST else pytest.param(t, marks=pytest.mark.slow)
                                         for t in DECODERS + CONV1D + ENCODERS])
 def test_packed_and_compressed_tensors_reload_with_the_same_function(model_dirs, tmp_path, model_type):
     """RTN int4 g64 records -> packed int4 (slimkit's kernels) -> compressed-tensors loaded by
-    transformers alone: the three compute the same function on the same codes."""
-    from slimkit.errors import SlimkitError
+    transformers alone: the three compute the same function on the same codes. (GPT-2's Conv1D
+    layers are exported as blocks of [64, 1] in their [in, out] orientation and load decompressed.)"""
     from slimkit.export.job import export_model, load_exported
     from slimkit.formats.pack_dir import pack_to_dir
     from slimkit.models import load_model
@@ -95,11 +95,6 @@ def test_packed_and_compressed_tensors_reload_with_the_same_function(model_dirs,
     ids = torch.randint(3, 200, (1, 16), generator=torch.Generator().manual_seed(0))
     fake = _outputs(load_model(tmp_path / "rtn").model, ids)
     packed = _outputs(load_model(tmp_path / "packed").model, ids)
-    if model_type in CONV1D:  # transformers' compressed-tensors loader quantizes nn.Linear only
-        assert (fake - packed).abs().max() <= 0.02 * fake.abs().max()
-        with pytest.raises(SlimkitError, match="Conv1D layers.*--to hf"):
-            export_model(str(tmp_path / "packed"), tmp_path / "ct", "compressed-tensors", verify=False)
-        return
     export_model(str(tmp_path / "packed"), tmp_path / "ct", "compressed-tensors", verify=False)
     theirs = load_exported(tmp_path / "ct", "compressed-tensors", dequantize=model_type in CT_DEQUANTIZED)
     assert not any("slimkit" in type(m).__module__ for m in theirs.modules())
@@ -107,6 +102,32 @@ def test_packed_and_compressed_tensors_reload_with_the_same_function(model_dirs,
     # slimkit's int4 kernel takes bf16 activations; the dequantized weights compute in fp32
     for other in (packed, exported):
         assert (fake - other).abs().max() <= 0.02 * fake.abs().max(), model_type
+
+
+def test_gpt2_int8_compressed_tensors_keeps_conv1d_orientation_and_one_scheme(model_dirs, tmp_path):
+    """Packed int8 GPT-2 (Conv1D blocks and the tied head) -> compressed-tensors: the Conv1D layers
+    stay packed in their [in, out] orientation, the head (another scheme) is written dense, and
+    transformers' reload computes the packed model's function."""
+    from safetensors import safe_open
+
+    from slimkit.export.job import export_model, load_exported
+    from slimkit.formats.pack_dir import pack_to_dir
+    from slimkit.models import load_model
+
+    pack_to_dir(str(model_dirs("gpt2")), tmp_path / "packed", fmt="int8")
+    result = export_model(str(tmp_path / "packed"), tmp_path / "ct", "compressed-tensors", verify=False)
+    assert result["written_dense"] == ["lm_head"]
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    (group,) = config["config_groups"].values()
+    assert group["weights"]["strategy"] == "block" and config["ignore"] == ["lm_head"]
+    with safe_open(tmp_path / "ct" / "model.safetensors", "pt") as f:
+        layer = load_model(tmp_path / "packed").model.transformer.h[0].mlp.c_fc
+        assert f.get_tensor("transformer.h.0.mlp.c_fc.weight_shape").tolist() == [layer.in_features,
+                                                                                  layer.out_features]
+    ids = torch.randint(3, 200, (1, 16), generator=torch.Generator().manual_seed(0))
+    packed = _outputs(load_model(tmp_path / "packed").model, ids)
+    exported = _outputs(load_exported(tmp_path / "ct", "compressed-tensors"), ids)
+    assert (packed - exported).abs().max() <= 0.01 * packed.abs().max()
 
 
 STRUCTURED = {"heads": dict(heads=0.5, head_grouping="kv_groups"), "mlp": dict(mlp=0.5), "hidden": dict(hidden=0.25),

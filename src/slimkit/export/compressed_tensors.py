@@ -5,6 +5,13 @@
   `weight_shape`, and `weight_zero_point` for asymmetric codes;
 - W8A8 -> `int-quantized`: int8 `weight`, `weight_scale` [out, 1], dynamic per-token
   activations.
+A layer the checkpoint stores as transformers' Conv1D (GPT-2: weight [in, out]) keeps that
+orientation: every tensor above transposed, and its groups of `g` inputs per output described as
+`block` quantization with blocks of [g, 1] (int8: [the gcd of the input widths, 1], the column's
+scale repeated).
+transformers loads such a checkpoint decompressed (`CompressedTensorsConfig(dequantize=True)`: it
+runs compressed nn.Linear only) and decompresses every layer with one scheme, so a layer of
+another scheme (an int8 head beside int4 blocks) is written dense.
 One config group per distinct scheme, targeting the layers by name. Sparse layouts are refused:
 compressed-tensors and vLLM removed their sparse formats in 2026.
 """
@@ -12,6 +19,8 @@ compressed-tensors and vLLM removed their sparse formats in 2026.
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -36,20 +45,34 @@ REFUSED = {
 }
 
 
-def _scheme(mod: PackedLinear) -> tuple:
+def _scheme(mod: PackedLinear, conv1d: bool, int8_rows: int = 0) -> tuple:
+    """(format, bits, symmetric, strategy, group size or block shape) of one layer's config group."""
     if mod.format == "int4":
-        return ("pack-quantized", int(mod.meta.get("bits", 4)), mod.zero is None, mod.group)
+        bits, symmetric = int(mod.meta.get("bits", 4)), mod.zero is None
+        if conv1d:
+            return ("pack-quantized", bits, symmetric, "block", (mod.group, 1))
+        return ("pack-quantized", bits, symmetric, "group" if mod.group else "channel", mod.group)
     if mod.format == "int8":
-        return ("pack-quantized", 8, True, None)
+        # per output = per column of [in, out]: blocks of [int8_rows, 1], the column's scale repeated
+        return ("pack-quantized", 8, True, "block", (int8_rows, 1)) if conv1d else \
+            ("pack-quantized", 8, True, "channel", None)
+    if mod.format == "w8a8" and conv1d:
+        raise SlimkitError("W8A8 layers held as transformers Conv1D (GPT-2) have no compressed-tensors form that "
+                           "transformers runs: export with `--to hf` (dense), or pack as int8/int4 instead.")
     if mod.format == "w8a8":
-        return ("int-quantized", 8, True, None)
+        return ("int-quantized", 8, True, "channel", None)
     raise SlimkitError(f"cannot export {mod.format} layers to compressed-tensors: {REFUSED[mod.format]}")
 
 
-def _tensors(name: str, mod: PackedLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _tensors(name: str, mod: PackedLinear, dtype: torch.dtype, conv1d: bool, int8_rows: int = 0
+             ) -> dict[str, torch.Tensor]:
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
+    def oriented(t: torch.Tensor) -> torch.Tensor:  # [out, ...] as the checkpoint holds it
+        return t.T.contiguous() if conv1d else t
+
     out: dict[str, torch.Tensor] = {}
+    shape = [mod.in_features, mod.out_features] if conv1d else [mod.out_features, mod.in_features]
     if mod.format == "int4":
         bits = int(mod.meta.get("bits", 4))
         codes = mod.codes()  # signed codes (symmetric) or u - zero, as float
@@ -57,14 +80,15 @@ def _tensors(name: str, mod: PackedLinear, dtype: torch.dtype) -> dict[str, torc
             q = codes.to(torch.int8)
         else:  # compressed-tensors stores asymmetric codes offset like symmetric ones: u - 2^(b-1)
             q = (mod.nibbles().to(torch.int16) - 8).to(torch.int8)
-            out[f"{name}.weight_zero_point"] = (mod.zero.to(torch.int16) - 8).to(torch.int8)
-        out[f"{name}.weight_packed"] = pack_to_int32(q, bits)
-        out[f"{name}.weight_scale"] = mod.scale.to(dtype)
-        out[f"{name}.weight_shape"] = torch.tensor([mod.out_features, mod.in_features], dtype=torch.int32)
+            out[f"{name}.weight_zero_point"] = oriented((mod.zero.to(torch.int16) - 8).to(torch.int8))
+        out[f"{name}.weight_packed"] = pack_to_int32(oriented(q), bits)
+        out[f"{name}.weight_scale"] = oriented(mod.scale.to(dtype))
+        out[f"{name}.weight_shape"] = torch.tensor(shape, dtype=torch.int32)
     elif mod.format == "int8":
-        out[f"{name}.weight_packed"] = pack_to_int32(mod.q, 8)
-        out[f"{name}.weight_scale"] = mod.scale.reshape(-1, 1).to(dtype)
-        out[f"{name}.weight_shape"] = torch.tensor([mod.out_features, mod.in_features], dtype=torch.int32)
+        out[f"{name}.weight_packed"] = pack_to_int32(oriented(mod.q), 8)
+        blocks = mod.in_features // int8_rows if conv1d else 1
+        out[f"{name}.weight_scale"] = oriented(mod.scale.reshape(-1, 1).to(dtype).expand(-1, blocks))
+        out[f"{name}.weight_shape"] = torch.tensor(shape, dtype=torch.int32)
     else:  # w8a8
         out[f"{name}.weight"] = mod.q
         out[f"{name}.weight_scale"] = mod.scale.reshape(-1, 1).to(dtype)
@@ -81,9 +105,10 @@ def _config(groups: dict[tuple, list[str]], ignore: list[str]) -> dict:
         raise SlimkitError("compressed-tensors takes one format per checkpoint; this model mixes "
                            f"{sorted(formats)} (e.g. W8A8 and weight-only layers)")
     config_groups = {}
-    for i, ((fmt, bits, symmetric, group), names) in enumerate(sorted(groups.items(), key=str)):
-        weights = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
-                                   strategy="group" if group else "channel", group_size=group)
+    for i, ((fmt, bits, symmetric, strategy, size), names) in enumerate(sorted(groups.items(), key=str)):
+        weights = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy=strategy,
+                                   group_size=size if strategy == "group" else None,
+                                   block_structure=list(size) if strategy == "block" else None)
         acts = None
         if fmt == "int-quantized":
             acts = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
@@ -103,39 +128,61 @@ def checkpoint_key(model: torch.nn.Module):
     return key
 
 
+def _written_dense(schemes: dict[str, tuple], conv1d: set[str]) -> list[str]:
+    """The packed layers of a Conv1D model that are written dense. transformers loads such a model
+    decompressed, and decompresses every layer with one config group's scheme (its first), so only
+    the Conv1D layers' commonest scheme stays packed (an int8 head beside int4 blocks goes dense)."""
+    kept = Counter(s for n, s in schemes.items() if n in conv1d).most_common(1)
+    return [n for n, s in schemes.items() if s != kept[0][0]] if kept else []
+
+
+def _dense_tensors(name: str, mod: PackedLinear, dtype: torch.dtype, conv1d: bool) -> dict[str, torch.Tensor]:
+    weight = mod.dequantize()
+    out = {f"{name}.weight": (weight.T if conv1d else weight).to(dtype).contiguous()}
+    if mod.bias is not None:
+        out[f"{name}.bias"] = mod.bias.to(dtype)
+    return out
+
+
 def export_compressed_tensors(model: torch.nn.Module, tokenizer, directory: Path, all_linears: list[str],
                               dtype: torch.dtype = torch.bfloat16) -> dict:
     layers = packed_layers(model)
-    conv1d = checkpoint_conv1d(model)
-    if conv1d:
-        raise SlimkitError(f"{type(model).__name__} keeps its projections as transformers Conv1D layers ({conv1d[0]}, "
-                           "...), which compressed-tensors loaders do not quantize (they take nn.Linear only). "
-                           "Export with `--to hf` (dense) or `--to gguf` instead.")
+    conv1d = set(checkpoint_conv1d(model))
     if not layers:
         raise SlimkitError("nothing quantized to export: compressed-tensors needs an int4/int8/W8A8 model "
                            "(`slimkit compress ... -r rtn-int4-g64`, or `slimkit pack MODEL --format int4`)")
     key = checkpoint_key(model)
+    # one int8 block height for every Conv1D layer (one config group: see `_written_dense`)
+    int8_rows = math.gcd(*(m.in_features for n, m in layers.items() if n in conv1d and m.format == "int8"))
+    schemes = {name: _scheme(mod, name in conv1d, int8_rows) for name, mod in layers.items()}
+    dense_layers = _written_dense(schemes, conv1d)
     groups: dict[tuple, list[str]] = {}
-    for name, mod in layers.items():
-        groups.setdefault(_scheme(mod), []).append(key(name, ".weight"))
     tensors: dict[str, torch.Tensor] = {}
     for name, mod in layers.items():
-        tensors.update(_tensors(key(name, ".weight"), mod, dtype))
+        if name in dense_layers:
+            tensors.update(_dense_tensors(key(name, ".weight"), mod, dtype, name in conv1d))
+            continue
+        groups.setdefault(schemes[name], []).append(key(name, ".weight"))
+        tensors.update(_tensors(key(name, ".weight"), mod, dtype, name in conv1d, int8_rows))
     dense, _ = unique_tensors((k, t) for k, t in model.state_dict().items()
                               if not any(k.startswith(n + ".") for n in layers))
     for name, t in dense.items():
+        if name.endswith(".weight") and name.removesuffix(".weight") in conv1d:
+            t = t.T  # a Conv1D left dense: the checkpoint holds it [in, out]
         tensors[key(name)] = t.detach().to(dtype if t.is_floating_point() else t.dtype).contiguous()
     config = model.config
     if any(m.meta.get("tied_to") for m in layers.values()) or "lm_head" in layers:
         config.tie_word_embeddings = False
-    config.quantization_config = _config(groups, [key(n, ".weight") for n in all_linears if n not in layers])
+    ignore = [key(n, ".weight") for n in [*(n for n in all_linears if n not in layers), *dense_layers]]
+    config.quantization_config = _config(groups, ignore)
     config.dtype = dtype
     save_file(tensors, str(directory / ExportDir.WEIGHTS), metadata={"format": "pt"})
     config.save_pretrained(directory)
     del config.quantization_config
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-    return {"format": config_format(directory), "layers": len(layers)}
+    return {"format": config_format(directory), "layers": len(layers) - len(dense_layers),
+            "written_dense": dense_layers}
 
 
 def config_format(directory: Path) -> str:

@@ -23,7 +23,7 @@ from slimkit.formats import pack_model, packed_layers
 from slimkit.io.outputs import output_directory
 from slimkit.io.text import read_text
 from slimkit.models.checks import NO_CODE, is_causal_lm
-from slimkit.models.layouts import checkpoint_layout
+from slimkit.models.layouts import checkpoint_layout, is_conv1d
 from slimkit.models.loading import LoadedModel, load_model
 from slimkit.models.zoo import zoo_entry
 from slimkit.paths import ExportDir, ModelDir, PackedDir
@@ -144,14 +144,21 @@ def _ppl(model, tokenizer, windows: int | None) -> float:
 def load_exported(output: Path, to: str, dequantize: bool = False) -> nn.Module:
     """The export, loaded by transformers alone (no slimkit code in the model). `dequantize`: a
     compressed-tensors model decompressed at load, for architectures whose weight init in
-    transformers reads `.weight` of every linear (Falcon, ModernBERT) and so fails on packed ones."""
-    from transformers import AutoModel, AutoModelForCausalLM, CompressedTensorsConfig
+    transformers reads `.weight` of every linear (Falcon, ModernBERT) and so fails on packed ones;
+    always so for a model holding Conv1D layers (GPT-2), which transformers runs compressed never."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, CompressedTensorsConfig
 
     if to == "gguf":
         return AutoModelForCausalLM.from_pretrained(str(output), gguf_file=GGUF_NAME, dtype=torch.float32,
                                                     **NO_CODE).eval()
     archs = json.loads((output / "config.json").read_text()).get("architectures") or []
     auto = AutoModelForCausalLM if is_causal_lm(archs) else AutoModel
+    if not dequantize:
+        config = AutoConfig.from_pretrained(str(output), **NO_CODE)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        with torch.device("meta"):
+            dequantize = any(is_conv1d(m) for m in auto.from_config(config).modules())
     extra = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if dequantize else {}
     return auto.from_pretrained(str(output), dtype=torch.float32, **extra, **NO_CODE).eval()
 
