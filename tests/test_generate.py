@@ -160,6 +160,15 @@ def test_bench_rounds_alternate_and_keep_each_timings_fastest(monkeypatch):
     assert "| 25 | 4.00x | 100 | 4.00x | 200.0 @2 |" in md
 
 
+def test_decode_profile_names_the_operators_of_a_compiled_step(tiny_llama_dir):
+    from slimkit.benchmarks.decode_profile import profile_decode
+
+    md = profile_decode(str(tiny_llama_dir), steps=4, rows=5)
+    ops = re.findall(r"^\| (.+?) \| ([\d.]+) \| ([\d.]+) \|$", md, flags=re.M)
+    assert len(ops) == 5 and all(float(ms) >= 0 and float(calls) > 0 for _, ms, calls in ops)
+    assert "compiled decode step" in md and any("mm" in op or "Compiled" in op for op, _, _ in ops)
+
+
 def test_generate_refuses_an_empty_prompt_before_loading_anything(tmp_path):
     result = CliRunner().invoke(app, ["generate", str(tmp_path / "no-such-model"), "-p", ""])
     assert result.exit_code != 0 and "--prompt is empty" in result.output
