@@ -50,7 +50,7 @@ def _scheme(mod: PackedLinear, conv1d: bool, int8_rows: int = 0) -> tuple:
     if mod.format == "int4":
         bits, symmetric = int(mod.meta.get("bits", 4)), mod.zero is None
         if conv1d:
-            return ("pack-quantized", bits, symmetric, "block", (mod.group, 1))
+            return ("pack-quantized", bits, symmetric, "block", (mod.group or mod.in_features, 1))
         return ("pack-quantized", bits, symmetric, "group" if mod.group else "channel", mod.group)
     if mod.format == "int8":
         # per output = per column of [in, out]: blocks of [int8_rows, 1], the column's scale repeated
@@ -68,7 +68,7 @@ def _tensors(name: str, mod: PackedLinear, dtype: torch.dtype, conv1d: bool, int
              ) -> dict[str, torch.Tensor]:
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-    def oriented(t: torch.Tensor) -> torch.Tensor:  # [out, ...] as the checkpoint holds it
+    def oriented(t: torch.Tensor) -> torch.Tensor:  # slimkit's [out, ...] -> a Conv1D checkpoint's [..., out]
         return t.T.contiguous() if conv1d else t
 
     out: dict[str, torch.Tensor] = {}
