@@ -87,7 +87,7 @@ def run(model: str, output: Path, full: bool, types: list[str], threads: int, se
             f"the same windows for llama-imatrix and slimkit\n- scored by llama-perplexity on "
             f"{rows[0].chunks if rows[0].chunks > 0 else 'all'} chunks of 512 of the evaluation text (second "
             f"halves); KLD vs the F32 base\n- speed: llama-bench ({bench.prompt}-token prefill, {bench.decode} decode "
-            f"steps), {threads} threads (spinning, llama.cpp's default), 3 interleaved rounds (mean ± std)\n- {NOTE}\n")
+            f"steps), {threads} threads (spinning, llama.cpp's default), 3 interleaved rounds (the fastest round ± the spread over rounds)\n- {NOTE}\n")
     print(table)
     return rows
 
