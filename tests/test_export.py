@@ -84,11 +84,18 @@ def test_full_range_codes_pack_and_export_with_their_negative_scales(tiny_llama_
         assert (fake - other).abs().max() <= 0.02 * fake.abs().max(), name
 
 
-def test_24_is_refused_by_compressed_tensors_with_the_reason(tiny_llama_dir, tmp_path):
+def test_24_is_refused_by_compressed_tensors_with_the_reason(tiny_llama_dir, tmp_path, monkeypatch):
+    import slimkit.export.job as job
+
     packed = tmp_path / "p24"
     pack_to_dir(str(tiny_llama_dir), packed, fmt="2:4")
+
+    def no_ppl(*args, **kwargs):
+        raise AssertionError("the reference ppl ran before the refusal")
+
+    monkeypatch.setattr(job, "_ppl", no_ppl)
     with pytest.raises(SlimkitError, match="removed their sparse formats in 2026.*--to hf"):
-        export_model(str(packed), tmp_path / "ct", "compressed-tensors", verify=False)
+        export_model(str(packed), tmp_path / "ct", "compressed-tensors", verify=True)
     assert not (tmp_path / "ct").exists()
     export_model(str(packed), tmp_path / "dense", "hf", verify=False)  # what the error suggests works
     theirs = load_exported(tmp_path / "dense", "hf")

@@ -144,17 +144,25 @@ def _dense_tensors(name: str, mod: PackedLinear, dtype: torch.dtype, conv1d: boo
     return out
 
 
-def export_compressed_tensors(model: torch.nn.Module, tokenizer, directory: Path, all_linears: list[str],
-                              dtype: torch.dtype = torch.bfloat16) -> dict:
+def export_plan(model: torch.nn.Module) -> tuple[dict[str, PackedLinear], set[str], int, dict[str, tuple]]:
+    """(packed layers, those the checkpoint holds as Conv1D, the int8 block height of Conv1D layers,
+    each layer's scheme); raises what the export refuses, so `slimkit export` says it before its
+    reference ppl."""
     layers = packed_layers(model)
-    conv1d = set(checkpoint_conv1d(model))
     if not layers:
         raise SlimkitError("nothing quantized to export: compressed-tensors needs an int4/int8/W8A8 model "
                            "(`slimkit compress ... -r rtn-int4-g64`, or `slimkit pack MODEL --format int4`)")
-    key = checkpoint_key(model)
+    conv1d = set(checkpoint_conv1d(model))
     # one int8 block height for every Conv1D layer (one config group: see `_written_dense`)
     int8_rows = math.gcd(*(m.in_features for n, m in layers.items() if n in conv1d and m.format == "int8"))
     schemes = {name: _scheme(mod, name in conv1d, int8_rows) for name, mod in layers.items()}
+    return layers, conv1d, int8_rows, schemes
+
+
+def export_compressed_tensors(model: torch.nn.Module, tokenizer, directory: Path, all_linears: list[str],
+                              dtype: torch.dtype = torch.bfloat16) -> dict:
+    layers, conv1d, int8_rows, schemes = export_plan(model)
+    key = checkpoint_key(model)
     dense_layers = _written_dense(schemes, conv1d)
     groups: dict[tuple, list[str]] = {}
     tensors: dict[str, torch.Tensor] = {}

@@ -108,6 +108,10 @@ def export_model(source: str, output: str | Path, to: str, gguf_type: str = "aut
         from slimkit.export.gguf_file import check_gguf_export
 
         check_gguf_export(loaded.model, loaded.tokenizer, lineage[0])  # before the reference ppl
+    if to == "compressed-tensors":
+        from slimkit.export.compressed_tensors import export_plan
+
+        export_plan(loaded.model)  # its refusals, before the reference ppl
     own_ppl = _ppl(loaded.model, loaded.tokenizer, windows) if verify and loaded.kind == "causal-lm" else None
     output = Path(output)
     result = {"source": source, "to": to, "formats": formats, "output": str(output)}
