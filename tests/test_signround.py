@@ -85,8 +85,8 @@ def _error(w_hat, w, x):
 @pytest.mark.parametrize("seed,full_range", [(0, False), (1, False), (2, False), (0, True), (1, True)])
 def test_tuned_rounding_lies_between_rtn_and_the_best_reachable(seed, full_range):
     """With v in [-1/2, 1/2] and the range fixed, each code is the floor or the ceiling of w / s: on
-    10 weights per row all 2^10 roundings are tried. Signed descent stays in that set, beats RTN,
-    and cannot beat the best (measured: it closes 25-55% of RTN's gap to it)."""
+    10 weights per row all 2^10 roundings are tried. Signed descent (each step on all 256 inputs)
+    stays in that set, beats RTN, and cannot beat the best (measured: it closes 25-55% of RTN's gap)."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(3, 10, generator=g)
     mix = torch.randn(10, 10, generator=g) / 3 + torch.eye(10)
@@ -94,7 +94,7 @@ def test_tuned_rounding_lies_between_rtn_and_the_best_reachable(seed, full_range
     spec = QuantSpec(3, True, None, torch.float32, full_range)
     block = OneLinear(w)
     result = tune_block(block, {"proj": block.proj}, spec, {}, _data(block, list(x.split(64))),
-                        TuneSettings(iters=1000, batch=64, tune_range=False, seed=seed))
+                        TuneSettings(iters=1000, batch=256, tune_range=False, seed=seed))
     w_hat, params = final_codes(w, result.rounding["proj"], spec)
     rtn_hat, rtn = rtn_quantize(w, spec)
     floor = torch.floor(w / rtn.scale.float())
@@ -113,12 +113,12 @@ def test_tuning_that_does_worse_than_rtn_returns_rtn():
     w, x = torch.randn(8, 64, generator=g), torch.randn(64, 64, generator=g)
     spec = QuantSpec(4, True, 32, torch.float32)
     block = OneLinear(w)
-    data = _data(block, [x, x * 1e-3])
-    for seed in range(20):  # a draw where the big batch comes first and the tiny one second
+    data = _data(block, [x[None], x[None] * 1e-3])  # two batches of one window (64 tokens) each
+    for seed in range(20):  # a draw where the big window comes first and the tiny one second
         draws = torch.Generator().manual_seed(seed)
-        if [int(torch.randint(2, (1,), generator=draws)) for _ in range(2)] == [0, 1]:
+        if [int(torch.randperm(2, generator=draws)[0]) for _ in range(2)] == [0, 1]:
             break
-    result = tune_block(block, {"proj": block.proj}, spec, {}, data, TuneSettings(iters=2, lr=0.5, batch=64, seed=seed))
+    result = tune_block(block, {"proj": block.proj}, spec, {}, data, TuneSettings(iters=2, lr=0.5, batch=1, seed=seed))
     assert not result.kept and result.error_tuned > result.error_rtn
     assert torch.equal(final_codes(w, result.rounding["proj"], spec)[1].q, rtn_quantize(w, spec)[1].q)
 
@@ -177,3 +177,49 @@ def test_the_peer_benchmark_sets_autoround_steps_on_autoround_recipes_only():
     changed = slimkit_recipe("autoround-int3-g64", 50)
     assert [s.iters for s in changed.steps] == [50] and changed.name == "autoround-int3-g64-50"
     assert slimkit_recipe("rot-gptq-int4-g64", 50).name == "rot-gptq-int4-g64"
+
+
+def test_a_step_draws_its_windows_from_every_batch_with_their_own_targets_and_arguments():
+    """As AutoRound: each step's windows come from all calibration windows, not from one of the
+    engine's fixed batches; every window keeps its target and its per-window arguments, and
+    arguments shared by the batch (a broadcast mask) pass through unchanged."""
+    windows = torch.arange(20.0).reshape(20, 1, 1).expand(20, 3, 2).contiguous()  # window k holds k
+    sizes = [8, 8, 4]
+    batches = list(torch.split(windows, sizes))
+    shared = torch.ones(1, 3, 3)
+    data = BlockData(lambda i: (batches[i], (batches[i][:, :, :1] * 10,), {"mask": shared, "cache": 5}),
+                     [b * 2 for b in batches])
+    generator = torch.Generator().manual_seed(0)
+    seen_batches, mixed = set(), False
+    for _ in range(20):
+        hidden, args, kwargs, target = data.sample(generator, 8)
+        ids = hidden[:, 0, 0].long()
+        assert hidden.shape == (8, 3, 2) and len(set(ids.tolist())) == 8  # 8 distinct windows
+        torch.testing.assert_close(target, hidden * 2)  # each window with its own target
+        torch.testing.assert_close(args[0], hidden[:, :, :1] * 10)  # and its own positional argument
+        assert kwargs["mask"] is shared and kwargs["cache"] == 5
+        seen_batches |= {int(k) // 8 for k in ids}
+        mixed |= len({int(k) // 8 for k in ids}) > 1
+    assert seen_batches == {0, 1, 2} and mixed
+    everything = data.sample(generator, 64)[0][:, 0, 0]
+    assert everything.tolist() == list(range(20))  # more rows than windows: all of them, in order
+
+
+@pytest.mark.parametrize("symmetric,full_range", [(True, False), (False, False), (True, True)])
+def test_tuning_sees_the_codes_that_are_stored(symmetric, full_range):
+    """fp16 scales: the weight the loop trains through is the one `final_codes` stores, bit for bit,
+    for any offsets and range factors (a fp32 scale in the loop shifts w / s by up to 2^-11 of a
+    code and flips the roundings that tuning left next to a boundary)."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(32, 256, generator=g)
+    spec = QuantSpec(3, symmetric, 64, full_range=full_range)
+    r = Rounding.start(w, spec)
+    with torch.no_grad():
+        r.offset.copy_(torch.rand(w.shape, generator=g) - 0.5)
+        r.high.copy_(0.5 + torch.rand(r.high.shape, generator=g) / 2)
+        if r.low is not None:
+            r.low.copy_(0.5 + torch.rand(r.low.shape, generator=g) / 2)
+    trained = fake_quantize(w, r, spec)
+    assert torch.equal(trained, final_codes(w, r, spec)[0])
+    trained.sum().backward()
+    assert r.offset.grad.abs().sum() > 0 and r.high.grad.abs().sum() > 0  # gradients still reach r

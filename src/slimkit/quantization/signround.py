@@ -72,7 +72,7 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quantize(weight: torch.Tensor, r: Rounding, spec: QuantSpec) -> torch.Tensor:
-    """The weight as its codes decode it, differentiable in `r` (scales kept in fp32)."""
+    """The weight as its codes decode it (scales as stored), differentiable in `r`."""
     rows, cols = weight.shape
     group = spec.group_of(cols)
     g = weight.detach().float().reshape(rows, cols // group, group)
@@ -84,13 +84,23 @@ def fake_quantize(weight: torch.Tensor, r: Rounding, spec: QuantSpec) -> torch.T
     else:
         lo = g.amin(-1).clamp(max=0.0) * r.low
         scale = (g.amax(-1).clamp(min=0.0) * r.high - lo) / spec.qmax
-    scale = torch.where(scale != 0, scale, torch.ones_like(scale)).unsqueeze(-1)
+    scale = torch.where(scale != 0, scale, torch.ones_like(scale))
+    scale = _as_stored(scale, weight, r, spec).unsqueeze(-1)
     if spec.symmetric:
         q = torch.clamp(_round_ste(g / scale + v), spec.qmin, spec.qmax)
         return (q * scale).reshape(rows, cols)
     zero = torch.clamp(_round_ste(-lo.unsqueeze(-1) / scale), spec.qmin, spec.qmax)
     q = torch.clamp(_round_ste(g / scale + v) + zero, spec.qmin, spec.qmax)
     return ((q - zero) * scale).reshape(rows, cols)
+
+
+def _as_stored(scale: torch.Tensor, weight: torch.Tensor, r: Rounding, spec: QuantSpec) -> torch.Tensor:
+    """The scales' values as `final_codes` stores them (fp16 by default, as AutoRound rounds them in
+    its loop), with the fp32 scales' gradients: the tuned offsets are fitted to the codes kept."""
+    with torch.no_grad():
+        stored, _ = compute_qparams(weight.detach(), spec, clip=r.high.detach(),
+                                    clip_low=None if r.low is None else r.low.detach())
+    return scale + (stored.float() - scale).detach()
 
 
 @torch.no_grad()
@@ -126,26 +136,37 @@ class BlockData:
     outputs: list[torch.Tensor]
 
     def sample(self, generator: torch.Generator, rows: int) -> tuple[torch.Tensor, tuple, dict, torch.Tensor]:
-        """`rows` windows of one batch drawn at random, with their target outputs."""
-        i = int(torch.randint(len(self.outputs), (1,), generator=generator))
-        hidden, args, kwargs = self.inputs(i)
-        size = hidden.shape[0]
-        if rows >= size:
-            return hidden, args, kwargs, self.outputs[i].to(hidden.device)
-        pick = torch.randperm(size, generator=generator)[:rows].to(hidden.device)
-        return (hidden[pick], _rows(args, pick, size), _rows(kwargs, pick, size),
-                self.outputs[i].to(hidden.device)[pick])
+        """`rows` windows drawn at random from all batches (as AutoRound draws its batches from every
+        calibration sample), with their target outputs."""
+        sizes = [int(out.shape[0]) for out in self.outputs]
+        picked = torch.randperm(sum(sizes), generator=generator)[:rows].sort().values
+        starts = torch.tensor([0, *sizes]).cumsum(0)
+        parts = []
+        for i, size in enumerate(sizes):
+            local = picked[(picked >= starts[i]) & (picked < starts[i + 1])] - starts[i]
+            if len(local):
+                hidden, args, kwargs = self.inputs(i)
+                parts.append(((hidden, args, kwargs, self.outputs[i].to(hidden.device)), local.to(hidden.device), size))
+        values, picks, batch_sizes = zip(*parts)
+        return _gather(list(values), list(picks), list(batch_sizes))
 
 
-def _rows(value, pick: torch.Tensor, size: int):
-    """Batch rows `pick` of every per-window tensor (2-D or more, first dimension the batch's)."""
-    if isinstance(value, torch.Tensor):
-        return value[pick] if value.dim() >= 2 and value.shape[0] == size else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_rows(v, pick, size) for v in value)
-    if isinstance(value, dict):
-        return {k: _rows(v, pick, size) for k, v in value.items()}
-    return value
+def _gather(values: list, picks: list[torch.Tensor], sizes: list[int]):
+    """Rows `picks[k]` of batch k's value, joined over the batches, for every per-window tensor (2-D
+    or more, first dimension the batch's); values shared by all windows are taken from the first."""
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        per_window = first.dim() >= 2 and all(v.shape[0] == n for v, n in zip(values, sizes))
+        if not per_window:
+            return first
+        if len(values) == 1 and len(picks[0]) == sizes[0]:
+            return first
+        return torch.cat([v[p] for v, p in zip(values, picks)])
+    if isinstance(first, (tuple, list)):
+        return type(first)(_gather([v[j] for v in values], picks, sizes) for j in range(len(first)))
+    if isinstance(first, dict):
+        return {k: _gather([v[k] for v in values], picks, sizes) for k in first}
+    return first
 
 
 @dataclass
