@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import torch
 
+from slimkit.calibration import distributed
+from slimkit.calibration.block_data import BlockData, block_outputs
 from slimkit.calibration.engine import BlockWork, sequential_compress
 from slimkit.calibration.obs import PruneTarget
 from slimkit.calibration.runner import run_calibrated, solve_linears, take_hessians, write_result
 from slimkit.calibration.stats import StatsRequest
+from slimkit.errors import RecipeError
 from slimkit.pruning.config import OutlierFields, SparseGPTConfig, WandaConfig
 from slimkit.pruning.magnitude import check_nm_shape
 from slimkit.pruning.owl import block_sparsities, outlier_ratio
+from slimkit.pruning.reconstruct import ReconstructSettings, reconstruct_block
 from slimkit.pruning.swap_refine import refine_mask
 from slimkit.pruning.wanda import wanda_mask
 from slimkit.quantization.rtn import check_groups
@@ -60,6 +64,41 @@ def _note_block_sparsity(config: OutlierFields, record, sparsity: float) -> None
         record.notes.append(f"OWL: this block pruned to {sparsity:.1%} (recipe average {config.sparsity:.0%})")
 
 
+def _reconstruction_targets(config: OutlierFields, work: BlockWork) -> list[torch.Tensor] | None:
+    """What the block will be trained to output after pruning (taken before any weight changes)."""
+    if config.reconstruct is None:
+        return None
+    if config.reconstruct.targets == "dense-model":
+        return work.dense_outputs
+    return block_outputs(work.block, work.inputs)
+
+
+def _reconstruct(config: OutlierFields, ctx: StepContext, work: BlockWork, selected: dict, targets) -> None:
+    """Train the pruned block's kept weights to `targets` (see pruning/reconstruct.py)."""
+    if targets is None:
+        return
+    local = {id(m): n for n, m in work.block.named_modules()}
+    linears = {local[id(m)]: m for m in selected.values()}
+    masks = {local[id(m)]: ctx.state.records[n].mask for n, m in selected.items()}
+    r = config.reconstruct
+    steps = ctx.run.progress.track(range(r.iters), f"block {work.index}: reconstruction")
+    result = reconstruct_block(work.block, linears, masks, BlockData(work.inputs.batch, targets),
+                               ReconstructSettings(r.iters, r.lr, r.batch, r.seed), steps)
+    ratio = result.error_after / max(result.error_before, 1e-30)
+    note = (f"reconstruction: block output error x{ratio:.3f}" if result.kept else
+            f"reconstruction did worse (x{ratio:.3f}): pruned weights kept")
+    for name in selected:
+        ctx.state.records[name].notes.append(note)
+
+
+def _stats(config: OutlierFields, **wanted) -> StatsRequest:
+    if config.reconstruct is not None and distributed.world()[1] > 1:
+        raise RecipeError(f"{config.method} with reconstruct runs in one process: its steps follow one gradient "
+                          "through the block; run it without torchrun")
+    dense = config.reconstruct is not None and config.reconstruct.targets == "dense-model"
+    return StatsRequest(dense_targets=dense, **wanted)
+
+
 @register_step(SparseGPTConfig)
 def apply_sparsegpt(config: SparseGPTConfig, ctx: StepContext) -> None:
     nm = config.nm()
@@ -68,6 +107,7 @@ def apply_sparsegpt(config: SparseGPTConfig, ctx: StepContext) -> None:
 
     def block(work, selected):
         target = PruneTarget(per_block[work.index], *(nm or (None, None)))
+        goal = _reconstruction_targets(config, work)
         hessians = take_hessians(work, selected)  # each freed once its factor exists
 
         def store(name, result):  # written as soon as solved: a big block's results never coexist
@@ -76,8 +116,9 @@ def apply_sparsegpt(config: SparseGPTConfig, ctx: StepContext) -> None:
 
         solve_linears(work, selected, hessians, {}, ctx.run.progress, on_solved=store, prune=target, quant=spec,
                       blocksize=config.blocksize, percdamp=config.percdamp)
+        _reconstruct(config, ctx, work, selected, goal)
 
-    run_calibrated(config, ctx, StatsRequest(hessian=True), block, _shape_check(config, spec))
+    run_calibrated(config, ctx, _stats(config, hessian=True), block, _shape_check(config, spec))
 
 
 @register_step(WandaConfig)
@@ -87,6 +128,7 @@ def apply_wanda(config: WandaConfig, ctx: StepContext) -> None:
     per_block = block_targets(config, ctx)
 
     def block(work, selected):
+        goal = _reconstruction_targets(config, work)
         for name, module in selected.items():
             mask = wanda_mask(module.weight, work.stats[name].col_norm, per_block[work.index], *(nm or (None, None)))
             record = ctx.state.records[name]
@@ -99,5 +141,6 @@ def apply_wanda(config: WandaConfig, ctx: StepContext) -> None:
             record.mask = mask if record.mask is None else (mask & record.mask)
             module.weight.mul_(record.mask.to(module.weight.dtype))
             record.methods.append(config.summary())
+        _reconstruct(config, ctx, work, selected, goal)
 
-    run_calibrated(config, ctx, StatsRequest(col_sq=True, hessian=config.swaps > 0), block, _shape_check(config))
+    run_calibrated(config, ctx, _stats(config, col_sq=True, hessian=config.swaps > 0), block, _shape_check(config))

@@ -65,11 +65,29 @@ class OutlierWeighting(BaseModel):
     shift: float = Field(0.08, gt=0.0, lt=0.5, description="largest change of a block's sparsity (OWL's lambda)")
 
 
+class BlockReconstruction(BaseModel):
+    """After a block is pruned, train its kept weights (mask fixed) so that it reproduces the dense
+    block's output: Adam, `iters` steps of `batch` windows, learning rate decaying to 0."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    iters: int = Field(200, ge=1, description="Adam steps per block (each a forward and backward of the block)")
+    lr: float = Field(1e-4, gt=0.0, description="first step's learning rate (decays linearly to 0)")
+    batch: int = Field(8, ge=1, description="calibration windows per step")
+    targets: Literal["compressed-path", "dense-model"] = Field(
+        "dense-model", description="the dense block on the pruned path's inputs, or the dense model's own "
+        "activations at this depth")
+    seed: int = Field(0, ge=0, description="seed of the window draws")
+
+
 class OutlierFields(SparsityFields):
-    """Calibrated pruning that may spread its sparsity over the blocks by their outliers (OWL)."""
+    """Calibrated pruning that may spread its sparsity over the blocks by their outliers (OWL), and
+    may then train each pruned block's kept weights to the dense block's output (`reconstruct`)."""
 
     outlier_weighted: OutlierWeighting | None = Field(
         None, description="OWL: blocks with more outliers pruned less, the same average (unstructured only)")
+    reconstruct: BlockReconstruction | None = Field(
+        None, description="train each pruned block's kept weights to the dense block's output (EBFT-like)")
 
     @model_validator(mode="after")
     def _owl_unstructured(self):
@@ -78,7 +96,8 @@ class OutlierFields(SparsityFields):
         return self
 
     def target_text(self) -> str:
-        return super().target_text() + (" OWL" if self.outlier_weighted else "")
+        return (super().target_text() + (" OWL" if self.outlier_weighted else "")
+                + (f" +reconstruct {self.reconstruct.iters}" if self.reconstruct else ""))
 
 
 class WandaConfig(OutlierFields):
@@ -108,6 +127,9 @@ class SparseGPTConfig(OutlierFields):
         nm = self.nm()
         if nm and self.blocksize % nm[1]:
             raise ValueError(f"blocksize {self.blocksize} must be a multiple of M={nm[1]}")
+        if self.quantize is not None and self.reconstruct is not None:
+            raise ValueError("reconstruct trains the kept weights in floating point, which would move them off the "
+                             "joint mode's quantization grid: quantize in a later step (gptq keeps the mask)")
         return self
 
     def summary(self) -> str:

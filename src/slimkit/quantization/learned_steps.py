@@ -5,11 +5,11 @@ activations at this depth, from a second stream the engine carries."""
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from slimkit.calibration import distributed
-from slimkit.calibration.engine import BlockInputs, BlockWork, block_output
+from slimkit.calibration.block_data import BlockData, block_outputs
+from slimkit.calibration.engine import BlockWork
 from slimkit.calibration.runner import run_calibrated
 from slimkit.calibration.stats import StatsRequest
 from slimkit.errors import RecipeError
@@ -18,16 +18,6 @@ from slimkit.quantization.config import AutoRoundConfig
 from slimkit.quantization.rtn import check_groups
 from slimkit.recipes.context import StepContext
 from slimkit.recipes.registry import register_step
-
-
-@torch.no_grad()
-def dense_outputs(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
-    """The block's outputs on each calibration batch, before any of its weights change (on the CPU)."""
-    outputs = []
-    for i in range(len(inputs)):
-        hidden, args, kwargs = inputs.batch(i)
-        outputs.append(block_output(block(hidden, *args, **kwargs)).cpu())
-    return outputs
 
 
 def _settings(config: AutoRoundConfig) -> signround.TuneSettings:
@@ -45,8 +35,8 @@ def apply_autoround(config: AutoRoundConfig, ctx: StepContext) -> None:
         local = {id(m): n for n, m in work.block.named_modules()}
         linears = {local[id(m)]: m for m in selected.values()}
         masks = {local[id(m)]: ctx.state.records[n].mask for n, m in selected.items()}
-        targets = work.dense_outputs if config.targets == "dense-model" else dense_outputs(work.block, work.inputs)
-        data = signround.BlockData(work.inputs.batch, targets)
+        targets = work.dense_outputs if config.targets == "dense-model" else block_outputs(work.block, work.inputs)
+        data = BlockData(work.inputs.batch, targets)
         steps = ctx.run.progress.track(range(config.iters), f"block {work.index}: rounding")
         result = signround.tune_block(work.block, linears, spec, masks, data, _settings(config), steps)
         ratio = result.error_tuned / max(result.error_rtn, 1e-30)

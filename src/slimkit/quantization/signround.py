@@ -20,12 +20,12 @@ export are RTN's.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
+from slimkit.calibration.block_data import BlockData, run_block
 from slimkit.quantization.rtn import QuantParams, QuantSpec, compute_qparams, dequantize, signed_extreme
 
 MIN_RANGE = 0.5  # a group's range is never clipped below half of its RTN range
@@ -128,48 +128,6 @@ class TuneSettings:
 
 
 @dataclass
-class BlockData:
-    """A block's calibration inputs and the dense block's outputs on them, batch by batch.
-    `inputs(i)` gives batch i as (hidden, args, kwargs) on the block's device."""
-
-    inputs: Callable[[int], tuple[torch.Tensor, tuple, dict]]
-    outputs: list[torch.Tensor]
-
-    def sample(self, generator: torch.Generator, rows: int) -> tuple[torch.Tensor, tuple, dict, torch.Tensor]:
-        """`rows` windows drawn at random from all batches (as AutoRound draws its batches from every
-        calibration sample), with their target outputs."""
-        sizes = [int(out.shape[0]) for out in self.outputs]
-        picked = torch.randperm(sum(sizes), generator=generator)[:rows].sort().values
-        starts = torch.tensor([0, *sizes]).cumsum(0)
-        parts = []
-        for i, size in enumerate(sizes):
-            local = picked[(picked >= starts[i]) & (picked < starts[i + 1])] - starts[i]
-            if len(local):
-                hidden, args, kwargs = self.inputs(i)
-                parts.append(((hidden, args, kwargs, self.outputs[i].to(hidden.device)), local.to(hidden.device), size))
-        values, picks, batch_sizes = zip(*parts)
-        return _gather(list(values), list(picks), list(batch_sizes))
-
-
-def _gather(values: list, picks: list[torch.Tensor], sizes: list[int]):
-    """Rows `picks[k]` of batch k's value, joined over the batches, for every per-window tensor (2-D
-    or more, first dimension the batch's); values shared by all windows are taken from the first."""
-    first = values[0]
-    if isinstance(first, torch.Tensor):
-        per_window = first.dim() >= 2 and all(v.shape[0] == n for v, n in zip(values, sizes))
-        if not per_window:
-            return first
-        if len(values) == 1 and len(picks[0]) == sizes[0]:
-            return first
-        return torch.cat([v[p] for v, p in zip(values, picks)])
-    if isinstance(first, (tuple, list)):
-        return type(first)(_gather([v[j] for v in values], picks, sizes) for j in range(len(first)))
-    if isinstance(first, dict):
-        return {k: _gather([v[k] for v in values], picks, sizes) for k in first}
-    return first
-
-
-@dataclass
 class TuneResult:
     rounding: dict[str, Rounding]  # each linear's tuned rounding (RTN's where tuning did not pay)
     error_rtn: float  # the block's output MSE on the first calibration batch, RTN codes
@@ -181,18 +139,13 @@ def _masked(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return weight if mask is None else weight * mask
 
 
-def _run(block: nn.Module, weights: dict[str, torch.Tensor], hidden, args, kwargs) -> torch.Tensor:
-    out = functional_call(block, weights, (hidden, *args), kwargs, strict=False)
-    return (out[0] if isinstance(out, (tuple, list)) else out).float()
-
-
 @torch.no_grad()
 def _check_error(block, linears, rounding, masks, spec, data: BlockData) -> float:
     """The block's output MSE on the first batch with the codes as they would be stored."""
     weights = {f"{n}.weight": _masked(final_codes(m.weight, rounding[n], spec)[0], masks.get(n)).to(m.weight.dtype)
                for n, m in linears.items()}
     hidden, args, kwargs = data.inputs(0)
-    return float(torch.nn.functional.mse_loss(_run(block, weights, hidden, args, kwargs),
+    return float(torch.nn.functional.mse_loss(run_block(block, weights, hidden, args, kwargs),
                                               data.outputs[0].to(hidden.device).float()))
 
 
@@ -202,7 +155,7 @@ def block_loss(block: nn.Module, linears: dict[str, nn.Linear], rounding: dict[s
     hidden, args, kwargs, target = batch
     weights = {f"{n}.weight": _masked(fake_quantize(m.weight, rounding[n], spec), masks.get(n)).to(m.weight.dtype)
                for n, m in linears.items()}
-    return torch.nn.functional.mse_loss(_run(block, weights, hidden, args, kwargs), target.float())
+    return torch.nn.functional.mse_loss(run_block(block, weights, hidden, args, kwargs), target.float())
 
 
 @torch.no_grad()
