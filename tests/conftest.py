@@ -51,6 +51,18 @@ def split():
     return load_split()
 
 
+class OneLinear(torch.nn.Module):
+    """The smallest block: one bias-free linear (named `proj` inside the block) set to `weight`."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.proj = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        self.proj.weight.data.copy_(weight)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
 def tiny_llama(vocab_size: int = 96, seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -3,22 +3,11 @@ linear), on a tiny model through SparseGPT and Wanda steps, and on SmolLM2's fir
 
 import pytest
 import torch
-from torch import nn
 
-from conftest import tiny_llama
+from conftest import OneLinear, tiny_llama
 from slimkit.calibration.block_data import BlockData
 from slimkit.pruning.reconstruct import ReconstructSettings, reconstruct_block
 from slimkit.recipes import RunResources, compress, parse_recipe
-
-
-class OneLinear(nn.Module):
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.proj = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-        self.proj.weight.data.copy_(weight)
-
-    def forward(self, x):
-        return self.proj(x)
 
 
 def _masked_least_squares(x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_llama
+from conftest import OneLinear, tiny_llama
 from slimkit.quantization.rtn import QuantSpec, dequantize, rtn_quantize
 from slimkit.quantization.signround import (
     BlockData,
@@ -20,18 +20,6 @@ from slimkit.quantization.signround import (
     tune_block,
 )
 from slimkit.recipes import RunResources, compress, parse_recipe
-
-
-class OneLinear(nn.Module):
-    """The smallest block: one linear (its name inside the block is `proj`)."""
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.proj = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-        self.proj.weight.data.copy_(weight)
-
-    def forward(self, x):
-        return self.proj(x)
 
 
 def _data(block: nn.Module, batches: list[torch.Tensor]) -> BlockData:
