@@ -117,3 +117,20 @@ def test_reconstruction_on_smollm2_first_block_lowers_its_output_error(smollm2):
     assert notes and all(n.startswith("model.layers.0.") for n in notes)
     ratio = float(next(iter(notes.values())).split(" x")[1].split(" ")[0].rstrip(")"))
     assert ratio < 0.95, notes
+
+
+@pytest.mark.parametrize("recipe", ["sparsegpt-50-rec", "autoround-int4-g64"])
+def test_torchrun_refuses_one_process_steps_before_loading(monkeypatch, tmp_path, recipe):
+    """Under torchrun, a step that follows one gradient through a block is refused by the CLI before
+    any model loads (the model named does not even exist), and nothing is written."""
+    from typer.testing import CliRunner
+
+    from slimkit.calibration import distributed
+    from slimkit.cli.main import app
+
+    monkeypatch.setattr(distributed, "init_from_env", lambda: (0, 2))
+    result = CliRunner().invoke(app, ["compress", str(tmp_path / "no-such-model"), "-r", recipe,
+                                      "-o", str(tmp_path / "out")])
+    assert result.exit_code != 0
+    assert "runs in one process" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()

@@ -181,14 +181,17 @@ def _distributed_worker(model: str, recipe: list[str], stream: str, bench: bool,
         return False
     if stream == "on" or bench:
         raise SlimkitError("several processes (torchrun) calibrate in-memory models for now: drop --stream on / --bench")
+    from slimkit.recipes import get_recipe
+
+    recipes = [get_recipe(r) for r in recipe]
+    for why in filter(None, (step.one_process_only() for r in recipes for step in r.steps)):
+        raise SlimkitError(why)  # before any model loads
     console.print(f"[dim]rank {rank} of {size}: calibration windows split, statistics summed, "
                   "solves shared[/dim]")
     if rank == 0:
         return False
-    from slimkit.recipes import get_recipe
     from slimkit.workflow import compress_worker
 
-    recipes = [get_recipe(r) for r in recipe]
     settings = _preflight(model, recipes, settings, explicit, offload)  # the same fitted settings as rank 0
     compress_worker(model, recipes, settings, str(offload) if offload else None, device)
     return True

@@ -92,9 +92,8 @@ def _reconstruct(config: OutlierFields, ctx: StepContext, work: BlockWork, selec
 
 
 def _stats(config: OutlierFields, **wanted) -> StatsRequest:
-    if config.reconstruct is not None and distributed.world()[1] > 1:
-        raise RecipeError(f"{config.method} with reconstruct runs in one process: its steps follow one gradient "
-                          "through the block; run it without torchrun")
+    if distributed.world()[1] > 1 and (why := config.one_process_only()):
+        raise RecipeError(why)
     dense = config.reconstruct is not None and config.reconstruct.targets == "dense-model"
     return StatsRequest(dense_targets=dense, **wanted)
 

@@ -95,6 +95,12 @@ class OutlierFields(SparsityFields):
             raise ValueError("outlier_weighted sets a sparsity per block; an N:M pattern has one fixed density")
         return self
 
+    def one_process_only(self) -> str | None:
+        if self.reconstruct is None:
+            return None
+        return (f"{self.method} with reconstruct runs in one process: its steps follow one gradient "
+                "through the block; run it without torchrun")
+
     def target_text(self) -> str:
         return (super().target_text() + (" OWL" if self.outlier_weighted else "")
                 + (f" +reconstruct {self.reconstruct.iters}" if self.reconstruct else ""))

@@ -101,6 +101,10 @@ class AutoRoundConfig(StepConfig, QuantFields):
         "and llm-compressor's choice; SmolLM2 int3 quick: with full_range 26.62 vs 27.80, on the half-step grid "
         "41.88 vs 33.91)")
 
+    def one_process_only(self) -> str | None:
+        return ("autoround runs in one process: its steps follow one gradient through the block; "
+                "run it without torchrun (gptq and awq do use several processes)")
+
     def summary(self) -> str:
         return f"AutoRound {self.describe()} ({self.iters} steps)"
 

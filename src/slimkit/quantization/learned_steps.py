@@ -28,8 +28,7 @@ def _settings(config: AutoRoundConfig) -> signround.TuneSettings:
 def apply_autoround(config: AutoRoundConfig, ctx: StepContext) -> None:
     spec = config.spec()
     if distributed.world()[1] > 1:
-        raise RecipeError("autoround runs in one process: its steps follow one gradient through the block; "
-                          "run it without torchrun (gptq and awq do use several processes)")
+        raise RecipeError(config.one_process_only())
 
     def block(work: BlockWork, selected: dict[str, nn.Module]) -> None:
         local = {id(m): n for n, m in work.block.named_modules()}

@@ -25,3 +25,7 @@ class StepConfig(BaseModel):
 
     def summary(self) -> str:
         return getattr(self, "method", type(self).__name__)
+
+    def one_process_only(self) -> str | None:
+        """Why this step cannot be split over torchrun's processes, or None when it can."""
+        return None
