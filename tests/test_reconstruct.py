@@ -6,7 +6,8 @@ import torch
 
 from conftest import OneLinear, tiny_llama
 from slimkit.calibration.block_data import BlockData
-from slimkit.pruning.reconstruct import ReconstructSettings, reconstruct_block
+from slimkit.calibration.block_fit import FitSettings
+from slimkit.pruning.reconstruct import reconstruct_block
 from slimkit.recipes import RunResources, compress, parse_recipe
 
 
@@ -39,7 +40,7 @@ def test_reconstruction_of_one_pruned_linear_reaches_masked_least_squares():
     optimum = error(_masked_least_squares(flat_x, flat_y, keep))
     pruned = error(w * keep)
     result = reconstruct_block(block, {"proj": block.proj}, {"proj": keep}, data,
-                               ReconstructSettings(iters=600, lr=0.05, batch=16))
+                               FitSettings(iters=600, lr=0.05, batch=16))
     reached = error(block.proj.weight.detach())
     assert result.kept and result.error_after < result.error_before
     assert pruned > 1.5 * optimum  # measured: 1.8x
@@ -63,7 +64,7 @@ def test_reconstruction_that_does_worse_keeps_the_pruned_weights():
         if [int(torch.randperm(2, generator=draws)[0]) for _ in range(2)] == [0, 1]:
             break
     result = reconstruct_block(block, {"proj": block.proj}, {"proj": keep}, data,
-                               ReconstructSettings(iters=2, lr=10.0, batch=1, seed=seed))
+                               FitSettings(iters=2, lr=10.0, batch=1, seed=seed))
     assert not result.kept and result.error_after > result.error_before
     assert torch.equal(block.proj.weight.detach(), start)
 

@@ -6,6 +6,7 @@ import torch
 
 from slimkit.calibration import distributed
 from slimkit.calibration.block_data import BlockData, block_outputs
+from slimkit.calibration.block_fit import FitSettings
 from slimkit.calibration.engine import BlockWork, sequential_compress
 from slimkit.calibration.obs import PruneTarget
 from slimkit.calibration.runner import run_calibrated, solve_linears, take_hessians, write_result
@@ -14,7 +15,7 @@ from slimkit.errors import RecipeError
 from slimkit.pruning.config import OutlierFields, SparseGPTConfig, WandaConfig
 from slimkit.pruning.magnitude import check_nm_shape
 from slimkit.pruning.owl import block_sparsities, outlier_ratio
-from slimkit.pruning.reconstruct import ReconstructSettings, reconstruct_block
+from slimkit.pruning.reconstruct import reconstruct_block
 from slimkit.pruning.swap_refine import refine_mask
 from slimkit.pruning.wanda import wanda_mask
 from slimkit.quantization.rtn import check_groups
@@ -83,7 +84,7 @@ def _reconstruct(config: OutlierFields, ctx: StepContext, work: BlockWork, selec
     r = config.reconstruct
     steps = ctx.run.progress.track(range(r.iters), f"block {work.index}: reconstruction")
     result = reconstruct_block(work.block, linears, masks, BlockData(work.inputs.batch, targets),
-                               ReconstructSettings(r.iters, r.lr, r.batch, r.seed), steps)
+                               FitSettings(r.iters, r.lr, r.batch, r.seed), steps)
     ratio = result.error_after / max(result.error_before, 1e-30)
     note = (f"reconstruction: block output error x{ratio:.3f}" if result.kept else
             f"reconstruction did worse (x{ratio:.3f}): pruned weights kept")
