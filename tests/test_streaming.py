@@ -55,19 +55,23 @@ def assert_same_output(a: Path, b: Path) -> None:
 
 
 SLOW = pytest.mark.slow
+GPTQ_TUNED_SCALES = {"name": "gptq-int4-g64-scales", "steps": [{"method": "gptq", "bits": 4, "group_size": 64,
+                                                                "tune_scales": {"iters": 20, "floats": True}}]}
 
 
 @pytest.mark.parametrize("recipe", ["gptq-int4-g64", "magnitude-2of4-int4", pytest.param("rtn-int4-g64", marks=SLOW),
                                     pytest.param("awq-int4-g64", marks=SLOW), pytest.param("sparsegpt-50", marks=SLOW),
                                     pytest.param("wanda-2of4", marks=SLOW), pytest.param("autoround-int4-g64", marks=SLOW),
-                                    pytest.param("sparsegpt-50-rec", marks=SLOW)])
+                                    pytest.param("sparsegpt-50-rec", marks=SLOW),
+                                    pytest.param("gptq-int4-g64+scales", marks=SLOW)])
 def test_streamed_equals_in_memory(tiny_bf16, tmp_path, recipe):
-    from slimkit.recipes import get_recipe
+    from slimkit.recipes import get_recipe, parse_recipe
     from slimkit.streaming.job import compress_streamed
     from slimkit.workflow import compress_to_dir
 
-    compress_to_dir(str(tiny_bf16), [get_recipe(recipe)], tmp_path / "memory", SETTINGS)
-    reports = compress_streamed(str(tiny_bf16), [get_recipe(recipe)], tmp_path / "streamed", SETTINGS)
+    chosen = get_recipe(recipe) if recipe != "gptq-int4-g64+scales" else parse_recipe(GPTQ_TUNED_SCALES)
+    compress_to_dir(str(tiny_bf16), [chosen], tmp_path / "memory", SETTINGS)
+    reports = compress_streamed(str(tiny_bf16), [chosen], tmp_path / "streamed", SETTINGS)
     assert_same_output(tmp_path / "memory", tmp_path / "streamed")
     index = json.loads((tmp_path / "streamed" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == 3 + 1  # a shard per block, one for embedding/norm/head
@@ -228,10 +232,11 @@ def _calibrated_builtins() -> list[str]:
     from slimkit.recipes.builtin import builtin_recipes
 
     recipes = {n: get_recipe(n).steps for n in builtin_recipes()}
-    # autoround and reconstruct train every block for thousands of passes: on the tiny model above
+    # autoround, reconstruct and tune_scales train every block for thousands of passes: on the tiny model above
     return sorted(n for n, steps in recipes.items() if any(s.needs_calibration for s in steps)
                   and not any(s.changes_shapes or s.needs_teacher or s.rewrites_weights for s in steps)  # cannot stream
-                  and not any(s.method == "autoround" or getattr(s, "reconstruct", None) for s in steps))
+                  and not any(s.method == "autoround" or getattr(s, "reconstruct", None)
+                              or getattr(s, "tune_scales", None) for s in steps))
 
 
 @pytest.mark.slow

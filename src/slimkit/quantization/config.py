@@ -50,11 +50,29 @@ class RTNQuantizeConfig(StepConfig, QuantFields):
         return f"RTN {self.describe()}"
 
 
+class ScaleTuning(BaseModel):
+    """After a block is quantized, train its group scales (codes fixed) so that it reproduces the
+    dense output at its depth: Adam on a factor per scale, `iters` steps of `batch` windows."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    iters: int = Field(100, ge=1, description="Adam steps per block (each a forward and backward of the block)")
+    lr: float = Field(1e-3, gt=0.0, description="first step's learning rate, relative to each scale (decays to 0)")
+    batch: int = Field(8, ge=1, description="calibration windows per step")
+    targets: Literal["compressed-path", "dense-model"] = Field(
+        "dense-model", description="the dense block on the quantized path's inputs, or the dense model's own "
+        "activations at this depth")
+    floats: bool = Field(False, description="also train the block's 1-D parameters (norm weights, biases), "
+                         "which stay in floating point")
+    seed: int = Field(0, ge=0, description="seed of the window draws")
+
+
 class GPTQConfig(StepConfig, QuantFields):
     """GPTQ: quantize column by column, compensating each rounding error through H^-1.
 
     Keeps any mask an earlier pruning step left. With act_order, columns go in order of
-    decreasing diag(H), with static groups (no group index needed at inference).
+    decreasing diag(H), with static groups (no group index needed at inference). With
+    `tune_scales`, each quantized block's scales are then trained to the dense output (codes fixed).
     """
 
     method: Literal["gptq"] = "gptq"
@@ -62,9 +80,18 @@ class GPTQConfig(StepConfig, QuantFields):
     act_order: bool = Field(False, description="process columns by decreasing diag(H)")
     blocksize: int = Field(128, gt=0, description="columns per lazy-update block")
     percdamp: float = Field(0.01, gt=0.0, description="damping, as a fraction of mean(diag H)")
+    tune_scales: ScaleTuning | None = Field(
+        None, description="train each quantized block's group scales (codes fixed) to the dense output")
+
+    def one_process_only(self) -> str | None:
+        if self.tune_scales is None:
+            return None
+        return ("gptq with tune_scales runs in one process: its steps follow one gradient through the block; "
+                "run it without torchrun")
 
     def summary(self) -> str:
-        return f"GPTQ {self.describe()}" + (" act-order" if self.act_order else "")
+        return (f"GPTQ {self.describe()}" + (" act-order" if self.act_order else "")
+                + (f" +scales {self.tune_scales.iters}" if self.tune_scales else ""))
 
 
 class AWQConfig(StepConfig, QuantFields):
