@@ -120,7 +120,7 @@ def test_reconstruction_on_smollm2_first_block_lowers_its_output_error(smollm2):
     assert ratio < 0.95, notes
 
 
-@pytest.mark.parametrize("recipe", ["sparsegpt-50-rec", "autoround-int4-g64"])
+@pytest.mark.parametrize("recipe", ["sparsegpt-50-rec", "autoround-int4-g64", "rot-gptq-scales-int4-g64"])
 def test_torchrun_refuses_one_process_steps_before_loading(monkeypatch, tmp_path, recipe):
     """Under torchrun, a step that follows one gradient through a block is refused by the CLI before
     any model loads (the model named does not even exist), and nothing is written."""
