@@ -26,6 +26,8 @@ def run_calibrated(
     check: Callable[[str, nn.Module], None] | None = None,
 ) -> EngineReport:
     """Validate every target, draw the calibration windows, run the engine block by block."""
+    if distributed.world()[1] > 1 and (why := config.one_process_only()):
+        raise RecipeError(why)
     if config.include_lm_head or config.include_embeddings:
         raise RecipeError(
             f"{config.method}: calibrated methods compress the linears inside the blocks; "

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from slimkit.calibration import distributed
 from slimkit.calibration.block_data import BlockData, block_outputs
 from slimkit.calibration.block_fit import FitSettings
 from slimkit.calibration.engine import BlockWork, sequential_compress
 from slimkit.calibration.obs import PruneTarget
 from slimkit.calibration.runner import run_calibrated, solve_linears, take_hessians, write_result
 from slimkit.calibration.stats import StatsRequest
-from slimkit.errors import RecipeError
 from slimkit.pruning.config import OutlierFields, SparseGPTConfig, WandaConfig
 from slimkit.pruning.magnitude import check_nm_shape
 from slimkit.pruning.owl import block_sparsities, outlier_ratio
@@ -93,8 +91,6 @@ def _reconstruct(config: OutlierFields, ctx: StepContext, work: BlockWork, selec
 
 
 def _stats(config: OutlierFields, **wanted) -> StatsRequest:
-    if distributed.world()[1] > 1 and (why := config.one_process_only()):
-        raise RecipeError(why)
     dense = config.reconstruct is not None and config.reconstruct.targets == "dense-model"
     return StatsRequest(dense_targets=dense, **wanted)
 

@@ -5,14 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimkit.calibration import distributed
 from slimkit.calibration.block_data import BlockData, block_outputs
 from slimkit.calibration.block_fit import FitSettings
 from slimkit.calibration.engine import BlockWork
 from slimkit.calibration.obs import ObsResult
 from slimkit.calibration.runner import run_calibrated, solve_linears, take_hessians, write_result
 from slimkit.calibration.stats import StatsRequest
-from slimkit.errors import RecipeError
 from slimkit.models.fold_check import scale_consumer, scale_producer
 from slimkit.quantization import awq
 from slimkit.quantization.config import AWQConfig, GPTQConfig
@@ -46,8 +44,6 @@ def _tune_scales(config: GPTQConfig, ctx: StepContext, work: BlockWork, selected
 @register_step(GPTQConfig)
 def apply_gptq(config: GPTQConfig, ctx: StepContext) -> None:
     spec = config.spec()
-    if distributed.world()[1] > 1 and (why := config.one_process_only()):
-        raise RecipeError(why)
     tuning = config.tune_scales
 
     def block(work, selected):

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from slimkit.calibration import distributed
 from slimkit.calibration.block_data import BlockData, block_outputs
 from slimkit.calibration.engine import BlockWork
 from slimkit.calibration.runner import run_calibrated
 from slimkit.calibration.stats import StatsRequest
-from slimkit.errors import RecipeError
 from slimkit.quantization import signround
 from slimkit.quantization.config import AutoRoundConfig
 from slimkit.quantization.rtn import check_groups
@@ -27,8 +25,6 @@ def _settings(config: AutoRoundConfig) -> signround.TuneSettings:
 @register_step(AutoRoundConfig)
 def apply_autoround(config: AutoRoundConfig, ctx: StepContext) -> None:
     spec = config.spec()
-    if distributed.world()[1] > 1:
-        raise RecipeError(config.one_process_only())
 
     def block(work: BlockWork, selected: dict[str, nn.Module]) -> None:
         local = {id(m): n for n, m in work.block.named_modules()}

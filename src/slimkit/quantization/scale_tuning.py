@@ -49,7 +49,7 @@ def tune_scales(block: nn.Module, linears: dict[str, nn.Linear], params: dict[st
     extra = _one_dimensional(block) if floats else {}
 
     def weights_of(factors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = {n: p * factors[n] for n, p in extra.items()}
+        out = {n: (p * factors[n]).to(p.dtype) for n, p in extra.items()}
         for name, module in linears.items():
             p, mask = params[name], masks.get(name)
             w = dequantize(p.q, _as_stored(p.scale.float() * factors[name], p.spec.scale_dtype), p.zero, p.spec)
