@@ -1,4 +1,4 @@
-"""Scale tuning after GPTQ (codes fixed, each group's scale trained to the dense output) against the
+"""Scale tuning after GPTQ or AutoRound (codes fixed, each group's scale trained to the dense output) against the
 textbook answer (least squares in the scales, one linear), on a tiny model through the gptq step,
 and on SmolLM2's first block."""
 
@@ -59,13 +59,16 @@ def _windows(n=8, seqlen=32, vocab=96):
 
 
 GPTQ = {"method": "gptq", "bits": 3, "group_size": 32, "full_range": True}
+AUTOROUND = {"method": "autoround", "bits": 3, "group_size": 32, "full_range": True, "iters": 10, "batch": 4}
 
 
-@pytest.mark.parametrize("floats", [False, True])
-def test_gptq_with_tuned_scales_lowers_the_models_error_and_keeps_its_codes_decodable(floats):
-    """Tiny model, GPTQ int3 with and without scale tuning: the tuned model is closer to the dense
-    one; block 0's codes are GPTQ's own (tuning changes scales only), every weight is exactly what its
-    stored codes and scales decode to, and the norm weights move only with `floats`."""
+@pytest.mark.parametrize("step,floats", [(GPTQ, False), (GPTQ, True), (AUTOROUND, False)],
+                         ids=["gptq", "gptq-floats", "autoround"])
+def test_tuned_scales_lower_the_models_error_and_keep_the_codes_decodable(step, floats):
+    """Tiny model, GPTQ or AutoRound int3 with and without scale tuning after it: the tuned model is
+    closer to the dense one; block 0's codes are the method's own (tuning changes scales only), every
+    weight is exactly what its stored codes and scales decode to, and the norm weights move only with
+    `floats`."""
     windows = _windows()
     dense = tiny_llama()
     reference = dense(windows).logits.detach()
@@ -73,7 +76,7 @@ def test_gptq_with_tuned_scales_lowers_the_models_error_and_keeps_its_codes_deco
     for name, extra in [("plain", {}), ("tuned", {"tune_scales": {"iters": 40, "lr": 3e-3, "batch": 4,
                                                                  "floats": floats}})]:
         model = tiny_llama()
-        results[name] = compress(model, parse_recipe({"steps": [{**GPTQ, **extra}]}),
+        results[name] = compress(model, parse_recipe({"steps": [{**step, **extra}]}),
                                  run=RunResources(calibration=lambda: windows))
         errors[name], models[name] = float((model(windows).logits.detach() - reference).pow(2).mean()), model
     assert errors["tuned"] < errors["plain"]

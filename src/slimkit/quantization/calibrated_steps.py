@@ -13,7 +13,7 @@ from slimkit.calibration.runner import run_calibrated, solve_linears, take_hessi
 from slimkit.calibration.stats import StatsRequest
 from slimkit.models.fold_check import scale_consumer, scale_producer
 from slimkit.quantization import awq
-from slimkit.quantization.config import AWQConfig, GPTQConfig
+from slimkit.quantization.config import AWQConfig, GPTQConfig, ScaleTuning
 from slimkit.quantization.rtn import check_groups, compute_qparams, dequantize, quantize
 from slimkit.quantization.scale_tuning import tune_scales
 from slimkit.recipes.context import StepContext
@@ -24,21 +24,27 @@ def _group_check(spec):
     return lambda name, module: check_groups(module.weight, spec, name)
 
 
-def _tune_scales(config: GPTQConfig, ctx: StepContext, work: BlockWork, selected: dict, targets) -> None:
-    """Train the quantized block's group scales to `targets`, codes fixed (quantization/scale_tuning.py)."""
+def tune_block_scales(tuning: ScaleTuning, ctx: StepContext, work: BlockWork, selected: dict, targets,
+                      method: str) -> None:
+    """Train the quantized block's group scales to `targets`, codes fixed (quantization/scale_tuning.py);
+    `method` names whose scales are kept when tuning does not pay."""
     local = {id(m): n for n, m in work.block.named_modules()}
     linears = {local[id(m)]: m for m in selected.values()}
     records = {local[id(m)]: ctx.state.records[n] for n, m in selected.items()}
-    t = config.tune_scales
-    steps = ctx.run.progress.track(range(t.iters), f"block {work.index}: scales")
+    steps = ctx.run.progress.track(range(tuning.iters), f"block {work.index}: scales")
     params, result = tune_scales(work.block, linears, {n: r.quant for n, r in records.items()},
                                  {n: r.mask for n, r in records.items()}, BlockData(work.inputs.batch, targets),
-                                 FitSettings(t.iters, t.lr, t.batch, t.seed), steps, t.floats)
+                                 FitSettings(tuning.iters, tuning.lr, tuning.batch, tuning.seed), steps, tuning.floats)
     ratio = result.error_after / max(result.error_before, 1e-30)
     for name, record in records.items():
         record.quant = params[name]
         record.notes.append(f"scales tuned: block output error x{ratio:.3f}" if result.kept else
-                            f"scale tuning did worse (x{ratio:.3f}): GPTQ's scales kept")
+                            f"scale tuning did worse (x{ratio:.3f}): {method}'s scales kept")
+
+
+def scale_tuning_targets(tuning: ScaleTuning, work: BlockWork):
+    """What scale tuning fits the block to, taken before any of its weights change."""
+    return work.dense_outputs if tuning.targets == "dense-model" else block_outputs(work.block, work.inputs)
 
 
 @register_step(GPTQConfig)
@@ -48,7 +54,7 @@ def apply_gptq(config: GPTQConfig, ctx: StepContext) -> None:
 
     def block(work, selected):
         if tuning is not None:  # taken before any weight of the block changes
-            goal = work.dense_outputs if tuning.targets == "dense-model" else block_outputs(work.block, work.inputs)
+            goal = scale_tuning_targets(tuning, work)
         hessians = take_hessians(work, selected)  # each freed once its factor exists
         masks = {n: ctx.state.records[n].mask for n in selected}
 
@@ -58,7 +64,7 @@ def apply_gptq(config: GPTQConfig, ctx: StepContext) -> None:
         solve_linears(work, selected, hessians, masks, ctx.run.progress, on_solved=store, quant=spec,
                       blocksize=config.blocksize, percdamp=config.percdamp, act_order=config.act_order)
         if tuning is not None:
-            _tune_scales(config, ctx, work, selected, goal)
+            tune_block_scales(tuning, ctx, work, selected, goal, "GPTQ")
 
     dense = tuning is not None and tuning.targets == "dense-model"
     run_calibrated(config, ctx, StatsRequest(hessian=True, dense_targets=dense), block, _group_check(spec))

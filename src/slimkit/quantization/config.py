@@ -127,13 +127,16 @@ class AutoRoundConfig(StepConfig, QuantFields):
         "compressed blocks before it produce, or the dense model's own activations at that depth (AutoRound's "
         "and llm-compressor's choice; SmolLM2 int3 quick: with full_range 26.62 vs 27.80, on the half-step grid "
         "41.88 vs 33.91)")
+    tune_scales: ScaleTuning | None = Field(
+        None, description="then train each block's group scales with Adam (the tuned codes fixed) to the dense output")
 
     def one_process_only(self) -> str | None:
         return ("autoround runs in one process: its steps follow one gradient through the block; "
                 "run it without torchrun (gptq and awq do use several processes)")
 
     def summary(self) -> str:
-        return f"AutoRound {self.describe()} ({self.iters} steps)"
+        return (f"AutoRound {self.describe()} ({self.iters} steps)"
+                + (f" +scales {self.tune_scales.iters}" if self.tune_scales else ""))
 
 
 class GGUFQuantizeConfig(StepConfig):

@@ -12,6 +12,7 @@ from slimkit.calibration.engine import BlockWork
 from slimkit.calibration.runner import run_calibrated
 from slimkit.calibration.stats import StatsRequest
 from slimkit.quantization import signround
+from slimkit.quantization.calibrated_steps import scale_tuning_targets, tune_block_scales
 from slimkit.quantization.config import AutoRoundConfig
 from slimkit.quantization.rtn import check_groups
 from slimkit.recipes.context import StepContext
@@ -31,6 +32,9 @@ def apply_autoround(config: AutoRoundConfig, ctx: StepContext) -> None:
         linears = {local[id(m)]: m for m in selected.values()}
         masks = {local[id(m)]: ctx.state.records[n].mask for n, m in selected.items()}
         targets = work.dense_outputs if config.targets == "dense-model" else block_outputs(work.block, work.inputs)
+        tuning = config.tune_scales
+        if tuning is not None:  # taken before any weight of the block changes
+            goal = targets if tuning.targets == config.targets else scale_tuning_targets(tuning, work)
         data = BlockData(work.inputs.batch, targets)
         steps = ctx.run.progress.track(range(config.iters), f"block {work.index}: rounding")
         result = signround.tune_block(work.block, linears, spec, masks, data, _settings(config), steps)
@@ -44,5 +48,8 @@ def apply_autoround(config: AutoRoundConfig, ctx: StepContext) -> None:
             record.methods.append(config.summary())
             record.notes.append(f"block output error x{ratio:.3f} of RTN's" if result.kept else
                                 f"tuned rounding did worse than RTN (x{ratio:.3f}): RTN codes kept")
+        if tuning is not None:
+            tune_block_scales(tuning, ctx, work, selected, goal, "AutoRound")
 
-    run_calibrated(config, ctx, StatsRequest(dense_targets=config.targets == "dense-model"), block, lambda name, module: check_groups(module.weight, spec, name))
+    dense = "dense-model" in (config.targets, config.tune_scales and config.tune_scales.targets)
+    run_calibrated(config, ctx, StatsRequest(dense_targets=dense), block, lambda name, module: check_groups(module.weight, spec, name))
