@@ -167,6 +167,15 @@ def test_the_peer_benchmark_sets_autoround_steps_on_autoround_recipes_only():
     assert slimkit_recipe("rot-gptq-int4-g64", 50).name == "rot-gptq-int4-g64"
 
 
+def test_the_peer_benchmark_pairs_slimkits_recipe_with_the_peers_method():
+    from slimkit.benchmarks.peer_llmcompressor import pair
+
+    assert pair("gptq-int4-g64") == ("gptq-int4-g64", "gptq-int4-g64")
+    assert pair("rot-gptq-scales-int4-g64=autoround-int4-g64") == ("rot-gptq-scales-int4-g64", "autoround-int4-g64")
+    with pytest.raises(SystemExit, match="no method 'rot-gptq-scales-int4-g64'"):
+        pair("rot-gptq-scales-int4-g64")
+
+
 def test_a_step_draws_its_windows_from_every_batch_with_their_own_targets_and_arguments():
     """As AutoRound: each step's windows come from all calibration windows, not from one of the
     engine's fixed batches; every window keeps its target and its per-window arguments, and

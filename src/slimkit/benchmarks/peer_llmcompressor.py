@@ -11,6 +11,10 @@ rotation + GPTQ int4 (llm-compressor's SpinQuantModifier, R1 + R2 random Hadamar
 int3 g64 (its AutoRoundModifier, Intel's auto-round; torch.compile off on both sides). `--iters`
 sets AutoRound's steps per block on both sides (default: the built-ins' 200). Wall time is the
 compression call alone (model loading excluded) for both tools.
+
+A method may also be a pair `OURS=PEER`: slimkit runs OURS (a built-in or a recipe file) and
+llm-compressor its method PEER, for slimkit's best against the peer's best at one bit width, e.g.
+`--methods rot-gptq-scales-int4-g64=autoround-int4-g64`.
 """
 
 from __future__ import annotations
@@ -49,6 +53,15 @@ def slimkit_recipe(method: str, iters: int | None) -> Recipe:
     return recipe.model_copy(update={"steps": tuple(steps), "name": f"{recipe.name}-{iters}"})
 
 
+def pair(method: str) -> tuple[str, str]:
+    """(slimkit's recipe, llm-compressor's method) of a `--methods` entry: `NAME` or `OURS=PEER`."""
+    ours, _, peer = method.partition("=")
+    peer = peer or ours
+    if peer not in ALL_METHODS:
+        raise SystemExit(f"llm-compressor's side has no method '{peer}': one of {', '.join(ALL_METHODS)}")
+    return ours, peer
+
+
 def ppl_on(model, windows: torch.Tensor) -> float:
     nll, count = 0.0, 0
     for w in windows.split(1):
@@ -64,7 +77,7 @@ def main(argv=None) -> None:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--eval-windows", type=parse_windows, default=16,
                    help="first N windows of the fixed protocol (seqlen 512), or all")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(ALL_METHODS)}")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(ALL_METHODS)}; or OURS=PEER pairs (OURS any slimkit recipe)")
     p.add_argument("--iters", type=int, default=None, help="AutoRound steps per block, both tools (default 200)")
     p.add_argument("--seed", type=int, default=0, help="which calibration windows are drawn")
     p.add_argument("--peer-python", default=".peers/llmcompressor/bin/python")
@@ -82,31 +95,32 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tensors = Path(tmp) / "windows.safetensors"
         save_file({"calibration": cal.contiguous(), "evaluation": ev.contiguous()}, str(tensors))
-        for method in args.methods.split(","):
+        for method, peer_method in map(pair, args.methods.split(",")):
             original.restore(lm.model)
             start = time.perf_counter()
             compress(lm.model, slimkit_recipe(method, args.iters), lm.adapter, RunResources(calibration=lambda: cal))
             ours = {"seconds": time.perf_counter() - start, "ppl": ppl_on(lm.model, ev)}
-            out = Path(tmp) / f"{method}.json"
+            out = Path(tmp) / f"{peer_method}.json"
             iters = [] if args.iters is None else [str(args.iters)]
-            proc = subprocess.run([args.peer_python, str(WORKER), str(lm.hf_dir), str(tensors), method, str(out), *iters],
-                                  capture_output=True, text=True)
+            proc = subprocess.run([args.peer_python, str(WORKER), str(lm.hf_dir), str(tensors), peer_method, str(out),
+                                   *iters], capture_output=True, text=True)
             if proc.returncode:  # reported, and the other methods still run
                 print(proc.stderr[-4000:], file=sys.stderr)
-                print(f"llm-compressor failed on {method} (exit {proc.returncode})", file=sys.stderr)
+                print(f"llm-compressor failed on {peer_method} (exit {proc.returncode})", file=sys.stderr)
                 continue
             peer = json.loads(out.read_text())
-            row = {"method": method, "calibration": f"{args.windows}x{args.seqlen}", "eval_tokens": ev[:, 1:].numel(),
+            row = {"method": method, "peer_method": peer_method, "calibration": f"{args.windows}x{args.seqlen}", "eval_tokens": ev[:, 1:].numel(),
                    "dense_ppl": dense, "slimkit_seconds": ours["seconds"], "slimkit_ppl": ours["ppl"],
                    "peer": f"llm-compressor {peer['version']}", "peer_seconds": peer["seconds"],
                    "peer_ppl": peer["ppl"], "speedup": peer["seconds"] / ours["seconds"],
                    "threads": torch.get_num_threads()}
             print(json.dumps(row), flush=True)
             rows.append(row)
-    print("| method | calibration | slimkit s | llm-compressor s | speedup | slimkit ppl | llm-compressor ppl | dense ppl |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| slimkit | llm-compressor | calibration | slimkit s | llm-compressor s | speedup | slimkit ppl | "
+          "llm-compressor ppl | dense ppl |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['calibration']} | {r['slimkit_seconds']:.1f} | {r['peer_seconds']:.1f} | "
+        print(f"| {r['method']} | {r['peer_method']} | {r['calibration']} | {r['slimkit_seconds']:.1f} | {r['peer_seconds']:.1f} | "
               f"{r['speedup']:.2f}x | {r['slimkit_ppl']:.2f} | {r['peer_ppl']:.2f} | {r['dense_ppl']:.2f} |")
 
 
