@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from conftest import OneLinear, tiny_llama
-from slimkit.calibration.block_data import BlockData
+from slimkit.calibration.block_data import BlockData, target_outputs
 from slimkit.calibration.block_fit import FitSettings
+from slimkit.calibration.engine import BlockWork
 from slimkit.pruning.reconstruct import reconstruct_block
 from slimkit.recipes import RunResources, compress, parse_recipe
 
@@ -71,6 +72,14 @@ def test_reconstruction_that_does_worse_keeps_the_pruned_weights():
 
 def _windows(n=8, seqlen=32, vocab=96):
     return torch.randint(3, vocab, (n, seqlen), generator=torch.Generator().manual_seed(0))
+
+
+def test_dense_model_targets_are_the_engines_and_their_absence_is_named():
+    work = BlockWork(0, torch.nn.Linear(2, 2), {}, [], [], {})
+    with pytest.raises(ValueError, match="dense_targets=True"):
+        target_outputs("dense-model", work)
+    work.dense_outputs = [torch.ones(1, 2)]
+    assert target_outputs("dense-model", work) is work.dense_outputs
 
 
 @pytest.mark.parametrize("method,targets", [("sparsegpt", "dense-model"), ("wanda", "compressed-path")])

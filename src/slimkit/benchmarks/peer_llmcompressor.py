@@ -77,7 +77,8 @@ def main(argv=None) -> None:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--eval-windows", type=parse_windows, default=16,
                    help="first N windows of the fixed protocol (seqlen 512), or all")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(ALL_METHODS)}; or OURS=PEER pairs (OURS any slimkit recipe)")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated, of {', '.join(ALL_METHODS)}; or OURS=PEER pairs (OURS any slimkit recipe)")
     p.add_argument("--iters", type=int, default=None, help="AutoRound steps per block, both tools (default 200)")
     p.add_argument("--seed", type=int, default=0, help="which calibration windows are drawn")
     p.add_argument("--peer-python", default=".peers/llmcompressor/bin/python")
@@ -109,7 +110,8 @@ def main(argv=None) -> None:
                 print(f"llm-compressor failed on {peer_method} (exit {proc.returncode})", file=sys.stderr)
                 continue
             peer = json.loads(out.read_text())
-            row = {"method": method, "peer_method": peer_method, "calibration": f"{args.windows}x{args.seqlen}", "eval_tokens": ev[:, 1:].numel(),
+            row = {"method": method, "peer_method": peer_method, "calibration": f"{args.windows}x{args.seqlen}",
+                   "eval_tokens": ev[:, 1:].numel(),
                    "dense_ppl": dense, "slimkit_seconds": ours["seconds"], "slimkit_ppl": ours["ppl"],
                    "peer": f"llm-compressor {peer['version']}", "peer_seconds": peer["seconds"],
                    "peer_ppl": peer["ppl"], "speedup": peer["seconds"] / ours["seconds"],

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from slimkit.calibration.engine import BlockInputs, block_output
+from slimkit.calibration.engine import BlockInputs, BlockWork, block_output
 
 
 @dataclass
@@ -69,3 +69,14 @@ def block_outputs(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
         hidden, args, kwargs = inputs.batch(i)
         outputs.append(block_output(block(hidden, *args, **kwargs)).cpu())
     return outputs
+
+
+def target_outputs(kind: str, work: BlockWork) -> list[torch.Tensor]:
+    """What a compressed block is trained to output, taken before any of its weights change:
+    "dense-model" is the uncompressed model's activations at this depth (the step must ask the
+    engine for dense targets), "compressed-path" the dense block on the compressed path's inputs."""
+    if kind == "dense-model":
+        if work.dense_outputs is None:
+            raise ValueError("dense-model targets need StatsRequest(dense_targets=True) from the step")
+        return work.dense_outputs
+    return block_outputs(work.block, work.inputs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from slimkit.calibration.block_data import BlockData, block_outputs
+from slimkit.calibration.block_data import BlockData, target_outputs
 from slimkit.calibration.block_fit import FitSettings
 from slimkit.calibration.engine import BlockWork, sequential_compress
 from slimkit.calibration.obs import PruneTarget
@@ -65,11 +65,7 @@ def _note_block_sparsity(config: OutlierFields, record, sparsity: float) -> None
 
 def _reconstruction_targets(config: OutlierFields, work: BlockWork) -> list[torch.Tensor] | None:
     """What the block will be trained to output after pruning (taken before any weight changes)."""
-    if config.reconstruct is None:
-        return None
-    if config.reconstruct.targets == "dense-model":
-        return work.dense_outputs
-    return block_outputs(work.block, work.inputs)
+    return None if config.reconstruct is None else target_outputs(config.reconstruct.targets, work)
 
 
 def _reconstruct(config: OutlierFields, ctx: StepContext, work: BlockWork, selected: dict, targets) -> None:

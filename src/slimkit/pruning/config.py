@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from slimkit.pruning.magnitude import parse_nm
 from slimkit.quantization.config import QuantFields
-from slimkit.recipes.base import StepConfig
+from slimkit.recipes.base import BlockTraining, StepConfig
 
 
 class SparsityFields(StepConfig):
@@ -65,19 +65,9 @@ class OutlierWeighting(BaseModel):
     shift: float = Field(0.08, gt=0.0, lt=0.5, description="largest change of a block's sparsity (OWL's lambda)")
 
 
-class BlockReconstruction(BaseModel):
+class BlockReconstruction(BlockTraining):
     """After a block is pruned, train its kept weights (mask fixed) so that it reproduces the dense
     block's output: Adam, `iters` steps of `batch` windows, learning rate decaying to 0."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    iters: int = Field(200, ge=1, description="Adam steps per block (each a forward and backward of the block)")
-    lr: float = Field(1e-4, gt=0.0, description="first step's learning rate (decays linearly to 0)")
-    batch: int = Field(8, ge=1, description="calibration windows per step")
-    targets: Literal["compressed-path", "dense-model"] = Field(
-        "dense-model", description="the dense block on the pruned path's inputs, or the dense model's own "
-        "activations at this depth")
-    seed: int = Field(0, ge=0, description="seed of the window draws")
 
 
 class OutlierFields(SparsityFields):

@@ -5,46 +5,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimkit.calibration.block_data import BlockData, block_outputs
-from slimkit.calibration.block_fit import FitSettings
-from slimkit.calibration.engine import BlockWork
+from slimkit.calibration.block_data import target_outputs
 from slimkit.calibration.obs import ObsResult
 from slimkit.calibration.runner import run_calibrated, solve_linears, take_hessians, write_result
 from slimkit.calibration.stats import StatsRequest
 from slimkit.models.fold_check import scale_consumer, scale_producer
 from slimkit.quantization import awq
-from slimkit.quantization.config import AWQConfig, GPTQConfig, ScaleTuning
+from slimkit.quantization.block_scales import tune_block_scales
+from slimkit.quantization.config import AWQConfig, GPTQConfig
 from slimkit.quantization.rtn import check_groups, compute_qparams, dequantize, quantize
-from slimkit.quantization.scale_tuning import tune_scales
 from slimkit.recipes.context import StepContext
 from slimkit.recipes.registry import register_step
 
 
 def _group_check(spec):
     return lambda name, module: check_groups(module.weight, spec, name)
-
-
-def tune_block_scales(tuning: ScaleTuning, ctx: StepContext, work: BlockWork, selected: dict, targets,
-                      method: str) -> None:
-    """Train the quantized block's group scales to `targets`, codes fixed (quantization/scale_tuning.py);
-    `method` names whose scales are kept when tuning does not pay."""
-    local = {id(m): n for n, m in work.block.named_modules()}
-    linears = {local[id(m)]: m for m in selected.values()}
-    records = {local[id(m)]: ctx.state.records[n] for n, m in selected.items()}
-    steps = ctx.run.progress.track(range(tuning.iters), f"block {work.index}: scales")
-    params, result = tune_scales(work.block, linears, {n: r.quant for n, r in records.items()},
-                                 {n: r.mask for n, r in records.items()}, BlockData(work.inputs.batch, targets),
-                                 FitSettings(tuning.iters, tuning.lr, tuning.batch, tuning.seed), steps, tuning.floats)
-    ratio = result.error_after / max(result.error_before, 1e-30)
-    for name, record in records.items():
-        record.quant = params[name]
-        record.notes.append(f"scales tuned: block output error x{ratio:.3f}" if result.kept else
-                            f"scale tuning did worse (x{ratio:.3f}): {method}'s scales kept")
-
-
-def scale_tuning_targets(tuning: ScaleTuning, work: BlockWork):
-    """What scale tuning fits the block to, taken before any of its weights change."""
-    return work.dense_outputs if tuning.targets == "dense-model" else block_outputs(work.block, work.inputs)
 
 
 @register_step(GPTQConfig)
@@ -54,7 +29,7 @@ def apply_gptq(config: GPTQConfig, ctx: StepContext) -> None:
 
     def block(work, selected):
         if tuning is not None:  # taken before any weight of the block changes
-            goal = scale_tuning_targets(tuning, work)
+            goal = target_outputs(tuning.targets, work)
         hessians = take_hessians(work, selected)  # each freed once its factor exists
         masks = {n: ctx.state.records[n].mask for n in selected}
 

@@ -8,7 +8,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from slimkit.quantization.rtn import QuantSpec
-from slimkit.recipes.base import StepConfig
+from slimkit.recipes.base import BlockTraining, StepConfig
 
 _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -50,21 +50,14 @@ class RTNQuantizeConfig(StepConfig, QuantFields):
         return f"RTN {self.describe()}"
 
 
-class ScaleTuning(BaseModel):
+class ScaleTuning(BlockTraining):
     """After a block is quantized, train its group scales (codes fixed) so that it reproduces the
     dense output at its depth: Adam on a factor per scale, `iters` steps of `batch` windows."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
     iters: int = Field(100, ge=1, description="Adam steps per block (each a forward and backward of the block)")
     lr: float = Field(1e-3, gt=0.0, description="first step's learning rate, relative to each scale (decays to 0)")
-    batch: int = Field(8, ge=1, description="calibration windows per step")
-    targets: Literal["compressed-path", "dense-model"] = Field(
-        "dense-model", description="the dense block on the quantized path's inputs, or the dense model's own "
-        "activations at this depth")
     floats: bool = Field(False, description="also train the block's 1-D parameters (norm weights, biases), "
                          "which stay in floating point")
-    seed: int = Field(0, ge=0, description="seed of the window draws")
 
 
 class GPTQConfig(StepConfig, QuantFields):

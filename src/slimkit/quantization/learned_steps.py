@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from slimkit.calibration.block_data import BlockData, block_outputs
+from slimkit.calibration.block_data import BlockData, target_outputs
 from slimkit.calibration.engine import BlockWork
 from slimkit.calibration.runner import run_calibrated
 from slimkit.calibration.stats import StatsRequest
 from slimkit.quantization import signround
-from slimkit.quantization.calibrated_steps import scale_tuning_targets, tune_block_scales
+from slimkit.quantization.block_scales import tune_block_scales
 from slimkit.quantization.config import AutoRoundConfig
 from slimkit.quantization.rtn import check_groups
 from slimkit.recipes.context import StepContext
@@ -31,10 +31,10 @@ def apply_autoround(config: AutoRoundConfig, ctx: StepContext) -> None:
         local = {id(m): n for n, m in work.block.named_modules()}
         linears = {local[id(m)]: m for m in selected.values()}
         masks = {local[id(m)]: ctx.state.records[n].mask for n, m in selected.items()}
-        targets = work.dense_outputs if config.targets == "dense-model" else block_outputs(work.block, work.inputs)
+        targets = target_outputs(config.targets, work)
         tuning = config.tune_scales
         if tuning is not None:  # taken before any weight of the block changes
-            goal = targets if tuning.targets == config.targets else scale_tuning_targets(tuning, work)
+            goal = targets if tuning.targets == config.targets else target_outputs(tuning.targets, work)
         data = BlockData(work.inputs.batch, targets)
         steps = ctx.run.progress.track(range(config.iters), f"block {work.index}: rounding")
         result = signround.tune_block(work.block, linears, spec, masks, data, _settings(config), steps)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -29,3 +29,19 @@ class StepConfig(BaseModel):
     def one_process_only(self) -> str | None:
         """Why this step cannot be split over torchrun's processes, or None when it can."""
         return None
+
+
+class BlockTraining(BaseModel):
+    """Training a compressed block's continuous parameters so that it reproduces the dense output
+    at its depth: Adam, `iters` steps of `batch` windows, learning rate decaying linearly to 0
+    (calibration/block_fit.py). Subclasses say what is trained and may change the defaults."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    iters: int = Field(200, ge=1, description="Adam steps per block (each a forward and backward of the block)")
+    lr: float = Field(1e-4, gt=0.0, description="first step's learning rate (decays linearly to 0)")
+    batch: int = Field(8, ge=1, description="calibration windows per step")
+    targets: Literal["compressed-path", "dense-model"] = Field(
+        "dense-model", description="the dense block on the compressed path's inputs, or the dense model's own "
+        "activations at this depth")
+    seed: int = Field(0, ge=0, description="seed of the window draws")
