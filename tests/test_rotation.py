@@ -138,14 +138,18 @@ ROTATE_AUTOROUND = {"name": "rot-autoround-int4-g64", "steps": [
 ROTATE_SCALES = {"name": "rot-gptq-scales-int4-g64", "steps": [
     {"method": "rotate"}, {"method": "gptq", "bits": 4, "group_size": 64, "full_range": True,
                            "tune_scales": {"iters": 5, "floats": True}}]}
+AUTOROUND_SCALES = {"name": "autoround-scales-int4-g64", "steps": [  # no rotation: scales after learned rounding
+    {"method": "autoround", "bits": 4, "group_size": 64, "full_range": True, "iters": 5, "targets": "dense-model",
+     "tune_scales": {"iters": 5, "floats": True}}]}
 
 
 @pytest.mark.slow
 @pytest.mark.real_model
-@pytest.mark.parametrize("recipe", ["rot-gptq-int4-g64", "rot-autoround-int4-g64", "rot-gptq-scales-int4-g64"])
+@pytest.mark.parametrize("recipe", ["rot-gptq-int4-g64", "rot-autoround-int4-g64", "rot-gptq-scales-int4-g64",
+                                    "autoround-scales-int4-g64"])
 def test_rotated_quantized_smollm2_packs_and_exports_with_the_same_perplexity(smollm2_first_load, tmp_path, recipe):
-    """rot-gptq-int4-g64, rotate + AutoRound int4 (5 steps), and rotate + GPTQ with 5 steps of scale (and
-    norm) tuning, on SmolLM2 (short calibration) ->
+    """rot-gptq-int4-g64, rotate + AutoRound int4 (5 steps), rotate + GPTQ with 5 steps of scale (and
+    norm) tuning, and AutoRound with 5 steps of scale and norm tuning, on SmolLM2 (short calibration) ->
     packed -> compressed-tensors and GGUF: each export's ppl within 1% of the packed model's (the
     untied head travels as its own tensor)."""
     from slimkit.export.job import export_model
@@ -155,7 +159,8 @@ def test_rotated_quantized_smollm2_packs_and_exports_with_the_same_perplexity(sm
     from slimkit.workflow import compress_to_dir
 
     settings = EvalSettings(seqlen=256, max_windows=2, calibration_windows=8, calibration_seqlen=256)
-    short = {"rot-autoround-int4-g64": ROTATE_AUTOROUND, "rot-gptq-scales-int4-g64": ROTATE_SCALES}
+    short = {"rot-autoround-int4-g64": ROTATE_AUTOROUND, "rot-gptq-scales-int4-g64": ROTATE_SCALES,
+             "autoround-scales-int4-g64": AUTOROUND_SCALES}
     chosen = parse_recipe(short[recipe]) if recipe in short else get_recipe(recipe)
     compress_to_dir("smollm2-135m", [chosen], tmp_path / "rot", settings)
     pack_to_dir(str(tmp_path / "rot"), tmp_path / "packed", fmt="auto")
