@@ -176,6 +176,17 @@ def test_the_peer_benchmark_pairs_slimkits_recipe_with_the_peers_method():
         pair("rot-gptq-scales-int4-g64")
 
 
+def test_a_peer_only_row_shows_the_peers_numbers_and_dashes_for_slimkits(capsys):
+    from slimkit.benchmarks.peer_llmcompressor import print_table
+
+    row = {"method": "autoround-int4-g64", "peer_method": "autoround-int4-g64", "calibration": "128x512",
+           "slimkit_seconds": None, "slimkit_ppl": None, "speedup": None, "peer_seconds": 12.34,
+           "peer_ppl": 16.6789, "dense_ppl": 15.25}
+    print_table([row])
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == "| autoround-int4-g64 | autoround-int4-g64 | 128x512 | - | 12.3 | - | - | 16.679 | 15.250 |"
+
+
 def test_a_step_draws_its_windows_from_every_batch_with_their_own_targets_and_arguments():
     """As AutoRound: each step's windows come from all calibration windows, not from one of the
     engine's fixed batches; every window keeps its target and its per-window arguments, and

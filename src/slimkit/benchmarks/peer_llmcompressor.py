@@ -82,6 +82,9 @@ def main(argv=None) -> None:
     p.add_argument("--iters", type=int, default=None, help="AutoRound steps per block, both tools (default 200)")
     p.add_argument("--seed", type=int, default=0, help="which calibration windows are drawn")
     p.add_argument("--peer-python", default=".peers/llmcompressor/bin/python")
+    p.add_argument("--peer-only", action="store_true",
+                   help="run llm-compressor's side alone (slimkit's row measured elsewhere on the same windows, "
+                        "e.g. `slimkit compress ... --full` against --windows 128 --seqlen 512 --eval-windows all)")
     args = p.parse_args(argv)
     if not Path(args.peer_python).exists():
         raise SystemExit(f"{args.peer_python} not found: run `make peers` first")
@@ -97,34 +100,53 @@ def main(argv=None) -> None:
         tensors = Path(tmp) / "windows.safetensors"
         save_file({"calibration": cal.contiguous(), "evaluation": ev.contiguous()}, str(tensors))
         for method, peer_method in map(pair, args.methods.split(",")):
-            original.restore(lm.model)
-            start = time.perf_counter()
-            compress(lm.model, slimkit_recipe(method, args.iters), lm.adapter, RunResources(calibration=lambda: cal))
-            ours = {"seconds": time.perf_counter() - start, "ppl": ppl_on(lm.model, ev)}
-            out = Path(tmp) / f"{peer_method}.json"
-            iters = [] if args.iters is None else [str(args.iters)]
-            proc = subprocess.run([args.peer_python, str(WORKER), str(lm.hf_dir), str(tensors), peer_method, str(out),
-                                   *iters], capture_output=True, text=True)
-            if proc.returncode:  # reported, and the other methods still run
-                print(proc.stderr[-4000:], file=sys.stderr)
-                print(f"llm-compressor failed on {peer_method} (exit {proc.returncode})", file=sys.stderr)
+            ours = None if args.peer_only else run_ours(lm, original, slimkit_recipe(method, args.iters), cal, ev)
+            peer = run_peer(args, lm.hf_dir, tensors, peer_method, Path(tmp) / f"{peer_method}.json")
+            if peer is None:  # reported, and the other methods still run
                 continue
-            peer = json.loads(out.read_text())
             row = {"method": method, "peer_method": peer_method, "calibration": f"{args.windows}x{args.seqlen}",
-                   "eval_tokens": ev[:, 1:].numel(),
-                   "dense_ppl": dense, "slimkit_seconds": ours["seconds"], "slimkit_ppl": ours["ppl"],
+                   "eval_tokens": ev[:, 1:].numel(), "dense_ppl": dense,
+                   "slimkit_seconds": ours and ours["seconds"], "slimkit_ppl": ours and ours["ppl"],
                    "peer": f"llm-compressor {peer['version']}", "peer_seconds": peer["seconds"],
-                   "peer_ppl": peer["ppl"], "speedup": peer["seconds"] / ours["seconds"],
+                   "peer_ppl": peer["ppl"], "speedup": ours and peer["seconds"] / ours["seconds"],
                    "threads": torch.get_num_threads()}
             print(json.dumps(row), flush=True)
             rows.append(row)
+    print_table(rows)
+
+
+def run_ours(lm, original: ModelSnapshot, recipe: Recipe, cal: torch.Tensor, ev: torch.Tensor) -> dict:
+    """slimkit's side from the loaded model: compression seconds and ppl on `ev`."""
+    original.restore(lm.model)
+    start = time.perf_counter()
+    compress(lm.model, recipe, lm.adapter, RunResources(calibration=lambda: cal))
+    return {"seconds": time.perf_counter() - start, "ppl": ppl_on(lm.model, ev)}
+
+
+def run_peer(args, hf_dir: Path, tensors: Path, method: str, out: Path) -> dict | None:
+    """llm-compressor's side, in its own venv: its JSON, or None (reported) when it failed."""
+    iters = [] if args.iters is None else [str(args.iters)]
+    proc = subprocess.run([args.peer_python, str(WORKER), str(hf_dir), str(tensors), method, str(out), *iters],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        print(proc.stderr[-4000:], file=sys.stderr)
+        print(f"llm-compressor failed on {method} (exit {proc.returncode})", file=sys.stderr)
+        return None
+    return json.loads(out.read_text())
+
+
+def _num(value, fmt: str, unit: str = "") -> str:
+    return "-" if value is None else format(value, fmt) + unit
+
+
+def print_table(rows: list[dict]) -> None:
     print("| slimkit | llm-compressor | calibration | slimkit s | llm-compressor s | speedup | slimkit ppl | "
           "llm-compressor ppl | dense ppl |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['peer_method']} | {r['calibration']} | {r['slimkit_seconds']:.1f} | {r['peer_seconds']:.1f} | "
-              f"{r['speedup']:.2f}x | {r['slimkit_ppl']:.2f} | {r['peer_ppl']:.2f} | {r['dense_ppl']:.2f} |")
-
+        print(f"| {r['method']} | {r['peer_method']} | {r['calibration']} | {_num(r['slimkit_seconds'], '.1f')} | "
+              f"{r['peer_seconds']:.1f} | {_num(r['speedup'], '.2f', 'x')} | {_num(r['slimkit_ppl'], '.3f')} | "
+              f"{r['peer_ppl']:.3f} | {r['dense_ppl']:.3f} |")
 
 if __name__ == "__main__":
     main()
