@@ -12,8 +12,10 @@ llama.cpp's rotary layout (transformers' GGUF loader undoes it); rows move whole
 move with them.
 Tokenizer and model metadata: see `gguf_metadata.py`.
 
-Requantizing int4 codes of groups of 64 into Q4_0 blocks of 32 is not lossless (Q4_0 picks its
-own scale per 32), so the export is verified by perplexity, not bit for bit.
+int4 codes (and 2- or 3-bit codes, which share the int4 container) are kept bit for bit when their
+group is a multiple of 32 and their scales are fp16 values: a group of 64 becomes two Q4_0/Q4_1
+blocks with its scale. Otherwise they are requantized (Q4_0 picks its own scale per 32, not
+lossless), so the export is verified by perplexity, not bit for bit.
 """
 
 from __future__ import annotations
