@@ -372,7 +372,7 @@ def test_bad_paths_for_outputs_and_scratch_dirs(tiny_llama_dir, tmp_path):
     proc = slimkit("compress", tiny_llama_dir, "-r", "rtn-int8", "-o", blocker / "sub")
     assert proc.returncode == 2 and "error:" in proc.stderr
     proc = slimkit("eval", tmp_path / "nope")
-    assert proc.returncode == 2 and "unknown model" in proc.stderr
+    assert proc.returncode == 2 and "no such file or directory" in proc.stderr
 
 
 # ---- checks before work -----------------------------------------------------------------------
@@ -395,3 +395,162 @@ def test_a_nan_hessian_is_reported_as_nan_not_as_too_little_calibration():
     with pytest.raises(SingularHessianError, match="NaN/Inf") as info:
         inverse_hessian_factor(hessian, name="q_proj")
     assert "calibration-windows" not in str(info.value)
+
+
+# ---- issue 39: --overwrite deletes only what slimkit wrote ------------------------------------
+
+def _compress_tiny(model, out, *extra):
+    return slimkit("compress", model, "-r", "rtn-int8", "-o", out, "--windows", "1", "--seqlen", "32", *extra)
+
+
+def test_overwrite_refuses_a_planted_marker_and_files_a_user_added(tiny_llama_dir, workdir, tmp_path):
+    (workdir / "photos").mkdir()
+    (workdir / "photos" / "a.jpg").write_bytes(b"jpeg")
+    (workdir / MARKER).touch()  # a marker alone proves nothing
+    before = tree_state(workdir)
+    proc = _compress_tiny(tiny_llama_dir, workdir, "--overwrite")
+    assert proc.returncode == 2 and "no manifest" in proc.stderr and "notes.md" in proc.stderr, proc.stderr
+    assert tree_state(workdir) == before
+    out = tmp_path / "out"
+    assert _compress_tiny(tiny_llama_dir, out).returncode == 0
+    (out / "NOTES.md").write_text("mine")
+    (out / "experiments").mkdir()
+    (out / "experiments" / "run1.csv").write_text("1,2")
+    proc = _compress_tiny(tiny_llama_dir, out, "--overwrite")
+    assert proc.returncode == 2 and "NOTES.md" in proc.stderr and "experiments/run1.csv" in proc.stderr, proc.stderr
+    assert (out / "NOTES.md").read_text() == "mine" and (out / "experiments" / "run1.csv").is_file()
+    (out / "NOTES.md").unlink()
+    shutil.rmtree(out / "experiments")
+    assert _compress_tiny(tiny_llama_dir, out, "--overwrite").returncode == 0  # all slimkit's: replaced
+
+
+def test_overwrite_refuses_an_output_holding_the_recipe_or_the_data(tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    assert _compress_tiny(tiny_llama_dir, out).returncode == 0
+    recipe, data = out / "my-recipe.yaml", out / "mydata.txt"
+    recipe.write_text("steps:\n  - method: rtn_quantize\n    bits: 8\n")
+    data.write_text("\n\n".join(f"Paragraph {i} of the user's own text, kept safe." for i in range(40)))
+    for args in (("-r", recipe), ("-r", "rtn-int8", "--data", data)):
+        proc = slimkit("compress", tiny_llama_dir, *args, "-o", out, "--overwrite", "--windows", "1", "--seqlen", "32")
+        assert proc.returncode == 2 and "holds this command's input" in proc.stderr, proc.stderr
+    assert recipe.is_file() and data.is_file()
+
+
+def _peak_rss_mb_of(*args) -> tuple[subprocess.CompletedProcess, float, float]:
+    """(the process, its peak RSS in MB, its wall seconds), measured by a parent with no other child."""
+    import time
+
+    probe = ("import resource, subprocess, sys; "
+             "p = subprocess.run(sys.argv[1:], capture_output=True, text=True, stdin=subprocess.DEVNULL); "
+             "sys.stdout.write(p.stderr); print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", probe, sys.executable, "-m", "slimkit.cli.main", *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+    seconds = time.perf_counter() - start
+    code, rss_kb = proc.stdout.split()[-2:]
+    proc.returncode = int(code)
+    return proc, int(rss_kb) / 1024, seconds
+
+
+def test_a_billion_layers_is_refused_in_seconds(tiny_llama_dir, packed_tiny, tmp_path):
+    for source in (tiny_llama_dir, packed_tiny):
+        absurd = _copy_model(source, tmp_path / source.name)
+        config = json.loads((absurd / "config.json").read_text())
+        (absurd / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10**9}))
+        proc, rss_mb, seconds = _peak_rss_mb_of("eval", absurd, "--windows", "1", "--seqlen", "32")
+        assert proc.returncode == 2 and "num_hidden_layers 1,000,000,000" in proc.stdout, proc.stdout
+        assert seconds < 10 and rss_mb < 1024, (seconds, rss_mb)  # issue 39: < 10 s, < 1 GB
+
+
+def test_a_gguf_export_onto_a_full_disk_is_one_line(tiny_llama_dir, small_mount):
+    proc = slimkit("export", tiny_llama_dir, "--to", "gguf", "-o", small_mount / "g", "--no-verify")
+    assert proc.returncode == 1 and "no space left on device" in proc.stderr, proc.stderr
+    assert list(small_mount.iterdir()) == []
+
+
+def test_a_packed_scale_with_no_columns_is_damaged_not_an_internal_error(tiny_llama_dir, tmp_path):
+    out = tmp_path / "int4"
+    assert slimkit("pack", tiny_llama_dir, "--format", "int4", "-o", out).returncode == 0
+    layer = "model.layers.0.mlp.down_proj"
+
+    def no_columns(header, tensors):
+        tensors[f"{layer}.scale"] = tensors[f"{layer}.scale"][:, :0].clone()
+
+    bad = _edit_packed(out, tmp_path / "bad", no_columns)
+    proc = slimkit("eval", bad, "--windows", "1", "--seqlen", "32")
+    assert proc.returncode == 2 and "damaged" in proc.stderr and "internal error" not in proc.stderr, proc.stderr
+
+
+def test_output_names_that_cannot_be_written_fail_first(tiny_llama_dir, tmp_path):
+    proc = _compress_tiny(tiny_llama_dir, os.fsdecode(bytes(tmp_path) + b"/out-\xff"))
+    assert proc.returncode == 2 and "not UTF-8" in proc.stderr and "loaded" not in proc.stdout, proc.stderr
+    os.symlink(tmp_path / "loop-b", tmp_path / "loop-a")
+    os.symlink(tmp_path / "loop-a", tmp_path / "loop-b")
+    proc = _compress_tiny(tiny_llama_dir, tmp_path / "loop-a" / "out")
+    assert proc.returncode == 2 and "symlink loop" in proc.stderr, proc.stderr
+
+
+def test_a_lock_of_a_reused_pid_does_not_block_and_a_live_one_is_named(tiny_llama_dir, tmp_path):
+    lock = tmp_path / ".out.slimkit-lock"
+    lock.write_text(f"{os.getpid()} 1\n")  # this pid is alive, but it did not take the lock
+    assert _compress_tiny(tiny_llama_dir, tmp_path / "out").returncode == 0
+    lock.write_text(f"{os.getpid()}\n")
+    proc = _compress_tiny(tiny_llama_dir, tmp_path / "out", "--overwrite")
+    assert proc.returncode == 2 and str(lock) in proc.stderr and "stale" in proc.stderr, proc.stderr
+
+
+def test_a_missing_local_path_is_not_called_a_hub_id(tiny_llama_dir, tmp_path):
+    (tmp_path / "out" / "int4").mkdir(parents=True)
+    os.symlink(tmp_path / "gone", tmp_path / "dangling")
+    for args, said in ((("eval", "dangling"), "symlink to"), (("eval", "out/int4-typo"), "did you mean int4"),
+                       (("bench", "model", tiny_llama_dir, "out/int4-typo", "--windows", "0"), "no such file")):
+        proc = slimkit(*args, cwd=tmp_path)
+        assert proc.returncode == 2 and said in proc.stderr and "Hub" not in proc.stderr, (args, proc.stderr)
+    proc = slimkit("eval", "someone/some-model", cwd=tmp_path)
+    assert proc.returncode == 2 and "Hugging Face Hub id" in proc.stderr
+
+
+def test_a_refused_tokenizer_says_why(tiny_llama_dir, tmp_path):
+    custom = _copy_model(tiny_llama_dir, tmp_path / "custom-tok")
+    config = json.loads((custom / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None]})
+    (custom / "tokenizer_config.json").write_text(json.dumps(config))
+    proc = slimkit("eval", custom, "--windows", "1", "--seqlen", "32")
+    assert proc.returncode == 2 and "own Python code" in proc.stderr, proc.stderr
+
+
+def test_a_gguf_without_tokenizer_metadata_says_so(tiny_llama_dir, tmp_path):
+    import gguf
+
+    assert slimkit("export", tiny_llama_dir, "--to", "gguf", "-o", tmp_path / "g", "--no-verify").returncode == 0
+    keys = [k for k in gguf.GGUFReader(tmp_path / "g" / "model.gguf").fields if k.startswith("tokenizer.")]
+    removal = [arg for k in keys for arg in ("--remove-metadata", k)]
+    subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", "--force", *removal,
+                    tmp_path / "g" / "model.gguf", tmp_path / "bare.gguf"], check=True, capture_output=True)
+    proc = slimkit("eval", tmp_path / "bare.gguf", "--windows", "1", "--seqlen", "32")
+    assert proc.returncode == 2 and "bare.gguf holds no tokenizer" in proc.stderr, proc.stderr
+
+
+def test_options_that_would_be_ignored_or_absurd_are_refused(tiny_llama_dir, tmp_path):
+    proc = slimkit("export", tiny_llama_dir, "--to", "hf", "--type", "q4_k_m", "-o", tmp_path / "x")
+    assert proc.returncode == 2 and "--to gguf only" in proc.stderr and not (tmp_path / "x").exists()
+    recipe = tmp_path / "forever.yaml"
+    recipe.write_text("steps:\n  - method: distill\n    steps: 1000000000000000\n")
+    proc = slimkit("compress", tiny_llama_dir, "-r", recipe, "-o", tmp_path / "o")
+    assert proc.returncode == 2 and "steps" in proc.stderr and "loaded" not in proc.stdout, proc.stderr
+
+
+def test_a_recipe_file_without_a_name_is_named_after_its_file(tmp_path):
+    from slimkit.recipes.schema import load_recipe_file
+
+    path = tmp_path / "name with space.yaml"
+    path.write_text("steps:\n  - method: rtn_quantize\n    bits: 8\n")
+    assert load_recipe_file(path).name == "name-with-space"
+
+
+def test_a_jsonl_with_a_byte_order_mark_is_read(tmp_path):
+    from slimkit.data.corpus import file_documents
+
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps({"text": f"doc {i}"}) for i in range(3)).encode())
+    assert [d.text for d in file_documents(path)] == ["doc 0", "doc 1", "doc 2"]

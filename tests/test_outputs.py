@@ -10,7 +10,16 @@ import time
 import pytest
 
 from slimkit.errors import OutputExistsError, OutputInUseError, OutputRefusedError
-from slimkit.io.outputs import MARKER, output_directory, output_file, remove_stale_partials, reserve_output
+from slimkit.io.outputs import (
+    MARKER,
+    declared_inputs,
+    foreign_files,
+    output_directory,
+    output_file,
+    record_written,
+    remove_stale_partials,
+    reserve_output,
+)
 
 
 def _leftovers(parent):
@@ -70,21 +79,23 @@ def test_overwrite_replaces_only_what_slimkit_wrote(tmp_path):
 def test_overwrite_never_replaces_cwd_home_or_an_input(tmp_path, monkeypatch):
     project = tmp_path / "project"
     (project / "sub").mkdir(parents=True)
-    (project / MARKER).write_text("{}")  # even a dir that looks like slimkit's
+    with output_directory(project / "sub" / "x"):  # even a dir slimkit wrote whole
+        pass
+    (project / MARKER).write_text((project / "sub" / "x" / MARKER).read_text())
     monkeypatch.chdir(project / "sub")
     for target in (project / "sub", project, "."):
         with pytest.raises(OutputRefusedError, match="current directory"):
             with output_directory(target, overwrite=True):
                 pass
     model = tmp_path / "packed"
-    model.mkdir()
-    (model / MARKER).write_text("{}")
+    with output_directory(model):
+        pass
     with pytest.raises(OutputRefusedError, match="input"):
         with output_directory(model, overwrite=True, inputs=[str(model)]):
             pass
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    (tmp_path / "home").mkdir()
-    (tmp_path / "home" / MARKER).write_text("{}")
+    with output_directory(tmp_path / "home"):
+        pass
     with pytest.raises(OutputRefusedError, match="home"):
         with output_directory(tmp_path / "home", overwrite=True):
             pass
@@ -175,3 +186,79 @@ def test_killed_process_leaves_no_complete_looking_output(tmp_path, sig):
     with output_directory(tmp_path / "out") as d:
         (d / "ok").write_text("")
     assert [n for n in _leftovers(tmp_path) if n != "ready"] == ["out"]
+
+
+def _written(path, files: dict[str, str]):
+    with output_directory(path) as d:
+        for name, text in files.items():
+            (d / name).parent.mkdir(parents=True, exist_ok=True)
+            (d / name).write_text(text)
+    return path
+
+
+def test_a_marker_planted_by_hand_proves_nothing(tmp_path):
+    user = tmp_path / "mine"
+    (user / "photos").mkdir(parents=True)
+    (user / "thesis.tex").write_text("years of work")
+    (user / "photos" / "a.jpg").write_bytes(b"jpeg")
+    (user / MARKER).touch()
+    with pytest.raises(OutputRefusedError, match=r"no manifest.*thesis.tex, photos/a.jpg.*rm -r"):
+        with output_directory(user, overwrite=True):
+            pass
+    assert (user / "thesis.tex").read_text() == "years of work" and (user / "photos" / "a.jpg").is_file()
+
+
+def test_files_a_user_added_to_an_output_are_named_and_kept(tmp_path):
+    out = _written(tmp_path / "out", {"model.safetensors": "w", "report.md": "r"})
+    (out / "NOTES.md").write_text("mine")
+    (out / "experiments").mkdir()
+    for i in range(5):
+        (out / "experiments" / f"run{i}.csv").write_text("1,2")
+    with pytest.raises(OutputRefusedError, match=r"NOTES.md, experiments/run0.csv, experiments/run1.csv \(and 3 more\)"):
+        with output_directory(out, overwrite=True):
+            pass
+    assert (out / "NOTES.md").read_text() == "mine" and len(list((out / "experiments").iterdir())) == 5
+
+
+def test_a_file_changed_since_slimkit_wrote_it_is_kept(tmp_path):
+    out = _written(tmp_path / "out", {"report.md": "r"})
+    (out / "report.md").write_text("my edits to the report")
+    assert foreign_files(out) == ["report.md"]
+    with pytest.raises(OutputRefusedError, match="report.md"):
+        with output_directory(out, overwrite=True):
+            pass
+
+
+def test_nested_outputs_and_recorded_files_are_slimkits(tmp_path):
+    out = _written(tmp_path / "out", {"m/model.safetensors": "w"})
+    _written(out / "m" / "packed", {"model.safetensors": "p"})  # `compress --bench` packs inside
+    (out / "bench.md").write_text("| table |")
+    assert foreign_files(out) == ["bench.md"]
+    record_written(out, out / "bench.md")
+    assert foreign_files(out) == []
+    (out / "m" / "packed" / "extra.txt").write_text("mine")
+    assert foreign_files(out) == ["m/packed/extra.txt"]
+    (out / "m" / "packed" / "extra.txt").unlink()
+    with output_directory(out, overwrite=True) as d:
+        (d / "v").write_text("2")
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "v"]
+
+
+def test_declared_inputs_inside_the_output_are_protected(tmp_path):
+    out = _written(tmp_path / "out", {"recipe.yaml": "steps: []"})
+    with declared_inputs([str(out / "recipe.yaml"), "rtn-int8"]):
+        with pytest.raises(OutputRefusedError, match="input .*recipe.yaml"):
+            with output_directory(out, overwrite=True):
+                pass
+    assert (out / "recipe.yaml").is_file()
+
+
+def test_a_lock_whose_pid_was_reused_is_stale_and_a_live_one_names_its_file(tmp_path):
+    lock = tmp_path / ".out.slimkit-lock"
+    lock.write_text(f"{os.getppid()} 1\n")  # a live pid, but not the process that took the lock
+    with output_directory(tmp_path / "out") as d:
+        (d / "v").write_text("x")
+    lock.write_text(f"{os.getppid()}\n")  # no start time: it may still be a slimkit run
+    with pytest.raises(OutputInUseError, match=f"delete {lock}"):
+        with output_directory(tmp_path / "out", overwrite=True):
+            pass

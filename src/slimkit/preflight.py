@@ -17,6 +17,7 @@ from torch import nn
 from slimkit.errors import DataError, ShapeError, SlimkitError
 from slimkit.models.adapters import ArchitectureAdapter, adapter_for
 from slimkit.models.checks import NO_CODE, check_files, check_gguf, load_config, meta_model, read_config
+from slimkit.models.config_bounds import GGUF_BITS_FLOOR, check_config_bounds
 from slimkit.models.loading import gguf_cache_dir, model_kind, resolve
 from slimkit.protocol import EvalSettings
 from slimkit.recipes.schema import Recipe
@@ -54,10 +55,12 @@ def _gguf_config(path: Path):
 
     check_gguf(path)
     try:
-        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, **NO_CODE)
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, **NO_CODE)
     except Exception as exc:  # the gguf reader raises many types for a damaged file
         raise SlimkitError(f"could not read GGUF file {path} (corrupt, truncated or header only): "
                            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+    check_config_bounds(config.to_dict(), path.stat().st_size, GGUF_BITS_FLOOR)
+    return config
 
 
 def outline(model: str) -> ModelOutline:

@@ -23,7 +23,7 @@ from slimkit.evaluation.perplexity import LogprobsUse, PerplexityProtocol, perpl
 from slimkit.evaluation.size import bytes_by_kind, files_bytes, packed_bytes
 from slimkit.export.hf import save_model_dir
 from slimkit.io.outputs import output_directory, reserve_output
-from slimkit.models.loading import LoadedModel, cache_root, load_model
+from slimkit.models.loading import LoadedModel, cache_root, load_model, require_tokenizer
 from slimkit.models.snapshot import ModelSnapshot
 from slimkit.paths import CompressOutput, ModelDir
 from slimkit.progress import NoProgress, Progress
@@ -67,6 +67,7 @@ class QualityMeter:
         disk); later calls, or a meter given `base_logprobs`, also measure the divergence."""
         lm, s = self.loaded, self.settings
         if lm.kind == "causal-lm":
+            require_tokenizer(lm, "perplexity")
             if self.base_logprobs is None:
                 self.base_logprobs = BaseLogprobs.for_model(cache_root(), Path(lm.source), self.split.split_hash,
                                                             s.seqlen)

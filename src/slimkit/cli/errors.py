@@ -31,6 +31,8 @@ _OS_ERRORS = {
 }
 # Rust libraries (safetensors, tokenizers) report OS errors inside their own exception text
 _RUST_OS = re.compile(r"code: (\d+)|os error (\d+)")
+# a write the OS cut short without an errno (gguf's writer: "3145728 requested and 1207968 written")
+_SHORT_WRITE = re.compile(r"(\d+) requested and (\d+) written")
 
 
 def _os_line(code: int, where: str) -> tuple[str, str, int]:
@@ -45,6 +47,8 @@ def describe(exc: BaseException) -> tuple[str, str, int]:
         return str(exc), "", 2
     if isinstance(exc, OSError) and exc.errno is not None:
         return _os_line(exc.errno, str(exc.filename or ""))
+    if isinstance(exc, OSError) and _SHORT_WRITE.search(str(exc)):
+        return _os_line(errno.ENOSPC, f"a write was cut short: {_SHORT_WRITE.search(str(exc)).group(0)}")
     if isinstance(exc, UnicodeDecodeError):
         return f"a file is not UTF-8 text ({exc.reason} at byte {exc.start})", "save it as UTF-8", 2
     if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc) or "not enough memory" in str(exc):
@@ -72,14 +76,18 @@ def install_sigterm() -> None:
 
 
 def friendly_errors(command):
-    """Wrap a CLI command: bad input, Ctrl-C and a broken machine end with one clear line."""
+    """Wrap a CLI command: bad input, Ctrl-C and a broken machine end with one clear line. Every
+    command goes through here, so here its inputs are declared to the output policy too."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         from slimkit.cli.console import err_console
+        from slimkit.cli.inputs import command_inputs
+        from slimkit.io.outputs import declared_inputs
 
         try:
-            return command(*args, **kwargs)
+            with declared_inputs(command_inputs(kwargs)):
+                return command(*args, **kwargs)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except KeyboardInterrupt:

@@ -236,7 +236,7 @@ def _preflight(model: str, recipes: list, settings, explicit: frozenset[str], of
 def _bench_outputs(model: str, recipes: list, root: Path, settings) -> None:
     """`compress --bench`: pack each output (OUT/.../packed) and measure it against the dense model."""
     from slimkit.benchmarks import model as bench_model
-    from slimkit.io.outputs import write_text_atomic
+    from slimkit.io.outputs import record_written, write_text_atomic
     from slimkit.paths import CompressOutput
     from slimkit.pipeline import Variant, measure_stage, pack_stage
     from slimkit.progress import RichProgress
@@ -251,6 +251,7 @@ def _bench_outputs(model: str, recipes: list, root: Path, settings) -> None:
     md = bench_model.table(rows)
     console.print(md)
     write_text_atomic(layout.bench_md, md + "\n")
+    record_written(layout.root, layout.bench_md)  # the output's manifest now lists it
 
 
 @app.command(name="eval")
@@ -458,6 +459,8 @@ def export(
     gguf_type = gguf_type.lower()
     if gguf_type not in QTYPES:
         raise SlimkitError(f"--gguf-type must be one of {', '.join(QTYPES)}")
+    if gguf_type != "auto" and to != "gguf":
+        raise SlimkitError(f"--type {gguf_type} is a GGUF file type: it applies to --to gguf only, not --to {to}")
     with reserve_output(output, overwrite, inputs=[source]):
         quiet_transformers()
         result = export_model(source, output, to, gguf_type, overwrite, verify, _windows(windows))

@@ -20,6 +20,7 @@ import math
 import os
 import random
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -34,6 +35,9 @@ from slimkit.errors import SlimkitError
 from slimkit.paths import TrainRunDir
 from slimkit.progress import NoProgress, Progress
 
+MAX_STEPS = 10_000_000  # far past any distillation run; more is a typo, said before any model loads
+LONG_RUN_S = 24 * 3600  # a run estimated to take longer than this is announced after its first step
+
 
 class TrainFields(BaseModel):
     """The training settings, declared once: `TrainConfig` is exactly these, and the `distill`
@@ -41,7 +45,7 @@ class TrainFields(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    steps: int = Field(200, ge=1, description="optimizer steps")
+    steps: int = Field(200, ge=1, le=MAX_STEPS, description="optimizer steps")
     batch_size: int = Field(8, ge=1, description="examples per optimizer step, all processes together")
     grad_accum: int = Field(1, ge=1, description="micro-batches per step (batch_size must divide evenly)")
     lr: float = Field(1e-4, gt=0)
@@ -268,6 +272,13 @@ def _end_of_step(run: _Session, row: dict, done: int) -> None:
             dist.barrier()
 
 
+def _announce_long_run(progress: Progress, steps: int, first_step_s: float) -> None:
+    estimate = steps * first_step_s
+    if estimate > LONG_RUN_S:
+        progress.note(f"warning: {steps:,} steps at {first_step_s:.2f} s each take about {estimate / 86400:,.1f} "
+                      "days; Ctrl-C stops it, and the run resumes from its last checkpoint")
+
+
 def train(task: TrainTask, config: TrainConfig, run_dir: str | Path, progress: Progress = NoProgress(),
           on_step: Callable[[int], None] | None = None, restart: bool = False) -> TrainResult:
     """Train `task` for `config.steps` steps in `run_dir`, resuming from its checkpoint if any
@@ -283,6 +294,7 @@ def train(task: TrainTask, config: TrainConfig, run_dir: str | Path, progress: P
     if run.rank == 0 and run_dir.exists():  # drop rows past the checkpoint: they are redone now
         _write_log(run.layout.log, run.columns, rows)
     result = TrainResult(run_dir, start, start, rows)
+    first_step = time.perf_counter()
     for step in progress.track(range(start, config.steps), "train", total=config.steps - start):
         row = _step(run, step)
         if run.rank == 0 and (step + 1 == config.steps or (config.eval_every and (step + 1) % config.eval_every == 0)):
@@ -292,6 +304,8 @@ def train(task: TrainTask, config: TrainConfig, run_dir: str | Path, progress: P
         rows.append(row)
         result.steps_done = step + 1
         _end_of_step(run, row, step + 1)
+        if step == start:
+            _announce_long_run(progress, config.steps - start, time.perf_counter() - first_step)
         if on_step is not None:
             on_step(step + 1)
     for module in run.modules.values():

@@ -110,7 +110,7 @@ def perplexity(
     """ppl on the protocol; with `logprobs`, also records the base distributions or measures the
     KL divergence from them (in the same forward passes)."""
     if tokenizer is None:
-        raise DataError("perplexity needs a tokenizer, and this model directory has none")
+        raise DataError("perplexity needs a tokenizer, and none was loaded for this model (the warning above says why)")
     start = time.perf_counter()
     windows = eval_windows(tokenizer, split, protocol.seqlen)
     total = windows.shape[0]

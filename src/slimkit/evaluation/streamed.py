@@ -15,9 +15,9 @@ import torch
 
 from slimkit.calibration.engine import ActivationStore, BlockAccess, capture_block_inputs, forward_block
 from slimkit.data.corpus import TextSplit
-from slimkit.errors import DataError
 from slimkit.evaluation.perplexity import PerplexityProtocol, PerplexityResult, eval_windows
 from slimkit.models.adapters import submodule_at
+from slimkit.models.loading import require_tokenizer
 from slimkit.models.streamed import CheckpointShards, StreamedModel
 from slimkit.progress import NoProgress, Progress
 
@@ -77,8 +77,7 @@ def streamed_perplexity(streamed: StreamedModel, weights: CheckpointShards, spli
                         description: str = "perplexity", device: torch.device | str = "cpu") -> PerplexityResult:
     """ppl of the causal LM whose tensors `weights` holds (the skeleton is `streamed`'s); each
     block runs on `device`, the activations, final norm and head on the CPU."""
-    if streamed.tokenizer is None:
-        raise DataError("perplexity needs a tokenizer, and this model directory has none")
+    require_tokenizer(streamed, "perplexity")
     start = time.perf_counter()
     windows = eval_windows(streamed.tokenizer, split, protocol.seqlen)
     total = windows.shape[0]

@@ -24,7 +24,7 @@ from slimkit.io.outputs import output_directory
 from slimkit.io.text import read_text
 from slimkit.models.checks import NO_CODE, is_causal_lm
 from slimkit.models.layouts import checkpoint_layout, is_conv1d
-from slimkit.models.loading import LoadedModel, load_model
+from slimkit.models.loading import LoadedModel, load_model, require_tokenizer
 from slimkit.models.zoo import zoo_entry
 from slimkit.paths import ExportDir, ModelDir, PackedDir
 from slimkit.recipes.state import COMPRESSION_FILE, load_compression_state
@@ -107,11 +107,15 @@ def export_model(source: str, output: str | Path, to: str, gguf_type: str = "aut
     if to == "gguf":
         from slimkit.export.gguf_file import check_gguf_export
 
+        if lineage[0] is None:
+            require_tokenizer(loaded, "GGUF export")
         check_gguf_export(loaded.model, loaded.tokenizer, lineage[0])  # before the reference ppl
     if to == "compressed-tensors":
         from slimkit.export.compressed_tensors import export_plan
 
         export_plan(loaded.model)  # its refusals, before the reference ppl
+    if verify and loaded.kind == "causal-lm":
+        require_tokenizer(loaded, "the export check (--verify: perplexity before and after)")
     own_ppl = _ppl(loaded.model, loaded.tokenizer, windows) if verify and loaded.kind == "causal-lm" else None
     output = Path(output)
     result = {"source": source, "to": to, "formats": formats, "output": str(output)}

@@ -182,6 +182,9 @@ class Int4Grouped(PackedLinear):
 
     def __init__(self, packed, scale, zero=None, bias=None, meta=None):
         super().__init__(packed.shape[1] * 2, packed.shape[0], bias, meta or {})
+        if scale.dim() != 2 or scale.shape[1] == 0 or self.in_features % scale.shape[1]:
+            raise ValueError(f"scale of shape {list(scale.shape)} does not divide {self.in_features} input "
+                             "columns into groups")
         self.group = self.in_features // scale.shape[1]
         self.register_buffer("scale", scale.contiguous())
         self.register_buffer("zero", zero.to(torch.int8).contiguous() if zero is not None else None)

@@ -188,7 +188,7 @@ def _packed_layer(file: Path, model: nn.Module, name: str, meta: dict, tensors: 
         module = format_class(meta["format"]).from_stored(own, meta, bias)
         again = module.stored()
         out = module(torch.zeros(1, expected[1]))
-    except (KeyError, RuntimeError, ValueError, IndexError, TypeError) as exc:
+    except (KeyError, RuntimeError, ValueError, IndexError, TypeError, ArithmeticError) as exc:
         raise WeightsError(f"{file}: layer {name} ({meta.get('format')}) is damaged: {exc}") from None
     wrong = [f"{k}: {v.dtype} {list(v.shape)} (expected {again[k].dtype} {list(again[k].shape)})"
              for k, v in own.items() if k in again and (v.dtype != again[k].dtype or v.shape != again[k].shape)]

@@ -22,6 +22,7 @@ from torch import nn
 
 from slimkit.errors import ModelNotFoundError, SlimkitError, WeightsError
 from slimkit.io.text import read_text
+from slimkit.models.config_bounds import check_config_bounds
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ def load_config(path: Path):
     from transformers import AutoConfig
 
     raw = read_config(path)
+    check_config_bounds(raw, sum(f.stat().st_size for f in path.glob("*.safetensors")) or None)
     if raw.get("auto_map"):
         log.warning("%s: ignoring auto_map (slimkit never runs Python code from a model directory)", path)
     try:

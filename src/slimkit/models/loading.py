@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from slimkit.errors import ModelNotFoundError, OutputInUseError, OutputRefusedError, WeightsError
+from slimkit.errors import DataError, ModelNotFoundError, OutputInUseError, OutputRefusedError, WeightsError
 from slimkit.io.outputs import output_directory
 from slimkit.models.adapters import ArchitectureAdapter, adapter_for
 from slimkit.models.checks import (
@@ -67,14 +67,43 @@ def model_kind(config: dict) -> ModelKind:
     return "causal-lm" if is_causal_lm(config.get("architectures") or []) else "encoder"
 
 
+_TOKENIZER_PROBLEMS: dict[str, str] = {}  # where a tokenizer was refused in this process -> why
+
+
+def _tokenizer_refusal(path: Path, gguf_file: str | None, exc: Exception) -> str:
+    text = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    config = path / "tokenizer_config.json"
+    custom = "custom code" in str(exc) or "trust_remote_code" in str(exc) or (
+        config.is_file() and '"auto_map"' in config.read_text(encoding="utf-8", errors="replace"))
+    if custom:
+        return "its tokenizer needs its own Python code (auto_map), and slimkit never runs code from a model directory"
+    if gguf_file:
+        return f"{gguf_file} holds no tokenizer transformers can read (tokenizer.ggml.* metadata): {text}"
+    if not any(path.glob("tokenizer*")) and not any(path.glob("vocab*")):
+        return "the directory holds no tokenizer files (tokenizer.json, tokenizer_config.json, ...)"
+    return f"transformers could not load its tokenizer: {text}"
+
+
 def _load_tokenizer(path: Path, **kwargs) -> Any | None:
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(path), **NO_CODE, **kwargs)
-    except (OSError, ValueError, TypeError) as exc:
-        log.warning("no tokenizer loaded from %s (%s); text evaluation will be unavailable", path, exc)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        why = _tokenizer_refusal(path, kwargs.get("gguf_file"), exc)
+        _TOKENIZER_PROBLEMS[str(path / kwargs.get("gguf_file", ""))] = why
+        log.warning("no tokenizer loaded from %s: %s; text evaluation will be unavailable", path, why)
         return None
+
+
+def require_tokenizer(model: "LoadedModel | Any", what: str) -> None:
+    """A clear error, saying why, when `what` needs the tokenizer of a loaded or streamed model."""
+    if model.tokenizer is None:
+        places = [model.source, getattr(model, "hf_dir", None)]
+        fallback = ("the GGUF file holds no tokenizer metadata transformers can read" if
+                    Path(model.source).suffix == ".gguf" else "the directory holds no tokenizer files")
+        why = next((_TOKENIZER_PROBLEMS[str(p)] for p in places if str(p) in _TOKENIZER_PROBLEMS), fallback)
+        raise DataError(f"{what} needs the tokenizer, and {model.source} has none usable: {why}")
 
 
 def _load_hf_dir(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any, ModelKind, torch.dtype]:
@@ -153,6 +182,23 @@ def _load_gguf(path: Path, cache: Path, dtype: torch.dtype) -> tuple[nn.Module, 
     return model.to(dtype), tokenizer, "causal-lm", False
 
 
+def _looks_local(path: Path) -> bool:
+    """A missing path that is plainly meant as a local one: absolute, ./ or ../, or inside a
+    directory that exists here (`out/int4-typo`). Only the rest can be a Hub id."""
+    text = str(path)
+    return path.is_absolute() or text.startswith(("./", "../", "~")) or (
+        len(path.parts) > 1 and Path(path.parts[0]).is_dir())
+
+
+def _near_names(path: Path) -> str:
+    import difflib
+
+    parent = path.parent if path.parent.is_dir() else None
+    names = sorted(p.name for p in parent.iterdir()) if parent else []
+    close = difflib.get_close_matches(path.name, names, n=3)
+    return f" (in {parent}: did you mean {', '.join(close)}?)" if close else ""
+
+
 def resolve(name_or_path: str | os.PathLike) -> tuple[Path, ModelKind | None]:
     """Turn a zoo name, HF dir or .gguf path into a local path; never touches the network."""
     entry = zoo_entry(str(name_or_path))
@@ -164,6 +210,10 @@ def resolve(name_or_path: str | os.PathLike) -> tuple[Path, ModelKind | None]:
             return path, None
         raise ModelNotFoundError(f"{path} is neither a Hugging Face model directory nor a .gguf file")
     known = ", ".join(ZOO)
+    if path.is_symlink():
+        raise ModelNotFoundError(f"{path} is a symlink to {os.readlink(path)}, which does not exist")
+    if _looks_local(path):
+        raise ModelNotFoundError(f"no such file or directory: {path}" + _near_names(path))
     if _HUB_ID.match(str(name_or_path)):
         raise ModelNotFoundError(
             f"'{name_or_path}' looks like a Hugging Face Hub id. slimkit never downloads at run "

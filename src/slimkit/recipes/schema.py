@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -82,5 +83,12 @@ def load_recipe_file(path: str | Path) -> Recipe:
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         raise RecipeError(f"recipe {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
     if isinstance(data, dict):
-        data.setdefault("name", path.stem)
+        data.setdefault("name", name_from_file(path))
     return parse_recipe(data, origin=str(path))
+
+
+def name_from_file(path: Path) -> str:
+    """A recipe name for a file without `name:`: its stem, with what a name may not hold as '-'
+    (`name with space.yaml` -> `name-with-space`)."""
+    name = re.sub(r"[^\w.-]+", "-", path.stem).strip("-._")
+    return name if re.match(r"^[A-Za-z0-9]", name) else f"recipe-{name}".rstrip("-")
