@@ -202,3 +202,26 @@ def test_reproduce_tables_3_to_5_from_measurements(monkeypatch, tmp_path):
     assert verdict["ordering: sparsegpt-50 < magnitude-50"] == "confirmed"
     assert verdict["structured pruning: speed-up from the architecture, no special hardware"] == "confirmed"
     assert verdict["2:4 + int4: decode speed-up on this device"].startswith("confirmed")
+
+
+def test_every_pipeline_row_is_measured_against_the_dense_model(monkeypatch, tmp_path):
+    """reproduce (like the advisor and `compress --bench`) gets its KLD reference from the pipeline:
+    the dense model, measured first, never the first compressed variant."""
+    from slimkit import pipeline
+    from slimkit.benchmarks import model as bench_model
+    from slimkit.benchmarks.reproduce import _measure_variants
+
+    measured = []
+
+    def fake_measure(model, bench, note=None):
+        measured.append((str(model), bench.reference))
+        return _row(str(model), 0, 0, 10.0, 50.0)
+
+    monkeypatch.setattr(pipeline, "compress_stage", lambda model, recipes, *a, **k: (None, []))
+    monkeypatch.setattr(pipeline, "pack_stage", lambda layout, variants, where, *a, **k:
+                        {v.label: tmp_path / v.label.replace(":", "of") for v in variants})
+    monkeypatch.setattr(bench_model, "measure_isolated", fake_measure)
+    _, rows = _measure_variants("smollm2-135m", tmp_path / "out", QUICK, pipeline.NoProgress(), lambda m: None)
+    assert measured[0] == ("smollm2-135m", "smollm2-135m")  # the dense model first, as its own reference
+    assert len(measured) == 1 + 6 and {ref for _, ref in measured} == {"smollm2-135m"}
+    assert list(rows)[0] == "dense" and rows["dense"].model == "smollm2-135m"

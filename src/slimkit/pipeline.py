@@ -4,7 +4,8 @@ Each stage is one function with typed inputs and outputs:
 - `compress_stage`: load the model, evaluate it, run each recipe (calibration included), evaluate
   again and write one model dir per recipe (`workflow.compress_to_dir`);
 - `pack_stage`: store each compressed model in the packed format it is measured in;
-- `measure_stage`: latency, throughput, memory, size and quality, each model in its own process.
+- `measure_stage`: latency, throughput, memory, size and quality of the baseline and of each model,
+  each in its own process, KLD against the baseline.
 `compress_pack_measure` runs the three in order; `slimkit compress --bench`, the advisor and
 `slimkit reproduce` all go through it, so no caller glues the stages again.
 """
@@ -38,6 +39,7 @@ class Variant:
 class PipelineResult:
     reports: list[CompressReport]  # one per distinct recipe
     measured: dict[str, Path]  # variant label -> the directory that was measured
+    baseline: BenchRow  # the dense model: every row's KLD reference
     rows: list[BenchRow] = field(default_factory=list)  # one per variant, in order
 
 
@@ -72,27 +74,31 @@ def pack_stage(layout: CompressOutput, variants: list[Variant], where: Callable[
     return measured
 
 
-def measure_stage(models: list[Path | str], progress: Progress, bench: BenchSettings = BenchSettings()
-                  ) -> list[BenchRow]:
-    """One benchmark row per directory, each measured in a fresh process (its RSS is its own);
-    KLD against the first unless `bench` names another reference."""
+def measure_stage(baseline: str, models: list[Path | str], progress: Progress, bench: BenchSettings = BenchSettings(),
+                  measured_baseline: BenchRow | None = None) -> tuple[BenchRow, list[BenchRow]]:
+    """(the baseline's row, one row per model), each measured in a fresh process (its RSS is its own).
+    The baseline is measured first (or `measured_baseline` reused) and is every model's KLD
+    reference unless `bench` names another one."""
     from slimkit.benchmarks import model as bench_model
 
-    bench = bench_model.with_reference(bench, str(models[0]))
-    return [bench_model.measure_isolated(str(m), bench, note=progress.note)
-            for m in progress.track(models, "measure")]
+    bench = bench_model.with_reference(bench, str(baseline))
+    base = measured_baseline or bench_model.measure_isolated(str(baseline), bench, note=progress.note)
+    rows = [bench_model.measure_isolated(str(m), bench, note=progress.note) for m in progress.track(models, "measure")]
+    return base, rows
 
 
 def compress_pack_measure(model: str, variants: list[Variant], compressed: Path, where: Callable[[Variant], Path],
                           settings: EvalSettings, progress: Progress = NoProgress(),
                           log: Callable[[str], None] = lambda m: None, also_compress: tuple[Recipe, ...] = (),
-                          bench: BenchSettings = BenchSettings()) -> PipelineResult:
+                          bench: BenchSettings = BenchSettings(), measured_baseline: BenchRow | None = None
+                          ) -> PipelineResult:
     """Compress every variant's recipe (and `also_compress`, evaluated only) into `compressed`,
-    pack each variant into `where(variant)`, and measure each packed model."""
+    pack each variant into `where(variant)`, and measure the dense model (unless `measured_baseline`
+    is its row already) and each packed model against it."""
     recipes = list({r.name: r for r in [*also_compress, *(v.recipe for v in variants)]}.values())
     log(f"compressing {len(recipes)} recipe(s): {', '.join(r.name for r in recipes)}")
     layout, reports = compress_stage(model, recipes, compressed, settings, True, progress, log)
     measured = pack_stage(layout, variants, where, progress)
-    log("measuring each model in its own process")
-    rows = measure_stage(list(measured.values()), progress, bench)
-    return PipelineResult(reports, measured, rows)
+    log("measuring the dense model and each compressed one, each in its own process")
+    base, rows = measure_stage(model, list(measured.values()), progress, bench, measured_baseline)
+    return PipelineResult(reports, measured, base, rows)

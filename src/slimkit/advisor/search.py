@@ -169,7 +169,6 @@ def _measure_torch(model: str, constraints: Constraints, device: Device, layout,
                    progress: Progress, log: Callable[[str], None]
                    ) -> tuple[BenchRow, list[AdviseRow], list[SkippedCandidate]]:
     """Compress, pack and measure the candidates the device can run, in slimkit's own runtime."""
-    from slimkit.benchmarks import model as bench_model
     from slimkit.pipeline import Variant, compress_pack_measure
     from slimkit.protocol import BenchSettings, EvalSettings
     from slimkit.recipes import get_recipe
@@ -179,15 +178,13 @@ def _measure_torch(model: str, constraints: Constraints, device: Device, layout,
     eval_settings = EvalSettings.from_protocol(settings.protocol.with_changes(eval_windows=4))
     bench = BenchSettings(windows=settings.protocol.eval_windows, decode=settings.decode_tokens, reference=model)
 
-    def run_candidates(cands: list[tuple[int, Candidate]]) -> list[AdviseRow]:
+    def run_candidates(cands: list[tuple[int, Candidate]], base: BenchRow | None = None):
         variants = [Variant(c.name, get_recipe(c.recipe), c.pack) for _, c in cands]
-        rows = compress_pack_measure(model, variants, layout.compressed, lambda v: layout.packed(v.label),
-                                     eval_settings, progress, log, bench=bench).rows
-        return [_candidate_row(row, order, c) for (order, c), row in zip(cands, rows)]
+        result = compress_pack_measure(model, variants, layout.compressed, lambda v: layout.packed(v.label),
+                                       eval_settings, progress, log, bench=bench, measured_baseline=base)
+        return result.baseline, [_candidate_row(row, order, c) for (order, c), row in zip(cands, result.rows)]
 
-    log("measuring the dense model")
-    base = bench_model.measure_isolated(model, bench, note=progress.note)
-    rows = run_candidates([(o, c) for o, c in measured if c.rule != 4])
+    base, rows = run_candidates([(o, c) for o, c in measured if c.rule != 4])
     accurate = [r for r in rows if constraints.check(r, base)["accuracy"][0]]
     latency_missed = (constraints.max_decode_ms is not None
                       and not any(constraints.check(r, base)["latency"][0] for r in accurate))
@@ -197,7 +194,7 @@ def _measure_torch(model: str, constraints: Constraints, device: Device, layout,
         if reason:
             skipped.append(SkippedCandidate(candidate=c.name, rule=c.rule, reason=reason))
         else:
-            rows += run_candidates([(order, c)])
+            rows += run_candidates([(order, c)], base)[1]
     return base, rows, skipped
 
 

@@ -246,8 +246,8 @@ def _bench_outputs(model: str, recipes: list, root: Path, settings) -> None:
         measured = pack_stage(layout, [Variant(r.name, r) for r in recipes],
                               lambda v: layout.model_dir(v.recipe.name).packed, progress,
                               on_error=lambda v, exc: console.print(f"[yellow]not benchmarked[/yellow] {v.label}: {exc}"))
-        rows = bench_model.compare(measure_stage([model, *measured.values()], progress,
-                                                 BenchSettings(windows=settings.max_windows)))
+        base, rows = measure_stage(model, list(measured.values()), progress, BenchSettings(windows=settings.max_windows))
+        rows = bench_model.compare([base, *rows])
     md = bench_model.table(rows)
     console.print(md)
     write_text_atomic(layout.bench_md, md + "\n")
