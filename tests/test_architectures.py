@@ -51,8 +51,8 @@ def block_projections(model_type: str) -> dict[str, int]:
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("model_type", DECODERS + CONV1D + ENCODERS)
 def test_every_projection_is_compressed(model_dirs, tmp_path, model_type, method):
+    from slimkit.compression.memory import compress_to_dir
     from slimkit.recipes.builtin import get_recipe
-    from slimkit.workflow import compress_to_dir
 
     out = tmp_path / "out"
     compress_to_dir(str(model_dirs(model_type)), [get_recipe(method)], out, SETTINGS)
@@ -84,11 +84,11 @@ def test_packed_and_compressed_tensors_reload_with_the_same_function(model_dirs,
     """RTN int4 g64 records -> packed int4 (slimkit's kernels) -> compressed-tensors loaded by
     transformers alone: the three compute the same function on the same codes. (GPT-2's Conv1D
     layers are exported as blocks of [64, 1] in their [in, out] orientation and load decompressed.)"""
+    from slimkit.compression.memory import compress_to_dir
     from slimkit.export.job import export_model, load_exported
     from slimkit.formats.pack_dir import pack_to_dir
     from slimkit.models import load_model
     from slimkit.recipes.builtin import get_recipe
-    from slimkit.workflow import compress_to_dir
 
     compress_to_dir(str(model_dirs(model_type)), [get_recipe("rtn-int4-g64")], tmp_path / "rtn", SETTINGS)
     pack_to_dir(str(tmp_path / "rtn"), tmp_path / "packed")
@@ -235,9 +235,9 @@ def test_streamed_compress_equals_in_memory(smollm2_tokenizer, tmp_path, model_t
     meta skeleton): the same tensors and records as in memory, and the same ppl through the streamed
     evaluator (Gemma's scaled embeddings and soft-capped logits, Cohere's and Granite's logit scales,
     GPT-J's head bias). The compressed ppl differs by the bf16 rounding of the saved weights only."""
+    from slimkit.compression.memory import compress_to_dir
     from slimkit.recipes.builtin import get_recipe
     from slimkit.streaming.job import compress_streamed
-    from slimkit.workflow import compress_to_dir
     from test_streaming import dir_tensors
 
     source = tmp_path / "src"

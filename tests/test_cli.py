@@ -105,7 +105,7 @@ def test_existing_output_refused_without_overwrite(tiny_llama_dir, tmp_path):
 
 
 def test_interrupt_during_write_leaves_no_output(tiny_llama_dir, tmp_path, monkeypatch):
-    import slimkit.workflow as wf
+    import slimkit.compression.memory as wf
 
     def boom(*a, **k):
         raise KeyboardInterrupt

@@ -45,9 +45,9 @@ def test_store_round_trip(tmp_path):
 
 def test_kld_zero_unchanged_and_positive_after_rtn_int3(smollm2_first_load, tmp_path):
     """SmolLM2: the unchanged model is at KLD exactly 0; RTN int3 moves its distributions."""
+    from slimkit.compression.memory import compress_to_dir
     from slimkit.protocol import EvalSettings
     from slimkit.recipes import parse_recipe
-    from slimkit.workflow import compress_to_dir
 
     identity = parse_recipe({"name": "nothing", "steps": [
         {"method": "rtn_quantize", "bits": 3, "group_size": 64, "ignore": ["*"]}]})

@@ -62,9 +62,9 @@ def test_gguf_q4_0_blocks_are_the_int4_codes_bit_for_bit(full_range):
 def test_full_range_codes_pack_and_export_with_their_negative_scales(tiny_llama_dir, tmp_path):
     """A full-range int4 compress output (scales of both signs, code -8 used) -> packed -> compressed-tensors
     and GGUF loaded by transformers: all compute the fake-quantized model's function."""
+    from slimkit.compression.memory import compress_to_dir
     from slimkit.protocol import EvalSettings
     from slimkit.recipes import parse_recipe
-    from slimkit.workflow import compress_to_dir
 
     recipe = parse_recipe({"name": "fr", "steps": [{"method": "rtn_quantize", "bits": 4, "group_size": 32,
                                                     "full_range": True}]})
@@ -172,10 +172,10 @@ def test_gguf_export_of_smollm2_keeps_the_source_tokenizer_and_description(smoll
     the pack was made with a relative path from another directory."""
     from transformers import AutoTokenizer
 
+    from slimkit.compression.memory import compress_to_dir
     from slimkit.models.zoo import zoo_entry
     from slimkit.protocol import EvalSettings
     from slimkit.recipes import get_recipe
-    from slimkit.workflow import compress_to_dir
 
     compress_to_dir("smollm2-135m", [get_recipe("rtn-int4-g64")], tmp_path / "c", EvalSettings(max_windows=1))
     monkeypatch.chdir(tmp_path)

@@ -102,11 +102,11 @@ def test_smollm2_q4_k_m_gptq_beats_imatrix_rounding_and_exports_its_blocks(smoll
     them, and transformers' GGUF loader scores it as slimkit does."""
     import gguf
 
+    from slimkit.compression.memory import compress_to_dir
     from slimkit.export.job import export_model
     from slimkit.protocol import EvalSettings
     from slimkit.recipes import get_recipe
     from slimkit.recipes.state import load_compression_state
-    from slimkit.workflow import compress_to_dir
 
     settings = EvalSettings(max_windows=2, calibration_windows=8, calibration_seqlen=256)
     gptq, rounded = compress_to_dir("smollm2-135m", [get_recipe("gguf-q4_k_m"), get_recipe("gguf-q4_k_m-imatrix")],

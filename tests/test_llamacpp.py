@@ -36,13 +36,13 @@ def test_llamacpp_scores_a_slimkit_gguf_as_slimkit_scores_the_same_weights(smoll
     slimkit's ppl of the compressed weights, on the same 16 chunks (8k tokens: with 8 the estimate
     of the gap is noisy), agree within 1%. llama.cpp computes in its own arithmetic (activations
     rounded to 8 bits for the quantized dot products): measured +0.2% to +0.7% here."""
+    from slimkit.compression.memory import compress_to_dir
     from slimkit.data import load_split
     from slimkit.export.job import export_model
     from slimkit.formats.pack_dir import pack_to_dir
     from slimkit.models import load_model
     from slimkit.protocol import EvalSettings
     from slimkit.recipes import get_recipe, parse_recipe
-    from slimkit.workflow import compress_to_dir
 
     recipe = parse_recipe(recipe) if isinstance(recipe, dict) else get_recipe(recipe)
     compress_to_dir("smollm2-135m", [recipe], tmp_path / "c", EvalSettings(max_windows=1, calibration_windows=8))
@@ -141,6 +141,7 @@ def test_llamacpp_runs_slimkit_moe_and_gpt2_ggufs_with_the_packed_models_perplex
 
     import torch
 
+    from slimkit.compression.memory import compress_to_dir
     from slimkit.data import load_split
     from slimkit.export.job import export_model
     from slimkit.formats.pack import packed_layers
@@ -148,7 +149,6 @@ def test_llamacpp_runs_slimkit_moe_and_gpt2_ggufs_with_the_packed_models_perplex
     from slimkit.models import load_model
     from slimkit.protocol import EvalSettings
     from slimkit.recipes import get_recipe
-    from slimkit.workflow import compress_to_dir
     from tiny_archs import tiny_model
 
     extra = {"norm_topk_prob": True} if model_type == "qwen3_moe" else {}

@@ -88,8 +88,8 @@ def _expert_projections(model_type: str) -> int:
                                     pytest.param("rtn-int4-g64", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("model_type", MOE)
 def test_every_expert_is_compressed_from_its_routed_tokens(smollm2_tokenizer, tmp_path, model_type, method):
+    from slimkit.compression.memory import compress_to_dir
     from slimkit.recipes.builtin import get_recipe
-    from slimkit.workflow import compress_to_dir
 
     source = tmp_path / "model"
     tiny_model(model_type, vocab_size=len(smollm2_tokenizer)).save_pretrained(source)
@@ -115,10 +115,10 @@ def test_experts_with_too_few_tokens_get_the_data_free_fallback(smollm2_tokenize
     """GPTQ with identity statistics is RTN: with the threshold above every expert's count, every
     expert's weights equal RTN's (attention's do not), and the report lists them."""
     from slimkit.calibration import engine
+    from slimkit.compression.memory import compress_to_dir
     from slimkit.models import load_model
     from slimkit.recipes import parse_recipe
     from slimkit.recipes.builtin import get_recipe
-    from slimkit.workflow import compress_to_dir
 
     monkeypatch.setattr(engine, "MIN_EXPERT_TOKENS", 10**6)
     model = tiny_model("mixtral", vocab_size=len(smollm2_tokenizer))
@@ -164,12 +164,12 @@ def test_packed_experts_and_their_compressed_tensors_export_reload_with_the_same
     alone loads into its 3-D experts."""
     from safetensors import safe_open
 
+    from slimkit.compression.memory import compress_to_dir
     from slimkit.export.job import export_model, load_exported
     from slimkit.formats.pack import packed_layers
     from slimkit.formats.pack_dir import pack_to_dir
     from slimkit.models import load_model
     from slimkit.recipes.builtin import get_recipe
-    from slimkit.workflow import compress_to_dir
 
     source = tmp_path / "model"
     tiny_model(model_type, vocab_size=len(smollm2_tokenizer)).save_pretrained(source)

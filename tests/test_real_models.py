@@ -44,8 +44,8 @@ def test_minilm_embedding_similarity_orders_methods(split):
 def test_compress_smollm2_writes_loadable_dir(smollm2_first_load, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from slimkit.compression.memory import compress_to_dir
     from slimkit.protocol import EvalSettings
-    from slimkit.workflow import compress_to_dir
 
     out = tmp_path / "int4"
     [report] = compress_to_dir("smollm2-135m", [get_recipe("rtn-int4-g64")], out, EvalSettings(max_windows=2))

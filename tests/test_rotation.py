@@ -152,11 +152,11 @@ def test_rotated_quantized_smollm2_packs_and_exports_with_the_same_perplexity(sm
     norm) tuning, and AutoRound with 5 steps of scale and norm tuning, on SmolLM2 (short calibration) ->
     packed -> compressed-tensors and GGUF: each export's ppl within 1% of the packed model's (the
     untied head travels as its own tensor)."""
+    from slimkit.compression.memory import compress_to_dir
     from slimkit.export.job import export_model
     from slimkit.formats.pack_dir import pack_to_dir
     from slimkit.protocol import EvalSettings
     from slimkit.recipes import get_recipe
-    from slimkit.workflow import compress_to_dir
 
     settings = EvalSettings(seqlen=256, max_windows=2, calibration_windows=8, calibration_seqlen=256)
     short = {"rot-autoround-int4-g64": ROTATE_AUTOROUND, "rot-gptq-scales-int4-g64": ROTATE_SCALES,
@@ -173,9 +173,9 @@ def test_a_recipe_after_rotate_in_the_same_run_starts_from_the_tied_model(tiny_l
     """Recipes of one run each start from the model as loaded: weights and head tying (ModelSnapshot)."""
     import json
 
+    from slimkit.compression.memory import compress_to_dir
     from slimkit.protocol import EvalSettings
     from slimkit.recipes import get_recipe
-    from slimkit.workflow import compress_to_dir
 
     settings = EvalSettings(seqlen=64, max_windows=1, calibration_windows=2, calibration_seqlen=64)
     rotate = parse_recipe({"name": "rot", "steps": [{"method": "rotate"}]})

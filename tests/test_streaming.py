@@ -65,9 +65,9 @@ GPTQ_TUNED_SCALES = {"name": "gptq-int4-g64-scales", "steps": [{"method": "gptq"
                                     pytest.param("sparsegpt-50-rec", marks=SLOW),
                                     pytest.param("gptq-int4-g64+scales", marks=SLOW)])
 def test_streamed_equals_in_memory(tiny_bf16, tmp_path, recipe):
+    from slimkit.compression.memory import compress_to_dir
     from slimkit.recipes import get_recipe, parse_recipe
     from slimkit.streaming.job import compress_streamed
-    from slimkit.workflow import compress_to_dir
 
     chosen = get_recipe(recipe) if recipe != "gptq-int4-g64+scales" else parse_recipe(GPTQ_TUNED_SCALES)
     compress_to_dir(str(tiny_bf16), [chosen], tmp_path / "memory", SETTINGS)
@@ -244,9 +244,9 @@ def _calibrated_builtins() -> list[str]:
 @pytest.mark.parametrize("recipe", _calibrated_builtins())
 def test_smollm2_streamed_equals_in_memory(smollm2_first_load, tmp_path, recipe):
     """Every built-in calibrated recipe on SmolLM2: the streamed output is the in-memory one."""
+    from slimkit.compression.memory import compress_to_dir
     from slimkit.recipes import get_recipe
     from slimkit.streaming.job import compress_streamed
-    from slimkit.workflow import compress_to_dir
 
     settings = EvalSettings(seqlen=128, max_windows=2, calibration_windows=8, calibration_seqlen=128)
     compress_to_dir("smollm2-135m", [get_recipe(recipe)], tmp_path / "memory", settings)
@@ -315,12 +315,12 @@ def test_conv1d_models_stream_as_they_compress_in_memory(tiny_gpt2_bf16, tmp_pat
     the in-memory pack."""
     from transformers import AutoModelForCausalLM
 
+    from slimkit.compression.memory import compress_to_dir
     from slimkit.formats import PACKED_FILE
     from slimkit.formats.pack_dir import pack_to_dir
     from slimkit.recipes import get_recipe
     from slimkit.streaming.job import compress_streamed
     from slimkit.streaming.pack import pack_streamed
-    from slimkit.workflow import compress_to_dir
 
     compress_to_dir(str(tiny_gpt2_bf16), [get_recipe(recipe)], tmp_path / "memory", SETTINGS)
     compress_streamed(str(tiny_gpt2_bf16), [get_recipe(recipe)], tmp_path / "streamed", SETTINGS)
@@ -342,3 +342,30 @@ def test_moe_models_are_refused_by_streaming_with_the_way_out(tmp_path, smollm2_
     smollm2_tokenizer.save_pretrained(tmp_path)
     with pytest.raises(SlimkitError, match=r"MoE experts .*not streamed yet.*--stream off"):
         open_streamed(tmp_path)
+
+
+def test_several_recipes_streamed_write_the_summary_the_in_memory_run_writes(tiny_bf16, tmp_path):
+    """One compress body: `--stream on` writes summary.md/json like the in-memory run (it wrote none before)."""
+    import subprocess
+    import sys
+
+    def compress(stream: str) -> Path:
+        out = tmp_path / stream
+        proc = subprocess.run([sys.executable, "-m", "slimkit.cli.main", "compress", str(tiny_bf16), "-r", "rtn-int8",
+                               "-r", "magnitude-50", "-o", str(out), "--stream", stream, "--windows", "2",
+                               "--seqlen", "64"], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return out
+
+    memory, streamed = compress("off"), compress("on")
+    for out in (memory, streamed):
+        assert (out / "summary.md").is_file() and (out / "summary.json").is_file()
+    md = [(out / "summary.md").read_text().splitlines() for out in (memory, streamed)]
+    cut = [c.strip() for c in md[0][2].split("|")].index("after")  # its ppl: to 1e-4 below; no KLD when streamed
+    assert [line.split("|")[:cut] for line in md[0]] == [line.split("|")[:cut] for line in md[1]]
+    runs = [json.loads((out / "summary.json").read_text()) for out in (memory, streamed)]
+    assert [r["recipe"]["name"] for r in runs[0]] == [r["recipe"]["name"] for r in runs[1]] == ["rtn-int8", "magnitude-50"]
+    for a, b in zip(*runs):
+        assert a["compression"]["layers"] == b["compression"]["layers"]
+        assert [a["size"][k] for k in ("dense_bytes", "packed_bytes")] == [b["size"][k] for k in ("dense_bytes", "packed_bytes")]
+        assert a["compressed"]["value"] == pytest.approx(b["compressed"]["value"], rel=1e-4)

@@ -1,11 +1,18 @@
-"""Fingerprints of every built-in recipe's output on a model: sha256 of model.safetensors and ppl.
+"""Fingerprints of built-in recipes' outputs on a model, through the real `slimkit compress`: a
+sha256 over every tensor (name, dtype, shape, bytes; so a sharded streamed output and a single
+file compare), and the ppl the report states.
 
-Used to show that a refactor changed no result: run it before and after, and compare the JSON.
-Small settings keep it to minutes; distill steps are cut to --distill-steps (the code path runs,
-the budget is not the point). Example:
+Used to show that a refactor changed no result, and that the three sources agree: run it before
+and after (or with each --source), and compare the JSON. Small settings keep it to minutes; distill
+steps are cut to --distill-steps (the code path runs, the budget is not the point). Examples:
 
     python tools/recipe_fingerprints.py -o /tmp/before.json
     python tools/recipe_fingerprints.py -o /tmp/after.json && diff /tmp/before.json /tmp/after.json
+    python tools/recipe_fingerprints.py --source streamed -r rtn-int8,gptq-int4-g64 -o /tmp/streamed.json
+    python tools/recipe_fingerprints.py --source torchrun -r gptq-int4-g64 -o /tmp/torchrun.json
+
+--source: memory (`--stream off`), streamed (`--stream on`) or torchrun (2 processes on the CPU,
+gloo). Another checkout's code runs with PYTHONPATH=/that/checkout/src.
 """
 
 from __future__ import annotations
@@ -13,37 +20,80 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
-from slimkit.protocol import EvalSettings
-from slimkit.recipes import builtin_recipes, get_recipe
-from slimkit.workflow import compress_to_dir
+SETTINGS = ["--seqlen", "256", "--windows", "2", "--calibration-windows", "8", "--calibration-seqlen", "128"]
+COMMAND = {
+    "memory": [sys.executable, "-m", "slimkit.cli.main"],
+    "streamed": [sys.executable, "-m", "slimkit.cli.main"],
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "slimkit.cli.main"],
+}
 
 
-def shortened(recipe, distill_steps: int):
-    steps = tuple(s.model_copy(update={"steps": distill_steps, "checkpoint_every": distill_steps})
-                  if s.method == "distill" else s for s in recipe.steps)
-    return recipe.model_copy(update={"steps": steps})
+def tensors_digest(model_dir: Path) -> str:
+    import torch
+    from safetensors import safe_open
+
+    digest = hashlib.sha256()
+    files = sorted(model_dir.glob("model*.safetensors"))
+    named = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            named.update({key: (file, key) for key in f.keys()})
+    for key in sorted(named):
+        with safe_open(str(named[key][0]), framework="pt") as f:
+            t = f.get_tensor(key).contiguous()
+        digest.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
+        digest.update(t.view(-1).view(dtype=torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def recipe_files(names: list[str], work: Path, distill_steps: int) -> list[str]:
+    """Built-in names as they are, or as /tmp YAML files with their distill steps cut."""
+    from slimkit.recipes import get_recipe
+
+    out = []
+    for name in names:
+        recipe = get_recipe(name)
+        if not any(s.method == "distill" for s in recipe.steps):
+            out.append(name)
+            continue
+        steps = tuple(s.model_copy(update={"steps": distill_steps, "checkpoint_every": distill_steps})
+                      if s.method == "distill" else s for s in recipe.steps)
+        path = work / f"{name}.yaml"
+        path.write_text(recipe.model_copy(update={"steps": steps}).to_yaml())
+        out.append(str(path))
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--output", "-o", required=True)
+    parser.add_argument("--source", choices=sorted(COMMAND), default="memory")
+    parser.add_argument("--recipes", "-r", default="", help="comma-separated built-ins (default: all)")
     parser.add_argument("--distill-steps", type=int, default=2)
     args = parser.parse_args()
-    recipes = [shortened(get_recipe(name), args.distill_steps) for name in builtin_recipes()]
-    settings = EvalSettings(seqlen=256, max_windows=2, calibration_windows=8, calibration_seqlen=128)
+    from slimkit.recipes import builtin_recipes
+
+    names = args.recipes.split(",") if args.recipes else list(builtin_recipes())
     result = {}
-    with tempfile.TemporaryDirectory(prefix="slimkit-fingerprints-") as tmp:  # ~11 GB for SmolLM2: removed
+    with tempfile.TemporaryDirectory(prefix="slimkit-fingerprints-") as tmp:  # ~11 GB for every SmolLM2 recipe
         work = Path(tmp)
-        reports = compress_to_dir(args.model, recipes, work / "out", settings, runs_dir=str(work / "runs"),
-                                  log=print)
-        for report in reports:
-            weights = Path(report.output) / "model.safetensors"
-            result[report.recipe_name] = {"sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
-                                          "ppl": report.compressed.value}
+        recipes = [a for r in recipe_files(names, work, args.distill_steps) for a in ("-r", r)]
+        stream = ["--stream", "on" if args.source == "streamed" else "off"]
+        out = work / "out"
+        subprocess.run([*COMMAND[args.source], "compress", args.model, *recipes, "-o", str(out), *SETTINGS, *stream],
+                       check=True, env={**os.environ, "OMP_NUM_THREADS": "1"} if args.source == "torchrun" else None)
+        for name in names:
+            model_dir = out if len(names) == 1 else out / name
+            report = json.loads((model_dir / "report.json").read_text())
+            result[name] = {"tensors_sha256": tensors_digest(model_dir), "ppl": report["compressed"]["value"]}
+        result["_summary_files"] = sorted(p.name for p in out.glob("summary.*"))
     Path(args.output).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     print(json.dumps(result, indent=2, sort_keys=True))
 

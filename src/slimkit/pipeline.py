@@ -1,8 +1,10 @@
 """The flow, in the README's order: load → calibrate → compress → pack → evaluate/benchmark → report.
 
 Each stage is one function with typed inputs and outputs:
-- `compress_stage`: load the model, evaluate it, run each recipe (calibration included), evaluate
-  again and write one model dir per recipe (`workflow.compress_to_dir`);
+- `compress_stage`: run a `CompressJob` on the model source it needs (in memory, streamed from
+  disk when it does not fit, or this process's rank under torchrun; `model_source`): evaluate
+  the model, run each recipe, evaluate again, write one model dir per recipe and a summary
+  (`compression.run_compress`, the one compress body);
 - `pack_stage`: store each compressed model in the packed format it is measured in;
 - `measure_stage`: latency, throughput, memory, size and quality of the baseline and of each model,
   each in its own process, KLD against the baseline.
@@ -16,13 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from slimkit.compression.job import CompressJob, ModelSource, run_compress
+from slimkit.errors import SlimkitError
 from slimkit.paths import CompressOutput
 from slimkit.progress import NoProgress, Progress
 from slimkit.protocol import BenchSettings, EvalSettings
 from slimkit.recipes.schema import Recipe
 from slimkit.results import BenchRow, CompressReport
-from slimkit.workflow import compress_to_dir
 
+STREAM_CHOICES = ("auto", "on", "off")
+STREAM_HELP = ("read and write the model one block at a time (models bigger than RAM): auto (when the model in "
+               "float32 needs more than half the free RAM), on, off")
 DENSE = "dense"  # measure the compressed dir as written (no packing)
 
 
@@ -43,18 +49,51 @@ class PipelineResult:
     rows: list[BenchRow] = field(default_factory=list)  # one per variant, in order
 
 
-def compress_stage(model: str, recipes: list[Recipe], output: Path, settings: EvalSettings, overwrite: bool,
-                   progress: Progress, log: Callable[[str], None], **options) -> tuple[CompressOutput, list[CompressReport]]:
-    layout = CompressOutput(Path(output), tuple(r.name for r in recipes))
-    reports = compress_to_dir(model, recipes, output, settings, overwrite, progress=progress, log=log, **options)
-    return layout, reports
+def streams(stream: str, model: str) -> bool:
+    """--stream: on, off, or auto (an HF dir whose float32 size needs more than half the free RAM)."""
+    if stream not in STREAM_CHOICES:
+        raise SlimkitError(f"--stream must be auto, on or off, not {stream}")
+    if stream != "auto":
+        return stream == "on"
+    from slimkit.calibration.distributed import world
+    from slimkit.models.loading import resolve
+    from slimkit.models.streamed import CheckpointShards, should_stream
+
+    path, _ = resolve(model)
+    return path.is_dir() and world()[1] == 1 and should_stream(CheckpointShards.of_dir(path))
+
+
+def model_source(job: CompressJob, stream: str, progress: Progress, log: Callable[[str], None]) -> ModelSource:
+    """Where `job`'s model lives while it runs: this rank's part of a torchrun group, the model
+    streamed from disk, or in memory. Said before any model loads when the job cannot run there."""
+    from slimkit.calibration.distributed import world
+    from slimkit.compression.memory import InMemorySource, RankSource
+
+    rank, size = world()
+    if size > 1:
+        if stream == "on":
+            raise SlimkitError("several processes (torchrun) calibrate in-memory models for now: drop --stream on")
+        for why in filter(None, (step.one_process_only() for r in job.recipes for step in r.steps)):
+            raise SlimkitError(why)
+        log(f"rank {rank} of {size}: calibration windows split, statistics summed, solves shared")
+        return InMemorySource(job, progress) if rank == 0 else RankSource(job)
+    if streams(stream, job.model):
+        from slimkit.streaming.job import StreamedSource
+
+        return StreamedSource(job, progress)
+    return InMemorySource(job, progress)
+
+
+def compress_stage(job: CompressJob, progress: Progress = NoProgress(), log: Callable[[str], None] = lambda m: None,
+                   stream: str = "off") -> tuple[CompressOutput, list[CompressReport]]:
+    """(the output's layout, one report per recipe; [] on a torchrun rank that writes nothing)."""
+    return job.layout, run_compress(job, model_source(job, stream, progress, log), log)
 
 
 def pack_stage(layout: CompressOutput, variants: list[Variant], where: Callable[[Variant], Path],
                progress: Progress, on_error: Callable[[Variant, Exception], None] | None = None) -> dict[str, Path]:
     """Pack each variant's model dir into `where(variant)` (a slimkit output, replaced if there).
     With `on_error`, a model that cannot be packed is reported there and left out."""
-    from slimkit.errors import SlimkitError
     from slimkit.formats.pack_dir import pack_to_dir
 
     measured = {}
@@ -97,7 +136,8 @@ def compress_pack_measure(model: str, variants: list[Variant], compressed: Path,
     is its row already) and each packed model against it."""
     recipes = list({r.name: r for r in [*also_compress, *(v.recipe for v in variants)]}.values())
     log(f"compressing {len(recipes)} recipe(s): {', '.join(r.name for r in recipes)}")
-    layout, reports = compress_stage(model, recipes, compressed, settings, True, progress, log)
+    job = CompressJob(model, tuple(recipes), Path(compressed), settings, overwrite=True)
+    layout, reports = compress_stage(job, progress, log)
     measured = pack_stage(layout, variants, where, progress)
     log("measuring the dense model and each compressed one, each in its own process")
     base, rows = measure_stage(model, list(measured.values()), progress, bench, measured_baseline)

@@ -45,8 +45,8 @@ def calibration_text(model: str, path: Path, windows: int, seqlen: int, seed: in
 
 def slimkit_ggufs(model: str, types: list[str], work: Path, settings: EvalSettings) -> dict[str, Path]:
     """Compress with gguf_quantize for every type (GPTQ) and Q4_K_M by rounding, export each."""
+    from slimkit.compression.memory import compress_to_dir
     from slimkit.recipes import parse_recipe
-    from slimkit.workflow import compress_to_dir
 
     recipes = [parse_recipe({"name": f"gguf-{t.lower()}", "steps": [{"method": "gguf_quantize", "gguf_type": t}]})
                for t in types]

@@ -8,7 +8,7 @@
 - each batched OBS solve (GPTQ / SparseGPT: the stacked groups of one input width, batched as one
   process batches them) is done by one owner rank, chosen by bin-packing on its cost, and the
   owner broadcasts the results; so codes and masks are those of one process too;
-- only rank 0 writes anything (`workflow.compress_to_dir`); the others run `compress` alone.
+- only rank 0 evaluates and writes (`compression.memory.InMemorySource`); the others (`RankSource`) run `compress` alone.
 
 With one process every function here is the identity.
 """

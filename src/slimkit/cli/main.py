@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import List, Optional
@@ -17,6 +18,7 @@ from slimkit.devices import DEVICE_HELP, resolve_device
 from slimkit.errors import SlimkitError
 from slimkit.io.outputs import reserve_output
 from slimkit.paths import ExportDir, MeasureDir, ModelDir
+from slimkit.pipeline import streams
 from slimkit.protocol import FULL, QUICK, BenchSettings, EvalSettings, parse_windows, windows_text
 from slimkit.pruning.lottery import LotteryConfig
 
@@ -132,6 +134,9 @@ def compress(
 
       slimkit compress ./llama-8b -r gptq-int4-g64 -o out/8b --stream on   # bigger than RAM; rerun resumes
     """
+    from slimkit.calibration.distributed import init_from_env
+    from slimkit.compression import CompressJob
+    from slimkit.pipeline import compress_stage
     from slimkit.progress import RichProgress
     from slimkit.recipes import get_recipe
     from slimkit.reports.tables import comparison_rows, metric_legend, rich_table
@@ -139,77 +144,28 @@ def compress(
     if save_dtype not in _SAVE_DTYPES:
         raise SlimkitError(f"--save-dtype must be one of {', '.join(_SAVE_DTYPES)}, got {save_dtype}")
     place = str(resolve_device(device))
-    if _distributed_worker(model, recipe, stream, bench, settings, explicit, offload_activations, place):
-        return
-    with reserve_output(output, overwrite, inputs=[model]):  # before anything else: a clash fails first
+    rank, size = init_from_env()  # under torchrun: join the group; rank 0 alone evaluates and writes
+    if size > 1 and bench:
+        raise SlimkitError("several processes (torchrun) do not benchmark: drop --bench")
+    with reserve_output(output, overwrite) if rank == 0 else contextlib.nullcontext():  # a clash fails first
         recipes_ = [get_recipe(r) for r in recipe]
         names = [r.name for r in recipes_]
         if len(set(names)) != len(names):
             raise SlimkitError(f"recipe names must differ to share an output dir, got {names}")
         settings = _preflight(model, recipes_, settings, explicit, offload_activations)
         quiet_transformers()
-        run, options = _compress_job(stream, model, offload_activations, restart, place)
+        job = CompressJob(model, tuple(recipes_), output, settings, overwrite, _dtype(save_dtype),
+                          str(offload_activations) if offload_activations else None, place,
+                          restart_training=restart)
         with RichProgress(console) as progress:
-            reports = run(model, recipes_, output, settings, overwrite, _dtype(save_dtype), progress,
-                          log=lambda m: console.print(f"[dim]{m}[/dim]"), **options)
-        console.print(rich_table(comparison_rows(reports), f"slimkit compress: {reports[0].model.name}"))
-        console.print(f"{metric_legend(reports[0])}\npacked MB = the packed format's arithmetic; "
-                      f"total time {reports[-1].timing['total_s']:.0f}s; output: {output}")
-        if bench:
-            _bench_outputs(model, recipes_, output, settings)
-
-
-def _compress_job(stream: str, model: str, offload: Optional[Path], restart: bool, device: str):
-    """The compress job (streamed or in memory) and its options."""
-    from slimkit.streaming.job import compress_streamed
-    from slimkit.workflow import compress_to_dir
-
-    offload_dir = str(offload) if offload else None
-    if _streams(stream, model):
-        return compress_streamed, {"offload_dir": offload_dir, "device": device}
-    return compress_to_dir, {"offload_dir": offload_dir, "restart_training": restart, "device": device}
-
-
-def _distributed_worker(model: str, recipe: list[str], stream: str, bench: bool, settings, explicit, offload,
-                        device: str) -> bool:
-    """Under torchrun (WORLD_SIZE > 1): join the group; a rank other than 0 runs the recipes'
-    calibration collectives and returns True (rank 0 alone evaluates and writes)."""
-    from slimkit.calibration.distributed import init_from_env
-
-    rank, size = init_from_env()
-    if size == 1:
-        return False
-    if stream == "on" or bench:
-        raise SlimkitError("several processes (torchrun) calibrate in-memory models for now: drop --stream on / --bench")
-    from slimkit.recipes import get_recipe
-
-    recipes = [get_recipe(r) for r in recipe]
-    for why in filter(None, (step.one_process_only() for r in recipes for step in r.steps)):
-        raise SlimkitError(why)  # before any model loads
-    console.print(f"[dim]rank {rank} of {size}: calibration windows split, statistics summed, "
-                  "solves shared[/dim]")
-    if rank == 0:
-        return False
-    from slimkit.workflow import compress_worker
-
-    settings = _preflight(model, recipes, settings, explicit, offload)  # the same fitted settings as rank 0
-    compress_worker(model, recipes, settings, str(offload) if offload else None, device)
-    return True
-
-
-def _streams(stream: str, model: str) -> bool:
-    """--stream: on, off, or auto (an HF dir whose float32 size needs more than half the free RAM)."""
-    if stream not in ("auto", "on", "off"):
-        raise SlimkitError(f"--stream must be auto, on or off, not {stream}")
-    if stream != "auto":
-        return stream == "on"
-    from slimkit.models.loading import resolve
-    from slimkit.models.streamed import CheckpointShards, should_stream
-
-    path, _ = resolve(model)
-    from slimkit.calibration.distributed import world
-
-    return path.is_dir() and world()[1] == 1 and should_stream(CheckpointShards.of_dir(path))
+            _, reports = compress_stage(job, progress, lambda m: console.print(f"[dim]{m}[/dim]"), stream)
+    if not reports:  # a torchrun rank other than 0
+        return
+    console.print(rich_table(comparison_rows(reports), f"slimkit compress: {reports[0].model.name}"))
+    console.print(f"{metric_legend(reports[0])}\npacked MB = the packed format's arithmetic; "
+                  f"total time {reports[-1].timing['total_s']:.0f}s; output: {output}")
+    if bench:
+        _bench_outputs(model, recipes_, output, settings)
 
 
 def _dtype(name: str):
@@ -288,16 +244,16 @@ def eval_(
       slimkit eval out/minilm-int8          # cosine vs the base model in report.json
     """
     from slimkit.data import load_split
+    from slimkit.evaluation.quality import QualityMeter, protocol_text
     from slimkit.models import load_model
     from slimkit.preflight import check_data, fit_settings, outline
     from slimkit.progress import RichProgress
-    from slimkit.workflow import QualityMeter, protocol_text
 
     check_data(Path(settings.data) if settings.data else None)
     settings = fit_settings(outline(model), settings, explicit)
     quiet_transformers()
     place = str(resolve_device(device))
-    if _streams(stream, model):
+    if streams(stream, model):
         return _eval_streamed(model, settings, as_json, place)
     loaded = load_model(model)
     split = load_split(settings.data)
@@ -407,7 +363,7 @@ def pack(
     with reserve_output(output, overwrite, inputs=[source]):
         quiet_transformers()
         with RichProgress(console) as progress:
-            job = pack_streamed if _streams(stream, source) else pack_to_dir
+            job = pack_streamed if streams(stream, source) else pack_to_dir
             summary = job(source, output, format, group_size, overwrite, progress, include_lm_head=lm_head)
     fmts: dict[str, int] = {}
     for layer in summary["layers"].values():
@@ -555,7 +511,6 @@ def bench_model_cmd(
     When `make peers` has built llama.cpp, the torch table also gets llama.cpp columns: each model's
     GGUF timed by llama-bench at the same thread count, and slimkit's decode speed over it.
     """
-    import contextlib
     import tempfile
 
     from slimkit.benchmarks import model as bench

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from slimkit.calibration.engine import ActivationStore, BlockAccess
+from slimkit.compression.report import LayerTally
 from slimkit.io.tensors import save_tensors_atomic
 from slimkit.models.layouts import to_checkpoint, transposed_in_checkpoint
 from slimkit.models.streamed import StreamedModel
@@ -23,7 +24,6 @@ from slimkit.recipes.builtin_steps import handler_for
 from slimkit.recipes.context import StepContext
 from slimkit.recipes.state import save_compression_state
 from slimkit.streaming.work import StreamState, WorkDir
-from slimkit.workflow import LayerTally
 
 
 class StreamedBlocks(BlockAccess):

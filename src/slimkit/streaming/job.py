@@ -15,19 +15,21 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from slimkit.compression.job import CompressJob, run_compress
+from slimkit.compression.report import LayerTally, Measured, build_report
 from slimkit.data.corpus import TextSplit, load_split
 from slimkit.data.tokens import calibration_windows
 from slimkit.errors import RecipeError
 from slimkit.evaluation.perplexity import PerplexityProtocol
 from slimkit.evaluation.streamed import streamed_perplexity
-from slimkit.io.outputs import output_directory, reserve_output
 from slimkit.models.streamed import CheckpointShards, StreamedModel, open_streamed
-from slimkit.paths import CompressOutput, StreamWork
+from slimkit.paths import StreamWork
 from slimkit.progress import NoProgress, Progress
 from slimkit.protocol import EvalSettings
 from slimkit.recipes.apply import CompressionResult
@@ -38,7 +40,6 @@ from slimkit.results import CompressReport, Quality
 from slimkit.streaming.blocks import StreamedBlocks
 from slimkit.streaming.output import write_streamed_output
 from slimkit.streaming.work import StreamState, WorkDir, run_identity
-from slimkit.workflow import LayerTally, build_report
 
 
 def check_streamable(recipe: Recipe) -> None:
@@ -148,60 +149,82 @@ def _write_outer(streamed: StreamedModel, ctx: StepContext, work: WorkDir, outer
     state.tally = total.to_dict()
 
 
-def compress_streamed(model: str, recipes: list[Recipe], output: str | Path, settings: EvalSettings = EvalSettings(),
-                      overwrite: bool = False, save_dtype: torch.dtype | None = None,
-                      progress: Progress = NoProgress(), log: Callable[[str], None] = lambda m: None,
-                      offload_dir: str | None = None, device: str = "cpu") -> list[CompressReport]:
-    """`compress_to_dir`'s job for a model read one block at a time; same outputs and reports."""
-    output = Path(output).absolute()
-    with reserve_output(output, overwrite, inputs=[model]):
-        streamed = open_streamed(streamed_source(model, log), name=model)
-        for recipe in recipes:
+@dataclass
+class CompressedStreamed:
+    """One recipe's compressed blocks, in its work dir, and its report."""
+
+    streamed: StreamedModel
+    work: WorkDir
+    recipe: Recipe
+    report: CompressReport
+    save_dtype: torch.dtype
+
+    def write(self, directory: Path, final: Path) -> None:
+        write_streamed_output(self.streamed, self.work, directory, self.recipe, self.report, final, self.save_dtype)
+
+
+class StreamedSource:
+    """The model read from its files one block at a time; each recipe's blocks go to a work dir
+    beside the output (`StreamWork`), from which a killed run resumes."""
+
+    writes_output = True
+
+    def __init__(self, job: CompressJob, progress: Progress = NoProgress()):
+        self.job, self.progress, self.works = job, progress, []
+        for recipe in job.recipes:
             check_streamable(recipe)
-        return _compress_reserved(streamed, recipes, output, settings, overwrite, save_dtype, progress, log,
-                                  offload_dir, device)
+
+    @property
+    def name(self) -> str:
+        return self.streamed.name
+
+    def open(self, log: Callable[[str], None]) -> None:
+        self.streamed = streamed = open_streamed(streamed_source(self.job.model, log), name=self.job.model)
+        self.save_dtype = self.job.save_dtype or streamed.source_dtype
+        log(f"streaming {streamed.name} ({streamed.adapter.name}, {streamed.shards.nbytes() / 1e9:.2f} GB in "
+            f"{len(set(streamed.shards.files.values()))} file(s)) one block at a time")
+        self.split, self.log = load_split(self.job.settings.data), log
+
+    def measure_dense(self) -> Quality:
+        return self._quality(self.streamed.shards, "dense")
+
+    def _quality(self, weights: CheckpointShards, label: str) -> Quality:
+        return _quality(self.streamed, weights, self.split, self.job.settings, self.progress, label, self.job.device)
+
+    def compress(self, index: int, recipe: Recipe, baseline: Quality | None) -> CompressedStreamed:
+        job, streamed = self.job, self.streamed
+        identity = run_identity(model=str(streamed.source), files=_files_signature(streamed.shards),
+                                recipe=recipe.to_dict(), settings=job.settings, save_dtype=str(self.save_dtype))
+        work = WorkDir(StreamWork.beside(job.layout.root, recipe.name), identity, self.log)
+        state, result = stream_recipe(streamed, recipe, work, job.settings, self.split, self.progress,
+                                      job.offload_dir, self.save_dtype, job.device)
+        self.works.append(work)
+        return CompressedStreamed(streamed, work, recipe, self._report(result, state, work, baseline), self.save_dtype)
+
+    def _report(self, result: CompressionResult, state: StreamState, work: WorkDir, baseline: Quality
+                ) -> CompressReport:
+        streamed = self.streamed
+        after = self._quality(CheckpointShards.of_files(_compressed_files(streamed, work)), result.recipe.name)
+        sparsity = state.baseline_zeros / state.baseline_total if state.baseline_total else 0.0
+        dense_by_kind = streamed.shards.bytes_by_kind(streamed.adapter, streamed.source_dtype.itemsize)
+        timing = {"load_s": 0.0, "compress_s": state.seconds, "eval_before_s": baseline.details["seconds"],
+                  "eval_after_s": after.details["seconds"],
+                  **{f"stream_{k}": v for k, v in state.phase_seconds.items()}}
+        measured = Measured(baseline, sparsity, after, dense_by_kind, timing)
+        return build_report(streamed, result, self.split, self.job.settings, measured,
+                            LayerTally.from_dict(state.tally))
+
+    def finish(self) -> None:
+        for work in self.works:  # the output is complete: the resumable state is no longer needed
+            work.remove()
 
 
-def _compress_reserved(streamed, recipes, output, settings, overwrite, save_dtype, progress, log, offload_dir,
-                       device):
-    start = time.perf_counter()
-    save_dtype = save_dtype or streamed.source_dtype
-    log(f"streaming {streamed.name} ({streamed.adapter.name}, {streamed.shards.nbytes() / 1e9:.2f} GB in "
-        f"{len(set(streamed.shards.files.values()))} file(s)) one block at a time")
-    split = load_split(settings.data)
-    baseline = _quality(streamed, streamed.shards, split, settings, progress, "dense", device)
-    works, reports = [], []
-    layout = CompressOutput(output, tuple(r.name for r in recipes))
-    with output_directory(output, overwrite, inputs=[streamed.name], command="compress") as root:
-        written = CompressOutput(root, layout.recipes)
-        for recipe in recipes:
-            identity = run_identity(model=str(streamed.source), files=_files_signature(streamed.shards),
-                                    recipe=recipe.to_dict(), settings=settings, save_dtype=str(save_dtype))
-            work = WorkDir(StreamWork.beside(output, recipe.name), identity, log)
-            state, result = stream_recipe(streamed, recipe, work, settings, split, progress, offload_dir, save_dtype,
-                                          device)
-            report = _report(streamed, recipe, result, state, work, split, settings, baseline, progress, device)
-            report.timing["total_s"] = time.perf_counter() - start
-            write_streamed_output(streamed, work, written.model_dir(recipe.name).root, recipe, report,
-                                  layout.model_dir(recipe.name).root, save_dtype)
-            works.append(work)
-            reports.append(report)
-            log(f"done: {recipe.name} (-> {layout.model_dir(recipe.name).root})")
-    for work in works:  # the output is complete: the resumable state is no longer needed
-        work.remove()
-    log(f"wrote {output}")
-    return reports
-
-
-def _report(streamed, recipe, result, state, work, split, settings, baseline, progress, device) -> CompressReport:
-    compressed_weights = CheckpointShards.of_files(_compressed_files(streamed, work))
-    after = _quality(streamed, compressed_weights, split, settings, progress, recipe.name, device)
-    sparsity = state.baseline_zeros / state.baseline_total if state.baseline_total else 0.0
-    dense_by_kind = streamed.shards.bytes_by_kind(streamed.adapter, streamed.source_dtype.itemsize)
-    timing = {"load_s": 0.0, "compress_s": state.seconds, "eval_before_s": baseline.details["seconds"],
-              "eval_after_s": after.details["seconds"], **{f"stream_{k}": v for k, v in state.phase_seconds.items()}}
-    return build_report(streamed, recipe, result, split, settings, baseline, sparsity, after, dense_by_kind, timing,
-                        LayerTally.from_dict(state.tally))
+def compress_streamed(model: str, recipes: list[Recipe], output: str | Path, settings: EvalSettings = EvalSettings(),
+                      progress: Progress = NoProgress(), log: Callable[[str], None] = lambda m: None,
+                      **options) -> list[CompressReport]:
+    """`run_compress` streamed: `compress_to_dir`'s job for a model read one block at a time."""
+    job = CompressJob(model, tuple(recipes), Path(output), settings, **options)
+    return run_compress(job, StreamedSource(job, progress), log)
 
 
 def _compressed_files(streamed: StreamedModel, work: WorkDir) -> list[Path]:
