@@ -161,7 +161,7 @@ def test_bench_rounds_alternate_and_keep_each_timings_fastest(monkeypatch):
 
 
 def test_decode_profile_names_the_operators_of_a_compiled_step(tiny_llama_dir):
-    from slimkit.benchmarks.decode_profile import profile_decode
+    from benchmarks.decode_profile import profile_decode
 
     md = profile_decode(str(tiny_llama_dir), steps=4, rows=5)
     ops = re.findall(r"^\| (.+?) \| ([\d.]+) \| ([\d.]+) \|$", md, flags=re.M)

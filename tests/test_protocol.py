@@ -8,8 +8,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from slimkit.cli.main import COMPRESS_SETTINGS, app
-from slimkit.cli.options import build_settings
+from slimkit.cli.main import app
+from slimkit.cli.options import COMPRESS_SETTINGS, build_settings
 from slimkit.errors import SlimkitError
 from slimkit.protocol import ALL_WINDOWS, FULL, QUICK, EvalSettings, parse_windows
 from slimkit.results import BenchRow, CompressReport

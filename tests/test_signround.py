@@ -159,7 +159,7 @@ def test_autoround_on_smollm2_first_block_lowers_its_output_error(smollm2):
 
 
 def test_the_peer_benchmark_sets_autoround_steps_on_autoround_recipes_only():
-    from slimkit.benchmarks.peer_llmcompressor import slimkit_recipe
+    from benchmarks.peer_llmcompressor import slimkit_recipe
 
     assert [s.iters for s in slimkit_recipe("autoround-int3-g64", None).steps] == [200]
     changed = slimkit_recipe("autoround-int3-g64", 50)
@@ -168,7 +168,7 @@ def test_the_peer_benchmark_sets_autoround_steps_on_autoround_recipes_only():
 
 
 def test_the_peer_benchmark_pairs_slimkits_recipe_with_the_peers_method():
-    from slimkit.benchmarks.peer_llmcompressor import pair
+    from benchmarks.peer_llmcompressor import pair
 
     assert pair("gptq-int4-g64") == ("gptq-int4-g64", "gptq-int4-g64")
     assert pair("rot-gptq-scales-int4-g64=autoround-int4-g64") == ("rot-gptq-scales-int4-g64", "autoround-int4-g64")
@@ -177,7 +177,7 @@ def test_the_peer_benchmark_pairs_slimkits_recipe_with_the_peers_method():
 
 
 def test_a_peer_only_row_shows_the_peers_numbers_and_dashes_for_slimkits(capsys):
-    from slimkit.benchmarks.peer_llmcompressor import print_table
+    from benchmarks.peer_llmcompressor import print_table
 
     row = {"method": "autoround-int4-g64", "peer_method": "autoround-int4-g64", "calibration": "128x512",
            "slimkit_seconds": None, "slimkit_ppl": None, "speedup": None, "peer_seconds": 12.34,

@@ -16,8 +16,6 @@ import torch
 from slimkit.errors import SlimkitError
 
 CHOICES = ("auto", "cpu", "cuda")
-DEVICE_HELP = ("cpu, cuda (cuda:N for one GPU) or auto (cuda when a GPU is visible): where the block being "
-               "calibrated, its statistics and solves run; the rest of the model stays on the CPU or on disk")
 
 
 def resolve_device(choice: str = "auto") -> torch.device:

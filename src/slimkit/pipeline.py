@@ -27,8 +27,6 @@ from slimkit.recipes.schema import Recipe
 from slimkit.results import BenchRow, CompressReport
 
 STREAM_CHOICES = ("auto", "on", "off")
-STREAM_HELP = ("read and write the model one block at a time (models bigger than RAM): auto (when the model in "
-               "float32 needs more than half the free RAM), on, off")
 DENSE = "dense"  # measure the compressed dir as written (no packing)
 
 

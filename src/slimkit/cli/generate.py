@@ -6,6 +6,7 @@ import typer
 
 from slimkit.cli.console import console, err_console, quiet_transformers
 from slimkit.cli.errors import friendly_errors
+from slimkit.cli.options import device_option
 from slimkit.errors import SlimkitError
 
 
@@ -18,7 +19,7 @@ def generate(
                                   "KV cache (the first step compiles: tens of seconds on a CPU) or eager"),
     chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the model's chat template (as a user "
                               "turn) when it has one"),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda (cuda:N) or auto (cuda when a GPU is visible)"),
+    device: str = device_option("where the model decodes", default="cpu"),
 ) -> None:
     """Greedy decoding, tokens printed as they come; speed and compile time on stderr.
 

@@ -18,7 +18,16 @@ import typer
 from pydantic import BaseModel, ValidationError
 
 from slimkit.errors import SlimkitError
-from slimkit.protocol import FULL, QUICK
+from slimkit.protocol import FULL, QUICK, parse_windows
+
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+COMPRESS_SETTINGS = ("seqlen", "max_windows", "n_texts", "data", "calibration_windows", "calibration_seqlen", "seed")
+EVAL_SETTINGS = ("seqlen", "max_windows", "n_texts", "data")
+STREAM_HELP = ("read the model one block at a time from disk (models bigger than RAM): auto (when the model in "
+               "float32 needs more than half the free RAM), on, off")
+DEVICE_HELP = "cpu, cuda (cuda:N for one GPU) or auto (cuda when a GPU is visible)"
+OVERWRITE_HELP = ("replace an existing output (only one slimkit wrote; never the current dir, home, "
+                  "or a dir holding an input)")
 
 _PROTOCOL_FLAG = inspect.Parameter(
     "quick", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
@@ -101,3 +110,21 @@ def settings_options(model: type[BaseModel], fields: tuple[str, ...], param: str
         return wrapper
 
     return decorate
+
+
+def windows_option(text: str, allow_zero: bool = False) -> int | None:
+    """A `--windows N|all` value, or one clear error naming the option."""
+    try:
+        return parse_windows(text, allow_zero)
+    except ValueError as exc:
+        raise SlimkitError(f"--windows: {exc}") from None
+
+
+def stream_option(what_else: str = "") -> typer.models.OptionInfo:
+    """`--stream auto|on|off`, declared once; `what_else`: what streaming means for this verb."""
+    return typer.Option("auto", "--stream", help=STREAM_HELP + (f"; {what_else}" if what_else else ""))
+
+
+def device_option(where: str, default: str = "auto") -> typer.models.OptionInfo:
+    """`--device`, declared once; `where`: what runs there for this verb."""
+    return typer.Option(default, "--device", help=f"{DEVICE_HELP}: {where}")

@@ -118,8 +118,7 @@ class AutoRoundConfig(StepConfig, QuantFields):
     targets: Literal["compressed-path", "dense-model"] = Field(
         "compressed-path", description="what each block learns to output: the dense block on the inputs the "
         "compressed blocks before it produce, or the dense model's own activations at that depth (AutoRound's "
-        "and llm-compressor's choice; SmolLM2 int3 quick: with full_range 26.62 vs 27.80, on the half-step grid "
-        "41.88 vs 33.91)")
+        "and llm-compressor's choice; measured: docs/results.md)")
     tune_scales: ScaleTuning | None = Field(
         None, description="then train each block's group scales with Adam (the tuned codes fixed) to the dense output")
 

@@ -1,8 +1,8 @@
 """Side by side with llama.cpp: the same base model, two ways to a GGUF, judged by llama.cpp.
 
     make peers     # once: llama.cpp's tools in .peers/llama.cpp/bin
-    python -m slimkit.benchmarks.peer_llamacpp -o out/peer-llamacpp            # quick: 16 x 256 calibration
-    python -m slimkit.benchmarks.peer_llamacpp -o out/peer-llamacpp --full     # 128 x 512 calibration
+    python -m benchmarks.peer_llamacpp -o out/peer-llamacpp            # quick: 16 x 256 calibration
+    python -m benchmarks.peer_llamacpp -o out/peer-llamacpp --full     # 128 x 512 calibration
 
 - the base: slimkit exports the dense model to an F32 GGUF; llama-perplexity saves its
   distributions on the evaluation text (--kl-divergence-base) and every other file is scored

@@ -5,11 +5,11 @@ Each run is a fresh `slimkit compress` process; its peak RSS is the kernel's hig
 that process (ru_maxrss of the child). The target is flat memory in model size apart from one
 block. SmolLM2 is also measured in memory (`--stream off`) for contrast.
 
-    python -m slimkit.benchmarks.scale -o runs/scale                      # RTN and GPTQ, all sizes
-    python -m slimkit.benchmarks.scale --models smollm2-135m,llama-3.2-1b --recipes gptq-int4-g128
-    python -m slimkit.benchmarks.scale --distributed     # 1 process vs 2 gloo processes on SmolLM2
-    python -m slimkit.benchmarks.scale --verify OUT SOURCE 17   # a streamed RTN output, without loading it
-    python -m slimkit.benchmarks.scale --pack          # `slimkit pack --format int4` streamed vs in memory
+    python -m benchmarks.scale -o runs/scale                      # RTN and GPTQ, all sizes
+    python -m benchmarks.scale --models smollm2-135m,llama-3.2-1b --recipes gptq-int4-g128
+    python -m benchmarks.scale --distributed     # 1 process vs 2 gloo processes on SmolLM2
+    python -m benchmarks.scale --verify OUT SOURCE 17   # a streamed RTN output, without loading it
+    python -m benchmarks.scale --pack          # `slimkit pack --format int4` streamed vs in memory
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ EVAL = ("--windows", "1", "--seqlen", "128")
 
 
 def model_path(name: str) -> str:
-    from slimkit.benchmarks.synthetic import SHAPES, synthetic_checkpoint
+    from benchmarks.synthetic import SHAPES, synthetic_checkpoint
 
     return str(synthetic_checkpoint(name)) if name in SHAPES else name
 

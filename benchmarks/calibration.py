@@ -1,6 +1,6 @@
 """Benchmark: how long each calibrated method takes, against the FLOP bound of its work.
 
-    python -m slimkit.benchmarks.calibration --windows 128 --seqlen 512 \
+    python -m benchmarks.calibration --windows 128 --seqlen 512 \
         --recipes sparsegpt-50,wanda-50,gptq-int4-g64,awq-int4-g64 --eval-windows all
 
 The FLOP bound counts the work the engine cannot avoid, at the dense fp32 matmul rate measured

@@ -1,7 +1,7 @@
 """Where one compiled decode step's time goes: torch.profiler over `steps` greedy steps of the
 static-KV-cache decoder (after a warm-up generation that compiles it), per step, by operator.
 
-    python -m slimkit.benchmarks.decode_profile runs/int4 --steps 40
+    python -m benchmarks.decode_profile runs/int4 --steps 40
 
 `bench model` says how fast; this says why (the int4 matmuls, the compiled graph's own code, the
 head, attention, dynamo's per-call cost), next to the bandwidth floor of the packed weights.

@@ -1,7 +1,7 @@
 """Side by side with llm-compressor: the same windows, the same methods, one table.
 
     make peers     # once: llm-compressor 0.14 in its own venv (.peers/llmcompressor)
-    python -m slimkit.benchmarks.peer_llmcompressor --windows 16 --seqlen 256 --eval-windows 16
+    python -m benchmarks.peer_llmcompressor --windows 16 --seqlen 256 --eval-windows 16
 
 slimkit draws the calibration and evaluation windows once and hands them to llm-compressor's
 worker (run with the peer venv's Python), so both tools calibrate on identical tokens and are

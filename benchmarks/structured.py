@@ -9,9 +9,9 @@ Subcommands (each prints one JSON row per measurement, then a table):
             cosine to the teacher before and after distillation
   kd        classifier KD vs no KD at equal steps over seeds (digits or Fashion-MNIST)
 
-  python -m slimkit.benchmarks.structured minitron --steps 300
-  python -m slimkit.benchmarks.structured layers --drop 4
-  python -m slimkit.benchmarks.structured kd --dataset fashion-mnist --seeds 3
+  python -m benchmarks.structured minitron --steps 300
+  python -m benchmarks.structured layers --drop 4
+  python -m benchmarks.structured kd --dataset fashion-mnist --seeds 3
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ the embedding and the head) under the cache, tensor by tensor: the process never
 one tensor. The tokenizer is SmolLM2's (its ids fit any of these vocabularies). Quality measured on
 these models is meaningless; memory and time are not.
 
-    python -m slimkit.benchmarks.synthetic llama-3.1-8b      # prints the directory
+    python -m benchmarks.synthetic llama-3.1-8b      # prints the directory
 """
 
 from __future__ import annotations
