@@ -111,7 +111,7 @@ def check_recipe_shapes(outline_: ModelOutline, recipe: Recipe) -> None:
     for step in recipe.steps:
         if step.changes_shapes or step.needs_teacher:
             return
-        nm = step.nm() if hasattr(step, "nm") else None
+        nm = step.nm()
         quant = step if isinstance(step, QuantFields) else getattr(step, "quantize", None)
         for name, module in select_targets(outline_.skeleton, outline_.adapter, step, {}).items():
             if nm:

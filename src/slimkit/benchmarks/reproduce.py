@@ -4,7 +4,7 @@ Each row pairs a claim with a figure measured here, in this run, and a verdict:
 - confirmed: the measurement agrees (within a factor of 1.5 for ratios, or the ordering holds);
 - refuted: it does not (the row says by how much);
 - not measurable here: the hardware is missing (the row says what is needed).
-The claims are the article's figures as recorded in shared/design.md (measured on a 2-core Zen 3
+The claims are the article's figures (the constants below, each with its source) (measured on a 2-core Zen 3
 CPU, or LLaMA-2-7B on WikiText-2); where the article gives no number, the claim is the
 arithmetic (labelled "theory"). Nothing from the claim column is ever copied into "measured".
 """
@@ -69,22 +69,22 @@ def sparsity_rows(model: str, repeats: int, progress: Progress) -> tuple[list[Ro
                     "2.00x", "theory 1/(1-s)", f"{by[('zeros-in-dense', 0.5)]:.2f}x",
                     ratio_verdict(2.0, by[("zeros-in-dense", 0.5)])))
     rows.append(Row("1. unstructured sparsity", "zeros in a dense tensor, 50-99%: no speed-up",
-                    f"{ARTICLE_ZEROS_RANGE[0]:.2f}-{ARTICLE_ZEROS_RANGE[1]:.2f}x", "article (design.md §5)",
+                    f"{ARTICLE_ZEROS_RANGE[0]:.2f}-{ARTICLE_ZEROS_RANGE[1]:.2f}x", "article",
                     f"{min(zeros):.2f}-{max(zeros):.2f}x", range_verdict(*ARTICLE_ZEROS_RANGE, min(zeros), max(zeros))))
     for s, claim in ARTICLE_CSR_576x1536.items():
         m = by[("torch CSR", s)]
         rows.append(Row("1. unstructured sparsity", f"torch CSR at {s:.0%} ({shape}, batch 1)", f"{claim:.2f}x",
-                        "article (design.md §5, 576x1536)", f"{m:.2f}x", ratio_verdict(claim, m)))
+                        "article (576x1536)", f"{m:.2f}x", ratio_verdict(claim, m)))
     crossover = next((s for s in ARTICLE_CSR_576x1536 if by[("torch CSR", s)] > 1.0), None)
     rows.append(Row("1. unstructured sparsity", "CSR loses below ~70% sparsity", "break-even between 50% and 80%",
-                    "article (design.md §5)", f"first win at {crossover:.0%}" if crossover else "never wins",
+                    "article", f"first win at {crossover:.0%}" if crossover else "never wins",
                     "confirmed" if crossover in (0.8,) and by[("torch CSR", 0.5)] < 1 else "refuted"))
     cuda = torch.cuda.is_available()
     rows.append(Row("1. unstructured sparsity", "GPU columns (cuSPARSE)", "-", "-", "-",
                     "not measurable here: no CUDA device" if not cuda else "not measured: CPU table only"))
     two4 = by.get(("slimkit 2:4", 0.5))  # slimkit's bitmask kernel where built, else the dense fallback
     rows.append(Row("2. 2:4 semi-structured", "2:4 on a CPU: no kernel, so no speed-up", "<= 1x (dense fallback)",
-                    "article (design.md §5)", f"{two4:.2f}x" if two4 else "-",
+                    "article", f"{two4:.2f}x" if two4 else "-",
                     "confirmed" if two4 is not None and two4 <= 1.1 else "refuted"))
     if cuda and torch.cuda.get_device_capability() >= (8, 0):
         rows.append(Row("2. 2:4 semi-structured", "2:4 GEMM on sparse tensor cores", "up to 2x (math halves)",
@@ -99,7 +99,7 @@ def sparsity_rows(model: str, repeats: int, progress: Progress) -> tuple[list[Ro
 
 ARTICLE_LLAMA2_7B = {"dense": 5.12, "magnitude-50": 14.89, "sparsegpt-50": 6.51, "wanda-50": 6.42,
                      "magnitude-2of4": 54.59, "sparsegpt-2of4": 10.17, "wanda-2of4": 11.02}
-ARTICLE_DECODE = {"int8": 1.91, "w8a8": 2.05, "int4": 2.43}  # SmolLM2 whole-model decode, design.md §5
+ARTICLE_DECODE = {"int8": 1.91, "w8a8": 2.05, "int4": 2.43}  # SmolLM2 whole-model decode, the article's table
 
 
 def _measure_variants(model: str, output: Path, protocol: Protocol, progress: Progress, log: Callable[[str], None]) -> tuple[list[dict], dict[str, dict]]:
@@ -158,7 +158,7 @@ def _comparison_rows(by: dict[str, dict], quality: dict[str, float], dense_ppl: 
     for label in ("int8", "w8a8", "int4"):
         r = by[label]
         rows.append(Row("4. quantization vs pruning vs distillation", f"{label}: decode speed-up (whole model)",
-                        f"{ARTICLE_DECODE[label]:.2f}x", "article (design.md §5, SmolLM2)",
+                        f"{ARTICLE_DECODE[label]:.2f}x", "article (SmolLM2)",
                         f"{r.decode_speedup:.2f}x", ratio_verdict(ARTICLE_DECODE[label], r.decode_speedup)))
     for label in ("int8", "int4", "2:4", "structured (no recovery)"):
         mem = base.weights_ram_mb / by[label].weights_ram_mb
@@ -289,7 +289,7 @@ def reproduce(model: str, output: Path, protocol: Protocol = QUICK, progress: Pr
         f"protocol {protocol.describe()}",
         "- verdicts: confirmed = within a factor of 1.5 (ratios) or the ordering/range holds; refuted otherwise; "
         "not measurable here = the hardware is missing",
-        "- claimed = the article's figure as recorded in shared/design.md, or the arithmetic (source says which); "
+        "- claimed = the article's figure, or the arithmetic (source says which); "
         "measured here = this run only", "",
         table(rows), "", "![reproduce](reproduce.png)", ""])
     with output_directory(output, overwrite, inputs=[model], command="reproduce") as tmp:

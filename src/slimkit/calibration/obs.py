@@ -1,6 +1,6 @@
 """The Optimal Brain Surgeon solver shared by SparseGPT and GPTQ (pure tensor functions).
 
-Follows the SparseGPT / GPTQ reference algorithms (design.md section 3):
+Follows the SparseGPT / GPTQ reference algorithms (the papers' Algorithm 1, and their reference code):
 - dead input columns (H[i,i] = 0) get H[i,i] = 1 and W[:, i] = 0;
 - damping lambda = percdamp * mean(diag H); on a Cholesky failure it is retried 10x larger,
   logged, and after `max_tries` a SingularHessianError says what to do;

@@ -104,11 +104,7 @@ def bench_model_cmd(
     When `make peers` has built llama.cpp, the torch table also gets llama.cpp columns: each model's
     GGUF timed by llama-bench at the same thread count, and slimkit's decode speed over it.
     """
-    import tempfile
-
-    from slimkit.benchmarks import model as bench
     from slimkit.io.outputs import output_directory
-    from slimkit.progress import RichProgress
 
     if runtime not in ("torch", "llamacpp"):
         raise SlimkitError(f"--runtime must be torch or llamacpp, not {runtime}")
@@ -118,24 +114,33 @@ def bench_model_cmd(
         for m in models:
             if not (runtime == "llamacpp" and (m.endswith(".gguf") or ExportDir(Path(m)).gguf.is_file())):
                 outline(m)
-        with RichProgress(console) as progress:
-            if runtime == "llamacpp":
-                from slimkit.benchmarks.llamacpp_model import llamacpp_table, run_llamacpp
-
-                with tempfile.TemporaryDirectory(prefix="slimkit-llamacpp-") as work:  # exports, base.kld
-                    rows = run_llamacpp(models, settings, Path(work), threads, progress)
-                md = llamacpp_table(rows)
-            else:
-                rows = bench.run(models, settings, progress)
-                if llamacpp:
-                    _llamacpp_columns(rows, models, settings, progress)
-                md = bench.table(rows)
+        rows, md = _measure_models(models, settings, runtime, threads, llamacpp)
         console.print(md)
         if output is not None:
             with output_directory(output, overwrite, inputs=models, command="bench model") as tmp:
                 written = MeasureDir(tmp, "bench")
                 written.md.write_text(md + "\n")
                 written.json.write_text(json.dumps([r.to_dict() for r in rows], indent=2))
+
+
+def _measure_models(models: list[str], settings, runtime: str, threads: int, llamacpp: bool) -> tuple[list, str]:
+    """(the rows, their markdown table): in slimkit's runtime (+ llama.cpp columns), or in llama.cpp's."""
+    import tempfile
+
+    from slimkit.benchmarks import model as bench
+    from slimkit.progress import RichProgress
+
+    with RichProgress(console) as progress:
+        if runtime == "llamacpp":
+            from slimkit.benchmarks.llamacpp_model import llamacpp_table, run_llamacpp
+
+            with tempfile.TemporaryDirectory(prefix="slimkit-llamacpp-") as work:  # exports, base.kld
+                rows = run_llamacpp(models, settings, Path(work), threads, progress)
+            return rows, llamacpp_table(rows)
+        rows = bench.run(models, settings, progress)
+        if llamacpp:
+            _llamacpp_columns(rows, models, settings, progress)
+        return rows, bench.table(rows)
 
 
 def _llamacpp_columns(rows, models: list[str], settings, progress) -> None:

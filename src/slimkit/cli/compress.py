@@ -19,6 +19,7 @@ from slimkit.cli.options import (
     settings_options,
     stream_option,
 )
+from slimkit.compression import CompressJob
 from slimkit.devices import resolve_device
 from slimkit.errors import SlimkitError
 from slimkit.io.outputs import reserve_output
@@ -68,11 +69,6 @@ def compress(
       slimkit compress ./llama-8b -r gptq-int4-g64 -o out/8b --stream on   # bigger than RAM; rerun resumes
     """
     from slimkit.calibration.distributed import init_from_env
-    from slimkit.compression import CompressJob
-    from slimkit.pipeline import compress_stage
-    from slimkit.progress import RichProgress
-    from slimkit.recipes import get_recipe
-    from slimkit.reports.tables import comparison_rows, metric_legend, rich_table
 
     if save_dtype not in SAVE_DTYPES:
         raise SlimkitError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, got {save_dtype}")
@@ -81,24 +77,40 @@ def compress(
     if size > 1 and bench:
         raise SlimkitError("several processes (torchrun) do not benchmark: drop --bench")
     with reserve_output(output, overwrite) if rank == 0 else contextlib.nullcontext():  # a clash fails first
-        recipes_ = [get_recipe(r) for r in recipe]
-        names = [r.name for r in recipes_]
-        if len(set(names)) != len(names):
-            raise SlimkitError(f"recipe names must differ to share an output dir, got {names}")
+        recipes_ = _recipes(recipe)
         settings = _preflight(model, recipes_, settings, explicit, offload_activations)
         quiet_transformers()
         job = CompressJob(model, tuple(recipes_), output, settings, overwrite, _dtype(save_dtype),
                           str(offload_activations) if offload_activations else None, place,
                           restart_training=restart)
-        with RichProgress(console) as progress:
-            _, reports = compress_stage(job, progress, lambda m: console.print(f"[dim]{m}[/dim]"), stream)
-    if not reports:  # a torchrun rank other than 0
-        return
-    console.print(rich_table(comparison_rows(reports), f"slimkit compress: {reports[0].model.name}"))
-    console.print(f"{metric_legend(reports[0])}\npacked MB = the packed format's arithmetic; "
-                  f"total time {reports[-1].timing['total_s']:.0f}s; output: {output}")
-    if bench:
+        reports = _run(job, stream)
+    if reports and bench:  # (no reports: a torchrun rank other than 0)
         _bench_outputs(model, recipes_, output, settings)
+
+
+def _recipes(names: list[str]) -> list:
+    from slimkit.recipes import get_recipe
+
+    recipes = [get_recipe(r) for r in names]
+    given = [r.name for r in recipes]
+    if len(set(given)) != len(given):
+        raise SlimkitError(f"recipe names must differ to share an output dir, got {given}")
+    return recipes
+
+
+def _run(job: CompressJob, stream: str) -> list:
+    """The pipeline's compress stage, with progress; its table printed (rank 0)."""
+    from slimkit.pipeline import compress_stage
+    from slimkit.progress import RichProgress
+    from slimkit.reports.tables import comparison_rows, metric_legend, rich_table
+
+    with RichProgress(console) as progress:
+        _, reports = compress_stage(job, progress, lambda m: console.print(f"[dim]{m}[/dim]"), stream)
+    if reports:
+        console.print(rich_table(comparison_rows(reports), f"slimkit compress: {reports[0].model.name}"))
+        console.print(f"{metric_legend(reports[0])}\npacked MB = the packed format's arithmetic; "
+                      f"total time {reports[-1].timing['total_s']:.0f}s; output: {job.output}")
+    return reports
 
 
 def _dtype(name: str):

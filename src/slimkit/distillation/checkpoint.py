@@ -9,18 +9,16 @@ states. Loading a planted or damaged file can fail, but never runs code.
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from slimkit.errors import CheckpointError
-from slimkit.io.tensors import unique_tensors
+from slimkit.io.tensors import save_tensors_atomic, unique_tensors
 
 VERSION = 1
 
@@ -78,13 +76,7 @@ def save_checkpoint(path: Path, modules: dict[str, nn.Module], opt: torch.optim.
     tensors = {k: v.detach().contiguous() for k, v in kept.items()}
     meta = {"version": VERSION, "step": step, "optimizer": _split_optimizer(opt.state_dict(), tensors),
             "scheduler": sched.state_dict(), "rng": _rng_state(tensors), "aliases": aliases}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata={"slimkit_checkpoint": json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    save_tensors_atomic(tensors, path, metadata={"slimkit_checkpoint": json.dumps(meta)})
 
 
 def load_checkpoint(path: Path, modules: dict[str, nn.Module], opt: torch.optim.Optimizer, sched) -> int:

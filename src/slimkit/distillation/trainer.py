@@ -30,6 +30,7 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from slimkit.calibration import distributed
 from slimkit.distillation.checkpoint import load_checkpoint, save_checkpoint
 from slimkit.errors import SlimkitError
 from slimkit.paths import TrainRunDir
@@ -136,12 +137,6 @@ def run_dir_for(root: str | Path, description: dict) -> Path:
     return Path(root) / digest
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -186,7 +181,7 @@ class _Session:
 
 def _session(task: TrainTask, config: TrainConfig, run_dir: Path) -> _Session:
     """AdamW (no decay on norms and biases) with warm-up + cosine, over the task's modules."""
-    rank, world = _world()
+    rank, world = distributed.world()
     modules = task.trainable()
     decay, no_decay = [], []
     for module in modules.values():

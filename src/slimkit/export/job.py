@@ -2,7 +2,8 @@
 
 --to hf                  plain dense transformers model (masks applied, codes dequantized)
 --to compressed-tensors  vLLM's format (pack-quantized int4/int8, int-quantized W8A8)
---to gguf                llama.cpp (Q4_0 / Q8_0 linears, F16 embedding, tokenizer included)
+--to gguf                llama.cpp (K-quants, Q4_0/Q4_1/Q8_0 codes kept bit for bit, or a file type's
+                         per-tensor mix; tokenizer included)
 
 The source is a `slimkit compress` output, a `slimkit pack` output, or any model. With
 verification on, the export is loaded back by the other library (transformers, its

@@ -1,6 +1,6 @@
 """Integer formats: int8 weight-only, int8 W8A8 (dynamic per-token activations), grouped int4.
 
-Kernels (CPU, design.md section 5): `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu`
+Kernels (CPU; docs/design.md, "Files on disk", has the layouts): `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu`
 take bf16 activations; measured faster than dense fp32 at every batch tried (see
 base.KERNEL_MAX_ROWS), so dequantize + fp32 matmul is only the fallback for int4 layouts the
 kernel cannot take (group sizes other than 32-256). W8A8 runs fbgemm's `quantized::linear_dynamic`, which

@@ -55,6 +55,9 @@ class MagnitudePruneConfig(SparsityFields):
     def summary(self) -> str:
         return f"magnitude {self.target_text()}" + (" global" if self.scope == "global" else "")
 
+    def needs_every_block(self) -> str | None:
+        return "with scope global needs every weight at once; use scope: layer" if self.scope == "global" else None
+
 
 class OutlierWeighting(BaseModel):
     """OWL: per-block sparsity from the block's share of outlier Wanda scores, average kept exact."""
@@ -84,6 +87,9 @@ class OutlierFields(SparsityFields):
         if self.outlier_weighted is not None and self.pattern is not None:
             raise ValueError("outlier_weighted sets a sparsity per block; an N:M pattern has one fixed density")
         return self
+
+    def needs_every_block(self) -> str | None:
+        return "with outlier_weighted measures every block before pruning any" if self.outlier_weighted else None
 
     def one_process_only(self) -> str | None:
         if self.reconstruct is None:

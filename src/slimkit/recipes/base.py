@@ -30,6 +30,14 @@ class StepConfig(BaseModel):
         """Why this step cannot be split over torchrun's processes, or None when it can."""
         return None
 
+    def nm(self) -> tuple[int, int] | None:
+        """The N:M pattern this step's masks follow, or None."""
+        return None
+
+    def needs_every_block(self) -> str | None:
+        """Why this step must see every block before it changes any (so it cannot stream), or None."""
+        return None
+
 
 class BlockTraining(BaseModel):
     """Training a compressed block's continuous parameters so that it reproduces the dense output

@@ -52,12 +52,8 @@ def check_streamable(recipe: Recipe) -> None:
         if step.needs_teacher or step.changes_shapes or step.rewrites_weights:
             raise RecipeError(f"recipe {recipe.name}: {step.method} works on the whole model and cannot stream; "
                               "run it without --stream")
-        if getattr(step, "outlier_weighted", None) is not None:
-            raise RecipeError(f"recipe {recipe.name}: {step.method} with outlier_weighted measures every block "
-                              "before pruning any; run it without --stream")
-        if getattr(step, "scope", "layer") != "layer":
-            raise RecipeError(f"recipe {recipe.name}: {step.method} with scope global needs every weight at once; "
-                              "use scope: layer to stream")
+        if why := step.needs_every_block():
+            raise RecipeError(f"recipe {recipe.name}: {step.method} {why}; run it without --stream")
         if (step.include_lm_head or step.include_embeddings) and not step.quantizes_outer:
             raise RecipeError(f"recipe {recipe.name}: {step.method} with include_lm_head/include_embeddings "
                               "cannot stream yet; run it without --stream")
