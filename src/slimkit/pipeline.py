@@ -124,19 +124,29 @@ def measure_stage(baseline: str, models: list[Path | str], progress: Progress, b
     return base, rows
 
 
-def compress_pack_measure(model: str, variants: list[Variant], compressed: Path, where: Callable[[Variant], Path],
-                          settings: EvalSettings, progress: Progress = NoProgress(),
-                          log: Callable[[str], None] = lambda m: None, also_compress: tuple[Recipe, ...] = (),
-                          bench: BenchSettings = BenchSettings(), measured_baseline: BenchRow | None = None
+@dataclass(frozen=True)
+class MeasurePlan:
+    """What `compress_pack_measure` makes and measures: the variants, where their compressed dirs
+    (`compressed`) and packed dirs (`where`) go, recipes only compressed and evaluated
+    (`also_compress`), and the benchmark's settings."""
+
+    variants: list[Variant]
+    compressed: Path
+    where: Callable[[Variant], Path]
+    also_compress: tuple[Recipe, ...] = ()
+    bench: BenchSettings = BenchSettings()
+
+
+def compress_pack_measure(model: str, plan: MeasurePlan, settings: EvalSettings, progress: Progress = NoProgress(),
+                          log: Callable[[str], None] = lambda m: None, measured_baseline: BenchRow | None = None
                           ) -> PipelineResult:
-    """Compress every variant's recipe (and `also_compress`, evaluated only) into `compressed`,
-    pack each variant into `where(variant)`, and measure the dense model (unless `measured_baseline`
-    is its row already) and each packed model against it."""
-    recipes = list({r.name: r for r in [*also_compress, *(v.recipe for v in variants)]}.values())
+    """Compress every variant's recipe (and `plan.also_compress`), pack each variant, and measure the
+    dense model (unless `measured_baseline` is its row already) and each packed model against it."""
+    recipes = list({r.name: r for r in [*plan.also_compress, *(v.recipe for v in plan.variants)]}.values())
     log(f"compressing {len(recipes)} recipe(s): {', '.join(r.name for r in recipes)}")
-    job = CompressJob(model, tuple(recipes), Path(compressed), settings, overwrite=True)
+    job = CompressJob(model, tuple(recipes), Path(plan.compressed), settings, overwrite=True)
     layout, reports = compress_stage(job, progress, log)
-    measured = pack_stage(layout, variants, where, progress)
+    measured = pack_stage(layout, plan.variants, plan.where, progress)
     log("measuring the dense model and each compressed one, each in its own process")
-    base, rows = measure_stage(model, list(measured.values()), progress, bench, measured_baseline)
+    base, rows = measure_stage(model, list(measured.values()), progress, plan.bench, measured_baseline)
     return PipelineResult(reports, measured, base, rows)

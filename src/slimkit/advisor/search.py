@@ -169,7 +169,7 @@ def _measure_torch(model: str, constraints: Constraints, device: Device, layout,
                    progress: Progress, log: Callable[[str], None]
                    ) -> tuple[BenchRow, list[AdviseRow], list[SkippedCandidate]]:
     """Compress, pack and measure the candidates the device can run, in slimkit's own runtime."""
-    from slimkit.pipeline import Variant, compress_pack_measure
+    from slimkit.pipeline import MeasurePlan, Variant, compress_pack_measure
     from slimkit.protocol import BenchSettings, EvalSettings
     from slimkit.recipes import get_recipe
 
@@ -180,8 +180,8 @@ def _measure_torch(model: str, constraints: Constraints, device: Device, layout,
 
     def run_candidates(cands: list[tuple[int, Candidate]], base: BenchRow | None = None):
         variants = [Variant(c.name, get_recipe(c.recipe), c.pack) for _, c in cands]
-        result = compress_pack_measure(model, variants, layout.compressed, lambda v: layout.packed(v.label),
-                                       eval_settings, progress, log, bench=bench, measured_baseline=base)
+        plan = MeasurePlan(variants, layout.compressed, lambda v: layout.packed(v.label), bench=bench)
+        result = compress_pack_measure(model, plan, eval_settings, progress, log, measured_baseline=base)
         return result.baseline, [_candidate_row(row, order, c) for (order, c), row in zip(cands, result.rows)]
 
     base, rows = run_candidates([(o, c) for o, c in measured if c.rule != 4])

@@ -107,7 +107,7 @@ def _measure_variants(model: str, output: Path, protocol: Protocol, progress: Pr
     (compress reports, benchmark row by label with "dense" first)."""
     from slimkit.benchmarks import model as bench_model
     from slimkit.paths import MeasureDir
-    from slimkit.pipeline import DENSE, Variant, compress_pack_measure
+    from slimkit.pipeline import DENSE, MeasurePlan, Variant, compress_pack_measure
     from slimkit.protocol import BenchSettings, EvalSettings
     from slimkit.pruning.structured import StructuredPruneConfig
     from slimkit.recipes import get_recipe, parse_recipe
@@ -122,12 +122,10 @@ def _measure_variants(model: str, output: Path, protocol: Protocol, progress: Pr
                 Variant("int4", get_recipe("gptq-int4-g64")), Variant("2:4", get_recipe("sparsegpt-2of4"), "2:4"),
                 Variant("2:4+int4", joint), Variant("structured (no recovery)", structured, DENSE)]
     settings = EvalSettings.from_protocol(protocol)
-    bench = BenchSettings(windows=protocol.eval_windows)
-    result = compress_pack_measure(
-        model, variants, layout.compressed, lambda v: layout.packed(v.label.replace(":", "of").replace("+", "-")),
-        settings, progress, log, also_compress=tuple(get_recipe(n) for n in ("sparsegpt-50", "magnitude-50",
-                                                                             "magnitude-2of4")),
-        bench=bench)
+    also = tuple(get_recipe(n) for n in ("sparsegpt-50", "magnitude-50", "magnitude-2of4"))
+    plan = MeasurePlan(variants, layout.compressed, lambda v: layout.packed(v.label.replace(":", "of").replace("+", "-")),
+                       also, BenchSettings(windows=protocol.eval_windows))
+    result = compress_pack_measure(model, plan, settings, progress, log)
     rows = bench_model.compare([result.baseline, *result.rows])  # KLD of every row against the dense model
     return result.reports, dict(zip(["dense", *result.measured], rows))
 

@@ -98,7 +98,7 @@ def lineage_sources(loaded: LoadedModel) -> tuple[Path | None, Path | None]:
 
 
 def export_model(source: str, output: str | Path, to: str, gguf_type: str = "auto", overwrite: bool = False,
-                 verify: bool = True, windows: int | None = 16, progress=None) -> dict:
+                 verify: bool = True, windows: int | None = 16) -> dict:
     if to not in TARGETS:
         raise SlimkitError(f"unknown export target '{to}'; choose one of {', '.join(TARGETS)}")
     loaded = load_model(source)

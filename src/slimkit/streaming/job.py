@@ -92,10 +92,11 @@ def _run_steps(streamed: StreamedModel, recipe: Recipe, ctx: StepContext, access
         access.close(index, block, None)
 
 
-def stream_recipe(streamed: StreamedModel, recipe: Recipe, work: WorkDir, settings: EvalSettings, split: TextSplit,
-                  progress: Progress, offload_dir: str | None, save_dtype: torch.dtype,
-                  device: str = "cpu") -> tuple[StreamState, CompressionResult]:
-    """Compress every block of `streamed` with `recipe` into `work` (resuming where it stopped)."""
+def stream_recipe(streamed: StreamedModel, recipe: Recipe, work: WorkDir, job: CompressJob, split: TextSplit,
+                  progress: Progress, save_dtype: torch.dtype) -> tuple[StreamState, CompressionResult]:
+    """Compress every block of `streamed` with `recipe` into `work` (resuming where it stopped);
+    `job`: the calibration settings, offload dir and device."""
+    settings = job.settings
     check_streamable(recipe)
     state = work.start()
     start = time.perf_counter()
@@ -104,7 +105,7 @@ def stream_recipe(streamed: StreamedModel, recipe: Recipe, work: WorkDir, settin
         return calibration_windows(streamed.tokenizer, split, settings.calibration_windows,
                                    settings.calibration_seqlen, settings.seed)
 
-    run = RunResources(progress, calibration, offload_dir, streamed.tokenizer, split, device=device)
+    run = RunResources(progress, calibration, job.offload_dir, streamed.tokenizer, split, device=job.device)
     ctx = StepContext(ModelState(streamed.model, streamed.adapter), run)
     steps = list(recipe.steps)
     cut = next((i for i, s in enumerate(steps) if s.needs_calibration), len(steps))
@@ -192,8 +193,7 @@ class StreamedSource:
         identity = run_identity(model=str(streamed.source), files=_files_signature(streamed.shards),
                                 recipe=recipe.to_dict(), settings=job.settings, save_dtype=str(self.save_dtype))
         work = WorkDir(StreamWork.beside(job.layout.root, recipe.name), identity, self.log)
-        state, result = stream_recipe(streamed, recipe, work, job.settings, self.split, self.progress,
-                                      job.offload_dir, self.save_dtype, job.device)
+        state, result = stream_recipe(streamed, recipe, work, job, self.split, self.progress, self.save_dtype)
         self.works.append(work)
         return CompressedStreamed(streamed, work, recipe, self._report(result, state, work, baseline), self.save_dtype)
 
