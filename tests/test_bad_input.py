@@ -540,16 +540,17 @@ def test_options_that_would_be_ignored_or_absurd_are_refused(tiny_llama_dir, tmp
 
 
 def test_a_recipe_file_without_a_name_is_named_after_its_file(tmp_path):
-    from slimkit.recipes.schema import load_recipe_file
-
     path = tmp_path / "name with space.yaml"
     path.write_text("steps:\n  - method: rtn_quantize\n    bits: 8\n")
-    assert load_recipe_file(path).name == "name-with-space"
+    proc = slimkit("recipes", path)
+    assert proc.returncode == 0 and "name: name-with-space" in proc.stdout, proc.stderr
 
 
-def test_a_jsonl_with_a_byte_order_mark_is_read(tmp_path):
-    from slimkit.data.corpus import file_documents
-
+def test_a_jsonl_with_a_byte_order_mark_is_read(tiny_llama_dir, tmp_path):
     path = tmp_path / "bom.jsonl"
-    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps({"text": f"doc {i}"}) for i in range(3)).encode())
-    assert [d.text for d in file_documents(path)] == ["doc 0", "doc 1", "doc 2"]
+    lines = [json.dumps({"text": f"Paragraph {i} of the user's own text, long enough to count."}) for i in range(40)]
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode())
+    before = tree_state(tmp_path)
+    proc = slimkit("eval", tiny_llama_dir, "--data", path, "--windows", "1", "--seqlen", "32")
+    assert proc.returncode == 0 and "perplexity" in proc.stdout, proc.stderr
+    assert tree_state(tmp_path) == before

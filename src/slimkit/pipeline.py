@@ -61,6 +61,14 @@ def streams(stream: str, model: str) -> bool:
     return path.is_dir() and world()[1] == 1 and should_stream(CheckpointShards.of_dir(path))
 
 
+def check_several_processes(recipes: tuple[Recipe, ...] | list[Recipe], stream: str) -> None:
+    """Under torchrun, what cannot run split over processes, said before any model is touched."""
+    if stream == "on":
+        raise SlimkitError("several processes (torchrun) calibrate in-memory models for now: drop --stream on")
+    for why in filter(None, (step.one_process_only() for r in recipes for step in r.steps)):
+        raise SlimkitError(why)
+
+
 def model_source(job: CompressJob, stream: str, progress: Progress, log: Callable[[str], None]) -> ModelSource:
     """Where `job`'s model lives while it runs: this rank's part of a torchrun group, the model
     streamed from disk, or in memory. Said before any model loads when the job cannot run there."""
@@ -69,10 +77,7 @@ def model_source(job: CompressJob, stream: str, progress: Progress, log: Callabl
 
     rank, size = world()
     if size > 1:
-        if stream == "on":
-            raise SlimkitError("several processes (torchrun) calibrate in-memory models for now: drop --stream on")
-        for why in filter(None, (step.one_process_only() for r in job.recipes for step in r.steps)):
-            raise SlimkitError(why)
+        check_several_processes(job.recipes, stream)
         log(f"rank {rank} of {size}: calibration windows split, statistics summed, solves shared")
         return InMemorySource(job, progress) if rank == 0 else RankSource(job)
     if streams(stream, job.model):

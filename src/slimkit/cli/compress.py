@@ -69,6 +69,7 @@ def compress(
       slimkit compress ./llama-8b -r gptq-int4-g64 -o out/8b --stream on   # bigger than RAM; rerun resumes
     """
     from slimkit.calibration.distributed import init_from_env
+    from slimkit.pipeline import check_several_processes
 
     if save_dtype not in SAVE_DTYPES:
         raise SlimkitError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, got {save_dtype}")
@@ -78,6 +79,8 @@ def compress(
         raise SlimkitError("several processes (torchrun) do not benchmark: drop --bench")
     with reserve_output(output, overwrite) if rank == 0 else contextlib.nullcontext():  # a clash fails first
         recipes_ = _recipes(recipe)
+        if size > 1:
+            check_several_processes(recipes_, stream)  # before the model is touched
         settings = _preflight(model, recipes_, settings, explicit, offload_activations)
         quiet_transformers()
         job = CompressJob(model, tuple(recipes_), output, settings, overwrite, _dtype(save_dtype),
