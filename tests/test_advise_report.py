@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from slimkit.advisor import CANDIDATES, Constraints, Device, pareto
+from slimkit.advisor.reproduce import range_verdict, ratio_verdict
 from slimkit.advisor.search import decide
-from slimkit.benchmarks.reproduce import range_verdict, ratio_verdict
 from slimkit.protocol import QUICK
 from slimkit.results import AdviseRow, BenchRow, CompressReport, ModelSection, Quality
 
@@ -175,7 +175,7 @@ def test_a_missed_latency_budget_brings_in_prune_and_distil(tiny_llama_dir, tmp_
 
 def test_reproduce_tables_3_to_5_from_measurements(monkeypatch, tmp_path):
     """model_rows turns one run's compress reports and benchmark rows into tables 3-5."""
-    from slimkit.benchmarks import reproduce
+    from slimkit.advisor import reproduce
 
     names = {"sparsegpt-50": 30.0, "sparsegpt-2of4": 56.0, "magnitude-50": 427.0, "magnitude-2of4": 1759.0,
              "rtn-int8": 16.9, "gptq-int4-g64": 18.8, "sparsegpt-2of4-gptq-int4": 70.0, "structured-heads-mlp": 58.0}
@@ -208,8 +208,8 @@ def test_every_pipeline_row_is_measured_against_the_dense_model(monkeypatch, tmp
     """reproduce (like the advisor and `compress --bench`) gets its KLD reference from the pipeline:
     the dense model, measured first, never the first compressed variant."""
     from slimkit import pipeline
+    from slimkit.advisor.reproduce import _measure_variants
     from slimkit.benchmarks import model as bench_model
-    from slimkit.benchmarks.reproduce import _measure_variants
 
     measured = []
 

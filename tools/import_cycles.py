@@ -1,9 +1,10 @@
-"""Import cycles among slimkit's modules (`python tools/import_cycles.py [--all]`).
+"""Import cycles among slimkit's modules (`python tools/import_cycles.py [--all] [--packages]`).
 
 Edges are the modules a module names in its imports: `from slimkit.a import b` points at
 `slimkit.a.b` when that is a module, else at `slimkit.a`. By default only imports that run when
 the module loads count (top level); `--all` adds imports inside functions, which defer a cycle
-but do not remove it. Exit status 1 when a cycle is found.
+but do not remove it; `--packages` finds cycles between sub-packages instead of modules. Exit
+status 1 when a cycle is found.
 """
 
 from __future__ import annotations
@@ -89,8 +90,20 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The same edges between slimkit's sub-packages (a top-level module counts as its own)."""
+    def package(module: str) -> str:
+        return module.split(".")[1] if "." in module else module
+
+    out: dict[str, set[str]] = {}
+    for source, targets in graph.items():
+        out.setdefault(package(source), set()).update(package(t) for t in targets if package(t) != package(source))
+    return out
+
+
 if __name__ == "__main__":
-    found = cycles(import_graph("--all" in sys.argv))
+    graph = import_graph("--all" in sys.argv)
+    found = cycles(package_graph(graph) if "--packages" in sys.argv else graph)
     for component in found:
         print(f"cycle of {len(component)}: {' <-> '.join(component)}")
     print(f"{len(found)} import cycle(s)")

@@ -142,8 +142,8 @@ def reproduce(
 
       slimkit reproduce --full -o runs/reproduce-full
     """
-    from slimkit.benchmarks.reproduce import reproduce as run_reproduce
-    from slimkit.benchmarks.reproduce import table
+    from slimkit.advisor.reproduce import reproduce as run_reproduce
+    from slimkit.advisor.reproduce import table
     from slimkit.progress import RichProgress
 
     with reserve_output(output, overwrite, inputs=[model]):
