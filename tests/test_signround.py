@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from conftest import OneLinear, tiny_llama
-from slimkit.quantization.rtn import QuantSpec, dequantize, rtn_quantize
-from slimkit.quantization.signround import (
+from slimkit.quantization.autoround import (
     BlockData,
     Rounding,
     TuneSettings,
@@ -19,6 +18,7 @@ from slimkit.quantization.signround import (
     signed_step,
     tune_block,
 )
+from slimkit.quantization.rtn import QuantSpec, dequantize, rtn_quantize
 from slimkit.recipes import RunResources, compress, parse_recipe
 
 

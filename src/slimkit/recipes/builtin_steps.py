@@ -12,10 +12,10 @@ STEP_MODULES = [
     "slimkit.pruning.steps",  # magnitude_prune
     "slimkit.pruning.calibrated_steps",  # sparsegpt, wanda
     "slimkit.pruning.structured.steps",  # prune_structured
-    "slimkit.quantization.steps",  # rtn_quantize
+    "slimkit.quantization.rtn_steps",  # rtn_quantize
     "slimkit.quantization.calibrated_steps",  # gptq, awq
     "slimkit.quantization.rotation_steps",  # rotate
-    "slimkit.quantization.learned_steps",  # autoround
+    "slimkit.quantization.autoround_steps",  # autoround
     "slimkit.quantization.gguf_steps",  # gguf_quantize
     "slimkit.distillation.steps",  # distill
 ]

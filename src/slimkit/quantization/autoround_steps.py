@@ -11,7 +11,7 @@ from slimkit.calibration.block_data import BlockData, target_outputs
 from slimkit.calibration.engine import BlockWork
 from slimkit.calibration.runner import run_calibrated
 from slimkit.calibration.stats import StatsRequest
-from slimkit.quantization import signround
+from slimkit.quantization import autoround
 from slimkit.quantization.block_scales import tune_block_scales
 from slimkit.quantization.config import AutoRoundConfig
 from slimkit.quantization.rtn import check_groups
@@ -19,8 +19,8 @@ from slimkit.recipes.context import StepContext
 from slimkit.recipes.registry import register_step
 
 
-def _settings(config: AutoRoundConfig) -> signround.TuneSettings:
-    return signround.TuneSettings(config.iters, config.lr, config.batch, config.tune_range, config.seed)
+def _settings(config: AutoRoundConfig) -> autoround.TuneSettings:
+    return autoround.TuneSettings(config.iters, config.lr, config.batch, config.tune_range, config.seed)
 
 
 @register_step(AutoRoundConfig)
@@ -37,11 +37,11 @@ def apply_autoround(config: AutoRoundConfig, ctx: StepContext) -> None:
             goal = targets if tuning.targets == config.targets else target_outputs(tuning.targets, work)
         data = BlockData(work.inputs.batch, targets)
         steps = ctx.run.progress.track(range(config.iters), f"block {work.index}: rounding")
-        result = signround.tune_block(work.block, linears, spec, masks, data, _settings(config), steps)
+        result = autoround.tune_block(work.block, linears, spec, masks, data, _settings(config), steps)
         ratio = result.error_tuned / max(result.error_rtn, 1e-30)
         for name, module in selected.items():
             rounding = result.rounding[local[id(module)]]
-            w_hat, params = signround.final_codes(module.weight, rounding, spec)
+            w_hat, params = autoround.final_codes(module.weight, rounding, spec)
             record = ctx.state.records[name]
             module.weight.data.copy_((w_hat if record.mask is None else w_hat * record.mask).to(module.weight.dtype))
             record.quant = params
