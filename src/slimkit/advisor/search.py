@@ -74,6 +74,7 @@ class AdviseSettings:
     protocol: Protocol = QUICK  # calibration size and ppl windows of every measured candidate
     decode_tokens: int = 32
     include_research: bool = False
+    overwrite: bool = False  # replace an earlier advise output (the output policy still applies)
 
 
 def pareto(rows: list[AdviseRow], keys: tuple[str, ...] = ("ppl", "decode_ms_per_token", "peak_rss_mb")
@@ -200,7 +201,7 @@ def _measure_torch(model: str, constraints: Constraints, device: Device, layout,
 
 def advise(model: str, constraints: Constraints, device: Device, output: Path,
            settings: AdviseSettings = AdviseSettings(), progress: Progress = NoProgress(),
-           log: Callable[[str], None] = lambda m: None, overwrite: bool = False) -> AdviseResult:
+           log: Callable[[str], None] = lambda m: None) -> AdviseResult:
     """Measure the candidates on `device` (slimkit's runtime, or llama.cpp for kind "llamacpp"),
     recommend the first in the framework's order that meets every constraint, write the report."""
     from slimkit.benchmarks import model as bench_model
@@ -229,5 +230,5 @@ def advise(model: str, constraints: Constraints, device: Device, output: Path,
         baseline=base_row, candidates=rows, skipped=skipped,
         recommended=chosen.candidate if chosen else None, recommended_recipe=chosen.recipe if chosen else None,
         recommended_pack=chosen.pack if chosen else None, reason=reason)
-    _write_advice(output, overwrite, model, result, chosen, [base_row] + rows)
+    _write_advice(output, settings.overwrite, model, result, chosen, [base_row] + rows)
     return result

@@ -111,11 +111,10 @@ def advise(
         outline(model)
         quiet_transformers()
         device = detect(target)
-        settings = AdviseSettings(QUICK if quick else FULL, include_research=include_research)
+        settings = AdviseSettings(QUICK if quick else FULL, include_research=include_research, overwrite=overwrite)
         console.print(f"device: {device.describe()}")
         with RichProgress(console) as progress:
-            result = run_advise(model, constraints, device, output, settings, progress, log=console.print,
-                                overwrite=overwrite)
+            result = run_advise(model, constraints, device, output, settings, progress, log=console.print)
     console.print(MeasureDir(output, "advise").md.read_text(), markup=False, highlight=False)
     console.print(f"wrote {output} (advise.md, advise.json, frontier.png"
                   + (", recommended.yaml)" if result.recommended else ")"))

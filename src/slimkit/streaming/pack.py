@@ -13,7 +13,6 @@ import json
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -31,10 +30,9 @@ from slimkit.streaming.job import streamed_source
 
 
 def pack_streamed(source: str, output: str | Path, fmt: str, group_size: int = 64, overwrite: bool = False,
-                  progress: Progress = NoProgress(), include_lm_head: bool = True,
-                  log: Callable[[str], None] = lambda m: None) -> dict:
+                  progress: Progress = NoProgress(), include_lm_head: bool = True) -> dict:
     """`pack_to_dir` with one block in memory at a time; the same directory and summary."""
-    streamed = open_streamed(streamed_source(source, log), name=source)
+    streamed = open_streamed(streamed_source(source, progress.note), name=source)
     state_path = check_pack_source(source, streamed.source, fmt)
     linears, head = pack_plan(streamed.adapter, streamed.model, fmt, include_lm_head)
     pack = _Packing(streamed, fmt, group_size)
