@@ -19,11 +19,11 @@ Theory says 1 / (1 - sparsity). Each measurement is the median of interleaved re
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -159,15 +159,25 @@ def block_weights(model_name: str, blocks: int = 4) -> tuple[list[torch.Tensor],
     return weights, f"{shapes}; {len(all_blocks)} blocks ({sum(w.numel() for w in weights) * 4 / 2**20:.0f} MB fp32)"
 
 
-def run(model: str, output: Path, sparsities=SPARSITIES, batches=BATCHES, repeats: int = 15, progress=None,
-        blocks: int = 4, overwrite: bool = False) -> dict:
+@dataclass(frozen=True)
+class SparsityGrid:
+    """What `slimkit bench sparsity` times: each sparsity at each batch size, the median of
+    `repeats` interleaved runs, over the linears of the first `blocks` blocks."""
+
+    sparsities: tuple[float, ...] = SPARSITIES
+    batches: tuple[int, ...] = BATCHES
+    repeats: int = 15
+    blocks: int = 4
+
+
+def run(model: str, output: Path, grid: SparsityGrid = SparsityGrid(), progress=None, overwrite: bool = False) -> dict:
     from slimkit.io.outputs import output_directory
     from slimkit.paths import MeasureDir
 
-    weights, shapes = block_weights(model, blocks)
-    rows = measure(weights, sparsities, batches, repeats, progress)
-    title = (f"Unstructured sparsity, theory vs reality: {model}, linears of {blocks} blocks, "
-             f"{torch.get_num_threads()} threads, median of {repeats} interleaved repeats")
+    weights, shapes = block_weights(model, grid.blocks)
+    rows = measure(weights, list(grid.sparsities), list(grid.batches), grid.repeats, progress)
+    title = (f"Unstructured sparsity, theory vs reality: {model}, linears of {grid.blocks} blocks, "
+             f"{torch.get_num_threads()} threads, median of {grid.repeats} interleaved repeats")
     md = "\n".join([f"# {title}", "", f"Shapes: {shapes}", "", table(rows), "",
                     "Cells: measured speed-up over dense fp32 (same inputs, same run). theory = 1/(1-s).",
                     "BSR prunes whole 16x16 blocks at the same sparsity (a different mask, same count).", ""])
@@ -177,23 +187,3 @@ def run(model: str, output: Path, sparsities=SPARSITIES, batches=BATCHES, repeat
         written.md.write_text(md)
         plot(rows, written.png, title)
     return {"rows": rows, "markdown": md, "output": str(output)}
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--output", "-o", default="runs/bench-sparsity")
-    p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--blocks", type=int, default=4, help="blocks whose linears are timed (>= the L3 cache)")
-    p.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)))
-    p.add_argument("--batches", default=",".join(map(str, BATCHES)))
-    args = p.parse_args(argv)
-    result = run(args.model, Path(args.output), [float(s) for s in args.sparsities.split(",")],
-                 [int(b) for b in args.batches.split(",")], args.repeats, blocks=args.blocks)
-    for r in result["rows"]:
-        print(json.dumps(r))
-    print(result["markdown"])
-
-
-if __name__ == "__main__":
-    main()

@@ -51,7 +51,8 @@ def bench_sparsity(
     with reserve_output(output, overwrite, inputs=[model]):
         quiet_transformers()
         with RichProgress(console) as progress:
-            result = bench.run(model, output, levels, sizes, repeats, progress, blocks, overwrite)
+            result = bench.run(model, output, bench.SparsityGrid(tuple(levels), tuple(sizes), repeats, blocks),
+                               progress, overwrite)
     console.print(result["markdown"])
     console.print(f"wrote {output}/sparsity.md, sparsity.json, sparsity.png")
 
