@@ -47,8 +47,8 @@ def describe(exc: BaseException) -> tuple[str, str, int]:
         return str(exc), "", 2
     if isinstance(exc, OSError) and exc.errno is not None:
         return _os_line(exc.errno, str(exc.filename or ""))
-    if isinstance(exc, OSError) and _SHORT_WRITE.search(str(exc)):
-        return _os_line(errno.ENOSPC, f"a write was cut short: {_SHORT_WRITE.search(str(exc)).group(0)}")
+    if isinstance(exc, OSError) and (short := _SHORT_WRITE.search(str(exc))):
+        return _os_line(errno.ENOSPC, f"a write was cut short: {short.group(0)}")
     if isinstance(exc, UnicodeDecodeError):
         return f"a file is not UTF-8 text ({exc.reason} at byte {exc.start})", "save it as UTF-8", 2
     if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc) or "not enough memory" in str(exc):

@@ -79,7 +79,8 @@ class InMemorySource:
         loaded = self.loaded
         self.meter = QualityMeter(loaded, self.split, self.job.settings, self.progress, self.job.device)
         zeros, total = model_sparsity(loaded.model, list(loaded.adapter.linears(loaded.model)))
-        self.dense = (zeros / total, bytes_by_kind(loaded.model, loaded.adapter, loaded.source_dtype.itemsize))
+        self.dense_sparsity = zeros / total
+        self.dense_by_kind = bytes_by_kind(loaded.model, loaded.adapter, loaded.source_dtype.itemsize)
         return self.meter.measure("dense")
 
     def _calibration(self) -> torch.Tensor:
@@ -107,7 +108,7 @@ class InMemorySource:
         after = self.meter.measure(recipe.name, result.hidden_projection)
         timing = {"load_s": self.loaded.load_seconds, "compress_s": compress_s,
                   "eval_before_s": baseline.details["seconds"], "eval_after_s": after.details["seconds"]}
-        measured = Measured(baseline, self.dense[0], after, self.dense[1], timing)
+        measured = Measured(baseline, self.dense_sparsity, after, self.dense_by_kind, timing)
         report = build_report(self.loaded, result, self.split, self.job.settings, measured)
         return CompressedInMemory(self.loaded, result, report, self.job.save_dtype)
 

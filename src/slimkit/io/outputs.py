@@ -132,13 +132,14 @@ def foreign_files(root: Path) -> list[str]:
     """The files under `root` that slimkit did not write, or that changed size since; a folder
     that is an output of its own (a packed dir inside a compress output) answers for itself."""
     listed = _manifest(root) or {}
+    files = list(_files_under(root))  # top-down: an outer output's marker comes before an inner one's
     nested: list[Path] = []
-    for path in _files_under(root):
+    for path in files:
         if path.name == MARKER and path.parent != root and not any(path.is_relative_to(n) for n in nested) \
                 and _manifest(path.parent) is not None:
             nested.append(path.parent)
     foreign = []
-    for path in _files_under(root):
+    for path in files:
         if path == root / MARKER or any(path.is_relative_to(n) for n in nested):
             continue
         rel = path.relative_to(root).as_posix()

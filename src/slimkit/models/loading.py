@@ -96,8 +96,9 @@ def _load_tokenizer(path: Path, **kwargs) -> Any | None:
         return None
 
 
-def require_tokenizer(model: "LoadedModel | Any", what: str) -> None:
-    """A clear error, saying why, when `what` needs the tokenizer of a loaded or streamed model."""
+def require_tokenizer(model: Any, what: str) -> None:
+    """A clear error, saying why, when `what` needs the tokenizer of `model` (a `LoadedModel` or a
+    `StreamedModel`: its `tokenizer` and `source`)."""
     if model.tokenizer is None:
         places = [model.source, getattr(model, "hf_dir", None)]
         fallback = ("the GGUF file holds no tokenizer metadata transformers can read" if
@@ -183,10 +184,9 @@ def _load_gguf(path: Path, cache: Path, dtype: torch.dtype) -> tuple[nn.Module, 
 
 
 def _looks_local(path: Path) -> bool:
-    """A missing path that is plainly meant as a local one: absolute, ./ or ../, or inside a
+    """A missing path that is plainly meant as a local one: absolute, ../, or inside a
     directory that exists here (`out/int4-typo`). Only the rest can be a Hub id."""
-    text = str(path)
-    return path.is_absolute() or text.startswith(("./", "../", "~")) or (
+    return path.is_absolute() or str(path).startswith("../") or (
         len(path.parts) > 1 and Path(path.parts[0]).is_dir())
 
 
