@@ -194,7 +194,7 @@ def verify_output(output: Path, source: Path, block: int, recipe: str = "rtn-int
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from slimkit.models.streamed import CheckpointShards
-    from slimkit.quantization.rtn import rtn_quantize
+    from slimkit.numerics.rtn import rtn_quantize
     from slimkit.recipes.schema import parse_recipe
 
     config = AutoConfig.from_pretrained(output)

@@ -49,8 +49,8 @@ def _emit(rows: list[dict]) -> None:
 
 def _distill(student, teacher, loaded, split, args, run_dir: Path, projection=None, encoder=False):
     from slimkit.distillation.language import CausalLMDistillTask, EncoderDistillTask, LMLossConfig
-    from slimkit.distillation.trainer import TrainConfig, train
     from slimkit.evaluation.perplexity import eval_windows
+    from slimkit.training.trainer import TrainConfig, train
 
     config = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, warmup_steps=max(args.steps // 20, 1),
                          weight_decay=0.0, eval_every=max(args.steps // 5, 1), checkpoint_every=25, seed=0)
@@ -177,7 +177,8 @@ def cmd_minilm(args) -> None:
 
 
 def cmd_kd(args) -> None:
-    from slimkit.distillation.classifier import accuracy, load_dataset, train_student, train_teacher
+    from slimkit.data.classification import accuracy, load_dataset
+    from slimkit.distillation.classifier import train_student, train_teacher
 
     torch.set_num_threads(args.threads)
     data = load_dataset(args.dataset)

@@ -20,6 +20,37 @@ def test_no_import_cycles_even_through_deferred_imports():
     assert cycles(import_graph(include_deferred=True)) == []
 
 
+def _package_graph() -> dict[str, set[str]]:
+    sys.path.insert(0, str(ROOT / "tools"))
+    from import_cycles import import_graph, package_graph
+
+    return package_graph(import_graph(include_deferred=True))
+
+
+def test_packages_form_a_dag_even_through_deferred_imports():
+    from import_cycles import cycles
+
+    assert cycles(_package_graph()) == []
+
+
+def _design_map() -> dict[str, set[str]]:
+    """docs/design.md's module table: each row's package and the slimkit packages it says it imports."""
+    rows = {}
+    for line in (ROOT / "docs/design.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`") and "imports" not in cells[2]:
+            name = cells[0].strip("`").removesuffix("/").removesuffix(".py")
+            rows["slimkit" if name == "__init__" else name] = \
+                set() if cells[2] == "nothing" else {c.strip(" `") for c in cells[2].split(",")}
+    return rows
+
+
+def test_the_design_map_says_what_each_package_imports():
+    graph = _package_graph()
+    assert _design_map() == {package: graph.get(package, set()) for package in _design_map()}
+    assert set(_design_map()) == set(graph)
+
+
 def test_the_registry_is_a_leaf():
     tree = ast.parse((ROOT / "src/slimkit/recipes/registry.py").read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}

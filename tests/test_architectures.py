@@ -85,8 +85,8 @@ def test_packed_and_compressed_tensors_reload_with_the_same_function(model_dirs,
     transformers alone: the three compute the same function on the same codes. (GPT-2's Conv1D
     layers are exported as blocks of [64, 1] in their [in, out] orientation and load decompressed.)"""
     from slimkit.compression.memory import compress_to_dir
+    from slimkit.compression.pack_dir import pack_to_dir
     from slimkit.export.job import export_model, load_exported
-    from slimkit.formats.pack_dir import pack_to_dir
     from slimkit.models import load_model
     from slimkit.recipes.builtin import get_recipe
 
@@ -110,8 +110,8 @@ def test_gpt2_int8_compressed_tensors_keeps_conv1d_orientation_and_one_scheme(mo
     transformers' reload computes the packed model's function."""
     from safetensors import safe_open
 
+    from slimkit.compression.pack_dir import pack_to_dir
     from slimkit.export.job import export_model, load_exported
-    from slimkit.formats.pack_dir import pack_to_dir
     from slimkit.models import load_model
 
     pack_to_dir(str(model_dirs("gpt2")), tmp_path / "packed", fmt="int8")
@@ -203,7 +203,7 @@ def test_gguf_export_reloads_in_transformers_or_is_refused(smollm2_tokenizer, tm
     (The tokenizer object is passed in: from a qwen2 dir transformers would load SmolLM2's files as a
     Qwen2 tokenizer, which splits differently and which the exporter rightly refuses to name.)"""
     from slimkit.errors import SlimkitError
-    from slimkit.export.gguf_file import export_gguf
+    from slimkit.export.gguf import export_gguf
     from slimkit.export.job import GGUF_NAME, load_exported
     from slimkit.formats.pack import pack_model
     from slimkit.models import adapter_for
@@ -264,7 +264,7 @@ def test_bench_model_measures_the_packed_model_of_every_decoder(model_dirs, tmp_
     """`bench model`'s measurement (prefill, decode with the KV cache, batch throughput, ppl and KLD
     against the dense model) runs on each architecture's int4 packed model."""
     from slimkit.benchmarks.model import measure
-    from slimkit.formats.pack_dir import pack_to_dir
+    from slimkit.compression.pack_dir import pack_to_dir
     from slimkit.protocol import BenchSettings
 
     source = str(model_dirs(model_type))

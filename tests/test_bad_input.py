@@ -151,9 +151,10 @@ def test_no_torch_load_without_weights_only_in_src():
 
 
 def test_a_planted_pickle_checkpoint_is_refused_with_a_restart_hint(tmp_path):
-    from slimkit.distillation.classifier import ClassifierTask, load_digits_dataset, mlp
-    from slimkit.distillation.trainer import TrainConfig, train
+    from slimkit.data.classification import load_digits_dataset
+    from slimkit.distillation.classifier import ClassifierTask, mlp
     from slimkit.errors import CheckpointError
+    from slimkit.training.trainer import TrainConfig, train
 
     sentinel = tmp_path / "executed"
 

@@ -10,7 +10,7 @@ from slimkit.formats import format_class
 from slimkit.formats.bitmask import BitmaskRows
 from slimkit.formats.csr16 import Csr16Rows
 from slimkit.kernels import bitmask_kernel, kernel_status
-from slimkit.pruning.magnitude import nm_mask
+from slimkit.numerics.magnitude import nm_mask
 
 needs_kernel = pytest.mark.skipif(bitmask_kernel() is None, reason=f"kernel unavailable: {kernel_status()}")
 

@@ -18,10 +18,10 @@ from slimkit.calibration.obs import (
 from slimkit.calibration.stats import InputStats, StatsRequest
 from slimkit.errors import ShapeError
 from slimkit.models import adapter_for
-from slimkit.pruning.magnitude import unstructured_mask
+from slimkit.numerics.magnitude import unstructured_mask
+from slimkit.numerics.rtn import QuantSpec, rtn_quantize
 from slimkit.pruning.wanda import wanda_mask
 from slimkit.quantization import awq
-from slimkit.quantization.rtn import QuantSpec, rtn_quantize
 from slimkit.recipes import RunResources, compress, parse_recipe
 
 
@@ -76,7 +76,7 @@ def test_gptq_beats_rtn(spec, act_order):
     rtn, _ = rtn_quantize(W, spec)
     assert _err(W, res.weight, X) < _err(W, rtn, X)
     # the result lies on the stored grid: re-quantizing with its scales changes nothing
-    from slimkit.quantization.rtn import dequantize, quantize
+    from slimkit.numerics.rtn import dequantize, quantize
 
     q = quantize(res.weight, res.scale, res.zero, spec)
     assert torch.allclose(dequantize(q, res.scale, res.zero, spec), res.weight, atol=1e-5)

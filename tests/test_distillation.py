@@ -15,21 +15,15 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_llama
-from slimkit.distillation.classifier import (
-    ClassifierTask,
-    accuracy,
-    load_digits_dataset,
-    mlp,
-    train_student,
-    train_teacher,
-)
+from slimkit.data.classification import accuracy, load_digits_dataset
+from slimkit.distillation.classifier import ClassifierTask, mlp, train_student, train_teacher
 from slimkit.distillation.data import teacher_generated_windows
 from slimkit.distillation.init import student_from_teacher
 from slimkit.distillation.language import CausalLMDistillTask, EncoderDistillTask, LMLossConfig, layer_map
 from slimkit.distillation.losses import hidden_loss, make_projection, soft_label_loss, token_divergence
-from slimkit.distillation.trainer import EpochSampler, TrainConfig, lr_factor, train
 from slimkit.errors import SlimkitError
 from slimkit.paths import TrainRunDir
+from slimkit.training.trainer import EpochSampler, TrainConfig, lr_factor, train
 
 # ---- losses -------------------------------------------------------------------------------------
 
@@ -243,7 +237,7 @@ def test_adding_a_config_field_keeps_old_run_dirs_addressable(tmp_path):
     """Run dirs hash non-default values only: a new field with a default changes no address."""
     from pydantic import Field
 
-    from slimkit.distillation.trainer import TrainConfig, run_dir_for
+    from slimkit.training.trainer import TrainConfig, run_dir_for
 
     class TrainConfigNext(TrainConfig):  # the same config after a release added a field
         label_smoothing: float = Field(0.0, ge=0)

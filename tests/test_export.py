@@ -8,10 +8,10 @@ import torch
 from typer.testing import CliRunner
 
 from slimkit.cli.main import app
+from slimkit.compression.pack_dir import pack_to_dir
 from slimkit.errors import SlimkitError
 from slimkit.export.job import export_model, load_exported
 from slimkit.formats import format_class
-from slimkit.formats.pack_dir import pack_to_dir
 from slimkit.models import load_model
 
 runner = CliRunner()
@@ -49,8 +49,8 @@ def test_int4_export_loads_in_transformers_with_the_same_function(tiny_int4, tmp
 def test_gguf_q4_0_blocks_are_the_int4_codes_bit_for_bit(full_range):
     import gguf
 
-    from slimkit.export.gguf_file import int4_blocks
-    from slimkit.quantization.rtn import QuantSpec, rtn_quantize
+    from slimkit.export.gguf.types import int4_blocks
+    from slimkit.numerics.rtn import QuantSpec, rtn_quantize
 
     w = torch.randn(32, 128)
     w_hat, p = rtn_quantize(w, QuantSpec(4, True, 64, torch.float16, full_range))  # full range: negative d
@@ -203,7 +203,7 @@ def test_gguf_export_from_an_hf_tokenizer_names_its_pre_tokenizer(tiny_int4, tmp
 
 
 def test_an_unknown_pre_tokenizer_is_refused_not_guessed():
-    from slimkit.export.gguf_metadata import pre_tokenizer
+    from slimkit.export.gguf.tokenizer import pre_tokenizer
 
     class Splitter:
         def encode(self, text):

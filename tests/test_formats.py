@@ -10,8 +10,8 @@ from slimkit.formats.floating import nf4_levels
 from slimkit.formats.pack import PACKED_FILE
 from slimkit.formats.sparse import SparseUnstructured
 from slimkit.models import adapter_for
-from slimkit.pruning.magnitude import nm_mask, unstructured_mask
-from slimkit.quantization.rtn import QuantSpec, rtn_quantize
+from slimkit.numerics.magnitude import nm_mask, unstructured_mask
+from slimkit.numerics.rtn import QuantSpec, rtn_quantize
 
 # (format, bytes per weight by the format's arithmetic for a 64 x 256 weight, tolerance of the
 # dequantized weight relative to max |w|)

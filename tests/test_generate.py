@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from slimkit.benchmarks import model as bench
 from slimkit.cli.main import app
+from slimkit.compression.pack_dir import pack_to_dir
 from slimkit.errors import SlimkitError
-from slimkit.formats.pack_dir import pack_to_dir
 from slimkit.generation import StaticDecoder
 from slimkit.models import load_model
 from slimkit.protocol import BenchSettings

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from slimkit.formats.ggml import pack_blocks, unpack_values
-from slimkit.quantization.ggml_grids import TYPES, fit_grid, grid_values, round_codes
+from slimkit.numerics.ggml_grids import TYPES, fit_grid, grid_values, round_codes
 from slimkit.quantization.gguf_mix import tensor_type, use_more_bits
 from slimkit.quantization.grid_gptq import gptq_on_grid
 

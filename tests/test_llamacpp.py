@@ -37,9 +37,9 @@ def test_llamacpp_scores_a_slimkit_gguf_as_slimkit_scores_the_same_weights(smoll
     of the gap is noisy), agree within 1%. llama.cpp computes in its own arithmetic (activations
     rounded to 8 bits for the quantized dot products): measured +0.2% to +0.7% here."""
     from slimkit.compression.memory import compress_to_dir
+    from slimkit.compression.pack_dir import pack_to_dir
     from slimkit.data import load_split
     from slimkit.export.job import export_model
-    from slimkit.formats.pack_dir import pack_to_dir
     from slimkit.models import load_model
     from slimkit.protocol import EvalSettings
     from slimkit.recipes import get_recipe, parse_recipe
@@ -142,10 +142,10 @@ def test_llamacpp_runs_slimkit_moe_and_gpt2_ggufs_with_the_packed_models_perplex
     import torch
 
     from slimkit.compression.memory import compress_to_dir
+    from slimkit.compression.pack_dir import pack_to_dir
     from slimkit.data import load_split
     from slimkit.export.job import export_model
     from slimkit.formats.pack import packed_layers
-    from slimkit.formats.pack_dir import pack_to_dir
     from slimkit.models import load_model
     from slimkit.protocol import EvalSettings
     from slimkit.recipes import get_recipe

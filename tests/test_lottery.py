@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from slimkit.distillation.classifier import load_digits_dataset
+from slimkit.data.classification import load_digits_dataset
 from slimkit.pruning.lottery import MASKS, LotteryConfig, MaskedMLP, _load_masks, prune_global, run_lottery, run_seed
 
 

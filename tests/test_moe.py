@@ -165,9 +165,9 @@ def test_packed_experts_and_their_compressed_tensors_export_reload_with_the_same
     from safetensors import safe_open
 
     from slimkit.compression.memory import compress_to_dir
+    from slimkit.compression.pack_dir import pack_to_dir
     from slimkit.export.job import export_model, load_exported
     from slimkit.formats.pack import packed_layers
-    from slimkit.formats.pack_dir import pack_to_dir
     from slimkit.models import load_model
     from slimkit.recipes.builtin import get_recipe
 

@@ -3,7 +3,7 @@ import torch
 
 from conftest import tiny_llama
 from slimkit.errors import ShapeError
-from slimkit.pruning.magnitude import global_threshold, nm_mask, threshold_mask, unstructured_mask
+from slimkit.numerics.magnitude import global_threshold, nm_mask, threshold_mask, unstructured_mask
 from slimkit.recipes import compress, parse_recipe
 
 
@@ -90,7 +90,7 @@ def test_nm_on_indivisible_layer_fails_before_any_change():
 
 @pytest.mark.parametrize("k", [0, 1, 7, 500, 999, 1000])
 def test_smallest_k_mask_is_exact_with_ties(k):
-    from slimkit.pruning.magnitude import smallest_k_mask
+    from slimkit.numerics.magnitude import smallest_k_mask
 
     g = torch.Generator().manual_seed(0)
     scores = torch.rand(1000, generator=g) ** 3 * 50  # spans several exponents, values above 2

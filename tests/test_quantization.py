@@ -3,7 +3,7 @@ import torch
 
 from conftest import tiny_llama
 from slimkit.errors import RecipeError, ShapeError
-from slimkit.quantization.rtn import QuantSpec, bytes_per_weight, compute_qparams, dequantize, rtn_quantize
+from slimkit.numerics.rtn import QuantSpec, bytes_per_weight, compute_qparams, dequantize, rtn_quantize
 from slimkit.recipes import compress, parse_recipe
 
 SPECS = [

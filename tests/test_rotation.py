@@ -153,8 +153,8 @@ def test_rotated_quantized_smollm2_packs_and_exports_with_the_same_perplexity(sm
     packed -> compressed-tensors and GGUF: each export's ppl within 1% of the packed model's (the
     untied head travels as its own tensor)."""
     from slimkit.compression.memory import compress_to_dir
+    from slimkit.compression.pack_dir import pack_to_dir
     from slimkit.export.job import export_model
-    from slimkit.formats.pack_dir import pack_to_dir
     from slimkit.protocol import EvalSettings
     from slimkit.recipes import get_recipe
 

@@ -8,7 +8,7 @@ import torch
 from conftest import OneLinear, tiny_llama
 from slimkit.calibration.block_data import BlockData
 from slimkit.calibration.block_fit import FitSettings
-from slimkit.quantization.rtn import QuantSpec, dequantize, rtn_quantize
+from slimkit.numerics.rtn import QuantSpec, dequantize, rtn_quantize
 from slimkit.quantization.scale_tuning import tune_scales
 from slimkit.recipes import RunResources, compress, parse_recipe
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from conftest import OneLinear, tiny_llama
+from slimkit.numerics.rtn import QuantSpec, dequantize, rtn_quantize
 from slimkit.quantization.autoround import (
     BlockData,
     Rounding,
@@ -18,7 +19,6 @@ from slimkit.quantization.autoround import (
     signed_step,
     tune_block,
 )
-from slimkit.quantization.rtn import QuantSpec, dequantize, rtn_quantize
 from slimkit.recipes import RunResources, compress, parse_recipe
 
 

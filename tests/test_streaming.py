@@ -273,8 +273,8 @@ def test_streamed_pack_equals_in_memory(request, tmp_path, source, recipe, fmt):
     in-memory pack: from compress records (auto) or in a format, tied head included."""
     from safetensors import safe_open
 
+    from slimkit.compression.pack_dir import pack_to_dir
     from slimkit.formats import PACKED_FILE, load_packed
-    from slimkit.formats.pack_dir import pack_to_dir
     from slimkit.recipes import get_recipe
     from slimkit.streaming.job import compress_streamed
     from slimkit.streaming.pack import pack_streamed
@@ -316,8 +316,8 @@ def test_conv1d_models_stream_as_they_compress_in_memory(tiny_gpt2_bf16, tmp_pat
     from transformers import AutoModelForCausalLM
 
     from slimkit.compression.memory import compress_to_dir
+    from slimkit.compression.pack_dir import pack_to_dir
     from slimkit.formats import PACKED_FILE
-    from slimkit.formats.pack_dir import pack_to_dir
     from slimkit.recipes import get_recipe
     from slimkit.streaming.job import compress_streamed
     from slimkit.streaming.pack import pack_streamed

@@ -9,6 +9,7 @@ The flow: load -> calibrate -> compress -> pack -> evaluate/benchmark -> export 
 
 __version__ = "0.1.0"
 
+from slimkit import formats  # noqa: E402,F401  (registers the packed-model reader with load_model)
 from slimkit.errors import SlimkitError  # noqa: E402
 from slimkit.models import load_model  # noqa: E402
 from slimkit.recipes import Recipe, compress, get_recipe, parse_recipe  # noqa: E402

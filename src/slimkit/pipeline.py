@@ -97,7 +97,7 @@ def pack_stage(layout: CompressOutput, variants: list[Variant], where: Callable[
                progress: Progress, on_error: Callable[[Variant, Exception], None] | None = None) -> dict[str, Path]:
     """Pack each variant's model dir into `where(variant)` (a slimkit output, replaced if there).
     With `on_error`, a model that cannot be packed is reported there and left out."""
-    from slimkit.formats.pack_dir import pack_to_dir
+    from slimkit.compression.pack_dir import pack_to_dir
 
     measured = {}
     for v in variants:

@@ -103,9 +103,9 @@ def fit_settings(outline_: ModelOutline, settings: EvalSettings, explicit: froze
 def check_recipe_shapes(outline_: ModelOutline, recipe: Recipe) -> None:
     """Every N:M pattern and group size of `recipe` tiles every layer it targets (up to the
     first step that changes the architecture: shapes after it are not known yet)."""
-    from slimkit.pruning.magnitude import check_nm_shape
+    from slimkit.numerics.magnitude import check_nm_shape
+    from slimkit.numerics.rtn import check_groups
     from slimkit.quantization.config import QuantFields
-    from slimkit.quantization.rtn import check_groups
     from slimkit.recipes.targets import select_targets
 
     for step in recipe.steps:

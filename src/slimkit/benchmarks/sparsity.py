@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from slimkit.formats import format_class
 from slimkit.formats.kernel_rows import choose_kernel_rows
-from slimkit.pruning.magnitude import nm_mask, unstructured_mask
+from slimkit.numerics.magnitude import nm_mask, unstructured_mask
 
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.99)
 BATCHES = (1, 8, 128)

@@ -30,8 +30,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from slimkit.errors import SlimkitError
-from slimkit.pruning.magnitude import smallest_k_mask
-from slimkit.quantization.rtn import QuantSpec, compute_qparams
+from slimkit.numerics.magnitude import smallest_k_mask
+from slimkit.numerics.rtn import QuantSpec, compute_qparams
 
 log = logging.getLogger("slimkit.calibration")
 

@@ -12,7 +12,7 @@ from slimkit.calibration.engine import BlockWork, EngineReport, sequential_compr
 from slimkit.calibration.obs import ObsProblem, ObsResult, obs_solve_batch
 from slimkit.calibration.stats import StatsRequest
 from slimkit.errors import RecipeError
-from slimkit.quantization.rtn import QuantParams, QuantSpec, quantize
+from slimkit.numerics.rtn import QuantParams, QuantSpec, quantize
 from slimkit.recipes.base import StepConfig
 from slimkit.recipes.context import LayerRecord, StepContext
 from slimkit.recipes.targets import select_targets

@@ -46,8 +46,8 @@ def pack(
 
       slimkit pack out/8b-gptq -o out/8b-packed --stream on   # one block in memory at a time
     """
+    from slimkit.compression.pack_dir import pack_to_dir
     from slimkit.formats import format_names
-    from slimkit.formats.pack_dir import pack_to_dir
     from slimkit.progress import RichProgress
     from slimkit.streaming.pack import pack_streamed
 
@@ -101,7 +101,7 @@ def export(
 
       slimkit export out/sparse24 --to hf -o out/sparse24-dense
     """
-    from slimkit.export.gguf_file import QTYPES
+    from slimkit.export.gguf import QTYPES
     from slimkit.export.job import export_model
 
     gguf_type = gguf_type.lower()

@@ -6,8 +6,8 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from slimkit.distillation.trainer import TrainFields
 from slimkit.recipes.base import StepConfig
+from slimkit.training.trainer import TrainFields
 
 
 class DistillConfig(StepConfig, TrainFields):

@@ -1,6 +1,6 @@
 """Distillation tasks for transformers: a causal LM (token distributions) and an encoder (embeddings).
 
-Both follow the `TrainTask` protocol of `slimkit.distillation.trainer`: the teacher runs without
+Both follow the `TrainTask` protocol of `slimkit.training.trainer`: the teacher runs without
 gradients, the student (and an optional width projection for hidden-state losses) is trained.
 """
 
@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from slimkit.distillation.losses import hidden_loss, make_projection, token_divergence
-from slimkit.distillation.trainer import EpochSampler, identity
 from slimkit.evaluation.perplexity import window_nll
+from slimkit.training.trainer import EpochSampler, identity
 
 
 class LMLossConfig(BaseModel):

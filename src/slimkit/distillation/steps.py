@@ -10,10 +10,10 @@ from slimkit.data.tokens import calibration_windows
 from slimkit.distillation.config import DistillConfig
 from slimkit.distillation.data import teacher_generated_windows
 from slimkit.distillation.language import CausalLMDistillTask, EncoderDistillTask, LMLossConfig
-from slimkit.distillation.trainer import TrainConfig, run_dir_for, train
 from slimkit.evaluation.perplexity import eval_windows
 from slimkit.recipes.context import StepContext
 from slimkit.recipes.registry import register_step
+from slimkit.training.trainer import TrainConfig, run_dir_for, train
 
 
 def _train_config(c: DistillConfig) -> TrainConfig:

@@ -37,7 +37,7 @@ def packed_bytes(record) -> int:
     Quantized: codes + scales (+ zero points); llama.cpp blocks: their bytes. Pruned only: the
     smaller of dense and a bitmask plus the kept values. Otherwise dense.
     """
-    from slimkit.quantization.rtn import bytes_per_weight
+    from slimkit.numerics.rtn import bytes_per_weight
 
     numel = math.prod(record.shape)
     dense = numel * record.element_size

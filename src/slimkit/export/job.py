@@ -106,7 +106,7 @@ def export_model(source: str, output: str | Path, to: str, gguf_type: str = "aut
     formats = sorted({m.format for m in packed_layers(loaded.model).values()})
     lineage = lineage_sources(loaded) if to == "gguf" else (None, None)
     if to == "gguf":
-        from slimkit.export.gguf_file import check_gguf_export
+        from slimkit.export.gguf import check_gguf_export
 
         if lineage[0] is None:
             require_tokenizer(loaded, "GGUF export")
@@ -133,10 +133,11 @@ def export_model(source: str, output: str | Path, to: str, gguf_type: str = "aut
 
             result.update(export_compressed_tensors(loaded.model, loaded.tokenizer, tmp, all_linears))
         else:
-            from slimkit.export.gguf_file import export_gguf
+            from slimkit.export.gguf import export_gguf
 
-            result.update(export_gguf(loaded.model, loaded.tokenizer, tmp / GGUF_NAME, gguf_type,
-                                      *lineage, dense_blocks=dense_blocks))
+            written = export_gguf(loaded.model, loaded.tokenizer, tmp / GGUF_NAME, gguf_type, *lineage,
+                                  dense_blocks=dense_blocks)
+            result.update(tensors_by_type=written.tensors_by_type, bytes=written.bytes)
         if own_ppl is not None:  # checked before the rename: the export.json written states the check
             result["verify"] = verify_export(tmp, to, loaded.tokenizer, own_ppl, windows)
         ExportDir(tmp).summary.write_text(json.dumps(result, indent=2))

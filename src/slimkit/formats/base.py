@@ -13,6 +13,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from slimkit.models.layouts import StoredLinear
+
 _FORMATS: dict[str, type["PackedLinear"]] = {}
 
 # Rows (tokens) up to which a weight-only int8/int4 kernel (bf16 activations) runs when no
@@ -40,7 +42,7 @@ def format_names() -> list[str]:
     return sorted(_FORMATS)
 
 
-class PackedLinear(nn.Module):
+class PackedLinear(StoredLinear):
     format: ClassVar[str]
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None, meta: dict):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from slimkit.formats.base import PackedLinear, register_format
-from slimkit.quantization.ggml_grids import BlockGrid, GGMLCodes, ggml_type
+from slimkit.numerics.ggml_grids import BlockGrid, GGMLCodes, ggml_type
 
 
 def _f16_bytes(x: torch.Tensor) -> np.ndarray:

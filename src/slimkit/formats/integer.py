@@ -228,7 +228,7 @@ class Int4Grouped(PackedLinear):
 
     @classmethod
     def from_dense(cls, weight, bias=None, group_size=64, **_):
-        from slimkit.quantization.rtn import QuantSpec, compute_qparams, quantize
+        from slimkit.numerics.rtn import QuantSpec, compute_qparams, quantize
 
         spec = QuantSpec(4, True, group_size, torch.bfloat16)
         scale, zero = compute_qparams(weight, spec)

@@ -20,6 +20,7 @@ from slimkit.errors import SlimkitError, WeightsError
 from slimkit.formats.base import PackedLinear, format_class
 from slimkit.formats.kernel_rows import choose_kernel_rows
 from slimkit.io.tensors import unique_tensors
+from slimkit.models.loading import register_directory_reader
 from slimkit.paths import PackedDir
 
 PACKED_FILE = PackedDir.WEIGHTS
@@ -235,3 +236,6 @@ def load_packed(directory: Path, dtype: torch.dtype = torch.float32) -> nn.Modul
         model.tie_weights()
     choose_kernel_rows(packed_layers(model).values())
     return model
+
+
+register_directory_reader(PACKED_FILE, load_packed)  # `load_model` reads packed directories

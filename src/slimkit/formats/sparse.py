@@ -189,7 +189,7 @@ class Sparse24(PackedLinear):
         w = weight.detach().float()
         rows, cols = w.shape
         if mask is None:
-            from slimkit.pruning.magnitude import nm_mask
+            from slimkit.numerics.magnitude import nm_mask
 
             mask = nm_mask(w, 2, 4)
         groups = mask.reshape(rows, cols // 4, 4)

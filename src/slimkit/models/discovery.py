@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from slimkit.errors import UnsupportedArchitectureError
-from slimkit.formats.pack import packed_layers
 from slimkit.models.experts import ExpertLinears, is_stacked_experts
 from slimkit.models.fold_check import FoldCheck, is_projection, out_width
+from slimkit.models.layouts import stored_linears
 from slimkit.models.structure import ArchitectureAdapter, InputGroup
 
 ATTENTION_WORDS = ("attn", "attention")
@@ -271,7 +271,7 @@ def discover_adapter(model: nn.Module) -> ArchitectureAdapter:
 
 
 def _discover(model: nn.Module) -> ArchitectureAdapter:
-    if any(p.device.type == "meta" for p in model.parameters()) or packed_layers(model):
+    if any(p.device.type == "meta" for p in model.parameters()) or stored_linears(model):
         model = one_block_twin(model)  # a skeleton, or packed layers: discover on the plain class
     config = model.config
     blocks = find_blocks(model)

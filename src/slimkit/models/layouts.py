@@ -18,6 +18,15 @@ from torch import nn
 from slimkit.models.experts import fused_experts, unfuse_experts
 
 
+class StoredLinear(nn.Module):
+    """A linear layer whose weight is held in another form (each packed format subclasses it):
+    architecture discovery cannot trace into one, so it runs on the plain class instead."""
+
+
+def stored_linears(model: nn.Module) -> dict[str, StoredLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, StoredLinear)}
+
+
 class TransposedLinear(nn.Linear):
     """An `nn.Linear` that was a transformers `Conv1D` in the checkpoint."""
 

@@ -13,7 +13,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -39,6 +39,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # slimkit never downloads at run t
 log = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+# A directory in one of slimkit's own stored forms is read by the package that defines the form,
+# keyed by the file that marks it: `formats` registers the packed-model reader when it is
+# imported (and `import slimkit` imports it), so that `models` never imports `formats`.
+DirectoryReader = Callable[[Path, torch.dtype], nn.Module]
+_DIRECTORY_READERS: dict[str, DirectoryReader] = {}
+
+
+def register_directory_reader(marker_file: str, read: DirectoryReader) -> None:
+    _DIRECTORY_READERS[marker_file] = read
 
 
 @dataclass
@@ -112,12 +122,11 @@ def _load_hf_dir(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any, ModelK
     from transformers import AutoModel, AutoModelForCausalLM
 
     kind = model_kind(read_config(path))
-    from slimkit.formats.pack import PACKED_FILE, load_packed
-
-    if (path / PACKED_FILE).is_file():  # a slimkit packed model: formats swapped in at load
-        model = load_packed(path, dtype)
-        check_finite(model, str(path))
-        return model, _load_tokenizer(path), kind, dtype
+    for marker, read in _DIRECTORY_READERS.items():
+        if (path / marker).is_file():  # e.g. a slimkit packed model: formats swapped in at load
+            model = read(path, dtype)
+            check_finite(model, str(path))
+            return model, _load_tokenizer(path), kind, dtype
     held = check_before_load(path, kind)
     auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
     try:

@@ -136,6 +136,24 @@ class ArchitectureAdapter:
                 out[self.lm_head] = head
         return out
 
+    def module_roles(self, model: nn.Module) -> dict[str, str]:
+        """Full module name -> role, for every module the adapter names: "q", "k", "v" (one fused
+        projection: "qkv"), "o", "mlp_input", "mlp_output", "expert", "router", "block_norm",
+        "embedding", "final_norm", "lm_head"."""
+        names = {id(m): n for n, m in model.named_modules()}
+        fused = self.q_proj == self.k_proj == self.v_proj
+        in_block = [(self.q_proj, "qkv" if fused else "q"), (self.k_proj, "qkv" if fused else "k"),
+                    (self.v_proj, "qkv" if fused else "v"), (self.o_proj, "o"),
+                    *((p, "mlp_input") for p in self.mlp_inputs), (self.mlp_output, "mlp_output"),
+                    *((p, "expert") for p in self.experts), *((p, "router") for p in self.routers),
+                    *((p, "block_norm") for p in self.block_norms)]
+        found = [(submodule_at(block, path), role) for block in self.get_blocks(model)
+                 for path, role in in_block if path]
+        found += [(submodule_at(model.base_model, p), "embedding") for p in self.embeddings]
+        found += [(submodule_at(model.base_model, self.final_norm), "final_norm")] if self.final_norm else []
+        found += [(submodule_at(model, self.lm_head), "lm_head")] if self.lm_head else []
+        return {names[id(m)]: role for m, role in found if m is not None and id(m) in names}
+
     def embedding_modules(self, model: nn.Module) -> dict[str, nn.Embedding]:
         names = {id(m): n for n, m in model.named_modules()}
         mods = (submodule_at(model.base_model, p) for p in self.embeddings)

@@ -10,13 +10,13 @@ from slimkit.calibration.engine import BlockWork, sequential_compress
 from slimkit.calibration.obs import PruneTarget
 from slimkit.calibration.runner import run_calibrated, solve_linears, take_hessians, write_result
 from slimkit.calibration.stats import StatsRequest
+from slimkit.numerics.magnitude import check_nm_shape
+from slimkit.numerics.rtn import check_groups
 from slimkit.pruning.config import OutlierFields, SparseGPTConfig, WandaConfig
-from slimkit.pruning.magnitude import check_nm_shape
 from slimkit.pruning.owl import block_sparsities, outlier_ratio
 from slimkit.pruning.reconstruct import reconstruct_block
 from slimkit.pruning.swap_refine import refine_mask
 from slimkit.pruning.wanda import wanda_mask
-from slimkit.quantization.rtn import check_groups
 from slimkit.recipes.context import StepContext
 from slimkit.recipes.registry import register_step
 from slimkit.recipes.targets import select_targets

@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from slimkit.pruning.magnitude import parse_nm
+from slimkit.numerics.magnitude import parse_nm
 from slimkit.quantization.config import QuantFields
 from slimkit.recipes.base import BlockTraining, StepConfig
 

@@ -23,10 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from slimkit.distillation.classifier import Dataset, accuracy, load_dataset
-from slimkit.distillation.trainer import EpochSampler, TrainConfig, run_dir_for, train
+from slimkit.data.classification import Dataset, accuracy, load_dataset
 from slimkit.paths import LotteryDir
 from slimkit.progress import NoProgress, Progress
+from slimkit.training.trainer import EpochSampler, TrainConfig, run_dir_for, train
 
 
 class LotteryConfig(BaseModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from slimkit.pruning import magnitude
+from slimkit.numerics import magnitude
 from slimkit.pruning.config import MagnitudePruneConfig
 from slimkit.recipes.context import StepContext
 from slimkit.recipes.registry import register_step

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from slimkit.pruning.magnitude import nm_mask_from_scores
+from slimkit.numerics.magnitude import nm_mask_from_scores
 
 
 def wanda_scores(weight: torch.Tensor, col_norm: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from slimkit.calibration.block_data import BlockData, run_block
-from slimkit.quantization.rtn import QuantParams, QuantSpec, compute_qparams, dequantize, signed_extreme
+from slimkit.numerics.rtn import QuantParams, QuantSpec, compute_qparams, dequantize, signed_extreme
 
 MIN_RANGE = 0.5  # a group's range is never clipped below half of its RTN range
 

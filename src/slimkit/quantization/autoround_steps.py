@@ -11,10 +11,10 @@ from slimkit.calibration.block_data import BlockData, target_outputs
 from slimkit.calibration.engine import BlockWork
 from slimkit.calibration.runner import run_calibrated
 from slimkit.calibration.stats import StatsRequest
+from slimkit.numerics.rtn import check_groups
 from slimkit.quantization import autoround
 from slimkit.quantization.block_scales import tune_block_scales
 from slimkit.quantization.config import AutoRoundConfig
-from slimkit.quantization.rtn import check_groups
 from slimkit.recipes.context import StepContext
 from slimkit.recipes.registry import register_step
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from slimkit.quantization.rtn import QuantSpec, compute_qparams, dequantize, quantize
+from slimkit.numerics.rtn import QuantSpec, compute_qparams, dequantize, quantize
 
 
 def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:

@@ -10,10 +10,10 @@ from slimkit.calibration.obs import ObsResult
 from slimkit.calibration.runner import run_calibrated, solve_linears, take_hessians, write_result
 from slimkit.calibration.stats import StatsRequest
 from slimkit.models.fold_check import scale_consumer, scale_producer
+from slimkit.numerics.rtn import check_groups, compute_qparams, dequantize, quantize
 from slimkit.quantization import awq
 from slimkit.quantization.block_scales import tune_block_scales
 from slimkit.quantization.config import AWQConfig, GPTQConfig
-from slimkit.quantization.rtn import check_groups, compute_qparams, dequantize, quantize
 from slimkit.recipes.context import StepContext
 from slimkit.recipes.registry import register_step
 

@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from slimkit.quantization.rtn import QuantSpec
+from slimkit.numerics.rtn import QuantSpec
 from slimkit.recipes.base import BlockTraining, StepConfig
 
 _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

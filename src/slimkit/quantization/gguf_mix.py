@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 
 from slimkit.errors import SlimkitError
-from slimkit.quantization.ggml_grids import TYPES
+from slimkit.numerics.ggml_grids import TYPES
 
 FILE_TYPES = {"Q4_K_M": "Q4_K", "Q4_K_S": "Q4_K", "Q5_K_M": "Q5_K", "Q5_K_S": "Q5_K", "Q6_K": "Q6_K",
               "Q8_0": "Q8_0", "Q5_0": "Q5_0", "Q4_0": "Q4_0"}

@@ -11,8 +11,8 @@ from slimkit.calibration.runner import run_calibrated
 from slimkit.calibration.stats import StatsRequest
 from slimkit.errors import RecipeError
 from slimkit.formats.ggml import pack_blocks
+from slimkit.numerics.ggml_grids import GGMLCodes, fit_grid, grid_values, round_codes
 from slimkit.quantization.config import GGUFQuantizeConfig
-from slimkit.quantization.ggml_grids import GGMLCodes, fit_grid, grid_values, round_codes
 from slimkit.quantization.gguf_mix import tensor_type
 from slimkit.quantization.grid_gptq import gptq_on_grid
 from slimkit.recipes.context import LayerRecord, StepContext

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from slimkit.calibration.obs import inverse_hessian_factor
-from slimkit.quantization.ggml_grids import BlockGrid, column_values, round_codes
+from slimkit.numerics.ggml_grids import BlockGrid, column_values, round_codes
 
 
 @torch.no_grad()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from slimkit.numerics.rtn import check_groups, rtn_quantize
 from slimkit.quantization.config import RTNQuantizeConfig
-from slimkit.quantization.rtn import check_groups, rtn_quantize
 from slimkit.recipes.context import StepContext
 from slimkit.recipes.registry import register_step
 from slimkit.recipes.targets import select_targets

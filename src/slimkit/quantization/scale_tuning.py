@@ -19,7 +19,7 @@ from torch import nn
 
 from slimkit.calibration.block_data import BlockData
 from slimkit.calibration.block_fit import FitResult, FitSettings, fit_block
-from slimkit.quantization.rtn import QuantParams, dequantize
+from slimkit.numerics.rtn import QuantParams, dequantize
 
 
 def _as_stored(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from slimkit.models.adapters import ArchitectureAdapter
+from slimkit.numerics.ggml_grids import GGMLCodes
+from slimkit.numerics.rtn import QuantParams
 from slimkit.progress import NoProgress, Progress
-from slimkit.quantization.ggml_grids import GGMLCodes
-from slimkit.quantization.rtn import QuantParams
 
 
 @dataclass

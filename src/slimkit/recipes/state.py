@@ -96,8 +96,8 @@ class CompressionStateReader:
 
     def record(self, name: str, weight: torch.Tensor) -> LayerRecord:
         """The record of linear `name`, whose saved weight is `weight`."""
-        from slimkit.quantization.ggml_grids import GGMLCodes
-        from slimkit.quantization.rtn import QuantParams, QuantSpec, quantize
+        from slimkit.numerics.ggml_grids import GGMLCodes
+        from slimkit.numerics.rtn import QuantParams, QuantSpec, quantize
 
         entry = self.layers[name]
         shape = tuple(entry["shape"])

@@ -18,9 +18,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from slimkit.compression.pack_dir import check_pack_source, layer_summary, pack_plan, write_pack_summary
 from slimkit.formats import PACKED_FILE, pack_model
 from slimkit.formats.pack import FORMAT_VERSION, packed_layer_header, packed_layer_tensors, save_packed_config
-from slimkit.formats.pack_dir import check_pack_source, layer_summary, pack_plan, write_pack_summary
 from slimkit.io.outputs import output_directory
 from slimkit.io.tensors import RowSource, save_tensors_atomic, write_tensors_by_rows
 from slimkit.models.streamed import StreamedModel, open_streamed

@@ -31,10 +31,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from slimkit.calibration import distributed
-from slimkit.distillation.checkpoint import load_checkpoint, save_checkpoint
 from slimkit.errors import SlimkitError
 from slimkit.paths import TrainRunDir
 from slimkit.progress import NoProgress, Progress
+from slimkit.training.checkpoint import load_checkpoint, save_checkpoint
 
 MAX_STEPS = 10_000_000  # far past any distillation run; more is a typo, said before any model loads
 LONG_RUN_S = 24 * 3600  # a run estimated to take longer than this is announced after its first step

@@ -1,19 +1,16 @@
-"""What a GGUF export says about its model: the tokenizer llama.cpp will run, and who made it.
+"""The tokenizer llama.cpp will run, written from a Hugging Face tokenizer.
 
 llama.cpp splits text before BPE with a regex chosen by `tokenizer.ggml.pre`; a wrong name
-tokenizes differently and every score moves (SmolLM2 written as "default" scored +14% ppl).
-- From a source GGUF every `tokenizer.*` field is copied as it is, and the `general.*` fields that
-  describe the model (name, organization, license, size label, base models, ...).
-- From a Hugging Face tokenizer (byte-level BPE) the pre-tokenizer is named the way llama.cpp's
-  converter names it: by the sha256 of the token ids of its check text. A hash slimkit does not
-  know is refused, never guessed; the general fields come from the model card and config
-  (`gguf.Metadata`, the gguf package's own reader).
+tokenizes differently and every score moves (SmolLM2 written as "default" scored +14% ppl). The
+pre-tokenizer is named the way llama.cpp's converter names it: by the sha256 of the token ids of
+its check text. A hash slimkit does not know is refused, never guessed. (A model that came from a
+GGUF gets that file's tokenizer fields copied as they are: `description.py`.)
 """
 
 from __future__ import annotations
 
+import json
 from hashlib import sha256
-from pathlib import Path
 
 from slimkit.errors import SlimkitError
 
@@ -37,11 +34,6 @@ PRE_TOKENIZERS = {
     "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",  # Mistral Nemo
 }
 
-# general.* fields that describe the model (the rest -- architecture, file type -- are the export's own)
-DESCRIBING = ("name", "author", "version", "organization", "finetune", "basename", "description", "size_label",
-              "license", "license.name", "license.link", "url", "repo_url", "tags", "languages", "datasets")
-
-
 def pre_tokenizer(tokenizer) -> str:
     """llama.cpp's name for this tokenizer's pre-tokenizer; an unknown one is a clear error."""
     ids = tokenizer.encode(CHECK_TEXT)
@@ -54,33 +46,29 @@ def pre_tokenizer(tokenizer) -> str:
     return PRE_TOKENIZERS[digest]
 
 
-def _describing(key: str) -> bool:
-    if not key.startswith("general."):
-        return False
-    rest = key[len("general."):]
-    return rest in DESCRIBING or rest.startswith(("base_model.", "source."))
-
-
-def copy_from_gguf(writer, source: Path) -> None:
-    """Every tokenizer field and every describing general field of `source`, as they are."""
-    import gguf
-
-    reader = gguf.GGUFReader(source)
-    for key, field in reader.fields.items():
-        if not (key.startswith("tokenizer.") or _describing(key)):
-            continue
-        value, vtype = field.contents(), field.types[0]
-        if vtype == gguf.GGUFValueType.ARRAY:
-            writer.add_array(key, value)
-        else:
-            writer.add_key_value(key, value, vtype)
-
-
-def describe_from_hf(writer, model_dir: Path | None, parameters: int) -> None:
-    """general.* from a Hugging Face model dir's card and config (the gguf package's reader)."""
-    import gguf
-
-    metadata = gguf.Metadata.load(None, model_dir if model_dir is not None and model_dir.is_dir() else None,
-                                  None, parameters)
-    metadata.name = metadata.name or "model"  # no dir to name it after (a model given as an object)
-    metadata.set_gguf_meta_model(writer)
+def tokenizer_from_hf(writer, tokenizer) -> None:
+    """A byte-level BPE tokenizer's vocabulary, merges, special tokens and chat template."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = spec["model"]
+    if model.get("type") != "BPE":
+        raise SlimkitError(f"GGUF export builds byte-level BPE tokenizers only; this one is {model.get('type')}")
+    vocab = dict(model["vocab"])
+    for added in spec.get("added_tokens", []):
+        vocab[added["content"]] = added["id"]
+    tokens = [""] * (max(vocab.values()) + 1)
+    for tok, i in vocab.items():
+        tokens[i] = tok
+    special = {a["id"] for a in spec.get("added_tokens", []) if a.get("special")}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre_tokenizer(tokenizer))
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
+    writer.add_token_merges(merges)
+    for attr, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
+                      ("unk_token_id", writer.add_unk_token_id), ("pad_token_id", writer.add_pad_token_id)):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            add(int(value))
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)

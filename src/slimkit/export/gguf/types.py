@@ -1,0 +1,118 @@
+"""Which GGML type each tensor is written in, and the blocks: the packed layer's own codes where
+they can go out as they are, else fitted here without calibration.
+
+A llama.cpp file type (Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, Q5_0) gives every tensor the type
+llama.cpp's mix gives it (`quantization/gguf_mix.py`); Q8_0, Q4_0 and F16/F32 are the simple types;
+`auto` keeps what compression decided (gguf_quantize blocks, int4 codes as Q4_0/Q4_1, int8 as
+Q8_0, the rest F16).
+
+int4 codes (and 2- or 3-bit codes, which share the int4 container) are kept bit for bit when their
+group is a multiple of 32 and their scales are fp16 values: a group of 64 becomes two Q4_0/Q4_1
+blocks with its scale. Otherwise they are requantized (Q4_0 picks its own scale per 32, not
+lossless), so the export is verified by perplexity, not bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from slimkit.errors import SlimkitError
+from slimkit.formats.ggml import pack_blocks
+from slimkit.numerics.ggml_grids import fit_grid, round_codes
+
+MIXES = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q5_0")
+QTYPES = ("auto", *MIXES, "q8_0", "q4_0", "f16", "f32")
+SIMPLE = ("q8_0", "q4_0", "f16", "f32")
+
+
+@dataclass(frozen=True)
+class TypePlan:
+    """How tensors are typed: the type asked for, and the llama.cpp file type whose mix applies."""
+
+    requested: str  # one of QTYPES
+    mix: str | None  # "Q4_K_M" ... or None (the simple types)
+    n_layers: int
+    tied: bool  # no output tensor: llama.cpp reuses token_embd as the head
+
+    def keeps(self, mod) -> bool:
+        """Are a packed layer's own codes written as they are?"""
+        if mod.format == "ggml":
+            return self.requested == "auto" or self.requested.upper() == mod.meta["ftype"]
+        return mod.format == "int4" and self.requested in ("auto", "q4_0")
+
+    def simple_type(self, fmt: str | None, module) -> str:
+        embedding = isinstance(module, torch.nn.Embedding)
+        if self.requested in SIMPLE:
+            return "F32" if self.requested == "f32" else "F16" if embedding else self.requested.upper()
+        return "F16" if embedding else {"int4": "Q4_0", "int8": "Q8_0", "w8a8": "Q8_0"}.get(fmt, "F16")
+
+    def file_type(self, packed: dict):
+        """What `general.file_type` says: the mix, the simple type, or what `auto` mostly kept."""
+        import gguf
+
+        if self.mix is not None:
+            return gguf.LlamaFileType[f"MOSTLY_{self.mix}"]
+        if self.requested in ("f16", "f32"):
+            return gguf.LlamaFileType.MOSTLY_F16 if self.requested == "f16" else gguf.LlamaFileType.ALL_F32
+        int4 = any(m.format == "int4" for m in packed.values())
+        return gguf.LlamaFileType.MOSTLY_Q4_0 if self.requested == "q4_0" or (self.requested == "auto" and int4) \
+            else gguf.LlamaFileType.MOSTLY_Q8_0
+
+
+def plan_types(model: torch.nn.Module, packed: dict, requested: str) -> TypePlan:
+    if requested not in QTYPES:
+        raise SlimkitError(f"unknown GGUF type {requested}; choose one of {', '.join(QTYPES)}")
+    mix = requested.upper() if requested in MIXES else None
+    if requested == "auto":
+        mixes = sorted({m.meta["ftype"] for m in packed.values() if m.format == "ggml"})
+        if len(mixes) > 1:
+            raise SlimkitError(f"this model mixes llama.cpp file types {mixes}; pass --gguf-type")
+        mix = mixes[0] if mixes else None
+    tied = getattr(model.config, "tie_word_embeddings", False) and "lm_head" not in packed
+    return TypePlan(requested, mix, model.config.num_hidden_layers, tied)
+
+
+def int4_blocks(mod) -> tuple[np.ndarray, object] | None:
+    """slimkit int4 codes as Q4_0 (symmetric) or Q4_1 (asymmetric) blocks, bit for bit: a group
+    of g = 32k columns becomes k blocks sharing its scale (fp16). None if g is not a multiple
+    of 32, or the scales do not fit fp16."""
+    import gguf
+
+    if mod.group % 32:
+        return None
+    u = mod.nibbles().numpy().astype(np.uint8)  # [N, K] 0..15
+    rows, cols = u.shape
+    per = mod.group // 32
+    scale = mod.scale.float().repeat_interleave(per, dim=1)  # [N, K/32]
+    d = scale.numpy().astype(np.float16)
+    if not np.array_equal(d.astype(np.float32), scale.numpy()):
+        return None
+    blocks = u.reshape(rows, cols // 32, 32)
+    qs = blocks[..., :16] | (blocks[..., 16:] << 4)  # low nibbles: elements 0-15, high: 16-31
+    parts = [d[..., None].view(np.uint8)]
+    qtype = gguf.GGMLQuantizationType.Q4_0  # value = (q - 8) * d: slimkit's symmetric code + 8
+    if mod.zero is not None:  # Q4_1: value = q * d + m with m = -zero * d
+        m = (-(mod.zero.float() * mod.scale.float()).repeat_interleave(per, dim=1)).numpy().astype(np.float16)
+        parts.append(m[..., None].view(np.uint8))
+        qtype = gguf.GGMLQuantizationType.Q4_1
+    parts.append(qs)
+    return np.concatenate(parts, axis=-1).reshape(rows, -1), qtype
+
+
+def kept_blocks(mod) -> tuple[np.ndarray, object] | None:
+    """A packed layer's own codes as GGUF blocks: gguf_quantize blocks, or int4 as Q4_0/Q4_1."""
+    import gguf
+
+    if mod.format == "ggml":
+        return mod.blocks.numpy(), gguf.GGMLQuantizationType[mod.meta["ggml_type"]]
+    return int4_blocks(mod)
+
+
+def fitted_blocks(data: np.ndarray, qtype: str) -> np.ndarray:
+    """Blocks of `qtype` fitted here, without calibration (uniform importance, round to nearest)."""
+    w = torch.from_numpy(data)
+    grid = fit_grid(qtype, w)
+    return pack_blocks(round_codes(w, grid), grid)
