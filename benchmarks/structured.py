@@ -48,7 +48,13 @@ def _emit(rows: list[dict]) -> None:
 
 
 def _distill(student, teacher, loaded, split, args, run_dir: Path, projection=None, encoder=False):
-    from slimkit.distillation.language import CausalLMDistillTask, EncoderDistillTask, LMLossConfig
+    from slimkit.distillation.language import (
+        CausalLMDistillTask,
+        DistillPair,
+        EncoderDistillTask,
+        EncoderTexts,
+        LMLossConfig,
+    )
     from slimkit.evaluation.perplexity import eval_windows
     from slimkit.training.trainer import TrainConfig, train
 
@@ -59,11 +65,12 @@ def _distill(student, teacher, loaded, split, args, run_dir: Path, projection=No
     if encoder:
         texts = [d.text for d in split.calibration[: args.windows_pool]]
         held = [d.text for d in split.evaluation[-64:]]
-        task = EncoderDistillTask(student, teacher, loaded.tokenizer, texts, held, 1.0, 0, args.batch, projection)
+        task = EncoderDistillTask(DistillPair(student, teacher, projection), loaded.tokenizer, EncoderTexts(texts, held),
+                                  1.0, 0, args.batch)
     else:
         windows = calibration_windows(loaded.tokenizer, split, args.windows_pool, args.seqlen, seed=1000)
         held = eval_windows(loaded.tokenizer, split, args.seqlen)[:8]
-        task = CausalLMDistillTask(student, teacher, windows, LMLossConfig(), held, 0, args.batch)
+        task = CausalLMDistillTask(DistillPair(student, teacher), windows, held, LMLossConfig(), 0, args.batch)
     start = time.perf_counter()
     result = train(task, config, run_dir)
     for p in student.parameters():
@@ -178,7 +185,7 @@ def cmd_minilm(args) -> None:
 
 def cmd_kd(args) -> None:
     from slimkit.data.classification import accuracy, load_dataset
-    from slimkit.distillation.classifier import train_student, train_teacher
+    from slimkit.distillation.classifier import StudentTraining, train_student, train_teacher
 
     torch.set_num_threads(args.threads)
     data = load_dataset(args.dataset)
@@ -187,10 +194,10 @@ def cmd_kd(args) -> None:
     t_acc = accuracy(teacher, data.x_test, data.y_test)
     acc = {"kd": [], "no_kd": []}
     for seed in range(args.seeds):
-        s, _ = train_student(data, teacher, work / f"kd-{seed}", args.steps, seed, alpha=args.alpha,
-                             temperature=args.temperature, lr=args.lr)
+        s, _ = train_student(data, teacher, work / f"kd-{seed}",
+                             StudentTraining(args.steps, seed, alpha=args.alpha, temperature=args.temperature, lr=args.lr))
         acc["kd"].append(accuracy(s, data.x_test, data.y_test))
-        s, _ = train_student(data, None, work / f"plain-{seed}", args.steps, seed, lr=args.lr)
+        s, _ = train_student(data, None, work / f"plain-{seed}", StudentTraining(args.steps, seed, lr=args.lr))
         acc["no_kd"].append(accuracy(s, data.x_test, data.y_test))
     rows = [{"dataset": data.name, "model": "teacher", "steps": args.teacher_steps, "accuracy": round(t_acc, 4)}]
     for key, values in acc.items():

@@ -51,6 +51,28 @@ def test_the_design_map_says_what_each_package_imports():
     assert set(_design_map()) == set(graph)
 
 
+def _functions():
+    for path in sorted((ROOT / "src/slimkit").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield path.relative_to(ROOT / "src/slimkit"), node
+
+
+def _parameters(node: ast.FunctionDef) -> int:
+    names = [a.arg for a in node.args.posonlyargs + node.args.args + node.args.kwonlyargs]
+    return len(names) - (1 if names[:1] in (["self"], ["cls"]) else 0)
+
+
+def test_functions_a_reader_can_hold():
+    """At most 60 lines, and at most 7 parameters outside the typer command signatures in cli/."""
+    long = [f"{path}:{f.lineno} {f.name} ({f.end_lineno - f.lineno + 1} lines)" for path, f in _functions()
+            if f.end_lineno - f.lineno + 1 > 60]
+    wide = [f"{path}:{f.lineno} {f.name} ({_parameters(f)} parameters)" for path, f in _functions()
+            if path.parts[0] != "cli" and _parameters(f) > 7]
+    assert long + wide == []
+    assert len((ROOT / "src/slimkit/cli/main.py").read_text().splitlines()) < 300
+
+
 def test_the_registry_is_a_leaf():
     tree = ast.parse((ROOT / "src/slimkit/recipes/registry.py").read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}

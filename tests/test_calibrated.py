@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from slimkit.calibration.engine import sequential_compress
+from slimkit.calibration.engine import Walk, sequential_compress
 from slimkit.calibration.obs import (
     ObsProblem,
+    ObsSettings,
     PruneTarget,
     SingularHessianError,
     inverse_hessian_factor,
@@ -60,7 +61,7 @@ def test_sparsegpt_beats_magnitude_and_wanda(seed):
 
 def test_sparsegpt_nm_exact_pattern_and_better():
     W, X, stats = _problem()
-    res = obs_solve(W, stats.hessian, prune=PruneTarget(n=2, m=4), blocksize=16)
+    res = obs_solve(W, stats.hessian, prune=PruneTarget(n=2, m=4), settings=ObsSettings(blocksize=16))
     assert ((res.weight.view(32, -1, 4) != 0).sum(-1) <= 2).all()
     assert (res.keep.view(32, -1, 4).sum(-1) == 2).all()
     wan = W * wanda_mask(W, stats.col_norm, n=2, m=4)
@@ -72,7 +73,7 @@ def test_sparsegpt_nm_exact_pattern_and_better():
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_beats_rtn(spec, act_order):
     W, X, stats = _problem()
-    res = obs_solve(W, stats.hessian, quant=spec, blocksize=32, act_order=act_order)
+    res = obs_solve(W, stats.hessian, quant=spec, settings=ObsSettings(blocksize=32, act_order=act_order))
     rtn, _ = rtn_quantize(W, spec)
     assert _err(W, res.weight, X) < _err(W, rtn, X)
     # the result lies on the stored grid: re-quantizing with its scales changes nothing
@@ -104,7 +105,7 @@ def test_obs_matches_naive_exact_solution_for_fixed_mask():
     H = stats.hessian + 0.01 * stats.hessian.diagonal().mean() * torch.eye(12)
     naive = _naive_obs(W, H, lambda q, w: w * keep[:, q])
     for blocksize in (1, 4, 128):  # the lazy block updates are exact
-        res = obs_solve(W, stats.hessian, keep_mask=keep, blocksize=blocksize)
+        res = obs_solve(W, stats.hessian, keep_mask=keep, settings=ObsSettings(blocksize=blocksize))
         assert torch.allclose(res.weight, naive, atol=1e-4), blocksize
 
 
@@ -114,7 +115,7 @@ def test_obs_matches_naive_exact_solution_for_quantization():
     H = stats.hessian + 0.01 * stats.hessian.diagonal().mean() * torch.eye(12)
     scale = (W.abs().amax(1) / spec.half_range).double()
     naive = _naive_obs(W, H, lambda q, w: (w / scale).round().clamp(spec.qmin, spec.qmax) * scale)
-    res = obs_solve(W, stats.hessian, quant=spec, blocksize=4)
+    res = obs_solve(W, stats.hessian, quant=spec, settings=ObsSettings(blocksize=4))
     assert torch.allclose(res.weight, naive, atol=1e-4)
 
 
@@ -128,15 +129,16 @@ def test_stacked_batched_solve_equals_one_linear_at_a_time(kind):
     kw = {"unstructured": dict(prune=PruneTarget(sparsity=0.6)),
           "2:4": dict(prune=PruneTarget(n=2, m=4)),
           "gptq": dict(quant=QuantSpec(4, True, 16)),
-          "gptq-act-order": dict(quant=QuantSpec(3, True, 16), act_order=True),
+          "gptq-act-order": dict(quant=QuantSpec(3, True, 16), settings=ObsSettings(32, act_order=True)),
           "gptq-asym-masked": dict(quant=QuantSpec(4, False, 32)),
           "joint": dict(prune=PruneTarget(sparsity=0.5), quant=QuantSpec(8, True, None))}[kind]
     masks = [None, keep] if kind == "gptq-asym-masked" else None
     problems = [ObsProblem(sa.hessian, [Wa, Wc], ["a", "c"], masks), ObsProblem(sb.hessian, [Wb], ["b"])]
-    (ra, rc), (rb,) = obs_solve_batch(problems, blocksize=32, **kw)
+    kw.setdefault("settings", ObsSettings(blocksize=32))
+    (ra, rc), (rb,) = obs_solve_batch(problems, **kw)
     for W, H, mask, got in ((Wa, sa.hessian, None, ra), (Wc, sa.hessian, masks and masks[1], rc),
                             (Wb, sb.hessian, None, rb)):
-        alone = obs_solve(W, H, keep_mask=mask, blocksize=32, **kw)
+        alone = obs_solve(W, H, keep_mask=mask, **kw)
         assert torch.allclose(got.weight, alone.weight, atol=1e-4)
         assert (got.keep is None) == (alone.keep is None)
         if got.keep is not None:
@@ -153,7 +155,7 @@ def test_dead_input_column_is_handled():
     H = stats.hessian.clone()
     H[5, :] = 0
     H[:, 5] = 0
-    res = obs_solve(W, H, prune=PruneTarget(sparsity=0.5), blocksize=16)
+    res = obs_solve(W, H, prune=PruneTarget(sparsity=0.5), settings=ObsSettings(blocksize=16))
     assert (res.weight[:, 5] == 0).all() and torch.isfinite(res.weight).all()
 
 
@@ -210,7 +212,7 @@ def test_engine_identity_pass_keeps_outputs_and_counts_tokens(tmp_path):
 
     for offload in (None, tmp_path):
         sequential_compress(model, adapter_for(model), windows, StatsRequest(hessian=True), noop,
-                            batch_size=3, offload_dir=offload)
+                            Walk(batch_size=3, offload_dir=offload))
     assert torch.allclose(model(windows).logits, before)
     assert len(seen) == 14 and set(seen.values()) == {windows.numel()}
     assert list(tmp_path.iterdir()) == []  # offloaded activations are cleaned up
@@ -230,7 +232,7 @@ def test_engine_hessian_matches_a_direct_capture():
         if work.index == 1:
             got["H"] = work.stats["model.layers.1.mlp.down_proj"].hessian.clone()
 
-    sequential_compress(model, adapter_for(model), windows, StatsRequest(hessian=True), grab, batch_size=4)
+    sequential_compress(model, adapter_for(model), windows, StatsRequest(hessian=True), grab, Walk(batch_size=4))
     assert torch.allclose(got["H"], 2 * X.T @ X / X.shape[0], rtol=1e-3, atol=1e-5)
 
 
@@ -250,7 +252,7 @@ def test_engine_dense_targets_are_the_dense_models_own_activations(tmp_path, off
             linear.weight.data.mul_(0.5)
 
     sequential_compress(model, adapter_for(model), windows, StatsRequest(dense_targets=True), halve,
-                        batch_size=3, offload_dir=tmp_path if offload else None)
+                        Walk(batch_size=3, offload_dir=tmp_path if offload else None))
     for index in (0, 1):  # the last block's hidden state is the final norm's output
         torch.testing.assert_close(got[index], hidden[index + 1], rtol=1e-5, atol=1e-5)
     assert list(tmp_path.iterdir()) == []

@@ -16,10 +16,17 @@ import torch.nn.functional as F
 
 from conftest import tiny_llama
 from slimkit.data.classification import accuracy, load_digits_dataset
-from slimkit.distillation.classifier import ClassifierTask, mlp, train_student, train_teacher
+from slimkit.distillation.classifier import ClassifierTask, StudentTraining, mlp, train_student, train_teacher
 from slimkit.distillation.data import teacher_generated_windows
 from slimkit.distillation.init import student_from_teacher
-from slimkit.distillation.language import CausalLMDistillTask, EncoderDistillTask, LMLossConfig, layer_map
+from slimkit.distillation.language import (
+    CausalLMDistillTask,
+    DistillPair,
+    EncoderDistillTask,
+    EncoderTexts,
+    LMLossConfig,
+    layer_map,
+)
 from slimkit.distillation.losses import hidden_loss, make_projection, soft_label_loss, token_divergence
 from slimkit.errors import SlimkitError
 from slimkit.paths import TrainRunDir
@@ -174,9 +181,9 @@ def test_kd_beats_no_kd_on_digits_over_three_seeds(digits, tmp_path):
     assert accuracy(teacher, digits.x_test, digits.y_test) > 0.95
     kd, plain = [], []
     for seed in range(3):
-        s, _ = train_student(digits, teacher, tmp_path / f"kd{seed}", 300, seed)
+        s, _ = train_student(digits, teacher, tmp_path / f"kd{seed}", StudentTraining(300, seed))
         kd.append(accuracy(s, digits.x_test, digits.y_test))
-        s, _ = train_student(digits, None, tmp_path / f"plain{seed}", 300, seed)
+        s, _ = train_student(digits, None, tmp_path / f"plain{seed}", StudentTraining(300, seed))
         plain.append(accuracy(s, digits.x_test, digits.y_test))
     assert sum(kd) / 3 > sum(plain) / 3, (kd, plain)
 
@@ -188,8 +195,8 @@ def test_lm_distillation_lowers_the_divergence_to_the_teacher(tmp_path):
     assert student.config.num_hidden_layers == 2
     torch.testing.assert_close(student.model.layers[1].mlp.up_proj.weight, teacher.model.layers[2].mlp.up_proj.weight)
     windows = torch.randint(3, 96, (32, 16), generator=torch.Generator().manual_seed(0))
-    task = CausalLMDistillTask(student, teacher, windows, LMLossConfig(divergence="jsd", hidden_weight=0.5),
-                               windows[:4], batch_size=8)
+    task = CausalLMDistillTask(DistillPair(student, teacher), windows, windows[:4],
+                               LMLossConfig(divergence="jsd", hidden_weight=0.5), batch_size=8)
     assert layer_map(2, 4) == [1, 3]
     result = train(task, TrainConfig(steps=30, batch_size=8, lr=3e-3, warmup_steps=2, checkpoint_every=30), tmp_path)
     rows = result.rows
@@ -224,8 +231,8 @@ def test_encoder_distillation_raises_cosine_through_a_projection(tmp_path):
             return {"input_ids": ids, "attention_mask": (ids != 0).long()}
 
     texts = [f"text number {i} with words {i * 7}" for i in range(64)]
-    task = EncoderDistillTask(r.model, teacher, Tok(), texts, texts[:16], hidden_weight=1.0, batch_size=8,
-                              projection_init=r.hidden_projection(32))
+    task = EncoderDistillTask(DistillPair(r.model, teacher, r.hidden_projection(32)), Tok(), EncoderTexts(texts, texts[:16]),
+                              hidden_weight=1.0, batch_size=8)
     for p in r.model.parameters():
         p.requires_grad_(True)
     before = task.evaluate()["cosine"]

@@ -9,7 +9,7 @@ from conftest import OneLinear, tiny_llama
 from slimkit.calibration.block_data import BlockData
 from slimkit.calibration.block_fit import FitSettings
 from slimkit.numerics.rtn import QuantSpec, dequantize, rtn_quantize
-from slimkit.quantization.scale_tuning import tune_scales
+from slimkit.quantization.scale_tuning import CodedLinear, tune_scales
 from slimkit.recipes import RunResources, compress, parse_recipe
 
 
@@ -44,7 +44,7 @@ def test_scale_tuning_of_one_linear_reaches_least_squares_scales():
 
     best = _least_squares_scales(flat_x, flat_y, params.q, 8)
     optimum = error(dequantize(params.q, best, None, spec))
-    new, result = tune_scales(block, {"proj": block.proj}, {"proj": params}, {"proj": None}, data,
+    new, result = tune_scales(block, {"proj": CodedLinear(block.proj, params)}, data,
                               FitSettings(iters=600, lr=0.02, batch=16))
     reached = error(block.proj.weight.detach())
     assert result.kept and result.error_after < result.error_before

@@ -266,20 +266,24 @@ def dense_targets(block: nn.Module, store: ActivationStore, extra, device: torch
     return [store.dense[i] for i in range(len(store.dense))]
 
 
-def sequential_compress(
-    model: nn.Module,
-    adapter: ArchitectureAdapter,
-    windows: torch.Tensor,
-    request: StatsRequest,
-    compress_block: Callable[[BlockWork], None],
-    progress: Progress = NoProgress(),
-    batch_size: int = 8,
-    offload_dir: str | Path | None = None,
-    description: str = "calibrated",
-    access: BlockAccess = BlockAccess(),
-    device: torch.device | str = "cpu",
-) -> EngineReport:
-    device = torch.device(device)
+@dataclass(frozen=True)
+class Walk:
+    """How the engine walks the blocks: the progress it reports to (and the bar's name), windows per
+    batch, where activations are offloaded (None: RAM), how blocks are opened and closed (a
+    streamed run reads and writes them), and the device the block works on."""
+
+    progress: Progress = field(default_factory=NoProgress)
+    description: str = "calibrated"
+    batch_size: int = 8
+    offload_dir: str | Path | None = None
+    access: BlockAccess = field(default_factory=BlockAccess)
+    device: torch.device | str = "cpu"
+
+
+def sequential_compress(model: nn.Module, adapter: ArchitectureAdapter, windows: torch.Tensor, request: StatsRequest,
+                        compress_block: Callable[[BlockWork], None], walk: Walk = Walk()) -> EngineReport:
+    progress, batch_size, offload_dir, access = walk.progress, walk.batch_size, walk.offload_dir, walk.access
+    device, description = torch.device(walk.device), walk.description
     report = EngineReport(tokens=windows.numel())
     global_batches = len(torch.split(windows, batch_size))
     windows = shard_windows(windows, batch_size)  # this rank's batches when several processes calibrate

@@ -41,6 +41,16 @@ class SingularHessianError(SlimkitError):
 
 
 @dataclass(frozen=True)
+class ObsSettings:
+    """How a solve runs: columns per lazy-update block, damping as a fraction of mean(diag H),
+    and act-order (columns by decreasing diag H)."""
+
+    blocksize: int = 128
+    percdamp: float = 0.01
+    act_order: bool = False
+
+
+@dataclass(frozen=True)
 class PruneTarget:
     sparsity: float | None = None  # unstructured
     n: int | None = None  # N:M -- N kept in every M
@@ -181,6 +191,8 @@ class _Batch:
     prunedT: torch.Tensor  # True = pruned, [G, cols, R]
     group: int  # quantization group (cols when none)
     dynamic_groups: bool  # group parameters from the updated weights as the loop reaches them
+    d: torch.Tensor | None = None  # diag(U), [G, cols]: set once the factors exist
+    dinv: torch.Tensor | None = None  # 1 / d
 
 
 def _check_batch(problems: list[ObsProblem], prune: PruneTarget | None, quant: QuantSpec | None, blocksize: int,
@@ -295,8 +307,7 @@ def _static_columns(batch: _Batch) -> tuple[torch.Tensor | None, torch.Tensor | 
     return static_s, static_z
 
 
-def _block_mask(batch: _Batch, problems: list[ObsProblem], prune: PruneTarget | None, d: torch.Tensor,
-                b1: int, b2: int) -> None:
+def _block_mask(batch: _Batch, problems: list[ObsProblem], prune: PruneTarget | None, b1: int, b2: int) -> None:
     """The mask of columns b1:b2: the kept masks given, or SparseGPT's adaptive mask, one
     threshold per linear over this block, on the already-updated weights."""
     if batch.keepT is not None:
@@ -304,7 +315,7 @@ def _block_mask(batch: _Batch, problems: list[ObsProblem], prune: PruneTarget | 
         return
     if prune is None or prune.sparsity is None:
         return
-    saliency = batch.WT[:, b1:b2] ** 2 / d[:, b1:b2, None] ** 2
+    saliency = batch.WT[:, b1:b2] ** 2 / batch.d[:, b1:b2, None] ** 2
     for g, p in enumerate(problems):
         r0 = 0
         for w in p.weights:
@@ -327,11 +338,12 @@ class _Quantizer:
     z_cur: torch.Tensor | None = None
 
 
-def _solve_columns(batch: _Batch, q: _Quantizer, prune: PruneTarget | None, masked: bool, d: torch.Tensor,
-                   dinv: torch.Tensor, Err1: torch.Tensor, i1: int, i2: int) -> None:
+def _solve_columns(batch: _Batch, q: _Quantizer, prune: PruneTarget | None, Err1: torch.Tensor, i1: int,
+                   i2: int) -> None:
     """Columns i1:i2 one at a time: mask, quantize, and spread each error over the later columns
     of the sub-block through U (the lazy update past i2 is the caller's)."""
     WT, U, prunedT, group, quant = batch.WT, batch.U, batch.prunedT, batch.group, q.spec
+    d, dinv, masked = batch.d, batch.dinv, prune is not None or batch.keepT is not None
     count = i2 - i1
     W1, M1 = WT[:, i1:i2], prunedT[:, i1:i2]
     # per-column views made once per sub-block ([G, 1, R] rows; the loop below is the hot path:
@@ -397,46 +409,32 @@ def _unstack(batch: _Batch, problems: list[ObsProblem], prune: PruneTarget | Non
 
 
 @torch.no_grad()
-def obs_solve_batch(
-    problems: list[ObsProblem],
-    prune: PruneTarget | None = None,
-    quant: QuantSpec | None = None,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    act_order: bool = False,
-) -> list[list[ObsResult]]:
+def obs_solve_batch(problems: list[ObsProblem], prune: PruneTarget | None = None, quant: QuantSpec | None = None,
+                    settings: ObsSettings = ObsSettings()) -> list[list[ObsResult]]:
     """Solve problems with the same number of input columns together; one ObsResult per linear."""
-    cols, group, dynamic_groups = _check_batch(problems, prune, quant, blocksize, act_order)
-    batch = _stack(problems, quant, percdamp, act_order, cols, group, dynamic_groups)
-    d = torch.diagonal(batch.U, dim1=1, dim2=2)  # [G, cols]
-    dinv = 1.0 / d
+    blocksize = settings.blocksize
+    cols, group, dynamic_groups = _check_batch(problems, prune, quant, blocksize, settings.act_order)
+    batch = _stack(problems, quant, settings.percdamp, settings.act_order, cols, group, dynamic_groups)
+    batch.d = torch.diagonal(batch.U, dim1=1, dim2=2)
+    batch.dinv = 1.0 / batch.d
     static = _static_columns(batch) if quant is not None and not dynamic_groups else (None, None)
     q = _Quantizer(quant, *static)
-    masked = prune is not None or batch.keepT is not None
     ub = _sub_block(blocksize, prune.m if prune else None, group if dynamic_groups else None)
     Err1 = torch.empty(batch.WT.shape[0], ub, batch.WT.shape[2], device=batch.WT.device)
     for b1 in range(0, cols, blocksize):
         b2 = min(b1 + blocksize, cols)
-        _block_mask(batch, problems, prune, d, b1, b2)
+        _block_mask(batch, problems, prune, b1, b2)
         for i1 in range(b1, b2, ub):
             i2 = min(i1 + ub, b2)
-            _solve_columns(batch, q, prune, masked, d, dinv, Err1, i1, i2)
+            _solve_columns(batch, q, prune, Err1, i1, i2)
             if i2 < cols:  # the lazy update of every later column
                 batch.WT[:, i2:].baddbmm_(batch.U[:, i1:i2, i2:].transpose(1, 2), Err1[:, : i2 - i1], alpha=-1.0)
     return _unstack(batch, problems, prune)
 
 
-def obs_solve(
-    weight: torch.Tensor,
-    hessian: torch.Tensor,
-    prune: PruneTarget | None = None,
-    keep_mask: torch.Tensor | None = None,
-    quant: QuantSpec | None = None,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    act_order: bool = False,
-    name: str = "weight",
-) -> ObsResult:
+def obs_solve(weight: torch.Tensor, hessian: torch.Tensor, prune: PruneTarget | None = None,
+              keep_mask: torch.Tensor | None = None, quant: QuantSpec | None = None,
+              settings: ObsSettings = ObsSettings(), name: str = "weight") -> ObsResult:
     """Prune (unstructured or N:M, or keep a given mask) and/or quantize one weight matrix."""
     problem = ObsProblem(hessian, [weight], [name], [keep_mask])
-    return obs_solve_batch([problem], prune, quant, blocksize, percdamp, act_order)[0][0]
+    return obs_solve_batch([problem], prune, quant, settings)[0][0]

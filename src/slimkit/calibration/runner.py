@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from slimkit.calibration import distributed
-from slimkit.calibration.engine import BlockWork, EngineReport, sequential_compress
+from slimkit.calibration.engine import BlockWork, EngineReport, Walk, sequential_compress
 from slimkit.calibration.obs import ObsProblem, ObsResult, obs_solve_batch
 from slimkit.calibration.stats import StatsRequest
 from slimkit.errors import RecipeError
@@ -16,6 +16,13 @@ from slimkit.numerics.rtn import QuantParams, QuantSpec, quantize
 from slimkit.recipes.base import StepConfig
 from slimkit.recipes.context import LayerRecord, StepContext
 from slimkit.recipes.targets import select_targets
+
+
+def _walk(ctx: StepContext, description: str) -> Walk:
+    """The engine's walk for a step: the run's progress, offload dir, device and block access."""
+    run = ctx.run
+    access = {"access": run.blocks} if run.blocks is not None else {}
+    return Walk(run.progress, description, offload_dir=run.offload_dir, device=run.device, **access)
 
 
 def run_calibrated(
@@ -51,10 +58,8 @@ def run_calibrated(
                         f"expert routed {work.data_free[name]} calibration tokens: data-free fallback "
                         "(identity statistics)")
 
-    extra = {"access": ctx.run.blocks} if ctx.run.blocks is not None else {}
-    report = sequential_compress(ctx.state.model, ctx.state.adapter, windows, request, per_block, ctx.run.progress,
-                                 offload_dir=ctx.run.offload_dir, description=config.summary(), device=ctx.run.device,
-                                 **extra)
+    report = sequential_compress(ctx.state.model, ctx.state.adapter, windows, request, per_block,
+                                 _walk(ctx, config.summary()))
     ctx.state.engine_reports.append(report)
     return report
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -86,15 +87,27 @@ def train_teacher(data: Dataset, run_dir: Path, steps: int, seed: int = 0, dropo
     return teacher
 
 
-def train_student(data: Dataset, teacher: nn.Module | None, run_dir: Path, steps: int, seed: int,
-                  alpha: float = 0.1, temperature: float = 4.0, batch_size: int = 64, lr: float = 1e-2,
-                  grad_accum: int = 1, checkpoint_every: int | None = None, on_step=None):
-    student = mlp(data.features, STUDENT_HIDDEN, data.classes, dropout=0.0, seed=seed)
-    config = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=steps // 20,
-                         checkpoint_every=checkpoint_every or max(steps // 4, 1), seed=seed, weight_decay=1e-4,
-                         eval_every=max(steps // 4, 1))
-    task = ClassifierTask(student, data, teacher, alpha, temperature, seed, batch_size)
-    return student, train(task, config, run_dir, on_step=on_step)
+@dataclass(frozen=True)
+class StudentTraining:
+    """How a small student is trained: steps and seed, the KD mix (alpha*CE + (1-alpha)*T^2*KL), the optimiser."""
+
+    steps: int
+    seed: int = 0
+    alpha: float = 0.1
+    temperature: float = 4.0
+    batch_size: int = 64
+    lr: float = 1e-2
+    grad_accum: int = 1
+
+
+def train_student(data: Dataset, teacher: nn.Module | None, run_dir: Path, how: StudentTraining):
+    student = mlp(data.features, STUDENT_HIDDEN, data.classes, dropout=0.0, seed=how.seed)
+    every = max(how.steps // 4, 1)
+    config = TrainConfig(steps=how.steps, batch_size=how.batch_size, grad_accum=how.grad_accum, lr=how.lr,
+                         warmup_steps=how.steps // 20, checkpoint_every=every, seed=how.seed, weight_decay=1e-4,
+                         eval_every=every)
+    task = ClassifierTask(student, data, teacher, how.alpha, how.temperature, how.seed, how.batch_size)
+    return student, train(task, config, run_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -121,8 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_kd:
         teacher = train_teacher(data, args.run_dir / "teacher", args.teacher_steps, seed=args.seed,
                                 dropout=args.teacher_dropout)
-    _, result = train_student(data, teacher, args.run_dir / "student", args.steps, args.seed,
-                              batch_size=args.batch_size, grad_accum=args.grad_accum)
+    how = StudentTraining(args.steps, args.seed, batch_size=args.batch_size, grad_accum=args.grad_accum)
+    _, result = train_student(data, teacher, args.run_dir / "student", how)
     if rank == 0:
         print(json.dumps({"steps": result.steps_done, "final": result.final_eval}))
     if torch.distributed.is_initialized():

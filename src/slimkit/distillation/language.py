@@ -6,6 +6,7 @@ gradients, the student (and an optional width projection for hidden-state losses
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -54,23 +55,35 @@ class _HiddenMatch:
         return torch.stack(terms).mean()
 
 
+@dataclass(frozen=True)
+class DistillPair:
+    """The student, its teacher, and the hidden projection structured pruning left (None: fresh)."""
+
+    student: nn.Module
+    teacher: nn.Module
+    projection_init: torch.Tensor | None = None
+
+
+def _frozen(teacher: nn.Module) -> None:
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+
 class CausalLMDistillTask:
     """Student LM learns the teacher's next-token distributions on token windows."""
 
     loss_terms = ("loss", "ce", "kd", "hidden")
     eval_terms = ("ppl",)
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, windows: torch.Tensor, loss: LMLossConfig,
-                 eval_windows: torch.Tensor, seed: int = 0, batch_size: int = 8,
-                 projection_init: torch.Tensor | None = None, data: str = "corpus"):
-        self.student, self.teacher, self.windows, self.cfg = student, teacher, windows, loss
+    def __init__(self, pair: DistillPair, windows: torch.Tensor, eval_windows: torch.Tensor, loss: LMLossConfig,
+                 seed: int = 0, batch_size: int = 8, data: str = "corpus"):
+        self.student, self.teacher, self.windows, self.cfg = pair.student, pair.teacher, windows, loss
         self.eval_windows, self.seed, self.data = eval_windows, seed, data
         self.sampler = EpochSampler(len(windows), seed)
         self.accum_batch = batch_size
-        teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        self.hidden = _HiddenMatch(student, teacher, projection_init) if loss.hidden_weight > 0 else None
+        _frozen(pair.teacher)
+        self.hidden = _HiddenMatch(pair.student, pair.teacher, pair.projection_init) if loss.hidden_weight > 0 else None
 
     def trainable(self) -> dict[str, nn.Module]:
         mods = {"student": self.student}
@@ -119,6 +132,13 @@ def _pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
 
 
+@dataclass(frozen=True)
+class EncoderTexts:
+    train: list[str]
+    held_out: list[str]
+    max_length: int = 128  # tokens a text is cut to
+
+
 class EncoderDistillTask:
     """Student encoder matches the teacher's sentence embeddings (cosine of mean-pooled outputs)
     and, optionally, its per-layer hidden states; a projection maps widths when they differ."""
@@ -126,18 +146,15 @@ class EncoderDistillTask:
     loss_terms = ("loss", "embedding", "hidden")
     eval_terms = ("cosine",)
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, tokenizer: Any, texts: list[str],
-                 eval_texts: list[str], hidden_weight: float = 1.0, seed: int = 0, batch_size: int = 16,
-                 projection_init: torch.Tensor | None = None, max_length: int = 128):
-        self.student, self.teacher, self.tok = student, teacher, tokenizer
-        self.texts, self.eval_texts = texts, eval_texts
-        self.hidden_weight, self.seed, self.max_length = hidden_weight, seed, max_length
-        self.sampler = EpochSampler(len(texts), seed)
+    def __init__(self, pair: DistillPair, tokenizer: Any, texts: EncoderTexts, hidden_weight: float = 1.0,
+                 seed: int = 0, batch_size: int = 16):
+        self.student, self.teacher, self.tok = pair.student, pair.teacher, tokenizer
+        self.texts, self.eval_texts, self.max_length = texts.train, texts.held_out, texts.max_length
+        self.hidden_weight, self.seed = hidden_weight, seed
+        self.sampler = EpochSampler(len(self.texts), seed)
         self.accum_batch = batch_size
-        teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        self.match = _HiddenMatch(student, teacher, projection_init)
+        _frozen(pair.teacher)
+        self.match = _HiddenMatch(pair.student, pair.teacher, pair.projection_init)
 
     def trainable(self) -> dict[str, nn.Module]:
         mods = {"student": self.student}

@@ -9,7 +9,13 @@ import torch
 from slimkit.data.tokens import calibration_windows
 from slimkit.distillation.config import DistillConfig
 from slimkit.distillation.data import teacher_generated_windows
-from slimkit.distillation.language import CausalLMDistillTask, EncoderDistillTask, LMLossConfig
+from slimkit.distillation.language import (
+    CausalLMDistillTask,
+    DistillPair,
+    EncoderDistillTask,
+    EncoderTexts,
+    LMLossConfig,
+)
 from slimkit.evaluation.perplexity import eval_windows
 from slimkit.recipes.context import StepContext
 from slimkit.recipes.registry import register_step
@@ -35,15 +41,17 @@ def _lm_task(c: DistillConfig, ctx: StepContext) -> CausalLMDistillTask:
     loss = LMLossConfig(divergence=c.divergence, temperature=c.temperature, alpha=c.alpha,
                         hidden_weight=c.hidden_weight)
     init = ctx.state.hidden_projection if c.hidden_weight > 0 else None
-    return CausalLMDistillTask(ctx.state.model, ctx.state.teacher, windows, loss, held_out, c.seed, c.batch_size, init, c.data)
+    pair = DistillPair(ctx.state.model, ctx.state.teacher, init)
+    return CausalLMDistillTask(pair, windows, held_out, loss, c.seed, c.batch_size, c.data)
 
 
 def _encoder_task(c: DistillConfig, ctx: StepContext) -> EncoderDistillTask:
     texts = [d.text for d in ctx.run.split.calibration[: c.windows]]
     held_out = [d.text for d in ctx.run.split.evaluation[-c.eval_windows * 8 :]]  # not the eval protocol's first texts
     hidden_weight = c.hidden_weight if "hidden_weight" in c.model_fields_set else 1.0
-    return EncoderDistillTask(ctx.state.model, ctx.state.teacher, ctx.run.tokenizer, texts, held_out, hidden_weight, c.seed,
-                              c.batch_size, ctx.state.hidden_projection, max_length=min(c.seqlen, 128))
+    pair = DistillPair(ctx.state.model, ctx.state.teacher, ctx.state.hidden_projection)
+    return EncoderDistillTask(pair, ctx.run.tokenizer, EncoderTexts(texts, held_out, max_length=min(c.seqlen, 128)),
+                              hidden_weight, c.seed, c.batch_size)
 
 
 @register_step(DistillConfig)

@@ -6,8 +6,8 @@ import torch
 
 from slimkit.calibration.block_data import BlockData, target_outputs
 from slimkit.calibration.block_fit import FitSettings
-from slimkit.calibration.engine import BlockWork, sequential_compress
-from slimkit.calibration.obs import PruneTarget
+from slimkit.calibration.engine import BlockWork, Walk, sequential_compress
+from slimkit.calibration.obs import ObsSettings, PruneTarget
 from slimkit.calibration.runner import run_calibrated, solve_linears, take_hessians, write_result
 from slimkit.calibration.stats import StatsRequest
 from slimkit.numerics.magnitude import check_nm_shape
@@ -51,8 +51,8 @@ def block_targets(config: OutlierFields, ctx: StepContext) -> dict[int, float]:
             sizes[work.index] = sum(w.numel() for w, _ in chosen)
 
     sequential_compress(ctx.state.model, ctx.state.adapter, ctx.run.calibration(), StatsRequest(col_sq=True),
-                        measure, ctx.run.progress, offload_dir=ctx.run.offload_dir,
-                        description="OWL outlier ratios", device=ctx.run.device)
+                        measure, Walk(ctx.run.progress, "OWL outlier ratios", offload_dir=ctx.run.offload_dir,
+                                      device=ctx.run.device))
     order = sorted(ratios)
     per_block = block_sparsities([ratios[i] for i in order], [sizes[i] for i in order], config.sparsity, owl.shift)
     return dict(zip(order, per_block))
@@ -107,7 +107,7 @@ def apply_sparsegpt(config: SparseGPTConfig, ctx: StepContext) -> None:
             _note_block_sparsity(config, ctx.state.records[name], per_block[work.index])
 
         solve_linears(work, selected, hessians, {}, ctx.run.progress, on_solved=store, prune=target, quant=spec,
-                      blocksize=config.blocksize, percdamp=config.percdamp)
+                      settings=ObsSettings(config.blocksize, config.percdamp))
         _reconstruct(config, ctx, work, selected, goal)
 
     run_calibrated(config, ctx, _stats(config, hessian=True), block, _shape_check(config, spec))

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from slimkit.calibration.block_data import target_outputs
-from slimkit.calibration.obs import ObsResult
+from slimkit.calibration.obs import ObsResult, ObsSettings
 from slimkit.calibration.runner import run_calibrated, solve_linears, take_hessians, write_result
 from slimkit.calibration.stats import StatsRequest
 from slimkit.models.fold_check import scale_consumer, scale_producer
@@ -37,7 +37,7 @@ def apply_gptq(config: GPTQConfig, ctx: StepContext) -> None:
             write_result(selected[name], ctx.state.records[name], result, spec, config.summary(), config.percdamp)
 
         solve_linears(work, selected, hessians, masks, ctx.run.progress, on_solved=store, quant=spec,
-                      blocksize=config.blocksize, percdamp=config.percdamp, act_order=config.act_order)
+                      settings=ObsSettings(config.blocksize, config.percdamp, config.act_order))
         if tuning is not None:
             tune_block_scales(tuning, ctx, work, selected, goal, "GPTQ")
 
@@ -87,7 +87,7 @@ def apply_awq(config: AWQConfig, ctx: StepContext) -> None:
         if config.quantizer == "gptq":
             masks = {n: ctx.state.records[n].mask for n in selected}
             results = solve_linears(work, selected, hessians, masks, ctx.run.progress, quant=spec,
-                                    percdamp=config.percdamp)
+                                    settings=ObsSettings(percdamp=config.percdamp))
             for name, module in selected.items():
                 write_result(module, ctx.state.records[name], results[name], spec, config.summary(), config.percdamp)
             return

@@ -12,6 +12,7 @@ Codes, zero points and masks do not change: packing and export are GPTQ's.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -33,29 +34,39 @@ def tuned_params(params: QuantParams, factor: torch.Tensor) -> QuantParams:
     return QuantParams(params.spec, params.q, scale, params.zero)
 
 
+@dataclass(frozen=True)
+class CodedLinear:
+    """A linear of the block, its quantization (codes fixed while the scales train) and its mask
+    (True = kept; None: dense)."""
+
+    module: nn.Linear
+    params: QuantParams
+    mask: torch.Tensor | None = None
+
+
 def _one_dimensional(block: nn.Module) -> dict[str, torch.Tensor]:
     """The block's 1-D parameters (norm weights, biases) by name, for `tune_scales(..., floats)`."""
     return {n: p for n, p in block.named_parameters() if p.dim() == 1}
 
 
-def tune_scales(block: nn.Module, linears: dict[str, nn.Linear], params: dict[str, QuantParams],
-                masks: dict[str, torch.Tensor | None], data: BlockData, settings: FitSettings,
+def tune_scales(block: nn.Module, linears: dict[str, CodedLinear], data: BlockData, settings: FitSettings,
                 steps: Iterable[int] | None = None, floats: bool = False) -> tuple[dict[str, QuantParams], FitResult]:
-    """Train the group scales of `linears` (names relative to `block`, each quantized as `params`
-    say; `masks` True = kept) so that the block's output matches `data.outputs`; with `floats`, the
-    block's 1-D parameters (norm weights, biases: kept in floating point) too, each by a factor.
-    Returns the new parameters and the fit's errors; the linears' weights become what the new
-    parameters decode to, and the 1-D parameters take their fitted values."""
+    """Train the group scales of `linears` (names relative to `block`) so that the block's output
+    matches `data.outputs`; with `floats`, the block's 1-D parameters (norm weights, biases: kept in
+    floating point) too, each by a factor. Returns the new parameters and the fit's errors; the
+    linears' weights become what the new parameters decode to, and the 1-D parameters take their
+    fitted values."""
     extra = _one_dimensional(block) if floats else {}
 
     def weights_of(factors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {n: (p * factors[n]).to(p.dtype) for n, p in extra.items()}
-        for name, module in linears.items():
-            p, mask = params[name], masks.get(name)
+        for name, linear in linears.items():
+            p, mask = linear.params, linear.mask
             w = dequantize(p.q, _as_stored(p.scale.float() * factors[name], p.spec.scale_dtype), p.zero, p.spec)
-            out[f"{name}.weight"] = (w if mask is None else w * mask).to(module.weight.dtype)
+            out[f"{name}.weight"] = (w if mask is None else w * mask).to(linear.module.weight.dtype)
         return out
 
+    params = {n: linear.params for n, linear in linears.items()}
     start = {n: torch.ones(p.scale.shape, device=p.scale.device) for n, p in params.items()}
     start.update({n: torch.ones(p.shape, device=p.device) for n, p in extra.items()})
     result = fit_block(block, start, weights_of, data, settings, steps)
