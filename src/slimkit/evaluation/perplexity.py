@@ -22,7 +22,7 @@ from slimkit.data.corpus import TextSplit
 from slimkit.data.tokens import bos_id, token_stream
 from slimkit.devices import model_device
 from slimkit.errors import DataError
-from slimkit.evaluation.divergence import BaseLogprobs, DivergenceMeter, token_logprobs
+from slimkit.evaluation.divergence import BaseLogprobs, DivergenceMeter, summarise
 from slimkit.progress import NoProgress, Progress
 
 
@@ -89,13 +89,42 @@ class LogprobsUse:
     compare: BaseLogprobs | None = None
 
 
-def _use_logprobs(use: LogprobsUse, logits: torch.Tensor, first: int, meter: DivergenceMeter) -> None:
-    lp = token_logprobs(logits)
-    for j in range(lp.shape[0]):
+def _use_logprobs(use: LogprobsUse, logits: torch.Tensor, nlls: list[tuple[float, int]], first: int,
+                  meter: DivergenceMeter) -> None:
+    for j in range(logits.shape[0]):
         if use.record is not None and not use.record.has(first + j):
-            use.record.write(first + j, lp[j])
+            use.record.write(first + j, summarise(logits[j], first + j, *nlls[j]))
         if use.compare is not None:
-            meter.add(use.compare.read(first + j), lp[j])
+            meter.add(use.compare.read(first + j), logits[j])
+
+
+def _cached_base(use: LogprobsUse | None, windows: int) -> list[tuple[float, int]] | None:
+    """The base's (NLL, tokens) of every window when all are cached: its perplexity is read back,
+    with no forward pass (the cache is keyed by the weight files, the split and the window length)."""
+    if use is None or use.record is None or use.compare is not None:
+        return None
+    if not all(use.record.has(i) for i in range(windows)):
+        return None
+    return [use.record.window_nll(i) for i in range(windows)]
+
+
+def _forward_windows(model: nn.Module, windows: torch.Tensor, protocol: PerplexityProtocol, progress: Progress,
+                     description: str, logprobs: LogprobsUse | None, meter: DivergenceMeter) -> tuple[float, int]:
+    """Summed NLL and predicted tokens over `windows`, a window's NLL summed alone (so that a cached
+    base reads back the same sum); the distributions recorded or compared on the way."""
+    nll, count, first = 0.0, 0, 0
+    model.eval()
+    device = model_device(model)
+    for batch in progress.track(list(torch.split(windows, protocol.batch_size)), description):
+        with torch.inference_mode():
+            logits = model(input_ids=batch.to(device)).logits.float().cpu()
+        nlls = [_nll(logits[j : j + 1], batch[j : j + 1]) for j in range(batch.shape[0])]
+        for window_nll_sum, window_count in nlls:
+            nll, count = nll + window_nll_sum, count + window_count
+        if logprobs is not None:
+            _use_logprobs(logprobs, logits, nlls, first, meter)
+        first += batch.shape[0]
+    return nll, count
 
 
 def perplexity(
@@ -116,18 +145,15 @@ def perplexity(
     total = windows.shape[0]
     if protocol.max_windows is not None:
         windows = windows[: protocol.max_windows]
-    batches = list(torch.split(windows, protocol.batch_size))
-    nll, count, first = 0.0, 0, 0
+    cached = _cached_base(logprobs, windows.shape[0])
     meter = DivergenceMeter()
-    model.eval()
-    device = model_device(model)
-    for batch in progress.track(batches, description):
-        with torch.inference_mode():
-            logits = model(input_ids=batch.to(device)).logits.float().cpu()
-        batch_nll, batch_count = _nll(logits, batch)
-        if logprobs is not None:
-            _use_logprobs(logprobs, logits, first, meter)
-        nll, count, first = nll + batch_nll, count + batch_count, first + batch.shape[0]
+    if cached is not None:
+        progress.note(f"{description}: the base's {len(cached)} windows read from the cache (no forward pass)")
+    nll, count = _forward_windows(model, windows, protocol, progress, description, logprobs, meter) \
+        if cached is None else (sum(n for n, _ in cached), sum(t for _, t in cached))
+    if logprobs is not None and logprobs.record is not None and cached is None:
+        progress.note(f"{description}: base distributions cached, {logprobs.record.size_bytes() / 1e6:.1f} MB "
+                      f"in {logprobs.record.root}")
     mean = nll / count
     return PerplexityResult(
         ppl=math.exp(mean),
