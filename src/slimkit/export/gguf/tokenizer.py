@@ -1,15 +1,26 @@
-"""The tokenizer llama.cpp will run, written from a Hugging Face tokenizer.
+"""The tokenizer llama.cpp will run, written from a Hugging Face tokenizer, of one of the three
+kinds llama.cpp's converter writes (a model that came from a GGUF gets that file's tokenizer
+fields copied as they are instead: `description.py`):
 
-llama.cpp splits text before BPE with a regex chosen by `tokenizer.ggml.pre`; a wrong name
-tokenizes differently and every score moves (SmolLM2 written as "default" scored +14% ppl). The
-pre-tokenizer is named the way llama.cpp's converter names it: by the sha256 of the token ids of
-its check text. A hash slimkit does not know is refused, never guessed. (A model that came from a
-GGUF gets that file's tokenizer fields copied as they are: `description.py`.)
+- byte-level BPE (`gpt2`): llama.cpp splits text before BPE with a regex chosen by
+  `tokenizer.ggml.pre`; a wrong name tokenizes differently and every score moves (SmolLM2 written
+  as "default" scored +14% ppl). The pre-tokenizer is named the way llama.cpp's converter names
+  it: by the sha256 of the token ids of its check text. A hash slimkit does not know is refused.
+- SentencePiece BPE with byte fallback (`llama`: Llama-2, Mistral-7B-v0.1, TinyLlama, Gemma):
+  llama.cpp merges the adjacent pair whose joined piece scores highest, so each piece scores
+  minus the rank of the first merge that makes it; `<0xXX>` pieces are bytes, the unknown piece
+  unknown, special ones control; a space prefix is added when the tokenizer prepends `▁`.
+- WordPiece (`bert`): continuation pieces lose `##`, word-initial ones gain `▁` (llama.cpp's
+  "phantom space"), bracketed specials stay as they are.
+
+Special token ids, add-BOS/EOS flags and the chat template come from the gguf package's own
+`SpecialVocab`, as in llama.cpp's converter (byte-level BPE keeps slimkit's earlier fields).
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from hashlib import sha256
 
 from slimkit.errors import SlimkitError
@@ -46,19 +57,130 @@ def pre_tokenizer(tokenizer) -> str:
     return PRE_TOKENIZERS[digest]
 
 
-def tokenizer_from_hf(writer, tokenizer) -> None:
-    """A byte-level BPE tokenizer's vocabulary, merges, special tokens and chat template."""
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    model = spec["model"]
-    if model.get("type") != "BPE":
-        raise SlimkitError(f"GGUF export builds byte-level BPE tokenizers only; this one is {model.get('type')}")
-    vocab = dict(model["vocab"])
+def _spec(tokenizer) -> dict:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise SlimkitError(f"GGUF export reads a tokenizer's tokenizer.json; {type(tokenizer).__name__} has none "
+                           "(a slow tokenizer): save the model with a fast tokenizer, or use `--to hf`")
+    return json.loads(backend.to_str())
+
+
+def tokenizer_kind(tokenizer) -> str:
+    """llama.cpp's tokenizer model for this tokenizer: "gpt2", "llama" or "bert"; others are refused."""
+    model = _spec(tokenizer)["model"]
+    kind = {"BPE": "llama" if model.get("byte_fallback") else "gpt2", "WordPiece": "bert"}.get(model.get("type"))
+    if kind is None:
+        raise SlimkitError(f"GGUF export writes byte-level BPE, SentencePiece BPE and WordPiece tokenizers; this one "
+                           f"is {model.get('type')} (llama.cpp runs a Unigram vocabulary only with its T5 "
+                           "tokenizer, which needs the SentencePiece normalizer). Use `--to hf`.")
+    return kind
+
+
+def check_tokenizer(tokenizer) -> None:
+    """A clear error now for a tokenizer the export could not write as llama.cpp's."""
+    if tokenizer_kind(tokenizer) == "gpt2":
+        pre_tokenizer(tokenizer)
+
+
+def _tokens(spec: dict) -> tuple[list[str], set[int], set[int]]:
+    """Every piece by id (added tokens included), the special ids, the other added ids."""
+    vocab = dict(spec["model"]["vocab"] if isinstance(spec["model"]["vocab"], dict) else {})
     for added in spec.get("added_tokens", []):
         vocab[added["content"]] = added["id"]
     tokens = [""] * (max(vocab.values()) + 1)
     for tok, i in vocab.items():
         tokens[i] = tok
     special = {a["id"] for a in spec.get("added_tokens", []) if a.get("special")}
+    added = {a["id"] for a in spec.get("added_tokens", []) if not a.get("special")}
+    return tokens, special, added
+
+
+def _special_vocab(writer, tokenizer, n_vocab: int) -> None:
+    """Special ids, add-BOS/EOS and the chat template, read by the gguf package from the files."""
+    import gguf
+
+    with tempfile.TemporaryDirectory() as directory:
+        tokenizer.save_pretrained(directory)
+        gguf.SpecialVocab(directory, load_merges=False, n_vocab=n_vocab).add_to_gguf(writer, quiet=True)
+
+
+def _merge_scores(merges: list) -> dict[str, float]:
+    """Minus the rank of the first merge that makes each piece."""
+    scores: dict[str, float] = {}
+    for rank, merge in enumerate(merges):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        scores.setdefault(left + right, -float(rank))
+    return scores
+
+
+def _adds_space_prefix(spec: dict) -> bool:
+    parts = [spec.get("normalizer") or {}, spec.get("pre_tokenizer") or {}]
+    parts += [p for part in list(parts) for p in part.get("normalizers", []) + part.get("pretokenizers", [])]
+    return any((p.get("type") == "Prepend" and p.get("prepend") == "\u2581")
+               or (p.get("type") == "Metaspace" and p.get("prepend_scheme", "always") != "never") for p in parts)
+
+
+def _sentencepiece_bpe(writer, tokenizer, spec: dict) -> None:
+    import gguf
+
+    tokens, special, added = _tokens(spec)
+    scores = _merge_scores(spec["model"].get("merges", []))
+    unk = getattr(tokenizer, "unk_token_id", None)
+
+    def token_type(i: int, piece: str) -> int:
+        if i == unk:
+            return gguf.TokenType.UNKNOWN
+        if i in special:
+            return gguf.TokenType.CONTROL
+        if i in added:
+            return gguf.TokenType.USER_DEFINED
+        is_byte = len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
+        return gguf.TokenType.BYTE if is_byte else gguf.TokenType.NORMAL
+
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([scores.get(t, 0.0 if len(t) <= 1 or i in special | added else -1e9)
+                             for i, t in enumerate(tokens)])
+    writer.add_token_types([token_type(i, t) for i, t in enumerate(tokens)])
+    writer.add_add_space_prefix(_adds_space_prefix(spec))
+    _special_vocab(writer, tokenizer, len(tokens))
+
+
+def _wordpiece(writer, tokenizer, spec: dict) -> None:
+    import gguf
+
+    tokens, special, added = _tokens(spec)
+
+    def phantom(piece: str) -> str:
+        if piece.startswith("[") and piece.endswith("]"):
+            return piece
+        return piece[2:] if piece.startswith("##") else "\u2581" + piece
+
+    writer.add_tokenizer_model("bert")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([phantom(t) for t in tokens])
+    writer.add_token_types([gguf.TokenType.CONTROL if i in special else
+                            gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL
+                            for i in range(len(tokens))])
+    _special_vocab(writer, tokenizer, len(tokens))
+
+
+def tokenizer_from_hf(writer, tokenizer) -> None:
+    """The tokenizer's fields, of the kind `tokenizer_kind` names."""
+    spec = _spec(tokenizer)
+    kind = tokenizer_kind(tokenizer)
+    if kind == "llama":
+        return _sentencepiece_bpe(writer, tokenizer, spec)
+    if kind == "bert":
+        return _wordpiece(writer, tokenizer, spec)
+    _byte_level_bpe(writer, tokenizer, spec)
+
+
+def _byte_level_bpe(writer, tokenizer, spec: dict) -> None:
+    """A byte-level BPE tokenizer's vocabulary, merges, special tokens and chat template."""
+    model = spec["model"]
+    tokens, special, _ = _tokens(spec)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre_tokenizer(tokenizer))

@@ -21,7 +21,7 @@ from slimkit.export.gguf.tensors import (
     stacked_experts,
     stored_tensor,
 )
-from slimkit.export.gguf.tokenizer import pre_tokenizer, tokenizer_from_hf
+from slimkit.export.gguf.tokenizer import check_tokenizer, tokenizer_from_hf
 from slimkit.export.gguf.types import plan_types
 from slimkit.formats import packed_layers
 from slimkit.formats.ggml import GGMLBlocks
@@ -41,7 +41,7 @@ def check_gguf_export(model: torch.nn.Module, tokenizer, source_gguf: Path | Non
     if source_gguf is None:
         if tokenizer is None:
             raise SlimkitError("GGUF export needs the tokenizer: this model directory has none")
-        pre_tokenizer(tokenizer)
+        check_tokenizer(tokenizer)
 
 
 def _llama_name(names, module_name: str) -> str:
