@@ -182,6 +182,7 @@ class LlamaCppRow(Result):
     decode_tok_s_std: float
     threads: int
     chunks: int  # llama-perplexity chunks of 512 tokens scored
+    repack: bool = True  # llama-bench ran with llama.cpp's weight repacking (off after a repack crash)
 
 
 class AdviseRow(BenchRow):

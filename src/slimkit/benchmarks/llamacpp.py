@@ -33,6 +33,32 @@ def tool(name: str) -> Path | None:
     return path if path.is_file() and os.access(path, os.X_OK) else None
 
 
+# llama.cpp built for the host CPU repacks weights at load into the CPU's own layouts (interleaved
+# Q4_0 for AVX-512, AMX tiles). On Intel Xeons with AVX-512 and AMX that path segfaulted in
+# llama-perplexity, llama-imatrix and llama-bench on every model: a tool killed by a signal is run
+# once more with repacking off (`--repack 0` for llama-bench, LLAMA_ARG_REPACK=0 for the tools that
+# share llama.cpp's common options), and `repacked(name)` says which way its results were made.
+_NO_REPACK = {"llama-bench": (["--repack", "0"], {})}
+_COMMON_NO_REPACK: tuple[list[str], dict[str, str]] = ([], {"LLAMA_ARG_REPACK": "0"})
+_REPACK_OFF: set[str] = set()  # tools that crashed with repacking on, in this process
+
+
+def repacked(name: str) -> bool:
+    """Whether `name`'s runs in this process used llama.cpp's weight repacking (its default)."""
+    return name not in _REPACK_OFF
+
+
+def _crashed(proc: subprocess.CompletedProcess) -> bool:
+    return proc.returncode < 0 or proc.returncode in (128 + 11, 128 + 6)  # a signal: SIGSEGV, SIGABRT
+
+
+def _invoke(name: str, binary: Path, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    if name in _REPACK_OFF:
+        extra_args, extra_env = _NO_REPACK.get(name, _COMMON_NO_REPACK)
+        args, env = [*args, *extra_args], {**env, **extra_env}
+    return subprocess.run([str(binary), *args], capture_output=True, text=True, env=env, timeout=3600)
+
+
 def _run(name: str, args: list[str], what: str, stdout_only: bool = False, spin: bool = False) -> str:
     """A llama.cpp tool's output (stdout and its log on stderr, or stdout alone); a clear error
     when it is missing or fails. Its OpenMP threads sleep between operations unless `spin`: the
@@ -44,9 +70,13 @@ def _run(name: str, args: list[str], what: str, stdout_only: bool = False, spin:
     env = dict(os.environ)
     if not spin:
         env["OMP_WAIT_POLICY"] = "PASSIVE"
-    proc = subprocess.run([str(binary), *args], capture_output=True, text=True, env=env, timeout=3600)
+    proc = _invoke(name, binary, args, env)
+    if _crashed(proc) and name not in _REPACK_OFF:
+        _REPACK_OFF.add(name)  # the AVX-512/AMX repacking crash: once more without it
+        proc = _invoke(name, binary, args, env)
     if proc.returncode:
-        raise SlimkitError(f"{name} failed on {what}:\n{(proc.stdout + proc.stderr)[-2000:]}")
+        raise SlimkitError(f"{name} failed on {what} (exit {proc.returncode}"
+                           f"{', repacking off' if name in _REPACK_OFF else ''}):\n{(proc.stdout + proc.stderr)[-2000:]}")
     return proc.stdout if stdout_only else proc.stdout + proc.stderr
 
 
@@ -97,7 +127,7 @@ def llamacpp_speed(gguf: Path, prompt: int = 128, decode: int = 32, threads: int
     decode_row = next(r for r in rows if r["n_gen"] and not r["n_prompt"])
     return {"prefill_tok_s": prefill["avg_ts"], "decode_tok_s": decode_row["avg_ts"],
             "decode_tok_s_std": decode_row["stddev_ts"], "weights_bytes": prefill["model_size"],
-            "parameters": prefill["model_n_params"]}
+            "parameters": prefill["model_n_params"], "repack": repacked("llama-bench")}
 
 
 def make_imatrix(base: Path, text_file: Path, out: Path, ctx: int, chunks: int, threads: int = 2) -> Path:

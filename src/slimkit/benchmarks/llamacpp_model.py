@@ -77,7 +77,8 @@ def interleaved_speed(ggufs: list[Path], settings: BenchSettings, threads: int, 
         decode = [x["decode_tok_s"] for x in r]
         out.append({"prefill_tok_s": max(x["prefill_tok_s"] for x in r), "decode_tok_s": max(decode),
                     "decode_tok_s_std": statistics.stdev(decode) if len(r) > 1 else r[0]["decode_tok_s_std"],
-                    "weights_bytes": r[0]["weights_bytes"], "parameters": r[0]["parameters"]})
+                    "weights_bytes": r[0]["weights_bytes"], "parameters": r[0]["parameters"],
+                    "repack": all(x["repack"] for x in r)})
     return out
 
 
@@ -86,7 +87,8 @@ def gguf_row(label: str, made_by: str, gguf: Path, quality: dict, speed: dict, t
     return LlamaCppRow(model=label, made_by=made_by, gguf=str(gguf), file_mb=gguf.stat().st_size / 2**20,
                        bits_per_weight=speed["weights_bytes"] * 8 / speed["parameters"], **quality,
                        prefill_tok_s=speed["prefill_tok_s"], decode_tok_s=speed["decode_tok_s"],
-                       decode_tok_s_std=speed["decode_tok_s_std"], threads=threads, chunks=chunks)
+                       decode_tok_s_std=speed["decode_tok_s_std"], threads=threads, chunks=chunks,
+                       repack=speed["repack"])
 
 
 def measure_all(entries: list[tuple[str, str, Path]], work: Path, settings: BenchSettings, threads: int,
@@ -124,6 +126,9 @@ def llamacpp_table(rows: list[LlamaCppRow]) -> str:
         lines.append(f"| {r.model} | {r.made_by} | {r.file_mb:.1f} | {r.bits_per_weight:.2f} | {r.ppl:.3f} | "
                      f"{r.mean_kld:.4f} | {r.p99_kld:.3f} | {r.top1_agreement:.1%} | {r.prefill_tok_s:.0f} | "
                      f"{r.decode_tok_s:.1f} ± {r.decode_tok_s_std:.1f} |")
+    if not all(r.repack for r in rows):
+        lines.append("\nllama-bench crashed with weight repacking on (the AVX-512/AMX repack path) and was run with "
+                     "`--repack 0`: these speeds are llama.cpp's without repacking.")
     return "\n".join(lines)
 
 
