@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slimkit.errors import SlimkitError
 from conftest import CharTokenizer, tiny_llama
+from slimkit.errors import SlimkitError
 from slimkit.evaluation.divergence import (
     BaseDistribution,
     BaseLogprobs,

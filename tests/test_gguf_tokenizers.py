@@ -11,9 +11,9 @@ import subprocess
 import pytest
 
 from conftest import tiny_llama
+from slimkit.benchmarks.llamacpp import tool
 from slimkit.errors import SlimkitError
 from slimkit.export.job import export_model
-from slimkit.benchmarks.llamacpp import tool
 
 SAMPLE = "Compression only counts when the hardware can use it: 2:4 sparsity, int4, GGUF. Ünïcødé 漢字 ok?"
 

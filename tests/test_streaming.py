@@ -285,6 +285,8 @@ def test_streamed_pack_equals_in_memory(request, tmp_path, source, recipe, fmt):
         model = tmp_path / "compressed"
     memory = pack_to_dir(str(model), tmp_path / "memory", fmt, group_size=32)
     streamed = pack_streamed(str(model), tmp_path / "streamed", fmt, group_size=32)
+    bpw = memory.pop("file_bits_per_weight"), streamed.pop("file_bits_per_weight")
+    assert bpw[0] == pytest.approx(memory["file_bytes"] * 8 / memory["parameters"]) == pytest.approx(bpw[1], rel=1e-3)
     assert abs(memory.pop("file_bytes") - streamed.pop("file_bytes")) < 4096 and memory == streamed
     a, b = dir_tensors(tmp_path / "memory", PACKED_FILE), dir_tensors(tmp_path / "streamed", PACKED_FILE)
     assert set(a) == set(b) and [k for k in a if not torch.equal(a[k], b[k])] == []

@@ -4,7 +4,8 @@ file compare), and the ppl the report states.
 
 Used to show that a refactor changed no result, and that the three sources agree: run it before
 and after (or with each --source), and compare the JSON. Small settings keep it to minutes; distill
-steps are cut to --distill-steps (the code path runs, the budget is not the point). Examples:
+steps are cut to --distill-steps and AutoRound's to --learned-steps (the code path runs, the budget
+is not the point). Examples:
 
     python tools/recipe_fingerprints.py -o /tmp/before.json
     python tools/recipe_fingerprints.py -o /tmp/after.json && diff /tmp/before.json /tmp/after.json
@@ -52,18 +53,27 @@ def tensors_digest(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def recipe_files(names: list[str], work: Path, distill_steps: int) -> list[str]:
-    """Built-in names as they are, or as /tmp YAML files with their distill steps cut."""
+def _cut(step, distill_steps: int, learned_steps: int):
+    """A step with its training budget cut: distill steps, AutoRound steps (and their scale tuning)."""
+    if step.method == "distill":
+        return step.model_copy(update={"steps": distill_steps, "checkpoint_every": distill_steps})
+    if step.method == "autoround":
+        tuning = step.tune_scales and step.tune_scales.model_copy(update={"iters": learned_steps})
+        return step.model_copy(update={"iters": learned_steps, "tune_scales": tuning})
+    return step
+
+
+def recipe_files(names: list[str], work: Path, distill_steps: int, learned_steps: int) -> list[str]:
+    """Built-in names as they are, or as /tmp YAML files with their training budgets cut."""
     from slimkit.recipes import get_recipe
 
     out = []
     for name in names:
         recipe = get_recipe(name)
-        if not any(s.method == "distill" for s in recipe.steps):
+        if not any(s.method in ("distill", "autoround") for s in recipe.steps):
             out.append(name)
             continue
-        steps = tuple(s.model_copy(update={"steps": distill_steps, "checkpoint_every": distill_steps})
-                      if s.method == "distill" else s for s in recipe.steps)
+        steps = tuple(_cut(s, distill_steps, learned_steps) for s in recipe.steps)
         path = work / f"{name}.yaml"
         path.write_text(recipe.model_copy(update={"steps": steps}).to_yaml())
         out.append(str(path))
@@ -77,6 +87,7 @@ def main() -> None:
     parser.add_argument("--source", choices=sorted(COMMAND), default="memory")
     parser.add_argument("--recipes", "-r", default="", help="comma-separated built-ins (default: all)")
     parser.add_argument("--distill-steps", type=int, default=2)
+    parser.add_argument("--learned-steps", type=int, default=4, help="AutoRound steps per block (and scale tuning's)")
     args = parser.parse_args()
     from slimkit.recipes import builtin_recipes
 
@@ -84,7 +95,7 @@ def main() -> None:
     result = {}
     with tempfile.TemporaryDirectory(prefix="slimkit-fingerprints-") as tmp:  # ~11 GB for every SmolLM2 recipe
         work = Path(tmp)
-        recipes = [a for r in recipe_files(names, work, args.distill_steps) for a in ("-r", r)]
+        recipes = [a for r in recipe_files(names, work, args.distill_steps, args.learned_steps) for a in ("-r", r)]
         stream = ["--stream", "on" if args.source == "streamed" else "off"]
         out = work / "out"
         subprocess.run([*COMMAND[args.source], "compress", args.model, *recipes, "-o", str(out), *SETTINGS, *stream],

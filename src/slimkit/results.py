@@ -117,6 +117,11 @@ class CompressReport(Result):
     def recipe_name(self) -> str:
         return self.recipe["name"]
 
+    @property
+    def packed_bits_per_weight(self) -> float:
+        """The whole model packed (embeddings, head and norms included), in bits per parameter."""
+        return self.size.packed_bytes * 8 / max(self.model.parameters, 1)
+
     @classmethod
     def read(cls, path: Path) -> "CompressReport":
         """A report.json file, checked; a damaged or foreign one is a clear error."""

@@ -64,7 +64,8 @@ def pack(
     mb = 2**20
     console.print(f"packed {summary['packed_layers']} linears ({', '.join(f'{k}: {v}' for k, v in fmts.items())}); "
                   f"linears {summary['linears_dense_bytes'] / mb:.1f} MB -> {summary['linears_packed_bytes'] / mb:.1f} MB; "
-                  f"files {summary['file_bytes'] / mb:.1f} MB; output: {output}")
+                  f"files {summary['file_bytes'] / mb:.1f} MB ({summary['file_bits_per_weight']:.2f} bits per weight, "
+                  f"the whole file); output: {output}")
     if summary["left_dense"]:
         console.print(f"[yellow]left dense[/yellow] (no packed format for their codes): {len(summary['left_dense'])} layers")
 

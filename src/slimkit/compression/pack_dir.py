@@ -31,6 +31,7 @@ def pack_to_dir(source: str, output: str | Path, fmt: str = AUTO, group_size: in
     state = check_pack_source(source, Path(loaded.source), fmt)
     if state is not None:
         records = load_compression_state(state, loaded.model)
+    parameters = sum(p.numel() for p in loaded.model.parameters())  # before packing: the model's own count
     linears, head = pack_plan(loaded.adapter, loaded.model, fmt, include_lm_head)
     body = {n: m for n, m in linears.items() if n != head}
     packed = pack_model(loaded.model, body, records, fmt, group_size, progress)
@@ -40,7 +41,7 @@ def pack_to_dir(source: str, output: str | Path, fmt: str = AUTO, group_size: in
     output = Path(output)
     with output_directory(output, overwrite, inputs=[source], command="pack") as tmp:
         save_packed(loaded.model, loaded.tokenizer, tmp)
-        return write_pack_summary(source, fmt, linears, layers, tmp)
+        return write_pack_summary(source, fmt, linears, layers, tmp, parameters)
 
 
 def check_pack_source(source: str, directory: Path, fmt: str) -> Path | None:
@@ -67,7 +68,7 @@ def layer_summary(m) -> dict:
             "path_batch_1": m.path_for(1), "path_batch_128": m.path_for(128)}
 
 
-def write_pack_summary(source: str, fmt: str, linears: dict, layers: dict, directory: Path) -> dict:
+def write_pack_summary(source: str, fmt: str, linears: dict, layers: dict, directory: Path, parameters: int) -> dict:
     """summary.json of a packed dir: what was packed, what stayed dense, the bytes before and after."""
     if not layers:
         raise SlimkitError(f"nothing to pack in {source}: no layer was quantized or pruned")
@@ -80,5 +81,7 @@ def write_pack_summary(source: str, fmt: str, linears: dict, layers: dict, direc
             linears[n].weight.numel() * linears[n].weight.element_size() for n in left_dense),
         "file_bytes": files_bytes(directory), "layers": layers,
     }
+    summary["parameters"] = parameters
+    summary["file_bits_per_weight"] = summary["file_bytes"] * 8 / parameters  # the whole file, embeddings included
     PackedDir(directory).summary.write_text(json.dumps(summary, indent=2))
     return summary

@@ -137,7 +137,8 @@ def export_model(source: str, output: str | Path, to: str, gguf_type: str = "aut
 
             written = export_gguf(loaded.model, loaded.tokenizer, tmp / GGUF_NAME, gguf_type, *lineage,
                                   dense_blocks=dense_blocks)
-            result.update(tensors_by_type=written.tensors_by_type, bytes=written.bytes)
+            result.update(tensors_by_type=written.tensors_by_type, bytes=written.bytes, parameters=written.parameters,
+                          bits_per_weight=written.bits_per_weight)
         if own_ppl is not None:  # checked before the rename: the export.json written states the check
             result["verify"] = verify_export(tmp, to, loaded.tokenizer, own_ppl, windows)
         ExportDir(tmp).summary.write_text(json.dumps(result, indent=2))

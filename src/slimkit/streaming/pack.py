@@ -35,6 +35,7 @@ def pack_streamed(source: str, output: str | Path, fmt: str, group_size: int = 6
     streamed = open_streamed(streamed_source(source, progress.note), name=source)
     state_path = check_pack_source(source, streamed.source, fmt)
     linears, head = pack_plan(streamed.adapter, streamed.model, fmt, include_lm_head)
+    parameters = sum(p.numel() for p in streamed.model.parameters())  # the skeleton's, before packing
     pack = _Packing(streamed, fmt, group_size)
     with output_directory(Path(output), overwrite, inputs=[source], command="pack") as tmp:
         pack.parts = tmp / ".parts"
@@ -51,7 +52,7 @@ def pack_streamed(source: str, output: str | Path, fmt: str, group_size: int = 6
         shutil.rmtree(pack.parts)
         save_packed_config(streamed.model, streamed.tokenizer, tmp)
         return write_pack_summary(source, fmt, linears, {n: pack.summaries[n] for n in linears
-                                                          if n in pack.summaries}, tmp)
+                                                          if n in pack.summaries}, tmp, parameters)
 
 
 class _Packing:

@@ -60,8 +60,9 @@ def model_weights(model: torch.nn.Module, packed: dict, plan: TypePlan, roles: d
     """Every weight GGUF stores but the experts' (`expert_projections`): packed layers, linears,
     embeddings, norms and routers; not the head when llama.cpp reuses token_embd for it."""
     inside_experts = {n for names in expert_projections(model).values() for n in names}
+    token_embedding = model.get_input_embeddings()
     for name, module in model.named_modules():
-        role = roles.get(name)
+        role = "token_embedding" if module is token_embedding else roles.get(name)
         if name in inside_experts:
             continue
         if name in packed:
@@ -84,7 +85,7 @@ def _tensor_type(w: ModelWeight, data: np.ndarray, plan: TypePlan) -> str:
         return "F32"  # norms, and routers
     if plan.mix is not None:
         return tensor_type(plan.mix, w.name, plan.n_layers, data.shape[1], plan.tied)
-    return plan.simple_type(w.packed.format if w.packed is not None else None, w.module)
+    return plan.simple_type(w.packed.format if w.packed is not None else None, w.role, data.shape[1])
 
 
 def stored_tensor(w: ModelWeight, plan: TypePlan, config) -> StoredTensor:

@@ -4,7 +4,10 @@ they can go out as they are, else fitted here without calibration.
 A llama.cpp file type (Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, Q5_0) gives every tensor the type
 llama.cpp's mix gives it (`quantization/gguf_mix.py`); Q8_0, Q4_0 and F16/F32 are the simple types;
 `auto` keeps what compression decided (gguf_quantize blocks, int4 codes as Q4_0/Q4_1, int8 as
-Q8_0, the rest F16).
+Q8_0, other linears F16). The token embedding and the head are part of the file: outside the mixes
+they get the types llama-quantize gives them in a Q4_0 or Q8_0 file (the head, and an embedding
+tied to it, Q6_K or Q8_0; an untied embedding the body type), unless the model is dense (`auto`)
+or F16/F32 was asked for.
 
 int4 codes (and 2- or 3-bit codes, which share the int4 container) are kept bit for bit when their
 group is a multiple of 32 and their scales are fp16 values: a group of 64 becomes two Q4_0/Q4_1
@@ -30,12 +33,14 @@ SIMPLE = ("q8_0", "q4_0", "f16", "f32")
 
 @dataclass(frozen=True)
 class TypePlan:
-    """How tensors are typed: the type asked for, and the llama.cpp file type whose mix applies."""
+    """How tensors are typed: the type asked for, the llama.cpp file type whose mix applies, and
+    the file's body type (what the embedding and an unpacked head are judged against)."""
 
     requested: str  # one of QTYPES
     mix: str | None  # "Q4_K_M" ... or None (the simple types)
     n_layers: int
     tied: bool  # no output tensor: llama.cpp reuses token_embd as the head
+    body: str | None = None  # "Q4_0" / "Q8_0" for a quantized file of simple types; None: F16/F32, or dense
 
     def keeps(self, mod) -> bool:
         """Are a packed layer's own codes written as they are?"""
@@ -43,11 +48,25 @@ class TypePlan:
             return self.requested == "auto" or self.requested.upper() == mod.meta["ftype"]
         return mod.format == "int4" and self.requested in ("auto", "q4_0")
 
-    def simple_type(self, fmt: str | None, module) -> str:
-        embedding = isinstance(module, torch.nn.Embedding)
-        if self.requested in SIMPLE:
-            return "F32" if self.requested == "f32" else "F16" if embedding else self.requested.upper()
-        return "F16" if embedding else {"int4": "Q4_0", "int8": "Q8_0", "w8a8": "Q8_0"}.get(fmt, "F16")
+    def outer_type(self, cols: int) -> str:
+        """llama-quantize's type for the output head (and a token embedding tied to it): Q6_K, or Q8_0
+        in a Q8_0 file or where Q6_K's 256-wide blocks do not tile the row."""
+        return "Q8_0" if cols % 256 or self.body == "Q8_0" else "Q6_K"
+
+    def simple_type(self, fmt: str | None, role: str | None, cols: int) -> str:
+        """The type of a tensor outside the mixes: what its packed format holds, else the file's body
+        type; the token embedding and the head as llama-quantize types them in a file of that body
+        type (the head and a tied embedding Q6_K/Q8_0, an untied embedding the body type)."""
+        if self.requested in ("f16", "f32"):
+            return self.requested.upper()
+        if fmt is not None and self.requested == "auto":
+            return {"int4": "Q4_0", "int8": "Q8_0", "w8a8": "Q8_0"}.get(fmt, "F16")
+        outer = role == "lm_head" or (role == "token_embedding" and self.tied)
+        if self.body is None or (self.requested == "auto" and role not in ("lm_head", "token_embedding")):
+            return "F16"
+        if outer:
+            return self.outer_type(cols)
+        return self.body if cols % 32 == 0 else "F16"
 
     def file_type(self, packed: dict):
         """What `general.file_type` says: the mix, the simple type, or what `auto` mostly kept."""
@@ -62,6 +81,15 @@ class TypePlan:
             else gguf.LlamaFileType.MOSTLY_Q8_0
 
 
+def _body_type(requested: str, packed: dict) -> str | None:
+    if requested in ("q8_0", "q4_0"):
+        return requested.upper()
+    if requested != "auto":
+        return None
+    formats = {m.format for m in packed.values()}
+    return "Q4_0" if "int4" in formats else "Q8_0" if formats & {"int8", "w8a8"} else None
+
+
 def plan_types(model: torch.nn.Module, packed: dict, requested: str) -> TypePlan:
     if requested not in QTYPES:
         raise SlimkitError(f"unknown GGUF type {requested}; choose one of {', '.join(QTYPES)}")
@@ -72,7 +100,7 @@ def plan_types(model: torch.nn.Module, packed: dict, requested: str) -> TypePlan
             raise SlimkitError(f"this model mixes llama.cpp file types {mixes}; pass --gguf-type")
         mix = mixes[0] if mixes else None
     tied = getattr(model.config, "tie_word_embeddings", False) and "lm_head" not in packed
-    return TypePlan(requested, mix, model.config.num_hidden_layers, tied)
+    return TypePlan(requested, mix, model.config.num_hidden_layers, tied, _body_type(requested, packed))
 
 
 def int4_blocks(mod) -> tuple[np.ndarray, object] | None:

@@ -31,7 +31,13 @@ from slimkit.models.adapters import adapter_for
 @dataclass(frozen=True)
 class GGUFWritten:
     tensors_by_type: dict[str, int]  # "Q4_0 (codes kept)", "Q6_K", "F32", ... -> tensors
-    bytes: int
+    bytes: int  # the whole file: tensors, tokenizer, metadata
+    parameters: int  # the model's (a tied embedding and head once)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """The whole file's bits per parameter, what a user ships (llama.cpp's BPW counts tensors only)."""
+        return self.bytes * 8 / self.parameters
 
 
 def check_gguf_export(model: torch.nn.Module, tokenizer, source_gguf: Path | None) -> None:
@@ -98,4 +104,4 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: Path, qtype: str = "aut
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return GGUFWritten(queue.counts, path.stat().st_size)
+    return GGUFWritten(queue.counts, path.stat().st_size, sum(p.numel() for p in model.parameters()))
