@@ -149,16 +149,34 @@ def test_corrupt_or_truncated_packed_file_is_a_clear_error(tmp_path):
         load_packed(tmp_path)
 
 
-def test_tied_head_is_packed_apart_and_the_embedding_stays(tmp_path):
+def test_an_embedding_tied_to_an_int8_head_reads_its_rows_and_the_file_holds_them_once(tmp_path):
+    from safetensors import safe_open
+
+    from slimkit.formats.embedding import RowsOfHead
+
+    model = tiny_llama()
+    pack_model(model, adapter_for(model).linears(model, include_lm_head=True), fmt="int8")
+    head = model.lm_head
+    save_packed(model, None, tmp_path)
+    again = load_packed(tmp_path)
+    ids = torch.randint(0, 96, (1, 9))
+    assert again.config.tie_word_embeddings and isinstance(again.get_input_embeddings(), RowsOfHead)
+    assert torch.equal(again.get_input_embeddings()(ids)[0], head.dequantize()[ids[0]])  # the head's int8 rows
+    assert torch.equal(again(ids).logits, model(ids).logits)  # the saved model shares them the same way
+    with safe_open(str(tmp_path / PACKED_FILE), framework="pt") as f:
+        assert "lm_head.q" in f.keys() and not any(k.startswith("model.embed_tokens") for k in f.keys())
+
+
+def test_a_tied_head_in_another_format_is_packed_apart_and_the_embedding_stays(tmp_path):
     model = tiny_llama()
     adapter = adapter_for(model)
     embedding = model.get_input_embeddings().weight.detach().clone()
-    pack_model(model, adapter.linears(model, include_lm_head=True), fmt="int8")
+    pack_model(model, adapter.linears(model, include_lm_head=True), fmt="int4", group_size=32)
     ids = torch.randint(0, 96, (1, 9))
     before = model(ids).logits
     save_packed(model, None, tmp_path)
     again = load_packed(tmp_path)
-    assert "lm_head" in packed_layers(again) and not again.config.tie_word_embeddings
+    assert packed_layers(again)["lm_head"].format == "int4" and not again.config.tie_word_embeddings
     assert torch.equal(again.get_input_embeddings().weight, embedding)
     assert torch.equal(again(ids).logits, before)
 

@@ -26,8 +26,10 @@ def pack(
     format: str = typer.Option("auto", "--format", "-f", help="auto (what compress recorded), int8, w8a8, int4, "
                                "nf4, fp8, sparse, 2:4"),
     group_size: int = typer.Option(64, min=1, help="int4: columns per scale (32/64/128/256 run the int4 kernel)"),
-    lm_head: bool = typer.Option(True, "--lm-head/--no-lm-head", help="explicit formats: pack the LM head too "
-                                 "(int8 for the 4-bit formats; a tied embedding stays dense)"),
+    lm_head: bool = typer.Option(True, "--lm-head/--no-lm-head", help="pack the LM head too: int8 (one scale a "
+                                 "row) under a 4-bit format, or under auto when the recipe left it dense; a tied "
+                                 "embedding then reads its rows from it (the file holds the matrix once). "
+                                 "--no-lm-head keeps both dense"),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     stream: str = stream_option(),
 ) -> None:

@@ -14,17 +14,17 @@ from slimkit.models.loading import load_model
 from slimkit.models.zoo import zoo_entry
 from slimkit.paths import PackedDir
 from slimkit.progress import NoProgress, Progress
-from slimkit.recipes.state import COMPRESSION_FILE, load_compression_state
+from slimkit.recipes.state import COMPRESSION_FILE, load_compression_state, quantized_layers
 
 FOUR_BIT = ("int4", "nf4")
 
 
 def pack_to_dir(source: str, output: str | Path, fmt: str = AUTO, group_size: int = 64, overwrite: bool = False,
                 progress: Progress = NoProgress(), include_lm_head: bool = True) -> dict:
-    """auto: the formats a `slimkit compress` output recorded; else quantize every block
-    linear (and the LM head, unless told not to; in int8 when `fmt` has 4 bits) round-to-nearest
-    into `fmt`. A head tied to
-    the embedding is packed on its own; the embedding stays dense (a row gather reads little).
+    """auto: the formats a `slimkit compress` output recorded (and the head in int8 when the recipe
+    quantized the blocks but not the head); else quantize every block linear (and the LM head,
+    unless told not to; in int8 when `fmt` has 4 bits) round-to-nearest into `fmt`. An embedding
+    tied to an int8 head reads its rows from the head's codes (`formats/embedding.py`).
     Returns a summary with sizes per layer. (`streaming.pack` does the same one block at a time.)"""
     loaded = load_model(source)
     records = None
@@ -32,7 +32,7 @@ def pack_to_dir(source: str, output: str | Path, fmt: str = AUTO, group_size: in
     if state is not None:
         records = load_compression_state(state, loaded.model)
     parameters = sum(p.numel() for p in loaded.model.parameters())  # before packing: the model's own count
-    linears, head = pack_plan(loaded.adapter, loaded.model, fmt, include_lm_head)
+    linears, head = pack_plan(loaded.adapter, loaded.model, fmt, include_lm_head, state)
     body = {n: m for n, m in linears.items() if n != head}
     packed = pack_model(loaded.model, body, records, fmt, group_size, progress)
     if head is not None:  # 4 bits on the LM head costs far more quality than it saves: int8 there
@@ -55,11 +55,18 @@ def check_pack_source(source: str, directory: Path, fmt: str) -> Path | None:
     return state
 
 
-def pack_plan(adapter, model, fmt: str, include_lm_head: bool) -> tuple[dict, str | None]:
-    """The linears to pack, and the head when it gets int8 instead of a 4-bit `fmt`."""
-    linears = adapter.linears(model, include_lm_head=include_lm_head and fmt != AUTO)
-    head = adapter.lm_head if fmt in FOUR_BIT and adapter.lm_head in linears else None
-    return linears, head
+def pack_plan(adapter, model, fmt: str, include_lm_head: bool, state: Path | None = None) -> tuple[dict, str | None]:
+    """The linears to pack, and the head when it is packed in int8 rather than as the others: under
+    a 4-bit `fmt`, or from a compress output (`auto`, its `state` file) that quantized the blocks but
+    left the head dense (one code and one scale per row: a tied embedding then reads its rows from
+    it, so the file holds that matrix once, in int8)."""
+    if fmt != AUTO:
+        linears = adapter.linears(model, include_lm_head=include_lm_head)
+        return linears, adapter.lm_head if fmt in FOUR_BIT and adapter.lm_head in linears else None
+    coded = quantized_layers(state) if state is not None else set()
+    int8_head = include_lm_head and bool(coded) and adapter.lm_head not in coded
+    linears = adapter.linears(model, include_lm_head=include_lm_head and (int8_head or adapter.lm_head in coded))
+    return linears, adapter.lm_head if int8_head and adapter.lm_head in linears else None
 
 
 def layer_summary(m) -> dict:

@@ -21,6 +21,7 @@ from torch import nn
 
 from slimkit.errors import SlimkitError
 from slimkit.formats import pack_model, packed_layers
+from slimkit.formats.embedding import dense_embeddings
 from slimkit.io.outputs import output_directory
 from slimkit.io.text import read_text
 from slimkit.models.checks import NO_CODE, is_causal_lm
@@ -102,6 +103,7 @@ def export_model(source: str, output: str | Path, to: str, gguf_type: str = "aut
     if to not in TARGETS:
         raise SlimkitError(f"unknown export target '{to}'; choose one of {', '.join(TARGETS)}")
     loaded = load_model(source)
+    dense_embeddings(loaded.model)  # an embedding read from its int8 head: a plain one again, same values
     dense_blocks = _with_formats(loaded)
     formats = sorted({m.format for m in packed_layers(loaded.model).values()})
     lineage = lineage_sources(loaded) if to == "gguf" else (None, None)

@@ -3,7 +3,8 @@
 A packed directory is config.json + tokenizer files + `packed.safetensors`: the dense tensors
 the formats do not cover (embeddings, norms, an unpacked head) under their usual names, each
 packed linear's tensors under `<linear>.<tensor>`, and a header entry `slimkit_packed` (JSON)
-naming every packed linear's format. Only safetensors are read: nothing is unpickled.
+naming every packed linear's format (and, as `shared_rows`, an embedding that reads its rows from
+the int8 head tied to it: `embedding.py`). Only safetensors are read: nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from slimkit.errors import SlimkitError, WeightsError
 from slimkit.formats.base import PackedLinear, format_class
+from slimkit.formats.embedding import RowsOfHead, share_tied_rows
 from slimkit.formats.kernel_rows import choose_kernel_rows
 from slimkit.io.tensors import unique_tensors
 from slimkit.models.loading import register_directory_reader
@@ -79,7 +81,7 @@ def pack_model(model: nn.Module, modules: dict[str, nn.Linear], records: dict | 
     for name, module in items:
         new = pack_linear(module, (records or {}).get(name), fmt, group_size)
         if new is not None:
-            if embedding is not None and module.weight is embedding.weight:
+            if embedding is not None and module.weight is getattr(embedding, "weight", None):
                 new.meta["tied_to"] = f"{embedding_name}.weight"  # packed apart; the embedding stays dense
             model.set_submodule(name, new)
             packed[name] = new
@@ -110,8 +112,8 @@ def save_packed(model: nn.Module, tokenizer, directory: Path) -> None:
     tensors: dict[str, torch.Tensor] = {}
     for name, mod in layers.items():
         tensors.update(packed_layer_tensors(name, mod))
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embedding is not None and any(m.meta.get("tied_to") for m in layers.values()):
+    shared = share_tied_rows(model, layers)  # an int8 head tied to the embedding: one matrix for both
+    if not shared and any(m.meta.get("tied_to") for m in layers.values()):
         model.config.tie_word_embeddings = False  # the head is packed on its own; the embedding stays
     state = dict(model.state_dict())
     persistent = set(state)
@@ -120,7 +122,7 @@ def save_packed(model: nn.Module, tokenizer, directory: Path) -> None:
     dense, tied = unique_tensors((k, t) for k, t in state.items() if not any(k.startswith(n + ".") for n in layers))
     tensors.update({k: t.detach().contiguous() for k, t in dense.items()})
     header = {"format_version": FORMAT_VERSION, "layers": {n: packed_layer_header(m) for n, m in layers.items()},
-              "tied": tied}
+              "tied": tied, **({"shared_rows": shared} if shared else {})}
     save_file(tensors, str(directory / PACKED_FILE), metadata={"slimkit_packed": json.dumps(header)})
     save_packed_config(model, tokenizer, directory)
 
@@ -214,6 +216,8 @@ def load_packed(directory: Path, dtype: torch.dtype = torch.float32) -> nn.Modul
     as_linears(model)  # packed experts: one packed linear per expert projection; no Conv1D
     for name, meta in header["layers"].items():
         model.set_submodule(name, _packed_layer(directory / PACKED_FILE, model, name, meta, tensors))
+    for embedding, head in header.get("shared_rows", {}).items():  # rows read from the int8 head
+        model.set_submodule(embedding, RowsOfHead(model.get_submodule(head), dtype))
     rest = {k: v for k, v in tensors.items() if not any(k.startswith(n + ".") for n in header["layers"])}
     state_shapes = {k: v.shape for k, v in model.state_dict().items()}
     bad = [f"{k}: {v.dtype} {list(v.shape)}" for k, v in rest.items()

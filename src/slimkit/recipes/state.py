@@ -59,6 +59,12 @@ def merge_compression_states(parts: list[Path], path: Path) -> None:
     save_tensors_atomic(tensors, Path(path), metadata={"slimkit_layers": json.dumps(layers)})
 
 
+def quantized_layers(path: Path) -> set[str]:
+    """The layers a compression state file holds codes for (integer or llama.cpp's), from its header."""
+    with CompressionStateReader(path) as state:
+        return {name for name, entry in state.layers.items() if "quant" in entry or "ggml" in entry}
+
+
 def load_compression_state(path: Path, model: torch.nn.Module) -> dict[str, LayerRecord]:
     """Records (masks, quantization codes and parameters) from a compress output dir.
 

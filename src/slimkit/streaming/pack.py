@@ -20,6 +20,7 @@ from torch import nn
 
 from slimkit.compression.pack_dir import check_pack_source, layer_summary, pack_plan, write_pack_summary
 from slimkit.formats import PACKED_FILE, pack_model
+from slimkit.formats.embedding import can_share_rows
 from slimkit.formats.pack import FORMAT_VERSION, packed_layer_header, packed_layer_tensors, save_packed_config
 from slimkit.io.outputs import output_directory
 from slimkit.io.tensors import RowSource, save_tensors_atomic, write_tensors_by_rows
@@ -34,7 +35,7 @@ def pack_streamed(source: str, output: str | Path, fmt: str, group_size: int = 6
     """`pack_to_dir` with one block in memory at a time; the same directory and summary."""
     streamed = open_streamed(streamed_source(source, progress.note), name=source)
     state_path = check_pack_source(source, streamed.source, fmt)
-    linears, head = pack_plan(streamed.adapter, streamed.model, fmt, include_lm_head)
+    linears, head = pack_plan(streamed.adapter, streamed.model, fmt, include_lm_head, state_path)
     parameters = sum(p.numel() for p in streamed.model.parameters())  # the skeleton's, before packing
     pack = _Packing(streamed, fmt, group_size)
     with output_directory(Path(output), overwrite, inputs=[source], command="pack") as tmp:
@@ -47,7 +48,8 @@ def pack_streamed(source: str, output: str | Path, fmt: str, group_size: int = 6
                 pack.block(index, block, [n for n in linears if n != head and n.startswith(streamed.prefix(block))])
         outer = [n for n in linears if not any(n.startswith(streamed.prefix(b)) for b in blocks)]
         pack.outer(outer, head)
-        header = {"format_version": FORMAT_VERSION, "layers": pack.headers, "tied": pack.tied()}
+        header = {"format_version": FORMAT_VERSION, "layers": pack.headers, "tied": pack.tied(),
+                  **({"shared_rows": pack.shared} if pack.shared else {})}
         write_tensors_by_rows(pack.sources(), tmp / PACKED_FILE, {"slimkit_packed": json.dumps(header)})
         shutil.rmtree(pack.parts)
         save_packed_config(streamed.model, streamed.tokenizer, tmp)
@@ -67,6 +69,7 @@ class _Packing:
         self.summaries: dict[str, dict] = {}
         self.in_parts: dict[str, Path] = {}  # tensor name -> the part file holding it
         self.packed_names: list[str] = []
+        self.shared: dict[str, str] = {}  # an embedding read from the int8 head tied to it -> the head
 
     def _pack(self, names: list[str], fmt: str, records: bool) -> dict[str, torch.Tensor]:
         """Pack the (materialized) linears `names`; the originals are put back. Returns their tensors."""
@@ -78,7 +81,10 @@ class _Packing:
         for name, mod in packed.items():
             tensors.update(packed_layer_tensors(name, mod))
             self.headers[name], self.summaries[name] = packed_layer_header(mod), layer_summary(mod)
-            if mod.meta.get("tied_to"):
+            embedding = self.model.get_input_embeddings()
+            if mod.meta.get("tied_to") and can_share_rows(embedding, mod):  # one matrix for both
+                self.shared = {mod.meta["tied_to"].removesuffix(".weight"): name}
+            elif mod.meta.get("tied_to"):
                 self.model.config.tie_word_embeddings = False  # the head is packed on its own
         self.packed_names += list(packed)
         for name, module in originals.items():
@@ -126,7 +132,7 @@ class _Packing:
         first: dict[int, str] = {}
         out = {}
         for name, p in self.model.named_parameters(remove_duplicate=False):
-            if name.startswith(blocks) or any(name.startswith(n + ".") for n in self.packed_names):
+            if name.startswith(blocks) or any(name.startswith(n + ".") for n in [*self.packed_names, *self.shared]):
                 continue
             out.setdefault(name, first.setdefault(id(p), name))
         return out

@@ -99,7 +99,8 @@ def plan_types(model: torch.nn.Module, packed: dict, requested: str) -> TypePlan
         if len(mixes) > 1:
             raise SlimkitError(f"this model mixes llama.cpp file types {mixes}; pass --gguf-type")
         mix = mixes[0] if mixes else None
-    tied = getattr(model.config, "tie_word_embeddings", False) and "lm_head" not in packed
+    head = packed.get("lm_head")  # a head packed apart from the embedding it was tied to is still tied
+    tied = getattr(model.config, "tie_word_embeddings", False) and (head is None or bool(head.meta.get("tied_to")))
     return TypePlan(requested, mix, model.config.num_hidden_layers, tied, _body_type(requested, packed))
 
 
