@@ -4,8 +4,8 @@ file compare), and the ppl the report states.
 
 Used to show that a refactor changed no result, and that the three sources agree: run it before
 and after (or with each --source), and compare the JSON. Small settings keep it to minutes; distill
-steps are cut to --distill-steps and AutoRound's to --learned-steps (the code path runs, the budget
-is not the point). Examples:
+steps are cut to --distill-steps, AutoRound's and scale tuning's to --learned-steps (the code path
+runs, the budget is not the point). Examples:
 
     python tools/recipe_fingerprints.py -o /tmp/before.json
     python tools/recipe_fingerprints.py -o /tmp/after.json && diff /tmp/before.json /tmp/after.json
@@ -54,13 +54,14 @@ def tensors_digest(model_dir: Path) -> str:
 
 
 def _cut(step, distill_steps: int, learned_steps: int):
-    """A step with its training budget cut: distill steps, AutoRound steps (and their scale tuning)."""
+    """A step with its training budget cut: distill steps, AutoRound steps, scale-tuning steps."""
     if step.method == "distill":
         return step.model_copy(update={"steps": distill_steps, "checkpoint_every": distill_steps})
+    tuning = getattr(step, "tune_scales", None)
+    tuning = tuning and tuning.model_copy(update={"iters": learned_steps})
     if step.method == "autoround":
-        tuning = step.tune_scales and step.tune_scales.model_copy(update={"iters": learned_steps})
         return step.model_copy(update={"iters": learned_steps, "tune_scales": tuning})
-    return step
+    return step.model_copy(update={"tune_scales": tuning}) if tuning else step
 
 
 def recipe_files(names: list[str], work: Path, distill_steps: int, learned_steps: int) -> list[str]:
@@ -70,7 +71,7 @@ def recipe_files(names: list[str], work: Path, distill_steps: int, learned_steps
     out = []
     for name in names:
         recipe = get_recipe(name)
-        if not any(s.method in ("distill", "autoround") for s in recipe.steps):
+        if not any(s.method in ("distill", "autoround") or getattr(s, "tune_scales", None) for s in recipe.steps):
             out.append(name)
             continue
         steps = tuple(_cut(s, distill_steps, learned_steps) for s in recipe.steps)
@@ -87,7 +88,7 @@ def main() -> None:
     parser.add_argument("--source", choices=sorted(COMMAND), default="memory")
     parser.add_argument("--recipes", "-r", default="", help="comma-separated built-ins (default: all)")
     parser.add_argument("--distill-steps", type=int, default=2)
-    parser.add_argument("--learned-steps", type=int, default=4, help="AutoRound steps per block (and scale tuning's)")
+    parser.add_argument("--learned-steps", type=int, default=4, help="AutoRound and scale-tuning steps per block")
     args = parser.parse_args()
     from slimkit.recipes import builtin_recipes
 
