@@ -86,7 +86,7 @@ def test_packed_and_compressed_tensors_reload_with_the_same_function(model_dirs,
     layers are exported as blocks of [64, 1] in their [in, out] orientation and load decompressed.)"""
     from slimkit.compression.memory import compress_to_dir
     from slimkit.compression.pack_dir import pack_to_dir
-    from slimkit.export.job import export_model, load_exported
+    from slimkit.export.job import ExportSettings, export_model, load_exported
     from slimkit.models import load_model
     from slimkit.recipes.builtin import get_recipe
 
@@ -95,7 +95,7 @@ def test_packed_and_compressed_tensors_reload_with_the_same_function(model_dirs,
     ids = torch.randint(3, 200, (1, 16), generator=torch.Generator().manual_seed(0))
     fake = _outputs(load_model(tmp_path / "rtn").model, ids)
     packed = _outputs(load_model(tmp_path / "packed").model, ids)
-    export_model(str(tmp_path / "packed"), tmp_path / "ct", "compressed-tensors", verify=False)
+    export_model(str(tmp_path / "packed"), tmp_path / "ct", "compressed-tensors", ExportSettings(verify=False))
     theirs = load_exported(tmp_path / "ct", "compressed-tensors", dequantize=model_type in CT_DEQUANTIZED)
     assert not any("slimkit" in type(m).__module__ for m in theirs.modules())
     exported = _outputs(theirs, ids)
@@ -111,11 +111,11 @@ def test_gpt2_int8_compressed_tensors_keeps_conv1d_orientation_and_one_scheme(mo
     from safetensors import safe_open
 
     from slimkit.compression.pack_dir import pack_to_dir
-    from slimkit.export.job import export_model, load_exported
+    from slimkit.export.job import ExportSettings, export_model, load_exported
     from slimkit.models import load_model
 
     pack_to_dir(str(model_dirs("gpt2")), tmp_path / "packed", fmt="int8")
-    result = export_model(str(tmp_path / "packed"), tmp_path / "ct", "compressed-tensors", verify=False)
+    result = export_model(str(tmp_path / "packed"), tmp_path / "ct", "compressed-tensors", ExportSettings(verify=False))
     assert result["written_dense"] == ["lm_head"]
     config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     (group,) = config["config_groups"].values()

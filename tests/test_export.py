@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from slimkit.cli.main import app
 from slimkit.compression.pack_dir import pack_to_dir
 from slimkit.errors import SlimkitError
-from slimkit.export.job import export_model, load_exported
+from slimkit.export.job import ExportSettings, export_model, load_exported
 from slimkit.formats import format_class
 from slimkit.models import load_model
 
@@ -33,7 +33,7 @@ def _logits(model, ids):
 def test_int4_export_loads_in_transformers_with_the_same_function(tiny_int4, tmp_path, to):
     ours = load_model(tiny_int4).model
     out = tmp_path / to
-    result = export_model(str(tiny_int4), out, to, verify=False)
+    result = export_model(str(tiny_int4), out, to, ExportSettings(verify=False))
     theirs = load_exported(out, to)
     assert not any("slimkit" in type(m).__module__ for m in theirs.modules())  # no slimkit code at load
     ids = torch.randint(0, 200, (1, 24), generator=torch.Generator().manual_seed(0))
@@ -78,7 +78,7 @@ def test_full_range_codes_pack_and_export_with_their_negative_scales(tiny_llama_
     fake = _logits(load_model(tmp_path / "fr").model, ids)
     outputs = {"packed": _logits(packed, ids)}
     for to in ("compressed-tensors", "gguf"):
-        export_model(str(tmp_path / "packed"), tmp_path / to, to, verify=False)
+        export_model(str(tmp_path / "packed"), tmp_path / to, to, ExportSettings(verify=False))
         outputs[to] = _logits(load_exported(tmp_path / to, to), ids)
     for name, other in outputs.items():  # the packed kernel takes bf16 activations
         assert (fake - other).abs().max() <= 0.02 * fake.abs().max(), name
@@ -95,9 +95,9 @@ def test_24_is_refused_by_compressed_tensors_with_the_reason(tiny_llama_dir, tmp
 
     monkeypatch.setattr(job, "_ppl", no_ppl)
     with pytest.raises(SlimkitError, match="removed their sparse formats in 2026.*--to hf"):
-        export_model(str(packed), tmp_path / "ct", "compressed-tensors", verify=True)
+        export_model(str(packed), tmp_path / "ct", "compressed-tensors", ExportSettings(verify=True))
     assert not (tmp_path / "ct").exists()
-    export_model(str(packed), tmp_path / "dense", "hf", verify=False)  # what the error suggests works
+    export_model(str(packed), tmp_path / "dense", "hf", ExportSettings(verify=False))  # what the error suggests works
     theirs = load_exported(tmp_path / "dense", "hf")
     w = theirs.model.layers[0].mlp.up_proj.weight
     assert ((w.view(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
@@ -153,7 +153,7 @@ def test_smollm2_exports_keep_perplexity_within_2_percent(smollm2_first_load, tm
     blocks = [v for n, v in summary["layers"].items() if n != "lm_head"]
     assert all(v["bytes_per_weight"] == pytest.approx(per_weight, rel=0.01) for v in blocks)
     for to in ("compressed-tensors", "gguf"):
-        check = export_model(str(packed), tmp_path / to, to, windows=2)["verify"]
+        check = export_model(str(packed), tmp_path / to, to, ExportSettings(windows=2))["verify"]
         assert abs(check["relative_diff"]) < 0.02, (to, check)
         assert check.get("tokenizer_matches", True)
 
@@ -182,7 +182,7 @@ def test_gguf_export_of_smollm2_keeps_the_source_tokenizer_and_description(smoll
     pack_to_dir("c", "p")  # as a user types it
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    export_model(str(tmp_path / "p"), tmp_path / "g", "gguf", verify=False)
+    export_model(str(tmp_path / "p"), tmp_path / "g", "gguf", ExportSettings(verify=False))
     source, ours = _fields(zoo_entry("smollm2-135m").locate()), _fields(tmp_path / "g" / "model.gguf")
     tokenizer_keys = {k for k in source if k.startswith("tokenizer.")}
     assert tokenizer_keys and {k: ours.get(k) for k in tokenizer_keys} == {k: source[k] for k in tokenizer_keys}
@@ -198,7 +198,7 @@ def test_gguf_export_of_smollm2_keeps_the_source_tokenizer_and_description(smoll
 
 
 def test_gguf_export_from_an_hf_tokenizer_names_its_pre_tokenizer(tiny_int4, tmp_path):
-    export_model(str(tiny_int4), tmp_path / "g", "gguf", verify=False)
+    export_model(str(tiny_int4), tmp_path / "g", "gguf", ExportSettings(verify=False))
     assert _fields(tmp_path / "g" / "model.gguf")["tokenizer.ggml.pre"] == "smollm"  # SmolLM2's HF tokenizer
 
 
@@ -237,7 +237,7 @@ def test_the_embedding_and_head_are_typed_as_llama_quantize_types_them(tiny_int4
     from conftest import tiny_llama
     from slimkit.export.gguf import export_gguf
 
-    result = export_model(str(tiny_int4), tmp_path / "tied", "gguf", verify=False)
+    result = export_model(str(tiny_int4), tmp_path / "tied", "gguf", ExportSettings(verify=False))
     types = _tensor_types(tmp_path / "tied" / "model.gguf")
     assert types["token_embd.weight"] == "Q8_0" and "output.weight" not in types  # 64-wide rows
     assert result["bits_per_weight"] == pytest.approx(result["bytes"] * 8 / result["parameters"])

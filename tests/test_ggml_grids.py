@@ -103,7 +103,7 @@ def test_smollm2_q4_k_m_gptq_beats_imatrix_rounding_and_exports_its_blocks(smoll
     import gguf
 
     from slimkit.compression.memory import compress_to_dir
-    from slimkit.export.job import export_model
+    from slimkit.export.job import ExportSettings, export_model
     from slimkit.protocol import EvalSettings
     from slimkit.recipes import get_recipe
     from slimkit.recipes.state import load_compression_state
@@ -115,7 +115,7 @@ def test_smollm2_q4_k_m_gptq_beats_imatrix_rounding_and_exports_its_blocks(smoll
     assert gptq.compression.bits == "Q4_K, Q5_0, Q6_K, Q8_0"
     layers = {layer.name: layer for layer in gptq.compression.layers}
     assert layers["model.embed_tokens"].bits == "Q8_0"  # the head's type, as it is tied
-    result = export_model(str(tmp_path / "c" / "gguf-q4_k_m"), tmp_path / "g", "gguf", windows=2)
+    result = export_model(str(tmp_path / "c" / "gguf-q4_k_m"), tmp_path / "g", "gguf", ExportSettings(windows=2))
     assert result["tensors_by_type"] == {"Q5_0 (codes kept)": 166, "Q8_0 (codes kept)": 15, "Q6_K (codes kept)": 14,
                                          "Q4_K (codes kept)": 16, "F32": 61}  # the tied embedding: Q8_0 too
     assert abs(result["verify"]["relative_diff"]) < 0.005

@@ -13,7 +13,7 @@ import pytest
 from conftest import tiny_llama
 from slimkit.benchmarks.llamacpp import tool
 from slimkit.errors import SlimkitError
-from slimkit.export.job import export_model
+from slimkit.export.job import ExportSettings, export_model
 
 SAMPLE = "Compression only counts when the hardware can use it: 2:4 sparsity, int4, GGUF. Ünïcødé 漢字 ok?"
 
@@ -68,7 +68,7 @@ def _fields(path) -> dict:
 
 
 def _export(model_dir, tmp_path):
-    export_model(str(model_dir), tmp_path / "g", "gguf", gguf_type="f32", verify=False)
+    export_model(str(model_dir), tmp_path / "g", "gguf", ExportSettings(gguf_type="f32", verify=False))
     return tmp_path / "g" / "model.gguf"
 
 

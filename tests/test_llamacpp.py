@@ -39,7 +39,7 @@ def test_llamacpp_scores_a_slimkit_gguf_as_slimkit_scores_the_same_weights(smoll
     from slimkit.compression.memory import compress_to_dir
     from slimkit.compression.pack_dir import pack_to_dir
     from slimkit.data import load_split
-    from slimkit.export.job import export_model
+    from slimkit.export.job import ExportSettings, export_model
     from slimkit.models import load_model
     from slimkit.protocol import EvalSettings
     from slimkit.recipes import get_recipe, parse_recipe
@@ -47,7 +47,7 @@ def test_llamacpp_scores_a_slimkit_gguf_as_slimkit_scores_the_same_weights(smoll
     recipe = parse_recipe(recipe) if isinstance(recipe, dict) else get_recipe(recipe)
     compress_to_dir("smollm2-135m", [recipe], tmp_path / "c", EvalSettings(max_windows=1, calibration_windows=8))
     pack_to_dir(str(tmp_path / "c"), tmp_path / "p")
-    result = export_model(str(tmp_path / "p"), tmp_path / "g", "gguf", gguf_type=gguf_type, verify=False)
+    result = export_model(str(tmp_path / "p"), tmp_path / "g", "gguf", ExportSettings(gguf_type=gguf_type, verify=False))
     for kind, count in stored.items():  # every block linear, in the types llama.cpp's mix gives them
         assert result["tensors_by_type"].get(kind, 0) == count, result["tensors_by_type"]
     text = "\n\n".join(d.text for d in load_split().evaluation[:240])
@@ -68,10 +68,10 @@ def test_type_mix_is_the_one_llama_quantize_makes(smollm2_first_load, tmp_path, 
     import gguf
 
     from slimkit.benchmarks.llamacpp import llamacpp_quantize
-    from slimkit.export.job import export_model
+    from slimkit.export.job import ExportSettings, export_model
     from slimkit.quantization.gguf_mix import tensor_type
 
-    export_model("smollm2-135m", tmp_path / "base", "gguf", gguf_type="f32", verify=False)
+    export_model("smollm2-135m", tmp_path / "base", "gguf", ExportSettings(gguf_type="f32", verify=False))
     out = llamacpp_quantize(tmp_path / "base" / "model.gguf", tmp_path / "q.gguf", ftype)
     names = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
@@ -95,9 +95,9 @@ def test_bench_model_runs_gguf_files_in_llamacpp(smollm2_first_load, tmp_path):
     from typer.testing import CliRunner
 
     from slimkit.cli.main import app
-    from slimkit.export.job import export_model
+    from slimkit.export.job import ExportSettings, export_model
 
-    export_model("smollm2-135m", tmp_path / "q8", "gguf", gguf_type="q8_0", verify=False)
+    export_model("smollm2-135m", tmp_path / "q8", "gguf", ExportSettings(gguf_type="q8_0", verify=False))
     result = CliRunner().invoke(app, ["bench", "model", "smollm2-135m", str(tmp_path / "q8"), "--runtime", "llamacpp",
                                       "--windows", "2", "--decode", "4", "--prompt", "16", "-o", str(tmp_path / "b")])
     assert result.exit_code == 0, result.output
@@ -144,7 +144,7 @@ def test_llamacpp_runs_slimkit_moe_and_gpt2_ggufs_with_the_packed_models_perplex
     from slimkit.compression.memory import compress_to_dir
     from slimkit.compression.pack_dir import pack_to_dir
     from slimkit.data import load_split
-    from slimkit.export.job import export_model
+    from slimkit.export.job import ExportSettings, export_model
     from slimkit.formats.pack import packed_layers
     from slimkit.models import load_model
     from slimkit.protocol import EvalSettings
@@ -178,7 +178,7 @@ def test_llamacpp_runs_slimkit_moe_and_gpt2_ggufs_with_the_packed_models_perplex
     settings = EvalSettings(seqlen=32, max_windows=2, calibration_windows=4, calibration_seqlen=32)
     compress_to_dir(str(tmp_path / "m"), [get_recipe("rtn-int4-g64")], tmp_path / "c", settings)
     pack_to_dir(str(tmp_path / "c"), tmp_path / "p")
-    result = export_model(str(tmp_path / "p"), tmp_path / "g", "gguf", verify=False)
+    result = export_model(str(tmp_path / "p"), tmp_path / "g", "gguf", ExportSettings(verify=False))
     packed = load_model(tmp_path / "p").model
     assert result["tensors_by_type"]["Q4_0 (codes kept)"] == len(packed_layers(packed))  # every expert too
     text = "\n\n".join(d.text for d in load_split().evaluation[:40])

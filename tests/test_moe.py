@@ -166,7 +166,7 @@ def test_packed_experts_and_their_compressed_tensors_export_reload_with_the_same
 
     from slimkit.compression.memory import compress_to_dir
     from slimkit.compression.pack_dir import pack_to_dir
-    from slimkit.export.job import export_model, load_exported
+    from slimkit.export.job import ExportSettings, export_model, load_exported
     from slimkit.formats.pack import packed_layers
     from slimkit.models import load_model
     from slimkit.recipes.builtin import get_recipe
@@ -176,7 +176,7 @@ def test_packed_experts_and_their_compressed_tensors_export_reload_with_the_same
     smollm2_tokenizer.save_pretrained(source)
     compress_to_dir(str(source), [get_recipe("rtn-int4-g64")], tmp_path / "rtn", SETTINGS)
     pack_to_dir(str(tmp_path / "rtn"), tmp_path / "packed")
-    export_model(str(tmp_path / "packed"), tmp_path / "ct", "compressed-tensors", verify=False)
+    export_model(str(tmp_path / "packed"), tmp_path / "ct", "compressed-tensors", ExportSettings(verify=False))
     ids = torch.randint(3, 200, (1, 16), generator=torch.Generator().manual_seed(0))
     fake = _logits(load_model(tmp_path / "rtn").model, ids)
     packed_model = load_model(tmp_path / "packed").model

@@ -154,7 +154,7 @@ def test_rotated_quantized_smollm2_packs_and_exports_with_the_same_perplexity(sm
     untied head travels as its own tensor)."""
     from slimkit.compression.memory import compress_to_dir
     from slimkit.compression.pack_dir import pack_to_dir
-    from slimkit.export.job import export_model
+    from slimkit.export.job import ExportSettings, export_model
     from slimkit.protocol import EvalSettings
     from slimkit.recipes import get_recipe
 
@@ -165,7 +165,7 @@ def test_rotated_quantized_smollm2_packs_and_exports_with_the_same_perplexity(sm
     compress_to_dir("smollm2-135m", [chosen], tmp_path / "rot", settings)
     pack_to_dir(str(tmp_path / "rot"), tmp_path / "packed", fmt="auto")
     for to in ("compressed-tensors", "gguf"):
-        check = export_model(str(tmp_path / "packed"), tmp_path / to, to, windows=2)["verify"]
+        check = export_model(str(tmp_path / "packed"), tmp_path / to, to, ExportSettings(windows=2))["verify"]
         assert abs(check["relative_diff"]) < 0.01, (to, check)
 
 

@@ -39,10 +39,10 @@ def gguf_of(source: str, work: Path, baseline: bool) -> Path:
         return path
     if ExportDir(path).gguf.is_file():
         return ExportDir(path).gguf
-    from slimkit.export.job import export_model
+    from slimkit.export.job import ExportSettings, export_model
 
     target = work / f"export-{len(list(work.glob('export-*')))}"
-    export_model(source, target, "gguf", gguf_type="f32" if baseline else "auto", verify=False)
+    export_model(source, target, "gguf", ExportSettings(gguf_type="f32" if baseline else "auto", verify=False))
     return ExportDir(target).gguf
 
 

@@ -105,7 +105,8 @@ def export(
       slimkit export out/sparse24 --to hf -o out/sparse24-dense
     """
     from slimkit.export.gguf import QTYPES
-    from slimkit.export.job import export_model
+    from slimkit.export.job import ExportSettings, export_model
+    from slimkit.progress import RichProgress
 
     gguf_type = gguf_type.lower()
     if gguf_type not in QTYPES:
@@ -114,7 +115,9 @@ def export(
         raise SlimkitError(f"--type {gguf_type} is a GGUF file type: it applies to --to gguf only, not --to {to}")
     with reserve_output(output, overwrite, inputs=[source]):
         quiet_transformers()
-        result = export_model(source, output, to, gguf_type, overwrite, verify, windows_option(windows))
+        with RichProgress(console) as progress:
+            result = export_model(source, output, to,
+                                  ExportSettings(gguf_type, overwrite, verify, windows_option(windows)), progress)
     console.print(f"exported {source} ({', '.join(result['formats']) or 'dense'}) to {to}: {output}")
     check = result.get("verify")
     if check:

@@ -14,6 +14,7 @@ of the same model, on the same windows.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from slimkit.models.layouts import checkpoint_layout, is_conv1d
 from slimkit.models.loading import LoadedModel, load_model, require_tokenizer
 from slimkit.models.zoo import zoo_entry
 from slimkit.paths import ExportDir, ModelDir, PackedDir
+from slimkit.progress import NoProgress, Progress
 from slimkit.recipes.state import COMPRESSION_FILE, load_compression_state
 from slimkit.results import CompressReport
 
@@ -98,60 +100,83 @@ def lineage_sources(loaded: LoadedModel) -> tuple[Path | None, Path | None]:
     return gguf_file, hf_dir
 
 
-def export_model(source: str, output: str | Path, to: str, gguf_type: str = "auto", overwrite: bool = False,
-                 verify: bool = True, windows: int | None = 16) -> dict:
-    if to not in TARGETS:
-        raise SlimkitError(f"unknown export target '{to}'; choose one of {', '.join(TARGETS)}")
-    loaded = load_model(source)
-    dense_embeddings(loaded.model)  # an embedding read from its int8 head: a plain one again, same values
-    dense_blocks = _with_formats(loaded)
-    formats = sorted({m.format for m in packed_layers(loaded.model).values()})
-    lineage = lineage_sources(loaded) if to == "gguf" else (None, None)
+@dataclass(frozen=True)
+class ExportSettings:
+    """How an export runs: the GGUF type, whether an existing output may be replaced, and the check
+    (the export loaded by transformers alone, its perplexity against slimkit's on `windows`)."""
+
+    gguf_type: str = "auto"
+    overwrite: bool = False
+    verify: bool = True
+    windows: int | None = 16
+
+
+def _refusals_first(loaded, to: str, lineage, verify: bool) -> None:
+    """What would make the export fail, before the reference perplexity is spent."""
     if to == "gguf":
         from slimkit.export.gguf import check_gguf_export
 
         if lineage[0] is None:
             require_tokenizer(loaded, "GGUF export")
-        check_gguf_export(loaded.model, loaded.tokenizer, lineage[0])  # before the reference ppl
+        check_gguf_export(loaded.model, loaded.tokenizer, lineage[0])
     if to == "compressed-tensors":
         from slimkit.export.compressed_tensors import export_plan
 
-        export_plan(loaded.model)  # its refusals, before the reference ppl
+        export_plan(loaded.model)
     if verify and loaded.kind == "causal-lm":
         require_tokenizer(loaded, "the export check (--verify: perplexity before and after)")
-    own_ppl = _ppl(loaded.model, loaded.tokenizer, windows) if verify and loaded.kind == "causal-lm" else None
+
+
+def _write(loaded, to: str, tmp: Path, settings: ExportSettings, lineage, dense_blocks: dict) -> dict:
+    """The export into `tmp`; what it wrote, for export.json."""
+    if to == "hf":
+        model = unpack(loaded.model)
+        with checkpoint_layout(model):
+            model.save_pretrained(tmp)
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(tmp)
+        return {}
+    if to == "compressed-tensors":
+        from slimkit.export.compressed_tensors import export_compressed_tensors
+
+        all_linears = list(loaded.adapter.linears(loaded.model, include_lm_head=True))
+        return export_compressed_tensors(loaded.model, loaded.tokenizer, tmp, all_linears)
+    from slimkit.export.gguf import export_gguf
+
+    written = export_gguf(loaded.model, loaded.tokenizer, tmp / GGUF_NAME, settings.gguf_type, *lineage,
+                          dense_blocks=dense_blocks)
+    return {"tensors_by_type": written.tensors_by_type, "bytes": written.bytes, "parameters": written.parameters,
+            "bits_per_weight": written.bits_per_weight}
+
+
+def export_model(source: str, output: str | Path, to: str, settings: ExportSettings = ExportSettings(),
+                 progress: Progress = NoProgress()) -> dict:
+    if to not in TARGETS:
+        raise SlimkitError(f"unknown export target '{to}'; choose one of {', '.join(TARGETS)}")
+    loaded = load_model(source)
+    dense_embeddings(loaded.model)  # an embedding read from its int8 head: a plain one again, same values
+    dense_blocks = _with_formats(loaded)
+    lineage = lineage_sources(loaded) if to == "gguf" else (None, None)
+    _refusals_first(loaded, to, lineage, settings.verify)
+    verify = settings.verify and loaded.kind == "causal-lm"
+    own_ppl = _ppl(loaded.model, loaded.tokenizer, settings.windows, progress, "ppl (slimkit)") if verify else None
     output = Path(output)
-    result = {"source": source, "to": to, "formats": formats, "output": str(output)}
-    all_linears = list(loaded.adapter.linears(loaded.model, include_lm_head=True))
-    with output_directory(output, overwrite, inputs=[source], command="export") as tmp:
-        if to == "hf":
-            model = unpack(loaded.model)
-            with checkpoint_layout(model):
-                model.save_pretrained(tmp)
-            if loaded.tokenizer is not None:
-                loaded.tokenizer.save_pretrained(tmp)
-        elif to == "compressed-tensors":
-            from slimkit.export.compressed_tensors import export_compressed_tensors
-
-            result.update(export_compressed_tensors(loaded.model, loaded.tokenizer, tmp, all_linears))
-        else:
-            from slimkit.export.gguf import export_gguf
-
-            written = export_gguf(loaded.model, loaded.tokenizer, tmp / GGUF_NAME, gguf_type, *lineage,
-                                  dense_blocks=dense_blocks)
-            result.update(tensors_by_type=written.tensors_by_type, bytes=written.bytes, parameters=written.parameters,
-                          bits_per_weight=written.bits_per_weight)
+    result = {"source": source, "to": to, "formats": sorted({m.format for m in packed_layers(loaded.model).values()}),
+              "output": str(output)}
+    with output_directory(output, settings.overwrite, inputs=[source], command="export") as tmp:
+        progress.note(f"writing the {to} export")
+        result.update(_write(loaded, to, tmp, settings, lineage, dense_blocks))
         if own_ppl is not None:  # checked before the rename: the export.json written states the check
-            result["verify"] = verify_export(tmp, to, loaded.tokenizer, own_ppl, windows)
+            result["verify"] = verify_export(tmp, to, loaded.tokenizer, own_ppl, settings.windows, progress)
         ExportDir(tmp).summary.write_text(json.dumps(result, indent=2))
     return result
 
 
-def _ppl(model, tokenizer, windows: int | None) -> float:
+def _ppl(model, tokenizer, windows: int | None, progress: Progress = NoProgress(), label: str = "perplexity") -> float:
     from slimkit.data import load_split
     from slimkit.evaluation import PerplexityProtocol, perplexity
 
-    return perplexity(model, tokenizer, load_split(), PerplexityProtocol(512, windows)).ppl
+    return perplexity(model, tokenizer, load_split(), PerplexityProtocol(512, windows), progress, label).ppl
 
 
 def load_exported(output: Path, to: str, dequantize: bool = False) -> nn.Module:
@@ -176,9 +201,11 @@ def load_exported(output: Path, to: str, dequantize: bool = False) -> nn.Module:
     return auto.from_pretrained(str(output), dtype=torch.float32, **extra, **NO_CODE).eval()
 
 
-def verify_export(output: Path, to: str, tokenizer, own_ppl: float, windows: int | None) -> dict:
+def verify_export(output: Path, to: str, tokenizer, own_ppl: float, windows: int | None,
+                  progress: Progress = NoProgress()) -> dict:
+    progress.note(f"check: loading the {to} export in transformers")
     model = load_exported(output, to)
-    theirs = _ppl(model, tokenizer, windows)
+    theirs = _ppl(model, tokenizer, windows, progress, "ppl (the export, in transformers)")
     check = {"loaded_by": "transformers" + (" (gguf_file)" if to == "gguf" else ""), "their_ppl": theirs,
              "slimkit_ppl": own_ppl, "relative_diff": theirs / own_ppl - 1, "windows": windows}
     if to == "gguf":
