@@ -231,18 +231,10 @@ def _tensor_types(path) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
 
 
-def test_the_embedding_and_head_are_typed_as_llama_quantize_types_them(tiny_int4, smollm2_tokenizer, tmp_path):
+def test_a_tied_embedding_is_typed_as_llama_quantize_types_the_head(tiny_int4, tmp_path):
     """The whole file: a tied embedding is the head (Q6_K, or Q8_0 where 256-wide blocks do not tile
-    its rows); an untied embedding takes the body's type and the head Q6_K, as in llama.cpp's Q4_0."""
-    from conftest import tiny_llama
-    from slimkit.export.gguf import export_gguf
-
+    its rows), never F16 beside a quantized body. (Untied: tests/test_gguf_tokenizers.py.)"""
     result = export_model(str(tiny_int4), tmp_path / "tied", "gguf", ExportSettings(verify=False))
     types = _tensor_types(tmp_path / "tied" / "model.gguf")
     assert types["token_embd.weight"] == "Q8_0" and "output.weight" not in types  # 64-wide rows
     assert result["bits_per_weight"] == pytest.approx(result["bytes"] * 8 / result["parameters"])
-    untied = tiny_llama(vocab_size=len(smollm2_tokenizer), hidden_size=256, tie_word_embeddings=False)
-    written = export_gguf(untied, smollm2_tokenizer, tmp_path / "untied.gguf", "q4_0")
-    types = _tensor_types(tmp_path / "untied.gguf")
-    assert (types["token_embd.weight"], types["output.weight"], types["blk.0.attn_q.weight"]) == ("Q4_0", "Q6_K", "Q4_0")
-    assert set(written.tensors_by_type) == {"Q4_0", "Q6_K", "F32"}  # F32: the norms; nothing in F16

@@ -90,6 +90,21 @@ def test_a_sentencepiece_model_exports_as_llamacpp_converts_it(sentencepiece_dir
     assert theirs(SAMPLE)["input_ids"] == hf(SAMPLE)["input_ids"]
 
 
+def test_an_untied_embedding_and_head_get_the_types_of_llama_quantizes_q4_0(sentencepiece_dir, tmp_path):
+    """As llama-quantize types them in a Q4_0 file: the embedding the body's type, the head Q6_K."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    from slimkit.export.gguf import export_gguf
+
+    tokenizer = AutoTokenizer.from_pretrained(sentencepiece_dir)
+    untied = tiny_llama(vocab_size=len(tokenizer), hidden_size=256, tie_word_embeddings=False)
+    written = export_gguf(untied, tokenizer, tmp_path / "untied.gguf", "q4_0")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "untied.gguf").tensors}
+    assert (types["token_embd.weight"], types["output.weight"], types["blk.0.attn_q.weight"]) == ("Q4_0", "Q6_K", "Q4_0")
+    assert set(written.tensors_by_type) == {"Q4_0", "Q6_K", "F32"}  # F32: the norms; nothing in F16
+
+
 def test_a_wordpiece_model_exports_with_llamacpps_phantom_spaces(wordpiece_dir, tmp_path):
     from transformers import AutoTokenizer
 
