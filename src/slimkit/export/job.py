@@ -154,7 +154,7 @@ def export_model(source: str, output: str | Path, to: str, settings: ExportSetti
     if to not in TARGETS:
         raise SlimkitError(f"unknown export target '{to}'; choose one of {', '.join(TARGETS)}")
     loaded = load_model(source)
-    dense_embeddings(loaded.model)  # an embedding read from its int8 head: a plain one again, same values
+    dense_embeddings(loaded.model, keep_head_packed=to == "gguf")  # an embedding read from its int8 head: plain
     dense_blocks = _with_formats(loaded)
     lineage = lineage_sources(loaded) if to == "gguf" else (None, None)
     _refusals_first(loaded, to, lineage, settings.verify)

@@ -54,9 +54,20 @@ def share_tied_rows(model: nn.Module, packed: dict[str, PackedLinear]) -> dict[s
     return {}
 
 
-def dense_embeddings(model: nn.Module) -> nn.Module:
-    """Every shared embedding back to a plain `nn.Embedding` with the same values (exports read weights)."""
+def dense_embeddings(model: nn.Module, keep_head_packed: bool = False) -> nn.Module:
+    """Every shared embedding back to a plain `nn.Embedding` with the same values (exports read
+    weights). The head becomes a dense linear tied to it again (the model as compress left it, on
+    the int8 grid), unless `keep_head_packed` (a GGUF writes a tied embedding once, as token_embd)."""
+    names = {id(m): n for n, m in model.named_modules()}
     for name, module in list(model.named_modules()):
-        if isinstance(module, RowsOfHead):
-            model.set_submodule(name, module.dense())
+        if not isinstance(module, RowsOfHead):
+            continue
+        dense = module.dense()
+        model.set_submodule(name, dense)
+        if not keep_head_packed:
+            head = nn.Linear(module.embedding_dim, module.num_embeddings, bias=module.head.bias is not None)
+            head.weight = dense.weight
+            if module.head.bias is not None:
+                head.bias = nn.Parameter(module.head.bias.detach().clone(), requires_grad=False)
+            model.set_submodule(names[id(module.head)], head)
     return model

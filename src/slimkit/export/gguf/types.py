@@ -4,10 +4,10 @@ they can go out as they are, else fitted here without calibration.
 A llama.cpp file type (Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, Q5_0) gives every tensor the type
 llama.cpp's mix gives it (`quantization/gguf_mix.py`); Q8_0, Q4_0 and F16/F32 are the simple types;
 `auto` keeps what compression decided (gguf_quantize blocks, int4 codes as Q4_0/Q4_1, int8 as
-Q8_0, other linears F16). The token embedding and the head are part of the file: outside the mixes
-they get the types llama-quantize gives them in a Q4_0 or Q8_0 file (the head, and an embedding
-tied to it, Q6_K or Q8_0; an untied embedding the body type), unless the model is dense (`auto`)
-or F16/F32 was asked for.
+Q8_0, other linears F16) and writes the token embedding and an unpacked head, which compression
+left alone, in Q8_0 (near lossless) beside a quantized body. The explicit Q4_0/Q8_0 give them the
+types llama-quantize gives them in such a file (the head, and an embedding tied to it, Q6_K or
+Q8_0; an untied embedding the body type).
 
 int4 codes (and 2- or 3-bit codes, which share the int4 container) are kept bit for bit when their
 group is a multiple of 32 and their scales are fp16 values: a group of 64 becomes two Q4_0/Q4_1
@@ -54,17 +54,19 @@ class TypePlan:
         return "Q8_0" if cols % 256 or self.body == "Q8_0" else "Q6_K"
 
     def simple_type(self, fmt: str | None, role: str | None, cols: int) -> str:
-        """The type of a tensor outside the mixes: what its packed format holds, else the file's body
-        type; the token embedding and the head as llama-quantize types them in a file of that body
-        type (the head and a tied embedding Q6_K/Q8_0, an untied embedding the body type)."""
+        """The type of a tensor outside the mixes. `auto`: what its packed format holds; the token
+        embedding and an unpacked head, which compression left alone, Q8_0 (near lossless, so the
+        file computes what was measured); other dense tensors F16. Q4_0/Q8_0: the body type, and the
+        embedding and head as llama-quantize types them (the head and a tied embedding Q6_K/Q8_0,
+        an untied embedding the body type)."""
         if self.requested in ("f16", "f32"):
             return self.requested.upper()
-        if fmt is not None and self.requested == "auto":
-            return {"int4": "Q4_0", "int8": "Q8_0", "w8a8": "Q8_0"}.get(fmt, "F16")
-        outer = role == "lm_head" or (role == "token_embedding" and self.tied)
-        if self.body is None or (self.requested == "auto" and role not in ("lm_head", "token_embedding")):
-            return "F16"
-        if outer:
+        if self.requested == "auto":
+            if fmt is not None:
+                return {"int4": "Q4_0", "int8": "Q8_0", "w8a8": "Q8_0"}.get(fmt, "F16")
+            outer = role in ("lm_head", "token_embedding") and self.body is not None and cols % 32 == 0
+            return "Q8_0" if outer else "F16"
+        if role == "lm_head" or (role == "token_embedding" and self.tied):
             return self.outer_type(cols)
         return self.body if cols % 32 == 0 else "F16"
 
