@@ -4,8 +4,8 @@ file compare), and the ppl the report states.
 
 Used to show that a refactor changed no result, and that the three sources agree: run it before
 and after (or with each --source), and compare the JSON. Small settings keep it to minutes; distill
-steps are cut to --distill-steps, AutoRound's and scale tuning's to --learned-steps (the code path
-runs, the budget is not the point). Examples:
+steps are cut to --distill-steps, AutoRound's, scale tuning's and reconstruction's to --learned-steps
+(the code path runs, the budget is not the point). Examples:
 
     python tools/recipe_fingerprints.py -o /tmp/before.json
     python tools/recipe_fingerprints.py -o /tmp/after.json && diff /tmp/before.json /tmp/after.json
@@ -54,14 +54,15 @@ def tensors_digest(model_dir: Path) -> str:
 
 
 def _cut(step, distill_steps: int, learned_steps: int):
-    """A step with its training budget cut: distill steps, AutoRound steps, scale-tuning steps."""
+    """A step with its training budget cut: distill steps, AutoRound steps, scale tuning and block
+    reconstruction steps (the same step when it trains nothing)."""
     if step.method == "distill":
         return step.model_copy(update={"steps": distill_steps, "checkpoint_every": distill_steps})
-    tuning = getattr(step, "tune_scales", None)
-    tuning = tuning and tuning.model_copy(update={"iters": learned_steps})
+    update = {key: budget.model_copy(update={"iters": learned_steps}) for key in ("tune_scales", "reconstruct")
+              if (budget := getattr(step, key, None)) is not None}
     if step.method == "autoround":
-        return step.model_copy(update={"iters": learned_steps, "tune_scales": tuning})
-    return step.model_copy(update={"tune_scales": tuning}) if tuning else step
+        update["iters"] = learned_steps
+    return step.model_copy(update=update) if update else step
 
 
 def recipe_files(names: list[str], work: Path, distill_steps: int, learned_steps: int) -> list[str]:
@@ -71,7 +72,7 @@ def recipe_files(names: list[str], work: Path, distill_steps: int, learned_steps
     out = []
     for name in names:
         recipe = get_recipe(name)
-        if not any(s.method in ("distill", "autoround") or getattr(s, "tune_scales", None) for s in recipe.steps):
+        if all(_cut(s, distill_steps, learned_steps) is s for s in recipe.steps):
             out.append(name)
             continue
         steps = tuple(_cut(s, distill_steps, learned_steps) for s in recipe.steps)
@@ -88,7 +89,7 @@ def main() -> None:
     parser.add_argument("--source", choices=sorted(COMMAND), default="memory")
     parser.add_argument("--recipes", "-r", default="", help="comma-separated built-ins (default: all)")
     parser.add_argument("--distill-steps", type=int, default=2)
-    parser.add_argument("--learned-steps", type=int, default=4, help="AutoRound and scale-tuning steps per block")
+    parser.add_argument("--learned-steps", type=int, default=4, help="AutoRound, scale-tuning and reconstruction steps per block")
     args = parser.parse_args()
     from slimkit.recipes import builtin_recipes
 
