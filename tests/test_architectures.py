@@ -105,9 +105,10 @@ def test_packed_and_compressed_tensors_reload_with_the_same_function(model_dirs,
 
 
 def test_gpt2_int8_compressed_tensors_keeps_conv1d_orientation_and_one_scheme(model_dirs, tmp_path):
-    """Packed int8 GPT-2 (Conv1D blocks and the tied head) -> compressed-tensors: the Conv1D layers
-    stay packed in their [in, out] orientation, the head (another scheme) is written dense, and
-    transformers' reload computes the packed model's function."""
+    """Packed int8 GPT-2 (Conv1D blocks, and the tied head whose int8 rows the embedding reads) ->
+    compressed-tensors: the Conv1D layers stay packed in their [in, out] orientation, the head is
+    written dense and tied (as compress left it, on the int8 grid), and transformers' reload computes
+    the packed model's function."""
     from safetensors import safe_open
 
     from slimkit.compression.pack_dir import pack_to_dir
@@ -116,7 +117,7 @@ def test_gpt2_int8_compressed_tensors_keeps_conv1d_orientation_and_one_scheme(mo
 
     pack_to_dir(str(model_dirs("gpt2")), tmp_path / "packed", fmt="int8")
     result = export_model(str(tmp_path / "packed"), tmp_path / "ct", "compressed-tensors", ExportSettings(verify=False))
-    assert result["written_dense"] == ["lm_head"]
+    assert result["written_dense"] == []  # the head is no packed layer: a dense linear tied to the embedding
     config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     (group,) = config["config_groups"].values()
     assert group["weights"]["strategy"] == "block" and config["ignore"] == ["lm_head"]
