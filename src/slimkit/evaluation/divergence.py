@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from slimkit.errors import SlimkitError
 
@@ -158,12 +158,12 @@ class BaseLogprobs:
                             f"delete {self.root} and run again")
 
     def read(self, window: int) -> BaseDistribution:
-        try:
-            t = load_file(str(self._file(window)))
-            nll, tokens = self.window_nll(window)
+        try:  # tensors and header in one opening of the file
+            with safe_open(str(self._file(window)), "pt") as f:
+                t, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
             return BaseDistribution(t["top_logprobs"], t["top_ids"].long(), t["tail_logprobs"], t["tail_ids"].long(),
-                                    t["tail_mass"], nll, tokens)
-        except (SafetensorError, OSError, KeyError) as exc:
+                                    t["tail_mass"], float(meta["nll"]), int(meta["tokens"]))
+        except (SafetensorError, OSError, KeyError, ValueError) as exc:
             raise self._damaged(window, exc) from None
 
     def window_nll(self, window: int) -> tuple[float, int]:
