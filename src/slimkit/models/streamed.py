@@ -163,10 +163,26 @@ class StreamedModel:
             n for n, _ in module.named_buffers() if n.rsplit(".", 1)[-1] not in _non_persistent(module, n)]
         tensors = (shards or self.shards).read([prefix + n for n in local], self.compute_dtype)
         tensors = to_checkpoint({n: tensors[prefix + n] for n in local}, transposed_in_checkpoint(module))
+        before = dict(module.named_parameters())
         module.load_state_dict(tensors, strict=False, assign=True)
+        self._keep_ties(before, module)
 
     def release(self, module: nn.Module) -> None:
+        before = dict(module.named_parameters())
         module.to("meta")
+        self._keep_ties(before, module)
+
+    def _keep_ties(self, before: dict[str, nn.Parameter], module: nn.Module) -> None:
+        """Where `module` got new parameter objects, give them to every other module that shared the
+        old ones (a head tied to this embedding), so that the tie outlives a read or a release."""
+        after = dict(module.named_parameters())
+        new = {id(p): after[n] for n, p in before.items() if n in after and after[n] is not p}
+        if not new:
+            return
+        for other in self.model.modules():
+            for name, p in list(other._parameters.items()):
+                if p is not None and id(p) in new:
+                    other._parameters[name] = new[id(p)]
 
     def embed(self, input_ids: torch.Tensor, shards: CheckpointShards | None = None) -> torch.Tensor:
         """The block stack's input for `input_ids`, from these shards or `shards` (a compressed copy)."""
