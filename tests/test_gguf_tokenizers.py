@@ -120,6 +120,22 @@ def test_a_wordpiece_model_exports_with_llamacpps_phantom_spaces(wordpiece_dir, 
     assert fields["tokenizer.ggml.seperator_token_id"] == vocab["[SEP]"]
 
 
+def test_a_vocabulary_padded_past_the_tokenizer_gets_unused_pieces_as_llamacpp_writes_them(wordpiece_dir, tmp_path):
+    """An embedding with more rows than the tokenizer has pieces (vocabularies padded to a round size):
+    `[PAD<i>]` pieces of type UNUSED up to the embedding's rows, so llama.cpp's token count fits."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(wordpiece_dir)
+    padded = tmp_path / "padded"
+    tiny_llama(vocab_size=len(hf) + 37, bos_token_id=hf.bos_token_id).save_pretrained(padded)
+    hf.save_pretrained(padded)
+    fields = _fields(_export(padded, tmp_path))
+    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
+    assert len(tokens) == len(types) == len(hf) + 37
+    assert tokens[len(hf)] == f"[PAD{len(hf)}]" and set(types[len(hf):]) == {5}  # UNUSED
+    assert tokens[: len(hf)] == _fields(_export(wordpiece_dir, tmp_path / "as-is"))["tokenizer.ggml.tokens"]
+
+
 def test_a_unigram_tokenizer_is_refused_with_the_reason(tmp_path):
     from tokenizers import SentencePieceUnigramTokenizer
     from transformers import PreTrainedTokenizerFast

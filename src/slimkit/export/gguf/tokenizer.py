@@ -82,12 +82,16 @@ def check_tokenizer(tokenizer) -> None:
         pre_tokenizer(tokenizer)
 
 
-def _tokens(spec: dict) -> tuple[list[str], set[int], set[int]]:
-    """Every piece by id (added tokens included), the special ids, the other added ids."""
+def _tokens(spec: dict, n_vocab: int) -> tuple[list[str], set[int], set[int]]:
+    """Every piece by id (added tokens included), the special ids, the other added ids. A model
+    whose embedding has more rows than the tokenizer has pieces (a vocabulary padded to a round
+    size) gets `[PAD<i>]` pieces up to `n_vocab`, as llama.cpp's converter writes them (type UNUSED)."""
     vocab = dict(spec["model"]["vocab"] if isinstance(spec["model"]["vocab"], dict) else {})
     for added in spec.get("added_tokens", []):
         vocab[added["content"]] = added["id"]
-    tokens = [""] * (max(vocab.values()) + 1)
+    tokens = [""] * max(max(vocab.values()) + 1, n_vocab)
+    for i in range(max(vocab.values()) + 1, len(tokens)):
+        tokens[i] = f"[PAD{i}]"
     for tok, i in vocab.items():
         tokens[i] = tok
     special = {a["id"] for a in spec.get("added_tokens", []) if a.get("special")}
@@ -120,10 +124,14 @@ def _adds_space_prefix(spec: dict) -> bool:
                or (p.get("type") == "Metaspace" and p.get("prepend_scheme", "always") != "never") for p in parts)
 
 
-def _sentencepiece_bpe(writer, tokenizer, spec: dict) -> None:
+def _is_padding(piece: str, i: int) -> bool:
+    return piece == f"[PAD{i}]"
+
+
+def _sentencepiece_bpe(writer, tokenizer, spec: dict, n_vocab: int) -> None:
     import gguf
 
-    tokens, special, added = _tokens(spec)
+    tokens, special, added = _tokens(spec, n_vocab)
     scores = _merge_scores(spec["model"].get("merges", []))
     unk = getattr(tokenizer, "unk_token_id", None)
 
@@ -134,6 +142,8 @@ def _sentencepiece_bpe(writer, tokenizer, spec: dict) -> None:
             return gguf.TokenType.CONTROL
         if i in added:
             return gguf.TokenType.USER_DEFINED
+        if _is_padding(piece, i):
+            return gguf.TokenType.UNUSED
         is_byte = len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
         return gguf.TokenType.BYTE if is_byte else gguf.TokenType.NORMAL
 
@@ -147,10 +157,10 @@ def _sentencepiece_bpe(writer, tokenizer, spec: dict) -> None:
     _special_vocab(writer, tokenizer, len(tokens))
 
 
-def _wordpiece(writer, tokenizer, spec: dict) -> None:
+def _wordpiece(writer, tokenizer, spec: dict, n_vocab: int) -> None:
     import gguf
 
-    tokens, special, added = _tokens(spec)
+    tokens, special, added = _tokens(spec, n_vocab)
 
     def phantom(piece: str) -> str:
         if piece.startswith("[") and piece.endswith("]"):
@@ -161,31 +171,33 @@ def _wordpiece(writer, tokenizer, spec: dict) -> None:
     writer.add_tokenizer_pre("default")
     writer.add_token_list([phantom(t) for t in tokens])
     writer.add_token_types([gguf.TokenType.CONTROL if i in special else
-                            gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL
-                            for i in range(len(tokens))])
+                            gguf.TokenType.USER_DEFINED if i in added else
+                            gguf.TokenType.UNUSED if _is_padding(t, i) else gguf.TokenType.NORMAL
+                            for i, t in enumerate(tokens)])
     _special_vocab(writer, tokenizer, len(tokens))
 
 
-def tokenizer_from_hf(writer, tokenizer) -> None:
-    """The tokenizer's fields, of the kind `tokenizer_kind` names."""
+def tokenizer_from_hf(writer, tokenizer, n_vocab: int = 0) -> None:
+    """The tokenizer's fields, of the kind `tokenizer_kind` names; `n_vocab`: the embedding's rows
+    (pieces are padded up to it)."""
     spec = _spec(tokenizer)
     kind = tokenizer_kind(tokenizer)
     if kind == "llama":
-        return _sentencepiece_bpe(writer, tokenizer, spec)
+        return _sentencepiece_bpe(writer, tokenizer, spec, n_vocab)
     if kind == "bert":
-        return _wordpiece(writer, tokenizer, spec)
-    _byte_level_bpe(writer, tokenizer, spec)
+        return _wordpiece(writer, tokenizer, spec, n_vocab)
+    _byte_level_bpe(writer, tokenizer, spec, n_vocab)
 
 
-def _byte_level_bpe(writer, tokenizer, spec: dict) -> None:
+def _byte_level_bpe(writer, tokenizer, spec: dict, n_vocab: int) -> None:
     """A byte-level BPE tokenizer's vocabulary, merges, special tokens and chat template."""
     model = spec["model"]
-    tokens, special, _ = _tokens(spec)
+    tokens, special, _ = _tokens(spec, n_vocab)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre_tokenizer(tokenizer))
     writer.add_token_list(tokens)
-    writer.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
+    writer.add_token_types([3 if i in special else 5 if _is_padding(t, i) else 1 for i, t in enumerate(tokens)])
     writer.add_token_merges(merges)
     for attr, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
                       ("unk_token_id", writer.add_unk_token_id), ("pad_token_id", writer.add_pad_token_id)):

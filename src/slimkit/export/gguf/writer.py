@@ -96,7 +96,7 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: Path, qtype: str = "aut
     if source_gguf is not None:
         copy_from_gguf(writer, source_gguf)
     else:
-        tokenizer_from_hf(writer, tokenizer)
+        tokenizer_from_hf(writer, tokenizer, model.get_input_embeddings().num_embeddings)
         describe_from_hf(writer, source_dir, sum(p.numel() for p in model.parameters()))
     queue = _queue_tensors(model, gguf.get_tensor_name_map(arch, config.num_hidden_layers), plan, dense_blocks or {})
     queue.write_to(writer)
