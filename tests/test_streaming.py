@@ -371,3 +371,20 @@ def test_several_recipes_streamed_write_the_summary_the_in_memory_run_writes(tin
         assert a["compression"]["layers"] == b["compression"]["layers"]
         assert [a["size"][k] for k in ("dense_bytes", "packed_bytes")] == [b["size"][k] for k in ("dense_bytes", "packed_bytes")]
         assert a["compressed"]["value"] == pytest.approx(b["compressed"]["value"], rel=1e-4)
+
+
+def test_a_tie_outlives_one_streamed_recipe_for_the_next(tiny_tied_bf16, tmp_path):
+    """Two recipes that rewrite a tied head, streamed in one run: reading and releasing the embedding
+    for the first kept the head tied for the second (it looked for a checkpoint tensor lm_head.weight),
+    and each output equals the in-memory one (the head on its llama.cpp grid, stored once)."""
+    from slimkit.compression.memory import compress_to_dir
+    from slimkit.recipes import get_recipe
+    from slimkit.streaming.job import compress_streamed
+
+    recipes = [get_recipe("gguf-q8_0"), get_recipe("rtn-int4-g64")]
+    compress_to_dir(str(tiny_tied_bf16), recipes, tmp_path / "memory", SETTINGS)
+    compress_streamed(str(tiny_tied_bf16), recipes, tmp_path / "streamed", SETTINGS)
+    for recipe in recipes:
+        assert_same_output(tmp_path / "memory" / recipe.name, tmp_path / "streamed" / recipe.name)
+    layers = json.loads((tmp_path / "streamed" / "rtn-int4-g64" / "report.json").read_text())["compression"]["layers"]
+    assert [(r["name"], r["bits"]) for r in layers if r["kind"] == "lm_head"] == [("lm_head", "Q8_0")]

@@ -8,6 +8,7 @@ from pathlib import Path
 from slimkit.errors import SlimkitError
 from slimkit.evaluation.size import files_bytes
 from slimkit.formats import pack_model, save_packed
+from slimkit.formats.embedding import pack_embeddings
 from slimkit.formats.pack import AUTO
 from slimkit.io.outputs import output_directory
 from slimkit.models.loading import load_model
@@ -37,6 +38,8 @@ def pack_to_dir(source: str, output: str | Path, fmt: str = AUTO, group_size: in
     packed = pack_model(loaded.model, body, records, fmt, group_size, progress)
     if head is not None:  # 4 bits on the LM head costs far more quality than it saves: int8 there
         packed.update(pack_model(loaded.model, {head: linears[head]}, None, "int8"))
+    if records:  # an untied embedding a quantize_outer step typed: its own blocks
+        packed.update({n: e.table for n, e in pack_embeddings(loaded.model, records).items()})
     layers = {n: layer_summary(m) for n, m in packed.items()}
     output = Path(output)
     with output_directory(output, overwrite, inputs=[source], command="pack") as tmp:
@@ -76,7 +79,8 @@ def layer_summary(m) -> dict:
 
 
 def write_pack_summary(source: str, fmt: str, linears: dict, layers: dict, directory: Path, parameters: int) -> dict:
-    """summary.json of a packed dir: what was packed, what stayed dense, the bytes before and after."""
+    """summary.json of a packed dir: what was packed (linears, and an embedding packed on its own),
+    what stayed dense, the bytes before and after."""
     if not layers:
         raise SlimkitError(f"nothing to pack in {source}: no layer was quantized or pruned")
     left_dense = sorted(set(linears) - set(layers))
@@ -84,7 +88,7 @@ def write_pack_summary(source: str, fmt: str, linears: dict, layers: dict, direc
         "source": source if zoo_entry(source) else str(Path(source).absolute()),  # found again from any cwd
         "format": fmt, "packed_layers": len(layers), "left_dense": left_dense,
         "linears_dense_bytes": sum(m.weight.numel() * m.weight.element_size() for m in linears.values()),
-        "linears_packed_bytes": sum(v["disk_bytes"] for v in layers.values()) + sum(
+        "linears_packed_bytes": sum(v["disk_bytes"] for n, v in layers.items() if n in linears) + sum(
             linears[n].weight.numel() * linears[n].weight.element_size() for n in left_dense),
         "file_bytes": files_bytes(directory), "layers": layers,
     }

@@ -33,7 +33,10 @@ from slimkit.models.experts import checkpoint_names, expert_modules
 from slimkit.models.layouts import checkpoint_conv1d
 from slimkit.paths import ExportDir
 
+DENSE = ("dense",)  # the scheme of a layer written dense: llama.cpp's blocks (a head typed by quantize_outer)
 REFUSED = {
+    "ggml": "llama.cpp's blocks (a gguf_quantize recipe) have no compressed-tensors scheme. Export with "
+            "`--to gguf`, or `--to hf` (dense).",
     "2:4": "compressed-tensors and vLLM removed their sparse formats in 2026, so a 2:4 model cannot be "
            "carried sparse. Use `--to hf` (dense, masks applied) for any runtime, or keep slimkit's "
            "packed format (`slimkit pack`).",
@@ -61,6 +64,8 @@ def _scheme(mod: PackedLinear, conv1d: bool, int8_rows: int = 0) -> tuple:
                            "transformers runs: export with `--to hf` (dense), or pack as int8/int4 instead.")
     if mod.format == "w8a8":
         return ("int-quantized", 8, True, "channel", None)
+    if mod.format == "ggml":
+        return DENSE
     raise SlimkitError(f"cannot export {mod.format} layers to compressed-tensors: {REFUSED[mod.format]}")
 
 
@@ -156,6 +161,8 @@ def export_plan(model: torch.nn.Module) -> tuple[dict[str, PackedLinear], set[st
     # one int8 block height for every Conv1D layer (one config group: see `_written_dense`)
     int8_rows = math.gcd(*(m.in_features for n, m in layers.items() if n in conv1d and m.format == "int8"))
     schemes = {name: _scheme(mod, name in conv1d, int8_rows) for name, mod in layers.items()}
+    if all(s == DENSE for s in schemes.values()):
+        raise SlimkitError(f"cannot export ggml layers to compressed-tensors: {REFUSED['ggml']}")
     return layers, conv1d, int8_rows, schemes
 
 
@@ -163,7 +170,7 @@ def export_compressed_tensors(model: torch.nn.Module, tokenizer, directory: Path
                               dtype: torch.dtype = torch.bfloat16) -> dict:
     layers, conv1d, int8_rows, schemes = export_plan(model)
     key = checkpoint_key(model)
-    dense_layers = _written_dense(schemes, conv1d)
+    dense_layers = _written_dense(schemes, conv1d) + [n for n, s in schemes.items() if s == DENSE]
     groups: dict[tuple, list[str]] = {}
     tensors: dict[str, torch.Tensor] = {}
     for name, mod in layers.items():

@@ -95,6 +95,13 @@ class PackedLinear(StoredLinear):
         """Rows [start, stop) of the dense fp32 weight."""
         return self.dequantize()[start:stop]
 
+    # --- formats whose rows an embedding can gather (a tied embedding reads the head's rows) ---
+    gathers_rows: ClassVar[bool] = False
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The dense fp32 rows `ids` (1-D) of the weight, without dequantizing the others."""
+        raise NotImplementedError
+
     def dequantize_tile_rows(self) -> int:
         """Rows per dequantized tile: about DEQUANTIZE_TILE_ELEMENTS, whole 64-row tiles."""
         rows = max(64, DEQUANTIZE_TILE_ELEMENTS // max(self.in_features, 1) // 64 * 64)

@@ -1,11 +1,12 @@
-"""A token embedding read from the rows of its tied head's int8 codes: the model stores one matrix.
+"""A token embedding read from the rows of its tied head's codes: the model stores one matrix.
 
 A causal LM whose head is tied to its embedding (SmolLM2, Gemma, Qwen3-0.6B ...) spends 20-60% of
-its weights there. Once the head is packed in int8 (one code per weight, one scale per row), its
-rows are the embedding's rows on the same grid, so the embedding gathers them (a lookup reads the
-few rows it needs) instead of keeping a dense copy: the file holds the matrix once, and the model
-computes what the compress report measured (the head's quantized values on both sides). Only a
-plain `nn.Embedding` is replaced (a scaled embedding such as Gemma's keeps its own module).
+its weights there. Once the head is packed in a format whose rows can be gathered (int8: one code
+per weight, one scale per row; llama.cpp's blocks, Q6_K or Q8_0, which tile rows), its rows are the
+embedding's rows on the same grid, so the embedding gathers them (a lookup reads the few rows it
+needs) instead of keeping a dense copy: the file holds the matrix once, and the model computes what
+the compress report measured (the head's quantized values on both sides). Only a plain
+`nn.Embedding` is replaced (a scaled embedding such as Gemma's keeps its own module).
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from slimkit.formats.base import PackedLinear
 
 def can_share_rows(embedding: nn.Module | None, head: PackedLinear) -> bool:
     """Whether `embedding` can read its rows from the packed `head` it is tied to."""
-    return type(embedding) is nn.Embedding and head.format == "int8" and embedding.max_norm is None \
+    return type(embedding) is nn.Embedding and head.gathers_rows and embedding.max_norm is None \
         and [head.out_features, head.in_features] == list(embedding.weight.shape)
 
 
 class RowsOfHead(nn.Module):
-    """An embedding whose rows are those of a packed int8 head (not a submodule: stored once)."""
+    """An embedding whose rows are those of a packed head (not a submodule: stored once)."""
 
     def __init__(self, head: PackedLinear, dtype: torch.dtype) -> None:
         super().__init__()
@@ -31,15 +32,42 @@ class RowsOfHead(nn.Module):
         self.num_embeddings, self.embedding_dim, self.dtype = head.out_features, head.in_features, dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        flat = ids.reshape(-1)
-        rows = self.head.q.index_select(0, flat).to(self.dtype) * self.head.scale.index_select(0, flat)[:, None]
-        return rows.view(*ids.shape, self.embedding_dim)
+        return self.head.rows(ids.reshape(-1)).to(self.dtype).view(*ids.shape, self.embedding_dim)
 
     def dense(self) -> nn.Embedding:
         """A plain embedding holding the same values (for exports)."""
         dense = nn.Embedding(self.num_embeddings, self.embedding_dim)
         dense.weight = nn.Parameter(self.head.dequantize().to(self.dtype), requires_grad=False)
         return dense
+
+
+class PackedEmbedding(RowsOfHead):
+    """An untied embedding stored in a packed format of its own (the llama.cpp blocks a
+    `quantize_outer` step chose): a lookup dequantizes only the rows it reads. `table` holds the
+    codes as a [vocabulary, width] packed matrix; the packed file stores it under the embedding's name."""
+
+    @property
+    def table(self) -> PackedLinear:
+        return self.head
+
+    def _apply(self, fn, recurse=True):  # .to(device) moves the table, which is no submodule
+        self.head._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
+
+def pack_embeddings(model: nn.Module, records: dict) -> dict[str, PackedEmbedding]:
+    """Replace each plain untied embedding whose record holds llama.cpp blocks by a
+    `PackedEmbedding` of those blocks; returns them by name."""
+    from slimkit.formats.ggml import GGMLBlocks
+
+    out = {}
+    for name, module in list(model.named_modules()):
+        record = records.get(name)
+        if type(module) is nn.Embedding and record is not None and record.ggml is not None:
+            table = GGMLBlocks.from_codes(record.ggml, module.embedding_dim)
+            out[name] = PackedEmbedding(table, module.weight.dtype)
+            model.set_submodule(name, out[name])
+    return out
 
 
 def share_tied_rows(model: nn.Module, packed: dict[str, PackedLinear]) -> dict[str, str]:
@@ -55,16 +83,17 @@ def share_tied_rows(model: nn.Module, packed: dict[str, PackedLinear]) -> dict[s
 
 
 def dense_embeddings(model: nn.Module, keep_head_packed: bool = False) -> nn.Module:
-    """Every shared embedding back to a plain `nn.Embedding` with the same values (exports read
-    weights). The head becomes a dense linear tied to it again (the model as compress left it, on
-    the int8 grid), unless `keep_head_packed` (a GGUF writes a tied embedding once, as token_embd)."""
+    """Every packed embedding back to a plain `nn.Embedding` with the same values (exports read
+    weights). A shared one's head becomes a dense linear tied to it again (the model as compress left
+    it, on the head's grid), unless `keep_head_packed` (a GGUF writes a tied embedding once, as
+    token_embd, and an untied packed one with its own blocks: those stay packed)."""
     names = {id(m): n for n, m in model.named_modules()}
     for name, module in list(model.named_modules()):
-        if not isinstance(module, RowsOfHead):
+        if not isinstance(module, RowsOfHead) or (keep_head_packed and isinstance(module, PackedEmbedding)):
             continue
         dense = module.dense()
         model.set_submodule(name, dense)
-        if not keep_head_packed:
+        if not keep_head_packed and not isinstance(module, PackedEmbedding):
             head = nn.Linear(module.embedding_dim, module.num_embeddings, bias=module.head.bias is not None)
             head.weight = dense.weight
             if module.head.bias is not None:

@@ -139,5 +139,16 @@ class GGMLBlocks(PackedLinear):
     def dequantize(self):
         return unpack_values(self.blocks.numpy(), self.meta["ggml_type"])
 
+    def dequantize_rows(self, start: int, stop: int) -> torch.Tensor:
+        return unpack_values(self.blocks[start:stop].numpy(), self.meta["ggml_type"])
+
+    def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        return self.dequantized_matmul(x2d)  # a tile of rows at a time: a 262k-row head never exists in fp32
+
+    gathers_rows = True
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return unpack_values(self.blocks.index_select(0, ids).numpy(), self.meta["ggml_type"])
+
     def path_for(self, m):
-        return f"dequantize ({self.meta['ggml_type']}) + fp32 matmul; llama.cpp runs it natively"
+        return f"dequantize ({self.meta['ggml_type']}, by tiles of rows) + fp32 matmul; llama.cpp runs it natively"

@@ -56,6 +56,11 @@ class Int8WeightOnly(PackedLinear):
         self.register_buffer("scale", scale.float().contiguous())
         self.register_buffer("scale_bf16", self.scale.to(torch.bfloat16), persistent=False)
 
+    gathers_rows = True
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.q.index_select(0, ids).float() * self.scale.index_select(0, ids)[:, None]
+
     @classmethod
     def from_dense(cls, weight, bias=None, **_):
         q, scale = int8_codes(weight)

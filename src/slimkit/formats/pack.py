@@ -4,7 +4,7 @@ A packed directory is config.json + tokenizer files + `packed.safetensors`: the 
 the formats do not cover (embeddings, norms, an unpacked head) under their usual names, each
 packed linear's tensors under `<linear>.<tensor>`, and a header entry `slimkit_packed` (JSON)
 naming every packed linear's format (and, as `shared_rows`, an embedding that reads its rows from
-the int8 head tied to it: `embedding.py`). Only safetensors are read: nothing is unpickled.
+the head tied to it; as `embeddings`, an untied embedding packed on its own: `embedding.py`). Only safetensors are read: nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 
 from slimkit.errors import SlimkitError, WeightsError
 from slimkit.formats.base import PackedLinear, format_class
-from slimkit.formats.embedding import RowsOfHead, share_tied_rows
+from slimkit.formats.embedding import PackedEmbedding, RowsOfHead, share_tied_rows
 from slimkit.formats.kernel_rows import choose_kernel_rows
 from slimkit.io.tensors import unique_tensors
 from slimkit.models.loading import register_directory_reader
@@ -112,9 +112,12 @@ def save_packed(model: nn.Module, tokenizer, directory: Path) -> None:
     tensors: dict[str, torch.Tensor] = {}
     for name, mod in layers.items():
         tensors.update(packed_layer_tensors(name, mod))
-    shared = share_tied_rows(model, layers)  # an int8 head tied to the embedding: one matrix for both
+    shared = share_tied_rows(model, layers)  # a head tied to the embedding: one matrix for both
     if not shared and any(m.meta.get("tied_to") for m in layers.values()):
         model.config.tie_word_embeddings = False  # the head is packed on its own; the embedding stays
+    embeddings = {n: m.table for n, m in model.named_modules() if isinstance(m, PackedEmbedding)}
+    for name, table in embeddings.items():
+        tensors.update(packed_layer_tensors(name, table))
     state = dict(model.state_dict())
     persistent = set(state)
     # non-persistent buffers (rotary inv_freq) too: loading builds the skeleton on the meta device
@@ -122,7 +125,8 @@ def save_packed(model: nn.Module, tokenizer, directory: Path) -> None:
     dense, tied = unique_tensors((k, t) for k, t in state.items() if not any(k.startswith(n + ".") for n in layers))
     tensors.update({k: t.detach().contiguous() for k, t in dense.items()})
     header = {"format_version": FORMAT_VERSION, "layers": {n: packed_layer_header(m) for n, m in layers.items()},
-              "tied": tied, **({"shared_rows": shared} if shared else {})}
+              "tied": tied, **({"shared_rows": shared} if shared else {}),
+              **({"embeddings": {n: packed_layer_header(t) for n, t in embeddings.items()}} if embeddings else {})}
     save_file(tensors, str(directory / PACKED_FILE), metadata={"slimkit_packed": json.dumps(header)})
     save_packed_config(model, tokenizer, directory)
 
@@ -201,6 +205,24 @@ def _packed_layer(file: Path, model: nn.Module, name: str, meta: dict, tensors: 
     return module
 
 
+def _packed_embedding(file: Path, model: nn.Module, name: str, meta: dict, tensors: dict,
+                      dtype: torch.dtype) -> PackedEmbedding:
+    """An untied embedding stored packed, checked against the config's skeleton."""
+    skeleton = model.get_submodule(name) if name in dict(model.named_modules()) else None
+    expected = [skeleton.num_embeddings, skeleton.embedding_dim] if isinstance(skeleton, nn.Embedding) else None
+    if expected is None or list(meta.get("shape", [])) != expected:
+        raise WeightsError(f"{file}: packed embedding {name} has shape {meta.get('shape')}, but config.json "
+                           f"makes it {expected or type(skeleton).__name__}")
+    own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+    try:
+        table = format_class(meta["format"]).from_stored(own, meta, None)
+    except (KeyError, RuntimeError, ValueError, IndexError, TypeError) as exc:
+        raise WeightsError(f"{file}: embedding {name} ({meta.get('format')}) is damaged: {exc}") from None
+    if not table.gathers_rows:
+        raise WeightsError(f"{file}: embedding {name} is stored as {meta['format']}, whose rows cannot be gathered")
+    return PackedEmbedding(table, dtype)
+
+
 def load_packed(directory: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -216,9 +238,12 @@ def load_packed(directory: Path, dtype: torch.dtype = torch.float32) -> nn.Modul
     as_linears(model)  # packed experts: one packed linear per expert projection; no Conv1D
     for name, meta in header["layers"].items():
         model.set_submodule(name, _packed_layer(directory / PACKED_FILE, model, name, meta, tensors))
-    for embedding, head in header.get("shared_rows", {}).items():  # rows read from the int8 head
+    for embedding, head in header.get("shared_rows", {}).items():  # rows read from the head
         model.set_submodule(embedding, RowsOfHead(model.get_submodule(head), dtype))
-    rest = {k: v for k, v in tensors.items() if not any(k.startswith(n + ".") for n in header["layers"])}
+    for name, meta in header.get("embeddings", {}).items():
+        model.set_submodule(name, _packed_embedding(directory / PACKED_FILE, model, name, meta, tensors, dtype))
+    packed_names = [*header["layers"], *header.get("embeddings", {})]
+    rest = {k: v for k, v in tensors.items() if not any(k.startswith(n + ".") for n in packed_names)}
     state_shapes = {k: v.shape for k, v in model.state_dict().items()}
     bad = [f"{k}: {v.dtype} {list(v.shape)}" for k, v in rest.items()
            if k in state_shapes and (not v.is_floating_point() or v.shape != state_shapes[k])]
@@ -232,7 +257,7 @@ def load_packed(directory: Path, dtype: torch.dtype = torch.float32) -> nn.Modul
         if hasattr(module, "original_inv_freq") and hasattr(module, "inv_freq"):
             module.original_inv_freq = module.inv_freq.clone()
     missing, unexpected = model.load_state_dict(rest, strict=False)
-    missing = [k for k in missing if k not in header["tied"] and not any(k.startswith(n + ".") for n in header["layers"])]
+    missing = [k for k in missing if k not in header["tied"] and not any(k.startswith(n + ".") for n in packed_names)]
     if missing or unexpected:
         raise SlimkitError(f"{directory / PACKED_FILE} does not match its config: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")

@@ -71,8 +71,11 @@ class GGMLCodes:
     belongs to, and the packed blocks (uint8 [rows, bytes per row]) the GGUF export writes."""
 
     qtype: str
-    ftype: str
+    ftype: str  # "Q4_K_M" ...; OUTER_FTYPE for a head or embedding typed on its own (quantize_outer)
     blocks: torch.Tensor
+
+
+OUTER_FTYPE = "outer"
 
 
 def ggml_type(name: str) -> GGMLType:

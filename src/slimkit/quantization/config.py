@@ -178,3 +178,28 @@ class RotateConfig(StepConfig):
 
     def summary(self) -> str:
         return f"rotate (Hadamard{', values per head' if self.heads else ''}, seed {self.seed})"
+
+
+class QuantizeOuterConfig(StepConfig):
+    """The head and the token embedding on llama.cpp's grids, round to nearest, typed as
+    llama-quantize types them in a Q4_0 or Q3_K_S file: the head (and an embedding tied to it: one
+    tensor) Q6_K, or Q8_0 where Q6_K's 256-wide blocks do not tile its rows; an untied embedding
+    `embedding`. Put after the steps that quantize the blocks: the model evaluated is then the
+    whole file (on a 262k vocabulary the embedding is most of the weights). `dense` keeps one."""
+
+    method: Literal["quantize_outer"] = "quantize_outer"
+    quantizes_outer: ClassVar[bool] = True
+
+    head: Literal["Q6_K", "Q8_0", "dense"] = Field("Q6_K", description="the head's type (a tied embedding's too)")
+    embedding: Literal["Q4_0", "Q5_0", "Q8_0", "dense"] = Field(
+        "Q4_0", description="an untied token embedding's type (llama-quantize: the file's body type)")
+
+    @model_validator(mode="after")
+    def _outer_only(self) -> "QuantizeOuterConfig":
+        if self.include_lm_head or self.include_embeddings:
+            raise ValueError("quantize_outer compresses the head and the embedding by itself; "
+                             "include_lm_head and include_embeddings do not apply to it")
+        return self
+
+    def summary(self) -> str:
+        return f"head {self.head}, embedding {self.embedding} (round to nearest)"

@@ -79,15 +79,14 @@ def _outer_modules(streamed: StreamedModel) -> list[torch.nn.Module]:
     return mods
 
 
-def _run_steps(streamed: StreamedModel, recipe: Recipe, ctx: StepContext, access: StreamedBlocks,
+def _run_steps(streamed: StreamedModel, name: str, steps: list, ctx: StepContext, access: StreamedBlocks,
                state: StreamState) -> None:
-    steps = list(recipe.steps)
     calibrated = [s for s in steps if s.needs_calibration]
     if calibrated:
         handler_for(calibrated[0])(calibrated[0], ctx)  # the engine drives `access` block by block
         return
     blocks = list(enumerate(streamed.adapter.get_blocks(streamed.model)))[state.next_block:]
-    for index, block in ctx.run.progress.track(blocks, f"{recipe.name}: blocks"):
+    for index, block in ctx.run.progress.track(blocks, f"{name}: blocks"):
         access.open(index, block)
         access.close(index, block, None)
 
@@ -107,13 +106,16 @@ def stream_recipe(streamed: StreamedModel, recipe: Recipe, work: WorkDir, job: C
 
     run = RunResources(progress, calibration, job.offload_dir, streamed.tokenizer, split, device=job.device)
     ctx = StepContext(ModelState(streamed.model, streamed.adapter), run)
-    steps = list(recipe.steps)
+    only_outer = [s for s in recipe.steps if s.quantizes_outer and not s.needs_calibration]  # once, after the blocks
+    steps = [s for s in recipe.steps if s not in only_outer]
     cut = next((i for i, s in enumerate(steps) if s.needs_calibration), len(steps))
     run.blocks = access = StreamedBlocks(streamed, ctx, work, state, steps[:cut], steps[cut + 1:], save_dtype)
-    outer = _outer_modules(streamed) if any(s.quantizes_outer for s in steps) else []
+    outer = _outer_modules(streamed) if any(s.quantizes_outer for s in recipe.steps) else []
     for module in outer:
         streamed.materialize(module)
-    _run_steps(streamed, recipe, ctx, access, state)
+    _run_steps(streamed, recipe.name, steps, ctx, access, state)
+    for step in only_outer:
+        handler_for(step)(step, ctx)
     if outer:
         _write_outer(streamed, ctx, work, outer, save_dtype, state)
         for module in outer:
@@ -138,7 +140,7 @@ def _write_outer(streamed: StreamedModel, ctx: StepContext, work: WorkDir, outer
     save_tensors_atomic(tensors, work.layout.outer)
     blocks_prefix = streamed.prefix(streamed.adapter.get_blocks(streamed.model))
     records = {n: r for n, r in ctx.state.records.items() if not n.startswith(blocks_prefix)}
-    params = dict(streamed.model.named_parameters())
+    params = dict(streamed.model.named_parameters(remove_duplicate=False))  # a tied head's record: its name
     tally = LayerTally.of(records, params, streamed.source_dtype.itemsize)
     save_compression_state(records, work.layout.root / "records" / "outer.safetensors")
     total = LayerTally.from_dict(state.tally)

@@ -20,7 +20,7 @@ from torch import nn
 
 from slimkit.compression.pack_dir import check_pack_source, layer_summary, pack_plan, write_pack_summary
 from slimkit.formats import PACKED_FILE, pack_model
-from slimkit.formats.embedding import can_share_rows
+from slimkit.formats.embedding import can_share_rows, pack_embeddings
 from slimkit.formats.pack import FORMAT_VERSION, packed_layer_header, packed_layer_tensors, save_packed_config
 from slimkit.io.outputs import output_directory
 from slimkit.io.tensors import RowSource, save_tensors_atomic, write_tensors_by_rows
@@ -46,15 +46,15 @@ def pack_streamed(source: str, output: str | Path, fmt: str, group_size: int = 6
             blocks = list(streamed.adapter.get_blocks(streamed.model))
             for index, block in progress.track(list(enumerate(blocks)), "packing (streamed)"):
                 pack.block(index, block, [n for n in linears if n != head and n.startswith(streamed.prefix(block))])
-        outer = [n for n in linears if not any(n.startswith(streamed.prefix(b)) for b in blocks)]
-        pack.outer(outer, head)
+            pack.outer([n for n in linears if not any(n.startswith(streamed.prefix(b)) for b in blocks)], head)
+            pack.embeddings()
         header = {"format_version": FORMAT_VERSION, "layers": pack.headers, "tied": pack.tied(),
-                  **({"shared_rows": pack.shared} if pack.shared else {})}
+                  **({"shared_rows": pack.shared} if pack.shared else {}),
+                  **({"embeddings": pack.embedding_headers} if pack.embedding_headers else {})}
         write_tensors_by_rows(pack.sources(), tmp / PACKED_FILE, {"slimkit_packed": json.dumps(header)})
         shutil.rmtree(pack.parts)
         save_packed_config(streamed.model, streamed.tokenizer, tmp)
-        return write_pack_summary(source, fmt, linears, {n: pack.summaries[n] for n in linears
-                                                          if n in pack.summaries}, tmp, parameters)
+        return write_pack_summary(source, fmt, linears, dict(pack.summaries), tmp, parameters)
 
 
 class _Packing:
@@ -69,7 +69,8 @@ class _Packing:
         self.summaries: dict[str, dict] = {}
         self.in_parts: dict[str, Path] = {}  # tensor name -> the part file holding it
         self.packed_names: list[str] = []
-        self.shared: dict[str, str] = {}  # an embedding read from the int8 head tied to it -> the head
+        self.shared: dict[str, str] = {}  # an embedding read from the head tied to it -> the head
+        self.embedding_headers: dict[str, dict] = {}  # an untied embedding packed on its own
 
     def _pack(self, names: list[str], fmt: str, records: bool) -> dict[str, torch.Tensor]:
         """Pack the (materialized) linears `names`; the originals are put back. Returns their tensors."""
@@ -118,6 +119,26 @@ class _Packing:
             self.in_parts.update(dict.fromkeys(tensors, part))
             self.streamed.release(owner)
             self.streamed.release(module)
+
+    def embeddings(self) -> None:
+        """An untied embedding whose record holds llama.cpp blocks (a quantize_outer step): packed
+        on its own, as `pack_embeddings` packs it in memory."""
+        if self.state is None:
+            return
+        for name, module in self.streamed.adapter.embedding_modules(self.model).items():
+            if name not in self.state.layers or "ggml" not in self.state.layers[name]:
+                continue
+            self.streamed.materialize(module)
+            packed = pack_embeddings(self.model, {name: self.state.record(name, module.weight)})
+            tensors = packed_layer_tensors(name, packed[name].table)
+            self.embedding_headers[name] = packed_layer_header(packed[name].table)
+            self.summaries[name] = layer_summary(packed[name].table)
+            part = self.parts / f"embedding-{name}.safetensors"
+            save_tensors_atomic(tensors, part)
+            self.in_parts.update(dict.fromkeys(tensors, part))
+            self.model.set_submodule(name, module)
+            self.streamed.release(module)
+            self.packed_names.append(name)
 
     def _weight_owner(self, module: nn.Module) -> nn.Module:
         """The module whose checkpoint tensor `module.weight` is (a tied head's is the embedding)."""

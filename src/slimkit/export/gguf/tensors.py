@@ -12,6 +12,7 @@ import torch
 from slimkit.errors import SlimkitError
 from slimkit.export.gguf.architectures import gguf_arch, row_order
 from slimkit.export.gguf.types import TypePlan, fitted_blocks, kept_blocks
+from slimkit.formats.embedding import PackedEmbedding
 from slimkit.models.experts import EXPERT_PROJECTIONS, expert_modules
 from slimkit.quantization.gguf_mix import tensor_type
 
@@ -61,13 +62,18 @@ def model_weights(model: torch.nn.Module, packed: dict, plan: TypePlan, roles: d
     embeddings, norms and routers; not the head when llama.cpp reuses token_embd for it."""
     inside_experts = {n for names in expert_projections(model).values() for n in names}
     token_embedding = model.get_input_embeddings()
+    head = next((n for n, r in roles.items() if r == "lm_head"), None)
     for name, module in model.named_modules():
         role = "token_embedding" if module is token_embedding else roles.get(name)
-        if name in inside_experts:
+        if name in inside_experts or (role == "lm_head" and plan.tied):
             continue
-        if name in packed:
+        if module is token_embedding and plan.tied and head in packed:  # its values are the head's codes
+            yield ModelWeight(name, module, packed[head].dequantize(), packed[head], role)
+        elif isinstance(module, PackedEmbedding):  # an untied embedding with its own blocks
+            yield ModelWeight(name, module, module.table.dequantize(), module.table, role)
+        elif name in packed:
             yield ModelWeight(name, module, packed[name].dequantize(), packed[name], role)
-        elif _stores_weight(module, role) and not (role == "lm_head" and plan.tied):
+        elif _stores_weight(module, role):
             yield ModelWeight(name, module, module.weight.detach().float(), None, role)
 
 

@@ -24,7 +24,7 @@ import torch
 
 from slimkit.errors import SlimkitError
 from slimkit.formats.ggml import pack_blocks
-from slimkit.numerics.ggml_grids import fit_grid, round_codes
+from slimkit.numerics.ggml_grids import OUTER_FTYPE, fit_grid, round_codes
 
 MIXES = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q5_0")
 QTYPES = ("auto", *MIXES, "q8_0", "q4_0", "f16", "f32")
@@ -97,7 +97,8 @@ def plan_types(model: torch.nn.Module, packed: dict, requested: str) -> TypePlan
         raise SlimkitError(f"unknown GGUF type {requested}; choose one of {', '.join(QTYPES)}")
     mix = requested.upper() if requested in MIXES else None
     if requested == "auto":
-        mixes = sorted({m.meta["ftype"] for m in packed.values() if m.format == "ggml"})
+        mixes = sorted({m.meta["ftype"] for m in packed.values()
+                        if m.format == "ggml" and m.meta["ftype"] != OUTER_FTYPE})  # not the head's own type
         if len(mixes) > 1:
             raise SlimkitError(f"this model mixes llama.cpp file types {mixes}; pass --gguf-type")
         mix = mixes[0] if mixes else None
