@@ -27,6 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's benchmarks/ (not installed)
+
 SETTINGS = ["--seqlen", "256", "--windows", "2", "--calibration-windows", "8", "--calibration-seqlen", "128"]
 COMMAND = {
     "memory": [sys.executable, "-m", "slimkit.cli.main"],
@@ -53,31 +55,18 @@ def tensors_digest(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def _cut(step, distill_steps: int, learned_steps: int):
-    """A step with its training budget cut: distill steps, AutoRound steps, scale tuning and block
-    reconstruction steps (the same step when it trains nothing)."""
-    if step.method == "distill":
-        return step.model_copy(update={"steps": distill_steps, "checkpoint_every": distill_steps})
-    update = {key: budget.model_copy(update={"iters": learned_steps}) for key in ("tune_scales", "reconstruct")
-              if (budget := getattr(step, key, None)) is not None}
-    if step.method == "autoround":
-        update["iters"] = learned_steps
-    return step.model_copy(update=update) if update else step
-
-
 def recipe_files(names: list[str], work: Path, distill_steps: int, learned_steps: int) -> list[str]:
     """Built-in names as they are, or as /tmp YAML files with their training budgets cut."""
-    from slimkit.recipes import get_recipe
+    from benchmarks.budgets import cut_recipe
 
     out = []
     for name in names:
-        recipe = get_recipe(name)
-        if all(_cut(s, distill_steps, learned_steps) is s for s in recipe.steps):
+        recipe, cut = cut_recipe(name, distill_steps, learned_steps)
+        if not cut:
             out.append(name)
             continue
-        steps = tuple(_cut(s, distill_steps, learned_steps) for s in recipe.steps)
         path = work / f"{name}.yaml"
-        path.write_text(recipe.model_copy(update={"steps": steps}).to_yaml())
+        path.write_text(recipe.to_yaml())
         out.append(str(path))
     return out
 
