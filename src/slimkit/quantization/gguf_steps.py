@@ -43,14 +43,17 @@ def _record(ctx: StepContext, name: str, module: nn.Module) -> LayerRecord:
 
 
 def _quantize_outer(config: GGUFQuantizeConfig, ctx: StepContext, n_layers: int) -> None:
-    """The token embedding and the head (one tensor when tied) get their types of the mix too,
-    round to nearest (no Hessian reaches them), so that the model evaluated here is the file."""
-    model = ctx.state.model
+    """The token embedding and the head get their types of the mix too, round to nearest (no
+    Hessian reaches them), so that the model evaluated here is the file. A tied pair is one tensor,
+    recorded under the head's name (as quantize_outer records it: pack stores the head's blocks,
+    and the embedding reads their rows)."""
+    model, adapter = ctx.state.model, ctx.state.adapter
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    tensors = dict(ctx.state.adapter.embedding_modules(model))
-    if not tied:
-        tensors.update({n: m for n, m in ctx.state.adapter.linears(model, include_lm_head=True).items()
-                        if ctx.state.adapter.tensor_kind(n + ".weight") == "lm_head"})
+    tensors = dict(adapter.embedding_modules(model))
+    for name, head in adapter.linears(model, include_lm_head=True).items():
+        if adapter.tensor_kind(name + ".weight") == "lm_head":
+            tensors = {n: e for n, e in tensors.items() if e.weight is not head.weight}
+            tensors[name] = head
     for name, module in tensors.items():
         if any(fnmatch(name, p) for p in config.ignore):
             continue
