@@ -20,14 +20,15 @@ Q5_K_S = {"name": "gguf-q5_k_s", "steps": [{"method": "gguf_quantize", "gguf_typ
 
 
 @pytest.mark.parametrize("recipe, gguf_type, stored", [
-    ("rtn-int4-g64", "auto", {"Q4_0 (codes kept)": 210}),  # symmetric int4 codes are Q4_0 blocks, bit for bit
+    # symmetric int4 codes are Q4_0 blocks, bit for bit; the tied head/embedding quantize_outer's Q8_0 blocks
+    ("rtn-int4-g64", "auto", {"Q4_0 (codes kept)": 210, "Q8_0 (codes kept)": 1}),
     (RTN4_ASYM, "auto", {"Q4_1 (codes kept)": 210}),  # asymmetric ones are Q4_1 blocks
-    ("rtn-int8", "auto", {"Q8_0": 210}),  # per-channel int8 re-blocked by 32 (not lossless)
+    ("rtn-int8", "auto", {"Q8_0": 211}),  # per-channel int8 re-blocked by 32 (not lossless), the int8 head too
     ("rtn-int4-g64", "f16", {"F16": 211}),  # the dequantized weights (and the embedding) in half precision
     # gguf_quantize's blocks (GPTQ on llama.cpp's grids), written as they are
     ("gguf-q4_k_m", "auto", {"Q4_K (codes kept)": 16, "Q6_K (codes kept)": 14, "Q5_0 (codes kept)": 166,
-                             "Q8_0 (codes kept)": 14, "Q8_0": 1}),  # a pack dir keeps the embedding dense:
-    (Q5_K_S, "auto", {"Q5_K (codes kept)": 30, "Q5_1 (codes kept)": 180, "Q8_0": 1}),  # re-fitted (Q8_0 is idempotent)
+                             "Q8_0 (codes kept)": 15, "Q8_0": 0}),  # the tied embedding: the head's blocks
+    (Q5_K_S, "auto", {"Q5_K (codes kept)": 30, "Q5_1 (codes kept)": 180, "Q8_0 (codes kept)": 1}),
     ("rtn-int8", "q6_k", {"Q6_K": 30, "Q8_0": 181}),  # a mix fitted at export time, uncalibrated
 ])
 def test_llamacpp_scores_a_slimkit_gguf_as_slimkit_scores_the_same_weights(smollm2_first_load, tmp_path, recipe,

@@ -36,6 +36,7 @@ def measure_candidates(model: str, work: Path, settings, threads: int, progress:
     """Compress every candidate, export each (and the dense model) to GGUF, measure in llama.cpp
     with `threads` threads."""
     from slimkit.benchmarks.llamacpp_model import file_type_name, gguf_of, measure_all
+    from slimkit.compression.job import CompressJob
     from slimkit.pipeline import compress_stage
     from slimkit.protocol import BenchSettings, EvalSettings
     from slimkit.recipes import get_recipe
@@ -43,7 +44,8 @@ def measure_candidates(model: str, work: Path, settings, threads: int, progress:
     eval_settings = EvalSettings.from_protocol(settings.protocol.with_changes(eval_windows=4))
     recipes = [get_recipe(c.recipe) for c in LLAMACPP_CANDIDATES]
     log(f"compressing {len(recipes)} GGUF candidates: {', '.join(r.name for r in recipes)}")
-    layout, _ = compress_stage(model, recipes, work / "compressed", eval_settings, True, progress, log)
+    job = CompressJob(model, tuple(recipes), work / "compressed", eval_settings, overwrite=True)
+    layout, _ = compress_stage(job, progress, log)
     ggufs = work / "gguf"
     ggufs.mkdir(parents=True, exist_ok=True)
     entries = [(model, "F32", gguf_of(model, ggufs, baseline=True))]
