@@ -45,8 +45,11 @@ ALL_METHODS = ("gptq-int4-g64", "gptq-int3-g64", "sparsegpt-50", "rot-gptq-int4-
 
 
 def slimkit_recipe(method: str, iters: int | None) -> Recipe:
-    """The built-in of that name; with `iters`, its AutoRound steps set to that count."""
+    """The built-in of that name, without its quantize_outer step (llm-compressor leaves the head and
+    the embedding alone: the same tensors are quantized on both sides); with `iters`, its AutoRound
+    steps set to that count."""
     recipe = get_recipe(method)
+    recipe = recipe.model_copy(update={"steps": tuple(s for s in recipe.steps if s.method != "quantize_outer")})
     if iters is None or not any(s.method == "autoround" for s in recipe.steps):
         return recipe
     steps = [s.model_copy(update={"iters": iters}) if s.method == "autoround" else s for s in recipe.steps]

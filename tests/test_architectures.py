@@ -58,9 +58,13 @@ def test_every_projection_is_compressed(model_dirs, tmp_path, model_type, method
     compress_to_dir(str(model_dirs(model_type)), [get_recipe(method)], out, SETTINGS)
     report = json.loads((out / "report.json").read_text())
     expected = block_projections(model_type)
-    layers = {row["name"]: row for row in report["compression"]["layers"]}
+    rows = report["compression"]["layers"]
+    layers = {row["name"]: row for row in rows if row["kind"] not in ("lm_head", "embedding")}
+    outer = [row for row in rows if row["kind"] in ("lm_head", "embedding")]  # quantize_outer's, int4 recipes
     assert sorted(layers) == sorted(expected)
-    assert report["compression"]["compressed_parameters"] == sum(expected.values())
+    assert report["compression"]["compressed_parameters"] == sum(expected.values()) + sum(
+        math.prod(row["shape"]) for row in outer)
+    assert all(row["bits"] in ("Q6_K", "Q8_0", "Q4_0") for row in outer) and (outer == []) == method.endswith("-50")
     if method.endswith("-50"):
         assert all(row["sparsity"] >= 0.49 for row in layers.values())
     else:

@@ -141,9 +141,10 @@ def test_compress_bench_packs_the_records_and_measures(tiny_llama_dir, tmp_path)
     ids = torch.randint(0, 200, (1, 16), generator=torch.Generator().manual_seed(0))
     for name, fmt in (("magnitude-2of4", "2:4"), ("rtn-int4-g64", "int4")):
         pack = json.loads((out / name / "packed" / "pack.json").read_text())
-        # a quantizing recipe's dense head goes int8 (the tied embedding reads its rows); pruning leaves it
-        assert {n: v["format"] for n, v in pack["layers"].items() if v["format"] != fmt} == \
-            ({"lm_head": "int8"} if fmt == "int4" else {})
+        # an int4 built-in's head is quantize_outer's llama.cpp blocks (the tied embedding reads their
+        # rows: Q8_0, as 64-wide rows do not tile Q6_K's 256); pruning leaves it dense
+        assert {n: v.get("ggml_type", v["format"]) for n, v in pack["layers"].items() if v["format"] != fmt} == \
+            ({"lm_head": "Q8_0"} if fmt == "int4" else {})
         dense = AutoModelForCausalLM.from_pretrained(out / name)(ids).logits  # fake-quantized dense weights
         packed = load_model(out / name / "packed").model(ids).logits  # the stored codes, real kernels
         # 2:4: fp32 sums in the bitmask kernel's order; int4 kernel: bf16 activations

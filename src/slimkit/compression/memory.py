@@ -32,6 +32,15 @@ from slimkit.reports.tables import report_markdown, training_plot
 from slimkit.results import CompressReport, Quality
 
 
+def as_saved(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Round the weights to the dtype the output is saved in, in place, so that the report measures
+    the model the directory holds (a bf16 checkpoint computes in fp32 here, and values on a grid of
+    fp16 scales are not all bf16 numbers). Nothing changes when they are the same dtype."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype and not p.is_meta:
+            p.data = p.data.to(dtype).to(p.dtype)
+
+
 @dataclass
 class CompressedInMemory:
     """One recipe's compressed model, still in memory, and its report."""
@@ -105,6 +114,7 @@ class InMemorySource:
         start = time.perf_counter()
         result = self._run(index, recipe, self.progress)
         compress_s = time.perf_counter() - start
+        as_saved(self.loaded.model, self.job.save_dtype or self.loaded.source_dtype)
         after = self.meter.measure(recipe.name, result.hidden_projection)
         timing = {"load_s": self.loaded.load_seconds, "compress_s": compress_s,
                   "eval_before_s": baseline.details["seconds"], "eval_after_s": after.details["seconds"]}

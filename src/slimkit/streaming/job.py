@@ -111,6 +111,7 @@ def stream_recipe(streamed: StreamedModel, recipe: Recipe, work: WorkDir, job: C
     cut = next((i for i, s in enumerate(steps) if s.needs_calibration), len(steps))
     run.blocks = access = StreamedBlocks(streamed, ctx, work, state, steps[:cut], steps[cut + 1:], save_dtype)
     outer = _outer_modules(streamed) if any(s.quantizes_outer for s in recipe.steps) else []
+    held = [m for m in outer if not any(p.is_meta for p in m.parameters())]  # real before (GPT-2's wpe): kept
     for module in outer:
         streamed.materialize(module)
     _run_steps(streamed, recipe.name, steps, ctx, access, state)
@@ -119,7 +120,8 @@ def stream_recipe(streamed: StreamedModel, recipe: Recipe, work: WorkDir, job: C
     if outer:
         _write_outer(streamed, ctx, work, outer, save_dtype, state)
         for module in outer:
-            streamed.release(module)
+            if all(module is not h for h in held):
+                streamed.release(module)
     state.seconds += time.perf_counter() - start
     work.save_state(state)
     result = CompressionResult(recipe, {}, [state.seconds], engine_reports=ctx.state.engine_reports)
