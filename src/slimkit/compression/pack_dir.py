@@ -73,7 +73,8 @@ def pack_plan(adapter, model, fmt: str, include_lm_head: bool, state: Path | Non
 
 
 def layer_summary(m) -> dict:
-    return {"format": m.format, "shape": [m.out_features, m.in_features], "disk_bytes": m.disk_bytes(),
+    return {"format": m.format, **({"ggml_type": m.meta["ggml_type"]} if m.format == "ggml" else {}),
+            "shape": [m.out_features, m.in_features], "disk_bytes": m.disk_bytes(),
             "ram_bytes": m.ram_bytes(), "bytes_per_weight": m.disk_bytes() / (m.out_features * m.in_features),
             "path_batch_1": m.path_for(1), "path_batch_128": m.path_for(128)}
 
