@@ -34,14 +34,6 @@ def _quantize_linear(config: GGUFQuantizeConfig, qtype: str, module: nn.Module, 
     record.methods.append(f"{config.summary()}: {qtype}")
 
 
-def _record(ctx: StepContext, name: str, module: nn.Module) -> LayerRecord:
-    if name not in ctx.state.records:
-        w = module.weight
-        ctx.state.records[name] = LayerRecord(name, ctx.state.adapter.tensor_kind(name + ".weight"), tuple(w.shape),
-                                              w.element_size())
-    return ctx.state.records[name]
-
-
 def _quantize_outer(config: GGUFQuantizeConfig, ctx: StepContext, n_layers: int) -> None:
     """The token embedding and the head get their types of the mix too, round to nearest (no
     Hessian reaches them), so that the model evaluated here is the file. A tied pair is one tensor,
@@ -64,7 +56,7 @@ def _quantize_outer(config: GGUFQuantizeConfig, ctx: StepContext, n_layers: int)
         grid = fit_grid(qtype, w)
         codes = round_codes(w, grid)
         module.weight.data.copy_(grid_values(codes, grid).to(module.weight.dtype))
-        record = _record(ctx, name, module)
+        record = ctx.state.record_for(name, module)
         record.ggml = GGMLCodes(qtype, config.gguf_type, torch.from_numpy(pack_blocks(codes, grid)))
         record.methods.append(f"{config.summary()}: {qtype}, round to nearest")
 

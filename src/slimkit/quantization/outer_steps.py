@@ -16,7 +16,7 @@ from slimkit.formats.ggml import pack_blocks
 from slimkit.models.adapters import submodule_at
 from slimkit.numerics.ggml_grids import OUTER_FTYPE, TYPES, GGMLCodes, fit_grid, grid_values, round_codes
 from slimkit.quantization.config import QuantizeOuterConfig
-from slimkit.recipes.context import LayerRecord, StepContext
+from slimkit.recipes.context import StepContext
 from slimkit.recipes.registry import register_step
 
 FALLBACK = {"Q6_K": "Q8_0", "Q5_0": "Q8_0", "Q4_0": "Q8_0"}  # where a type's blocks do not tile the row
@@ -51,14 +51,6 @@ def outer_targets(config: QuantizeOuterConfig, ctx: StepContext) -> list[tuple[s
     return out
 
 
-def _record(ctx: StepContext, name: str, module: nn.Module) -> LayerRecord:
-    if name not in ctx.state.records:
-        w = module.weight
-        ctx.state.records[name] = LayerRecord(name, ctx.state.adapter.tensor_kind(name + ".weight"), tuple(w.shape),
-                                              w.element_size())
-    return ctx.state.records[name]
-
-
 @register_step(QuantizeOuterConfig)
 def apply_quantize_outer(config: QuantizeOuterConfig, ctx: StepContext) -> None:
     for name, module, qtype in ctx.run.progress.track(outer_targets(config, ctx), "head and embedding"):
@@ -66,6 +58,6 @@ def apply_quantize_outer(config: QuantizeOuterConfig, ctx: StepContext) -> None:
         grid = fit_grid(qtype, w)
         codes = round_codes(w, grid)
         module.weight.data.copy_(grid_values(codes, grid).to(module.weight.dtype))
-        record = _record(ctx, name, module)
+        record = ctx.state.record_for(name, module)
         record.ggml = GGMLCodes(qtype, OUTER_FTYPE, torch.from_numpy(pack_blocks(codes, grid)))
         record.methods.append(f"quantize_outer: {qtype}, round to nearest")

@@ -53,6 +53,14 @@ class ModelState:
     details: list[dict] = field(default_factory=list)  # what structural / training steps did
     engine_reports: list = field(default_factory=list)  # timings of each calibrated pass
 
+    def record_for(self, name: str, module: nn.Module) -> LayerRecord:
+        """The record of `module` (named `name`), made on first use."""
+        if name not in self.records:
+            w = module.weight
+            self.records[name] = LayerRecord(name, self.adapter.tensor_kind(name + ".weight"), tuple(w.shape),
+                                             w.element_size())
+        return self.records[name]
+
 
 @dataclass
 class RunResources:
