@@ -67,7 +67,7 @@ def test_rotated_model_computes_the_same_function(model_type):
     ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(0))
     before = _logits(model, ids)
     q_before = adapter.get_blocks(model)[0].get_submodule(adapter.q_proj).weight.clone()
-    report = rotate_model(model, adapter, seed=0)
+    report = rotate_model(model, adapter, seed=0, untie=True)
     after = _logits(model, ids)
     assert (after - before).abs().max() <= 1e-5 * before.abs().max()
     block = adapter.get_blocks(model)[0]
@@ -76,6 +76,25 @@ def test_rotated_model_computes_the_same_function(model_type):
         assert torch.equal(block.get_submodule(path).weight, torch.ones_like(block.get_submodule(path).weight))
     assert (report.head_dim is None) == (model_type == "phi3")
     assert report.untied_head == (model_type == "llama")
+
+
+def test_a_tied_head_stays_tied_unless_asked_only_the_values_rotate():
+    """By default a tied model keeps its one vocabulary matrix: norms and residual stream untouched,
+    each head's values rotated (v_proj and o_proj change, q_proj does not), the same function."""
+    model = as_linears(tiny_model("llama", tie_word_embeddings=True))
+    adapter = adapter_for(model)
+    ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+    before = _logits(model, ids)
+    block = adapter.get_blocks(model)[0]
+    q, v = (block.get_submodule(p).weight.clone() for p in (adapter.q_proj, adapter.v_proj))
+    report = rotate_model(model, adapter, seed=0)
+    assert (_logits(model, ids) - before).abs().max() <= 1e-5 * before.abs().max()
+    assert not report.untied_head and not report.stream_rotated and report.head_dim is not None
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert model.config.tie_word_embeddings is True
+    assert torch.equal(block.get_submodule(adapter.q_proj).weight, q)
+    assert not torch.allclose(block.get_submodule(adapter.v_proj).weight, v, atol=1e-3)
+    assert any("tied: untie" in note for note in report.notes)
 
 
 @pytest.mark.parametrize("model_type, reason", [
@@ -119,7 +138,7 @@ def test_rotate_step_on_smollm2_keeps_the_function_and_spreads_outliers(smollm2,
         return float(torch.stack(ratios).mean())
 
     peak_before = peakiness()
-    result = compress(model, parse_recipe({"steps": [{"method": "rotate"}]}), run=RunResources())
+    result = compress(model, parse_recipe({"steps": [{"method": "rotate", "tied": "untie"}]}), run=RunResources())
     after = _logits(model, ids)
     assert (after - before).abs().max() <= 1e-3 * before.abs().max()
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
@@ -134,9 +153,9 @@ def test_rotate_step_on_smollm2_keeps_the_function_and_spreads_outliers(smollm2,
 
 
 ROTATE_AUTOROUND = {"name": "rot-autoround-int4-g64", "steps": [
-    {"method": "rotate"}, {"method": "autoround", "bits": 4, "group_size": 64, "full_range": True, "iters": 5}]}
+    {"method": "rotate", "tied": "untie"}, {"method": "autoround", "bits": 4, "group_size": 64, "full_range": True, "iters": 5}]}
 ROTATE_SCALES = {"name": "rot-gptq-scales-int4-g64", "steps": [
-    {"method": "rotate"}, {"method": "gptq", "bits": 4, "group_size": 64, "full_range": True,
+    {"method": "rotate", "tied": "untie"}, {"method": "gptq", "bits": 4, "group_size": 64, "full_range": True,
                            "tune_scales": {"iters": 5, "floats": True}}]}
 AUTOROUND_SCALES = {"name": "autoround-scales-int4-g64", "steps": [  # no rotation: scales after learned rounding
     {"method": "autoround", "bits": 4, "group_size": 64, "full_range": True, "iters": 5, "targets": "dense-model",
@@ -178,7 +197,7 @@ def test_a_recipe_after_rotate_in_the_same_run_starts_from_the_tied_model(tiny_l
     from slimkit.recipes import get_recipe
 
     settings = EvalSettings(seqlen=64, max_windows=1, calibration_windows=2, calibration_seqlen=64)
-    rotate = parse_recipe({"name": "rot", "steps": [{"method": "rotate"}]})
+    rotate = parse_recipe({"name": "rot", "steps": [{"method": "rotate", "tied": "untie"}]})
     compress_to_dir(str(tiny_llama_dir), [rotate, get_recipe("rtn-int4-g64")], tmp_path / "out", settings)
     assert json.loads((tmp_path / "out" / "rot" / "config.json").read_text())["tie_word_embeddings"] is False
     assert json.loads((tmp_path / "out" / "rtn-int4-g64" / "config.json").read_text())["tie_word_embeddings"] is True

@@ -161,13 +161,17 @@ class GGUFQuantizeConfig(StepConfig):
 class RotateConfig(StepConfig):
     """Rotate the residual stream and each head's values by randomised Hadamard matrices, fused into
     the weights (QuaRot / SpinQuant without online rotations): the same function, weights without
-    outliers for the quantizer that follows. Needs RMSNorm pre-norm blocks; unties a tied head."""
+    outliers for the quantizer that follows. Needs RMSNorm pre-norm blocks. On a tied model the
+    residual stream is rotated only with `tied: untie` (the head then becomes a second matrix)."""
 
     method: Literal["rotate"] = "rotate"
     rewrites_weights: ClassVar[bool] = True
 
     seed: int = Field(0, ge=0, description="seed of the random signs and of the odd-size orthogonal factor")
     heads: bool = Field(True, description="also rotate each attention head's values (v_proj rows, o_proj columns)")
+    tied: Literal["keep", "untie"] = Field(
+        "keep", description="a head tied to the embedding: keep the tie (values rotated, the residual stream not) "
+                            "or untie it and rotate the stream (the file then holds two vocabulary matrices)")
 
     @model_validator(mode="after")
     def _whole_stream(self) -> "RotateConfig":
@@ -177,7 +181,8 @@ class RotateConfig(StepConfig):
         return self
 
     def summary(self) -> str:
-        return f"rotate (Hadamard{', values per head' if self.heads else ''}, seed {self.seed})"
+        untie = ", a tied head untied" if self.tied == "untie" else ""
+        return f"rotate (Hadamard{', values per head' if self.heads else ''}{untie}, seed {self.seed})"
 
 
 class QuantizeOuterConfig(StepConfig):

@@ -4,8 +4,10 @@ applied through the adapter's roles), and check that the function did not change
 Works on pre-norm transformers whose norms are RMSNorm (LLaMA, Mistral, Qwen2/3, Phi-3, Mixtral,
 Qwen-MoE, ...). A norm that is not RMSNorm (LayerNorm subtracts the mean; Gemma scales by 1 + w),
 or a norm after a projection, is refused: the rotation would change the function.
-A tied head is untied: the final norm's weight must be folded into the head but not into the
-embedding, so the two matrices differ afterwards (SmolLM2-135M: +28.3M parameters, kept dense).
+A tied head cannot stay tied under a residual rotation: the final norm's weight must be folded into
+the head but not into the embedding, so the two matrices differ afterwards (SmolLM2-135M: +28.3M
+parameters, a second vocabulary matrix in every file). So on a tied model the residual stream is
+rotated only when asked to untie (`untie=True`); by default only the values are, and the tie stays.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class RotationReport:
     hidden: int
     head_dim: int | None  # None: values not rotated (fused qkv, or heads: false)
     untied_head: bool = False
+    stream_rotated: bool = True
     notes: list[str] = field(default_factory=list)
 
 
@@ -103,9 +106,13 @@ def fold_norm(norm: nn.Module, readers: list[nn.Module]) -> None:
     norm.weight.data.fill_(1.0)
 
 
+def is_tied(head: nn.Linear, embeddings: dict[str, nn.Embedding]) -> bool:
+    return any(head.weight is e.weight or head.weight.data_ptr() == e.weight.data_ptr() for e in embeddings.values())
+
+
 def untie_head(model: nn.Module, head: nn.Linear, embeddings: dict[str, nn.Embedding]) -> bool:
     """Give the head its own copy of a tied embedding matrix; whether it was tied."""
-    if not any(head.weight is e.weight or head.weight.data_ptr() == e.weight.data_ptr() for e in embeddings.values()):
+    if not is_tied(head, embeddings):
         return False
     head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
     for config in model_configs(model):
@@ -141,10 +148,29 @@ def rotate_values(blocks: nn.ModuleList, adapter: ArchitectureAdapter, h: torch.
         _set(o.weight, rotate_head_inputs(o.weight.double(), h.to(o.weight.device)))
 
 
+def _rotate_residual_stream(model, adapter, roles, final_norm, head, seed: int, untie: bool,
+                            report: RotationReport) -> None:
+    """Fold every norm and rotate the residual stream, unless that would untie a tied head unasked."""
+    embeddings = adapter.embedding_modules(model)
+    if is_tied(head, embeddings) and not untie:
+        report.stream_rotated = False
+        report.notes.append("residual stream not rotated: the head is tied to the embedding, and the final norm "
+                            "folded into the head would make them two matrices (a second vocabulary matrix in "
+                            "the file); `tied: untie` rotates it anyway")
+        return
+    report.untied_head = untie_head(model, head, embeddings)
+    for r in roles:
+        for norm, readers in zip(r.norms, r.readers):
+            fold_norm(norm, readers)
+    fold_norm(final_norm, [head])
+    rotate_stream(roles, list(embeddings.values()), head, randomized_hadamard(report.hidden, seed))
+
+
 @torch.no_grad()
-def rotate_model(model: nn.Module, adapter: ArchitectureAdapter, seed: int = 0, heads: bool = True) -> RotationReport:
-    """Fold every norm into its readers and rotate the residual stream and each head's values in place.
-    Everything is checked before any weight changes."""
+def rotate_model(model: nn.Module, adapter: ArchitectureAdapter, seed: int = 0, heads: bool = True,
+                 untie: bool = False) -> RotationReport:
+    """Fold every norm into its readers and rotate the residual stream and each head's values in place
+    (a tied head: the values only, unless `untie`). Everything is checked before any weight changes."""
     blocks = adapter.get_blocks(model)
     roles = [block_roles(block, adapter) for block in blocks]
     final_norm = submodule_at(model.base_model, adapter.final_norm) if adapter.final_norm else None
@@ -156,14 +182,8 @@ def rotate_model(model: nn.Module, adapter: ArchitectureAdapter, seed: int = 0, 
         for path, norm in zip(adapter.block_norms, r.norms):
             check_rms_norm(norm, f"{adapter.blocks}.{i}.{path}")
     check_rms_norm(final_norm, adapter.final_norm)
-    embeddings = adapter.embedding_modules(model)
     report = RotationReport(model.config.hidden_size, None)
-    report.untied_head = untie_head(model, head, embeddings)
-    for r in roles:
-        for norm, readers in zip(r.norms, r.readers):
-            fold_norm(norm, readers)
-    fold_norm(final_norm, [head])
-    rotate_stream(roles, list(embeddings.values()), head, randomized_hadamard(report.hidden, seed))
+    _rotate_residual_stream(model, adapter, roles, final_norm, head, seed, untie, report)
     fused = len({adapter.q_proj, adapter.k_proj, adapter.v_proj}) < 3
     if heads and fused:
         report.notes.append(f"values not rotated: {adapter.v_proj} is a fused projection")

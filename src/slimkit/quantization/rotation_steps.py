@@ -25,6 +25,16 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits.float()
 
 
+def _rotated_linears(names: list[str], adapter, report) -> list[str]:
+    """The targets whose weights the rotation changed: all of them, or with the stream left alone
+    only the values' v_proj and o_proj (none where values were not rotated either)."""
+    if report.stream_rotated:
+        return list(names)
+    if report.head_dim is None:
+        return []
+    return [n for n in names if n.endswith("." + adapter.v_proj) or n.endswith("." + adapter.o_proj)]
+
+
 @register_step(RotateConfig)
 @torch.no_grad()
 def apply_rotate(config: RotateConfig, ctx: StepContext) -> None:
@@ -34,15 +44,18 @@ def apply_rotate(config: RotateConfig, ctx: StepContext) -> None:
                         generator=torch.Generator().manual_seed(config.seed)).to(weight.device)
     before = _logits(model, ids)
     parameters_before = sum(p.numel() for p in model.parameters())
-    ctx.run.progress.note(f"{config.summary()}: folding norms and rotating {model.config.hidden_size} channels")
-    report = rotate_model(model, ctx.state.adapter, config.seed, config.heads)
+    ctx.run.progress.note(f"{config.summary()}: folding norms and rotating")
+    report = rotate_model(model, ctx.state.adapter, config.seed, config.heads, untie=config.tied == "untie")
     change = float((_logits(model, ids) - before).abs().max() / before.abs().max())
     if change > relative_tolerance(weight.dtype):
         raise UnsupportedArchitectureError(
             f"the rotated {model.config.model_type} model computes another function (logits moved by {change:.2e} "
             "of their largest value): a norm or projection of this architecture does not commute with the rotation")
-    for name in select_targets(model, ctx.state.adapter, config, ctx.state.records):
-        ctx.state.records[name].methods.append(config.summary())
+    rotated = (config.summary() if report.stream_rotated
+               else f"rotate (values per head only: the tied head kept, seed {config.seed})")
+    for name in _rotated_linears(select_targets(model, ctx.state.adapter, config, ctx.state.records),
+                                 ctx.state.adapter, report):
+        ctx.state.records[name].methods.append(rotated)
     notes = [f"logits on {PROBE_TOKENS} random tokens moved by {change:.1e} of their largest value", *report.notes]
     changes = {"tie_word_embeddings": (True, False)} if report.untied_head else {}
     if report.untied_head:
