@@ -18,7 +18,7 @@ from slimkit.formats import PACKED_FILE
 from slimkit.formats.embedding import PackedEmbedding, RowsOfHead
 from slimkit.models import load_model
 from slimkit.protocol import EvalSettings
-from slimkit.recipes import parse_recipe
+from slimkit.recipes import get_recipe, parse_recipe
 
 SETTINGS = EvalSettings(seqlen=32, max_windows=2, calibration_windows=2, calibration_seqlen=32)
 INT4_WHOLE_FILE = {"name": "int4-whole", "steps": [{"method": "rtn_quantize", "bits": 4, "group_size": 32},
@@ -130,3 +130,24 @@ def test_a_second_compress_reads_the_base_from_the_cache_with_no_forward_pass(un
     assert passes == [2, 2, 2]  # only the compressed model ran
     assert second.baseline.value == first.baseline.value
     assert second.compressed.divergence.mean_kld == pytest.approx(first.compressed.divergence.mean_kld, rel=1e-6)
+
+
+def test_a_2_of_4_int4_model_goes_to_gguf_as_q4_0_codes_not_f16(tied_256, tmp_path):
+    """GGUF has no sparse type: the 2:4 layers' int4 values (a pruned weight is code 0) are written
+    as the Q4_0 blocks of the dense codes, bit for bit, so the file is the size of an int4 model's."""
+    import gguf
+
+    compress_to_dir(str(tied_256), [get_recipe("magnitude-2of4-int4")], tmp_path / "c", SETTINGS)
+    pack_to_dir(str(tmp_path / "c"), tmp_path / "p")
+    packed = load_model(tmp_path / "p").model
+    sparse = {n: m for n, m in packed.named_modules() if getattr(m, "format", None) == "2:4"}
+    assert sparse and all(m.meta["values"] == "int4" for m in sparse.values())
+    result = export_model(str(tmp_path / "p"), tmp_path / "g", "gguf", ExportSettings(verify=False))
+    assert result["tensors_by_type"]["Q4_0 (codes kept)"] == len(sparse)
+    assert not any(t.startswith("F16") for t in result["tensors_by_type"])
+    tensors = _gguf_tensors(tmp_path / "g" / "model.gguf")
+    down = tensors["blk.0.ffn_down.weight"]
+    assert down.tensor_type.name == "Q4_0"
+    rows, cols = sparse["model.layers.0.mlp.down_proj"].out_features, sparse["model.layers.0.mlp.down_proj"].in_features
+    values = gguf.quants.dequantize(np.asarray(down.data), down.tensor_type).reshape(rows, cols)
+    assert np.array_equal(values, sparse["model.layers.0.mlp.down_proj"].dequantize().numpy())

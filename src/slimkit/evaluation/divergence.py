@@ -33,11 +33,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from slimkit.errors import SlimkitError
+from slimkit.evaluation.logit_rows import ROWS_AT_ONCE
 
 TOP_K = 64  # the base's most likely tokens, kept exactly
 TAIL_SAMPLES = 64  # tokens drawn from the rest of the base distribution
 CACHE_FORMAT = f"top{TOP_K}-tail{TAIL_SAMPLES}"
-ROWS_AT_ONCE = 128  # positions whose full-vocabulary log-probabilities exist at one time
 
 
 def token_logprobs(logits: torch.Tensor) -> torch.Tensor:
@@ -75,14 +75,29 @@ def _summarise_rows(lp: torch.Tensor, generator: torch.Generator) -> tuple[torch
     return top, ids, lp.gather(-1, drawn), drawn, mass
 
 
+class SummaryBuilder:
+    """One window's cache entry, built from its log-probabilities a slice of positions at a time
+    (in order); the tail draws are seeded by the window's index (reproducible)."""
+
+    def __init__(self, index: int) -> None:
+        self.generator = torch.Generator().manual_seed(index)
+        self.parts: list[tuple[torch.Tensor, ...]] = []
+
+    def add(self, logprobs: torch.Tensor) -> None:
+        self.parts.append(_summarise_rows(logprobs, self.generator))
+
+    def finish(self, nll: float, tokens: int) -> BaseDistribution:
+        top, ids, tail, drawn, mass = (torch.cat(column) for column in zip(*self.parts))
+        return BaseDistribution(top, ids, tail, drawn, mass, nll, tokens)
+
+
 def summarise(logits: torch.Tensor, index: int, nll: float, tokens: int) -> BaseDistribution:
-    """The cache entry of one window from the base's logits [seq, vocab], with the window's summed
-    NLL and predicted tokens; the tail draws are seeded by the window's index (reproducible)."""
-    generator = torch.Generator().manual_seed(index)
-    parts = [_summarise_rows(token_logprobs(logits[i : i + ROWS_AT_ONCE + 1]), generator)
-             for i in range(0, logits.shape[0] - 1, ROWS_AT_ONCE)]
-    top, ids, tail, drawn, mass = (torch.cat(column) for column in zip(*parts))
-    return BaseDistribution(top, ids, tail, drawn, mass, nll, tokens)
+    """The cache entry of one window from the base's whole logits [seq, vocab], with the window's
+    summed NLL and predicted tokens."""
+    builder = SummaryBuilder(index)
+    for i in range(0, logits.shape[0] - 1, ROWS_AT_ONCE):
+        builder.add(token_logprobs(logits[i : i + ROWS_AT_ONCE + 1]))
+    return builder.finish(nll, tokens)
 
 
 def token_divergence(base: BaseDistribution, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,11 +127,16 @@ class DivergenceMeter:
         self.agree: list[torch.Tensor] = []
 
     def add(self, base: BaseDistribution, logits: torch.Tensor) -> None:
-        """One window: the base's summary and the compared model's logits [seq, vocab]."""
+        """One window: the base's summary and the compared model's whole logits [seq, vocab]."""
         for i in range(0, logits.shape[0] - 1, ROWS_AT_ONCE):
-            kld, agree = token_divergence(base.rows(i, i + ROWS_AT_ONCE), token_logprobs(logits[i : i + ROWS_AT_ONCE + 1]))
-            self.kld.append(kld)
-            self.agree.append(agree)
+            self.add_rows(base.rows(i, i + ROWS_AT_ONCE), token_logprobs(logits[i : i + ROWS_AT_ONCE + 1]))
+
+    def add_rows(self, base: BaseDistribution, logprobs: torch.Tensor) -> None:
+        """Some predicted positions of a window: the base's summary of them and the compared
+        model's log-probabilities there [T, vocab]."""
+        kld, agree = token_divergence(base, logprobs)
+        self.kld.append(kld)
+        self.agree.append(agree)
 
     def result(self) -> DivergenceResult:
         kld = torch.cat(self.kld).double()

@@ -22,7 +22,8 @@ from slimkit.data.corpus import TextSplit
 from slimkit.data.tokens import bos_id, token_stream
 from slimkit.devices import model_device
 from slimkit.errors import DataError
-from slimkit.evaluation.divergence import BaseLogprobs, DivergenceMeter, summarise
+from slimkit.evaluation.divergence import BaseLogprobs, DivergenceMeter, SummaryBuilder
+from slimkit.evaluation.logit_rows import PROBE_TOKENS, ROWS_AT_ONCE, BatchLogits, head_applies_apart
 from slimkit.progress import NoProgress, Progress
 
 
@@ -89,15 +90,6 @@ class LogprobsUse:
     compare: BaseLogprobs | None = None
 
 
-def _use_logprobs(use: LogprobsUse, logits: torch.Tensor, nlls: list[tuple[float, int]], first: int,
-                  meter: DivergenceMeter) -> None:
-    for j in range(logits.shape[0]):
-        if use.record is not None and not use.record.has(first + j):
-            use.record.write(first + j, summarise(logits[j], first + j, *nlls[j]))
-        if use.compare is not None:
-            meter.add(use.compare.read(first + j), logits[j])
-
-
 def _cached_base(use: LogprobsUse | None, windows: int) -> list[tuple[float, int]] | None:
     """The base's (NLL, tokens) of every window when all are cached: its perplexity is read back,
     with no forward pass (the cache is keyed by the weight files, the split and the window length)."""
@@ -108,6 +100,28 @@ def _cached_base(use: LogprobsUse | None, windows: int) -> list[tuple[float, int
     return [use.record.window_nll(i) for i in range(windows)]
 
 
+def _score_window(logits: BatchLogits, j: int, window: torch.Tensor, index: int, use: LogprobsUse | None,
+                  meter: DivergenceMeter) -> tuple[float, int]:
+    """One window's summed NLL and predicted tokens, ROWS_AT_ONCE positions at a time; on the way
+    the base's summary recorded (`use.record`) or the divergence from it measured (`use.compare`)."""
+    predicted = window.shape[0] - 1
+    builder = SummaryBuilder(index) if use is not None and use.record is not None and not use.record.has(index) \
+        else None
+    base = use.compare.read(index) if use is not None and use.compare is not None else None
+    nll = 0.0
+    for start in range(0, predicted, ROWS_AT_ONCE):
+        stop = min(start + ROWS_AT_ONCE, predicted)
+        logprobs = F.log_softmax(logits.rows(j, start, stop), dim=-1)
+        nll -= float(logprobs.gather(-1, window[start + 1 : stop + 1, None]).sum())
+        if builder is not None:
+            builder.add(logprobs)
+        if base is not None:
+            meter.add_rows(base.rows(start, stop), logprobs)
+    if builder is not None:
+        use.record.write(index, builder.finish(nll, predicted))
+    return nll, predicted
+
+
 def _forward_windows(model: nn.Module, windows: torch.Tensor, protocol: PerplexityProtocol, progress: Progress,
                      description: str, logprobs: LogprobsUse | None, meter: DivergenceMeter) -> tuple[float, int]:
     """Summed NLL and predicted tokens over `windows`, a window's NLL summed alone (so that a cached
@@ -115,14 +129,14 @@ def _forward_windows(model: nn.Module, windows: torch.Tensor, protocol: Perplexi
     nll, count, first = 0.0, 0, 0
     model.eval()
     device = model_device(model)
+    apart = head_applies_apart(model, windows[:1, :PROBE_TOKENS].to(device))
+    if not apart:
+        progress.note(f"{description}: this model's head cannot be applied apart from it: logits computed whole")
     for batch in progress.track(list(torch.split(windows, protocol.batch_size)), description):
-        with torch.inference_mode():
-            logits = model(input_ids=batch.to(device)).logits.float().cpu()
-        nlls = [_nll(logits[j : j + 1], batch[j : j + 1]) for j in range(batch.shape[0])]
-        for window_nll_sum, window_count in nlls:
+        logits = BatchLogits(model, batch.to(device), apart)
+        for j in range(batch.shape[0]):
+            window_nll_sum, window_count = _score_window(logits, j, batch[j], first + j, logprobs, meter)
             nll, count = nll + window_nll_sum, count + window_count
-        if logprobs is not None:
-            _use_logprobs(logprobs, logits, nlls, first, meter)
         first += batch.shape[0]
     return nll, count
 

@@ -15,6 +15,7 @@ import torch
 
 from slimkit.calibration.engine import ActivationStore, BlockAccess, capture_block_inputs, forward_block
 from slimkit.data.corpus import TextSplit
+from slimkit.evaluation.logit_rows import finish_logits
 from slimkit.evaluation.perplexity import PerplexityProtocol, PerplexityResult, eval_windows
 from slimkit.models.adapters import submodule_at
 from slimkit.models.loading import require_tokenizer
@@ -35,17 +36,6 @@ class _EmbeddingsFrom(BlockAccess):
 def _head_name(streamed: StreamedModel, weights: CheckpointShards) -> str:
     head = streamed.adapter.lm_head
     return f"{head}.weight" if head and f"{head}.weight" in weights.files else streamed.embedding_name()
-
-
-def finish_logits(logits: torch.Tensor, config) -> torch.Tensor:
-    """What a causal LM does to the head's output after the matmul, by its config: Cohere's
-    logit_scale, Granite's logits_scaling, Gemma-2/3's final soft-capping."""
-    if getattr(config, "logit_scale", None):
-        logits = logits * config.logit_scale
-    if getattr(config, "logits_scaling", None):
-        logits = logits / config.logits_scaling
-    cap = getattr(config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def _chunked_nll(streamed: StreamedModel, weights: CheckpointShards, hidden: list[torch.Tensor],

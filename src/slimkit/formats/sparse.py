@@ -238,6 +238,17 @@ class Sparse24(PackedLinear):
         group = self.in_features // self.scale.shape[1]  # scale groups run along K: g/2 kept values each
         return codes * self.scale.float().repeat_interleave(group // 2, dim=1)
 
+    def dense_nibbles(self) -> torch.Tensor:
+        """int4 values only: the codes + 8 as a dense [N, K] grid of 0..15, a pruned weight's code 0
+        (so 8): what a dense int4 layer with the same scales would store."""
+        if self.value_kind != "int4":
+            raise ValueError(f"2:4 layer with {self.value_kind} values has no int4 codes")
+        rows, cols = self.out_features, self.in_features
+        positions = unpack_2bit(self.index_bits).long().reshape(rows, cols // 4, 2)
+        dense = torch.full((rows, cols // 4, 4), 8, dtype=torch.uint8)
+        dense.scatter_(2, positions, unpack_nibbles(self.values).to(torch.uint8).reshape(rows, cols // 4, 2))
+        return dense.reshape(rows, cols)
+
     def ram_tensors(self):
         return self.bits.tensors() if self.bits is not None else list(self.stored().values())
 

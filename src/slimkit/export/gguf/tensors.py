@@ -11,7 +11,7 @@ import torch
 
 from slimkit.errors import SlimkitError
 from slimkit.export.gguf.architectures import gguf_arch, row_order
-from slimkit.export.gguf.types import TypePlan, fitted_blocks, kept_blocks
+from slimkit.export.gguf.types import TypePlan, code_format, fitted_blocks, kept_blocks
 from slimkit.formats.embedding import PackedEmbedding
 from slimkit.models.experts import EXPERT_PROJECTIONS, expert_modules
 from slimkit.quantization.gguf_mix import tensor_type
@@ -91,7 +91,7 @@ def _tensor_type(w: ModelWeight, data: np.ndarray, plan: TypePlan) -> str:
         return "F32"  # norms, and routers
     if plan.mix is not None:
         return tensor_type(plan.mix, w.name, plan.n_layers, data.shape[1], plan.tied)
-    return plan.simple_type(w.packed.format if w.packed is not None else None, w.role, data.shape[1])
+    return plan.simple_type(code_format(w.packed) if w.packed is not None else None, w.role, data.shape[1])
 
 
 def stored_tensor(w: ModelWeight, plan: TypePlan, config) -> StoredTensor:

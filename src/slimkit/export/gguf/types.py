@@ -9,9 +9,10 @@ left alone, in Q8_0 (near lossless) beside a quantized body. The explicit Q4_0/Q
 types llama-quantize gives them in such a file (the head, and an embedding tied to it, Q6_K or
 Q8_0; an untied embedding the body type).
 
-int4 codes (and 2- or 3-bit codes, which share the int4 container) are kept bit for bit when their
-group is a multiple of 32 and their scales are fp16 values: a group of 64 becomes two Q4_0/Q4_1
-blocks with its scale. Otherwise they are requantized (Q4_0 picks its own scale per 32, not
+int4 codes (and 2- or 3-bit codes, which share the int4 container; and a 2:4 layer's int4 values,
+a pruned weight's code being 0) are kept bit for bit when their group is a multiple of 32 and their
+scales are fp16 values: a group of 64 becomes two Q4_0/Q4_1 blocks with its scale (GGUF has no
+sparse type: a 2:4 layer is written dense). Otherwise they are requantized (Q4_0 picks its own scale per 32, not
 lossless), so the export is verified by perplexity, not bit for bit.
 """
 
@@ -46,7 +47,7 @@ class TypePlan:
         """Are a packed layer's own codes written as they are?"""
         if mod.format == "ggml":
             return self.requested == "auto" or self.requested.upper() == mod.meta["ftype"]
-        return mod.format == "int4" and self.requested in ("auto", "q4_0")
+        return code_format(mod) == "int4" and self.requested in ("auto", "q4_0")
 
     def outer_type(self, cols: int) -> str:
         """llama-quantize's type for the output head (and a token embedding tied to it): Q6_K, or Q8_0
@@ -78,9 +79,16 @@ class TypePlan:
             return gguf.LlamaFileType[f"MOSTLY_{self.mix}"]
         if self.requested in ("f16", "f32"):
             return gguf.LlamaFileType.MOSTLY_F16 if self.requested == "f16" else gguf.LlamaFileType.ALL_F32
-        int4 = any(m.format == "int4" for m in packed.values())
+        int4 = any(code_format(m) == "int4" for m in packed.values())
         return gguf.LlamaFileType.MOSTLY_Q4_0 if self.requested == "q4_0" or (self.requested == "auto" and int4) \
             else gguf.LlamaFileType.MOSTLY_Q8_0
+
+
+def code_format(mod) -> str:
+    """The format of a packed layer's codes: a 2:4 layer with int4 values holds int4 codes."""
+    if mod.format == "2:4" and mod.meta.get("values") == "int4":
+        return "int4"
+    return mod.format
 
 
 def _body_type(requested: str, packed: dict) -> str | None:
@@ -88,7 +96,7 @@ def _body_type(requested: str, packed: dict) -> str | None:
         return requested.upper()
     if requested != "auto":
         return None
-    formats = {m.format for m in packed.values()}
+    formats = {code_format(m) for m in packed.values()}
     return "Q4_0" if "int4" in formats else "Q8_0" if formats & {"int8", "w8a8"} else None
 
 
@@ -108,16 +116,17 @@ def plan_types(model: torch.nn.Module, packed: dict, requested: str) -> TypePlan
 
 
 def int4_blocks(mod) -> tuple[np.ndarray, object] | None:
-    """slimkit int4 codes as Q4_0 (symmetric) or Q4_1 (asymmetric) blocks, bit for bit: a group
-    of g = 32k columns becomes k blocks sharing its scale (fp16). None if g is not a multiple
-    of 32, or the scales do not fit fp16."""
+    """slimkit int4 codes (an int4 layer's, or a 2:4 layer's int4 values) as Q4_0 (symmetric) or
+    Q4_1 (asymmetric) blocks, bit for bit: a group of g = 32k columns becomes k blocks sharing its
+    scale (fp16). None if g is not a multiple of 32, or the scales do not fit fp16."""
     import gguf
 
-    if mod.group % 32:
+    group = mod.in_features // mod.scale.shape[1]
+    if group % 32:
         return None
-    u = mod.nibbles().numpy().astype(np.uint8)  # [N, K] 0..15
+    u = (mod.dense_nibbles() if mod.format == "2:4" else mod.nibbles()).numpy().astype(np.uint8)  # [N, K] 0..15
     rows, cols = u.shape
-    per = mod.group // 32
+    per = group // 32
     scale = mod.scale.float().repeat_interleave(per, dim=1)  # [N, K/32]
     d = scale.numpy().astype(np.float16)
     if not np.array_equal(d.astype(np.float32), scale.numpy()):
@@ -126,7 +135,7 @@ def int4_blocks(mod) -> tuple[np.ndarray, object] | None:
     qs = blocks[..., :16] | (blocks[..., 16:] << 4)  # low nibbles: elements 0-15, high: 16-31
     parts = [d[..., None].view(np.uint8)]
     qtype = gguf.GGMLQuantizationType.Q4_0  # value = (q - 8) * d: slimkit's symmetric code + 8
-    if mod.zero is not None:  # Q4_1: value = q * d + m with m = -zero * d
+    if getattr(mod, "zero", None) is not None:  # Q4_1: value = q * d + m with m = -zero * d
         m = (-(mod.zero.float() * mod.scale.float()).repeat_interleave(per, dim=1)).numpy().astype(np.float16)
         parts.append(m[..., None].view(np.uint8))
         qtype = gguf.GGMLQuantizationType.Q4_1
