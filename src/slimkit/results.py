@@ -146,6 +146,7 @@ class BenchRow(Result):
     disk_mb: float
     ppl: float | None
     eval_tokens: int
+    bits_per_weight: float | None = None  # the whole files on disk * 8 / the model's parameters (embeddings too)
     formats: list[str]
     kernels_batch_1: list[str]
     threads: int

@@ -25,6 +25,7 @@ def advise_row(row: LlamaCppRow, prompt: int, order: int, c: Candidate | None) -
         model=row.model, prefill_ms=prompt / row.prefill_tok_s * 1e3, prompt_tokens=prompt,
         decode_ms_per_token=1e3 / row.decode_tok_s, throughput_tok_s=row.decode_tok_s, batch=1,
         peak_rss_mb=row.file_mb, weights_ram_mb=row.file_mb, disk_mb=row.file_mb, ppl=row.ppl,
+        bits_per_weight=row.bits_per_weight,
         eval_tokens=max(row.chunks, 0) * 256, formats=[row.made_by], kernels_batch_1=[f"llama.cpp {row.made_by}"],
         threads=row.threads, mean_kld=row.mean_kld, top1_agreement=row.top1_agreement,
         candidate=c.name if c else "dense", rule=c.rule if c else 0, order=order, recipe=c.recipe if c else None,

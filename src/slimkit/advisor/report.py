@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from slimkit.benchmarks.model import bpw_cell
 from slimkit.protocol import Protocol
 from slimkit.results import AdviseResult, AdviseRow
 
@@ -12,7 +13,7 @@ def _row(r: AdviseRow) -> str:
     kld = f"{r.mean_kld:.4f}" if r.mean_kld is not None else "-"
     return (f"| {r.candidate} | {r.rule or '-'} | {r.ppl:.2f} | {r.ppl_increase:+.1%} | {kld} | "
             f"{r.decode_ms_per_token:.1f} | {r.decode_speedup:.2f}x | {r.throughput_tok_s:.1f} | "
-            f"{r.peak_rss_mb:.0f} | {r.disk_mb:.0f} | {'yes' if r.meets else ('-' if not r.rule else 'no')} | "
+            f"{r.peak_rss_mb:.0f} | {r.disk_mb:.0f} | {bpw_cell(r.bits_per_weight)} | {'yes' if r.meets else ('-' if not r.rule else 'no')} | "
             f"{'*' if r.pareto else ''} |")
 
 
@@ -48,8 +49,8 @@ def markdown(result: AdviseResult) -> str:
         "latency and peak memory)",
         "",
         "| candidate | rule | ppl | ppl change | KLD | decode ms/tok | decode x | tok/s @batch | peak RSS MB | disk MB "
-        "| meets | frontier |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| bpw (whole file) | meets | frontier |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *[_row(r) for r in rows],
         "",
         "## Skipped, with the reason",

@@ -66,6 +66,21 @@ def _disk_bytes(loaded) -> int:
     return files_bytes(loaded.hf_dir or loaded.source)
 
 
+def _bits_per_weight(disk_bytes: int, parameters: int | None) -> float | None:
+    return disk_bytes * 8 / parameters if parameters else None
+
+
+def _parameters(loaded, model) -> int | None:
+    """The model's own parameter count: a dense model's, or what its pack summary recorded (packed
+    layers hold codes, not parameters); None for a pack made before the summary kept it."""
+    from slimkit.paths import PackedDir
+
+    summary = PackedDir(Path(loaded.hf_dir or loaded.source)).summary
+    if summary.is_file():
+        return json.loads(summary.read_text()).get("parameters")
+    return sum(p.numel() for p in model.parameters())
+
+
 @torch.no_grad()
 def measure(source: str, settings: BenchSettings = BenchSettings(), note=lambda text: None) -> BenchRow:
     """Everything about one model, in this process; `note` hears each phase as it starts."""
@@ -121,11 +136,16 @@ def measure(source: str, settings: BenchSettings = BenchSettings(), note=lambda 
         long_prefill_ms=long_ms, long_prompt_tokens=long or None,
         throughput_tok_s=throughput, batch=batch, peak_rss_mb=peak_mb,
         weights_ram_mb=_weights_ram_bytes(model) / 2**20, disk_mb=_disk_bytes(loaded) / 2**20,
+        bits_per_weight=_bits_per_weight(_disk_bytes(loaded), _parameters(loaded, model)),
         ppl=ppl.ppl if ppl else None, eval_tokens=ppl.tokens if ppl else 0,
         formats=sorted({m.format for m in packed.values()}), kernels_batch_1=paths,
         threads=torch.get_num_threads(), device=str(device), mean_kld=divergence.get("mean_kld"),
         top1_agreement=divergence.get("top1_agreement"), **compiled,
     )
+
+
+def bpw_cell(bits_per_weight: float | None) -> str:
+    return f"{bits_per_weight:.2f}" if bits_per_weight is not None else "-"
 
 
 def median_prefill_ms(step, ids: torch.Tensor, repeats: int = 3) -> float:
@@ -240,9 +260,9 @@ def table(rows: list[BenchRow]) -> str:
             + ("llama.cpp file | llama.cpp decode tok/s | slimkit / llama.cpp | " if llama else "")
             + f"prefill@{rows[0].prompt_tokens} ms | prefill x | "
             + (f"prefill@{rows[0].long_prompt_tokens} ms | prefill x | " if long else "")
-            + "tok/s @batch | RSS MB | weights MB | disk MB | ppl | KLD | top-1 "
+            + "tok/s @batch | RSS MB | weights MB | disk MB | bpw | ppl | KLD | top-1 "
             "| kernel at batch 1 |")
-    lines = [head, "|" + "---|" * (14 + 3 * compiled + 3 * llama + 2 * long)]
+    lines = [head, "|" + "---|" * (15 + 3 * compiled + 3 * llama + 2 * long)]
     for r in rows:
         ppl = f"{r.ppl:.2f}" if r.ppl is not None else "-"
         kld = f"{r.mean_kld:.4f} | {r.top1_agreement:.1%}" if r.mean_kld is not None else "- | -"
@@ -250,7 +270,7 @@ def table(rows: list[BenchRow]) -> str:
             f"| {r.model}{'' if r.device == 'cpu' else f' ({r.device})'} | {','.join(r.formats) or 'dense'} | {r.decode_ms_per_token:.1f} | "
             f"{r.decode_speedup:.2f}x | {compiled_cells(r, compiled)}{llamacpp_cells(r, llama)}{r.prefill_ms:.0f} | "
             f"{r.prefill_speedup:.2f}x | {long_prefill_cells(r, long)}{r.throughput_tok_s:.1f} @{r.batch} | {r.peak_rss_mb:.0f} | {r.weights_ram_mb:.0f} | "
-            f"{r.disk_mb:.0f} | {ppl} | {kld} | {'; '.join(r.kernels_batch_1)} |")
+            f"{r.disk_mb:.0f} | {bpw_cell(r.bits_per_weight)} | {ppl} | {kld} | {'; '.join(r.kernels_batch_1)} |")
     notes = [amortisation(r) for r in rows if r.compile_s is not None or r.compiled_error]
     notes += [f"- {r.model}: no llama.cpp numbers ({r.llamacpp_error})" for r in rows if r.llamacpp_error]
     if llama:
