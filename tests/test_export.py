@@ -142,6 +142,9 @@ def test_bench_model_compares_in_fresh_processes(tiny_llama_dir, tiny_int4, tmp_
     assert rows[0]["decode_speedup"] == 1.0 and rows[1]["weights_ram_mb"] < rows[0]["weights_ram_mb"]
     assert all(r["peak_rss_mb"] > 0 and r["ppl"] > 1 for r in rows)
     assert "int4 weight-only kernel" in rows[1]["kernels_batch_1"][0]
+    packed = json.loads((tiny_int4 / "pack.json").read_text())  # the whole files, counted over the same parameters
+    assert rows[1]["bits_per_weight"] == pytest.approx(packed["file_bits_per_weight"])
+    assert rows[0]["bits_per_weight"] > rows[1]["bits_per_weight"]
 
 
 @pytest.mark.real_model
