@@ -34,21 +34,24 @@ def test_packed_blocks_dequantize_to_the_grid_values_bit_for_bit(name, importanc
     blocks = pack_blocks(q, grid)
     assert blocks.shape == (w.shape[0], w.shape[1] // TYPES[name].row_multiple * TYPES[name].block_bytes)
     assert torch.equal(unpack_values(blocks, name), values)
-    bits = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q6_K": 6, "Q8_0": 8}[name]
+    bits = {"Q2_K": 2, "Q3_K": 3, "Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "IQ4_NL": 4, "IQ4_XS": 4, "Q5_0": 5, "Q5_1": 5,
+            "Q5_K": 5, "Q6_K": 6, "Q8_0": 8}[name]
     rel = float((values - w).norm() / w.norm())
     assert rel < 2.0 ** -(bits - 1.5), rel  # each extra bit halves the error
     assert torch.equal(values[0, :64], torch.zeros(64))  # a dead block stays zero
 
 
-def test_round_codes_are_the_nearest_grid_point_per_weight():
-    """The textbook definition, checked by brute force over every code of a Q5_0 grid."""
-    w = _weights(8, 64)
-    grid = fit_grid("Q5_0", w)
+@pytest.mark.parametrize("name", ["Q5_0", "IQ4_NL", "Q3_K"])
+def test_round_codes_are_the_nearest_grid_point_per_weight(name):
+    """The textbook definition, checked by brute force over every code of the grid (uniform,
+    codebook and two-level symmetric)."""
+    w = _weights(8, 256)
+    grid = fit_grid(name, w)
     q = round_codes(w, grid)
-    codes = torch.arange(32, dtype=torch.int16)
-    s = grid.scale.repeat_interleave(32, dim=1).unsqueeze(-1)
-    all_values = s * (codes.float() - 16)  # [rows, cols, 32]
-    best = (all_values - w.unsqueeze(-1)).abs().min(-1).values
+    qt = TYPES[name]
+    codes = torch.arange(qt.qmin, qt.qmax + 1, dtype=torch.int16)
+    every = torch.stack([grid_values(torch.full_like(q, int(c)), grid) for c in codes], -1)  # [rows, cols, codes]
+    best = (every - w.unsqueeze(-1)).abs().min(-1).values
     assert torch.allclose((grid_values(q, grid) - w).abs(), best, atol=1e-7)
 
 
@@ -68,7 +71,7 @@ def test_gptq_on_a_grid_is_rtn_when_inputs_are_uncorrelated_and_beats_it_when_th
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2048, 256, generator=g) @ (torch.eye(256) + 0.5 * torch.randn(256, 256, generator=g) / 16)
     H = x.T @ x / x.shape[0]
-    for name in ("Q4_K", "Q5_0", "Q6_K"):
+    for name in ("Q2_K", "Q3_K", "Q4_K", "Q5_0", "Q6_K", "IQ4_NL", "IQ4_XS"):
         grid = fit_grid(name, w, torch.diagonal(H))
         identity, _ = gptq_on_grid(w, torch.eye(256), grid, act_order=False)
         assert torch.equal(identity, round_codes(w, grid))
@@ -129,3 +132,29 @@ def test_smollm2_q4_k_m_gptq_beats_imatrix_rounding_and_exports_its_blocks(smoll
     down = stored["blk.4.ffn_down.weight"]
     assert down.tensor_type.name == "Q4_K"
     assert np.array_equal(np.asarray(down.data).reshape(576, -1), records["model.layers.4.mlp.down_proj"].ggml.blocks.numpy())
+
+
+@pytest.mark.parametrize("ftype, body", [("Q2_K", "Q2_K"), ("Q3_K_M", "Q3_K"), ("IQ4_XS", "IQ4_XS")])
+def test_low_bit_mixes_are_calibrated_packed_and_written_as_chosen(tmp_path, smollm2_tokenizer, ftype, body):
+    """gguf_quantize with the 2-4 bit mixes on a tiny LLaMA whose rows tile 256: the file carries the
+    solver's blocks in llama.cpp's types of that mix, and transformers scores it as slimkit does."""
+    import gguf
+
+    from conftest import tiny_llama
+    from slimkit.compression.memory import compress_to_dir
+    from slimkit.export.job import ExportSettings, export_model
+    from slimkit.protocol import EvalSettings
+    from slimkit.recipes import parse_recipe
+
+    tiny_llama(vocab_size=len(smollm2_tokenizer), hidden_size=256, intermediate_size=512).save_pretrained(tmp_path / "m")
+    smollm2_tokenizer.save_pretrained(tmp_path / "m")
+    settings = EvalSettings(seqlen=64, max_windows=2, calibration_windows=4, calibration_seqlen=64)
+    recipe = parse_recipe({"name": "mix", "steps": [{"method": "gguf_quantize", "gguf_type": ftype}]})
+    report, = compress_to_dir(str(tmp_path / "m"), [recipe], tmp_path / "c", settings)
+    assert body in report.compression.bits
+    result = export_model(str(tmp_path / "c"), tmp_path / "g", "gguf", ExportSettings(windows=2))
+    assert result["tensors_by_type"][f"{body} (codes kept)"] > 0
+    assert not any(k in ("F16", body) for k in result["tensors_by_type"])  # every linear's codes kept
+    assert abs(result["verify"]["relative_diff"]) < 0.005
+    reader = gguf.GGUFReader(tmp_path / "g" / "model.gguf")
+    assert int(reader.get_field("general.file_type").contents()) == gguf.LlamaFileType[f"MOSTLY_{ftype}"]

@@ -63,7 +63,8 @@ def test_llamacpp_scores_a_slimkit_gguf_as_slimkit_scores_the_same_weights(smoll
     assert abs(theirs / ours - 1) < 0.01, (theirs, ours)
 
 
-@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K"])
+@pytest.mark.parametrize("ftype", ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_NL", "IQ4_XS", "Q4_K_M", "Q4_K_S",
+                                   "Q5_K_M", "Q6_K"])
 def test_type_mix_is_the_one_llama_quantize_makes(smollm2_first_load, tmp_path, ftype):
     """Every tensor of SmolLM2 gets the GGML type llama-quantize gives it in a file of `ftype`."""
     import gguf
@@ -83,7 +84,7 @@ def test_type_mix_is_the_one_llama_quantize_makes(smollm2_first_load, tmp_path, 
             continue
         parts = t.name.split(".")
         module = "model.embed_tokens" if parts[0] == "token_embd" else f"model.layers.{parts[1]}.{names[parts[2]]}"
-        assert tensor_type(ftype, module, 30, int(t.shape[0]), tied=True) == t.tensor_type.name, t.name
+        assert tensor_type(ftype, module, 30, int(t.shape[0]), tied=True, gqa=3) == t.tensor_type.name, t.name
         checked += 1
     assert checked == 30 * 7 + 1
 

@@ -80,7 +80,7 @@ def export(
     gguf_type: str = typer.Option("auto", "--gguf-type", "--type",
                                   help="gguf: auto (keeps what compression decided: gguf_quantize blocks, int4 "
                                   "codes -> Q4_0/Q4_1, int8 -> Q8_0, rest F16); a llama.cpp file type with its "
-                                  "per-tensor mix: q4_k_m, q4_k_s, q5_k_m, q5_k_s, q6_k, q5_0 (fitted here, "
+                                  "per-tensor mix: q2_k, q3_k_s/m/l, iq4_nl, iq4_xs, q4_k_m, q4_k_s, q5_k_m, q5_k_s, q6_k, q5_0 (fitted here, "
                                   "uncalibrated, unless a gguf_quantize step chose the codes); or q8_0, q4_0, "
                                   "f16, f32"),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="load the export in transformers and compare "

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from slimkit.formats.base import PackedLinear, register_format
-from slimkit.numerics.ggml_grids import BlockGrid, GGMLCodes, ggml_type
+from slimkit.numerics.ggml_grids import QK_K, BlockGrid, GGMLCodes, ggml_type
 
 
 def _f16_bytes(x: torch.Tensor) -> np.ndarray:
@@ -81,12 +81,61 @@ def _q6_k(q: np.ndarray, grid: BlockGrid) -> np.ndarray:
     return np.concatenate([ql, qh, scales, _f16_bytes(grid.parts["d"])], axis=-1)
 
 
+def _crumbs(q: np.ndarray) -> np.ndarray:
+    """[rows, nsb, 256] codes -> 64 bytes a super-block of their low 2 bits: element 128h + 32j + l
+    sits in byte 32h + l at bits 2j (Q2_K's and Q3_K's qs)."""
+    rows = q.shape[0]
+    quarters = (q.reshape(rows, -1, 2, 4, 32) & 3).astype(np.uint8)
+    return (quarters[:, :, :, 0] | (quarters[:, :, :, 1] << 2) | (quarters[:, :, :, 2] << 4)
+            | (quarters[:, :, :, 3] << 6)).reshape(rows, -1, 64)
+
+
+def _q2_k(q: np.ndarray, grid: BlockGrid) -> np.ndarray:
+    rows = q.shape[0]
+    sc = grid.parts["sc"].numpy().astype(np.uint8).reshape(rows, -1, 16)
+    mn = grid.parts["mn"].numpy().astype(np.uint8).reshape(rows, -1, 16)
+    return np.concatenate([sc | (mn << 4), _crumbs(q.reshape(rows, -1, QK_K)), _f16_bytes(grid.parts["d"]),
+                           _f16_bytes(grid.parts["dmin"])], axis=-1)
+
+
+def _six_bit_scales(ints: np.ndarray) -> np.ndarray:
+    """16 signed scales [..., 16] in [-32, 31] -> Q3_K's 12 bytes: low nibbles of s = level + 32 in
+    bytes 0-7 (scale i low, i + 8 high), their top 2 bits in bytes 8-11 (scale 4k + b: byte b, bits 2k)."""
+    u = (ints.astype(np.int16) + 32).astype(np.uint8)
+    low = (u[..., :8] & 15) | ((u[..., 8:] & 15) << 4)
+    top = (u >> 4).reshape(*u.shape[:-1], 4, 4)  # [k, b]
+    high = top[..., 0, :] | (top[..., 1, :] << 2) | (top[..., 2, :] << 4) | (top[..., 3, :] << 6)
+    return np.concatenate([low, high], axis=-1)
+
+
+def _q3_k(q: np.ndarray, grid: BlockGrid) -> np.ndarray:
+    rows = q.shape[0]
+    sub = q.reshape(rows, -1, 8, 32)  # element 32j + l: its bit 2 is bit j of hmask byte l
+    hmask = np.packbits(((sub >> 2) & 1).transpose(0, 1, 3, 2), axis=-1, bitorder="little").reshape(rows, -1, 32)
+    scales = _six_bit_scales(grid.parts["sc"].numpy().reshape(rows, -1, 16))
+    return np.concatenate([hmask, _crumbs(q.reshape(rows, -1, QK_K)), scales, _f16_bytes(grid.parts["d"])], axis=-1)
+
+
+def _iq4(q: np.ndarray, grid: BlockGrid) -> np.ndarray:
+    rows = q.shape[0]
+    if grid.qtype.name == "IQ4_NL":
+        return np.concatenate([_f16_bytes(grid.parts["d"]).reshape(rows, -1, 2), _nibbles(q.reshape(rows, -1, 32))],
+                              axis=-1)
+    u = (grid.parts["sc"].numpy().astype(np.int16) + 32).astype(np.uint16).reshape(rows, -1, 8)
+    high = sum(((u[..., i] >> 4) & 3) << (2 * i) for i in range(8)).astype(np.uint16)  # 2 bits a sub-block
+    low = ((u[..., 0::2] & 15) | ((u[..., 1::2] & 15) << 4)).astype(np.uint8)
+    qs = _nibbles(q.reshape(rows, -1, 8, 32)).reshape(rows, -1, 128)
+    return np.concatenate([_f16_bytes(grid.parts["d"]), high[..., None].view(np.uint8), low, qs], axis=-1)
+
+
+PACKERS = {"Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _k_affine, "Q5_K": _k_affine, "Q6_K": _q6_k, "IQ4_NL": _iq4,
+           "IQ4_XS": _iq4}
+
+
 def pack_blocks(q: torch.Tensor, grid: BlockGrid) -> np.ndarray:
     """Codes [rows, cols] on `grid` -> uint8 [rows, cols / row_multiple * block_bytes]."""
     codes = q.numpy().astype(np.uint8)
-    name = grid.qtype.name
-    packed = _q6_k(codes, grid) if name == "Q6_K" else _k_affine(codes, grid) if name.endswith("_K") else _legacy(
-        codes, grid)
+    packed = PACKERS.get(grid.qtype.name, _legacy)(codes, grid)
     return np.ascontiguousarray(packed.reshape(q.shape[0], -1).astype(np.uint8))
 
 

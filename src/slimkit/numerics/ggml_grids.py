@@ -3,11 +3,13 @@
 Every GGML type stores, per block of `block` weights of a row, a scale (and for the affine
 types an offset); the weights are codes q in [qmin, qmax] on that grid:
 
-    symmetric (Q4_0, Q5_0, Q8_0, Q6_K):  w = scale * (q - center)
-    affine    (Q4_1, Q5_1, Q4_K, Q5_K):  w = scale * q - offset
+    symmetric (Q4_0, Q5_0, Q8_0, Q3_K, Q6_K):  w = scale * (q - center)
+    affine    (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K):  w = scale * q - offset
+    codebook  (IQ4_NL, IQ4_XS):               w = scale * levels[q]  (16 non-uniform levels)
 
-The K-quants add a level: scales (and offsets) of the 32-weight (Q6_K: 16-weight) sub-blocks
-are themselves 6-bit (Q6_K: 8-bit) integers times one fp16 factor per 256-weight super-block.
+The K-quants (and IQ4_XS) add a level: scales (and offsets) of the 16- or 32-weight sub-blocks
+are themselves small integers (Q2_K 4 bits, Q3_K / Q4_K / Q5_K / IQ4_XS 6 bits, Q6_K 8 bits)
+times one fp16 factor per 256-weight super-block.
 `BlockGrid.scale/offset` hold the effective fp32 values, computed exactly as ggml dequantizes
 (fp16 factor x integer, in fp32), so `grid_values` equals `gguf.quants.dequantize` of the packed
 blocks bit for bit (tests/test_ggml_grids.py).
@@ -38,9 +40,16 @@ class GGMLType:
     row_multiple: int  # a row's length must be a multiple of this (32, or 256 for the K-quants)
     qmin: int
     qmax: int
-    center: int | None  # symmetric types: w = scale * (q - center); None: affine
+    center: int | None  # symmetric types: w = scale * (q - center); None: affine or codebook
     block_bytes: int  # bytes per `row_multiple` weights
+    levels: tuple[int, ...] | None = None  # codebook types: w = scale * levels[q]
 
+    @property
+    def bits_per_weight(self) -> float:
+        return self.block_bytes * 8 / self.row_multiple
+
+
+IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # ggml's kvalues_iq4nl
 
 TYPES = {t.name: t for t in (
     GGMLType("Q4_0", 32, 32, 0, 15, 8, 18),
@@ -48,10 +57,15 @@ TYPES = {t.name: t for t in (
     GGMLType("Q5_0", 32, 32, 0, 31, 16, 22),
     GGMLType("Q5_1", 32, 32, 0, 31, None, 24),
     GGMLType("Q8_0", 32, 32, 1, 255, 128, 34),  # q - 128 in [-127, 127], as ggml writes it
+    GGMLType("Q2_K", 16, QK_K, 0, 3, None, 84),
+    GGMLType("Q3_K", 16, QK_K, 0, 7, 4, 110),
     GGMLType("Q4_K", 32, QK_K, 0, 15, None, 144),
     GGMLType("Q5_K", 32, QK_K, 0, 31, None, 176),
     GGMLType("Q6_K", 16, QK_K, 0, 63, 32, 210),
+    GGMLType("IQ4_NL", 32, 32, 0, 15, None, 18, IQ4_LEVELS),
+    GGMLType("IQ4_XS", 32, QK_K, 0, 15, None, 136, IQ4_LEVELS),
 )}
+K_SCALE_LEVELS = {"Q2_K": 15, "Q4_K": 63, "Q5_K": 63}  # the affine K-quants' sub-block scale and min integers
 
 
 @dataclass
@@ -135,6 +149,40 @@ def symmetric_search(x: torch.Tensor, weights: torch.Tensor, nmax: int) -> torch
     return torch.where(peak.abs() < 1e-15, torch.zeros_like(best_scale), best_scale)
 
 
+def nearest_level(y: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Index of the codebook level (sorted ascending) nearest to each value of `y`."""
+    midpoints = (levels[1:] + levels[:-1]) / 2
+    return torch.bucketize(y, midpoints.to(y.dtype))
+
+
+def codebook_search(x: torch.Tensor, weights: torch.Tensor, levels: tuple[int, ...]) -> torch.Tensor:
+    """Scale per block [..., n] for w = scale * levels[q] (llama.cpp's IQ4 search): the block's
+    largest-magnitude weight maps near the lowest level at 15 trial scales, each re-fitted by
+    weighted least squares; the least weighted error wins."""
+    table = torch.tensor(levels, dtype=torch.float32)
+    peak = x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    peak_safe = _safe(peak)
+    best_scale, best_score = torch.zeros_like(peak), torch.full_like(peak, -1.0)
+    for step in range(-7, 8):
+        iscale = (step + table[0]) / peak_safe
+        chosen = table[nearest_level(iscale.unsqueeze(-1) * x, table)]
+        sumlx, suml2 = (weights * x * chosen).sum(-1), (weights * chosen * chosen).sum(-1)
+        score = torch.where(suml2 > 0, sumlx * sumlx / _safe(suml2), torch.zeros_like(suml2))
+        better = score > best_score
+        best_score = torch.where(better, score, best_score)
+        best_scale = torch.where(better, sumlx / _safe(suml2), best_scale)
+    return torch.where(peak.abs() < 1e-15, torch.zeros_like(best_scale), best_scale)
+
+
+def signed_levels(scale: torch.Tensor, weights: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signed sub-block scales [..., n] as one fp16 factor x integers in [-nmax, nmax - 1] per
+    super-block (Q3_K's and IQ4_XS's second level, make_qx_quants on the scales)."""
+    d = _fp16(symmetric_search(scale, weights, nmax))
+    ints = torch.where(d.unsqueeze(-1) == 0, torch.zeros_like(scale),
+                       torch.round(scale / _safe(d).unsqueeze(-1)).clamp(-nmax, nmax - 1))
+    return d, ints
+
+
 def _affine_error(x, weights, levels, scale, low):
     return (weights * (scale.unsqueeze(-1) * levels + low.unsqueeze(-1) - x) ** 2).sum(-1)
 
@@ -186,15 +234,38 @@ def positive_levels(values: torch.Tensor, weights: torch.Tensor, nmax: int) -> t
 
 
 def _fit_k_affine(w: torch.Tensor, importance: torch.Tensor | None, qtype: GGMLType) -> BlockGrid:
-    """Q4_K / Q5_K: 8 sub-blocks of 32 per super-block, 6-bit scales and offsets."""
-    rows = w.shape[0]
-    weights = _search_weights(w, importance, 32, QK_K)
-    scale, offset = affine_search(_blocks(w, 32), weights, qtype.qmax)
-    sw = weights.sum(-1).reshape(rows, -1, 8)
-    d, sc = positive_levels(scale.reshape(rows, -1, 8), sw, 63)
-    dmin, mn = positive_levels(offset.reshape(rows, -1, 8), sw, 63)
+    """Q2_K / Q4_K / Q5_K: 16 sub-blocks of 16 (Q2_K) or 8 of 32 per super-block, their scales
+    and offsets 4-bit (Q2_K) or 6-bit integers times an fp16 factor each."""
+    rows, per = w.shape[0], QK_K // qtype.block
+    weights = _search_weights(w, importance, qtype.block, QK_K)
+    scale, offset = affine_search(_blocks(w, qtype.block), weights, qtype.qmax)
+    sw = weights.sum(-1).reshape(rows, -1, per)
+    top = K_SCALE_LEVELS[qtype.name]
+    d, sc = positive_levels(scale.reshape(rows, -1, per), sw, top)
+    dmin, mn = positive_levels(offset.reshape(rows, -1, per), sw, top)
     return BlockGrid(qtype, (d.unsqueeze(-1) * sc).reshape(rows, -1), (dmin.unsqueeze(-1) * mn).reshape(rows, -1),
                      {"d": d, "dmin": dmin, "sc": sc.reshape(rows, -1), "mn": mn.reshape(rows, -1)})
+
+
+def _fit_q3_k(w: torch.Tensor, importance: torch.Tensor | None, qtype: GGMLType) -> BlockGrid:
+    """Q3_K: 16 sub-blocks of 16 per super-block, codes -4..3, 6-bit signed scales x fp16."""
+    rows = w.shape[0]
+    weights = _search_weights(w, importance, 16, QK_K)
+    scale = symmetric_search(_blocks(w, 16), weights, 4).reshape(rows, -1, 16)
+    d, ints = signed_levels(scale, weights.sum(-1).reshape(rows, -1, 16), 32)
+    return BlockGrid(qtype, (d.unsqueeze(-1) * ints).reshape(rows, -1), None, {"d": d, "sc": ints.reshape(rows, -1)})
+
+
+def _fit_iq4(w: torch.Tensor, importance: torch.Tensor | None, qtype: GGMLType) -> BlockGrid:
+    """IQ4_NL (an fp16 scale per 32) and IQ4_XS (6-bit signed scales per 32 x fp16 per 256)."""
+    rows = w.shape[0]
+    weights = _search_weights(w, importance, 32, qtype.row_multiple)
+    scale = codebook_search(_blocks(w, 32), weights, qtype.levels)
+    if qtype.name == "IQ4_NL":
+        d = _fp16(scale)
+        return BlockGrid(qtype, d, None, {"d": d})
+    d, ints = signed_levels(scale.reshape(rows, -1, 8), weights.sum(-1).reshape(rows, -1, 8), 32)
+    return BlockGrid(qtype, (d.unsqueeze(-1) * ints).reshape(rows, -1), None, {"d": d, "sc": ints.reshape(rows, -1)})
 
 
 def _fit_q6_k(w: torch.Tensor, importance: torch.Tensor | None, qtype: GGMLType) -> BlockGrid:
@@ -237,7 +308,8 @@ def fit_grid(name: str, w: torch.Tensor, importance: torch.Tensor | None = None,
     (an imatrix: mean x^2 of the input; None = uniform). Rows are fitted in chunks."""
     qtype = ggml_type(name)
     check_row_length(qtype, w.shape[1])
-    fit = {"Q4_K": _fit_k_affine, "Q5_K": _fit_k_affine, "Q6_K": _fit_q6_k}.get(qtype.name, _fit_legacy)
+    fit = {"Q2_K": _fit_k_affine, "Q4_K": _fit_k_affine, "Q5_K": _fit_k_affine, "Q3_K": _fit_q3_k,
+           "Q6_K": _fit_q6_k, "IQ4_NL": _fit_iq4, "IQ4_XS": _fit_iq4}.get(qtype.name, _fit_legacy)
     chunks = [fit(w[r : r + rows_per_chunk].float(), importance, qtype) for r in range(0, w.shape[0], rows_per_chunk)]
     if len(chunks) == 1:
         return chunks[0]
@@ -250,11 +322,18 @@ def _per_weight(t: torch.Tensor, block: int) -> torch.Tensor:
     return t.unsqueeze(-1).expand(*t.shape, block)
 
 
+def _table(qt: GGMLType) -> torch.Tensor:
+    return torch.tensor(qt.levels, dtype=torch.float32)
+
+
 def round_codes(w: torch.Tensor, grid: BlockGrid) -> torch.Tensor:
     """Round-to-nearest codes of `w` on the grid, int16 [rows, cols]."""
     qt, x = grid.qtype, _blocks(w, grid.qtype.block)
     s = _per_weight(grid.scale, qt.block)
-    if qt.center is not None:
+    if qt.levels is not None:
+        q = nearest_level(x / _safe(s), _table(qt))
+        q = torch.where(s == 0, nearest_level(torch.zeros_like(x), _table(qt)), q)
+    elif qt.center is not None:
         q = torch.where(s == 0, torch.full_like(x, qt.center), torch.round(x / _safe(s)) + qt.center)
     else:
         q = torch.where(s == 0, torch.zeros_like(x), torch.round((x + _per_weight(grid.offset, qt.block)) / _safe(s)))
@@ -266,6 +345,8 @@ def grid_values(q: torch.Tensor, grid: BlockGrid) -> torch.Tensor:
     qt = grid.qtype
     codes = _blocks(q, qt.block)
     s = _per_weight(grid.scale, qt.block)
+    if qt.levels is not None:
+        return (s * _table(qt)[codes.long()]).reshape(q.shape)
     if qt.center is not None:
         return (s * (codes - qt.center)).reshape(q.shape)
     return (s * codes - _per_weight(grid.offset, qt.block)).reshape(q.shape)
@@ -273,6 +354,9 @@ def grid_values(q: torch.Tensor, grid: BlockGrid) -> torch.Tensor:
 
 def column_values(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, qtype: GGMLType) -> torch.Tensor:
     """One column [rows] rounded onto its blocks' grid (scale/offset [rows]): GPTQ's quantizer."""
+    if qtype.levels is not None:
+        table = _table(qtype).to(w.device)
+        return scale * table[nearest_level(w / _safe(scale), table)]
     if qtype.center is not None:
         q = (torch.round(w / _safe(scale)) + qtype.center).clamp(qtype.qmin, qtype.qmax)
         return scale * (q - qtype.center)

@@ -146,7 +146,8 @@ class GGUFQuantizeConfig(StepConfig):
     method: Literal["gguf_quantize"] = "gguf_quantize"
     needs_calibration: ClassVar[bool] = True
     quantizes_outer: ClassVar[bool] = True
-    gguf_type: Literal["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q6_K", "Q8_0", "Q5_0", "Q4_0"] = Field(
+    gguf_type: Literal["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_NL", "IQ4_XS", "Q4_K_M", "Q4_K_S", "Q5_K_M",
+                       "Q5_K_S", "Q6_K", "Q8_0", "Q5_0", "Q4_0"] = Field(
         "Q4_K_M", description="llama.cpp file type: the per-tensor type mix")
     solver: Literal["gptq", "imatrix"] = Field("gptq", description="gptq: codes by GPTQ on the fitted grid; "
                                                "imatrix: round-to-nearest on it (llama.cpp's method)")

@@ -13,7 +13,7 @@ from slimkit.errors import RecipeError
 from slimkit.formats.ggml import pack_blocks
 from slimkit.numerics.ggml_grids import GGMLCodes, fit_grid, grid_values, round_codes
 from slimkit.quantization.config import GGUFQuantizeConfig
-from slimkit.quantization.gguf_mix import tensor_type
+from slimkit.quantization.gguf_mix import query_groups, tensor_type
 from slimkit.quantization.grid_gptq import gptq_on_grid
 from slimkit.recipes.context import LayerRecord, StepContext
 from slimkit.recipes.registry import register_step
@@ -64,9 +64,10 @@ def _quantize_outer(config: GGUFQuantizeConfig, ctx: StepContext, n_layers: int)
 @register_step(GGUFQuantizeConfig)
 def apply_gguf_quantize(config: GGUFQuantizeConfig, ctx: StepContext) -> None:
     n_layers = ctx.state.model.config.num_hidden_layers
+    gqa = query_groups(ctx.state.model.config)
 
-    def qtype_of(name: str, module: nn.Module) -> str:
-        qtype = tensor_type(config.gguf_type, name, n_layers, module.weight.shape[1])
+    def qtype_of(name: str, module: nn.Module) -> str:  # calibrated codes: llama-quantize's mix with an imatrix
+        qtype = tensor_type(config.gguf_type, name, n_layers, module.weight.shape[1], gqa=gqa, imatrix=True)
         if qtype == "F16":
             raise RecipeError(f"{name}: rows of {module.weight.shape[1]} weights fit no GGML block type")
         return qtype

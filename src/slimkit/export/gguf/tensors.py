@@ -90,7 +90,7 @@ def _tensor_type(w: ModelWeight, data: np.ndarray, plan: TypePlan) -> str:
     if data.ndim == 1 or w.f32:
         return "F32"  # norms, and routers
     if plan.mix is not None:
-        return tensor_type(plan.mix, w.name, plan.n_layers, data.shape[1], plan.tied)
+        return tensor_type(plan.mix, w.name, plan.n_layers, data.shape[1], plan.tied, gqa=plan.gqa)
     return plan.simple_type(code_format(w.packed) if w.packed is not None else None, w.role, data.shape[1])
 
 

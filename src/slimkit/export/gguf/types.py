@@ -1,8 +1,8 @@
 """Which GGML type each tensor is written in, and the blocks: the packed layer's own codes where
 they can go out as they are, else fitted here without calibration.
 
-A llama.cpp file type (Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, Q5_0) gives every tensor the type
-llama.cpp's mix gives it (`quantization/gguf_mix.py`); Q8_0, Q4_0 and F16/F32 are the simple types;
+A llama.cpp file type (Q2_K, Q3_K_S/M/L, IQ4_NL, IQ4_XS, Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K,
+Q5_0) gives every tensor the type llama.cpp's mix gives it (`quantization/gguf_mix.py`); Q8_0, Q4_0 and F16/F32 are the simple types;
 `auto` keeps what compression decided (gguf_quantize blocks, int4 codes as Q4_0/Q4_1, int8 as
 Q8_0, other linears F16) and writes the token embedding and an unpacked head, which compression
 left alone, in Q8_0 (near lossless) beside a quantized body. The explicit Q4_0/Q8_0 give them the
@@ -26,8 +26,10 @@ import torch
 from slimkit.errors import SlimkitError
 from slimkit.formats.ggml import pack_blocks
 from slimkit.numerics.ggml_grids import OUTER_FTYPE, fit_grid, round_codes
+from slimkit.quantization.gguf_mix import query_groups
 
-MIXES = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q5_0")
+MIXES = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "iq4_nl", "iq4_xs", "q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k",
+         "q5_0")
 QTYPES = ("auto", *MIXES, "q8_0", "q4_0", "f16", "f32")
 SIMPLE = ("q8_0", "q4_0", "f16", "f32")
 
@@ -41,7 +43,8 @@ class TypePlan:
     mix: str | None  # "Q4_K_M" ... or None (the simple types)
     n_layers: int
     tied: bool  # no output tensor: llama.cpp reuses token_embd as the head
-    body: str | None = None  # "Q4_0" / "Q8_0" for a quantized file of simple types; None: F16/F32, or dense
+    body: str | None = None
+    gqa: int = 1  # query heads per kv head (the Q2_K / IQ4 mixes raise attn_v with 4 or more)  # "Q4_0" / "Q8_0" for a quantized file of simple types; None: F16/F32, or dense
 
     def keeps(self, mod) -> bool:
         """Are a packed layer's own codes written as they are?"""
@@ -112,7 +115,8 @@ def plan_types(model: torch.nn.Module, packed: dict, requested: str) -> TypePlan
         mix = mixes[0] if mixes else None
     head = packed.get("lm_head")  # a head packed apart from the embedding it was tied to is still tied
     tied = getattr(model.config, "tie_word_embeddings", False) and (head is None or bool(head.meta.get("tied_to")))
-    return TypePlan(requested, mix, model.config.num_hidden_layers, tied, _body_type(requested, packed))
+    return TypePlan(requested, mix, model.config.num_hidden_layers, tied, _body_type(requested, packed),
+                    query_groups(model.config))
 
 
 def int4_blocks(mod) -> tuple[np.ndarray, object] | None:
