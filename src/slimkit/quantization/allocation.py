@@ -1,0 +1,118 @@
+"""Bits allocated tensor by tensor to a budget: a multiple-choice knapsack solved exactly by
+dynamic programming over bytes.
+
+Each item (a tensor, or tensors that must share one type: a tied pair, one projection of a
+block's experts) has a few choices, a GGML type each with its bytes and its predicted KLD
+contribution (`quantization/sensitivity.py`). The predicted KLD of the model is the sum over
+items. `best_under` picks one choice per item minimising the sum within a byte budget;
+`smallest_within` the fewest bytes whose predicted KLD stays within a bound. Bytes are counted in
+units (at most MAX_UNITS of them over the largest file) rounded to nearest, and the exact byte
+total is checked against the budget afterwards: the answer never exceeds it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from slimkit.errors import SlimkitError
+
+MAX_UNITS = 200_000  # states of the dynamic programme (the byte resolution is the largest file / this)
+
+
+@dataclass(frozen=True)
+class Choice:
+    qtype: str
+    bytes: int
+    kld: float  # predicted contribution to the model's mean KLD
+
+
+@dataclass(frozen=True)
+class Item:
+    name: str  # what the allocation is reported under
+    members: tuple[str, ...]  # the tensors that take the chosen type together
+    choices: tuple[Choice, ...]
+
+
+@dataclass(frozen=True)
+class Allocation:
+    types: dict[str, str]  # every member tensor -> its GGML type
+    bytes: int
+    predicted_kld: float
+    chosen: dict[str, Choice]  # item name -> its choice
+
+
+def _check(items: list[Item]) -> None:
+    for item in items:
+        if not item.choices:
+            raise SlimkitError(f"allocation: {item.name} has no type that tiles its rows")
+
+
+def _allocation(items: list[Item], picks: list[int]) -> Allocation:
+    chosen = {item.name: item.choices[p] for item, p in zip(items, picks)}
+    types = {m: chosen[item.name].qtype for item in items for m in item.members}
+    return Allocation(types, sum(c.bytes for c in chosen.values()), sum(c.kld for c in chosen.values()), chosen)
+
+
+class Frontier:
+    """The dynamic programme over bytes: for every budget of b units, the least predicted KLD and
+    the choices that reach it."""
+
+    def __init__(self, items: list[Item]):
+        _check(items)
+        self.items = items
+        most = sum(max(c.bytes for c in item.choices) for item in items)
+        self.unit = max(1, -(-most // MAX_UNITS))
+        self.capacity = -(-most // self.unit)
+        best = np.zeros(self.capacity + 1)
+        self.picks = np.zeros((len(items), self.capacity + 1), dtype=np.int8)  # choices per item < 128
+        for i, item in enumerate(items):
+            best = self._add(best, item, self.picks[i])
+        self.best = best  # best[b]: least KLD within b units (inf where nothing fits)
+
+    def _add(self, best: np.ndarray, item: Item, picks: np.ndarray) -> np.ndarray:
+        new = np.full_like(best, np.inf)
+        for k, choice in enumerate(item.choices):
+            units = int(round(choice.bytes / self.unit))
+            shifted = np.full_like(best, np.inf)
+            shifted[units:] = best[: len(best) - units] + choice.kld
+            better = shifted < new
+            new[better], picks[better] = shifted[better], k
+        return new
+
+    def at(self, units: int) -> Allocation:
+        if units < 0 or not np.isfinite(self.best[units]):
+            raise SlimkitError("allocation: the budget is below the smallest file these types can make "
+                               f"({self.smallest_bytes() / 1e6:.2f} MB of tensors)")
+        picks = []
+        for i in range(len(self.items) - 1, -1, -1):
+            k = int(self.picks[i, units])
+            picks.append(k)
+            units -= int(round(self.items[i].choices[k].bytes / self.unit))
+        return _allocation(self.items, picks[::-1])
+
+    def smallest_bytes(self) -> int:
+        return sum(min(c.bytes for c in item.choices) for item in self.items)
+
+
+def best_under(items: list[Item], budget: int) -> Allocation:
+    """The least predicted KLD whose tensors take at most `budget` bytes."""
+    frontier = Frontier(items)
+    units = min(budget // frontier.unit, frontier.capacity)
+    while True:  # units are rounded: step down until the exact byte total fits
+        allocation = frontier.at(units)
+        if allocation.bytes <= budget:
+            return allocation
+        units -= max(1, (allocation.bytes - budget) // frontier.unit)
+
+
+def smallest_within(items: list[Item], max_kld: float) -> Allocation:
+    """The fewest bytes whose predicted KLD is at most `max_kld`."""
+    frontier = Frontier(items)
+    fits = np.nonzero(frontier.best <= max_kld)[0]
+    if len(fits) == 0:
+        least = float(frontier.best[-1])
+        raise SlimkitError(f"allocation: no choice of these types predicts a KLD within {max_kld:g} "
+                           f"(the least is {least:.4g}, every tensor at its largest type)")
+    return frontier.at(int(fits[0]))
