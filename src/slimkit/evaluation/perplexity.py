@@ -100,7 +100,7 @@ def _cached_base(use: LogprobsUse | None, windows: int) -> list[tuple[float, int
     return [use.record.window_nll(i) for i in range(windows)]
 
 
-def _score_window(logits: BatchLogits, j: int, window: torch.Tensor, index: int, use: LogprobsUse | None,
+def score_window(logits: BatchLogits, j: int, window: torch.Tensor, index: int, use: LogprobsUse | None,
                   meter: DivergenceMeter) -> tuple[float, int]:
     """One window's summed NLL and predicted tokens, ROWS_AT_ONCE positions at a time; on the way
     the base's summary recorded (`use.record`) or the divergence from it measured (`use.compare`)."""
@@ -135,7 +135,7 @@ def _forward_windows(model: nn.Module, windows: torch.Tensor, protocol: Perplexi
     for batch in progress.track(list(torch.split(windows, protocol.batch_size)), description):
         logits = BatchLogits(model, batch.to(device), apart)
         for j in range(batch.shape[0]):
-            window_nll_sum, window_count = _score_window(logits, j, batch[j], first + j, logprobs, meter)
+            window_nll_sum, window_count = score_window(logits, j, batch[j], first + j, logprobs, meter)
             nll, count = nll + window_nll_sum, count + window_count
         first += batch.shape[0]
     return nll, count

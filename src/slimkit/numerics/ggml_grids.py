@@ -90,6 +90,8 @@ class GGMLCodes:
 
 
 OUTER_FTYPE = "outer"
+ALLOCATED_FTYPE = "allocated"  # types chosen tensor by tensor for a budget (gguf_allocate): no llama.cpp mix
+NOT_A_MIX = (OUTER_FTYPE, ALLOCATED_FTYPE)
 
 
 def ggml_type(name: str) -> GGMLType:

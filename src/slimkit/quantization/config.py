@@ -131,7 +131,19 @@ class AutoRoundConfig(StepConfig, QuantFields):
                 + (f" +scales {self.tune_scales.iters}" if self.tune_scales else ""))
 
 
-class GGUFQuantizeConfig(StepConfig):
+class GridSolverFields(BaseModel):
+    """How codes are chosen on a fitted GGML grid."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    solver: Literal["gptq", "imatrix"] = Field("gptq", description="gptq: codes by GPTQ on the fitted grid; "
+                                               "imatrix: round-to-nearest on it (llama.cpp's method)")
+    act_order: bool = Field(True, description="GPTQ: columns by decreasing diag(H) (the grid is fixed, so free)")
+    blocksize: int = Field(128, gt=0, description="GPTQ: columns per lazy-update block")
+    percdamp: float = Field(0.01, gt=0.0, description="GPTQ: damping, as a fraction of mean(diag H)")
+
+
+class GGUFQuantizeConfig(StepConfig, GridSolverFields):
     """llama.cpp's GGUF types (K-quants and the legacy ones), with codes chosen by calibration.
 
     Each linear gets the GGML type llama.cpp's mix gives it in a file of `gguf_type`
@@ -149,14 +161,81 @@ class GGUFQuantizeConfig(StepConfig):
     gguf_type: Literal["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_NL", "IQ4_XS", "Q4_K_M", "Q4_K_S", "Q5_K_M",
                        "Q5_K_S", "Q6_K", "Q8_0", "Q5_0", "Q4_0"] = Field(
         "Q4_K_M", description="llama.cpp file type: the per-tensor type mix")
-    solver: Literal["gptq", "imatrix"] = Field("gptq", description="gptq: codes by GPTQ on the fitted grid; "
-                                               "imatrix: round-to-nearest on it (llama.cpp's method)")
-    act_order: bool = Field(True, description="GPTQ: columns by decreasing diag(H) (the grid is fixed, so free)")
-    blocksize: int = Field(128, gt=0, description="GPTQ: columns per lazy-update block")
-    percdamp: float = Field(0.01, gt=0.0, description="GPTQ: damping, as a fraction of mean(diag H)")
 
     def summary(self) -> str:
         return f"GGUF {self.gguf_type} ({'GPTQ' if self.solver == 'gptq' else 'imatrix RTN'} on llama.cpp's grids)"
+
+
+ALLOCATABLE_TYPES = ("Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ4_NL", "Q5_0")
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(value: int | float | str) -> int:
+    """Bytes from 123456, "100MB", "1.5 GB", "512MiB"."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    import re
+
+    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
+    if not found or found.group(2).upper() not in _SIZE_UNITS:
+        raise ValueError(f"{value!r} is not a size (say 100MB, 1.5GB, 512MiB or a number of bytes)")
+    return int(float(found.group(1)) * _SIZE_UNITS[found.group(2).upper()])
+
+
+class GGUFAllocateConfig(StepConfig, GridSolverFields):
+    """llama.cpp's types chosen tensor by tensor for a budget (the GGUF's whole file: tensors,
+    tokenizer and metadata), then calibrated codes in those types.
+
+    Each tensor's sensitivity is measured: for every candidate type, the Hessian-weighted error of
+    round-to-nearest on its fitted grid, scaled by the KLD the model's output moves when that tensor
+    alone takes its smallest type (measured on `probe_windows` calibration windows; the head and
+    the embedding are measured at every type). The predicted KLD of an assignment is the sum over
+    tensors; the allocator (quantization/allocation.py) solves the budget exactly. Then GPTQ (or
+    imatrix rounding) writes every linear's codes in its type, in one calibrated pass."""
+
+    method: Literal["gguf_allocate"] = "gguf_allocate"
+    needs_calibration: ClassVar[bool] = True
+    quantizes_outer: ClassVar[bool] = True
+
+    target_bpw: float | None = Field(None, gt=0.0, description="whole-file bits per weight of the GGUF")
+    target_size: int | None = Field(None, gt=0, description="whole-file bytes of the GGUF (100MB, 1.5GB, ...)")
+    max_kld: float | None = Field(None, gt=0.0, description="the smallest file whose predicted mean KLD is within this")
+    types: tuple[str, ...] = Field(ALLOCATABLE_TYPES, description="candidate GGML types (each tensor gets one that "
+                                   "tiles its rows)")
+    probe_windows: int = Field(4, ge=1, description="calibration windows on which each tensor's KLD is measured")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sizes(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("target_size"), str):
+            data = {**data, "target_size": parse_size(data["target_size"])}
+        return data
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "GGUFAllocateConfig":
+        from slimkit.numerics.ggml_grids import TYPES
+
+        given = [k for k in ("target_bpw", "target_size", "max_kld") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"gguf_allocate needs exactly one budget of target_bpw, target_size, max_kld (got "
+                             f"{', '.join(given) or 'none'})")
+        unknown = [t for t in self.types if t not in TYPES]
+        if unknown:
+            raise ValueError(f"unknown GGML types {unknown}; known: {', '.join(TYPES)}")
+        return self
+
+    def needs_every_block(self) -> str | None:
+        return "gguf_allocate measures every tensor's sensitivity on the whole model before it chooses any type"
+
+    def budget(self) -> str:
+        if self.target_bpw is not None:
+            return f"{self.target_bpw:g} bpw"
+        if self.target_size is not None:
+            return f"{self.target_size / 1e6:.1f} MB"
+        return f"predicted KLD <= {self.max_kld:g}"
+
+    def summary(self) -> str:
+        return f"GGUF types allocated to {self.budget()} ({'GPTQ' if self.solver == 'gptq' else 'imatrix RTN'})"
 
 
 class RotateConfig(StepConfig):

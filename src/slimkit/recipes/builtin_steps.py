@@ -17,6 +17,7 @@ STEP_MODULES = [
     "slimkit.quantization.rotation_steps",  # rotate
     "slimkit.quantization.autoround_steps",  # autoround
     "slimkit.quantization.gguf_steps",  # gguf_quantize
+    "slimkit.quantization.allocate_steps",  # gguf_allocate
     "slimkit.quantization.outer_steps",  # quantize_outer
     "slimkit.distillation.steps",  # distill
 ]

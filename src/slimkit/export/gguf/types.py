@@ -25,7 +25,7 @@ import torch
 
 from slimkit.errors import SlimkitError
 from slimkit.formats.ggml import pack_blocks
-from slimkit.numerics.ggml_grids import OUTER_FTYPE, fit_grid, round_codes
+from slimkit.numerics.ggml_grids import ALLOCATED_FTYPE, NOT_A_MIX, fit_grid, round_codes
 from slimkit.quantization.gguf_mix import query_groups
 
 MIXES = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "iq4_nl", "iq4_xs", "q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k",
@@ -80,6 +80,8 @@ class TypePlan:
 
         if self.mix is not None:
             return gguf.LlamaFileType[f"MOSTLY_{self.mix}"]
+        if any(m.format == "ggml" and m.meta["ftype"] == ALLOCATED_FTYPE for m in packed.values()):
+            return gguf.LlamaFileType.GUESSED  # types chosen tensor by tensor: no llama.cpp file type names it
         if self.requested in ("f16", "f32"):
             return gguf.LlamaFileType.MOSTLY_F16 if self.requested == "f16" else gguf.LlamaFileType.ALL_F32
         int4 = any(code_format(m) == "int4" for m in packed.values())
@@ -109,7 +111,7 @@ def plan_types(model: torch.nn.Module, packed: dict, requested: str) -> TypePlan
     mix = requested.upper() if requested in MIXES else None
     if requested == "auto":
         mixes = sorted({m.meta["ftype"] for m in packed.values()
-                        if m.format == "ggml" and m.meta["ftype"] != OUTER_FTYPE})  # not the head's own type
+                        if m.format == "ggml" and m.meta["ftype"] not in NOT_A_MIX})  # the head's own type, an allocation
         if len(mixes) > 1:
             raise SlimkitError(f"this model mixes llama.cpp file types {mixes}; pass --gguf-type")
         mix = mixes[0] if mixes else None

@@ -105,3 +105,29 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: Path, qtype: str = "aut
     writer.write_tensors_to_file()
     writer.close()
     return GGUFWritten(queue.counts, path.stat().st_size, sum(p.numel() for p in model.parameters()))
+
+
+TENSOR_INFO_BYTES = 96  # a tensor's entry in the header (name, dims, type, offset) and its alignment, at most
+
+
+def metadata_bytes(model: torch.nn.Module, tokenizer) -> int:
+    """What a GGUF of `model` spends outside its tensors' data: the header, hyper-parameters and
+    tokenizer written for real to a scratch file, and TENSOR_INFO_BYTES per tensor (a bound)."""
+    import tempfile
+
+    import gguf
+
+    check_gguf_export(model, tokenizer, None)
+    config = model.config
+    arch = gguf.MODEL_ARCH[gguf_arch(config).name]
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "header.gguf"
+        writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+        write_hparams(writer, config, {}, plan_types(model, {}, "f32"))
+        tokenizer_from_hf(writer, tokenizer, model.get_input_embeddings().num_embeddings)
+        describe_from_hf(writer, None, sum(p.numel() for p in model.parameters()))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.close()
+        header = path.stat().st_size
+    return header + TENSOR_INFO_BYTES * len(dict(model.named_parameters()))

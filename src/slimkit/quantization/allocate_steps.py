@@ -1,0 +1,131 @@
+"""Recipe step handler for gguf_allocate: measure each tensor's sensitivity, allocate its GGML
+type to the budget, then write calibrated codes in those types (one pass)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slimkit.calibration.runner import run_calibrated
+from slimkit.calibration.stats import StatsRequest
+from slimkit.errors import RecipeError
+from slimkit.numerics.ggml_grids import ALLOCATED_FTYPE
+from slimkit.quantization.allocation import Allocation, Choice, Item, best_under, smallest_within
+from slimkit.quantization.config import GGUFAllocateConfig
+from slimkit.quantization.gguf_steps import outer_tensors, quantize_linear, round_outer
+from slimkit.quantization.sensitivity import (
+    KLDProbe,
+    proxy_errors,
+    rounded,
+    tensor_bytes,
+    tiling_types,
+)
+from slimkit.recipes.context import StepContext
+from slimkit.recipes.registry import register_step
+
+
+def _types_of(config: GGUFAllocateConfig, name: str, module: nn.Module) -> list[str]:
+    types = tiling_types(config.types, module.weight.shape[1])
+    if not types:
+        raise RecipeError(f"{name}: rows of {module.weight.shape[1]} weights fit none of the types {config.types}")
+    return types
+
+
+def _linear_proxies(config: GGUFAllocateConfig, ctx: StepContext) -> dict[str, dict[str, float]]:
+    """Pass 1 (weights unchanged): every linear's proxy error at each of its candidate types."""
+    proxies: dict[str, dict[str, float]] = {}
+
+    def block(work, selected):
+        for name, module in ctx.run.progress.track(list(selected.items()), f"block {work.index}: sensitivity"):
+            proxies[name] = proxy_errors(module.weight, work.stats[name].hessian, _types_of(config, name, module))
+
+    run_calibrated(config, ctx, StatsRequest(hessian=True), block, lambda n, m: _types_of(config, n, m))
+    return proxies
+
+
+def _items(config: GGUFAllocateConfig, ctx: StepContext, proxies: dict[str, dict[str, float]]) -> list[Item]:
+    """Each tensor's choices with predicted KLD: linears by gain x proxy (the gain measured at the
+    smallest type), the outer tensors measured at every type."""
+    model = ctx.state.model
+    probe = KLDProbe(model, ctx.run.calibration()[: config.probe_windows])
+    items = []
+    linears = dict(model.named_modules())
+    for name, errors in ctx.run.progress.track(list(proxies.items()), "sensitivity: one KLD per linear"):
+        weight = linears[name].weight
+        smallest = min(errors, key=lambda t: tensor_bytes(t, 1, 256))
+        measured = probe.kld_with(weight, rounded(weight, smallest))
+        gain = measured / errors[smallest] if errors[smallest] > 0 else 0.0
+        items.append(Item(name, (name,), tuple(Choice(t, tensor_bytes(t, *weight.shape), gain * e)
+                                                for t, e in errors.items())))
+    for name, module in outer_tensors(ctx, config.ignore).items():
+        weight, types = module.weight, _types_of(config, name, module)
+        klds = [probe.kld_with(weight, rounded(weight, t)) for t in
+                ctx.run.progress.track(types, f"sensitivity: {name} at {len(types)} types")]
+        items.append(Item(name, (name,), tuple(Choice(t, tensor_bytes(t, *weight.shape), k)
+                                                for t, k in zip(types, klds))))
+    return items
+
+
+def _fixed_bytes(ctx: StepContext, items: list[Item]) -> int:
+    """The GGUF's bytes outside the allocated tensors: header, hyper-parameters, tokenizer, and
+    the tensors written in F32 (norms, biases)."""
+    from slimkit.export.gguf.writer import metadata_bytes
+
+    model = ctx.state.model
+    allocated = {id(model.get_submodule(m).weight) for item in items for m in item.members}
+    rest = sum(p.numel() * 4 for p in model.parameters() if id(p) not in allocated)
+    return metadata_bytes(model, ctx.run.tokenizer) + rest
+
+
+def _allocate(config: GGUFAllocateConfig, ctx: StepContext, items: list[Item]) -> tuple[Allocation, int]:
+    if config.max_kld is not None:
+        return smallest_within(items, config.max_kld), 0
+    fixed = _fixed_bytes(ctx, items)
+    parameters = sum(p.numel() for p in ctx.state.model.parameters())
+    total = config.target_size if config.target_size is not None else int(config.target_bpw * parameters / 8)
+    if total <= fixed:
+        raise RecipeError(f"the budget, {total / 1e6:.2f} MB, is not more than the file's fixed part "
+                          f"({fixed / 1e6:.2f} MB: tokenizer, metadata and F32 norms)")
+    return best_under(items, total - fixed), fixed
+
+
+def _quantize(config: GGUFAllocateConfig, ctx: StepContext, types: dict[str, str]) -> None:
+    """Pass 2: every linear's codes in its allocated type, GPTQ on the fitted grid; the outer
+    tensors rounded to nearest on theirs."""
+    def block(work, selected):
+        for name, module in ctx.run.progress.track(list(selected.items()), f"block {work.index}: linears"):
+            quantize_linear(config, types[name], ALLOCATED_FTYPE, module, work.stats[name].hessian,
+                            ctx.state.records[name], name)
+
+    run_calibrated(config, ctx, StatsRequest(hessian=True), block)
+    for name, module in outer_tensors(ctx, config.ignore).items():
+        round_outer(ctx, name, module, types[name], ALLOCATED_FTYPE, config.summary())
+
+
+def _detail(config: GGUFAllocateConfig, allocation: Allocation, fixed: int, parameters: int) -> dict:
+    whole = allocation.bytes + fixed
+    counts: dict[str, int] = {}
+    for choice in allocation.chosen.values():
+        counts[choice.qtype] = counts.get(choice.qtype, 0) + 1
+    return {"step": config.summary(), "config_changes": {},
+            "allocation": {name: {"type": c.qtype, "bytes": c.bytes, "predicted_kld": c.kld}
+                           for name, c in allocation.chosen.items()},
+            "notes": [f"allocated {', '.join(f'{n} {t}' for t, n in sorted(counts.items()))}: tensors "
+                      f"{allocation.bytes / 1e6:.2f} MB" + (f", whole GGUF {whole / 1e6:.2f} MB, "
+                                                             f"{whole * 8 / parameters:.3f} bpw" if fixed else ""),
+                      f"predicted mean KLD {allocation.predicted_kld:.4f} (sum of the tensors' measured "
+                      f"sensitivities, on calibration windows)"]}
+
+
+@register_step(GGUFAllocateConfig)
+def apply_gguf_allocate(config: GGUFAllocateConfig, ctx: StepContext) -> None:
+    progress = ctx.run.progress
+    progress.note(f"{config.summary()}: measuring each tensor's sensitivity")
+    with torch.no_grad():
+        items = _items(config, ctx, _linear_proxies(config, ctx))
+    allocation, fixed = _allocate(config, ctx, items)
+    parameters = sum(p.numel() for p in ctx.state.model.parameters())
+    detail = _detail(config, allocation, fixed, parameters)
+    progress.note(f"{config.summary()}: {detail['notes'][0]}; {detail['notes'][1]}")
+    _quantize(config, ctx, allocation.types)
+    ctx.state.details.append(detail)
