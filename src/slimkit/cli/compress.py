@@ -31,7 +31,7 @@ from slimkit.protocol import BenchSettings, EvalSettings
 @settings_options(EvalSettings, COMPRESS_SETTINGS)
 def compress(
     model: str = typer.Argument(..., help="packaged name (see `slimkit models`), HF model dir, or .gguf file"),
-    recipe: List[str] = typer.Option(..., "--recipe", "-r", help="built-in recipe name or YAML/JSON file; repeat to compare several"),
+    recipe: List[str] = typer.Option([], "--recipe", "-r", help="built-in recipe name or YAML/JSON file; repeat to compare several"),
     output: Path = typer.Option(..., "--output", "-o", help="output dir (written atomically)"),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     offload_activations: Optional[Path] = typer.Option(None, help="keep calibration activations in this dir "
@@ -45,6 +45,12 @@ def compress(
     stream: str = stream_option("a killed run resumes at the block where it stopped"),
     device: str = device_option("the block being calibrated, its statistics and solves; the rest stays on "
                                 "the CPU or on disk"),
+    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="GGML types chosen tensor by tensor "
+                                               "(gguf_allocate) so that the GGUF's whole file has these bits per weight"),
+    target_size: Optional[str] = typer.Option(None, "--target-size", help="... so that the GGUF's whole file "
+                                              "takes this many bytes (100MB, 1.5GB)"),
+    max_kld: Optional[float] = typer.Option(None, "--max-kld", help="... the smallest file whose predicted mean "
+                                            "KLD from the model stays within this"),
     settings=None,
     explicit=frozenset(),
 ) -> None:
@@ -67,6 +73,8 @@ def compress(
       slimkit compress ./my-model -r my-recipe.yaml -o out/mine --calibration-windows 64 --windows all
 
       slimkit compress ./llama-8b -r gptq-int4-g64 -o out/8b --stream on   # bigger than RAM; rerun resumes
+
+      slimkit compress smollm2-135m --target-bpw 4.5 -o out/4.5bpw   # the best GGUF types for a budget
     """
     from slimkit.calibration.distributed import init_from_env
     from slimkit.pipeline import check_several_processes
@@ -78,7 +86,9 @@ def compress(
     if size > 1 and bench:
         raise SlimkitError("several processes (torchrun) do not benchmark: drop --bench")
     with reserve_output(output, overwrite) if rank == 0 else contextlib.nullcontext():  # a clash fails first
-        recipes_ = _recipes(recipe)
+        recipes_ = _recipes(recipe) + budget_recipes(target_bpw, target_size, max_kld)
+        if not recipes_:
+            raise SlimkitError("name a recipe (-r) or a budget (--target-bpw, --target-size, --max-kld)")
         if size > 1:
             check_several_processes(recipes_, stream)  # before the model is touched
         settings = _preflight(model, recipes_, settings, explicit, offload_activations)
@@ -99,6 +109,21 @@ def _recipes(names: list[str]) -> list:
     if len(set(given)) != len(given):
         raise SlimkitError(f"recipe names must differ to share an output dir, got {given}")
     return recipes
+
+
+def budget_recipes(target_bpw: float | None, target_size: str | None, max_kld: float | None) -> list:
+    """The gguf_allocate recipe of a budget option (at most one), named after it."""
+    from slimkit.recipes import parse_recipe
+
+    given = {k: v for k, v in (("target_bpw", target_bpw), ("target_size", target_size), ("max_kld", max_kld))
+             if v is not None}
+    if len(given) > 1:
+        raise SlimkitError(f"give one budget, not {' and '.join('--' + k.replace('_', '-') for k in given)}")
+    if not given:
+        return []
+    (key, value), = given.items()
+    name = f"gguf-allocated-{key.replace('_', '-')}-{str(value).lower()}"
+    return [parse_recipe({"name": name, "steps": [{"method": "gguf_allocate", key: value}]})]
 
 
 def _run(job: CompressJob, stream: str) -> list:

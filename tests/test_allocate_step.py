@@ -1,0 +1,46 @@
+"""gguf_allocate end to end on a tiny model: the GGUF's whole file lands on the budget, its types
+are the allocation's, and llama.cpp's file type says it is no mix."""
+
+
+import pytest
+
+from conftest import tiny_llama
+from slimkit.compression.memory import compress_to_dir
+from slimkit.export.job import ExportSettings, export_model
+from slimkit.protocol import EvalSettings
+from slimkit.recipes import parse_recipe
+
+SETTINGS = EvalSettings(seqlen=64, max_windows=2, calibration_windows=4, calibration_seqlen=64)
+TYPES = ["Q3_K", "Q4_K", "Q6_K", "Q8_0"]
+
+
+@pytest.fixture(scope="module")
+def tiny_256(tmp_path_factory, smollm2_tokenizer):
+    path = tmp_path_factory.mktemp("tiny-256")
+    tiny_llama(vocab_size=len(smollm2_tokenizer), hidden_size=256, intermediate_size=512,
+               num_hidden_layers=4).save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_a_target_size_gives_a_gguf_of_that_size_with_the_allocated_types(tiny_256, tmp_path):
+    import gguf
+
+    target = 14_000_000
+    recipe = parse_recipe({"name": "alloc", "steps": [{"method": "gguf_allocate", "target_size": "14MB",
+                                                       "types": TYPES, "probe_windows": 2}]})
+    report, = compress_to_dir(str(tiny_256), [recipe], tmp_path / "c", SETTINGS)
+    detail = report.compression.structure_and_training[0]
+    chosen = {name: a["type"] for name, a in detail["allocation"].items()}
+    assert len(set(chosen.values())) > 1  # the budget sits between the types: a mix is chosen
+    predicted = sum(a["predicted_kld"] for a in detail["allocation"].values())
+    assert 0 < predicted and report.compressed.divergence.mean_kld > 0
+    result = export_model(str(tmp_path / "c"), tmp_path / "g", "gguf", ExportSettings(verify=False))
+    written = (tmp_path / "g" / "model.gguf").stat().st_size
+    assert 0.99 * target <= written <= target, written
+    reader = gguf.GGUFReader(tmp_path / "g" / "model.gguf")
+    assert int(reader.get_field("general.file_type").contents()) == gguf.LlamaFileType.GUESSED
+    stored = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert stored["blk.3.ffn_down.weight"] == chosen["model.layers.3.mlp.down_proj"]
+    assert stored["token_embd.weight"] == chosen["lm_head"]  # tied: one tensor
+    assert not any(label.startswith(("F16", "Q")) and "kept" not in label for label in result["tensors_by_type"])
