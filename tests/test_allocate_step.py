@@ -44,3 +44,18 @@ def test_a_target_size_gives_a_gguf_of_that_size_with_the_allocated_types(tiny_2
     assert stored["blk.3.ffn_down.weight"] == chosen["model.layers.3.mlp.down_proj"]
     assert stored["token_embd.weight"] == chosen["lm_head"]  # tied: one tensor
     assert not any(label.startswith(("F16", "Q")) and "kept" not in label for label in result["tensors_by_type"])
+
+
+def test_compress_budget_options_are_checked_before_loading(tmp_path):
+    from typer.testing import CliRunner
+
+    from slimkit.cli.compress import budget_recipes
+    from slimkit.cli.main import app
+
+    both = CliRunner().invoke(app, ["compress", str(tmp_path / "no-model"), "--target-bpw", "4",
+                                    "--target-size", "90MB", "-o", str(tmp_path / "o")])
+    assert both.exit_code != 0 and "give one budget" in both.output and "Traceback" not in both.output
+    none = CliRunner().invoke(app, ["compress", str(tmp_path / "no-model"), "-o", str(tmp_path / "o2")])
+    assert none.exit_code != 0 and "name a recipe (-r) or a budget" in none.output
+    recipe, = budget_recipes(None, "90MB", None)
+    assert recipe.name == "gguf-allocated-target-size-90mb" and recipe.steps[0].target_size == 90_000_000
