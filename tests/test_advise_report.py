@@ -64,6 +64,22 @@ def test_a_kld_bound_ranks_and_decides_by_kld():
     assert [r.candidate for r in pareto([base, int8, gptq, rtn], keys)] == ["dense", "int8", "gptq-int4"]
 
 
+def test_a_size_budget_decides_and_puts_an_allocated_gguf_first_for_llamacpp():
+    """--max-size: a file over it misses (the whole file, from the measured disk size); with
+    --target llamacpp an allocated GGUF of that size is the first candidate, and its recipe is the
+    gguf_allocate step with that target."""
+    from slimkit.advisor.llamacpp import ALLOCATED, allocated_recipe, candidates
+
+    small, big = _row("small", 1, 2, 10.5, 20, 300), _row("big", 0, 2, 10.1, 20, 600)  # disk 150 / 300 MiB
+    constraints = Constraints(max_ppl_increase=0.10, max_size="200MB")
+    assert constraints.max_size == 200_000_000
+    chosen, reason = decide([big, small], BASE, constraints)
+    assert chosen.candidate == "small" and "size: file 314.6 MB (budget 200.0)" in reason
+    assert [c.name for c in candidates(90_000_000)][0] == ALLOCATED and candidates(None)[0].name != ALLOCATED
+    step = allocated_recipe(90_000_000).steps[0]
+    assert step.method == "gguf_allocate" and step.target_size == 90_000_000
+
+
 def test_llamacpp_measurements_become_advisor_rows():
     from slimkit.advisor.framework import LLAMACPP_CANDIDATES
     from slimkit.advisor.llamacpp import advise_row

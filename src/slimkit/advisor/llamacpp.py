@@ -32,10 +32,31 @@ def advise_row(row: LlamaCppRow, prompt: int, order: int, c: Candidate | None) -
         pack=c.pack if c else None, what=c.what if c else "the model as given, F32 GGUF")
 
 
+ALLOCATED = "gguf-allocated"  # the candidate whose types are allocated to --max-size
+
+
+def allocated_recipe(max_size: int):
+    """gguf_allocate to a whole GGUF of `max_size` bytes."""
+    from slimkit.recipes import parse_recipe
+
+    return parse_recipe({"name": ALLOCATED, "description": f"GGML types allocated tensor by tensor to a "
+                         f"{max_size / 1e6:.1f} MB GGUF", "steps": [{"method": "gguf_allocate", "target_size": max_size}]})
+
+
+def candidates(max_size: int | None) -> tuple[Candidate, ...]:
+    """llama.cpp's file types, after a GGUF allocated to the size budget when there is one."""
+    if max_size is None:
+        return LLAMACPP_CANDIDATES
+    allocated = Candidate(ALLOCATED, 2, ALLOCATED, "gguf", f"slimkit's GGML types chosen tensor by tensor for "
+                          f"{max_size / 1e6:.1f} MB (gguf_allocate)")
+    return (allocated, *LLAMACPP_CANDIDATES)
+
+
 def measure_candidates(model: str, work: Path, settings, threads: int, progress: Progress = NoProgress(),
-                       log: Callable[[str], None] = lambda m: None) -> tuple[AdviseRow, list[AdviseRow]]:
-    """Compress every candidate, export each (and the dense model) to GGUF, measure in llama.cpp
-    with `threads` threads."""
+                       log: Callable[[str], None] = lambda m: None, max_size: int | None = None
+                       ) -> tuple[AdviseRow, list[AdviseRow]]:
+    """Compress every candidate (an allocated GGUF too, given a size), export each (and the dense
+    model) to GGUF, measure in llama.cpp with `threads` threads."""
     from slimkit.benchmarks.llamacpp_model import file_type_name, gguf_of, measure_all
     from slimkit.compression.job import CompressJob
     from slimkit.pipeline import compress_stage
@@ -43,21 +64,22 @@ def measure_candidates(model: str, work: Path, settings, threads: int, progress:
     from slimkit.recipes import get_recipe
 
     eval_settings = EvalSettings.from_protocol(settings.protocol.with_changes(eval_windows=4))
-    recipes = [get_recipe(c.recipe) for c in LLAMACPP_CANDIDATES]
+    chosen = candidates(max_size)
+    recipes = [allocated_recipe(max_size) if c.recipe == ALLOCATED else get_recipe(c.recipe) for c in chosen]
     log(f"compressing {len(recipes)} GGUF candidates: {', '.join(r.name for r in recipes)}")
     job = CompressJob(model, tuple(recipes), work / "compressed", eval_settings, overwrite=True)
     layout, _ = compress_stage(job, progress, log)
     ggufs = work / "gguf"
     ggufs.mkdir(parents=True, exist_ok=True)
     entries = [(model, "F32", gguf_of(model, ggufs, baseline=True))]
-    for c in LLAMACPP_CANDIDATES:
+    for c in chosen:
         gguf = gguf_of(str(layout.model_dir(c.recipe).root), ggufs, baseline=False)
         entries.append((c.name, file_type_name(gguf), gguf))
     bench = BenchSettings(windows=settings.protocol.eval_windows or 32, decode=settings.decode_tokens)
     log("measuring every GGUF in llama.cpp (llama-perplexity, then llama-bench in interleaved rounds)")
     rows = measure_all(entries, ggufs, bench, threads, rounds=2, progress=progress)
     base = advise_row(rows[0], bench.prompt, -1, None)
-    return base, [advise_row(r, bench.prompt, i, c) for i, (r, c) in enumerate(zip(rows[1:], LLAMACPP_CANDIDATES))]
+    return base, [advise_row(r, bench.prompt, i, c) for i, (r, c) in enumerate(zip(rows[1:], chosen))]
 
 
 def skipped() -> list[SkippedCandidate]:

@@ -36,6 +36,16 @@ class Constraints(BaseModel):
     max_kld: float | None = Field(None, gt=0, description="largest acceptable mean KL divergence from the dense "
                                   "model's next-token distributions (nats/token); also ranks near misses and the "
                                   "frontier by KLD instead of ppl")
+    max_size: int | None = Field(None, gt=0, description="largest whole file the model may take (100MB, 1.5GB): the "
+                                 "packed dir, or the GGUF with --target llamacpp, where an allocated GGUF of that "
+                                 "size is measured too")
+
+    @field_validator("max_size", mode="before")
+    @classmethod
+    def _size(cls, value):
+        from slimkit.quantization.config import parse_size
+
+        return parse_size(value) if value is not None else None
 
     @field_validator("max_ppl_increase", mode="before")
     @classmethod
@@ -63,6 +73,9 @@ class Constraints(BaseModel):
         out["latency"] = ((self.max_decode_ms is None or row.decode_ms_per_token <= self.max_decode_ms),
                           f"decode {row.decode_ms_per_token:.1f} ms/token" + (
                               f" (budget {self.max_decode_ms:.1f})" if self.max_decode_ms else " (no budget)"))
+        size = row.disk_mb * 2**20
+        out["size"] = ((self.max_size is None or size <= self.max_size),
+                       f"file {size / 1e6:.1f} MB" + (f" (budget {self.max_size / 1e6:.1f})" if self.max_size else ""))
         out["throughput"] = ((self.min_throughput is None or row.throughput_tok_s >= self.min_throughput),
                              f"{row.throughput_tok_s:.1f} tok/s @{row.batch}" + (
                                  f" (needs {self.min_throughput:.1f})" if self.min_throughput else ""))
@@ -147,6 +160,7 @@ def _plan(device: Device, settings: AdviseSettings) -> tuple[list[tuple[int, Can
 
 def _write_advice(output: Path, overwrite: bool, model: str, result: AdviseResult, chosen: AdviseRow | None,
                   plotted: list[AdviseRow]) -> None:
+    from slimkit.advisor.llamacpp import ALLOCATED, allocated_recipe
     from slimkit.advisor.report import frontier_plot, markdown
     from slimkit.io.outputs import output_directory
     from slimkit.paths import MeasureDir
@@ -158,7 +172,8 @@ def _write_advice(output: Path, overwrite: bool, model: str, result: AdviseResul
         written.md.write_text(markdown(result))
         frontier_plot(plotted, written.frontier, model)
         if chosen is not None:
-            recipe = get_recipe(chosen.recipe)
+            recipe = allocated_recipe(result.constraints["max_size"]) if chosen.recipe == ALLOCATED \
+                else get_recipe(chosen.recipe)
             then = {"dense": "\n", "gguf": " && slimkit export OUT --to gguf -o OUT-gguf\n"}.get(
                 chosen.pack, f" && slimkit pack OUT -o OUT-packed --format {chosen.pack}\n")
             header = (f"# recommended by `slimkit advise {model}` ({chosen.candidate}, rule {chosen.rule}).\n"
@@ -212,7 +227,8 @@ def advise(model: str, constraints: Constraints, device: Device, output: Path,
     if device.kind == "llamacpp":
         from slimkit.advisor import llamacpp
 
-        base, rows = llamacpp.measure_candidates(model, layout.work, settings, device.cores, progress, log)
+        base, rows = llamacpp.measure_candidates(model, layout.work, settings, device.cores, progress, log,
+                                                 max_size=constraints.max_size)
         skipped = llamacpp.skipped()
     else:
         base, rows, skipped = _measure_torch(model, constraints, device, layout, settings, progress, log)

@@ -75,7 +75,8 @@ def report(
 
 
 @friendly_errors
-@settings_options(Constraints, ("max_ppl_increase", "max_kld", "max_memory_mb", "max_decode_ms", "min_throughput"),
+@settings_options(Constraints, ("max_ppl_increase", "max_kld", "max_memory_mb", "max_decode_ms", "min_throughput",
+                                "max_size"),
                   param="constraints")
 def advise(
     model: str = typer.Argument(..., help="zoo name, HF dir or .gguf"),
@@ -102,6 +103,8 @@ def advise(
       slimkit advise smollm2-135m --max-ppl-increase 25% --max-decode-ms 30
 
       slimkit advise smollm2-135m --target llamacpp --max-kld 0.03   # which GGUF type, ranked by KLD
+
+      slimkit advise smollm2-135m --target llamacpp --max-size 100MB  # allocated types vs llama.cpp's
     """
     from slimkit.advisor import AdviseSettings, detect
     from slimkit.advisor import advise as run_advise

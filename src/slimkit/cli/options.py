@@ -62,7 +62,9 @@ def _shown_default(model: type[BaseModel], field: str) -> str:
     return f" [quick: {quick}, full: {'all' if full is None else full}]"
 
 
-def _metavar(annotation) -> str:
+def _metavar(annotation, field: str = "") -> str:
+    if field.endswith("size") and annotation == (int | None):
+        return "SIZE"  # bytes, or 100MB / 1.5GB
     if annotation == (int | None):
         return "N|all"
     return {int: "INT", float: "NUMBER", float | None: "NUMBER"}.get(annotation, "TEXT")
@@ -71,7 +73,7 @@ def _metavar(annotation) -> str:
 def _field_option(model: type[BaseModel], field: str) -> inspect.Parameter:
     info = model.model_fields[field]
     option = typer.Option(None, option_name(model, field), help=f"{info.description}{_shown_default(model, field)}",
-                          metavar=_metavar(info.annotation), show_default=False)
+                          metavar=_metavar(info.annotation, field), show_default=False)
     return inspect.Parameter(field, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[str])
 
 

@@ -3,6 +3,8 @@ type to the budget, then write calibrated codes in those types (one pass)."""
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch import nn
 
@@ -117,12 +119,38 @@ def _detail(config: GGUFAllocateConfig, allocation: Allocation, fixed: int, para
                       f"sensitivities, on calibration windows)"]}
 
 
+_MEASURED: dict[tuple, list[Item]] = {}  # sensitivities of this process's runs (several budgets, one model)
+BUDGETS = ("target_bpw", "target_size", "max_kld")
+
+
+@torch.no_grad()
+def _measurement_key(config: GGUFAllocateConfig, ctx: StepContext) -> tuple:
+    """What the sensitivities depend on: the weights (a checksum), the step's settings but its
+    budget, and the calibration windows."""
+    weights = tuple(float(p.double().sum()) for p in ctx.state.model.parameters())
+    settings = tuple(sorted((k, str(v)) for k, v in config.model_dump().items() if k not in BUDGETS))
+    return weights, settings, hashlib.sha256(ctx.run.calibration().numpy().tobytes()).hexdigest()
+
+
+def measured_items(config: GGUFAllocateConfig, ctx: StepContext) -> list[Item]:
+    """Every tensor's choices with their predicted KLD, measured once per model, settings and
+    calibration windows in a process (a run with several budgets measures once)."""
+    key = _measurement_key(config, ctx)
+    if key in _MEASURED:
+        ctx.run.progress.note(f"{config.summary()}: the sensitivities measured for another budget of this run")
+        return _MEASURED[key]
+    ctx.run.progress.note(f"{config.summary()}: measuring each tensor's sensitivity")
+    with torch.no_grad():
+        items = _items(config, ctx, _linear_proxies(config, ctx))
+    _MEASURED.clear()  # one model's at a time
+    _MEASURED[key] = items
+    return items
+
+
 @register_step(GGUFAllocateConfig)
 def apply_gguf_allocate(config: GGUFAllocateConfig, ctx: StepContext) -> None:
     progress = ctx.run.progress
-    progress.note(f"{config.summary()}: measuring each tensor's sensitivity")
-    with torch.no_grad():
-        items = _items(config, ctx, _linear_proxies(config, ctx))
+    items = measured_items(config, ctx)
     allocation, fixed = _allocate(config, ctx, items)
     parameters = sum(p.numel() for p in ctx.state.model.parameters())
     detail = _detail(config, allocation, fixed, parameters)

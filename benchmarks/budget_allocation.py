@@ -1,0 +1,127 @@
+"""slimkit's allocated GGUFs against llama.cpp's imatrix mixes, at the same bytes, judged by llama.cpp.
+
+    make peers     # once: llama.cpp's tools in .peers/llama.cpp/bin
+    python -m benchmarks.budget_allocation -o out/budgets                 # quick: 16 x 256 calibration
+    python -m benchmarks.budget_allocation -o out/budgets --full          # 128 x 512 calibration
+
+- the base: the dense model exported to an F32 GGUF; llama-perplexity's distributions on the
+  evaluation text are the KLD reference of every other file;
+- llama.cpp: llama-imatrix on slimkit's calibration windows (decoded to text), then llama-quantize
+  with that imatrix to each file type of `--types` (Q2_K ... Q5_K_M);
+- slimkit: `gguf_allocate` with `target_size` = each llama.cpp file's bytes (the same windows,
+  one sensitivity measurement for every size), exported with `--gguf-type auto`;
+- every file scored by llama-perplexity (ppl, KLD) and timed by llama-bench (same threads,
+  interleaved rounds).
+
+Writes budget_allocation.json, budget_allocation.md (the table, slimkit's KLD over llama.cpp's at
+each size) and budget_allocation.png (KLD against file size) into the output dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from benchmarks.peer_llamacpp import calibration_text
+from slimkit.benchmarks.llamacpp import llamacpp_quantize, make_imatrix
+from slimkit.benchmarks.llamacpp_model import gguf_of, llamacpp_table, measure_all
+from slimkit.protocol import FULL, QUICK, BenchSettings, EvalSettings
+from slimkit.results import LlamaCppRow
+
+TYPES = "Q2_K,Q3_K_S,Q3_K_M,Q4_K_S,Q4_K_M,Q5_K_M"
+
+
+def llamacpp_files(base: Path, calibration: Path, work: Path, types: list[str], windows: int, seqlen: int
+                   ) -> dict[str, Path]:
+    imatrix = make_imatrix(base, calibration, work / "imatrix.gguf", seqlen, windows)
+    return {t: llamacpp_quantize(base, work / f"llamacpp-{t.lower()}.gguf", t, imatrix) for t in types}
+
+
+def allocated_files(model: str, sizes: dict[str, int], work: Path, settings: EvalSettings) -> dict[str, Path]:
+    """gguf_allocate to each size (named after the llama.cpp type it matches), each exported."""
+    from slimkit.compression.memory import compress_to_dir
+    from slimkit.recipes import parse_recipe
+
+    recipes = [parse_recipe({"name": f"allocated-{t.lower()}-size", "steps": [
+        {"method": "gguf_allocate", "target_size": size}]}) for t, size in sizes.items()]
+    compress_to_dir(model, recipes, work / "compressed", settings, log=print)
+    return {r.name: gguf_of(str(work / "compressed" / r.name), work, baseline=False) for r in recipes}
+
+
+def comparison(rows: list[LlamaCppRow], types: list[str]) -> list[str]:
+    by = {r.model: r for r in rows}
+    lines = ["| size of | llama.cpp MB | slimkit MB | llama.cpp KLD | slimkit KLD | slimkit / llama.cpp | "
+             "llama.cpp ppl | slimkit ppl |", "|" + "---|" * 8]
+    for t in types:
+        theirs, ours = by[f"{t} + imatrix"], by[f"allocated-{t.lower()}-size"]
+        lines.append(f"| {t} | {theirs.file_mb:.2f} | {ours.file_mb:.2f} | {theirs.mean_kld:.4f} | "
+                     f"{ours.mean_kld:.4f} | {ours.mean_kld / theirs.mean_kld:.2f}x | {theirs.ppl:.3f} | {ours.ppl:.3f} |")
+    return lines
+
+
+def plot(rows: list[LlamaCppRow], path: Path, model: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for made_by, marker in (("llama.cpp", "o"), ("slimkit", "s")):
+        points = sorted((r.file_mb, r.mean_kld, r.model) for r in rows[1:] if r.made_by.startswith(made_by))
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, label=made_by)
+        for x, y, label in points:
+            ax.annotate(label.replace("allocated-", "").replace("-size", ""), (x, y), fontsize=7)
+    ax.set_xlabel("whole file, MB")
+    ax.set_ylabel("mean KLD from the F32 file (llama-perplexity)")
+    ax.set_yscale("log")
+    ax.set_title(f"{model}: llama.cpp's imatrix mixes and slimkit's allocation at the same bytes")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(model: str, output: Path, full: bool, types: list[str], threads: int, chunks: int, seed: int = 0
+        ) -> list[LlamaCppRow]:
+    from slimkit.io.outputs import output_directory
+
+    protocol = FULL if full else QUICK
+    windows, seqlen = protocol.calibration_windows, protocol.calibration_seqlen
+    settings = EvalSettings(max_windows=2, calibration_windows=windows, calibration_seqlen=seqlen, seed=seed)
+    with output_directory(output, False, inputs=[model], command="budget_allocation") as tmp:
+        base = gguf_of(model, tmp, baseline=True)
+        calibration = calibration_text(model, tmp / "calibration.txt", windows, seqlen, seed)
+        theirs = llamacpp_files(base, calibration, tmp, types, windows, seqlen)
+        ours = allocated_files(model, {t: f.stat().st_size for t, f in theirs.items()}, tmp, settings)
+        entries = [(f"{model} F32", "slimkit export (base)", base)]
+        entries += [(f"{t} + imatrix", "llama.cpp llama-quantize", f) for t, f in theirs.items()]
+        entries += [(name, "slimkit gguf_allocate", f) for name, f in ours.items()]
+        rows = measure_all(entries, tmp, BenchSettings(windows=chunks), threads, rounds=3)
+        (tmp / "budget_allocation.json").write_text(json.dumps([r.to_dict() for r in rows], indent=2))
+        plot(rows, tmp / "budget_allocation.png", model)
+        text = "\n".join([f"# Allocated GGUFs vs llama.cpp's imatrix mixes on {model}", "",
+                          *comparison(rows, types), "", llamacpp_table(rows), "",
+                          f"- calibration: {windows} x {seqlen} tokens (seed {seed}), the same windows for "
+                          "llama-imatrix and slimkit", f"- scored by llama-perplexity on {chunks} chunks of 512 of "
+                          "the evaluation text; KLD vs the F32 base", f"- speed: llama-bench, {threads} threads, "
+                          "3 interleaved rounds", "", "![KLD vs size](budget_allocation.png)", ""])
+        (tmp / "budget_allocation.md").write_text(text)
+    print(text)
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output dir (written atomically)")
+    p.add_argument("--full", action="store_true", help="the full protocol's calibration: 128 x 512 (quick: 16 x 256)")
+    p.add_argument("--types", default=TYPES, help="llama.cpp file types whose sizes are the budgets")
+    p.add_argument("--chunks", type=int, default=32, help="llama-perplexity chunks of 512 tokens scored")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    run(a.model, a.output, a.full, a.types.split(","), a.threads, a.chunks, a.seed)
+
+
+if __name__ == "__main__":
+    main()
