@@ -227,6 +227,9 @@ class GGUFAllocateConfig(StepConfig, GridSolverFields):
     def needs_every_block(self) -> str | None:
         return "gguf_allocate measures every tensor's sensitivity on the whole model before it chooses any type"
 
+    def one_process_only(self) -> str | None:
+        return "gguf_allocate measures sensitivities with forward passes of the whole model: it runs in one process"
+
     def budget(self) -> str:
         if self.target_bpw is not None:
             return f"{self.target_bpw:g} bpw"
