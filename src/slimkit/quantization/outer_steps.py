@@ -12,10 +12,10 @@ from fnmatch import fnmatch
 import torch
 from torch import nn
 
-from slimkit.formats.ggml import pack_blocks
 from slimkit.models.adapters import submodule_at
-from slimkit.numerics.ggml_grids import OUTER_FTYPE, TYPES, GGMLCodes, fit_grid, grid_values, round_codes
+from slimkit.numerics.ggml_grids import OUTER_FTYPE, TYPES
 from slimkit.quantization.config import QuantizeOuterConfig
+from slimkit.quantization.gguf_steps import round_outer
 from slimkit.recipes.context import StepContext
 from slimkit.recipes.registry import register_step
 
@@ -54,10 +54,4 @@ def outer_targets(config: QuantizeOuterConfig, ctx: StepContext) -> list[tuple[s
 @register_step(QuantizeOuterConfig)
 def apply_quantize_outer(config: QuantizeOuterConfig, ctx: StepContext) -> None:
     for name, module, qtype in ctx.run.progress.track(outer_targets(config, ctx), "head and embedding"):
-        w = module.weight.detach().float()
-        grid = fit_grid(qtype, w)
-        codes = round_codes(w, grid)
-        module.weight.data.copy_(grid_values(codes, grid).to(module.weight.dtype))
-        record = ctx.state.record_for(name, module)
-        record.ggml = GGMLCodes(qtype, OUTER_FTYPE, torch.from_numpy(pack_blocks(codes, grid)))
-        record.methods.append(f"quantize_outer: {qtype}, round to nearest")
+        round_outer(ctx, name, module, qtype, OUTER_FTYPE, "quantize_outer")
