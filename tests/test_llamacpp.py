@@ -182,7 +182,11 @@ def test_llamacpp_runs_slimkit_moe_and_gpt2_ggufs_with_the_packed_models_perplex
     pack_to_dir(str(tmp_path / "c"), tmp_path / "p")
     result = export_model(str(tmp_path / "p"), tmp_path / "g", "gguf", ExportSettings(verify=False))
     packed = load_model(tmp_path / "p").model
-    assert result["tensors_by_type"]["Q4_0 (codes kept)"] == len(packed_layers(packed))  # every expert too
+    from slimkit.formats.embedding import PackedEmbedding
+
+    int4 = [m for m in packed_layers(packed).values() if m.format == "int4"]  # the head is quantize_outer's
+    own = [m for m in packed.modules() if isinstance(m, PackedEmbedding) and m.table.meta["ggml_type"] == "Q4_0"]
+    assert result["tensors_by_type"]["Q4_0 (codes kept)"] == len(int4) + len(own)  # every expert, an untied embedding
     text = "\n\n".join(d.text for d in load_split().evaluation[:40])
     (tmp_path / "text.txt").write_text(text, encoding="utf-8")
     theirs = llamacpp_perplexity(tmp_path / "g" / "model.gguf", tmp_path / "text.txt", ctx=128, chunks=8)

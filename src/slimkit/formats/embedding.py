@@ -17,27 +17,64 @@ from torch import nn
 from slimkit.formats.base import PackedLinear
 
 
+def row_scale(embedding: nn.Module) -> torch.Tensor | None:
+    """The factor a scaled embedding (Gemma's ScaledWordEmbedding) multiplies its rows by; None for
+    a plain one."""
+    scale = getattr(embedding, "embed_scale", None) if type(embedding) is not nn.Embedding else None
+    return scale if isinstance(scale, torch.Tensor) else None
+
+
+def _computes_scaled_rows(embedding: nn.Embedding, scale: torch.Tensor | None) -> bool:
+    """Does the embedding compute its rows (times `scale`) and nothing else? Checked on a few ids."""
+    if type(embedding) is nn.Embedding:
+        return True
+    if scale is None or scale.is_meta or embedding.weight.is_meta:
+        return False
+    ids = torch.arange(min(4, embedding.num_embeddings), device=embedding.weight.device)
+    with torch.no_grad():
+        return torch.equal(embedding(ids), embedding.weight[ids] * scale.to(embedding.weight.dtype))
+
+
 def can_share_rows(embedding: nn.Module | None, head: PackedLinear) -> bool:
-    """Whether `embedding` can read its rows from the packed `head` it is tied to."""
-    return type(embedding) is nn.Embedding and head.gathers_rows and embedding.max_norm is None \
-        and [head.out_features, head.in_features] == list(embedding.weight.shape)
+    """Whether `embedding` can read its rows from the packed `head` it is tied to (a plain
+    embedding, or one that scales its rows, as Gemma's)."""
+    return isinstance(embedding, nn.Embedding) and head.gathers_rows and embedding.max_norm is None \
+        and [head.out_features, head.in_features] == list(embedding.weight.shape) \
+        and _computes_scaled_rows(embedding, row_scale(embedding))
+
+
+class ScaledRows(nn.Embedding):
+    """A dense embedding whose rows are multiplied by `embed_scale`, as Gemma's (for exports)."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor):
+        super().__init__(*weight.shape, _weight=weight)
+        self.embed_scale = nn.Buffer(scale.detach().clone(), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * self.embed_scale.to(self.weight.dtype)
 
 
 class RowsOfHead(nn.Module):
-    """An embedding whose rows are those of a packed head (not a submodule: stored once)."""
+    """An embedding whose rows are those of a packed head (not a submodule: stored once), times
+    the embedding's own `scale` where it has one (Gemma)."""
 
-    def __init__(self, head: PackedLinear, dtype: torch.dtype) -> None:
+    def __init__(self, head: PackedLinear, dtype: torch.dtype, scale: torch.Tensor | None = None) -> None:
         super().__init__()
         object.__setattr__(self, "head", head)  # a plain attribute: the head's tensors stay the head's
         self.num_embeddings, self.embedding_dim, self.dtype = head.out_features, head.in_features, dtype
+        self.embed_scale = nn.Buffer(scale.detach().clone(), persistent=False) if scale is not None else None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head.rows(ids.reshape(-1)).to(self.dtype).view(*ids.shape, self.embedding_dim)
+        rows = self.head.rows(ids.reshape(-1)).to(self.dtype).view(*ids.shape, self.embedding_dim)
+        return rows if self.embed_scale is None else rows * self.embed_scale.to(self.dtype)
 
     def dense(self) -> nn.Embedding:
-        """A plain embedding holding the same values (for exports)."""
+        """A plain (or scaled) embedding holding the same values (for exports)."""
+        weight = nn.Parameter(self.head.dequantize().to(self.dtype), requires_grad=False)
+        if self.embed_scale is not None:
+            return ScaledRows(weight, self.embed_scale)
         dense = nn.Embedding(self.num_embeddings, self.embedding_dim)
-        dense.weight = nn.Parameter(self.head.dequantize().to(self.dtype), requires_grad=False)
+        dense.weight = weight
         return dense
 
 
@@ -77,7 +114,7 @@ def share_tied_rows(model: nn.Module, packed: dict[str, PackedLinear]) -> dict[s
     name = next((n for n, m in model.named_modules() if m is embedding), None)
     for head_name, head in packed.items():
         if name is not None and head.meta.get("tied_to") == f"{name}.weight" and can_share_rows(embedding, head):
-            model.set_submodule(name, RowsOfHead(head, embedding.weight.dtype))
+            model.set_submodule(name, RowsOfHead(head, embedding.weight.dtype, row_scale(embedding)))
             return {name: head_name}
     return {}
 

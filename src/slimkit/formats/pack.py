@@ -19,7 +19,7 @@ from torch import nn
 
 from slimkit.errors import SlimkitError, WeightsError
 from slimkit.formats.base import PackedLinear, format_class
-from slimkit.formats.embedding import PackedEmbedding, RowsOfHead, share_tied_rows
+from slimkit.formats.embedding import PackedEmbedding, RowsOfHead, row_scale, share_tied_rows
 from slimkit.formats.kernel_rows import choose_kernel_rows
 from slimkit.io.tensors import unique_tensors
 from slimkit.models.loading import register_directory_reader
@@ -239,7 +239,8 @@ def load_packed(directory: Path, dtype: torch.dtype = torch.float32) -> nn.Modul
     for name, meta in header["layers"].items():
         model.set_submodule(name, _packed_layer(directory / PACKED_FILE, model, name, meta, tensors))
     for embedding, head in header.get("shared_rows", {}).items():  # rows read from the head
-        model.set_submodule(embedding, RowsOfHead(model.get_submodule(head), dtype))
+        scale = row_scale(model.get_submodule(embedding))  # Gemma's; its value comes with the saved buffers
+        model.set_submodule(embedding, RowsOfHead(model.get_submodule(head), dtype, scale))
     for name, meta in header.get("embeddings", {}).items():
         model.set_submodule(name, _packed_embedding(directory / PACKED_FILE, model, name, meta, tensors, dtype))
     packed_names = [*header["layers"], *header.get("embeddings", {})]
