@@ -151,3 +151,22 @@ def test_a_2_of_4_int4_model_goes_to_gguf_as_q4_0_codes_not_f16(tied_256, tmp_pa
     rows, cols = sparse["model.layers.0.mlp.down_proj"].out_features, sparse["model.layers.0.mlp.down_proj"].in_features
     values = gguf.quants.dequantize(np.asarray(down.data), down.tensor_type).reshape(rows, cols)
     assert np.array_equal(values, sparse["model.layers.0.mlp.down_proj"].dequantize().numpy())
+
+
+def test_a_scaled_embedding_reads_the_tied_heads_rows_times_its_scale(tmp_path, smollm2_tokenizer):
+    """Gemma multiplies its embedding rows by sqrt(hidden): packed, the embedding reads the tied
+    head's rows and keeps that scale (saved and loaded back), so the packed model computes the
+    compressed one's function."""
+    from tiny_archs import tiny_model
+
+    tiny_model("gemma", vocab_size=len(smollm2_tokenizer)).save_pretrained(tmp_path / "m")
+    smollm2_tokenizer.save_pretrained(tmp_path / "m")
+    compress_to_dir(str(tmp_path / "m"), [parse_recipe(INT4_WHOLE_FILE)], tmp_path / "c", SETTINGS)
+    pack_to_dir(str(tmp_path / "c"), tmp_path / "p")
+    packed = load_model(tmp_path / "p").model
+    embedding = packed.get_input_embeddings()
+    assert isinstance(embedding, RowsOfHead) and float(embedding.embed_scale) == pytest.approx(
+        packed.config.hidden_size ** 0.5)
+    ids = torch.randint(0, 4000, (1, 24), generator=torch.Generator().manual_seed(0))
+    fake = _logits(load_model(tmp_path / "c").model, ids)
+    assert (fake - _logits(packed, ids)).abs().max() <= 0.02 * fake.abs().max()
