@@ -26,6 +26,12 @@ from slimkit.io.outputs import reserve_output
 from slimkit.preflight import outline
 from slimkit.protocol import BenchSettings, EvalSettings
 
+RESTART_HELP = "distill steps: discard an interrupted training run (e.g. a damaged checkpoint) and start it from step 0"
+BUDGET_HELP = {"target_bpw": "GGML types chosen tensor by tensor (gguf_allocate) so that the GGUF's whole file "
+                             "has these bits per weight",
+               "target_size": "... so that the GGUF's whole file takes this many bytes (100MB, 1.5GB)",
+               "max_kld": "... the smallest file whose predicted mean KLD from the model stays within this"}
+
 
 @friendly_errors
 @settings_options(EvalSettings, COMPRESS_SETTINGS)
@@ -38,19 +44,15 @@ def compress(
                                                        "on disk instead of RAM (big models)"),
     save_dtype: str = typer.Option("auto", help="dtype of the saved dense weights: auto (the checkpoint's own), "
                                    "float32, bfloat16, float16; compression always computes in float32"),
-    restart: bool = typer.Option(False, "--restart", help="distill steps: discard an interrupted training run "
-                                 "(e.g. a damaged checkpoint) and start it from step 0"),
+    restart: bool = typer.Option(False, "--restart", help=RESTART_HELP),
     bench: bool = typer.Option(False, "--bench", help="also pack each output (OUT/.../packed) and measure "
                                "decode/prefill latency, throughput, RSS and size against the dense model"),
     stream: str = stream_option("a killed run resumes at the block where it stopped"),
     device: str = device_option("the block being calibrated, its statistics and solves; the rest stays on "
                                 "the CPU or on disk"),
-    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="GGML types chosen tensor by tensor "
-                                               "(gguf_allocate) so that the GGUF's whole file has these bits per weight"),
-    target_size: Optional[str] = typer.Option(None, "--target-size", help="... so that the GGUF's whole file "
-                                              "takes this many bytes (100MB, 1.5GB)"),
-    max_kld: Optional[float] = typer.Option(None, "--max-kld", help="... the smallest file whose predicted mean "
-                                            "KLD from the model stays within this"),
+    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help=BUDGET_HELP["target_bpw"]),
+    target_size: Optional[str] = typer.Option(None, "--target-size", help=BUDGET_HELP["target_size"]),
+    max_kld: Optional[float] = typer.Option(None, "--max-kld", help=BUDGET_HELP["max_kld"]),
     settings=None,
     explicit=frozenset(),
 ) -> None:
@@ -66,11 +68,7 @@ def compress(
 
       slimkit compress smollm2-135m -r magnitude-2of4 -r rtn-int4-g64 -o out/cmp
 
-      slimkit compress minilm-l6 -r rtn-int8 -o out/minilm-int8
-
       slimkit compress smollm2-135m -r gptq-int4-g64 -o out/gptq --full     # the papers' sizes
-
-      slimkit compress ./my-model -r my-recipe.yaml -o out/mine --calibration-windows 64 --windows all
 
       slimkit compress ./llama-8b -r gptq-int4-g64 -o out/8b --stream on   # bigger than RAM; rerun resumes
 
@@ -86,9 +84,7 @@ def compress(
     if size > 1 and bench:
         raise SlimkitError("several processes (torchrun) do not benchmark: drop --bench")
     with reserve_output(output, overwrite) if rank == 0 else contextlib.nullcontext():  # a clash fails first
-        recipes_ = _recipes(recipe) + budget_recipes(target_bpw, target_size, max_kld)
-        if not recipes_:
-            raise SlimkitError("name a recipe (-r) or a budget (--target-bpw, --target-size, --max-kld)")
+        recipes_ = _recipes(recipe, budget_recipes(target_bpw, target_size, max_kld))
         if size > 1:
             check_several_processes(recipes_, stream)  # before the model is touched
         settings = _preflight(model, recipes_, settings, explicit, offload_activations)
@@ -101,10 +97,12 @@ def compress(
         _bench_outputs(model, recipes_, output, settings)
 
 
-def _recipes(names: list[str]) -> list:
+def _recipes(names: list[str], budgets: list) -> list:
     from slimkit.recipes import get_recipe
 
-    recipes = [get_recipe(r) for r in names]
+    recipes = [get_recipe(r) for r in names] + budgets
+    if not recipes:
+        raise SlimkitError("name a recipe (-r) or a budget (--target-bpw, --target-size, --max-kld)")
     given = [r.name for r in recipes]
     if len(set(given)) != len(given):
         raise SlimkitError(f"recipe names must differ to share an output dir, got {given}")

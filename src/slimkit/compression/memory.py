@@ -105,10 +105,15 @@ class InMemorySource:
         job = self.job
         run = RunResources(progress, self._calibration if self.loaded.tokenizer is not None else None,
                            job.offload_dir, self.loaded.tokenizer, self.split, job.runs_dir, job.restart_training,
-                           device=job.device)
+                           device=job.device, file_overhead=self._gguf_overhead)
         result = compress(self.loaded.model, recipe, self.loaded.adapter, run)
         self.loaded.model = result.model
         return result
+
+    def _gguf_overhead(self, model: torch.nn.Module) -> int:
+        from slimkit.export.gguf.writer import metadata_bytes
+
+        return metadata_bytes(model, self.loaded.tokenizer)
 
     def compress(self, index: int, recipe: Recipe, baseline: Quality | None) -> CompressedInMemory:
         start = time.perf_counter()

@@ -69,14 +69,15 @@ def _items(config: GGUFAllocateConfig, ctx: StepContext, proxies: dict[str, dict
 
 
 def _fixed_bytes(ctx: StepContext, items: list[Item]) -> int:
-    """The GGUF's bytes outside the allocated tensors: header, hyper-parameters, tokenizer, and
-    the tensors written in F32 (norms, biases)."""
-    from slimkit.export.gguf.writer import metadata_bytes
-
+    """The GGUF's bytes outside the allocated tensors: header, hyper-parameters, tokenizer (the
+    run's `file_overhead`), and the tensors written in F32 (norms, biases)."""
+    if ctx.run.file_overhead is None:
+        raise RecipeError("gguf_allocate's size budgets need the GGUF's fixed size (its tokenizer and metadata): "
+                          "run it through `slimkit compress`, or give --max-kld")
     model = ctx.state.model
     allocated = {id(model.get_submodule(m).weight) for item in items for m in item.members}
     rest = sum(p.numel() * 4 for p in model.parameters() if id(p) not in allocated)
-    return metadata_bytes(model, ctx.run.tokenizer) + rest
+    return ctx.run.file_overhead(model) + rest
 
 
 def _allocate(config: GGUFAllocateConfig, ctx: StepContext, items: list[Item]) -> tuple[Allocation, int]:

@@ -15,6 +15,7 @@ Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL, then F
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from slimkit.errors import SlimkitError
 from slimkit.numerics.ggml_grids import TYPES
@@ -79,16 +80,25 @@ def _ffn_down(ftype: str, layer: int, n_layers: int, imatrix: bool) -> str | Non
     return None
 
 
-def _preferred(ftype: str, role: str, layer: int | None, n_layers: int, cols: int, tied: bool, gqa: int,
-               imatrix: bool) -> str:
+@dataclass(frozen=True)
+class MixModel:
+    """What of the model llama.cpp's mix rules read."""
+
+    n_layers: int
+    tied: bool = False
+    gqa: int = 1  # query heads per kv head
+    imatrix: bool = False  # llama-quantize was given one
+
+
+def _preferred(ftype: str, role: str, layer: int | None, cols: int, model: MixModel) -> str:
     base = FILE_TYPES[ftype]
-    if role == "output" or (tied and role == "token_embd"):
+    if role == "output" or (model.tied and role == "token_embd"):
         return "Q8_0" if cols % TYPES[base].row_multiple or base == "Q8_0" else "Q6_K"
     raised = None
     if role == "attn_v" and layer is not None:
-        raised = _attn_v(ftype, layer, n_layers, gqa)
+        raised = _attn_v(ftype, layer, model.n_layers, model.gqa)
     elif role == "ffn_down" and layer is not None:
-        raised = _ffn_down(ftype, layer, n_layers, imatrix)
+        raised = _ffn_down(ftype, layer, model.n_layers, model.imatrix)
     elif role == "attn_output":
         raised = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(ftype)
     return raised or base
@@ -100,7 +110,7 @@ def tensor_type(ftype: str, module_name: str, n_layers: int, cols: int, tied: bo
     quantized type tiles its rows); `gqa`: query heads per kv head; `imatrix`: llama-quantize was
     given one (slimkit's calibrated codes count as one)."""
     role, layer = role_and_layer(module_name)
-    qtype = _preferred(file_type(ftype), role, layer, n_layers, cols, tied, gqa, imatrix)
+    qtype = _preferred(file_type(ftype), role, layer, cols, MixModel(n_layers, tied, gqa, imatrix))
     while cols % TYPES[qtype].row_multiple:
         if qtype not in FALLBACK:
             return "F16"

@@ -148,9 +148,11 @@ def rotate_values(blocks: nn.ModuleList, adapter: ArchitectureAdapter, h: torch.
         _set(o.weight, rotate_head_inputs(o.weight.double(), h.to(o.weight.device)))
 
 
-def _rotate_residual_stream(model, adapter, roles, final_norm, head, seed: int, untie: bool,
+def _rotate_residual_stream(model, adapter, roles, ends: tuple[nn.Module, nn.Linear], seed: int, untie: bool,
                             report: RotationReport) -> None:
-    """Fold every norm and rotate the residual stream, unless that would untie a tied head unasked."""
+    """Fold every norm and rotate the residual stream, unless that would untie a tied head unasked;
+    `ends`: the final norm and the head."""
+    final_norm, head = ends
     embeddings = adapter.embedding_modules(model)
     if is_tied(head, embeddings) and not untie:
         report.stream_rotated = False
@@ -183,7 +185,7 @@ def rotate_model(model: nn.Module, adapter: ArchitectureAdapter, seed: int = 0, 
             check_rms_norm(norm, f"{adapter.blocks}.{i}.{path}")
     check_rms_norm(final_norm, adapter.final_norm)
     report = RotationReport(model.config.hidden_size, None)
-    _rotate_residual_stream(model, adapter, roles, final_norm, head, seed, untie, report)
+    _rotate_residual_stream(model, adapter, roles, (final_norm, head), seed, untie, report)
     fused = len({adapter.q_proj, adapter.k_proj, adapter.v_proj}) < 3
     if heads and fused:
         report.notes.append(f"values not rotated: {adapter.v_proj} is a fused projection")

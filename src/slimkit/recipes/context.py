@@ -75,6 +75,9 @@ class RunResources:
     restart_training: bool = False  # discard interrupted training runs instead of resuming them
     blocks: object | None = None  # a calibration.engine.BlockAccess when blocks live in files (streamed runs)
     device: str = "cpu"  # where calibrated steps work on each block (slimkit.devices.resolve_device)
+    # the bytes a GGUF of the model spends outside its tensors' data (header, tokenizer): the export
+    # package knows them, and the compress stage hands them to gguf_allocate's size budgets
+    file_overhead: Callable[[nn.Module], int] | None = None
 
 
 @dataclass
