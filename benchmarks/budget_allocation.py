@@ -51,7 +51,7 @@ def allocated_files(model: str, sizes: dict[str, int], work: Path, settings: Eva
 
 def comparison(rows: list[LlamaCppRow], types: list[str]) -> list[str]:
     by = {r.model: r for r in rows}
-    lines = ["| size of | llama.cpp MB | slimkit MB | llama.cpp KLD | slimkit KLD | slimkit / llama.cpp | "
+    lines = ["| size of | llama.cpp MiB | slimkit MiB | llama.cpp KLD | slimkit KLD | slimkit / llama.cpp | "
              "llama.cpp ppl | slimkit ppl |", "|" + "---|" * 8]
     for t in types:
         theirs, ours = by[f"{t} + imatrix"], by[f"allocated-{t.lower()}-size"]
@@ -71,7 +71,7 @@ def plot(rows: list[LlamaCppRow], path: Path, model: str) -> None:
         ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, label=made_by)
         for x, y, label in points:
             ax.annotate(label.replace("allocated-", "").replace("-size", ""), (x, y), fontsize=7)
-    ax.set_xlabel("whole file, MB")
+    ax.set_xlabel("whole file, MiB")
     ax.set_ylabel("mean KLD from the F32 file (llama-perplexity)")
     ax.set_yscale("log")
     ax.set_title(f"{model}: llama.cpp's imatrix mixes and slimkit's allocation at the same bytes")

@@ -153,6 +153,7 @@ def test_a_2_of_4_int4_model_goes_to_gguf_as_q4_0_codes_not_f16(tied_256, tmp_pa
     assert np.array_equal(values, sparse["model.layers.0.mlp.down_proj"].dequantize().numpy())
 
 
+@pytest.mark.slow  # the peers tier's 16-architecture test runs Gemma end to end in llama.cpp too
 def test_a_scaled_embedding_reads_the_tied_heads_rows_times_its_scale(tmp_path, smollm2_tokenizer):
     """Gemma multiplies its embedding rows by sqrt(hidden): packed, the embedding reads the tied
     head's rows and keeps that scale (saved and loaded back), so the packed model computes the
