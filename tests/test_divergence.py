@@ -14,11 +14,24 @@ from slimkit.evaluation.divergence import (
     BaseDistribution,
     BaseLogprobs,
     DivergenceMeter,
-    summarise,
+    SummaryBuilder,
     token_divergence,
-    token_logprobs,
 )
+from slimkit.evaluation.logit_rows import ROWS_AT_ONCE
 from slimkit.evaluation.perplexity import eval_windows
+
+
+def token_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """[seq, vocab] logits -> the log-probabilities of positions 0..seq-2 (each predicts the next)."""
+    return F.log_softmax(logits[:-1].float(), dim=-1)
+
+
+def summarise(logits: torch.Tensor, index: int, nll: float, tokens: int) -> BaseDistribution:
+    """A window's cache entry from whole logits, a slice at a time as evaluation builds it."""
+    builder = SummaryBuilder(index)
+    for i in range(0, logits.shape[0] - 1, ROWS_AT_ONCE):
+        builder.add(token_logprobs(logits[i : i + ROWS_AT_ONCE + 1]))
+    return builder.finish(nll, tokens)
 
 
 def _summary(logits: torch.Tensor, index: int = 0) -> BaseDistribution:
@@ -59,7 +72,9 @@ def test_the_sampled_tail_estimates_the_kl_without_bias():
 def test_meter_mean_percentile_and_agreement():
     meter = DivergenceMeter()
     logits = torch.randn(101, 200)
-    meter.add(_summary(logits), logits)
+    base = _summary(logits)
+    for i in range(0, logits.shape[0] - 1, ROWS_AT_ONCE):
+        meter.add_rows(base.rows(i, i + ROWS_AT_ONCE), token_logprobs(logits[i : i + ROWS_AT_ONCE + 1]))
     r = meter.result()
     assert (r.mean_kld, r.p99_kld, r.top1_agreement, r.tokens) == (0.0, 0.0, 1.0, 100)
 

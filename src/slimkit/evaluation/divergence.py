@@ -28,22 +28,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from slimkit.errors import SlimkitError
-from slimkit.evaluation.logit_rows import ROWS_AT_ONCE
 
 TOP_K = 64  # the base's most likely tokens, kept exactly
 TAIL_SAMPLES = 64  # tokens drawn from the rest of the base distribution
 CACHE_FORMAT = f"top{TOP_K}-tail{TAIL_SAMPLES}"
-
-
-def token_logprobs(logits: torch.Tensor) -> torch.Tensor:
-    """[seq, vocab] logits of one window -> the log-probabilities of positions 0..seq-2 (each
-    predicts the next token), in float32."""
-    return F.log_softmax(logits[:-1].float(), dim=-1)
 
 
 @dataclass(frozen=True)
@@ -91,15 +83,6 @@ class SummaryBuilder:
         return BaseDistribution(top, ids, tail, drawn, mass, nll, tokens)
 
 
-def summarise(logits: torch.Tensor, index: int, nll: float, tokens: int) -> BaseDistribution:
-    """The cache entry of one window from the base's whole logits [seq, vocab], with the window's
-    summed NLL and predicted tokens."""
-    builder = SummaryBuilder(index)
-    for i in range(0, logits.shape[0] - 1, ROWS_AT_ONCE):
-        builder.add(token_logprobs(logits[i : i + ROWS_AT_ONCE + 1]))
-    return builder.finish(nll, tokens)
-
-
 def token_divergence(base: BaseDistribution, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token: KL(base || other) and whether the top-1 tokens agree; `other` is the compared
     model's log-probabilities [T, vocab]."""
@@ -125,11 +108,6 @@ class DivergenceMeter:
     def __init__(self) -> None:
         self.kld: list[torch.Tensor] = []
         self.agree: list[torch.Tensor] = []
-
-    def add(self, base: BaseDistribution, logits: torch.Tensor) -> None:
-        """One window: the base's summary and the compared model's whole logits [seq, vocab]."""
-        for i in range(0, logits.shape[0] - 1, ROWS_AT_ONCE):
-            self.add_rows(base.rows(i, i + ROWS_AT_ONCE), token_logprobs(logits[i : i + ROWS_AT_ONCE + 1]))
 
     def add_rows(self, base: BaseDistribution, logprobs: torch.Tensor) -> None:
         """Some predicted positions of a window: the base's summary of them and the compared
