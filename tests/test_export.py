@@ -241,3 +241,57 @@ def test_a_tied_embedding_is_typed_as_llama_quantize_types_the_head(tiny_int4, t
     types = _tensor_types(tmp_path / "tied" / "model.gguf")
     assert types["token_embd.weight"] == "Q8_0" and "output.weight" not in types  # 64-wide rows
     assert result["bits_per_weight"] == pytest.approx(result["bytes"] * 8 / result["parameters"])
+
+
+def _decompressed(export_dir, name: str, bits: int, symmetric: bool, group: int) -> torch.Tensor:
+    """One layer of a compressed-tensors export, decompressed by compressed-tensors itself."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from safetensors.torch import load_file
+
+    tensors = {k[len(name) + 1:]: v for k, v in load_file(export_dir / "model.safetensors").items()
+               if k.startswith(name + ".")}
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=bits, type="int", symmetric=symmetric, strategy="group", group_size=group))
+    return PackedQuantizationCompressor.decompress(tensors, scheme)["weight"].float()
+
+
+@pytest.mark.parametrize("bits,symmetric", [(3, False), (2, True)])
+def test_int3_and_int2_codes_pack_at_their_width_and_export_to_compressed_tensors(tiny_llama_dir, tmp_path,
+                                                                                   bits, symmetric):
+    """Codes narrower than 4 bits: the packed file stores them at their width; compressed-tensors'
+    own decompressor reads the export's codes, scales and (packed) zero points back to the packed
+    weights; a symmetric export reloads in transformers to the same function (asymmetric group zero
+    points, packed as compressed-tensors writes them, do not load in this transformers: it
+    expects them unpacked, then unpacks them)."""
+    from slimkit.compression.memory import compress_to_dir
+    from slimkit.formats.pack import PACKED_FILE
+    from slimkit.protocol import EvalSettings
+    from slimkit.recipes import parse_recipe
+
+    settings = EvalSettings(seqlen=32, max_windows=2, calibration_windows=2, calibration_seqlen=32)
+    sizes = {}
+    for b in (bits, 4):
+        recipe = parse_recipe({"name": f"b{b}", "steps": [{"method": "rtn_quantize", "bits": b, "group_size": 32,
+                                                           "symmetric": symmetric}]})
+        compress_to_dir(str(tiny_llama_dir), [recipe], tmp_path / f"c{b}", settings)
+        pack_to_dir(str(tmp_path / f"c{b}"), tmp_path / f"p{b}")
+        sizes[b] = (tmp_path / f"p{b}" / PACKED_FILE).stat().st_size
+    packed = load_model(tmp_path / f"p{bits}").model
+    int4 = {n: m for n, m in packed.named_modules() if getattr(m, "format", None) == "int4"}
+    weights = sum(m.in_features * m.out_features for m in int4.values())
+    assert sizes[4] - sizes[bits] == pytest.approx(weights * (4 - bits) / 8, rel=0.01)
+    if not symmetric:  # the check in transformers would fail: refused first, with the way out
+        with pytest.raises(SlimkitError, match="--no-verify"):
+            export_model(str(tmp_path / f"p{bits}"), tmp_path / "ct", "compressed-tensors", ExportSettings())
+        assert not (tmp_path / "ct").exists()
+    export_model(str(tmp_path / f"p{bits}"), tmp_path / "ct", "compressed-tensors", ExportSettings(verify=False))
+    for name, mod in int4.items():
+        assert torch.allclose(_decompressed(tmp_path / "ct", name, bits, symmetric, 32), mod.dequantize(),
+                              rtol=1e-2, atol=1e-6), name  # scales written in the export's dtype
+    ids = torch.randint(0, 200, (1, 24), generator=torch.Generator().manual_seed(0))
+    fake = _logits(load_model(tmp_path / f"c{bits}").model, ids)
+    outputs = [_logits(packed, ids)] + ([_logits(load_exported(tmp_path / "ct", "compressed-tensors"), ids)]
+                                        if symmetric else [])
+    for other in outputs:
+        assert (fake - other).abs().max() <= 0.02 * fake.abs().max()

@@ -196,3 +196,42 @@ def test_truncated_or_pickled_hf_weights_are_a_clear_error(tiny_llama_dir, tmp_p
     torch.save({"x": torch.zeros(1)}, bad / "pytorch_model.bin")  # a pickle: never loaded
     with pytest.raises(SlimkitError, match="never unpickles"):
         load_model(bad)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_pack_bits_round_trips_every_value(bits):
+    from slimkit.formats.base import pack_bits, unpack_bits
+
+    v = torch.randint(0, 1 << bits, (5, 64), dtype=torch.uint8)
+    packed = pack_bits(v, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 64 * bits // 8)
+    assert torch.equal(unpack_bits(packed, bits), v)
+    first = pack_bits(torch.arange(8, dtype=torch.uint8).remainder(1 << bits)[None], bits)  # value i at bits*i
+    assert int(sum(int(b) << (8 * j) for j, b in enumerate(first[0]))) == sum(
+        (i % (1 << bits)) << (bits * i) for i in range(8))
+
+
+@pytest.mark.parametrize("bits,symmetric", [(2, True), (3, True), (3, False)])
+def test_int2_and_int3_codes_are_written_at_their_width_and_reload_exactly(bits, symmetric):
+    w = _weight(64, 256)
+    w_hat, params = rtn_quantize(w, QuantSpec(bits, symmetric, 64, torch.bfloat16))
+    mod = format_class("int4").from_quant(params.q, params.scale, params.zero, bits=bits)
+    codes = mod.stored()["codes"]
+    assert codes.numel() == w.numel() * bits // 8 and "packed" not in mod.stored()
+    again = _reload(mod)
+    assert torch.equal(again.dequantize(), w_hat) and torch.equal(again.nibbles(), mod.nibbles())
+    p4 = rtn_quantize(w, QuantSpec(4, symmetric, 64, torch.bfloat16))[1]
+    four = format_class("int4").from_quant(p4.q, p4.scale, p4.zero)
+    assert mod.disk_bytes() - codes.numel() == four.disk_bytes() - w.numel() // 2  # same scales, narrower codes
+
+
+def test_an_int3_file_written_before_true_widths_still_loads(tmp_path):
+    """Packed dirs from before `stored_bits` hold 3-bit codes in nibbles; they load as they are."""
+    model = tiny_llama()
+    pack_model(model, adapter_for(model).linears(model), fmt="int4", group_size=32)
+    for mod in packed_layers(model).values():
+        mod.meta = {"bits": 3, "symmetric": mod.zero is None}  # the old header: no stored_bits
+    save_packed(model, None, tmp_path)
+    again = load_packed(tmp_path)
+    ids = torch.randint(0, 96, (1, 9))
+    assert torch.equal(again(ids).logits, model(ids).logits)

@@ -84,8 +84,11 @@ def _tensors(name: str, mod: PackedLinear, dtype: torch.dtype, conv1d: bool, int
         if mod.zero is None:
             q = codes.to(torch.int8)
         else:  # compressed-tensors stores asymmetric codes offset like symmetric ones: u - 2^(b-1)
-            q = (mod.nibbles().to(torch.int16) - 8).to(torch.int8)
-            out[f"{name}.weight_zero_point"] = oriented((mod.zero.to(torch.int16) - 8).to(torch.int8))
+            half = 1 << (bits - 1)
+            q = (mod.nibbles().to(torch.int16) - half).to(torch.int8)
+            zero = oriented((mod.zero.to(torch.int16) - half).to(torch.int8))
+            # group and channel zero points are packed too, along the output dimension (block ones are not)
+            out[f"{name}.weight_zero_point"] = zero if conv1d else pack_to_int32(zero, bits, packed_dim=0)
         out[f"{name}.weight_packed"] = pack_to_int32(oriented(q), bits)
         out[f"{name}.weight_scale"] = oriented(mod.scale.to(dtype))
         out[f"{name}.weight_shape"] = torch.tensor(shape, dtype=torch.int32)
@@ -164,6 +167,12 @@ def export_plan(model: torch.nn.Module) -> tuple[dict[str, PackedLinear], set[st
     if all(s == DENSE for s in schemes.values()):
         raise SlimkitError(f"cannot export ggml layers to compressed-tensors: {REFUSED['ggml']}")
     return layers, conv1d, int8_rows, schemes
+
+
+def unloadable_in_transformers(schemes: dict[str, tuple]) -> list[str]:
+    """The layers whose zero points compressed-tensors packs (asymmetric group / channel codes):
+    the pinned transformers cannot load those (it makes room for them unpacked, then unpacks)."""
+    return [n for n, s in schemes.items() if s != DENSE and not s[2] and s[3] in ("group", "channel")]
 
 
 def export_compressed_tensors(model: torch.nn.Module, tokenizer, directory: Path, all_linears: list[str],

@@ -120,9 +120,14 @@ def _refusals_first(loaded, to: str, lineage, verify: bool) -> None:
             require_tokenizer(loaded, "GGUF export")
         check_gguf_export(loaded.model, loaded.tokenizer, lineage[0])
     if to == "compressed-tensors":
-        from slimkit.export.compressed_tensors import export_plan
+        from slimkit.export.compressed_tensors import export_plan, unloadable_in_transformers
 
-        export_plan(loaded.model)
+        asymmetric = unloadable_in_transformers(export_plan(loaded.model)[3])
+        if verify and asymmetric:
+            raise SlimkitError(f"{len(asymmetric)} layers ({asymmetric[0]}, ...) have asymmetric codes, whose zero "
+                               "points compressed-tensors packs; this transformers cannot load those, so the export "
+                               "cannot be checked in it. Export with --no-verify (the file is laid out as "
+                               "llm-compressor writes it, for vLLM), or quantize symmetric.")
     if verify and loaded.kind == "causal-lm":
         require_tokenizer(loaded, "the export check (--verify: perplexity before and after)")
 

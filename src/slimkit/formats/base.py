@@ -174,6 +174,24 @@ def unpack_2bit(p: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def pack_bits(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """[N, K] values 0..2^bits-1 (K % 8 == 0) -> [N, K * bits / 8] uint8: each run of 8 values is
+    one little-endian integer of `bits` bytes, value i at bits [bits*i, bits*(i+1))."""
+    rows, cols = v.shape
+    runs = v.to(torch.int64).view(rows, cols // 8, 8)
+    word = (runs << (bits * torch.arange(8))).sum(-1)
+    return torch.stack([(word >> (8 * j)) & 0xFF for j in range(bits)], -1).to(torch.uint8).view(rows, -1)
+
+
+def unpack_bits(p: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of `pack_bits`: [N, K * bits / 8] uint8 -> [N, K] uint8."""
+    rows = p.shape[0]
+    octets = p.to(torch.int64).view(rows, -1, bits)
+    word = (octets << (8 * torch.arange(bits))).sum(-1)
+    values = (word[..., None] >> (bits * torch.arange(8))) & ((1 << bits) - 1)
+    return values.to(torch.uint8).view(rows, -1)
+
+
 def group_expand(t: torch.Tensor, k: int) -> torch.Tensor:
     """[N, K/g] per-group values -> [N, K]."""
     return t.repeat_interleave(k // t.shape[1], dim=1)

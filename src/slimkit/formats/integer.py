@@ -18,8 +18,10 @@ from slimkit.formats.base import (
     DEQUANTIZED_PATH,
     PackedLinear,
     group_expand,
+    pack_bits,
     pack_nibbles,
     register_format,
+    unpack_bits,
     unpack_nibbles,
 )
 
@@ -175,12 +177,25 @@ def _tile_layout_is_k_major(cols: int) -> bool:
     return torch.equal(_kernel_nibble_order(64, cols), expected.reshape(-1))
 
 
+def narrow_codes(u: torch.Tensor, bits: int, symmetric: bool, widen: bool = False) -> torch.Tensor:
+    """Stored 4-bit values of `bits`-bit codes -> values 0..2^bits-1 (symmetric: q + 8 becomes
+    q + 2^(bits-1); asymmetric codes are already in range); `widen` goes back."""
+    shift = 0 if not symmetric else 8 - (1 << (bits - 1))
+    out = u.to(torch.int16) + (shift if widen else -shift)
+    if not widen and out.numel() and (out.min() < 0 or out.max() >= 1 << bits):
+        raise ValueError(f"codes outside {bits} bits ({int(out.min())}..{int(out.max())} after the offset): "
+                         "they were quantized wider than meta['bits'] says")
+    return out.to(torch.uint8)
+
+
 @register_format
 class Int4Grouped(PackedLinear):
     """int4 codes two per byte [N, K/2], scales [N, K/g] (+ int8 zero points if asymmetric).
 
     Symmetric codes are stored as q + 8 (0..15), the way compressed-tensors offsets them.
-    Codes of 2 or 3 bits fit the same container (the size then is that of 4 bits).
+    Codes of 2 or 3 bits (meta "bits") are held in RAM in the same container, for the int4
+    kernel, and written at their own width (meta "stored_bits"): 8 codes in `bits` bytes
+    (`narrow_codes`; symmetric codes offset by 2^(bits-1)), where the rows are a multiple of 8 long.
     """
 
     format = "int4"
@@ -229,7 +244,9 @@ class Int4Grouped(PackedLinear):
     def from_quant(cls, q, scale, zero, bias=None, bits=4):
         """q: int8 codes (symmetric: -8..7; asymmetric: 0..15 with zero points)."""
         u = q.to(torch.int16) + (8 if zero is None else 0)
-        return cls(pack_nibbles(u), scale, zero, bias, {"bits": bits, "symmetric": zero is None})
+        stored_bits = bits if bits < 4 and q.shape[1] % 8 == 0 else 4  # 8 codes in `bits` bytes
+        return cls(pack_nibbles(u), scale, zero, bias, {"bits": bits, "symmetric": zero is None,
+                                                        "stored_bits": stored_bits})
 
     @classmethod
     def from_dense(cls, weight, bias=None, group_size=64, **_):
@@ -239,14 +256,27 @@ class Int4Grouped(PackedLinear):
         scale, zero = compute_qparams(weight, spec)
         return cls.from_quant(quantize(weight, scale, zero, spec), scale, zero, bias)
 
+    def stored_bits(self) -> int:
+        """The width the codes are written at (meta "stored_bits"; files from before it: 4)."""
+        return int(self.meta.get("stored_bits", 4))
+
     def stored(self):
-        t = {"packed": self.packed if self.packed is not None else pack_nibbles(self.nibbles()), "scale": self.scale}
+        bits = self.stored_bits()
+        if bits < 4:
+            t = {"codes": pack_bits(narrow_codes(self.nibbles(), bits, self.zero is None), bits)}
+        else:
+            t = {"packed": self.packed if self.packed is not None else pack_nibbles(self.nibbles())}
+        t["scale"] = self.scale
         if self.zero is not None:
             t["zero"] = self.zero
         return t
 
     @classmethod
     def from_stored(cls, t, meta, bias):
+        if "codes" in t:  # 2 or 3 bits a code on disk
+            bits = int(meta["stored_bits"])
+            u = narrow_codes(unpack_bits(t["codes"], bits), bits, "zero" not in t, widen=True)
+            return cls(pack_nibbles(u), t["scale"], t.get("zero"), bias, meta)
         return cls(t["packed"], t["scale"], t.get("zero"), bias, meta)
 
     def ram_tensors(self):
