@@ -27,6 +27,7 @@ from benchmarks.peer_llamacpp import calibration_text
 from slimkit.benchmarks.llamacpp import llamacpp_quantize, make_imatrix
 from slimkit.benchmarks.llamacpp_model import gguf_of, llamacpp_table, measure_all
 from slimkit.protocol import FULL, QUICK, BenchSettings, EvalSettings
+from slimkit.quantization.config import ALLOCATABLE_TYPES
 from slimkit.results import LlamaCppRow
 
 TYPES = "Q2_K,Q3_K_S,Q3_K_M,Q4_K_S,Q4_K_M,Q5_K_M"
@@ -38,15 +39,34 @@ def llamacpp_files(base: Path, calibration: Path, work: Path, types: list[str], 
     return {t: llamacpp_quantize(base, work / f"llamacpp-{t.lower()}.gguf", t, imatrix) for t in types}
 
 
-def allocated_files(model: str, sizes: dict[str, int], work: Path, settings: EvalSettings) -> dict[str, Path]:
-    """gguf_allocate to each size (named after the llama.cpp type it matches), each exported."""
+def allocated_files(model: str, budgets: dict[str, dict], work: Path, settings: EvalSettings,
+                    candidates: list[str]) -> tuple[dict[str, Path], list[dict]]:
+    """gguf_allocate to each budget (a name -> its target_size or max_kld), each exported; with
+    each run's predicted KLD (calibration windows) and the KLD slimkit measured (evaluation windows)."""
     from slimkit.compression.memory import compress_to_dir
     from slimkit.recipes import parse_recipe
 
-    recipes = [parse_recipe({"name": f"allocated-{t.lower()}-size", "steps": [
-        {"method": "gguf_allocate", "target_size": size}]}) for t, size in sizes.items()]
-    compress_to_dir(model, recipes, work / "compressed", settings, log=print)
-    return {r.name: gguf_of(str(work / "compressed" / r.name), work, baseline=False) for r in recipes}
+    recipes = [parse_recipe({"name": name, "steps": [{"method": "gguf_allocate", "types": candidates, **budget}]})
+               for name, budget in budgets.items()]
+    reports = compress_to_dir(model, recipes, work / "compressed", settings, log=print)
+    predictions = [{"name": r.name, **budgets[r.name],
+                    "predicted_kld": sum(a["predicted_kld"] for a in rep.compression.structure_and_training[0]
+                                         ["allocation"].values()),
+                    "slimkit_kld": rep.compressed.divergence.mean_kld} for r, rep in zip(recipes, reports)]
+    return {r.name: gguf_of(str(work / "compressed" / r.name), work, baseline=False) for r in recipes}, predictions
+
+
+def kld_bounds(predictions: list[dict], rows: list[LlamaCppRow]) -> list[str]:
+    """The --max-kld runs: the bound, the allocation's predicted KLD, and the measured ones."""
+    by = {r.model: r for r in rows}
+    lines = ["| max_kld | file MiB | predicted KLD (calibration) | slimkit KLD (evaluation windows) | "
+             "llama-perplexity KLD |", "|" + "---|" * 5]
+    for p in predictions:
+        if "max_kld" in p:
+            row = by[p["name"]]
+            lines.append(f"| {p['max_kld']} | {row.file_mb:.2f} | {p['predicted_kld']:.4f} | {p['slimkit_kld']:.4f} | "
+                         f"{row.mean_kld:.4f} |")
+    return lines
 
 
 def comparison(rows: list[LlamaCppRow], types: list[str]) -> list[str]:
@@ -81,8 +101,8 @@ def plot(rows: list[LlamaCppRow], path: Path, model: str) -> None:
     plt.close(fig)
 
 
-def run(model: str, output: Path, full: bool, types: list[str], threads: int, chunks: int, seed: int = 0
-        ) -> list[LlamaCppRow]:
+def run(model: str, output: Path, full: bool, types: list[str], threads: int, chunks: int, seed: int = 0,
+        candidates: list[str] = list(ALLOCATABLE_TYPES), max_klds: list[float] = ()) -> list[LlamaCppRow]:
     from slimkit.io.outputs import output_directory
 
     protocol = FULL if full else QUICK
@@ -92,15 +112,19 @@ def run(model: str, output: Path, full: bool, types: list[str], threads: int, ch
         base = gguf_of(model, tmp, baseline=True)
         calibration = calibration_text(model, tmp / "calibration.txt", windows, seqlen, seed)
         theirs = llamacpp_files(base, calibration, tmp, types, windows, seqlen)
-        ours = allocated_files(model, {t: f.stat().st_size for t, f in theirs.items()}, tmp, settings)
+        budgets = {f"allocated-{t.lower()}-size": {"target_size": f.stat().st_size} for t, f in theirs.items()}
+        budgets |= {f"allocated-max-kld-{k}": {"max_kld": k} for k in max_klds}
+        ours, predictions = allocated_files(model, budgets, tmp, settings, candidates)
         entries = [(f"{model} F32", "slimkit export (base)", base)]
         entries += [(f"{t} + imatrix", "llama.cpp llama-quantize", f) for t, f in theirs.items()]
         entries += [(name, "slimkit gguf_allocate", f) for name, f in ours.items()]
         rows = measure_all(entries, tmp, BenchSettings(windows=chunks), threads, rounds=3)
-        (tmp / "budget_allocation.json").write_text(json.dumps([r.to_dict() for r in rows], indent=2))
+        (tmp / "budget_allocation.json").write_text(json.dumps({"rows": [r.to_dict() for r in rows],
+                                                                "allocations": predictions}, indent=2))
         plot(rows, tmp / "budget_allocation.png", model)
         text = "\n".join([f"# Allocated GGUFs vs llama.cpp's imatrix mixes on {model}", "",
-                          *comparison(rows, types), "", llamacpp_table(rows), "",
+                          *comparison(rows, types), "", *kld_bounds(predictions, rows), "", llamacpp_table(rows), "",
+                          f"- slimkit's candidate types: {', '.join(candidates)}",
                           f"- calibration: {windows} x {seqlen} tokens (seed {seed}), the same windows for "
                           "llama-imatrix and slimkit", f"- scored by llama-perplexity on {chunks} chunks of 512 of "
                           "the evaluation text; KLD vs the F32 base", f"- speed: llama-bench, {threads} threads, "
@@ -119,8 +143,11 @@ def main(argv=None) -> None:
     p.add_argument("--chunks", type=int, default=32, help="llama-perplexity chunks of 512 tokens scored")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--candidates", default=",".join(ALLOCATABLE_TYPES), help="slimkit's candidate GGML types")
+    p.add_argument("--max-kld", default="0.02", help="comma-separated --max-kld budgets also allocated ('' for none)")
     a = p.parse_args(argv)
-    run(a.model, a.output, a.full, a.types.split(","), a.threads, a.chunks, a.seed)
+    run(a.model, a.output, a.full, a.types.split(","), a.threads, a.chunks, a.seed, a.candidates.split(","),
+        [float(k) for k in a.max_kld.split(",") if k])
 
 
 if __name__ == "__main__":

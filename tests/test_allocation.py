@@ -1,9 +1,11 @@
-"""The budget allocator against brute force (every combination of choices) on small problems."""
+"""The budget allocator against brute force (every combination of choices) on small problems, and
+the gain curve that turns proxy errors into predicted KLD."""
 
 import itertools
 import random
 
 import pytest
+import torch
 
 from slimkit.errors import SlimkitError
 from slimkit.quantization.allocation import Choice, Item, best_under, smallest_within
@@ -71,3 +73,36 @@ def test_coarse_byte_units_never_exceed_the_budget_and_lose_at_most_a_unit_per_i
     found = best_under(items, budget)
     assert found.bytes <= budget
     assert found.predicted_kld <= min(k for b, k, _ in every if b <= budget - len(items) * unit) + 1e-12
+
+
+def test_a_gain_curve_returns_its_measured_points_and_interpolates_in_log_proxy():
+    import math
+
+    from slimkit.quantization.sensitivity import GainCurve
+
+    curve = GainCurve(((10.0, 4e-4), (1000.0, 1e-4)))  # the fine type's gain is the larger one
+    assert curve.kld(10.0) == pytest.approx(4e-3) and curve.kld(1000.0) == pytest.approx(0.1)
+    assert curve.kld(100.0) == pytest.approx(2.5e-4 * 100)  # halfway in log proxy: the mean gain
+    assert curve.kld(1.0) == pytest.approx(4e-4) and curve.kld(1e5) == pytest.approx(10.0)  # constant beyond
+    assert curve.kld(0.0) == 0.0 and GainCurve(()).kld(5.0) == 0.0
+    klds = [curve.kld(x) for x in (10 * math.exp(0.5 * i) for i in range(11))]
+    assert all(a < b for a, b in zip(klds, klds[1:]))
+
+
+def test_measure_gain_predicts_the_probes_kld_at_the_types_it_measured():
+    """The gain is measured with the grids the proxies are computed on (importance included)."""
+    from conftest import tiny_llama
+    from slimkit.quantization.sensitivity import KLDProbe, measure_gain, proxy_errors, rounded
+
+    torch.manual_seed(0)
+    model = tiny_llama(hidden_size=64, intermediate_size=128, num_hidden_layers=2).eval()
+    probe = KLDProbe(model, torch.randint(0, model.config.vocab_size, (2, 32)))
+    weight = model.model.layers[1].mlp.up_proj.weight
+    x = torch.randn(256, 64) * torch.linspace(0.2, 3.0, 64)
+    hessian = x.T @ x
+    errors = proxy_errors(weight, hessian, ["Q4_0", "Q5_0", "Q8_0"])
+    curve = measure_gain(probe, weight, errors, torch.diagonal(hessian))
+    for qtype in ("Q4_0", "Q8_0"):
+        measured = probe.kld_with(weight, rounded(weight, qtype, torch.diagonal(hessian)))
+        assert curve.kld(errors[qtype]) == pytest.approx(measured, rel=1e-9)
+    assert curve.kld(errors["Q8_0"]) < curve.kld(errors["Q5_0"]) < curve.kld(errors["Q4_0"])

@@ -17,6 +17,7 @@ from slimkit.quantization.config import GGUFAllocateConfig
 from slimkit.quantization.gguf_steps import outer_tensors, quantize_linear, round_outer
 from slimkit.quantization.sensitivity import (
     KLDProbe,
+    measure_gain,
     proxy_errors,
     rounded,
     tensor_bytes,
@@ -33,31 +34,33 @@ def _types_of(config: GGUFAllocateConfig, name: str, module: nn.Module) -> list[
     return types
 
 
-def _linear_proxies(config: GGUFAllocateConfig, ctx: StepContext) -> dict[str, dict[str, float]]:
-    """Pass 1 (weights unchanged): every linear's proxy error at each of its candidate types."""
-    proxies: dict[str, dict[str, float]] = {}
+def _linear_proxies(config: GGUFAllocateConfig, ctx: StepContext) -> dict[str, tuple[dict[str, float], torch.Tensor]]:
+    """Pass 1 (weights unchanged): every linear's proxy error at each of its candidate types, and
+    the importance (diag H) its grids are fitted with."""
+    proxies: dict[str, tuple[dict[str, float], torch.Tensor]] = {}
 
     def block(work, selected):
         for name, module in ctx.run.progress.track(list(selected.items()), f"block {work.index}: sensitivity"):
-            proxies[name] = proxy_errors(module.weight, work.stats[name].hessian, _types_of(config, name, module))
+            hessian = work.stats[name].hessian
+            proxies[name] = (proxy_errors(module.weight, hessian, _types_of(config, name, module)),
+                             torch.diagonal(hessian).float().clone())
 
     run_calibrated(config, ctx, StatsRequest(hessian=True), block, lambda n, m: _types_of(config, n, m))
     return proxies
 
 
-def _items(config: GGUFAllocateConfig, ctx: StepContext, proxies: dict[str, dict[str, float]]) -> list[Item]:
-    """Each tensor's choices with predicted KLD: linears by gain x proxy (the gain measured at the
-    smallest type), the outer tensors measured at every type."""
+def _items(config: GGUFAllocateConfig, ctx: StepContext, proxies: dict) -> list[Item]:
+    """Each tensor's choices with predicted KLD: linears by their gain curve x proxy, the outer
+    tensors measured at every type."""
     model = ctx.state.model
     probe = KLDProbe(model, ctx.run.calibration()[: config.probe_windows])
     items = []
     linears = dict(model.named_modules())
-    for name, errors in ctx.run.progress.track(list(proxies.items()), "sensitivity: one KLD per linear"):
+    for name, (errors, importance) in ctx.run.progress.track(list(proxies.items()),
+                                                             "sensitivity: two KLDs per linear"):
         weight = linears[name].weight
-        smallest = min(errors, key=lambda t: tensor_bytes(t, 1, 256))
-        measured = probe.kld_with(weight, rounded(weight, smallest))
-        gain = measured / errors[smallest] if errors[smallest] > 0 else 0.0
-        items.append(Item(name, (name,), tuple(Choice(t, tensor_bytes(t, *weight.shape), gain * e)
+        gain = measure_gain(probe, weight, errors, importance)
+        items.append(Item(name, (name,), tuple(Choice(t, tensor_bytes(t, *weight.shape), gain.kld(e))
                                                 for t, e in errors.items())))
     for name, module in outer_tensors(ctx, config.ignore).items():
         weight, types = module.weight, _types_of(config, name, module)

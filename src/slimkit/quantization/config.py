@@ -166,7 +166,7 @@ class GGUFQuantizeConfig(StepConfig, GridSolverFields):
         return f"GGUF {self.gguf_type} ({'GPTQ' if self.solver == 'gptq' else 'imatrix RTN'} on llama.cpp's grids)"
 
 
-ALLOCATABLE_TYPES = ("Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ4_NL", "Q5_0")
+ALLOCATABLE_TYPES = ("Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ4_NL", "Q4_1", "Q5_0", "Q5_1")
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -188,8 +188,8 @@ class GGUFAllocateConfig(StepConfig, GridSolverFields):
 
     Each tensor's sensitivity is measured: for every candidate type, the Hessian-weighted error of
     round-to-nearest on its fitted grid, scaled by the KLD the model's output moves when that tensor
-    alone takes its smallest type (measured on `probe_windows` calibration windows; the head and
-    the embedding are measured at every type). The predicted KLD of an assignment is the sum over
+    alone takes its worst and its best type (measured on `probe_windows` calibration windows,
+    interpolated between; the head and the embedding are measured at every type). The predicted KLD of an assignment is the sum over
     tensors; the allocator (quantization/allocation.py) solves the budget exactly. Then GPTQ (or
     imatrix rounding) writes every linear's codes in its type, in one calibrated pass."""
 

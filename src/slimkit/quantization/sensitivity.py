@@ -9,13 +9,17 @@ Two measurements, each cheap where the other is not:
 - `KLDProbe`: the model's mean KL divergence from its own unchanged output on a few calibration
   windows, after one change: what a tensor's type really does to the output (one forward pass).
 
-A linear's predicted KLD at type t is gain x proxy(t), the gain measured once at its smallest
-type (KLD / proxy); the head and the embedding, which no Hessian reaches, are measured at every
-type. The model's predicted KLD is the sum over tensors (errors assumed additive; the compress
+A linear's predicted KLD at type t is gain x proxy(t), the gain (KLD / proxy) measured at its
+worst and its best type and interpolated between them (`GainCurve`: on SmolLM2 the gain at Q8_0 is
+2-7x the gain at Q2_K or Q4_0, so one gain measured at the worst type under-predicts the cost of the
+fine types); the head and the embedding, which no Hessian reaches, are measured at every type. The model's predicted KLD is the sum over tensors (errors assumed additive; the compress
 report puts the measured KLD beside the prediction).
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -100,3 +104,34 @@ class KLDProbe:
             return self.kld()
         finally:
             parameter.data.copy_(saved)
+
+
+@dataclass(frozen=True)
+class GainCurve:
+    """KLD per unit of proxy error, measured at a few types of one tensor, interpolated linearly in
+    log(proxy) between them and constant beyond."""
+
+    points: tuple[tuple[float, float], ...]  # (proxy, gain), proxy increasing
+
+    def kld(self, proxy: float) -> float:
+        if proxy <= 0 or not self.points:
+            return 0.0
+        (x0, g0), (x1, g1) = self.points[0], self.points[-1]
+        if proxy <= x0 or x1 <= x0:
+            return g0 * proxy if proxy <= x0 else g1 * proxy
+        if proxy >= x1:
+            return g1 * proxy
+        t = (math.log(proxy) - math.log(x0)) / (math.log(x1) - math.log(x0))
+        return (g0 + t * (g1 - g0)) * proxy
+
+
+def measure_gain(probe: KLDProbe, weight: torch.Tensor, errors: dict[str, float],
+                 importance: torch.Tensor | None) -> GainCurve:
+    """The tensor's gain at its worst and best types (by proxy error; a type that leaves the weight
+    unchanged is skipped), each from one KLD of the model with that tensor alone rounded to it."""
+    measurable = sorted((e, t) for t, e in errors.items() if e > 0)
+    ends = {t: e for e, t in (measurable[:1] + measurable[-1:])}
+    points = []
+    for qtype, error in sorted(ends.items(), key=lambda kv: kv[1]):
+        points.append((error, probe.kld_with(weight, rounded(weight, qtype, importance)) / error))
+    return GainCurve(tuple(points))
