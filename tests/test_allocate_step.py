@@ -35,6 +35,17 @@ def test_a_target_size_gives_a_gguf_of_that_size_with_the_allocated_types(tiny_2
     assert len(set(chosen.values())) > 1  # the budget sits between the types: a mix is chosen
     predicted = sum(a["predicted_kld"] for a in detail["allocation"].values())
     assert 0 < predicted and report.compressed.divergence.mean_kld > 0
+    summary = detail["predicted"]
+    assert summary["kld"] == pytest.approx(predicted) and summary["whole_file"]
+    frontier = summary["frontier"]
+    assert all(a[1] >= b[1] for a, b in zip(frontier, frontier[1:]))  # more bytes, no more KLD
+    mixes = summary["llamacpp_mixes"]
+    assert mixes  # some of llama.cpp's mixes use only these types
+    # the allocation is the best under its budget: no mix of llama.cpp's that fits it predicts less
+    assert all(k >= predicted * (1 - 1e-9) for b, k in mixes.values() if b <= summary["bytes"])
+    text = (tmp_path / "c" / "report.md").read_text()
+    assert "## Allocation" in text and f"predicted mean KLD {predicted:.4f}" in text and "measured" in text
+    assert (tmp_path / "c" / "allocation.png").stat().st_size > 10_000
     result = export_model(str(tmp_path / "c"), tmp_path / "g", "gguf", ExportSettings(verify=False))
     written = (tmp_path / "g" / "model.gguf").stat().st_size
     assert 0.99 * target <= written <= target, written

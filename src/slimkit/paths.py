@@ -39,6 +39,7 @@ class ModelDir:
     report_md = _inside("report.md")
     compression = _inside(COMPRESSION)
     training_curve = _inside("training_curve.png")
+    allocation_plot = _inside("allocation.png")  # gguf_allocate: predicted KLD against size
     packed = _inside("packed")  # `compress --bench` packs here
 
 

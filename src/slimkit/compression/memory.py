@@ -28,6 +28,7 @@ from slimkit.recipes.apply import CompressionResult, compress
 from slimkit.recipes.context import RunResources
 from slimkit.recipes.schema import Recipe
 from slimkit.recipes.state import save_compression_state
+from slimkit.reports.allocation import allocation_plot
 from slimkit.reports.tables import report_markdown, training_plot
 from slimkit.results import CompressReport, Quality
 
@@ -61,6 +62,9 @@ class CompressedInMemory:
         layout.report_json.write_text(json.dumps(self.report.to_dict(), indent=2))
         layout.report_md.write_text(report_markdown(self.report))
         training_plot(self.report.compression.structure_and_training, layout.training_curve)
+        divergence = self.report.compressed.divergence
+        allocation_plot(self.report.compression.structure_and_training, divergence.mean_kld if divergence else None,
+                        layout.allocation_plot)
 
 
 class InMemorySource:

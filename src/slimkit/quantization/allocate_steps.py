@@ -12,8 +12,9 @@ from slimkit.calibration.runner import run_calibrated
 from slimkit.calibration.stats import StatsRequest
 from slimkit.errors import RecipeError
 from slimkit.numerics.ggml_grids import ALLOCATED_FTYPE
-from slimkit.quantization.allocation import Allocation, Choice, Item, best_under, smallest_within
+from slimkit.quantization.allocation import Allocation, Choice, Frontier, Item, best_under, smallest_within
 from slimkit.quantization.config import GGUFAllocateConfig
+from slimkit.quantization.gguf_mix import FILE_TYPES, query_groups, tensor_type
 from slimkit.quantization.gguf_steps import outer_tensors, quantize_linear, round_outer
 from slimkit.quantization.sensitivity import (
     KLDProbe,
@@ -71,28 +72,48 @@ def _items(config: GGUFAllocateConfig, ctx: StepContext, proxies: dict) -> list[
     return items
 
 
-def _fixed_bytes(ctx: StepContext, items: list[Item]) -> int:
+def _fixed_bytes(ctx: StepContext, items: list[Item]) -> int | None:
     """The GGUF's bytes outside the allocated tensors: header, hyper-parameters, tokenizer (the
-    run's `file_overhead`), and the tensors written in F32 (norms, biases)."""
+    run's `file_overhead`), and the tensors written in F32 (norms, biases); None outside `compress`."""
     if ctx.run.file_overhead is None:
-        raise RecipeError("gguf_allocate's size budgets need the GGUF's fixed size (its tokenizer and metadata): "
-                          "run it through `slimkit compress`, or give --max-kld")
+        return None
     model = ctx.state.model
     allocated = {id(model.get_submodule(m).weight) for item in items for m in item.members}
     rest = sum(p.numel() * 4 for p in model.parameters() if id(p) not in allocated)
     return ctx.run.file_overhead(model) + rest
 
 
-def _allocate(config: GGUFAllocateConfig, ctx: StepContext, items: list[Item]) -> tuple[Allocation, int]:
-    if config.max_kld is not None:
-        return smallest_within(items, config.max_kld), 0
+def _allocate(config: GGUFAllocateConfig, ctx: StepContext, items: list[Item]) -> tuple[Allocation, int | None]:
     fixed = _fixed_bytes(ctx, items)
+    if config.max_kld is not None:
+        return smallest_within(items, config.max_kld), fixed
+    if fixed is None:
+        raise RecipeError("gguf_allocate's size budgets need the GGUF's fixed size (its tokenizer and metadata): "
+                          "run it through `slimkit compress`, or give --max-kld")
     parameters = sum(p.numel() for p in ctx.state.model.parameters())
     total = config.target_size if config.target_size is not None else int(config.target_bpw * parameters / 8)
     if total <= fixed:
         raise RecipeError(f"the budget, {total / 1e6:.2f} MB, is not more than the file's fixed part "
                           f"({fixed / 1e6:.2f} MB: tokenizer, metadata and F32 norms)")
     return best_under(items, total - fixed), fixed
+
+
+def mix_predictions(items: list[Item], model: nn.Module) -> dict[str, tuple[int, float]]:
+    """llama.cpp's file types (with an imatrix) as the same sensitivities predict them: (tensor bytes,
+    predicted KLD) for each mix whose every tensor type is among the candidates."""
+    config, modules = model.config, dict(model.named_modules())
+    n_layers, gqa = config.num_hidden_layers, query_groups(config)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    mixes = {}
+    for ftype in FILE_TYPES:
+        chosen = []
+        for item in items:
+            qtype = tensor_type(ftype, item.name, n_layers, modules[item.name].weight.shape[1], tied, gqa=gqa,
+                                imatrix=True)
+            chosen.append(next((c for c in item.choices if c.qtype == qtype), None))
+        if all(chosen):
+            mixes[ftype] = (sum(c.bytes for c in chosen), sum(c.kld for c in chosen))
+    return mixes
 
 
 def _quantize(config: GGUFAllocateConfig, ctx: StepContext, types: dict[str, str]) -> None:
@@ -108,17 +129,24 @@ def _quantize(config: GGUFAllocateConfig, ctx: StepContext, types: dict[str, str
         round_outer(ctx, name, module, types[name], ALLOCATED_FTYPE, config.summary())
 
 
-def _detail(config: GGUFAllocateConfig, allocation: Allocation, fixed: int, parameters: int) -> dict:
-    whole = allocation.bytes + fixed
+def _detail(config: GGUFAllocateConfig, items: list[Item], allocation: Allocation, fixed: int | None,
+            model: nn.Module) -> dict:
+    """The report's record: each tensor's type, bytes and predicted KLD; the predicted frontier and
+    llama.cpp's mixes on it (whole-file bytes where the file's fixed part is known)."""
+    parameters = sum(p.numel() for p in model.parameters())
+    base = fixed or 0
     counts: dict[str, int] = {}
     for choice in allocation.chosen.values():
         counts[choice.qtype] = counts.get(choice.qtype, 0) + 1
+    whole = f", whole GGUF {(allocation.bytes + base) / 1e6:.2f} MB, {(allocation.bytes + base) * 8 / parameters:.3f} bpw"
     return {"step": config.summary(), "config_changes": {},
             "allocation": {name: {"type": c.qtype, "bytes": c.bytes, "predicted_kld": c.kld}
                            for name, c in allocation.chosen.items()},
+            "predicted": {"bytes": allocation.bytes + base, "kld": allocation.predicted_kld, "whole_file": fixed is not None,
+                          "frontier": [[b + base, k] for b, k in Frontier(items).curve()],
+                          "llamacpp_mixes": {t: [b + base, k] for t, (b, k) in mix_predictions(items, model).items()}},
             "notes": [f"allocated {', '.join(f'{n} {t}' for t, n in sorted(counts.items()))}: tensors "
-                      f"{allocation.bytes / 1e6:.2f} MB" + (f", whole GGUF {whole / 1e6:.2f} MB, "
-                                                             f"{whole * 8 / parameters:.3f} bpw" if fixed else ""),
+                      f"{allocation.bytes / 1e6:.2f} MB" + (whole if fixed is not None else ""),
                       f"predicted mean KLD {allocation.predicted_kld:.4f} (sum of the tensors' measured "
                       f"sensitivities, on calibration windows)"]}
 
@@ -156,8 +184,7 @@ def apply_gguf_allocate(config: GGUFAllocateConfig, ctx: StepContext) -> None:
     progress = ctx.run.progress
     items = measured_items(config, ctx)
     allocation, fixed = _allocate(config, ctx, items)
-    parameters = sum(p.numel() for p in ctx.state.model.parameters())
-    detail = _detail(config, allocation, fixed, parameters)
+    detail = _detail(config, items, allocation, fixed, ctx.state.model)
     progress.note(f"{config.summary()}: {detail['notes'][0]}; {detail['notes'][1]}")
     _quantize(config, ctx, allocation.types)
     ctx.state.details.append(detail)

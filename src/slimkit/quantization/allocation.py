@@ -95,6 +95,13 @@ class Frontier:
     def smallest_bytes(self) -> int:
         return sum(min(c.bytes for c in item.choices) for item in self.items)
 
+    def curve(self, points: int = 48) -> list[tuple[int, float]]:
+        """(bytes, least predicted KLD) at `points` budgets from the smallest file to the largest
+        (bytes to the unit)."""
+        low = -(-self.smallest_bytes() // self.unit)
+        units = np.unique(np.linspace(low, self.capacity, points).round().astype(int))
+        return [(int(u) * self.unit, float(self.best[u])) for u in units if np.isfinite(self.best[u])]
+
 
 def best_under(items: list[Item], budget: int) -> Allocation:
     """The least predicted KLD whose tensors take at most `budget` bytes."""

@@ -166,7 +166,7 @@ class GGUFQuantizeConfig(StepConfig, GridSolverFields):
         return f"GGUF {self.gguf_type} ({'GPTQ' if self.solver == 'gptq' else 'imatrix RTN'} on llama.cpp's grids)"
 
 
-ALLOCATABLE_TYPES = ("Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ4_NL", "Q4_1", "Q5_0", "Q5_1")
+ALLOCATABLE_TYPES = ("Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ4_NL", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from slimkit.reports.allocation import allocation_lines
 from slimkit.results import CompressReport, Quality
 
 MB = 1e6
@@ -137,6 +138,8 @@ def report_markdown(report: CompressReport) -> str:
         *(f"| {k} | {v / MB:.1f} |" for k, v in report.size.dense_by_kind.items()),
         "",
         *structure_lines(report.compression.structure_and_training),
+        *allocation_lines(report.compression.structure_and_training, report.compressed.divergence.mean_kld
+                          if report.compressed.divergence else None),
         *expert_lines(report.compression.engine),
         "## Per-layer sparsity and bits",
         "",
