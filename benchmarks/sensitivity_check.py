@@ -2,11 +2,11 @@
 
     python -m benchmarks.sensitivity_check -o out/sensitivity [--model smollm2-135m] [--pairs 60]
 
-- sensitivities as gguf_allocate measures them (a gain per linear from one measured KLD at its
-  smallest type, times the Hessian-weighted proxy at the others; head and embedding measured at
-  every type);
+- sensitivities as gguf_allocate measures them (a gain curve per linear from measured KLDs at its
+  worst and best types, times the Hessian-weighted proxy at the others; head and embedding
+  measured at every type);
 - ranking: `--pairs` (tensor, type) pairs drawn at random among the linears' types other than the
-  one their gain was measured at; each pair's KLD measured with that tensor alone rounded to that
+  two their gain was measured at; each pair's KLD measured with that tensor alone rounded to that
   type; Spearman's rank correlation between predicted and measured;
 - additivity: the allocations for a few budgets applied all at once (round to nearest), the
   model's measured KLD beside the predicted sum.
@@ -49,21 +49,42 @@ def _context(model: str, windows: int, seqlen: int):
 
 
 @torch.no_grad()
+def importances(model, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """diag(H) of every linear on the calibration windows (sum of x^2 per input column), the
+    importance gguf_allocate fits its grids with."""
+    sums, hooks = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            def add(m, args, name=name):
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                sums[name] = sums.get(name, 0) + (x * x).sum(0)
+            hooks.append(module.register_forward_pre_hook(add))
+    try:
+        for window in windows:
+            model(window[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    return sums
+
+
+@torch.no_grad()
 def _ranking(ctx, items, probe, pairs: int, seed: int) -> dict:
     from slimkit.quantization.sensitivity import rounded
 
     modules = dict(ctx.state.model.named_modules())
+    importance = importances(ctx.state.model, ctx.run.calibration())
     linears = [i for i in items if i.name in modules and isinstance(modules[i.name], torch.nn.Linear)
                and len(i.choices) > 1 and i.name != "lm_head"]
     rng = random.Random(seed)
     drawn = []
     for _ in range(pairs):
         item = rng.choice(linears)
-        smallest = min(item.choices, key=lambda c: c.bytes)
-        choice = rng.choice([c for c in item.choices if c is not smallest])
+        ends = (max(item.choices, key=lambda c: c.kld), min(item.choices, key=lambda c: c.kld))  # measured
+        choice = rng.choice([c for c in item.choices if c not in ends] or list(ends))
         weight = modules[item.name].weight
         drawn.append({"tensor": item.name, "type": choice.qtype, "predicted": choice.kld,
-                      "measured": probe.kld_with(weight, rounded(weight, choice.qtype))})
+                      "measured": probe.kld_with(weight, rounded(weight, choice.qtype, importance[item.name]))})
     return {"pairs": drawn, "spearman": spearman([d["predicted"] for d in drawn], [d["measured"] for d in drawn])}
 
 
@@ -75,12 +96,17 @@ def _additivity(ctx, items, probe, fractions: list[float]) -> list[dict]:
     low = sum(min(c.bytes for c in i.choices) for i in items)
     high = sum(max(c.bytes for c in i.choices) for i in items)
     modules = dict(ctx.state.model.named_modules())
+    from slimkit.quantization.gguf_steps import outer_tensors
+
+    importance = importances(ctx.state.model, ctx.run.calibration())
+    for name in outer_tensors(ctx):  # rounded without importance, as gguf_allocate rounds them
+        importance.pop(name, None)
     rows = []
     for f in fractions:
         allocation = best_under(items, int(low + f * (high - low)))
         saved = {n: modules[n].weight.detach().clone() for n in allocation.types}
         for name, qtype in allocation.types.items():
-            modules[name].weight.data.copy_(rounded(modules[name].weight, qtype))
+            modules[name].weight.data.copy_(rounded(modules[name].weight, qtype, importance.get(name)))
         measured = probe.kld()
         for name, w in saved.items():
             modules[name].weight.data.copy_(w)
@@ -102,7 +128,7 @@ def run(model: str, output: Path, pairs: int, windows: int, seqlen: int, seed: i
               "additivity": _additivity(ctx, items, probe, [0.1, 0.3, 0.6])}
     lines = [f"# Sensitivity check on {model}", "",
              f"- Spearman rank correlation, predicted vs measured KLD of one tensor at one type, {pairs} pairs "
-             f"(not the type the gain was measured at): **{result['ranking']['spearman']:.3f}**", "",
+             f"(not the types the gain was measured at): **{result['ranking']['spearman']:.3f}**", "",
              "| allocation MB (tensors) | predicted KLD (sum) | measured KLD (all at once, RTN) |", "|---|---|---|",
              *[f"| {r['bytes'] / 1e6:.2f} | {r['predicted']:.4f} | {r['measured']:.4f} |" for r in result["additivity"]],
              "", f"- KLD on {config.probe_windows} calibration windows of {seqlen} tokens"]
