@@ -3,6 +3,7 @@ are the allocation's, and llama.cpp's file type says it is no mix."""
 
 
 import pytest
+import torch
 
 from conftest import tiny_llama
 from slimkit.compression.memory import compress_to_dir
@@ -70,3 +71,36 @@ def test_compress_budget_options_are_checked_before_loading(tmp_path):
     assert none.exit_code != 0 and "name a recipe (-r) or a budget" in none.output
     recipe, = budget_recipes(None, "90MB", None)
     assert recipe.name == "gguf-allocated-target-size-90mb" and recipe.steps[0].target_size == 90_000_000
+
+
+@pytest.mark.slow  # three compress runs of the tiny model (the allocator itself: test_allocation.py)
+def test_a_decode_time_budget_is_met_by_the_measured_costs(tiny_256, tmp_path, monkeypatch):
+    """--max-decode-ms with stand-in costs (the peers tier measures real ones): the predicted time of
+    the allocation is within each budget, and a tighter budget buys faster types."""
+    from transformers import AutoModelForCausalLM
+
+    from slimkit.benchmarks.decode_costs import DecodeCosts
+    from slimkit.compression.memory import InMemorySource
+
+    per_weight = {"Q3_K": -4e-8, "Q4_K": -3e-8, "Q6_K": -1e-8, "Q8_0": 0.0}  # fewer bits, faster
+    costs = DecodeCosts(10.0, per_weight, 2)
+    monkeypatch.setattr(InMemorySource, "_decode_costs", lambda self, types: costs)
+    weights = {n: m.weight.numel() for n, m in AutoModelForCausalLM.from_pretrained(tiny_256).named_modules()
+               if isinstance(m, torch.nn.Linear)}
+    fastest = 10.0 + sum(w * min(per_weight.values()) for w in weights.values())
+    budgets = [fastest + 0.3 * (10.0 - fastest), fastest + 0.7 * (10.0 - fastest)]
+    recipes = [parse_recipe({"name": f"t{i}", "steps": [{"method": "gguf_allocate", "max_decode_ms": b,
+                                                         "types": TYPES, "probe_windows": 2}]})
+               for i, b in enumerate(budgets)]
+    reports = compress_to_dir(str(tiny_256), recipes, tmp_path / "c", SETTINGS)
+    predicted = []
+    for report, budget in zip(reports, budgets):
+        detail = report.compression.structure_and_training[0]
+        ms = 10.0 + sum(weights[n] * per_weight[a["type"]] for n, a in detail["allocation"].items())
+        assert ms <= budget + 1e-9 and any(f"decode {ms:.2f} ms/token" in n for n in detail["notes"])
+        predicted.append(detail["predicted"]["kld"])
+    assert predicted[0] > predicted[1]  # less time, more KLD
+    with pytest.raises(Exception, match="no mix of these types is predicted to decode within"):
+        compress_to_dir(str(tiny_256), [parse_recipe({"name": "x", "steps": [
+            {"method": "gguf_allocate", "max_decode_ms": fastest - 0.1, "types": TYPES, "probe_windows": 2}]})],
+            tmp_path / "x", SETTINGS)

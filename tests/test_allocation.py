@@ -106,3 +106,21 @@ def test_measure_gain_predicts_the_probes_kld_at_the_types_it_measured():
         measured = probe.kld_with(weight, rounded(weight, qtype, torch.diagonal(hessian)))
         assert curve.kld(errors[qtype]) == pytest.approx(measured, rel=1e-9)
     assert curve.kld(errors["Q8_0"]) < curve.kld(errors["Q5_0"]) < curve.kld(errors["Q4_0"])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_best_within_a_time_budget_is_the_brute_force_optimum(seed):
+    """Costs of either sign (a type measured faster than the reference), on the resolution's grid."""
+    from slimkit.quantization.allocation import best_within
+
+    items = _items(seed, n=4)
+    rng = random.Random(seed)
+    cost = {i.name: {c.qtype: rng.randint(-30, 60) * 1e-4 for c in i.choices} for i in items}
+    every = [(sum(cost[i.name][c.qtype] for i, c in zip(items, picks)), k) for _, k, picks in _every(items)]
+    low, high = min(t for t, _ in every), max(t for t, _ in every)
+    for budget in (low, (2 * low + high) / 3, (low + high) / 2, high):
+        found = best_within(items, cost, budget + 1e-12)
+        assert sum(cost[n][c.qtype] for n, c in found.chosen.items()) <= budget + 1e-9
+        assert found.predicted_kld == pytest.approx(min(k for t, k in every if t <= budget + 1e-9), rel=1e-9)
+    with pytest.raises(SlimkitError, match="below the cheapest"):
+        best_within(items, cost, low - 1e-3)

@@ -196,3 +196,29 @@ def test_llamacpp_runs_slimkit_moe_and_gpt2_ggufs_with_the_packed_models_perplex
     assert abs(math.log(ours / len(smollm2_tokenizer))) > 0.5  # far from uniform: the score depends on the logits
     # measured within 0.15% on every architecture; leaving out Falcon-40B's qkv reordering moves it +0.8%
     assert abs(theirs / ours - 1) < 0.005, (theirs, ours)
+
+
+def test_decode_costs_are_measured_on_files_that_differ_in_one_type(smollm2_tokenizer, tmp_path):
+    """Each type's file holds that type wherever it tiles the rows and Q8_0 elsewhere; the costs
+    come out finite, per weight, against the all-Q8_0 file."""
+    import gguf
+
+    from conftest import tiny_llama
+    from slimkit.benchmarks.decode_costs import REFERENCE, matmul_tensors, measure_decode_costs
+    from slimkit.export.job import ExportSettings, export_model
+    from slimkit.paths import ExportDir
+
+    tiny_llama(vocab_size=len(smollm2_tokenizer), hidden_size=256, intermediate_size=576).save_pretrained(
+        tmp_path / "hf")  # rows of 256 (Q4_K tiles them) and of 576 (ffn_down: it does not)
+    smollm2_tokenizer.save_pretrained(tmp_path / "hf")
+    export_model(str(tmp_path / "hf"), tmp_path / "base", "gguf", ExportSettings(gguf_type="f32", verify=False))
+    base = ExportDir(tmp_path / "base").gguf
+    costs = measure_decode_costs(base, tmp_path, ["Q4_K", "Q4_0", "Q8_0"], threads=2, rounds=1)
+    assert costs.reference_ms > 0 and set(costs.per_weight_ms) == {"Q4_K", "Q4_0", "Q8_0"}
+    assert costs.per_weight_ms["Q8_0"] == 0 and all(abs(v) < 1 for v in costs.per_weight_ms.values())
+    matrices = matmul_tensors(base)
+    stored = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "q4_k.gguf").tensors}
+    for name, (cols, _) in matrices.items():
+        assert stored[name] == ("Q4_K" if cols % 256 == 0 else REFERENCE), name
+    assert {stored[n] for n in matrices} == {"Q4_K", REFERENCE}
+    assert "token_embd.weight" in matrices  # the tiny model is tied: its embedding is the head's matmul

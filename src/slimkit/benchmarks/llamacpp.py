@@ -137,10 +137,12 @@ def make_imatrix(base: Path, text_file: Path, out: Path, ctx: int, chunks: int, 
     return out
 
 
-def llamacpp_quantize(base: Path, out: Path, ftype: str, imatrix: Path | None = None, threads: int = 2) -> Path:
-    """llama-quantize `base` to `ftype` (Q4_0, Q4_K_M, ...), with an imatrix when given."""
+def llamacpp_quantize(base: Path, out: Path, ftype: str, imatrix: Path | None = None, threads: int = 2,
+                      options: tuple[str, ...] = ()) -> Path:
+    """llama-quantize `base` to `ftype` (Q4_0, Q4_K_M, ...), with an imatrix when given and
+    llama-quantize's `options` (--pure, --tensor-type-file F, ...)."""
     extra = ["--imatrix", str(imatrix)] if imatrix is not None else []
-    _run("llama-quantize", [*extra, str(base), str(out), ftype, str(threads)], str(base))
+    _run("llama-quantize", [*extra, *options, str(base), str(out), ftype, str(threads)], str(base))
     return out
 
 

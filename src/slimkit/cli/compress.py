@@ -26,11 +26,14 @@ from slimkit.io.outputs import reserve_output
 from slimkit.preflight import outline
 from slimkit.protocol import BenchSettings, EvalSettings
 
+OFFLOAD_HELP = "keep calibration activations in this dir on disk instead of RAM (big models)"
 RESTART_HELP = "distill steps: discard an interrupted training run (e.g. a damaged checkpoint) and start it from step 0"
 BUDGET_HELP = {"target_bpw": "GGML types chosen tensor by tensor (gguf_allocate) so that the GGUF's whole file "
                              "has these bits per weight",
                "target_size": "... so that the GGUF's whole file takes this many bytes (100MB, 1.5GB)",
-               "max_kld": "... the smallest file whose predicted mean KLD from the model stays within this"}
+               "max_kld": "... the smallest file whose predicted mean KLD from the model stays within this",
+               "max_decode_ms": "... the least predicted KLD whose llama.cpp decode takes at most this many ms per "
+                                "token here (each type's cost measured with llama-bench once per machine: make peers)"}
 
 
 @friendly_errors
@@ -40,8 +43,7 @@ def compress(
     recipe: List[str] = typer.Option([], "--recipe", "-r", help="built-in recipe name or YAML/JSON file; repeat to compare several"),
     output: Path = typer.Option(..., "--output", "-o", help="output dir (written atomically)"),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
-    offload_activations: Optional[Path] = typer.Option(None, help="keep calibration activations in this dir "
-                                                       "on disk instead of RAM (big models)"),
+    offload_activations: Optional[Path] = typer.Option(None, help=OFFLOAD_HELP),
     save_dtype: str = typer.Option("auto", help="dtype of the saved dense weights: auto (the checkpoint's own), "
                                    "float32, bfloat16, float16; compression always computes in float32"),
     restart: bool = typer.Option(False, "--restart", help=RESTART_HELP),
@@ -53,6 +55,7 @@ def compress(
     target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help=BUDGET_HELP["target_bpw"]),
     target_size: Optional[str] = typer.Option(None, "--target-size", help=BUDGET_HELP["target_size"]),
     max_kld: Optional[float] = typer.Option(None, "--max-kld", help=BUDGET_HELP["max_kld"]),
+    max_decode_ms: Optional[float] = typer.Option(None, "--max-decode-ms", help=BUDGET_HELP["max_decode_ms"]),
     settings=None,
     explicit=frozenset(),
 ) -> None:
@@ -72,7 +75,7 @@ def compress(
 
       slimkit compress ./llama-8b -r gptq-int4-g64 -o out/8b --stream on   # bigger than RAM; rerun resumes
 
-      slimkit compress smollm2-135m --target-bpw 4.5 -o out/4.5bpw   # the best GGUF types for a budget
+      slimkit compress smollm2-135m --target-bpw 4.5 -o out/4.5bpw   # the best GGUF for a budget (or --max-decode-ms 30)
     """
     from slimkit.calibration.distributed import init_from_env
     from slimkit.pipeline import check_several_processes
@@ -84,7 +87,7 @@ def compress(
     if size > 1 and bench:
         raise SlimkitError("several processes (torchrun) do not benchmark: drop --bench")
     with reserve_output(output, overwrite) if rank == 0 else contextlib.nullcontext():  # a clash fails first
-        recipes_ = _recipes(recipe, budget_recipes(target_bpw, target_size, max_kld))
+        recipes_ = _recipes(recipe, budget_recipes(target_bpw, target_size, max_kld, max_decode_ms))
         if size > 1:
             check_several_processes(recipes_, stream)  # before the model is touched
         settings = _preflight(model, recipes_, settings, explicit, offload_activations)
@@ -102,19 +105,21 @@ def _recipes(names: list[str], budgets: list) -> list:
 
     recipes = [get_recipe(r) for r in names] + budgets
     if not recipes:
-        raise SlimkitError("name a recipe (-r) or a budget (--target-bpw, --target-size, --max-kld)")
+        raise SlimkitError("name a recipe (-r) or a budget (--target-bpw, --target-size, --max-kld, "
+                           "--max-decode-ms)")
     given = [r.name for r in recipes]
     if len(set(given)) != len(given):
         raise SlimkitError(f"recipe names must differ to share an output dir, got {given}")
     return recipes
 
 
-def budget_recipes(target_bpw: float | None, target_size: str | None, max_kld: float | None) -> list:
+def budget_recipes(target_bpw: float | None, target_size: str | None, max_kld: float | None,
+                   max_decode_ms: float | None = None) -> list:
     """The gguf_allocate recipe of a budget option (at most one), named after it."""
     from slimkit.recipes import parse_recipe
 
-    given = {k: v for k, v in (("target_bpw", target_bpw), ("target_size", target_size), ("max_kld", max_kld))
-             if v is not None}
+    given = {k: v for k, v in (("target_bpw", target_bpw), ("target_size", target_size), ("max_kld", max_kld),
+                               ("max_decode_ms", max_decode_ms)) if v is not None}
     if len(given) > 1:
         raise SlimkitError(f"give one budget, not {' and '.join('--' + k.replace('_', '-') for k in given)}")
     if not given:

@@ -109,10 +109,16 @@ class InMemorySource:
         job = self.job
         run = RunResources(progress, self._calibration if self.loaded.tokenizer is not None else None,
                            job.offload_dir, self.loaded.tokenizer, self.split, job.runs_dir, job.restart_training,
-                           device=job.device, file_overhead=self._gguf_overhead)
+                           device=job.device, file_overhead=self._gguf_overhead, decode_costs=self._decode_costs)
         result = compress(self.loaded.model, recipe, self.loaded.adapter, run)
         self.loaded.model = result.model
         return result
+
+    def _decode_costs(self, types: list[str]):
+        from slimkit.benchmarks.decode_costs import decode_costs_for
+
+        parameters = sum(p.numel() for p in self.loaded.model.parameters())
+        return decode_costs_for(self.job.model, parameters, types, torch.get_num_threads(), log=self.progress.note)
 
     def _gguf_overhead(self, model: torch.nn.Module) -> int:
         from slimkit.export.gguf.writer import metadata_bytes

@@ -12,7 +12,15 @@ from slimkit.calibration.runner import run_calibrated
 from slimkit.calibration.stats import StatsRequest
 from slimkit.errors import RecipeError
 from slimkit.numerics.ggml_grids import ALLOCATED_FTYPE
-from slimkit.quantization.allocation import Allocation, Choice, Frontier, Item, best_under, smallest_within
+from slimkit.quantization.allocation import (
+    Allocation,
+    Choice,
+    Frontier,
+    Item,
+    best_under,
+    best_within,
+    smallest_within,
+)
 from slimkit.quantization.config import GGUFAllocateConfig
 from slimkit.quantization.gguf_mix import FILE_TYPES, query_groups, tensor_type
 from slimkit.quantization.gguf_steps import outer_tensors, quantize_linear, round_outer
@@ -83,10 +91,42 @@ def _fixed_bytes(ctx: StepContext, items: list[Item]) -> int | None:
     return ctx.run.file_overhead(model) + rest
 
 
-def _allocate(config: GGUFAllocateConfig, ctx: StepContext, items: list[Item]) -> tuple[Allocation, int | None]:
+def _decode_cost(ctx: StepContext, items: list[Item], costs) -> dict[str, dict[str, float]]:
+    """Each item's decode ms/token at each type, over the reference file's (costs: DecodeCosts)."""
+    model = ctx.state.model
+
+    def multiplied(member: str) -> int:  # an untied embedding is read one row a token: no matmul
+        module = model.get_submodule(member)
+        return 0 if isinstance(module, nn.Embedding) else module.weight.numel()
+
+    return {item.name: {c.qtype: costs.of(c.qtype, sum(multiplied(m) for m in item.members)) for c in item.choices}
+            for item in items}
+
+
+def _time_budget(config: GGUFAllocateConfig, ctx: StepContext, items: list[Item]) -> tuple[Allocation, str]:
+    if ctx.run.decode_costs is None:
+        raise RecipeError("gguf_allocate's max_decode_ms needs llama.cpp's measured decode costs: run it through "
+                          "`slimkit compress --max-decode-ms`")
+    costs = ctx.run.decode_costs(list(config.types))
+    cost = _decode_cost(ctx, items, costs)
+    if config.max_decode_ms <= costs.reference_ms + sum(min(c.values()) for c in cost.values()) - 1e-9:
+        fastest = costs.reference_ms + sum(min(c.values()) for c in cost.values())
+        raise RecipeError(f"no mix of these types is predicted to decode within {config.max_decode_ms:g} ms/token "
+                          f"here (the fastest: {fastest:.2f} ms with llama.cpp at {costs.threads} threads)")
+    allocation = best_within(items, cost, config.max_decode_ms - costs.reference_ms)
+    predicted = costs.reference_ms + sum(cost[n][c.qtype] for n, c in allocation.chosen.items())
+    return allocation, (f"predicted llama.cpp decode {predicted:.2f} ms/token at {costs.threads} threads (all-Q8_0 "
+                        f"file measured {costs.reference_ms:.2f} ms; each type's cost measured with llama-bench)")
+
+
+def _allocate(config: GGUFAllocateConfig, ctx: StepContext, items: list[Item]
+              ) -> tuple[Allocation, int | None, list[str]]:
     fixed = _fixed_bytes(ctx, items)
     if config.max_kld is not None:
-        return smallest_within(items, config.max_kld), fixed
+        return smallest_within(items, config.max_kld), fixed, []
+    if config.max_decode_ms is not None:
+        allocation, note = _time_budget(config, ctx, items)
+        return allocation, fixed, [note]
     if fixed is None:
         raise RecipeError("gguf_allocate's size budgets need the GGUF's fixed size (its tokenizer and metadata): "
                           "run it through `slimkit compress`, or give --max-kld")
@@ -95,7 +135,7 @@ def _allocate(config: GGUFAllocateConfig, ctx: StepContext, items: list[Item]) -
     if total <= fixed:
         raise RecipeError(f"the budget, {total / 1e6:.2f} MB, is not more than the file's fixed part "
                           f"({fixed / 1e6:.2f} MB: tokenizer, metadata and F32 norms)")
-    return best_under(items, total - fixed), fixed
+    return best_under(items, total - fixed), fixed, []
 
 
 def mix_predictions(items: list[Item], model: nn.Module) -> dict[str, tuple[int, float]]:
@@ -152,7 +192,7 @@ def _detail(config: GGUFAllocateConfig, items: list[Item], allocation: Allocatio
 
 
 _MEASURED: dict[tuple, list[Item]] = {}  # sensitivities of this process's runs (several budgets, one model)
-BUDGETS = ("target_bpw", "target_size", "max_kld")
+BUDGETS = ("target_bpw", "target_size", "max_kld", "max_decode_ms")
 
 
 @torch.no_grad()
@@ -183,8 +223,9 @@ def measured_items(config: GGUFAllocateConfig, ctx: StepContext) -> list[Item]:
 def apply_gguf_allocate(config: GGUFAllocateConfig, ctx: StepContext) -> None:
     progress = ctx.run.progress
     items = measured_items(config, ctx)
-    allocation, fixed = _allocate(config, ctx, items)
+    allocation, fixed, notes = _allocate(config, ctx, items)
     detail = _detail(config, items, allocation, fixed, ctx.state.model)
-    progress.note(f"{config.summary()}: {detail['notes'][0]}; {detail['notes'][1]}")
+    detail["notes"] += notes
+    progress.note(f"{config.summary()}: {'; '.join(detail['notes'])}")
     _quantize(config, ctx, allocation.types)
     ctx.state.details.append(detail)

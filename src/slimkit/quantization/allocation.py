@@ -12,6 +12,7 @@ total is checked against the budget afterwards: the answer never exceeds it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,3 +124,22 @@ def smallest_within(items: list[Item], max_kld: float) -> Allocation:
         raise SlimkitError(f"allocation: no choice of these types predicts a KLD within {max_kld:g} "
                            f"(the least is {least:.4g}, every tensor at its largest type)")
     return frontier.at(int(fits[0]))
+
+
+def best_within(items: list[Item], cost: dict[str, dict[str, float]], budget: float,
+                resolution: float = 1e-4) -> Allocation:
+    """The least predicted KLD whose summed `cost` (item name -> type -> cost, any sign: a measured
+    time) is at most `budget`: the same programme with each item's cost above its cheapest counted
+    in whole steps of `resolution`, rounded up (the answer never exceeds the budget; it is optimal
+    to within one step per item)."""
+    floor = {item.name: min(cost[item.name][c.qtype] for c in item.choices) for item in items}
+    left = budget - sum(floor.values())
+    if left < 0:
+        raise SlimkitError(f"allocation: the budget, {budget:.4g}, is below the cheapest choice of these types "
+                           f"({sum(floor.values()):.4g})")
+    steps = [Item(item.name, item.members, tuple(Choice(c.qtype, math.ceil((cost[item.name][c.qtype] - floor[item.name])
+                                                                             / resolution - 1e-9), c.kld)
+                                                  for c in item.choices)) for item in items]
+    chosen = best_under(steps, int(left / resolution)).chosen
+    return _allocation(items, [next(k for k, c in enumerate(item.choices) if c.qtype == chosen[item.name].qtype)
+                               for item in items])

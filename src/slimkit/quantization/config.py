@@ -200,6 +200,8 @@ class GGUFAllocateConfig(StepConfig, GridSolverFields):
     target_bpw: float | None = Field(None, gt=0.0, description="whole-file bits per weight of the GGUF")
     target_size: int | None = Field(None, gt=0, description="whole-file bytes of the GGUF (100MB, 1.5GB, ...)")
     max_kld: float | None = Field(None, gt=0.0, description="the smallest file whose predicted mean KLD is within this")
+    max_decode_ms: float | None = Field(None, gt=0.0, description="llama.cpp's decode ms/token on this machine, "
+                                        "predicted from each type's measured cost (needs llama.cpp's tools)")
     types: tuple[str, ...] = Field(ALLOCATABLE_TYPES, description="candidate GGML types (each tensor gets one that "
                                    "tiles its rows)")
     probe_windows: int = Field(4, ge=1, description="calibration windows on which each tensor's KLD is measured")
@@ -215,9 +217,10 @@ class GGUFAllocateConfig(StepConfig, GridSolverFields):
     def _one_budget(self) -> "GGUFAllocateConfig":
         from slimkit.numerics.ggml_grids import TYPES
 
-        given = [k for k in ("target_bpw", "target_size", "max_kld") if getattr(self, k) is not None]
+        given = [k for k in ("target_bpw", "target_size", "max_kld", "max_decode_ms") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"gguf_allocate needs exactly one budget of target_bpw, target_size, max_kld (got "
+            raise ValueError(f"gguf_allocate needs exactly one budget of target_bpw, target_size, max_kld, "
+                             f"max_decode_ms (got "
                              f"{', '.join(given) or 'none'})")
         unknown = [t for t in self.types if t not in TYPES]
         if unknown:
@@ -235,6 +238,8 @@ class GGUFAllocateConfig(StepConfig, GridSolverFields):
             return f"{self.target_bpw:g} bpw"
         if self.target_size is not None:
             return f"{self.target_size / 1e6:.1f} MB"
+        if self.max_decode_ms is not None:
+            return f"llama.cpp decode <= {self.max_decode_ms:g} ms/token"
         return f"predicted KLD <= {self.max_kld:g}"
 
     def summary(self) -> str:

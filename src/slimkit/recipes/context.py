@@ -78,6 +78,9 @@ class RunResources:
     # the bytes a GGUF of the model spends outside its tensors' data (header, tokenizer): the export
     # package knows them, and the compress stage hands them to gguf_allocate's size budgets
     file_overhead: Callable[[nn.Module], int] | None = None
+    # llama.cpp's decode cost of each GGML type on this machine (benchmarks/decode_costs.py), for
+    # gguf_allocate's time budget: given the candidate types, measured once per machine and model
+    decode_costs: Callable[[list[str]], object] | None = None
 
 
 @dataclass
