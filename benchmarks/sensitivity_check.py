@@ -114,14 +114,15 @@ def _additivity(ctx, items, probe, fractions: list[float]) -> list[dict]:
     return rows
 
 
-def run(model: str, output: Path, pairs: int, windows: int, seqlen: int, seed: int = 0) -> dict:
+def run(model: str, output: Path, pairs: int, windows: int, seqlen: int, seed: int = 0,
+        candidates: tuple[str, ...] | None = None) -> dict:
     from slimkit.io.outputs import output_directory
     from slimkit.quantization.allocate_steps import measured_items
     from slimkit.quantization.config import GGUFAllocateConfig
     from slimkit.quantization.sensitivity import KLDProbe
 
     ctx = _context(model, windows, seqlen)
-    config = GGUFAllocateConfig(target_bpw=4.0)
+    config = GGUFAllocateConfig(target_bpw=4.0, **({"types": candidates} if candidates else {}))
     items = measured_items(config, ctx)
     probe = KLDProbe(ctx.state.model, ctx.run.calibration()[: config.probe_windows])
     result = {"model": model, "ranking": _ranking(ctx, items, probe, pairs, seed),
@@ -131,7 +132,8 @@ def run(model: str, output: Path, pairs: int, windows: int, seqlen: int, seed: i
              f"(not the types the gain was measured at): **{result['ranking']['spearman']:.3f}**", "",
              "| allocation MB (tensors) | predicted KLD (sum) | measured KLD (all at once, RTN) |", "|---|---|---|",
              *[f"| {r['bytes'] / 1e6:.2f} | {r['predicted']:.4f} | {r['measured']:.4f} |" for r in result["additivity"]],
-             "", f"- KLD on {config.probe_windows} calibration windows of {seqlen} tokens"]
+             "", f"- KLD on {config.probe_windows} calibration windows of {seqlen} tokens; candidate types: "
+             f"{', '.join(config.types)}"]
     with output_directory(output, False, inputs=[model], command="sensitivity_check") as tmp:
         (tmp / "sensitivity_check.json").write_text(json.dumps(result, indent=2))
         (tmp / "sensitivity_check.md").write_text("\n".join(lines) + "\n")
@@ -146,8 +148,9 @@ def main(argv=None) -> None:
     p.add_argument("--pairs", type=int, default=60)
     p.add_argument("--windows", type=int, default=16, help="calibration windows (the Hessians)")
     p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--candidates", default="", help="candidate GGML types (default: gguf_allocate's)")
     a = p.parse_args(argv)
-    run(a.model, a.output, a.pairs, a.windows, a.seqlen)
+    run(a.model, a.output, a.pairs, a.windows, a.seqlen, candidates=tuple(a.candidates.split(",")) if a.candidates else None)
 
 
 if __name__ == "__main__":
