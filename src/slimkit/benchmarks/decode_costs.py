@@ -14,8 +14,6 @@ Cached per model shape, CPU, threads and llama.cpp build.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -90,25 +88,15 @@ def _llamacpp_build() -> str:
 
 def cached_decode_costs(key: str, measure) -> DecodeCosts:
     """The costs cached under `key` (+ the llama.cpp build), else `measure()`d and cached."""
-    from slimkit.formats.kernel_rows import machine_key
+    from slimkit.formats.kernel_rows import machine_key, read_json_cache, write_json_cache
 
     path, full = cache_root() / CACHE_FILE, f"{key} | {machine_key()} | {_llamacpp_build()}"
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if isinstance(cache, dict) and full in cache:
+    cache = read_json_cache(path)
+    if full in cache:
         return DecodeCosts(**cache[full])
     costs = measure()
-    cache = cache if isinstance(cache, dict) else {}
     cache[full] = asdict(costs)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only cache only means measuring again next time
+    write_json_cache(path, cache)
     return costs
 
 

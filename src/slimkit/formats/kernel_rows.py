@@ -96,7 +96,7 @@ def _cache_path() -> Path:
     return cache_root() / CACHE_FILE
 
 
-def _read_cache(path: Path) -> dict:
+def read_json_cache(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
         return data if isinstance(data, dict) else {}
@@ -104,7 +104,7 @@ def _read_cache(path: Path) -> dict:
         return {}  # missing or damaged: measured again
 
 
-def _write_cache(path: Path, data: dict) -> None:
+def write_json_cache(path: Path, data: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -121,7 +121,7 @@ def choose_kernel_rows(layers, measure=measure_crossover) -> dict[str, int]:
     if not layers:
         return {}
     path = _cache_path()
-    cache = _read_cache(path)
+    cache = read_json_cache(path)
     known = cache.setdefault(machine_key(), {})
     fresh = False
     for layer in layers:
@@ -130,7 +130,7 @@ def choose_kernel_rows(layers, measure=measure_crossover) -> dict[str, int]:
             known[key], fresh = measure(layer), True
         layer.kernel_max_rows = int(known[key]["kernel_max_rows"])
     if fresh:
-        _write_cache(path, cache)
+        write_json_cache(path, cache)
     return {shape_key(m): m.kernel_rows() for m in layers}
 
 
