@@ -40,6 +40,42 @@ def test_experts_as_linears_compute_the_same_function_and_save_back(tmp_path, mo
     assert torch.equal(_logits(reloaded, ids), before)
 
 
+# transformers' experts layouts beyond Mixtral's, each on the model type that has it
+LAYOUTS = {
+    "mixtral": dict(first="gate_up_proj", transposed=False, bias=False, split=True),  # [gate; up], act_fn
+    "aria_text": dict(first="gate_up_proj", transposed=True, bias=False, split=True),  # stored [in, out]
+    "gpt_oss": dict(first="gate_up_proj", transposed=True, bias=True, split=False),  # interleaved, own gate
+    "nemotron_h": dict(first="up_proj", transposed=False, bias=False, split=False),  # no gate: act(up(x))
+}
+
+
+@pytest.mark.parametrize("model_type", LAYOUTS)
+def test_every_experts_layout_splits_into_linears_and_saves_back_exactly(tmp_path, model_type):
+    """Transposed or not, biases or not, gate and up concatenated, interleaved behind the module's own
+    gate, or no gate at all: the linears compute the same function and save back bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.tiny_configs import tiny_config
+    from slimkit.models.experts import experts_layout, fused_experts, unfuse_experts
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, 512)).eval()
+    for p in model.parameters():  # transformers' init leaves some experts' weights and biases at zero
+        if p.dim() == 3 or (p.dim() == 2 and p.shape[0] <= 8):
+            torch.nn.init.normal_(p, std=0.05)
+    layouts = {experts_layout(m) for m in model.modules() if experts_layout(m)}
+    assert [{k: getattr(x, k) for k in LAYOUTS[model_type]} for x in layouts] == [LAYOUTS[model_type]]
+    ids = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+    before = _logits(model, ids)
+    assert unfuse_experts(model) >= 1
+    assert not any(p.dim() == 3 and p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert torch.allclose(_logits(model, ids), before, rtol=0, atol=1e-5)
+    with fused_experts(model):
+        model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert torch.equal(_logits(reloaded, ids), before)
+
+
 def test_experts_that_compute_something_else_are_refused():
     from slimkit.errors import UnsupportedArchitectureError
     from slimkit.models.experts import unfuse_experts
@@ -97,7 +133,10 @@ def test_every_expert_is_compressed_from_its_routed_tokens(smollm2_tokenizer, tm
     compress_to_dir(str(source), [get_recipe(method)], tmp_path / "out", SETTINGS)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     layers = report["compression"]["layers"]
-    assert report["compression"]["compressed_parameters"] == _expert_projections(model_type)
+    outer = [row for row in layers if row["kind"] in ("lm_head", "embedding")]  # int4 recipes: quantize_outer's
+    assert report["compression"]["compressed_parameters"] == _expert_projections(model_type) + sum(
+        math.prod(row["shape"]) for row in outer)
+    assert (outer == []) == method.endswith("-50")
     assert not any(".gate." in row["name"] or row["name"].endswith(".gate") for row in layers)  # routers dense
     assert math.isfinite(report["compressed"]["value"])
     if method.startswith("rtn"):

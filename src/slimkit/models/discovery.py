@@ -142,9 +142,10 @@ def moe_parts(block: nn.Module, hidden: int) -> MoEParts:
     routers = []
     for path, experts in ((p, m) for p, m in block.named_modules() if isinstance(m, ExpertLinears)):
         for e in range(len(experts)):
-            prefix = f"{path}.{e}."
-            parts.groups += [InputGroup((prefix + "gate_proj", prefix + "up_proj")),
-                             InputGroup((prefix + "down_proj",), prefix + "up_proj")]
+            prefix, layout = f"{path}.{e}.", experts.layout
+            # down's input is up's output times the gate only in the split layout: a fold into up is exact there
+            parts.groups += [InputGroup(tuple(prefix + n for n in layout.first_linears())),
+                             InputGroup((prefix + "down_proj",), prefix + "up_proj" if layout.split else None)]
         parent = path.rpartition(".")[0]
         routers += [p for p, m in block.named_modules() if (p + ".").startswith(parent + ".") and p != path
                     and _is_router(m, len(experts), hidden)]

@@ -13,6 +13,7 @@ extra code. The swap is checked on a few random tokens against the original modu
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -20,29 +21,81 @@ from torch import nn
 
 from slimkit.errors import UnsupportedArchitectureError
 
-STACKED = ("gate_up_proj", "down_proj")  # the 3-D parameters transformers' experts modules hold
-EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # each ExpertMLP's linears
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # each ExpertMLP's linears, in the common layout
+FIRST = ("gate_up_proj", "up_proj")  # the first 3-D parameter: gated experts, or experts with no gate
+
+
+@dataclass(frozen=True)
+class ExpertsLayout:
+    """How a transformers experts module stores its weights (the flags of `use_experts_implementation`):
+    `first` (gate_up_proj or up_proj) and down_proj, each [experts, out, in], or [experts, in, out]
+    when transposed, with or without biases (`<name>_bias`); a gated module's gate and up halves are
+    concatenated ([gate; up]) or interleaved (gate0, up0, gate1, ...), and combined by its
+    `_apply_gate`; `split`: the common case, cut into gate_proj and up_proj linears."""
+
+    first: str
+    transposed: bool
+    bias: bool
+    split: bool
+    post_norm: bool
+
+    @property
+    def stacked(self) -> tuple[str, ...]:
+        return (self.first, "down_proj") + ((f"{self.first}_bias", "down_proj_bias") if self.bias else ())
+
+    def first_linears(self) -> tuple[str, ...]:
+        return ("gate_proj", "up_proj") if self.split else (self.first,)
+
+
+def experts_layout(module: nn.Module) -> ExpertsLayout | None:
+    """The layout of a transformers experts module (3-D parameters), or None for any other module."""
+    params = dict(module.named_parameters(recurse=False))
+    first = next((k for k in FIRST if k in params and params[k].dim() == 3), None)
+    if first is None or "down_proj" not in params or params["down_proj"].dim() != 3:
+        return None
+    gate_fn = getattr(type(module), "_apply_gate", None)  # transformers installs its default ([gate; up], act_fn)
+    custom_gate = gate_fn is not None and getattr(gate_fn, "__name__", "") != "_default_apply_gate"
+    gated = first == "gate_up_proj"
+    split = gated and not custom_gate and getattr(module, "is_concatenated", True)
+    return ExpertsLayout(first, bool(getattr(module, "is_transposed", False)), "down_proj_bias" in params, split,
+                         bool(getattr(module, "has_post_expert_norm", False)))
+
+
+def is_stacked_experts(module: nn.Module) -> bool:
+    """A transformers experts module with 3-D parameters (gate_up_proj or up_proj, and down_proj)."""
+    return experts_layout(module) is not None
 
 
 class ExpertMLP(nn.Module):
-    """One expert: down(act(gate(x)) * up(x))."""
+    """One expert: its first linears (gate_proj and up_proj, or one gate_up_proj, or up_proj), its
+    gate or activation as the experts module computes it, down_proj, and the module's post-norm."""
 
-    def __init__(self, gate: nn.Linear, up: nn.Linear, down: nn.Linear, act_fn: nn.Module):
+    def __init__(self, linears: dict[str, nn.Linear], owner: nn.Module, layout: ExpertsLayout):
         super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj = gate, up, down
-        self.__dict__["act_fn"] = act_fn  # shared by every expert, not a submodule of each
+        for name, linear in linears.items():
+            setattr(self, name, linear)
+        self.__dict__["owner"], self.__dict__["layout"] = owner, layout  # shared by every expert
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        owner, layout = self.owner, self.layout
+        if layout.split:
+            hidden = owner.act_fn(self.gate_proj(x)) * self.up_proj(x)
+        elif layout.first == "gate_up_proj":
+            hidden = owner._apply_gate(self.gate_up_proj(x))
+        else:
+            hidden = owner.act_fn(self.up_proj(x))
+        out = self.down_proj(hidden)
+        return owner.post_expert_norm(out) if layout.post_norm else out
 
 
 class ExpertLinears(nn.ModuleList):
     """A transformers experts module (3-D parameters) as a list of `ExpertMLP`s with its forward:
     (hidden [tokens, hidden], top_k_index [tokens, k], top_k_weights [tokens, k]) -> [tokens, hidden]."""
 
-    def __init__(self, experts: list[ExpertMLP], fused: nn.Module):
+    def __init__(self, experts: list[ExpertMLP], fused: nn.Module, layout: ExpertsLayout):
         super().__init__(experts)
         self.__dict__["fused"] = fused  # the original module, emptied: its class and act_fn for `fused_experts`
+        self.__dict__["layout"] = layout
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -55,32 +108,45 @@ class ExpertLinears(nn.ModuleList):
         return out
 
 
-def is_stacked_experts(module: nn.Module) -> bool:
-    """A transformers experts module with 3-D gate_up_proj and down_proj parameters."""
-    params = dict(module.named_parameters(recurse=False))
-    return all(k in params and params[k].dim() == 3 for k in STACKED)
-
-
-def _linear(weight: torch.Tensor) -> nn.Linear:
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                       dtype=weight.dtype)
     linear.weight = nn.Parameter(weight.clone(), requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.clone(), requires_grad=False)
     return linear
+
+
+def _expert_linears(params: dict[str, torch.Tensor], layout: ExpertsLayout, e: int) -> dict[str, nn.Linear]:
+    def weight(name):
+        return params[name][e].T if layout.transposed else params[name][e]
+
+    def bias(name):
+        return params[f"{name}_bias"][e] if layout.bias else None
+
+    first, first_bias = weight(layout.first), bias(layout.first)
+    if layout.split:
+        inner = first.shape[0] // 2
+        linears = {"gate_proj": _linear(first[:inner], None if first_bias is None else first_bias[:inner]),
+                   "up_proj": _linear(first[inner:], None if first_bias is None else first_bias[inner:])}
+    else:
+        linears = {layout.first: _linear(first, first_bias)}
+    return {**linears, "down_proj": _linear(weight("down_proj"), bias("down_proj"))}
 
 
 def split_experts(module: nn.Module) -> ExpertLinears:
     """`module`'s experts as linears; an experts module with anything else is refused by name."""
-    params = dict(module.named_parameters(recurse=False))
-    other = sorted(set(params) - set(STACKED))
-    if other or getattr(module, "is_transposed", False) or not hasattr(module, "act_fn"):
+    layout = experts_layout(module)
+    params = {k: p.detach() for k, p in module.named_parameters(recurse=False)}
+    other = sorted(set(params) - set(layout.stacked))
+    needs = "act_fn" if layout.split or layout.first == "up_proj" else "_apply_gate"
+    if other or not hasattr(module, needs):
         raise UnsupportedArchitectureError(
-            f"{type(module).__name__}: experts with {other or 'a transposed layout or no act_fn'} besides "
-            "gate_up_proj and down_proj are not supported; slimkit knows the gate/up/down SwiGLU experts only")
-    gate_up, down = params["gate_up_proj"].detach(), params["down_proj"].detach()
-    inner = gate_up.shape[1] // 2
-    experts = [ExpertMLP(_linear(gate_up[e, :inner]), _linear(gate_up[e, inner:]), _linear(down[e]), module.act_fn)
-               for e in range(gate_up.shape[0])]
-    _empty(module)
-    return ExpertLinears(experts, module)
+            f"{type(module).__name__}: experts with {other or f'no {needs}'} besides {', '.join(layout.stacked)} are "
+            "not supported; slimkit splits experts whose parameters are their projections' weights and biases")
+    experts = [ExpertMLP(_expert_linears(params, layout, e), module, layout) for e in range(params["down_proj"].shape[0])]
+    _empty(module, layout)
+    return ExpertLinears(experts, module, layout)
 
 
 @torch.no_grad()
@@ -90,7 +156,7 @@ def unfuse_experts(model: nn.Module) -> int:
     names = [n for n, m in model.named_modules() if is_stacked_experts(m)]
     for i, name in enumerate(names):
         module = model.get_submodule(name)
-        check = i == 0 and module.gate_up_proj.device.type != "meta"
+        check = i == 0 and module.down_proj.device.type != "meta"
         sample = _routing_sample(module) if check else None
         reference = module(*sample) if check else None
         swapped = split_experts(module)
@@ -102,9 +168,10 @@ def unfuse_experts(model: nn.Module) -> int:
 
 @torch.no_grad()
 def _routing_sample(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    experts, _, hidden = module.gate_up_proj.shape
+    down = module.down_proj
+    experts, hidden = down.shape[0], down.shape[2] if experts_layout(module).transposed else down.shape[1]
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3 * experts, hidden, generator=g).to(module.gate_up_proj)
+    x = torch.randn(3 * experts, hidden, generator=g).to(down)
     index = torch.stack([torch.arange(3 * experts) % experts, (torch.arange(3 * experts) + 1) % experts], dim=1)
     weights = torch.rand(3 * experts, 2, generator=g).to(x)
     return x, index.to(x.device), weights
@@ -114,7 +181,7 @@ def _check_same(name: str, reference: torch.Tensor, swapped: torch.Tensor) -> No
     scale = reference.abs().max().clamp_min(1e-6)
     if not torch.allclose(reference, swapped, rtol=1e-3, atol=1e-4 * float(scale)):
         raise UnsupportedArchitectureError(
-            f"{name}: its experts do not compute down(act(gate(x)) * up(x)) weighted by the router, so slimkit "
+            f"{name}: its experts do not compute down(gate(first(x))) weighted by the router, so slimkit "
             f"cannot split them into linears (max difference {float((reference - swapped).abs().max()):.3g})")
 
 
@@ -134,24 +201,35 @@ def fused_experts(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for name, module in swapped.items():
             model.set_submodule(name, module)
-            _empty(module.fused)
+            _empty(module.fused, module.layout)
 
 
-def _empty(fused: nn.Module) -> None:
-    for name in STACKED:  # the original keeps no copy of the weights
+def _empty(fused: nn.Module, layout: ExpertsLayout) -> None:
+    for name in layout.stacked:  # the original keeps no copy of the weights
         setattr(fused, name, nn.Parameter(torch.empty(0, device=getattr(fused, name).device), requires_grad=False))
 
 
+def _first(expert: ExpertMLP, layout: ExpertsLayout, part: str) -> torch.Tensor | None:
+    """The expert's first projection's weight or bias, as the fused module stores it ([gate; up] when split)."""
+    tensors = [getattr(getattr(expert, n), part) for n in layout.first_linears()]
+    return None if tensors[0] is None else torch.cat(tensors)
+
+
 def _stacked(name: str, module: ExpertLinears) -> nn.Module:
-    fused = module.fused
+    fused, layout = module.fused, module.layout
     try:
-        gate_up = [torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in module]
-        down = [e.down_proj.weight for e in module]
+        weights = {layout.first: [_first(e, layout, "weight") for e in module],
+                   "down_proj": [e.down_proj.weight for e in module]}
+        biases = {f"{layout.first}_bias": [_first(e, layout, "bias") for e in module],
+                  "down_proj_bias": [e.down_proj.bias for e in module]} if layout.bias else {}
     except AttributeError:
         raise UnsupportedArchitectureError(f"{name}: packed experts cannot be saved as a Hugging Face checkpoint; "
                                            "export the packed model with `slimkit export`") from None
-    fused.gate_up_proj = nn.Parameter(torch.stack(gate_up).detach(), requires_grad=False)
-    fused.down_proj = nn.Parameter(torch.stack(down).detach(), requires_grad=False)
+    for key, tensors in weights.items():
+        stacked = torch.stack([t.T if layout.transposed else t for t in tensors]).detach()
+        setattr(fused, key, nn.Parameter(stacked, requires_grad=False))
+    for key, tensors in biases.items():
+        setattr(fused, key, nn.Parameter(torch.stack(tensors).detach(), requires_grad=False))
     return fused
 
 
@@ -169,16 +247,24 @@ def checkpoint_names(model: nn.Module) -> dict[str, str]:
             markers[key] = torch.tensor([float(len(ours))], dtype=torch.float64)
             ours.append(key)
     for path, experts in swapped.items():
-        gate_up, down = [], []
-        for e in range(len(experts)):
-            gate_up.append([len(ours), len(ours) + 1])
-            down.append([len(ours) + 2])
-            ours += [f"{path}.{e}.{p}.weight" for p in EXPERT_PROJECTIONS]
-        markers[f"{path}.gate_up_proj"] = torch.tensor(gate_up, dtype=torch.float64).unsqueeze(-1)
-        markers[f"{path}.down_proj"] = torch.tensor(down, dtype=torch.float64).unsqueeze(-1)
+        _expert_markers(path, experts, markers, ours)
     reverted = revert_weight_conversion(model, markers)
     names = {ours[int(t.flatten()[0])]: key for key, t in reverted.items()}
     if len(names) != len(ours):
         raise UnsupportedArchitectureError(f"{type(model).__name__}: transformers' checkpoint conversion did not "
                                            "map every tensor one to one, so slimkit cannot name them in an export")
     return names
+
+
+def _expert_markers(path: str, experts: ExpertLinears, markers: dict[str, torch.Tensor], ours: list[str]) -> None:
+    """Markers in the fused layout's keys for each expert's linears (and biases): [experts, parts, 1]."""
+    layout = experts.layout
+    parts = {layout.first: layout.first_linears(), "down_proj": ("down_proj",)}
+    for kind in ("weight", "bias") if layout.bias else ("weight",):
+        for key, linears in parts.items():
+            numbers = []
+            for e in range(len(experts)):
+                numbers.append([len(ours) + i for i in range(len(linears))])
+                ours += [f"{path}.{e}.{linear}.{kind}" for linear in linears]
+            markers[f"{path}.{key}" + ("_bias" if kind == "bias" else "")] = torch.tensor(
+                numbers, dtype=torch.float64).unsqueeze(-1)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from slimkit.errors import SlimkitError
+from slimkit.errors import UnsupportedArchitectureError
 
 
 @dataclass(frozen=True)
@@ -74,17 +74,17 @@ def check_architecture(model) -> None:
     """A model llama.cpp can run as this very function, or a clear error naming what differs."""
     config = model.config
     if getattr(config, "model_type", None) not in GGUF_ARCHITECTURES or not hasattr(model, "lm_head"):
-        raise SlimkitError(f"GGUF export covers {', '.join(GGUF_ARCHITECTURES)}; this model is "
+        raise UnsupportedArchitectureError(f"GGUF export covers {', '.join(GGUF_ARCHITECTURES)}; this model is "
                            f"{config.model_type}. {OTHER_TARGETS}")
     problems = _gemma_problems(config) if gguf_arch(config).gemma else []
     if config.model_type == "falcon" and (getattr(config, "alibi", False) or not getattr(config, "parallel_attn", True)):
         problems.append("llama.cpp's falcon has rotary positions and parallel attention only")
     if problems:
-        raise SlimkitError(f"GGUF export: llama.cpp would compute another function for this {config.model_type}: "
+        raise UnsupportedArchitectureError(f"GGUF export: llama.cpp would compute another function for this {config.model_type}: "
                            f"{'; '.join(problems)}. {OTHER_TARGETS}")
     expected = gguf_arch(config).topk_renormalised
     if expected is not None and bool(getattr(config, "norm_topk_prob", expected)) != expected:
-        raise SlimkitError(f"GGUF export: llama.cpp's {config.model_type} {'renormalises' if expected else 'keeps'} "
+        raise UnsupportedArchitectureError(f"GGUF export: llama.cpp's {config.model_type} {'renormalises' if expected else 'keeps'} "
                            f"the chosen experts' routing weights and this model {'does not' if expected else 'does'} "
                            f"(norm_topk_prob), so llama.cpp would compute another function. {OTHER_TARGETS}")
 

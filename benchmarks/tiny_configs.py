@@ -1,0 +1,133 @@
+"""A tiny random config for any model type transformers ships, built from its own config class.
+
+The shrinking is generic: every size field transformers' configs use (under any of their names) is
+cut to a small value, per-layer lists are cut to the new depth, sub-configs (a wrapper's
+text_config) are shrunk the same way, and token ids are kept inside the vocabulary. The depth is
+the smallest of `DEPTHS` that still holds every kind of layer the full config lists (hybrid
+models: attention beside linear attention or SSM layers). `OVERRIDES` holds the few per-type
+fields the generic rule cannot guess.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# field name -> its tiny value (only fields holding an int larger than this are cut)
+SIZES = {
+    **dict.fromkeys(("hidden_size", "d_model", "n_embd", "n_embed", "embed_dim", "model_dim", "dim", "embedding_dim"), 64),
+    **dict.fromkeys(("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", "d_ff", "hidden_dim",
+                     "decoder_ffn_dim", "encoder_ffn_dim", "inner_hidden_size", "dense_intermediate_size",
+                     "dim_ff", "dff", "first_dense_intermediate_size", "mlp_only_intermediate_size"), 128),
+    **dict.fromkeys(("moe_intermediate_size", "shared_expert_intermediate_size", "expert_intermediate_size",
+                     "moe_ffn_hidden_size", "shared_intermediate_size", "attention_hidden_size", "mamba_d_ssm"), 64),
+    **dict.fromkeys(("num_attention_heads", "n_head", "num_heads", "n_heads", "decoder_attention_heads",
+                     "encoder_attention_heads"), 4),
+    **dict.fromkeys(("num_key_value_heads", "n_kv_heads", "num_kv_heads", "multi_query_group_num"), 2),
+    **dict.fromkeys(("head_dim", "kv_channels", "attention_head_dim", "v_head_dim", "query_pre_attn_scalar"), 16),
+    **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts",
+                     "num_routed_experts"), 4),
+    **dict.fromkeys(("num_experts_per_tok", "moe_topk", "moe_k", "top_k"), 2),
+    **dict.fromkeys(("n_group", "topk_group", "n_shared_experts", "num_shared_experts"), 1),
+    **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx"), 1024),  # > 512-token windows plus offsets
+    **dict.fromkeys(("sliding_window", "attention_window"), 64),
+    # multi-head latent attention: the rotary part is the head_dim the rotary embedding is built with
+    "kv_lora_rank": 16, "q_lora_rank": 24, "o_lora_rank": 16, "qk_rope_head_dim": 16, "qk_nope_head_dim": 16,
+    "qk_head_dim": 32, "rotary_dim": 8, "mamba_d_state": 16,
+}
+# size fields some config classes leave unset (None) although their model needs them
+FILLED_WHEN_UNSET = ("head_dim", "num_key_value_heads", "intermediate_size", "moe_intermediate_size",
+                     "n_routed_experts", "num_experts_per_tok", "n_shared_experts")
+DEPTH_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers", "encoder_layers")
+DEPTHS = (2, 4, 8)
+TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id")
+# what the generic rule cannot guess, by model type
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "reformer": dict(is_decoder=True, axial_pos_embds_dim=(32, 32), axial_pos_shape=(16, 32)),
+    "bamba": dict(attn_layer_indices=[1]),  # the class's default has no attention layer at all
+    "mamba2": dict(num_heads=8, n_groups=1),  # heads x head_dim = expand x hidden
+    "zamba2": dict(mamba_headdim=16, n_mamba_heads=8, attention_head_dim=16),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
+    "gemma3n_text": dict(num_kv_shared_layers=0),
+}
+
+
+def full_depth(config) -> int | None:
+    return next((v for k in DEPTH_FIELDS if isinstance(v := getattr(config, k, None), int)), None)
+
+
+def depth_keeping_layer_kinds(config) -> int:
+    """The fewest of DEPTHS layers whose per-layer lists still hold every kind the full lists hold."""
+    depth = full_depth(config) or DEPTHS[0]
+    need = DEPTHS[0]
+    for value in vars(config).values():
+        if isinstance(value, list) and len(value) == depth and all(isinstance(v, (str, int, bool)) for v in value):
+            first = {v: value.index(v) for v in value}
+            need = max(need, max(first.values()) + 1)
+    return min((d for d in DEPTHS if d >= need), default=DEPTHS[-1])
+
+
+def _shrink_sizes(config) -> None:
+    for key, tiny in SIZES.items():
+        value = getattr(config, key, None)
+        if (isinstance(value, int) and not isinstance(value, bool) and value > tiny) or (
+                value is None and key in FILLED_WHEN_UNSET and key in vars(config)):
+            try:
+                setattr(config, key, tiny)
+            except (AttributeError, TypeError, ValueError):  # a derived, read-only property
+                pass
+
+
+def _cut_depth(config, depth: int) -> None:
+    full = full_depth(config)
+    for key in DEPTH_FIELDS:
+        if isinstance(getattr(config, key, None), int) and getattr(config, key) > depth:
+            setattr(config, key, depth)
+    if full is None or full <= depth:
+        return
+    for key, value in list(vars(config).items()):
+        if isinstance(value, list) and len(value) == full:
+            setattr(config, key, cut_keeping_kinds(value, depth))
+        elif isinstance(value, list) and value and all(isinstance(i, int) and 0 <= i < full for i in value) and (
+                key.endswith(("indices", "idxs", "layers_idx", "layer_ids"))):  # indices of special layers
+            setattr(config, key, sorted({i * depth // full for i in value}))
+
+
+def cut_keeping_kinds(values: list, depth: int) -> list:
+    """A per-layer list cut to `depth` entries, its last ones replaced by any kind the cut lost."""
+    kinds = list(dict.fromkeys(v for v in values if isinstance(v, (str, int, bool))))
+    cut = values[:depth]
+    missing = [k for k in kinds if k not in cut][: depth - 1]
+    return cut[: depth - len(missing)] + missing if missing else cut
+
+
+def _keep_token_ids(config, vocab_size: int) -> None:
+    for key in TOKEN_IDS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value >= vocab_size:
+            setattr(config, key, 0)
+        elif isinstance(value, list):
+            setattr(config, key, [v if v < vocab_size else 0 for v in value])
+
+
+def shrink(config, vocab_size: int, depth: int | None = None, _level: int = 0):
+    """`config` (changed in place and returned) made tiny: see the module's docstring."""
+    depth = depth or depth_keeping_layer_kinds(config)
+    _shrink_sizes(config)
+    _cut_depth(config, depth)
+    if hasattr(config, "vocab_size"):
+        config.vocab_size = vocab_size
+    _keep_token_ids(config, vocab_size)
+    if getattr(config, "kv_lora_rank", None) and hasattr(config, "num_key_value_heads"):
+        config.num_key_value_heads = config.num_attention_heads  # latent attention: a key and value per head
+    for key, value in OVERRIDES.get(getattr(config, "model_type", ""), {}).items():
+        setattr(config, key, value)
+    for value in list(vars(config).values()):
+        if _level < 2 and hasattr(value, "to_dict") and hasattr(value, "model_type"):
+            shrink(value, vocab_size, depth if full_depth(value) else None, _level + 1)
+    return config
+
+
+def tiny_config(model_type: str, vocab_size: int, depth: int | None = None):
+    from transformers import AutoConfig
+
+    return shrink(AutoConfig.for_model(model_type), vocab_size, depth)
