@@ -180,15 +180,18 @@ def export_model(source: str, output: str | Path, to: str, settings: ExportSetti
 def _ppl(model, tokenizer, windows: int | None, progress: Progress = NoProgress(), label: str = "perplexity") -> float:
     from slimkit.data import load_split
     from slimkit.evaluation import PerplexityProtocol, perplexity
+    from slimkit.preflight import usable_positions
 
-    return perplexity(model, tokenizer, load_split(), PerplexityProtocol(512, windows), progress, label).ppl
+    seqlen = min(512, usable_positions(model.config) or 512)  # a model with fewer positions: shorter windows
+    return perplexity(model, tokenizer, load_split(), PerplexityProtocol(seqlen, windows), progress, label).ppl
 
 
 def load_exported(output: Path, to: str, dequantize: bool = False) -> nn.Module:
     """The export, loaded by transformers alone (no slimkit code in the model). `dequantize`: a
     compressed-tensors model decompressed at load, for architectures whose weight init in
-    transformers reads `.weight` of every linear (Falcon, ModernBERT) and so fails on packed ones;
-    always so for a model holding Conv1D layers (GPT-2), which transformers runs compressed never."""
+    transformers reads `.weight` of every linear (Falcon, ModernBERT) and so fails on packed ones
+    (tried compressed first, then so); always so for a model holding Conv1D layers (GPT-2), which
+    transformers runs compressed never."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, CompressedTensorsConfig
 
     if to == "gguf":
@@ -202,7 +205,13 @@ def load_exported(output: Path, to: str, dequantize: bool = False) -> nn.Module:
             del config.quantization_config
         with torch.device("meta"):
             dequantize = any(is_conv1d(m) for m in auto.from_config(config).modules())
-    extra = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if dequantize else {}
+    if not dequantize:
+        try:
+            return auto.from_pretrained(str(output), dtype=torch.float32, **NO_CODE).eval()
+        except AttributeError as exc:  # a weight init reading `.weight` of a packed linear (Falcon's FalconLinear)
+            if "attribute 'weight'" not in str(exc):
+                raise
+    extra = {"quantization_config": CompressedTensorsConfig(dequantize=True)}
     return auto.from_pretrained(str(output), dtype=torch.float32, **extra, **NO_CODE).eval()
 
 

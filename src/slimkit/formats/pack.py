@@ -172,6 +172,16 @@ def _materialize_skeleton(model: nn.Module) -> None:
                 module._buffers[name] = torch.empty_like(b, device="cpu")
 
 
+def tie_existing(model: nn.Module) -> None:
+    """transformers' ties (`_tied_weights_keys`: target -> source) between parameters that both still
+    exist, for a model where packing replaced one tied side (BERT's head bias stays tied to its own)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for target, source in (getattr(model, "_tied_weights_keys", None) or {}).items():
+        if target in params and source in params:
+            module, _, leaf = target.rpartition(".")
+            setattr(model.get_submodule(module), leaf, params[source])
+
+
 def _packed_layer(file: Path, model: nn.Module, name: str, meta: dict, tensors: dict) -> PackedLinear:
     """One packed linear, checked against the config's skeleton and executed once on zeros:
     a layer name, shape or dtype that disagrees is refused here, not at the first forward."""
@@ -263,7 +273,12 @@ def load_packed(directory: Path, dtype: torch.dtype = torch.float32) -> nn.Modul
         raise SlimkitError(f"{directory / PACKED_FILE} does not match its config: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")
     if header["tied"]:
-        model.tie_weights()
+        try:
+            model.tie_weights()
+        except ValueError as exc:  # BERT's head names the embedding's weight, which packed rows replaced
+            if "tie_weights_keys" not in str(exc):
+                raise
+            tie_existing(model)
     choose_kernel_rows(packed_layers(model).values())
     return model
 
