@@ -182,16 +182,38 @@ def test_experts_with_too_few_tokens_get_the_data_free_fallback(smollm2_tokenize
     assert "data-free fallback" in (tmp_path / "gptq" / "report.md").read_text()
 
 
-def test_a_model_mixing_moe_and_dense_blocks_is_refused_with_the_reason():
+def test_a_model_mixing_moe_and_dense_blocks_gives_each_block_its_own_roles(smollm2_tokenizer, tmp_path):
+    """Qwen2-MoE with a dense MLP in block 1 (DeepSeek's leading dense blocks are the same case): block 1
+    follows its own roles, GPTQ compresses every linear of both kinds (routers aside), and structured
+    pruning, which plans every block alike, refuses by name."""
+    from slimkit.compression.memory import compress_to_dir
     from slimkit.errors import UnsupportedArchitectureError
     from slimkit.models.adapters import adapter_for
     from slimkit.models.experts import unfuse_experts
+    from slimkit.pruning.structured.config import StructuredPruneConfig
+    from slimkit.pruning.structured.support import check_structured_support
+    from slimkit.recipes.builtin import get_recipe
 
-    model = tiny_model("qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
-                       shared_expert_intermediate_size=64, mlp_only_layers=[1])
+    options = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                   shared_expert_intermediate_size=64, mlp_only_layers=[1])
+    model = tiny_model("qwen2_moe", vocab_size=len(smollm2_tokenizer), **options)
+    model.save_pretrained(tmp_path / "model")
+    smollm2_tokenizer.save_pretrained(tmp_path / "model")
     unfuse_experts(model)
-    with pytest.raises(UnsupportedArchitectureError, match=r"blocks \[1\] are built differently.*register_adapter"):
-        adapter_for(model)
+    adapter = adapter_for(model)
+    assert [indices for indices, _ in adapter.variants] == [(1,)]
+    dense = adapter.for_block(1)
+    assert dense.experts == () and dense.mlp_linears == ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    assert len(adapter.for_block(0).experts) == 4 * 3
+    routers = {"model.layers.0.mlp.gate", "model.layers.0.mlp.shared_expert_gate"}
+    expected = {n for n, m in model.model.layers.named_modules(prefix="model.layers")
+                if isinstance(m, torch.nn.Linear)} - routers
+    assert set(adapter.linears(model)) == expected
+    compress_to_dir(str(tmp_path / "model"), [get_recipe("gptq-int4-g64")], tmp_path / "gptq", SETTINGS)
+    rows = json.loads((tmp_path / "gptq" / "report.json").read_text())["compression"]["layers"]
+    assert {r["name"] for r in rows if r["kind"] not in ("lm_head", "embedding")} == expected
+    with pytest.raises(UnsupportedArchitectureError, match=r"blocks \[1\] are built differently"):
+        check_structured_support(model, adapter, StructuredPruneConfig(experts=0.5))
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", pytest.param("qwen3_moe", marks=pytest.mark.slow),

@@ -16,7 +16,15 @@ from torch import nn
 
 from slimkit.errors import DataError, ShapeError, SlimkitError
 from slimkit.models.adapters import ArchitectureAdapter, adapter_for
-from slimkit.models.checks import NO_CODE, check_files, check_gguf, load_config, meta_model, read_config
+from slimkit.models.checks import (
+    NO_CODE,
+    check_files,
+    check_gguf,
+    load_config,
+    meta_model,
+    read_config,
+    usable_positions,
+)
 from slimkit.models.config_bounds import GGUF_BITS_FLOOR, check_config_bounds
 from slimkit.models.loading import gguf_cache_dir, model_kind, resolve
 from slimkit.protocol import EvalSettings
@@ -74,20 +82,6 @@ def outline(model: str) -> ModelOutline:
     if not (path / PACKED_FILE).is_file():
         check_files(path, shape.config, shape.skeleton)  # the skeleton is reused for recipe shapes
     return shape
-
-
-POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
-# model types whose position ids start after the padding token's (RoBERTa's embeddings)
-POSITIONS_AFTER_PADDING = ("roberta", "camembert", "data2vec-text", "xlm-roberta", "xlm-roberta-xl",
-                           "roberta-prelayernorm", "xmod")
-
-
-def usable_positions(config) -> int | None:
-    """How many tokens one window of the model may hold, from its config; None when it does not say."""
-    value = next((v for k in POSITION_FIELDS if isinstance(v := getattr(config, k, None), int) and v > 0), None)
-    if value is not None and getattr(config, "model_type", "") in POSITIONS_AFTER_PADDING:
-        value -= int(getattr(config, "pad_token_id", None) or 0) + 1
-    return value
 
 
 def sequence_length(outline_: ModelOutline, asked: int | None, default: int, option: str = "--seqlen") -> int:

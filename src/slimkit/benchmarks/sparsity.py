@@ -155,7 +155,8 @@ def block_weights(model_name: str, blocks: int = 4) -> tuple[list[torch.Tensor],
     all_blocks = lm.adapter.get_blocks(lm.model)[:blocks]
     linears = lm.adapter.block_linears(all_blocks[0])
     shapes = ", ".join(f"{n}{tuple(m.weight.shape)}" for n, m in linears.items())
-    weights = [m.weight.detach().float().contiguous() for b in all_blocks for m in lm.adapter.block_linears(b).values()]
+    weights = [m.weight.detach().float().contiguous() for i, b in enumerate(all_blocks)
+               for m in lm.adapter.for_block(i).block_linears(b).values()]
     return weights, f"{shapes}; {len(all_blocks)} blocks ({sum(w.numel() for w in weights) * 4 / 2**20:.0f} MB fp32)"
 
 

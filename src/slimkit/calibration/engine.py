@@ -331,6 +331,7 @@ def sequential_compress(model: nn.Module, adapter: ArchitectureAdapter, windows:
 def _block_work(index: int, block: nn.Module, adapter: ArchitectureAdapter, names: dict, request: StatsRequest,
                 device: torch.device) -> BlockWork:
     linears, groups, producers, stats, experts = {}, [], [], {}, []
+    adapter = adapter.for_block(index)
     for g, group in enumerate(adapter.groups):
         if group.projections[0] in adapter.experts:
             experts.append(g)

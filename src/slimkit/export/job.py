@@ -180,7 +180,7 @@ def export_model(source: str, output: str | Path, to: str, settings: ExportSetti
 def _ppl(model, tokenizer, windows: int | None, progress: Progress = NoProgress(), label: str = "perplexity") -> float:
     from slimkit.data import load_split
     from slimkit.evaluation import PerplexityProtocol, perplexity
-    from slimkit.preflight import usable_positions
+    from slimkit.models.checks import usable_positions
 
     seqlen = min(512, usable_positions(model.config) or 512)  # a model with fewer positions: shorter windows
     return perplexity(model, tokenizer, load_split(), PerplexityProtocol(seqlen, windows), progress, label).ppl

@@ -191,3 +191,17 @@ def is_causal_lm(architectures: list[str]) -> bool:
 
     known = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
     return any(a.endswith("ForCausalLM") or a in known for a in architectures)
+
+
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
+# model types whose position ids start after the padding token's (RoBERTa's embeddings)
+POSITIONS_AFTER_PADDING = ("roberta", "camembert", "data2vec-text", "xlm-roberta", "xlm-roberta-xl",
+                           "roberta-prelayernorm", "xmod")
+
+
+def usable_positions(config) -> int | None:
+    """How many tokens one window of the model may hold, from its config; None when it does not say."""
+    value = next((v for k in POSITION_FIELDS if isinstance(v := getattr(config, k, None), int) and v > 0), None)
+    if value is not None and getattr(config, "model_type", "") in POSITIONS_AFTER_PADDING:
+        value -= int(getattr(config, "pad_token_id", None) or 0) + 1
+    return value

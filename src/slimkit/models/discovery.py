@@ -9,6 +9,7 @@ the block's function: `fold_check.py` tries it on a random copy of the block.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -56,7 +57,8 @@ class BlockTrace:
     after_blocks: list[str] = field(default_factory=list)  # base-model modules that ran after the blocks
 
 
-def trace_first_block(model: nn.Module, blocks_path: str) -> BlockTrace:
+def trace_first_block(model: nn.Module, blocks_path: str, index: int = 0) -> BlockTrace:
+    """What one forward pass shows of block `index` (the first, unless told)."""
     blocks = model.base_model.get_submodule(blocks_path)
     trace, handles = BlockTrace(), []
 
@@ -71,8 +73,8 @@ def trace_first_block(model: nn.Module, blocks_path: str) -> BlockTrace:
                 trace.inputs.setdefault(path, args[0])
         return hook
 
-    handles.append(blocks[0].register_forward_pre_hook(keep_call, with_kwargs=True))
-    handles += [m.register_forward_hook(keep_io(p)) for p, m in blocks[0].named_modules() if p]
+    handles.append(blocks[index].register_forward_pre_hook(keep_call, with_kwargs=True))
+    handles += [m.register_forward_hook(keep_io(p)) for p, m in blocks[index].named_modules() if p]
     last = blocks[-1]
     outside = [(p, m) for p, m in model.base_model.named_modules() if p and not (p + ".").startswith(blocks_path + ".")]
     handles.append(last.register_forward_hook(lambda *_: trace.after_blocks.clear()))
@@ -238,14 +240,15 @@ def _lm_head(model: nn.Module) -> str | None:
     return next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
 
 
-def one_block_twin(model: nn.Module) -> nn.Module:
-    """A real (CPU) model of the same class with one block and a small vocabulary: for a skeleton on
-    `meta`, whose forward pass cannot run (transformers asks for values on the way), or a packed model."""
+def one_block_twin(model: nn.Module, depth: int = 1) -> nn.Module:
+    """A real (CPU) model of the same class with `depth` blocks and a small vocabulary: for a skeleton
+    on `meta`, whose forward pass cannot run (transformers asks for values on the way), or a packed model."""
     config = copy.deepcopy(model.config)
-    config.num_hidden_layers = 1
-    for key in ("layer_types",):
-        if isinstance(getattr(config, key, None), list):
-            setattr(config, key, getattr(config, key)[:1])
+    full = config.num_hidden_layers
+    config.num_hidden_layers = depth
+    for key, value in list(vars(config).items()):  # per-layer lists (layer_types, mlp_only_layers flags)
+        if isinstance(value, list) and len(value) == full and key != "architectures":
+            setattr(config, key, value[:depth])
     config.vocab_size = min(getattr(config, "vocab_size", 64) or 64, 64)
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         if isinstance(getattr(config, key, None), int) and getattr(config, key) >= config.vocab_size:
@@ -271,19 +274,56 @@ def discover_adapter(model: nn.Module) -> ArchitectureAdapter:
     return _DISCOVERED[key]
 
 
+def block_kind(block: nn.Module) -> tuple[str, ...]:
+    """What an adapter's roles depend on: the paths of a block's modules (an experts module counted
+    once, stacked or split into linears; packed or dense linears alike)."""
+    paths: list[str] = []
+    experts: list[str] = []
+    for path, module in block.named_modules():
+        if any(path.startswith(e + ".") for e in experts):
+            continue
+        if isinstance(module, ExpertLinears) or is_stacked_experts(module):
+            experts.append(path)
+        paths.append(path)
+    return tuple(paths)
+
+
+def block_kinds(model: nn.Module, blocks: str) -> dict[tuple[str, ...], list[int]]:
+    """Block indices by kind, in order of first appearance."""
+    kinds: dict[tuple[str, ...], list[int]] = {}
+    for i, block in enumerate(model.base_model.get_submodule(blocks)):
+        kinds.setdefault(block_kind(block), []).append(i)
+    return kinds
+
+
 def _discover(model: nn.Module) -> ArchitectureAdapter:
-    if any(p.device.type == "meta" for p in model.parameters()) or stored_linears(model):
-        model = one_block_twin(model)  # a skeleton, or packed layers: discover on the plain class
-    config = model.config
     blocks = find_blocks(model)
-    trace = trace_first_block(model, blocks)
-    first = model.base_model.get_submodule(blocks)[0]
-    _refuse_unlike_blocks(model, blocks)
-    moe = moe_parts(first, config.hidden_size)
-    _refuse_unknown_weights(model, first, trace, moe)
-    parts = block_parts(model, first, trace, moe)
+    kinds = block_kinds(model, blocks)
+    traced = model
+    if any(p.device.type == "meta" for p in model.parameters()) or stored_linears(model):
+        # a skeleton, or packed layers: discover on the plain class, with one block of every kind
+        traced = one_block_twin(model, max(indices[0] for indices in kinds.values()) + 1)
+    adapters = {kind: _block_adapter(traced, blocks, indices[0])
+                for kind, indices in block_kinds(traced, blocks).items()}
+    unknown = [indices for kind, indices in kinds.items() if kind not in adapters]
+    if unknown:
+        raise discovery_error(model, f"blocks {unknown[0][:5]} are built differently from the first blocks, and a "
+                                     "smaller model of this config does not show how")
+    first, *others = kinds
+    variants = tuple((tuple(kinds[k]), adapters[k]) for k in others)
+    return dataclasses.replace(adapters[first], variants=variants)
+
+
+def _block_adapter(model: nn.Module, blocks: str, index: int) -> ArchitectureAdapter:
+    """The roles of block `index` (and the model-level fields, the same from any block)."""
+    config = model.config
+    trace = trace_first_block(model, blocks, index)
+    block = model.base_model.get_submodule(blocks)[index]
+    moe = moe_parts(block, config.hidden_size)
+    _refuse_unknown_weights(model, block, trace, moe)
+    parts = block_parts(model, block, trace, moe)
     if not parts.projections:
-        raise discovery_error(model, "the first block ran no nn.Linear or Conv1D projection")
+        raise discovery_error(model, f"block {index} ran no nn.Linear or Conv1D projection")
     conv1d = [p for p, m in parts.projections.items() if type(m).__name__ == "Conv1D"]
     if conv1d:
         raise discovery_error(model, f"its projections {conv1d} are transformers Conv1D layers (weights stored "
@@ -300,23 +340,13 @@ def _discover(model: nn.Module) -> ArchitectureAdapter:
         **_outside_blocks(model, blocks, trace))
 
 
-def _refuse_unlike_blocks(model: nn.Module, blocks: str) -> None:
-    """Discovery reads the first block; every other block must hold the same matrices (a model mixing
-    MoE and dense blocks needs its structure given as data)."""
-    trees = [[(n, tuple(p.shape)) for n, p in b.named_parameters() if p.dim() >= 2]
-             for b in model.base_model.get_submodule(blocks)]
-    unlike = [i for i, tree in enumerate(trees) if tree != trees[0]]
-    if unlike:
-        raise discovery_error(model, f"blocks {unlike[:5]} are built differently from block 0 (for example MoE "
-                                     "and dense MLP blocks mixed)")
-
-
 def _refuse_unknown_weights(model: nn.Module, block: nn.Module, trace: BlockTrace, moe: MoEParts) -> None:
     """Never skip a weight silently: every matrix in the block must belong to a projection that ran,
     an expert or a router."""
     ran = [block.get_submodule(p) for p in dict.fromkeys(trace.order)]
     known = {id(m.weight) for m in ran if is_projection(m)}
-    known |= {id(block.get_submodule(p).weight) for p in (*moe.projections, *moe.routers)}
+    known |= {id(block.get_submodule(p).weight) for p in moe.projections}
+    known |= {id(w) for p in moe.routers for w in block.get_submodule(p).parameters()}  # score-correction biases
     unknown = [f"{name} {tuple(p.shape)}" for name, p in block.named_parameters()
                if p.dim() >= 2 and id(p) not in known and p.numel()]
     stacked = [p for p, m in block.named_modules() if is_stacked_experts(m)]

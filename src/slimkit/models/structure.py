@@ -69,6 +69,13 @@ class ArchitectureAdapter:
     # (and shared-expert gates), which stay dense; relative to a block
     experts: tuple[str, ...] = ()
     routers: tuple[str, ...] = ()
+    # blocks built differently from block 0 (DeepSeek's leading dense blocks before MoE ones): their
+    # indices and the adapter whose block roles they follow (its model-level fields are this one's)
+    variants: tuple[tuple[tuple[int, ...], "ArchitectureAdapter"], ...] = ()
+
+    def for_block(self, index: int) -> "ArchitectureAdapter":
+        """The adapter whose roles block `index` follows: a variant's, or this one."""
+        return next((a for indices, a in self.variants if index in indices), self)
 
     def head_dim_is_free(self, config) -> bool:
         """Whether the config class stores (and saves) the head size, so that it may differ from
@@ -127,8 +134,8 @@ class ArchitectureAdapter:
         """The compressible linears by full module name, in execution order."""
         names = {id(m): n for n, m in model.named_modules()}
         out: dict[str, nn.Linear] = {}
-        for block in self.get_blocks(model):
-            for module in self.block_linears(block).values():
+        for i, block in enumerate(self.get_blocks(model)):
+            for module in self.for_block(i).block_linears(block).values():
                 out[names[id(module)]] = module
         if include_lm_head and self.lm_head:
             head = submodule_at(model, self.lm_head)
@@ -141,18 +148,21 @@ class ArchitectureAdapter:
         projection: "qkv"), "o", "mlp_input", "mlp_output", "expert", "router", "block_norm",
         "embedding", "final_norm", "lm_head"."""
         names = {id(m): n for n, m in model.named_modules()}
-        fused = self.q_proj == self.k_proj == self.v_proj
-        in_block = [(self.q_proj, "qkv" if fused else "q"), (self.k_proj, "qkv" if fused else "k"),
-                    (self.v_proj, "qkv" if fused else "v"), (self.o_proj, "o"),
-                    *((p, "mlp_input") for p in self.mlp_inputs), (self.mlp_output, "mlp_output"),
-                    *((p, "expert") for p in self.experts), *((p, "router") for p in self.routers),
-                    *((p, "block_norm") for p in self.block_norms)]
-        found = [(submodule_at(block, path), role) for block in self.get_blocks(model)
-                 for path, role in in_block if path]
+        found = [(submodule_at(block, path), role) for i, block in enumerate(self.get_blocks(model))
+                 for path, role in self.for_block(i).block_roles() if path]
         found += [(submodule_at(model.base_model, p), "embedding") for p in self.embeddings]
         found += [(submodule_at(model.base_model, self.final_norm), "final_norm")] if self.final_norm else []
         found += [(submodule_at(model, self.lm_head), "lm_head")] if self.lm_head else []
         return {names[id(m)]: role for m, role in found if m is not None and id(m) in names}
+
+    def block_roles(self) -> list[tuple[str | None, str]]:
+        """(path in a block, role) of every module the adapter names in a block."""
+        fused = self.q_proj == self.k_proj == self.v_proj
+        return [(self.q_proj, "qkv" if fused else "q"), (self.k_proj, "qkv" if fused else "k"),
+                (self.v_proj, "qkv" if fused else "v"), (self.o_proj, "o"),
+                *((p, "mlp_input") for p in self.mlp_inputs), (self.mlp_output, "mlp_output"),
+                *((p, "expert") for p in self.experts), *((p, "router") for p in self.routers),
+                *((p, "block_norm") for p in self.block_norms)]
 
     def embedding_modules(self, model: nn.Module) -> dict[str, nn.Embedding]:
         names = {id(m): n for n, m in model.named_modules()}

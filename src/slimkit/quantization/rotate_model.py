@@ -139,8 +139,9 @@ def rotate_stream(roles: list[StreamRoles], embeddings: list[nn.Embedding], head
 
 def rotate_values(blocks: nn.ModuleList, adapter: ArchitectureAdapter, h: torch.Tensor) -> None:
     """Each head's values by H: v_proj's rows (and bias) of every kv head, o_proj's columns of every head."""
-    for block in blocks:
-        v, o = submodule_at(block, adapter.v_proj), submodule_at(block, adapter.o_proj)
+    for i, block in enumerate(blocks):
+        roles = adapter.for_block(i)
+        v, o = submodule_at(block, roles.v_proj), submodule_at(block, roles.o_proj)
         hv = h.to(v.weight.device)
         _set(v.weight, rotate_head_outputs(v.weight.double(), hv))
         if v.bias is not None:
@@ -174,7 +175,7 @@ def rotate_model(model: nn.Module, adapter: ArchitectureAdapter, seed: int = 0, 
     """Fold every norm into its readers and rotate the residual stream and each head's values in place
     (a tied head: the values only, unless `untie`). Everything is checked before any weight changes."""
     blocks = adapter.get_blocks(model)
-    roles = [block_roles(block, adapter) for block in blocks]
+    roles = [block_roles(block, adapter.for_block(i)) for i, block in enumerate(blocks)]
     final_norm = submodule_at(model.base_model, adapter.final_norm) if adapter.final_norm else None
     head = submodule_at(model, adapter.lm_head) if adapter.lm_head else None
     if final_norm is None or not isinstance(head, nn.Linear):

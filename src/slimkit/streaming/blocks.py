@@ -49,7 +49,7 @@ class StreamedBlocks(BlockAccess):
     def open(self, index: int, block: nn.Module) -> None:
         start = time.perf_counter()
         self.streamed.materialize(block)
-        for linear in self.streamed.adapter.block_linears(block).values():
+        for linear in self.streamed.adapter.for_block(index).block_linears(block).values():
             self.state.baseline_zeros += int((linear.weight == 0).sum())
             self.state.baseline_total += linear.weight.numel()
         self.state.add_time("read_s", time.perf_counter() - start)
