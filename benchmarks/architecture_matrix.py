@@ -128,12 +128,12 @@ def run_steps(model_type: str, work: Path, tokenizer, row: Row) -> None:
 
 
 def _gguf(work: Path) -> str:
-    from slimkit.errors import UnsupportedArchitectureError
+    from slimkit.errors import SlimkitError
     from slimkit.export.job import ExportSettings, export_model
 
     try:
         export_model(str(work / "packed"), work / "gguf", "gguf", ExportSettings(verify=False))
-    except UnsupportedArchitectureError as exc:
+    except SlimkitError as exc:  # an architecture, or a tokenizer llama.cpp would not know
         return f"not written: {str(exc).splitlines()[0][:200]}"
     return "written"
 
@@ -191,18 +191,26 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--types", default="", help="comma-separated model types (default: every one, written to docs)")
     p.add_argument("--output", type=Path, default=Path("docs/architecture_matrix.md"))
+    p.add_argument("--again", action="store_true", help="re-run only the rows of --output's JSON that did not "
+                   "end ok (after a fix), keep the others, and write the table again")
     args = p.parse_args()
     quiet_transformers()
     tokenizer = load_model("smollm2-135m").tokenizer
+    kept = _kept_rows(args.output.with_suffix(".json")) if args.again else {}
     types = args.types.split(",") if args.types else text_decoder_types()
     rows = []
     for model_type in types:
-        rows.append(run_row(model_type, tokenizer))
+        rows.append(kept.get(model_type) or run_row(model_type, tokenizer))
         print(json.dumps(asdict(rows[-1])), flush=True)
     print("\n".join(table(rows)))
     if not args.types:
         write_text_atomic(args.output, document(rows))
         write_text_atomic(args.output.with_suffix(".json"), json.dumps([asdict(r) for r in rows], indent=1))
+
+
+def _kept_rows(path: Path) -> dict[str, Row]:
+    rows = [Row(**r) for r in json.loads(path.read_text())] if path.is_file() else []
+    return {r.model_type: r for r in rows if r.outcome == "ok"}
 
 
 if __name__ == "__main__":

@@ -127,7 +127,11 @@ def shrink(config, vocab_size: int, depth: int | None = None, _level: int = 0):
     return config
 
 
-def tiny_config(model_type: str, vocab_size: int, depth: int | None = None):
+def tiny_config(model_type: str, vocab_size: int, depth: int | None = None, **overrides):
+    """The tiny config of `model_type`; `overrides` are set last."""
     from transformers import AutoConfig
 
-    return shrink(AutoConfig.for_model(model_type), vocab_size, depth)
+    config = shrink(AutoConfig.for_model(model_type), vocab_size, depth)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config

@@ -156,6 +156,7 @@ def unfuse_experts(model: nn.Module) -> int:
     names = [n for n, m in model.named_modules() if is_stacked_experts(m)]
     for i, name in enumerate(names):
         module = model.get_submodule(name)
+        _refuse_pre_routed(module)
         check = i == 0 and module.down_proj.device.type != "meta"
         sample = _routing_sample(module) if check else None
         reference = module(*sample) if check else None
@@ -164,6 +165,20 @@ def unfuse_experts(model: nn.Module) -> int:
             _check_same(type(module).__name__, reference, swapped(*sample))
         model.set_submodule(name, swapped)
     return len(names)
+
+
+def _refuse_pre_routed(module: nn.Module) -> None:
+    """Experts called with (hidden, top_k_index, top_k_weights) are split; a module that receives tokens
+    already routed and scaled (Llama 4's, one row block per expert) is refused by name."""
+    import inspect
+
+    params = [p for p in inspect.signature(module.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(params) < 3 and not any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(module.forward).parameters.values()):
+        raise UnsupportedArchitectureError(
+            f"{type(module).__name__}: its experts receive tokens already routed and weighted (forward"
+            f"{inspect.signature(module.forward)}), not (hidden, top_k_index, top_k_weights); slimkit cannot "
+            "split them into per-expert linears yet")
 
 
 @torch.no_grad()
