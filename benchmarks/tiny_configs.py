@@ -31,7 +31,8 @@ SIZES = {
     **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx"), 1024),  # > 512-token windows plus offsets
     **dict.fromkeys(("sliding_window", "attention_window"), 64),
     # multi-head latent attention: the rotary part is the head_dim the rotary embedding is built with
-    "kv_lora_rank": 16, "q_lora_rank": 24, "o_lora_rank": 16, "qk_rope_head_dim": 16, "qk_nope_head_dim": 16,
+    "kv_lora_rank": 64, "q_lora_rank": 64, "o_lora_rank": 64,  # multiples of the recipes' groups
+    "qk_rope_head_dim": 16, "qk_nope_head_dim": 16,
     "qk_head_dim": 32, "rotary_dim": 8, "mamba_d_state": 16,
 }
 # size fields some config classes leave unset (None) although their model needs them

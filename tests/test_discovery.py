@@ -110,6 +110,35 @@ def test_discovery_works_on_the_meta_device():
     assert from_meta == discover_adapter(real)
 
 
+def test_latent_attention_and_dense_then_moe_blocks_are_discovered_on_real_and_meta_models():
+    """DeepSeek-V3: multi-head latent attention (q and the joint kv down-projections read the hidden
+    state, their up-projections no role but compressed), a dense first block, then MoE blocks with
+    group-limited routing; the same adapter from a skeleton on `meta` (a twin holding both kinds)."""
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.tiny_configs import tiny_config
+    from slimkit.models import discovery
+    from slimkit.models.experts import unfuse_experts
+
+    config = tiny_config("deepseek_v3", 512, 3, first_k_dense_replace=1)
+    real = AutoModelForCausalLM.from_config(config).eval()
+    unfuse_experts(real)
+    discovery._DISCOVERED.clear()
+    adapter = discover_adapter(real)
+    assert (adapter.q_proj, adapter.k_proj, adapter.v_proj, adapter.o_proj) == (
+        "self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa", "self_attn.kv_a_proj_with_mqa", "self_attn.o_proj")
+    assert adapter.latent_linears == ("self_attn.q_b_proj", "self_attn.kv_b_proj")
+    assert adapter.experts == () and [indices for indices, _ in adapter.variants] == [(1, 2)]
+    assert len(adapter.for_block(2).experts) == 4 * 3 and adapter.for_block(2).routers == ("mlp.gate",)
+    every = {n for n, m in real.model.layers.named_modules(prefix="model.layers") if isinstance(m, nn.Linear)}
+    assert set(adapter.linears(real)) == every - {f"model.layers.{i}.mlp.gate" for i in (1, 2)}
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config)
+    unfuse_experts(meta)
+    discovery._DISCOVERED.clear()
+    assert discover_adapter(meta) == adapter
+
+
 def _forced_scales(weights, hessian, abs_mean, spec, grid):
     """Random scales in [0.5, 2] instead of AWQ's search, so that every fold the adapter allows happens."""
     scales = torch.rand(hessian.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)

@@ -203,8 +203,23 @@ def attention_roles(model: nn.Module, parts: BlockParts) -> dict[str, str]:
     if len(inputs) == 1:
         roles = dict.fromkeys(("q", "k", "v"), inputs[0])  # fused qkv
     if None in roles.values() or len(outputs) != 1:
-        raise discovery_error(model, f"no q/k/v and output projections among the attention linears {attention}")
+        return latent_attention_roles(model, parts, inputs, outputs, attention)
     return {"q_proj": roles["q"], "k_proj": roles["k"], "v_proj": roles["v"], "o_proj": outputs[0]}
+
+
+def latent_attention_roles(model: nn.Module, parts: BlockParts, inputs: list[str], outputs: list[str],
+                           attention: list[str]) -> dict:
+    """Multi-head latent attention (DeepSeek-V2/V3, MiniCPM3): q (or its down-projection) and the joint
+    kv down-projection read the hidden state, up-projections read their normed latents, one projection
+    writes back. q takes the q role, the kv down-projection k and v, the up-projections no role."""
+    leaf = {p: p.split(".")[-1].lower() for p in inputs}
+    q = next((p for p in inputs if leaf[p].startswith("q")), None)
+    kv = next((p for p in inputs if leaf[p].startswith("kv")), None)
+    writers = [p for p in outputs if out_width(parts.projections[p]) == model.config.hidden_size]
+    if len(inputs) != 2 or q is None or kv is None or len(writers) != 1:
+        raise discovery_error(model, f"no q/k/v and output projections among the attention linears {attention}")
+    return {"q_proj": q, "k_proj": kv, "v_proj": kv, "o_proj": writers[0],
+            "latent_linears": tuple(p for p in outputs if p != writers[0])}
 
 
 def mlp_roles(model: nn.Module, parts: BlockParts) -> tuple[tuple[str, ...], str | None]:

@@ -72,6 +72,9 @@ class ArchitectureAdapter:
     # blocks built differently from block 0 (DeepSeek's leading dense blocks before MoE ones): their
     # indices and the adapter whose block roles they follow (its model-level fields are this one's)
     variants: tuple[tuple[tuple[int, ...], "ArchitectureAdapter"], ...] = ()
+    # attention projections with no q/k/v/o role: multi-head latent attention's up-projections
+    # (q_b_proj, kv_b_proj), compressed like any linear, never restructured; relative to a block
+    latent_linears: tuple[str, ...] = ()
 
     def for_block(self, index: int) -> "ArchitectureAdapter":
         """The adapter whose roles block `index` follows: a variant's, or this one."""
@@ -128,7 +131,8 @@ class ArchitectureAdapter:
         return submodule_at(model.base_model, self.blocks)
 
     def block_linears(self, block: nn.Module) -> dict[str, nn.Linear]:
-        return {p: submodule_at(block, p) for p in self.attention_linears + self.mlp_linears + self.experts}
+        return {p: submodule_at(block, p)
+                for p in self.attention_linears + self.latent_linears + self.mlp_linears + self.experts}
 
     def linears(self, model: nn.Module, include_lm_head: bool = False) -> dict[str, nn.Linear]:
         """The compressible linears by full module name, in execution order."""
@@ -160,6 +164,7 @@ class ArchitectureAdapter:
         fused = self.q_proj == self.k_proj == self.v_proj
         return [(self.q_proj, "qkv" if fused else "q"), (self.k_proj, "qkv" if fused else "k"),
                 (self.v_proj, "qkv" if fused else "v"), (self.o_proj, "o"),
+                *((p, "attention_latent") for p in self.latent_linears),
                 *((p, "mlp_input") for p in self.mlp_inputs), (self.mlp_output, "mlp_output"),
                 *((p, "expert") for p in self.experts), *((p, "router") for p in self.routers),
                 *((p, "block_norm") for p in self.block_norms)]
