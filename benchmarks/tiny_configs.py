@@ -49,6 +49,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "zamba2": dict(mamba_headdim=16, n_mamba_heads=8, attention_head_dim=16),
     "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
     "gemma3n_text": dict(num_kv_shared_layers=0),
+    "xmod": dict(default_language="en_XX"),
 }
 
 

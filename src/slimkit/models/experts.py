@@ -263,11 +263,18 @@ def checkpoint_names(model: nn.Module) -> dict[str, str]:
             ours.append(key)
     for path, experts in swapped.items():
         _expert_markers(path, experts, markers, ours)
-    reverted = revert_weight_conversion(model, markers)
+    try:
+        reverted = revert_weight_conversion(model, markers)
+    except (ValueError, RuntimeError, KeyError, IndexError) as exc:  # a conversion that does not take markers
+        reverted, why = {}, f" ({type(exc).__name__}: {exc})"
+    else:
+        why = ""
     names = {ours[int(t.flatten()[0])]: key for key, t in reverted.items()}
     if len(names) != len(ours):
-        raise UnsupportedArchitectureError(f"{type(model).__name__}: transformers' checkpoint conversion did not "
-                                           "map every tensor one to one, so slimkit cannot name them in an export")
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__}: its checkpoints keep the experts in a layout transformers' conversion does not "
+            f"map one linear per expert projection{why}, and compressed-tensors stores quantized experts that way "
+            "only; export it with --to gguf or --to hf")
     return names
 
 
