@@ -34,6 +34,12 @@ EXCLUDED = {
     "plbart": "encoder-decoder", "prophetnet": "encoder-decoder", "trocr": "image-to-text decoder (encoder-decoder)",
     "whisper": "speech encoder-decoder", "moshi": "speech (audio codes)", "musicgen": "audio (codebook streams)",
     "musicgen_melody": "audio (codebook streams)", "moss_transcribe_diarize": "speech",
+    # multimodal wrappers: an image (or vision) model around a text decoder the matrix holds on its own
+    "gemma3": "image-text wrapper of gemma3_text", "gemma3n": "image-audio-text wrapper of gemma3n_text",
+    "gemma4": "image-text wrapper of gemma4_text", "gemma4_unified": "image-text wrapper of gemma4_unified_text",
+    "got_ocr2": "OCR: image encoder and a qwen2 decoder", "fuyu": "image-text (image patches into the decoder)",
+    "emu3": "image-text generation (VQ image codes); its causal LM saves a text config no auto class maps back",
+    "mllama": "vision cross-attention wrapper; its causal LM saves a text config no auto class maps back",
 }
 TOLERANCE = 0.02  # a reloaded or packed model's perplexity within 2% of the model it came from
 STEPS = ("build", "compress", "pack", "eval packed", "compressed-tensors", "gguf")
@@ -193,7 +199,15 @@ def main() -> None:
     p.add_argument("--output", type=Path, default=Path("docs/architecture_matrix.md"))
     p.add_argument("--again", action="store_true", help="re-run only the rows of --output's JSON that did not "
                    "end ok (after a fix), keep the others, and write the table again")
+    p.add_argument("--table-only", action="store_true", help="write the table again from --output's JSON (after "
+                   "a change to the exclusions), running nothing")
     args = p.parse_args()
+    if args.table_only:
+        rows = [r for r in _kept_rows(args.output.with_suffix(".json"), every=True).values()
+                if r.model_type not in EXCLUDED]
+        write_text_atomic(args.output, document(rows))
+        write_text_atomic(args.output.with_suffix(".json"), json.dumps([asdict(r) for r in rows], indent=1))
+        return
     quiet_transformers()
     tokenizer = load_model("smollm2-135m").tokenizer
     kept = _kept_rows(args.output.with_suffix(".json")) if args.again else {}
@@ -208,9 +222,9 @@ def main() -> None:
         write_text_atomic(args.output.with_suffix(".json"), json.dumps([asdict(r) for r in rows], indent=1))
 
 
-def _kept_rows(path: Path) -> dict[str, Row]:
+def _kept_rows(path: Path, every: bool = False) -> dict[str, Row]:
     rows = [Row(**r) for r in json.loads(path.read_text())] if path.is_file() else []
-    return {r.model_type: r for r in rows if r.outcome == "ok"}
+    return {r.model_type: r for r in rows if every or r.outcome == "ok"}
 
 
 if __name__ == "__main__":
