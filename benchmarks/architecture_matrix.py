@@ -73,7 +73,7 @@ def text_decoder_types() -> list[str]:
 def build(model_type: str, path: Path, tokenizer) -> int:
     """The smallest depth of DEPTHS whose tiny model runs a forward pass, saved to `path`."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     failure = None
     for depth in (None, *DEPTHS[1:]):
@@ -87,6 +87,7 @@ def build(model_type: str, path: Path, tokenizer) -> int:
             continue
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
+        AutoConfig.from_pretrained(path)  # the shrunk config must reload (Gemma-4's per-layer entries may not)
         return sum(p.numel() for p in model.parameters())
     raise failure
 

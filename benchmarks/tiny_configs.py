@@ -33,13 +33,14 @@ SIZES = {
     # multi-head latent attention: the rotary part is the head_dim the rotary embedding is built with
     "kv_lora_rank": 64, "q_lora_rank": 64, "o_lora_rank": 64,  # multiples of the recipes' groups
     "qk_rope_head_dim": 16, "qk_nope_head_dim": 16,
-    "qk_head_dim": 32, "rotary_dim": 8, "mamba_d_state": 16,
+    "qk_head_dim": 32, "rotary_dim": 8, "mamba_d_state": 16, "hidden_size_per_layer_input": 16,
 }
 # size fields some config classes leave unset (None) although their model needs them
 FILLED_WHEN_UNSET = ("head_dim", "num_key_value_heads", "intermediate_size", "moe_intermediate_size",
                      "n_routed_experts", "num_experts_per_tok", "n_shared_experts")
 DEPTH_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers", "encoder_layers")
 DEPTHS = (2, 4, 8)
+VOCAB_FIELDS = ("vocab_size_per_layer_input", "unpadded_vocab_size")  # vocabularies beside vocab_size
 TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id")
 # what the generic rule cannot guess, by model type
 OVERRIDES: dict[str, dict[str, Any]] = {
@@ -53,8 +54,17 @@ OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 
+def field(config, key: str):
+    """A config field, or None where the class does not hold it, or holds it per layer only
+    (transformers' heterogeneous configs raise on the global read)."""
+    try:
+        return getattr(config, key, None)
+    except Exception:  # noqa: BLE001 - AmbiguousGlobalPerLayerAttributeError and the like
+        return None
+
+
 def full_depth(config) -> int | None:
-    return next((v for k in DEPTH_FIELDS if isinstance(v := getattr(config, k, None), int)), None)
+    return next((v for k in DEPTH_FIELDS if isinstance(v := field(config, k), int)), None)
 
 
 def depth_keeping_layer_kinds(config) -> int:
@@ -70,7 +80,7 @@ def depth_keeping_layer_kinds(config) -> int:
 
 def _shrink_sizes(config) -> None:
     for key, tiny in SIZES.items():
-        value = getattr(config, key, None)
+        value = field(config, key)
         if (isinstance(value, int) and not isinstance(value, bool) and value > tiny) or (
                 value is None and key in FILLED_WHEN_UNSET and key in vars(config)):
             try:
@@ -82,7 +92,7 @@ def _shrink_sizes(config) -> None:
 def _cut_depth(config, depth: int) -> None:
     full = full_depth(config)
     for key in DEPTH_FIELDS:
-        if isinstance(getattr(config, key, None), int) and getattr(config, key) > depth:
+        if isinstance(field(config, key), int) and field(config, key) > depth:
             setattr(config, key, depth)
     if full is None or full <= depth:
         return
@@ -104,7 +114,7 @@ def cut_keeping_kinds(values: list, depth: int) -> list:
 
 def _keep_token_ids(config, vocab_size: int) -> None:
     for key in TOKEN_IDS:
-        value = getattr(config, key, None)
+        value = field(config, key)
         if isinstance(value, int) and value >= vocab_size:
             setattr(config, key, 0)
         elif isinstance(value, list):
@@ -116,10 +126,13 @@ def shrink(config, vocab_size: int, depth: int | None = None, _level: int = 0):
     depth = depth or depth_keeping_layer_kinds(config)
     _shrink_sizes(config)
     _cut_depth(config, depth)
+    for key in VOCAB_FIELDS:
+        if isinstance(field(config, key), int) and field(config, key) > vocab_size:
+            setattr(config, key, vocab_size)
     if hasattr(config, "vocab_size"):
         config.vocab_size = vocab_size
     _keep_token_ids(config, vocab_size)
-    if getattr(config, "kv_lora_rank", None) and hasattr(config, "num_key_value_heads"):
+    if field(config, "kv_lora_rank") and field(config, "num_key_value_heads"):
         config.num_key_value_heads = config.num_attention_heads  # latent attention: a key and value per head
     for key, value in OVERRIDES.get(getattr(config, "model_type", ""), {}).items():
         setattr(config, key, value)
