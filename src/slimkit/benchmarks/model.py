@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from slimkit.models.checks import ppl_seqlen
 from slimkit.protocol import BenchSettings, windows_text
 from slimkit.results import BenchRow
 
@@ -182,12 +183,6 @@ def _compiled_decode(model, ids, decode: int, source: str, note) -> dict:
     except Exception as exc:  # noqa: BLE001 - any compiler failure is a result to report, not a crash
         return {"compiled_error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
     return {"compiled_decode_ms_per_token": steps.median_ms, "compile_s": steps.compile_s}
-
-
-def ppl_seqlen(config, default: int = 512) -> int:
-    """The protocol's 512-token windows, cut to a model with fewer positions (a tiny GPT-2 has 256)."""
-    limit = getattr(config, "max_position_embeddings", None)
-    return min(default, limit) if isinstance(limit, int) and limit > 0 else default
 
 
 def _divergence_use(source: str, reference: str | None, split, windows: int | None, count: int, note,

@@ -180,10 +180,10 @@ def export_model(source: str, output: str | Path, to: str, settings: ExportSetti
 def _ppl(model, tokenizer, windows: int | None, progress: Progress = NoProgress(), label: str = "perplexity") -> float:
     from slimkit.data import load_split
     from slimkit.evaluation import PerplexityProtocol, perplexity
-    from slimkit.models.checks import usable_positions
+    from slimkit.models.checks import ppl_seqlen
 
-    seqlen = min(512, usable_positions(model.config) or 512)  # a model with fewer positions: shorter windows
-    return perplexity(model, tokenizer, load_split(), PerplexityProtocol(seqlen, windows), progress, label).ppl
+    return perplexity(model, tokenizer, load_split(), PerplexityProtocol(ppl_seqlen(model.config), windows),
+                      progress, label).ppl
 
 
 def load_exported(output: Path, to: str, dequantize: bool = False) -> nn.Module:

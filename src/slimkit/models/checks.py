@@ -205,3 +205,9 @@ def usable_positions(config) -> int | None:
     if value is not None and getattr(config, "model_type", "") in POSITIONS_AFTER_PADDING:
         value -= int(getattr(config, "pad_token_id", None) or 0) + 1
     return value
+
+
+def ppl_seqlen(config, default: int = 512) -> int:
+    """The protocol's 512-token windows, cut to a model with fewer positions (a tiny GPT-2 has 256)."""
+    limit = usable_positions(config)
+    return min(default, limit) if limit else default

@@ -255,7 +255,7 @@ def _lm_head(model: nn.Module) -> str | None:
     return next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
 
 
-def one_block_twin(model: nn.Module, depth: int = 1) -> nn.Module:
+def small_twin(model: nn.Module, depth: int = 1) -> nn.Module:
     """A real (CPU) model of the same class with `depth` blocks and a small vocabulary: for a skeleton
     on `meta`, whose forward pass cannot run (transformers asks for values on the way), or a packed model."""
     config = copy.deepcopy(model.config)
@@ -317,7 +317,7 @@ def _discover(model: nn.Module) -> ArchitectureAdapter:
     traced = model
     if any(p.device.type == "meta" for p in model.parameters()) or stored_linears(model):
         # a skeleton, or packed layers: discover on the plain class, with one block of every kind
-        traced = one_block_twin(model, max(indices[0] for indices in kinds.values()) + 1)
+        traced = small_twin(model, max(indices[0] for indices in kinds.values()) + 1)
     adapters = {kind: _block_adapter(traced, blocks, indices[0])
                 for kind, indices in block_kinds(traced, blocks).items()}
     unknown = [indices for kind, indices in kinds.items() if kind not in adapters]

@@ -172,12 +172,13 @@ def _refuse_pre_routed(module: nn.Module) -> None:
     already routed and scaled (Llama 4's, one row block per expert) is refused by name."""
     import inspect
 
-    params = [p for p in inspect.signature(module.forward).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(params) < 3 and not any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(module.forward).parameters.values()):
+    signature = inspect.signature(module.forward)
+    kinds = [p.kind for p in signature.parameters.values()]
+    positional = sum(k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for k in kinds)
+    if positional < 3 and inspect.Parameter.VAR_POSITIONAL not in kinds:
         raise UnsupportedArchitectureError(
             f"{type(module).__name__}: its experts receive tokens already routed and weighted (forward"
-            f"{inspect.signature(module.forward)}), not (hidden, top_k_index, top_k_weights); slimkit cannot "
+            f"{signature}), not (hidden, top_k_index, top_k_weights); slimkit cannot "
             "split them into per-expert linears yet")
 
 
