@@ -36,7 +36,7 @@ demo: setup
 	$(BIN)/slimkit report runs/demo/advise --output runs/demo/report.html --title "slimkit advise: smollm2-135m" --overwrite
 
 test: setup
-	$(BIN)/python -m pytest -m "not slow and not peers" ; rc=$$?; \
+	$(BIN)/python -m pytest -m "not slow and not peers" --durations=30 ; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure here"; exit 1; fi; exit $$rc
 
 test-slow: setup

@@ -19,7 +19,8 @@ SIZES = {
                      "decoder_ffn_dim", "encoder_ffn_dim", "inner_hidden_size", "dense_intermediate_size",
                      "dim_ff", "dff", "first_dense_intermediate_size", "mlp_only_intermediate_size"), 128),
     **dict.fromkeys(("moe_intermediate_size", "shared_expert_intermediate_size", "expert_intermediate_size",
-                     "moe_ffn_hidden_size", "shared_intermediate_size", "attention_hidden_size", "mamba_d_ssm"), 64),
+                     "moe_ffn_hidden_size", "shared_intermediate_size", "attention_hidden_size", "mamba_d_ssm",
+                     "moe_shared_expert_intermediate_size"), 64),
     **dict.fromkeys(("num_attention_heads", "n_head", "num_heads", "n_heads", "decoder_attention_heads",
                      "encoder_attention_heads"), 4),
     **dict.fromkeys(("num_key_value_heads", "n_kv_heads", "num_kv_heads", "multi_query_group_num"), 2),
@@ -34,11 +35,14 @@ SIZES = {
     "kv_lora_rank": 64, "q_lora_rank": 64, "o_lora_rank": 64,  # multiples of the recipes' groups
     "qk_rope_head_dim": 16, "qk_nope_head_dim": 16,
     "qk_head_dim": 32, "rotary_dim": 8, "mamba_d_state": 16, "hidden_size_per_layer_input": 16,
+    # Mamba-2 mixers: heads x head size = the inner width (expand x hidden, or mamba_d_ssm)
+    "mamba_n_heads": 8, "n_mamba_heads": 8, "mamba_d_head": 16,
 }
 # size fields some config classes leave unset (None) although their model needs them
 FILLED_WHEN_UNSET = ("head_dim", "num_key_value_heads", "intermediate_size", "moe_intermediate_size",
                      "n_routed_experts", "num_experts_per_tok", "n_shared_experts")
-DEPTH_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers", "encoder_layers")
+DEPTH_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers", "encoder_layers",
+                "num_blocks")
 DEPTHS = (2, 4, 8)
 VOCAB_FIELDS = ("vocab_size_per_layer_input", "unpadded_vocab_size")  # vocabularies beside vocab_size
 TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id")
@@ -47,10 +51,21 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "reformer": dict(is_decoder=True, axial_pos_embds_dim=(32, 32), axial_pos_shape=(16, 32)),
     "bamba": dict(attn_layer_indices=[1]),  # the class's default has no attention layer at all
     "mamba2": dict(num_heads=8, n_groups=1),  # heads x head_dim = expand x hidden
-    "zamba2": dict(mamba_headdim=16, n_mamba_heads=8, attention_head_dim=16),
+    "zamba2": dict(mamba_headdim=16, n_mamba_heads=8, attention_head_dim=16, attention_hidden_size=128),  # 2 x hidden
+    "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"], num_hidden_layers=2),  # default: no attention
     "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
     "gemma3n_text": dict(num_kv_shared_layers=0),
     "xmod": dict(default_language="en_XX"),
+    "cpmant": dict(init_std=0.02),
+    # two hybrid layers (their shared transformer is tied across them); attention reads [hidden, embeddings]
+    "zamba": dict(num_hidden_layers=4, layers_block_type=["linear_attention", "hybrid"] * 2,
+                  attention_hidden_size=128),
+    "xlstm": dict(qk_dim_factor=1.0),
+    # defaults the classes leave unset although their models read them
+    "cohere_compass_text": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+    "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=64,
+                           indexer_compress_ratio=4),
+    "dbrx": {"attn_config.rope_theta": 1e4, "attn_config.clip_qkv": 8.0},  # at 0.5 the class's own recurrent step fails on its state's shape  # the class default (1.0) makes a random model's perplexity 1e15
 }
 
 
@@ -135,7 +150,8 @@ def shrink(config, vocab_size: int, depth: int | None = None, _level: int = 0):
     if field(config, "kv_lora_rank") and field(config, "num_key_value_heads"):
         config.num_key_value_heads = config.num_attention_heads  # latent attention: a key and value per head
     for key, value in OVERRIDES.get(getattr(config, "model_type", ""), {}).items():
-        setattr(config, key, value)
+        owner, _, name = key.rpartition(".")  # "attn_config.rope_theta": a field of a sub-config
+        setattr(getattr(config, owner) if owner else config, name, value)
     for value in list(vars(config).values()):
         if _level < 2 and hasattr(value, "to_dict") and hasattr(value, "model_type"):
             shrink(value, vocab_size, depth if full_depth(value) else None, _level + 1)

@@ -39,7 +39,8 @@ def tiny_config(model_type: str, **overrides):
             setattr(config, key, value)
     for key, value in {**OVERRIDES.get(model_type, {}), **overrides}.items():
         setattr(config, key, value)
-    if isinstance(getattr(config, "layer_types", None), list):  # one entry per layer (Gemma-2/3, ModernBERT)
+    settable = not isinstance(getattr(type(config), "layer_types", None), property)  # Mamba derives it
+    if settable and isinstance(getattr(config, "layer_types", None), list):  # one entry per layer (Gemma-2/3, ModernBERT)
         config.layer_types = config.layer_types[: config.num_hidden_layers]
     return config
 

@@ -13,6 +13,11 @@ class UnsupportedArchitectureError(SlimkitError):
     pass
 
 
+class PackedWeightReadError(UnsupportedArchitectureError, AttributeError):
+    """The model's own code reads the dense `.weight` of a linear slimkit holds packed (RWKV rescales its
+    layers in place at the first forward pass). An AttributeError too: `getattr(m, "weight", None)` stays None."""
+
+
 class DataError(SlimkitError):
     pass
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from slimkit.calibration.engine import BlockInputs, BlockWork, block_output
+from slimkit.calibration.engine import BlockInputs, BlockWork, block_output, call_block
 
 
 @dataclass
@@ -67,7 +67,7 @@ def block_outputs(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
     outputs = []
     for i in range(len(inputs)):
         hidden, args, kwargs = inputs.batch(i)
-        outputs.append(block_output(block(hidden, *args, **kwargs)).cpu())
+        outputs.append(block_output(call_block(block, hidden, args, kwargs)).cpu())
     return outputs
 
 

@@ -30,6 +30,7 @@ from slimkit.calibration.distributed import broadcast_tensors, shard_windows
 from slimkit.calibration.distributed import world as distributed_world
 from slimkit.calibration.stats import InputStats, StatsRequest
 from slimkit.devices import model_device, to_device
+from slimkit.errors import UnsupportedArchitectureError
 from slimkit.models.adapters import ArchitectureAdapter
 from slimkit.progress import NoProgress, Progress
 
@@ -150,6 +151,19 @@ def block_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def call_block(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+    """One block on one batch, as the model called block 0. A block that needs more than that (state a
+    previous block left outside its arguments: Hunyuan-V4's shared sparse-attention indices) is refused
+    by name: block-by-block calibration cannot feed it."""
+    try:
+        return block(hidden, *args, **kwargs)
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise UnsupportedArchitectureError(
+            f"{type(block).__name__} does not run on its own from the inputs the model gives its first block "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): calibrated methods run one "
+            "block at a time; use a data-free recipe (rtn-int4-g64, magnitude pruning)") from exc
+
+
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module, adapter: ArchitectureAdapter, windows: torch.Tensor, batch_size: int, store: ActivationStore,
@@ -232,7 +246,7 @@ def _group_inputs(block: nn.Module, work: BlockWork, hidden: torch.Tensor, args,
                for g, group in enumerate(work.groups)]
     try:
         with torch.no_grad():
-            block(hidden, *args, **kwargs)
+            call_block(block, hidden, args, kwargs)
     except _StopForward:
         pass
     finally:
@@ -248,7 +262,7 @@ def forward_block(block: nn.Module, store, extra, device: torch.device = torch.d
     with torch.no_grad():
         for i, (args, kwargs) in enumerate(extra):
             hidden, args, kwargs = to_device((store[i], args, kwargs), device)
-            store.put(i, block_output(block(hidden, *args, **kwargs)).cpu())
+            store.put(i, block_output(call_block(block, hidden, args, kwargs)).cpu())
 
 
 def start_dense_stream(store: ActivationStore, offload_dir) -> None:

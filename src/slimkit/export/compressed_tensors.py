@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from slimkit.errors import SlimkitError
+from slimkit.errors import SlimkitError, UnsupportedArchitectureError
 from slimkit.formats import PackedLinear, packed_layers
 from slimkit.io.tensors import unique_tensors
 from slimkit.models.experts import checkpoint_names, expert_modules
@@ -136,6 +136,24 @@ def checkpoint_key(model: torch.nn.Module):
     return key
 
 
+def refuse_converted_dense(model: torch.nn.Module, dense: dict[str, torch.Tensor]) -> None:
+    """Refuse a model type whose checkpoints store dense tensors in another layout than the model holds
+    them (Kimi-Linear: one conv1d in the model, q/k/v convolutions on disk): transformers' conversion
+    is not applied to what this writer saves, and the export would not load."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    try:
+        on_disk = set(revert_weight_conversion(model, dict(dense)))
+    except (ValueError, RuntimeError, KeyError, IndexError):
+        return  # a conversion that needs the packed layers too: the experts' names (checkpoint_key) cover it
+    changed = sorted(set(dense) - on_disk)
+    if len(on_disk) != len(dense):  # tensors split or merged on disk; renames alone load either way
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__}: its checkpoints store {len(changed)} dense tensors in another layout than "
+            f"the model holds them ({', '.join(changed[:2])}, ...), which slimkit's compressed-tensors writer does "
+            "not convert yet; export it with --to hf")
+
+
 def _written_dense(schemes: dict[str, tuple], conv1d: set[str]) -> list[str]:
     """The packed layers of a Conv1D model that are written dense. transformers loads such a model
     decompressed, and decompresses every layer with one config group's scheme (its first), so only
@@ -190,6 +208,7 @@ def export_compressed_tensors(model: torch.nn.Module, tokenizer, directory: Path
         tensors.update(_tensors(key(name, ".weight"), mod, dtype, name in conv1d, int8_rows))
     dense, _ = unique_tensors((k, t) for k, t in model.state_dict().items()
                               if not any(k.startswith(n + ".") for n in layers))
+    refuse_converted_dense(model, dense)
     for name, t in dense.items():
         if name.endswith(".weight") and name.removesuffix(".weight") in conv1d:
             t = t.T  # a Conv1D left dense: the checkpoint holds it [in, out]

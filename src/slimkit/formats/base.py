@@ -128,6 +128,8 @@ class PackedLinear(StoredLinear):
         # no reshape or cast when there is nothing to do: at batch 1 each costs about a microsecond,
         # against a few tens for the kernel itself
         x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        if not x2d.is_contiguous():  # the kernels ask for it (Mamba's mixer hands them a transposed view)
+            x2d = x2d.contiguous()
         y = self.matmul(x2d if x2d.dtype == torch.float32 else x2d.float())
         if self.bias is not None:
             y = y + self.bias

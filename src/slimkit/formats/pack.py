@@ -255,9 +255,10 @@ def load_packed(directory: Path, dtype: torch.dtype = torch.float32) -> nn.Modul
         model.set_submodule(name, _packed_embedding(directory / PACKED_FILE, model, name, meta, tensors, dtype))
     packed_names = [*header["layers"], *header.get("embeddings", {})]
     rest = {k: v for k, v in tensors.items() if not any(k.startswith(n + ".") for n in packed_names)}
-    state_shapes = {k: v.shape for k, v in model.state_dict().items()}
-    bad = [f"{k}: {v.dtype} {list(v.shape)}" for k, v in rest.items()
-           if k in state_shapes and (not v.is_floating_point() or v.shape != state_shapes[k])]
+    state = model.state_dict()  # floating tensors of any float dtype; others (a hash-routing table) exactly
+    bad = [f"{k}: {v.dtype} {list(v.shape)}" for k, v in rest.items() if k in state and (
+           v.shape != state[k].shape or (v.dtype != state[k].dtype and not (
+               v.is_floating_point() and state[k].is_floating_point())))]
     if bad:
         raise WeightsError(f"{directory / PACKED_FILE}: dense tensors that disagree with config.json: {', '.join(bad[:3])}")
     _materialize_skeleton(model)
@@ -275,8 +276,9 @@ def load_packed(directory: Path, dtype: torch.dtype = torch.float32) -> nn.Modul
     if header["tied"]:
         try:
             model.tie_weights()
-        except ValueError as exc:  # BERT's head names the embedding's weight, which packed rows replaced
-            if "tie_weights_keys" not in str(exc):
+        except (ValueError, AttributeError) as exc:  # a tie naming a weight packing replaced (BERT's head, the
+            # embedding's rows; Zamba's embedding beside its shared blocks): tie what is still a parameter
+            if "tie_weights_keys" not in str(exc) and "neither a parameter" not in str(exc):
                 raise
             tie_existing(model)
     choose_kernel_rows(packed_layers(model).values())

@@ -36,13 +36,31 @@ def discovery_error(model: nn.Module, what: str) -> UnsupportedArchitectureError
 
 
 def find_blocks(model: nn.Module) -> str:
-    """The ModuleList of `num_hidden_layers` modules of one class, relative to the base model."""
+    """The ModuleList of `num_hidden_layers` blocks, relative to the base model."""
     n_layers = getattr(model.config, "num_hidden_layers", None)
-    for name, module in model.base_model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n_layers and n_layers:
-            if len({type(m) for m in module}) == 1 and name:
-                return name
-    raise discovery_error(model, f"no list of num_hidden_layers={n_layers} blocks of one class")
+    lists = [(name, module) for name, module in model.base_model.named_modules()
+             if isinstance(module, nn.ModuleList) and len(module) == n_layers and n_layers and name]
+    # one class (the usual), else the first list of several (hybrids: Jamba's attention and Mamba blocks)
+    lists.sort(key=lambda item: len({type(m) for m in item[1]}) > 1)
+    if len(lists) > 1 and not any(p.is_meta for p in model.parameters()):
+        ran = _first_blocks_that_run(model, [m for _, m in lists])
+        lists.sort(key=lambda item: not any(item[1][0] is block for block in ran))
+    if not lists:
+        raise discovery_error(model, f"no list of num_hidden_layers={n_layers} blocks")
+    return lists[0][0]
+
+
+def _first_blocks_that_run(model: nn.Module, lists: list[nn.ModuleList]) -> list[nn.Module]:
+    """Of several block lists (GIT: an image encoder's beside the text decoder's), those whose first
+    block runs when the model reads text."""
+    ran: list[nn.Module] = []
+    handles = [blocks[0].register_forward_hook(lambda module, *_: ran.append(module)) for blocks in lists]
+    try:
+        _run_a_few_tokens(model)
+    finally:
+        for h in handles:
+            h.remove()
+    return ran
 
 
 @dataclass
@@ -203,12 +221,14 @@ def attention_roles(model: nn.Module, parts: BlockParts) -> dict[str, str]:
     if len(inputs) == 1:
         roles = dict.fromkeys(("q", "k", "v"), inputs[0])  # fused qkv
     if None in roles.values() or len(outputs) != 1:
-        return latent_attention_roles(model, parts, inputs, outputs, attention)
+        return latent_attention_roles(model, parts, inputs, outputs)
     return {"q_proj": roles["q"], "k_proj": roles["k"], "v_proj": roles["v"], "o_proj": outputs[0]}
 
 
-def latent_attention_roles(model: nn.Module, parts: BlockParts, inputs: list[str], outputs: list[str],
-                           attention: list[str]) -> dict:
+NO_ATTENTION_ROLES = {"q_proj": None, "k_proj": None, "v_proj": None, "o_proj": None}
+
+
+def latent_attention_roles(model: nn.Module, parts: BlockParts, inputs: list[str], outputs: list[str]) -> dict:
     """Multi-head latent attention (DeepSeek-V2/V3, MiniCPM3): q (or its down-projection) and the joint
     kv down-projection read the hidden state, up-projections read their normed latents, one projection
     writes back. q takes the q role, the kv down-projection k and v, the up-projections no role."""
@@ -217,24 +237,22 @@ def latent_attention_roles(model: nn.Module, parts: BlockParts, inputs: list[str
     kv = next((p for p in inputs if leaf[p].startswith("kv")), None)
     writers = [p for p in outputs if out_width(parts.projections[p]) == model.config.hidden_size]
     if len(inputs) != 2 or q is None or kv is None or len(writers) != 1:
-        raise discovery_error(model, f"no q/k/v and output projections among the attention linears {attention}")
+        return NO_ATTENTION_ROLES  # attention slimkit does not read (or none): its projections get no role
     return {"q_proj": q, "k_proj": kv, "v_proj": kv, "o_proj": writers[0],
             "latent_linears": tuple(p for p in outputs if p != writers[0])}
 
 
-def mlp_roles(model: nn.Module, parts: BlockParts) -> tuple[tuple[str, ...], str | None]:
-    """The MLP's input projections (reading the hidden state) and the one writing back."""
+def mlp_roles(model: nn.Module, parts: BlockParts) -> dict:
+    """The MLP's input projections (reading the hidden state) and the one writing back; none when the
+    block's other projections are not one MLP (experts only, a state-space mixer, adapters beside it)."""
     hidden = model.config.hidden_size
     mlp = [p for p in parts.projections if not _is_attention(p)]
     first = next((g.projections for g in parts.groups if set(g.projections) & set(mlp)), ())
     # the writer reads what the MLP made, not the MLP's input (whose readers may be hidden-wide too)
     writers = [p for p in mlp if out_width(parts.projections[p]) == hidden and p not in first]
-    if not mlp and parts.moe.groups:
-        return (), None  # experts only (Mixtral): no dense MLP
-    if not mlp or len(writers) != 1 or len(mlp) < 2:
-        raise discovery_error(model, f"no MLP input and output projections among {mlp} (other linears: "
-                                     f"{[p for p in parts.projections if p not in mlp]})")
-    return tuple(p for p in mlp if p != writers[0]), writers[0]
+    if len(writers) != 1 or set(mlp) - set(first) != set(writers):  # inputs, then the writer, nothing else
+        return {"mlp_inputs": (), "mlp_output": None}
+    return {"mlp_inputs": tuple(p for p in mlp if p != writers[0]), "mlp_output": writers[0]}
 
 
 def _outside_blocks(model: nn.Module, blocks: str, trace: BlockTrace) -> dict:
@@ -262,7 +280,8 @@ def small_twin(model: nn.Module, depth: int = 1) -> nn.Module:
     full = config.num_hidden_layers
     config.num_hidden_layers = depth
     for key, value in list(vars(config).items()):  # per-layer lists (layer_types, mlp_only_layers flags)
-        if isinstance(value, list) and len(value) == full and key != "architectures":
+        if isinstance(value, list) and len(value) == full and key != "architectures" and all(
+                isinstance(v, (str, int, bool)) for v in value):  # not Mamba-2's (0.0, inf) time-step limits
             setattr(config, key, value[:depth])
     config.vocab_size = min(getattr(config, "vocab_size", 64) or 64, 64)
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
@@ -313,13 +332,17 @@ def block_kinds(model: nn.Module, blocks: str) -> dict[tuple[str, ...], list[int
 
 def _discover(model: nn.Module) -> ArchitectureAdapter:
     blocks = find_blocks(model)
+    twin = any(p.device.type == "meta" for p in model.parameters()) or bool(stored_linears(model))
+    if not twin:  # first: a forward pass may change the blocks (BigBird picks full attention for short text)
+        _check_blocks_chain(model, blocks)
     kinds = block_kinds(model, blocks)
     traced = model
-    if any(p.device.type == "meta" for p in model.parameters()) or stored_linears(model):
-        # a skeleton, or packed layers: discover on the plain class, with one block of every kind
-        traced = small_twin(model, max(indices[0] for indices in kinds.values()) + 1)
-    adapters = {kind: _block_adapter(traced, blocks, indices[0])
-                for kind, indices in block_kinds(traced, blocks).items()}
+    if twin:  # a skeleton, or packed layers: discover on the plain class, with one block of every kind
+        traced = _twin_with_blocks(model, blocks, max(indices[0] for indices in kinds.values()) + 1)
+    traced_kinds = block_kinds(traced, blocks)
+    if twin:
+        _check_blocks_chain(traced, blocks)
+    adapters = {kind: _block_adapter(traced, blocks, indices[0]) for kind, indices in traced_kinds.items()}
     unknown = [indices for kind, indices in kinds.items() if kind not in adapters]
     if unknown:
         raise discovery_error(model, f"blocks {unknown[0][:5]} are built differently from the first blocks, and a "
@@ -329,13 +352,61 @@ def _discover(model: nn.Module) -> ArchitectureAdapter:
     return dataclasses.replace(adapters[first], variants=variants)
 
 
+def _twin_with_blocks(model: nn.Module, blocks: str, count: int) -> nn.Module:
+    """A small twin holding at least `count` blocks (LongCat-Flash's config counts two per block; Zamba's
+    shared blocks must appear twice to be tied)."""
+    failure = "too few blocks"
+    for depth in (count, 2 * count):
+        try:
+            twin = small_twin(model, depth)
+        except ValueError as exc:
+            failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            continue
+        if len(twin.base_model.get_submodule(blocks)) >= count:
+            return twin
+    raise discovery_error(model, f"a smaller model of this config with {count} blocks in {blocks} does not build "
+                                 f"({failure})")
+
+
+def _check_blocks_chain(model: nn.Module, blocks: str) -> None:
+    """Block-by-block calibration feeds each block what the one before returned: refuse a list whose
+    entries are parts of a layer instead (XLM keeps its attentions and its MLPs in separate lists)."""
+    layers = model.base_model.get_submodule(blocks)
+    if len(layers) < 2:
+        return
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep_output(_module, _args, out) -> None:
+        seen.setdefault("out", _hidden(out))
+
+    def keep_input(_module, args, kwargs) -> None:
+        seen.setdefault("in", args[0] if args else kwargs.get("hidden_states"))
+
+    hooks = [layers[0].register_forward_hook(keep_output),
+             layers[1].register_forward_pre_hook(keep_input, with_kwargs=True)]
+    try:
+        _run_a_few_tokens(model)
+    finally:
+        for h in hooks:
+            h.remove()
+    out, into = seen.get("out"), seen.get("in")
+    if not (isinstance(out, torch.Tensor) and isinstance(into, torch.Tensor) and out.shape == into.shape
+            and torch.equal(out, into)):
+        raise discovery_error(model, f"{blocks}[1] does not read what {blocks}[0] returns (its entries are not "
+                                     "whole blocks, or something runs between them)")
+
+
+def _hidden(out) -> torch.Tensor | None:
+    return out[0] if isinstance(out, (tuple, list)) and out else out
+
+
 def _block_adapter(model: nn.Module, blocks: str, index: int) -> ArchitectureAdapter:
     """The roles of block `index` (and the model-level fields, the same from any block)."""
     config = model.config
     trace = trace_first_block(model, blocks, index)
     block = model.base_model.get_submodule(blocks)[index]
     moe = moe_parts(block, config.hidden_size)
-    _refuse_unknown_weights(model, block, trace, moe)
+    dense = dense_weights(model, block, trace, moe)
     parts = block_parts(model, block, trace, moe)
     if not parts.projections:
         raise discovery_error(model, f"block {index} ran no nn.Linear or Conv1D projection")
@@ -344,29 +415,40 @@ def _block_adapter(model: nn.Module, blocks: str, index: int) -> ArchitectureAda
         raise discovery_error(model, f"its projections {conv1d} are transformers Conv1D layers (weights stored "
                                      "transposed, the GPT-2 family): call slimkit.models.layouts.as_linears(model) "
                                      "first (slimkit's loading does)")
-    mlp_inputs, mlp_output = mlp_roles(model, parts)
+    roles = {**attention_roles(model, parts), **mlp_roles(model, parts)}
+    named = {p for role in roles.values() for p in ((role,) if isinstance(role, str) else role or ())}
+    other = tuple(p for p in parts.projections if p not in named)
     kv_attr = "num_key_value_heads" if getattr(config, "num_key_value_heads", None) else None
     return ArchitectureAdapter(
-        name=config.model_type, model_types=(config.model_type,), blocks=blocks,
-        **attention_roles(model, parts), mlp_inputs=mlp_inputs, mlp_output=mlp_output,
+        name=config.model_type, model_types=(config.model_type,), blocks=blocks, **roles,
+        other_linears=other, dense_weights=dense,
         experts=parts.moe.projections, routers=parts.moe.routers, block_norms=tuple(parts.norms),
         lm_head=_lm_head(model), groups=tuple(parts.groups),
         kv_heads_attr=kv_attr, free_head_dim=getattr(config, "head_dim", None) is not None,
         **_outside_blocks(model, blocks, trace))
 
 
-def _refuse_unknown_weights(model: nn.Module, block: nn.Module, trace: BlockTrace, moe: MoEParts) -> None:
-    """Never skip a weight silently: every matrix in the block must belong to a projection that ran,
-    an expert or a router."""
+def dense_weights(model: nn.Module, block: nn.Module, trace: BlockTrace, moe: MoEParts) -> tuple[str, ...]:
+    """The block's matrices that belong to no projection that ran, expert or router: weights the forward
+    pass uses directly (a convolution, a state-space decay, a token-shift mix), kept at the source
+    precision. Never skipped silently: they are returned to be named in the adapter, and experts in a
+    layout slimkit does not split are refused (left dense they would be most of the model)."""
     ran = [block.get_submodule(p) for p in dict.fromkeys(trace.order)]
     known = {id(m.weight) for m in ran if is_projection(m)}
     known |= {id(block.get_submodule(p).weight) for p in moe.projections}
     known |= {id(w) for p in moe.routers for w in block.get_submodule(p).parameters()}  # score-correction biases
-    unknown = [f"{name} {tuple(p.shape)}" for name, p in block.named_parameters()
-               if p.dim() >= 2 and id(p) not in known and p.numel()]
+    unknown = [name for name, p in block.named_parameters() if p.dim() >= 2 and id(p) not in known and p.numel()]
+    experts = [f"{name} {tuple(block.get_parameter(name).shape)}" for name in unknown
+               if _looks_like_experts(block, name)]
     stacked = [p for p, m in block.named_modules() if is_stacked_experts(m)]
-    if unknown:
-        raise discovery_error(model, f"the block holds weights that are not nn.Linear or Conv1D projections run by "
-                                     f"the forward pass, experts or routers: {', '.join(unknown)}"
+    if experts:
+        raise discovery_error(model, f"the block holds experts that are not split into nn.Linear projections: "
+                                     f"{', '.join(experts)}"
                                      + (f" (the experts {stacked} are still 3-D parameters: call "
                                         "slimkit.models.layouts.as_linears(model) first)" if stacked else ""))
+    return tuple(unknown)
+
+
+def _looks_like_experts(block: nn.Module, name: str) -> bool:
+    owner = block.get_submodule(name.rpartition(".")[0]) if "." in name else block
+    return "expert" in name.lower() or "expert" in type(owner).__name__.lower()

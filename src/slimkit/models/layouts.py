@@ -15,12 +15,41 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from slimkit.errors import PackedWeightReadError
 from slimkit.models.experts import fused_experts, unfuse_experts
 
 
 class StoredLinear(nn.Module):
     """A linear layer whose weight is held in another form (each packed format subclasses it):
     architecture discovery cannot trace into one, so it runs on the plain class instead."""
+
+    def __getattr__(self, name: str):
+        if name == "weight":  # models read `lm_head.weight.dtype` (Mamba): shape, dtype and device only
+            return PackedWeightView(self)
+        return super().__getattr__(name)
+
+
+class PackedWeightView:
+    """What a packed layer shows as its `.weight`: the dense weight's shape, the dtype it computes in and
+    its device. Anything else (RWKV rescales its layers' weights in place) is refused by name."""
+
+    def __init__(self, layer: nn.Module):
+        self._layer = layer
+        self.shape = torch.Size((layer.out_features, layer.in_features))
+        self.dtype = torch.float32
+        self.device = next(iter(layer.buffers()), torch.empty(0)).device
+
+    def dim(self) -> int:
+        return 2
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def __getattr__(self, name: str):
+        raise PackedWeightReadError(
+            f"code outside slimkit used the dense weight of a packed {type(self._layer).__name__} layer "
+            f"(`.weight.{name}`; the model's own code works on `.weight` directly, as RWKV's layer rescaling "
+            "does): a packed model of this architecture cannot run; evaluate the compressed model, or export it")
 
 
 def stored_linears(model: nn.Module) -> dict[str, StoredLinear]:

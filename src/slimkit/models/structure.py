@@ -45,11 +45,11 @@ class ArchitectureAdapter:
     name: str
     model_types: tuple[str, ...]
     blocks: str  # ModuleList of transformer blocks, relative to the base model
-    # the linears of a block by role, relative to a block
-    q_proj: str
-    k_proj: str
-    v_proj: str
-    o_proj: str
+    # the linears of a block by role, relative to a block (None: a block without attention, Mamba's)
+    q_proj: str | None
+    k_proj: str | None
+    v_proj: str | None
+    o_proj: str | None
     mlp_inputs: tuple[str, ...]  # the linears that read the block's hidden state (gate/up, or intermediate)
     mlp_output: str | None  # the linear that writes back to the hidden width (down); None: experts only
     block_norms: tuple[str, ...]
@@ -75,10 +75,31 @@ class ArchitectureAdapter:
     # attention projections with no q/k/v/o role: multi-head latent attention's up-projections
     # (q_b_proj, kv_b_proj), compressed like any linear, never restructured; relative to a block
     latent_linears: tuple[str, ...] = ()
+    # projections with no attention or MLP role (a state-space mixer's in/out projections, linear
+    # attention, gated attention layouts slimkit does not read): compressed like any linear, never
+    # restructured; relative to a block
+    other_linears: tuple[str, ...] = ()
+    # block parameters the forward pass uses directly, not through a projection (convolutions, state-
+    # space decays, token-shift mixes): kept at the source precision and counted as such; relative to a block
+    dense_weights: tuple[str, ...] = ()
 
     def for_block(self, index: int) -> "ArchitectureAdapter":
         """The adapter whose roles block `index` follows: a variant's, or this one."""
         return next((a for indices, a in self.variants if index in indices), self)
+
+    def restructure_problem(self, model: nn.Module) -> str | None:
+        """Why operations that rewrite heads or the residual stream (structured pruning, rotation)
+        cannot run on some block, or None."""
+        for i in range(len(self.get_blocks(model))):
+            adapter = self.for_block(i)
+            if adapter.latent_linears:
+                return f"its attention is latent ({', '.join(adapter.latent_linears)}): heads are not separable"
+            if adapter.other_linears:
+                return (f"block {i} holds projections with no attention or MLP role "
+                        f"({', '.join(adapter.other_linears[:4])})")
+            if adapter.q_proj is None:
+                return f"block {i} has no attention"
+        return None
 
     def head_dim_is_free(self, config) -> bool:
         """Whether the config class stores (and saves) the head size, so that it may differ from
@@ -88,12 +109,12 @@ class ArchitectureAdapter:
     @property
     def attention_linears(self) -> tuple[str, ...]:
         """q, k, v and o without repeats (a fused qkv projection appears once)."""
-        return tuple(dict.fromkeys((self.q_proj, self.k_proj, self.v_proj, self.o_proj)))
+        return tuple(p for p in dict.fromkeys((self.q_proj, self.k_proj, self.v_proj, self.o_proj)) if p)
 
     @property
     def fused_projections(self) -> tuple[str, ...]:
         """Projections that hold several roles in one weight (qkv, or gate and up)."""
-        fused = [self.q_proj] if len({self.q_proj, self.k_proj, self.v_proj}) < 3 else []
+        fused = [self.q_proj] if self.q_proj and len({self.q_proj, self.k_proj, self.v_proj}) < 3 else []
         return tuple(fused + [p for p in self.mlp_inputs if "gate_up" in p])
 
     @property
@@ -132,7 +153,8 @@ class ArchitectureAdapter:
 
     def block_linears(self, block: nn.Module) -> dict[str, nn.Linear]:
         return {p: submodule_at(block, p)
-                for p in self.attention_linears + self.latent_linears + self.mlp_linears + self.experts}
+                for p in self.attention_linears + self.latent_linears + self.other_linears + self.mlp_linears
+                + self.experts}
 
     def linears(self, model: nn.Module, include_lm_head: bool = False) -> dict[str, nn.Linear]:
         """The compressible linears by full module name, in execution order."""
@@ -161,10 +183,11 @@ class ArchitectureAdapter:
 
     def block_roles(self) -> list[tuple[str | None, str]]:
         """(path in a block, role) of every module the adapter names in a block."""
-        fused = self.q_proj == self.k_proj == self.v_proj
+        fused = self.q_proj is not None and self.q_proj == self.k_proj == self.v_proj
         return [(self.q_proj, "qkv" if fused else "q"), (self.k_proj, "qkv" if fused else "k"),
                 (self.v_proj, "qkv" if fused else "v"), (self.o_proj, "o"),
                 *((p, "attention_latent") for p in self.latent_linears),
+                *((p, "projection") for p in self.other_linears),
                 *((p, "mlp_input") for p in self.mlp_inputs), (self.mlp_output, "mlp_output"),
                 *((p, "expert") for p in self.experts), *((p, "router") for p in self.routers),
                 *((p, "block_norm") for p in self.block_norms)]
@@ -183,13 +206,17 @@ class ArchitectureAdapter:
 
     # ---- naming ----------------------------------------------------------------------------
     def tensor_kind(self, param_name: str) -> str:
-        """Classify a state-dict key: embedding, attention, mlp, norm, lm_head or other."""
+        """Classify a state-dict key: embedding, attention, mlp, projection (a linear with no such
+        role), norm, lm_head or other (what stays at the source precision inside blocks)."""
         parts = param_name.split(".")
         if self.lm_head and param_name.startswith(self.lm_head + "."):
             return "lm_head"
         if any(e.split(".")[-1] in parts for e in self.embeddings):
             return "embedding"
-        for kind, paths in (("attention", self.attention_linears), ("mlp", self.mlp_linears + self.experts)):
+        adapters = (self, *(a for _, a in self.variants))
+        for kind, paths in (("attention", [p for a in adapters for p in a.attention_linears + a.latent_linears]),
+                            ("mlp", [p for a in adapters for p in a.mlp_linears + a.experts]),
+                            ("projection", [p for a in adapters for p in a.other_linears])):
             if any(f".{p}." in f".{param_name}" for p in paths):
                 return kind
         if any("norm" in part.lower() for part in parts):

@@ -175,9 +175,10 @@ def rotate_model(model: nn.Module, adapter: ArchitectureAdapter, seed: int = 0, 
     """Fold every norm into its readers and rotate the residual stream and each head's values in place
     (a tied head: the values only, unless `untie`). Everything is checked before any weight changes."""
     blocks = adapter.get_blocks(model)
-    if any(adapter.for_block(i).latent_linears for i in range(len(blocks))):
-        raise UnsupportedArchitectureError(f"{adapter.name}: the rotation does not know latent attention's "
-                                           "up-projections (q_b_proj, kv_b_proj) yet; use a recipe without it")
+    problem = adapter.restructure_problem(model)
+    if problem:
+        raise UnsupportedArchitectureError(f"{adapter.name}: the rotation cannot run: {problem}; use a recipe "
+                                           "without it")
     roles = [block_roles(block, adapter.for_block(i)) for i, block in enumerate(blocks)]
     final_norm = submodule_at(model.base_model, adapter.final_norm) if adapter.final_norm else None
     head = submodule_at(model, adapter.lm_head) if adapter.lm_head else None

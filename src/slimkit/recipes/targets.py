@@ -29,8 +29,20 @@ def select_targets(
         if loaded_only and module.weight.is_meta:
             continue
         seen.add(id(module.weight))
-        out[name] = module
+        group = narrower_than_a_group(config, module.weight.shape[-1])
         if name not in records:
             w = module.weight
             records[name] = LayerRecord(name, adapter.tensor_kind(name + ".weight"), tuple(w.shape), w.element_size())
+        if group:  # a few-input mixing matrix (Gemma-3n's AltUp coefficients): nothing to group, left dense
+            note = f"left dense: {module.weight.shape[-1]} inputs, fewer than one group of {group}"
+            records[name].notes += [note] if note not in records[name].notes else []
+            continue
+        out[name] = module
     return out
+
+
+def narrower_than_a_group(config: StepConfig, inputs: int) -> int | None:
+    """The step's quantization group size when a weight of `inputs` columns is narrower than one group."""
+    quant = config if hasattr(config, "group_size") else getattr(config, "quantize", None)
+    group = getattr(quant, "group_size", None)
+    return group if group and inputs < group else None

@@ -69,11 +69,13 @@ def check_structured_support(model: nn.Module, adapter: ArchitectureAdapter, con
     hidden = hidden or (heads and not adapter.head_dim_is_free(model.config))  # the head size follows hidden
     problems = [f"blocks {list(adapter.variants[0][0])[:5]} are built differently from block 0 (structured "
                 "pruning plans every block alike)"] if adapter.variants else []
-    if adapter.latent_linears:
-        problems.append(f"its attention is latent ({', '.join(adapter.latent_linears)}): heads are not separable")
-    if heads or hidden:
+    restructure = adapter.restructure_problem(model)
+    mlp = config.mlp is not None or config.intermediate_size is not None
+    if restructure and (heads or hidden or mlp):
+        problems.append(restructure)
+    elif heads or hidden:
         problems += _head_problems(model, block, adapter)
-    if config.mlp is not None or config.intermediate_size is not None:
+    if mlp and not restructure:
         problems += _mlp_problems(model, block, adapter)
     if adapter.experts and (hidden or config.mlp is not None or config.intermediate_size is not None):
         problems.append("its MLP is a set of MoE experts: remove whole experts (`experts`/`num_experts`) "
