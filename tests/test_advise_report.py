@@ -105,6 +105,7 @@ def test_skip_reasons_follow_the_device_and_the_budgets():
     assert by["int8"].skip_reason(CPU, None, False) is None
 
 
+@pytest.mark.slow  # 74 s; `make demo` runs advise end to end
 def test_advise_measures_candidates_and_writes_a_usable_recipe(tiny_llama_dir, tmp_path):
     from slimkit.advisor import AdviseSettings, advise
     from slimkit.recipes import load_recipe_file

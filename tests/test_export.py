@@ -132,6 +132,7 @@ def test_bench_sparsity_writes_table_plot_and_json(tmp_path):
     assert "| 95% | 1 | 20.0x |" in (tmp_path / "b" / "sparsity.md").read_text()
 
 
+@pytest.mark.slow  # 35 s: fresh processes per model
 def test_bench_model_compares_in_fresh_processes(tiny_llama_dir, tiny_int4, tmp_path):
     result = runner.invoke(app, ["bench", "model", str(tiny_llama_dir), str(tiny_int4), "--decode", "4",
                                  "--prompt", "16", "--batch", "2", "--windows", "1", "-o", str(tmp_path / "bm"),

@@ -134,7 +134,8 @@ def test_smollm2_q4_k_m_gptq_beats_imatrix_rounding_and_exports_its_blocks(smoll
     assert np.array_equal(np.asarray(down.data).reshape(576, -1), records["model.layers.4.mlp.down_proj"].ggml.blocks.numpy())
 
 
-@pytest.mark.parametrize("ftype, body", [pytest.param("Q2_K", "Q2_K", marks=pytest.mark.slow), ("Q3_K_M", "Q3_K"),
+@pytest.mark.parametrize("ftype, body", [pytest.param("Q2_K", "Q2_K", marks=pytest.mark.slow),
+                                         pytest.param("Q3_K_M", "Q3_K", marks=pytest.mark.slow),  # 32 s
                                          pytest.param("IQ4_XS", "IQ4_XS", marks=pytest.mark.slow)])
 def test_low_bit_mixes_are_calibrated_packed_and_written_as_chosen(tmp_path, smollm2_tokenizer, ftype, body):
     """gguf_quantize with the 2-4 bit mixes on a tiny LLaMA whose rows tile 256: the file carries the

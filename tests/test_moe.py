@@ -306,14 +306,16 @@ def test_moe_structured_pruning_refuses_channel_pruning_and_keeps_top_k():
 # score-correction bias (GLM-4-MoE, its first block made MoE so that block 0's inputs are the model's own)
 # (Nemotron-H, the one model with gate-less experts that splits, is left out: its MoE blocks hold no
 # attention, which discovery refuses, so no recipe runs on it yet)
-BY_HAND = {**{t: {} for t in LAYOUTS if t != "nemotron_h"}, "qwen2_moe": {}, "glm4_moe": dict(first_k_dense_replace=0)}
+# block 0 holds the experts (a later MoE block would read what the compressed blocks before it return)
+BY_HAND = {**{t: {} for t in LAYOUTS}, "qwen2_moe": {}, "glm4_moe": dict(first_k_dense_replace=0),
+           "nemotron_h": dict(num_hidden_layers=2, layers_block_type=["moe", "linear_attention"])}
 
 
 def _first_experts_inputs(model, windows) -> tuple[torch.Tensor, torch.Tensor]:
-    """The hidden states and top-k expert indices reaching block 0's experts module, by a hook."""
+    """The hidden states and top-k expert indices reaching the first experts module (block 0's), by a hook."""
     from slimkit.models.experts import is_stacked_experts
 
-    experts = next(m for m in model.model.layers[0].modules() if is_stacked_experts(m))
+    experts = next(m for m in model.model.layers.modules() if is_stacked_experts(m))
     seen = []
     handle = experts.register_forward_pre_hook(lambda m, args: seen.append((args[0], args[1])))
     with torch.no_grad():
