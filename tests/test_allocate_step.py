@@ -24,6 +24,7 @@ def tiny_256(tmp_path_factory, smollm2_tokenizer):
     return path
 
 
+@pytest.mark.slow  # 41 s
 def test_a_target_size_gives_a_gguf_of_that_size_with_the_allocated_types(tiny_256, tmp_path):
     import gguf
 

@@ -128,6 +128,7 @@ def test_calibrated_recipe_through_the_cli(tiny_llama_dir, tmp_path):
     assert report["compression"]["sparsity_overall"] == pytest.approx(0.5, abs=1e-3)
 
 
+@pytest.mark.slow  # 24 s
 def test_compress_bench_packs_the_records_and_measures(tiny_llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
