@@ -75,7 +75,7 @@ def test_full_protocol_demo_ordering(smollm2, split):
     assert dense.ppl < int4.ppl < nm.ppl
 
 
-@pytest.mark.slow  # 65 s; the default tier keeps the dense, RTN and 2:4 check on SmolLM2 above
+@pytest.mark.slow  # 65 s; the default tier keeps the SmolLM2 checks above (dense, magnitude, int8, compress)
 def test_calibrated_methods_beat_their_baselines_on_smollm2(smollm2, split):
     """Small calibration (8 x 256 tokens): the literature's orderings already show."""
     from slimkit.data import calibration_windows
