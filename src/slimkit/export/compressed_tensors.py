@@ -184,6 +184,8 @@ def export_plan(model: torch.nn.Module) -> tuple[dict[str, PackedLinear], set[st
     schemes = {name: _scheme(mod, name in conv1d, int8_rows) for name, mod in layers.items()}
     if all(s == DENSE for s in schemes.values()):
         raise SlimkitError(f"cannot export ggml layers to compressed-tensors: {REFUSED['ggml']}")
+    refuse_converted_dense(model, {k: t for k, t in model.state_dict().items()
+                                   if not any(k.startswith(n + ".") for n in layers)})
     return layers, conv1d, int8_rows, schemes
 
 
@@ -208,7 +210,6 @@ def export_compressed_tensors(model: torch.nn.Module, tokenizer, directory: Path
         tensors.update(_tensors(key(name, ".weight"), mod, dtype, name in conv1d, int8_rows))
     dense, _ = unique_tensors((k, t) for k, t in model.state_dict().items()
                               if not any(k.startswith(n + ".") for n in layers))
-    refuse_converted_dense(model, dense)
     for name, t in dense.items():
         if name.endswith(".weight") and name.removesuffix(".weight") in conv1d:
             t = t.T  # a Conv1D left dense: the checkpoint holds it [in, out]
