@@ -8,6 +8,7 @@ benchmarks) takes one `Protocol`; `--quick/--full` picks it and single options o
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -109,6 +110,10 @@ class BenchSettings(BaseModel):
                         "visible); timings on a GPU wait for its queue to finish")
     compiled: bool = Field(False, description="also time decode compiled: a static KV cache and torch.compile "
                            "(CUDA graphs on a GPU); the compilation is timed apart")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="compute dtype of a dense model's "
+                                                  "weights and activations (packed layers keep their own path)")
+    best_dense: bool = Field(False, description="ratios against the fastest dense configuration: the baseline is "
+                             "also timed in bf16 where a probe GEMM says bf16 could win on this CPU")
 
     @field_validator("windows", mode="before")
     @classmethod

@@ -133,7 +133,7 @@ class CompressReport(Result):
 
 class BenchRow(Result):
     """One model measured in its own process (`benchmarks/model.py`); ratios are against the
-    first row of the same run."""
+    first row of the same run, or (`bench model`) against the fastest dense row of each timing."""
 
     model: str
     prefill_ms: float
@@ -151,6 +151,7 @@ class BenchRow(Result):
     kernels_batch_1: list[str]
     threads: int
     device: str = "cpu"  # where the model ran (`--device`)
+    dtype: str = "float32"  # the compute dtype of a dense model's weights (`BenchSettings.dtype`)
     long_prefill_ms: float | None = None  # the second, longer prefill (`--long-prompt`)
     long_prompt_tokens: int | None = None
     mean_kld: float | None = None  # KL(reference || model) per token, when a reference was given
@@ -162,7 +163,9 @@ class BenchRow(Result):
     prefill_speedup: float | None = None
     long_prefill_speedup: float | None = None
     throughput_ratio: float | None = None
-    compiled_decode_speedup: float | None = None  # compiled decode against the baseline's eager decode
+    compiled_decode_speedup: float | None = None  # compiled decode against the baseline's decode
+    baseline: dict[str, str] | None = None  # measurement -> the dense row and path each ratio is against
+    gemm_probe: dict | None = None  # fp32 vs bf16 GEMM ms on this CPU (`benchmarks/dense_dtype.py`)
     llamacpp_file_type: str | None = None  # the same model's GGUF in llama.cpp (when `make peers` built it)
     llamacpp_decode_tok_s: float | None = None  # llama-bench at this row's thread count, same run
     llamacpp_prefill_tok_s: float | None = None

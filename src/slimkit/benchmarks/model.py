@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from slimkit.benchmarks.dense_dtype import bf16_is_a_candidate, probe_note
 from slimkit.models.checks import ppl_seqlen
 from slimkit.protocol import BenchSettings, windows_text
 from slimkit.results import BenchRow
@@ -95,7 +96,7 @@ def measure(source: str, settings: BenchSettings = BenchSettings(), note=lambda 
     note(f"{source}: loading")
     loaded = load_model(source)
     device = resolve_device(settings.device)
-    model, tok = loaded.model.to(device), loaded.tokenizer
+    model, tok = in_dtype(loaded.model, settings.dtype, source).to(device), loaded.tokenizer
     split = load_split()
     seqlen = ppl_seqlen(model.config)
     all_windows = eval_windows(tok, split, seqlen)
@@ -128,12 +129,13 @@ def measure(source: str, settings: BenchSettings = BenchSettings(), note=lambda 
     use = _divergence_use(source, settings.reference, split, windows, count, note, seqlen)
     ppl = perplexity(model, tok, split, PerplexityProtocol(seqlen, windows), logprobs=use) if windows != 0 else None
     packed = packed_layers(model)
-    paths = sorted({m.path_for(1) for m in packed.values()}) or ["dense fp32 (torch.nn.Linear)"]
+    paths = sorted({m.path_for(1) for m in packed.values()}) or [f"dense {DTYPE_LABELS[settings.dtype]} (torch.nn.Linear)"]
     divergence = (ppl.divergence or {}) if ppl else {}
     if use is not None and use.compare is None:  # this model is the reference: KL(P || P) = 0
         divergence = {"mean_kld": 0.0, "top1_agreement": 1.0}
     return BenchRow(
-        model=source, prefill_ms=prefill_ms, prompt_tokens=prompt, decode_ms_per_token=decode_ms,
+        model=source if settings.dtype == "float32" else f"{source} ({DTYPE_LABELS[settings.dtype]})",
+        dtype=settings.dtype, prefill_ms=prefill_ms, prompt_tokens=prompt, decode_ms_per_token=decode_ms,
         long_prefill_ms=long_ms, long_prompt_tokens=long or None,
         throughput_tok_s=throughput, batch=batch, peak_rss_mb=peak_mb,
         weights_ram_mb=_weights_ram_bytes(model) / 2**20, disk_mb=_disk_bytes(loaded) / 2**20,
@@ -143,6 +145,23 @@ def measure(source: str, settings: BenchSettings = BenchSettings(), note=lambda 
         threads=torch.get_num_threads(), device=str(device), mean_kld=divergence.get("mean_kld"),
         top1_agreement=divergence.get("top1_agreement"), **compiled,
     )
+
+
+DTYPE_LABELS = {"float32": "fp32", "bfloat16": "bf16"}
+
+
+def in_dtype(model, dtype: str, source: str):
+    """`model` computing in `dtype`: a dense model cast whole; a packed model only in fp32 (its
+    layers' kernels choose their own arithmetic)."""
+    from slimkit.errors import SlimkitError
+    from slimkit.formats import packed_layers
+
+    if dtype == "float32":
+        return model
+    if packed_layers(model):
+        raise SlimkitError(f"{source}: a packed model is benchmarked as packed (fp32 activations); "
+                           f"--dtype {dtype} applies to dense models")
+    return model.to(getattr(torch, dtype))
 
 
 def bpw_cell(bits_per_weight: float | None) -> str:
@@ -232,18 +251,37 @@ def measure_isolated(source: str, settings: BenchSettings = BenchSettings(), not
         return BenchRow.from_dict(json.loads(out.read_text()))
 
 
-def compare(rows: list[BenchRow]) -> list[BenchRow]:
-    """Sets each row's ratios against the first row (the baseline); returns the same rows."""
-    base = rows[0]
+def compare(rows: list[BenchRow], best_dense: bool = False) -> list[BenchRow]:
+    """Sets each row's ratios against the baseline: the first row, or with `best_dense` the fastest
+    dense row of each measurement (decode: eager or compiled, whichever is faster); returns the rows."""
+    base = _baseline(rows, best_dense)
     for r in rows:
-        r.decode_speedup = base.decode_ms_per_token / r.decode_ms_per_token
-        r.prefill_speedup = base.prefill_ms / r.prefill_ms
-        if r.long_prefill_ms is not None and base.long_prefill_ms is not None:
-            r.long_prefill_speedup = base.long_prefill_ms / r.long_prefill_ms
-        r.throughput_ratio = r.throughput_tok_s / base.throughput_tok_s
+        r.decode_speedup = base["decode"][0] / r.decode_ms_per_token
+        r.prefill_speedup = base["prefill"][0] / r.prefill_ms
+        if r.long_prefill_ms is not None and base["long prefill"][0] is not None:
+            r.long_prefill_speedup = base["long prefill"][0] / r.long_prefill_ms
+        r.throughput_ratio = r.throughput_tok_s / base["throughput"][0]
         if r.compiled_decode_ms_per_token is not None:
-            r.compiled_decode_speedup = base.decode_ms_per_token / r.compiled_decode_ms_per_token
+            r.compiled_decode_speedup = base["decode"][0] / r.compiled_decode_ms_per_token
+    if best_dense:
+        rows[0].baseline = {k: label for k, (_, label) in base.items() if label}
     return rows
+
+
+def _baseline(rows: list[BenchRow], best_dense: bool) -> dict[str, tuple[float | None, str]]:
+    """measurement -> (the baseline's value, which row and path gave it)."""
+    dense = [r for r in rows if not r.formats] if best_dense else []
+    if not dense:
+        first = rows[0]
+        return {"decode": (first.decode_ms_per_token, ""), "prefill": (first.prefill_ms, ""),
+                "long prefill": (first.long_prefill_ms, ""), "throughput": (first.throughput_tok_s, "")}
+    decodes = [(r.decode_ms_per_token, f"{r.model}, eager") for r in dense]
+    decodes += [(r.compiled_decode_ms_per_token, f"{r.model}, compiled") for r in dense
+                if r.compiled_decode_ms_per_token is not None]
+    longs = [(r.long_prefill_ms, r.model) for r in dense if r.long_prefill_ms is not None]
+    return {"decode": min(decodes), "prefill": min((r.prefill_ms, r.model) for r in dense),
+            "long prefill": min(longs) if longs else (None, ""),
+            "throughput": max((r.throughput_tok_s, r.model) for r in dense)}
 
 
 def table(rows: list[BenchRow]) -> str:
@@ -266,12 +304,22 @@ def table(rows: list[BenchRow]) -> str:
             f"{r.decode_speedup:.2f}x | {compiled_cells(r, compiled)}{llamacpp_cells(r, llama)}{r.prefill_ms:.0f} | "
             f"{r.prefill_speedup:.2f}x | {long_prefill_cells(r, long)}{r.throughput_tok_s:.1f} @{r.batch} | {r.peak_rss_mb:.0f} | {r.weights_ram_mb:.0f} | "
             f"{r.disk_mb:.0f} | {bpw_cell(r.bits_per_weight)} | {ppl} | {kld} | {'; '.join(r.kernels_batch_1)} |")
-    notes = [amortisation(r) for r in rows if r.compile_s is not None or r.compiled_error]
+    notes = baseline_notes(rows[0])
+    notes += [amortisation(r) for r in rows if r.compile_s is not None or r.compiled_error]
     notes += [f"- {r.model}: no llama.cpp numbers ({r.llamacpp_error})" for r in rows if r.llamacpp_error]
     if llama:
         notes.append(f"- slimkit / llama.cpp: slimkit's decode tokens/s (compiled where it ran, else eager) over "
                      f"llama-bench's, both at {rows[0].threads} threads in this run")
     return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def baseline_notes(first: BenchRow) -> list[str]:
+    """Which dense row (and path) each ratio is against, and the CPU's fp32 vs bf16 probe."""
+    notes = [probe_note(first.gemm_probe)] if first.gemm_probe else []
+    if first.baseline:
+        against = "; ".join(f"{what}: {label}" for what, label in first.baseline.items())
+        notes.append(f"- every x is against the fastest dense configuration of that measurement ({against})")
+    return notes
 
 
 def slimkit_decode_tok_s(r: BenchRow) -> float:
@@ -326,17 +374,42 @@ def run(models: list[str], settings: BenchSettings = BenchSettings(), progress=N
     """Each model in its own process, in order, then `settings.rounds - 1` more timing rounds
     (reversed order every other round, no ppl); ratios and KLD against the first model."""
     settings = with_reference(settings, models[0])
-    again = settings.model_copy(update={"windows": 0, "reference": None})
-    order = [(r, i) for r in range(settings.rounds) for i in (range(len(models)) if r % 2 == 0
-                                                           else reversed(range(len(models))))]
+    note = progress.note if progress is not None else (lambda text: None)
+    entries = [(m, settings) for m in models]
+    probe = dense_dtype_probe(models[0], settings, note) if settings.best_dense else None
+    if settings.best_dense and (probe is None or bf16_is_a_candidate(probe)) and is_dense_source(models[0]):
+        entries.append((models[0], settings.model_copy(update={"dtype": "bfloat16", "windows": 0, "reference": None})))
+    order = [(r, i) for r in range(settings.rounds) for i in (range(len(entries)) if r % 2 == 0
+                                                           else reversed(range(len(entries))))]
     if progress is not None:
         order = progress.track(order, "bench model")
-    note = progress.note if progress is not None else None
-    rows: list[BenchRow | None] = [None] * len(models)
+    rows: list[BenchRow | None] = [None] * len(entries)
     for r, i in order:
-        row = measure_isolated(models[i], again if r else settings, note)
+        model, given = entries[i]
+        row = measure_isolated(model, given.model_copy(update={"windows": 0, "reference": None}) if r else given,
+                               note if progress is not None else None)
         rows[i] = row if rows[i] is None else fastest_of(rows[i], row)
-    return compare(rows)
+    rows = compare(rows, settings.best_dense)
+    rows[0].gemm_probe = probe
+    return rows
+
+
+def is_dense_source(source: str) -> bool:
+    """A model `bench model` can cast to bf16: anything but a packed dir."""
+    from slimkit.paths import PackedDir
+
+    return not PackedDir(Path(source)).weights.is_file()
+
+
+def dense_dtype_probe(baseline: str, settings: BenchSettings, note) -> dict | None:
+    """fp32 vs bf16 GEMM on this CPU (None on a GPU, where bf16 is always timed)."""
+    from slimkit.benchmarks.dense_dtype import gemm_probe
+    from slimkit.devices import resolve_device
+
+    if resolve_device(settings.device).type != "cpu" or not is_dense_source(baseline):
+        return None
+    note("dense dtype: timing one GEMM in fp32 and bf16 on this CPU (once per CPU and torch)")
+    return gemm_probe()
 
 
 def fastest_of(first: BenchRow, other: BenchRow) -> BenchRow:

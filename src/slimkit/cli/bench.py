@@ -84,6 +84,10 @@ def bench_model_cmd(
     llamacpp: bool = typer.Option(True, "--llamacpp/--no-llamacpp", help="torch, on CPU: when `make peers` built "
                                   "llama.cpp, also time each model's GGUF (the baseline as F32, packed int4 as "
                                   "Q4_0/Q4_1 with the same codes) in llama-bench at the same thread count"),
+    best_dense: bool = typer.Option(True, "--best-dense/--first-baseline", help="torch: every ratio against the "
+                                    "fastest dense configuration of each measurement (the baseline fp32 or bf16, "
+                                    "eager or compiled; bf16 timed where a probe GEMM says it could win on this "
+                                    "CPU), not against the first model's fp32 eager numbers"),
     settings=None,
 ) -> None:
     """Latency, throughput, peak RSS, size, ppl and KL divergence of whole models, each in a fresh
@@ -110,7 +114,8 @@ def bench_model_cmd(
     if runtime not in ("torch", "llamacpp"):
         raise SlimkitError(f"--runtime must be torch or llamacpp, not {runtime}")
     resolve_device(settings.device)  # a missing GPU is said before any model loads
-    settings = settings.model_copy(update={"compiled": compiled and runtime == "torch"})
+    settings = settings.model_copy(update={"compiled": compiled and runtime == "torch",
+                                           "best_dense": best_dense and runtime == "torch"})
     with reserve_output(output, overwrite, inputs=models) if output else contextlib.nullcontext():
         for m in models:
             if not (runtime == "llamacpp" and (m.endswith(".gguf") or ExportDir(Path(m)).gguf.is_file())):
