@@ -40,6 +40,9 @@ EXCLUDED = {
     "got_ocr2": "OCR: image encoder and a qwen2 decoder", "fuyu": "image-text (image patches into the decoder)",
     "emu3": "image-text generation (VQ image codes); its causal LM saves a text config no auto class maps back",
     "mllama": "vision cross-attention wrapper; its causal LM saves a text config no auto class maps back",
+    # speculative-decoding drafts: every layer reads the key/value states its target model hands it
+    "gemma4_assistant": "draft model: runs only on its target model's shared key/value states",
+    "gemma4_unified_assistant": "draft model: runs only on its target model's shared key/value states",
 }
 TOLERANCE = 0.02  # a reloaded or packed model's perplexity within 2% of the model it came from
 STEPS = ("build", "compress", "pack", "eval packed", "compressed-tensors", "gguf")
@@ -82,12 +85,12 @@ def build(model_type: str, path: Path, tokenizer) -> int:
             model = AutoModelForCausalLM.from_config(tiny_config(model_type, len(tokenizer), depth)).eval()
             with torch.no_grad():
                 model(input_ids=torch.randint(3, len(tokenizer), (1, 16)))
+            model.save_pretrained(path)  # validates the config (Dory: its layer counts must add up to the depth)
+            AutoConfig.from_pretrained(path)  # the shrunk config must reload (Gemma-4's per-layer entries may not)
         except Exception as exc:  # noqa: BLE001 - transformers' own tiny model may fail at one depth only
             failure = failure or exc
             continue
-        model.save_pretrained(path)
         tokenizer.save_pretrained(path)
-        AutoConfig.from_pretrained(path)  # the shrunk config must reload (Gemma-4's per-layer entries may not)
         return sum(p.numel() for p in model.parameters())
     raise failure
 

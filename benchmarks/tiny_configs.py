@@ -24,7 +24,7 @@ SIZES = {
     **dict.fromkeys(("num_attention_heads", "n_head", "num_heads", "n_heads", "decoder_attention_heads",
                      "encoder_attention_heads"), 4),
     **dict.fromkeys(("num_key_value_heads", "n_kv_heads", "num_kv_heads", "multi_query_group_num"), 2),
-    **dict.fromkeys(("head_dim", "kv_channels", "attention_head_dim", "v_head_dim", "query_pre_attn_scalar"), 16),
+    **dict.fromkeys(("head_dim", "d_head", "kv_channels", "attention_head_dim", "v_head_dim", "query_pre_attn_scalar"), 16),
     **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts",
                      "num_routed_experts"), 4),
     **dict.fromkeys(("num_experts_per_tok", "moe_topk", "moe_k", "top_k"), 2),
@@ -60,12 +60,21 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # two hybrid layers (their shared transformer is tied across them); attention reads [hidden, embeddings]
     "zamba": dict(num_hidden_layers=4, layers_block_type=["linear_attention", "hybrid"] * 2,
                   attention_hidden_size=128),
-    "xlstm": dict(qk_dim_factor=1.0),
+    "xlstm": dict(qk_dim_factor=1.0),  # at 0.5 the class's own recurrent step fails on its state's shape
     # defaults the classes leave unset although their models read them
     "cohere_compass_text": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4}}),
     "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=64,
                            indexer_compress_ratio=4),
-    "dbrx": {"attn_config.rope_theta": 1e4, "attn_config.clip_qkv": 8.0},  # at 0.5 the class's own recurrent step fails on its state's shape  # the class default (1.0) makes a random model's perplexity 1e15
+    # clip_qkv: the class default (1.0) makes a random model's perplexity 1e15
+    "dbrx": {"attn_config.rope_theta": 1e4, "attn_config.clip_qkv": 8.0},
+    # layer counts the class checks against num_hidden_layers, or layers that read another's keys
+    # head_dim = qk_nope_head_dim + qk_rope_head_dim, and its rotary part (x 0.25) the rope dims
+    **dict.fromkeys(("dots3_note_text", "dots3_note"), dict(head_dim=64, qk_nope_head_dim=48)),
+    "dory": dict(n_input_layers=2, n_recurrent_layers=4, n_output_layers=2),  # of 8 layers
+    "hrm_text": dict(num_layers_per_stack=1, H_cycles=1, L_cycles=1, L_bp_cycles=[1], num_hidden_layers=2),
+    "kolibri1_1": dict(num_hidden_layers=5, layer_types=["sliding_attention"] * 4 + ["indexed_attention"],
+                       index_layers=[4], kv_source_layers=[0, 1, 2, 3, 4], mlp_only_layers=[0],
+                       index_num_heads=2),  # at most the query heads of one key head
 }
 
 
@@ -119,6 +128,23 @@ def _cut_depth(config, depth: int) -> None:
             setattr(config, key, sorted({i * depth // full for i in value}))
 
 
+def _take_per_layer_overrides(config) -> dict[int, dict[str, Any]]:
+    """A heterogeneous config's per-layer overrides (Gemma-4's wider full-attention heads), taken off
+    so that the global size fields can be read and cut."""
+    spec = config.__dict__.get("_heterogeneity_spec")
+    if spec is None:
+        return {}
+    config.per_layer_config = None
+    return spec.per_layer_overrides
+
+
+def _shrunk_per_layer_overrides(overrides: dict[int, dict[str, Any]], depth: int) -> dict[int, dict[str, Any]]:
+    """The overrides of the layers the cut keeps, their size fields cut like the global ones."""
+    def tiny(key: str, value):
+        return SIZES[key] if key in SIZES and isinstance(value, int) and value > SIZES[key] else value
+    return {i: {k: tiny(k, v) for k, v in layer.items()} for i, layer in overrides.items() if i < depth}
+
+
 def cut_keeping_kinds(values: list, depth: int) -> list:
     """A per-layer list cut to `depth` entries, its last ones replaced by any kind the cut lost."""
     kinds = list(dict.fromkeys(v for v in values if isinstance(v, (str, int, bool))))
@@ -139,8 +165,11 @@ def _keep_token_ids(config, vocab_size: int) -> None:
 def shrink(config, vocab_size: int, depth: int | None = None, _level: int = 0):
     """`config` (changed in place and returned) made tiny: see the module's docstring."""
     depth = depth or depth_keeping_layer_kinds(config)
+    per_layer = _take_per_layer_overrides(config)
     _shrink_sizes(config)
     _cut_depth(config, depth)
+    if per_layer:
+        config.per_layer_config = _shrunk_per_layer_overrides(per_layer, depth)
     for key in VOCAB_FIELDS:
         if isinstance(field(config, key), int) and field(config, key) > vocab_size:
             setattr(config, key, vocab_size)
