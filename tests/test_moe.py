@@ -46,6 +46,8 @@ LAYOUTS = {
     "aria_text": dict(first="gate_up_proj", transposed=True, bias=False, split=True),  # stored [in, out]
     "gpt_oss": dict(first="gate_up_proj", transposed=True, bias=True, split=False),  # interleaved, own gate
     "nemotron_h": dict(first="up_proj", transposed=False, bias=False, split=False),  # no gate: act(up(x))
+    # rows routed and scaled by the MoE block, one block of rows per expert; x @ W ([in, out])
+    "llama4_text": dict(first="gate_up_proj", transposed=True, bias=False, split=True, pre_routed=True),
 }
 
 
@@ -317,11 +319,14 @@ def _first_experts_inputs(model, windows) -> tuple[torch.Tensor, torch.Tensor]:
 
     experts = next(m for m in model.model.layers.modules() if is_stacked_experts(m))
     seen = []
-    handle = experts.register_forward_pre_hook(lambda m, args: seen.append((args[0], args[1])))
+    handle = experts.register_forward_pre_hook(lambda m, args: seen.append(args))
     with torch.no_grad():
         model(windows, use_cache=False)
     handle.remove()
-    return torch.cat([h for h, _ in seen]), torch.cat([i for _, i in seen])
+    if len(seen[0]) == 1:  # pre-routed (Llama 4): expert e's rows are the e-th block of each call's rows
+        blocks = [args[0].view(experts.down_proj.shape[0], -1, args[0].shape[-1]) for args in seen]
+        return torch.cat(blocks, dim=1), None
+    return torch.cat([args[0] for args in seen]), torch.cat([args[1] for args in seen])
 
 
 @pytest.mark.parametrize("model_type", BY_HAND)
@@ -347,9 +352,13 @@ def test_gptq_on_experts_equals_gptq_run_per_expert_by_hand(model_type):
     hidden, top_k = _first_experts_inputs(model, windows)
     unfuse_experts(model)
     path, experts = next(iter(expert_modules(model).items()))
-    e = int(torch.bincount(top_k.flatten(), minlength=len(experts)).argmax())
+    if top_k is None:  # every expert gets every row, weighted 0 where it was not picked: all of them count
+        e = int(hidden.abs().sum(dim=(1, 2)).argmax())
+        x = hidden[e]
+    else:
+        e = int(torch.bincount(top_k.flatten(), minlength=len(experts)).argmax())
+        x = hidden[(top_k == e).any(dim=1)]
     dense = copy.deepcopy(experts[e])
-    x = hidden[(top_k == e).any(dim=1)]
     down_in = []
     dense.down_proj.register_forward_pre_hook(lambda m, args: down_in.append(args[0]))
     with torch.no_grad():
@@ -363,3 +372,40 @@ def test_gptq_on_experts_equals_gptq_run_per_expert_by_hand(model_type):
                             settings=ObsSettings(step.blocksize, step.percdamp, step.act_order)).weight
         got = getattr(experts[e], name).weight
         assert torch.allclose(got, by_hand, rtol=0, atol=1e-5), (model_type, path, e, name)
+
+
+def test_pre_routed_experts_compress_export_and_reload_per_expert(smollm2_tokenizer, tmp_path):
+    """Llama 4's experts (rows routed and scaled by the MoE block, x @ W): split into linears, packed,
+    written to compressed-tensors as the per-expert MLPs transformers swaps in when it loads such a
+    checkpoint (`experts.N.gate_proj`), reloaded by transformers alone with the same function; expert
+    pruning, which counts each expert's rows, refuses the layout by name."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.tiny_configs import tiny_config
+    from slimkit.compression.memory import compress_to_dir
+    from slimkit.compression.pack_dir import pack_to_dir
+    from slimkit.errors import ShapeError
+    from slimkit.export.job import ExportSettings, export_model, load_exported
+    from slimkit.models import load_model
+    from slimkit.models.adapters import adapter_for
+    from slimkit.pruning.structured.experts import routing_frequency
+    from slimkit.recipes.builtin import get_recipe
+
+    torch.manual_seed(0)
+    source = tmp_path / "model"
+    AutoModelForCausalLM.from_config(tiny_config("llama4_text", len(smollm2_tokenizer))).save_pretrained(source)
+    smollm2_tokenizer.save_pretrained(source)
+    compress_to_dir(str(source), [get_recipe("rtn-int4-g64")], tmp_path / "rtn", SETTINGS)
+    pack_to_dir(str(tmp_path / "rtn"), tmp_path / "packed")
+    export_model(str(tmp_path / "packed"), tmp_path / "ct", "compressed-tensors", ExportSettings(verify=False))
+    with safe_open(str(tmp_path / "ct" / "model.safetensors"), "pt") as f:
+        assert "model.layers.0.feed_forward.experts.3.down_proj.weight_packed" in f.keys()
+    ids = torch.randint(3, 200, (1, 16), generator=torch.Generator().manual_seed(0))
+    fake = _logits(load_model(tmp_path / "rtn").model, ids)
+    theirs = load_exported(tmp_path / "ct", "compressed-tensors")
+    assert not any("slimkit" in type(m).__module__ for m in theirs.modules())
+    assert (fake - _logits(theirs, ids)).abs().max() <= 0.02 * fake.abs().max()
+    loaded = load_model(source)
+    with pytest.raises(ShapeError, match="pre-routed"):
+        routing_frequency(loaded.model, adapter_for(loaded.model), [{"input_ids": ids}])

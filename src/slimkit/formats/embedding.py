@@ -64,6 +64,13 @@ class RowsOfHead(nn.Module):
         self.num_embeddings, self.embedding_dim, self.dtype = head.out_features, head.in_features, dtype
         self.embed_scale = nn.Buffer(scale.detach().clone(), persistent=False) if scale is not None else None
 
+    def __getattr__(self, name: str):
+        if name == "weight":  # models read `embed_tokens.weight.device` (Llama 4): shape, dtype and device only
+            from slimkit.models.layouts import PackedWeightView
+
+            return PackedWeightView(self, (self.num_embeddings, self.embedding_dim), self.dtype, self.head)
+        return super().__getattr__(name)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = self.head.rows(ids.reshape(-1)).to(self.dtype).view(*ids.shape, self.embedding_dim)
         return rows if self.embed_scale is None else rows * self.embed_scale.to(self.dtype)

@@ -38,6 +38,7 @@ class ExpertsLayout:
     bias: bool
     split: bool
     post_norm: bool
+    pre_routed: bool = False  # forward(routed): every expert's rows already routed and scaled (Llama 4)
 
     @property
     def stacked(self) -> tuple[str, ...]:
@@ -57,8 +58,41 @@ def experts_layout(module: nn.Module) -> ExpertsLayout | None:
     custom_gate = gate_fn is not None and getattr(gate_fn, "__name__", "") != "_default_apply_gate"
     gated = first == "gate_up_proj"
     split = gated and not custom_gate and getattr(module, "is_concatenated", True)
-    return ExpertsLayout(first, bool(getattr(module, "is_transposed", False)), "down_proj_bias" in params, split,
-                         bool(getattr(module, "has_post_expert_norm", False)))
+    pre_routed = _is_pre_routed(module)
+    transposed = getattr(module, "is_transposed", None)
+    if transposed is None:  # a pre-routed module multiplies x @ W: [experts, in, out], in = down's out
+        transposed = pre_routed and params[first].shape[1] == params["down_proj"].shape[2]
+    return ExpertsLayout(first, bool(transposed), "down_proj_bias" in params, split,
+                         bool(getattr(module, "has_post_expert_norm", False)), pre_routed)
+
+
+def _is_pre_routed(module: nn.Module) -> bool:
+    """Experts called with (hidden, top_k_index, top_k_weights) route the tokens themselves; a module
+    called with one tensor receives them routed and scaled, one equal block of rows per expert
+    (Llama 4's: every token in every block, weighted 0 where the router did not pick the expert)."""
+    return _positional_inputs(module) == 1
+
+
+def _positional_inputs(module: nn.Module) -> int:
+    """How many tensors the module's forward takes by position (3 for *args)."""
+    import inspect
+
+    kinds = [p.kind for p in inspect.signature(module.forward).parameters.values()]
+    if inspect.Parameter.VAR_POSITIONAL in kinds:
+        return 3
+    return sum(k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for k in kinds)
+
+
+def _refuse_other_calls(module: nn.Module) -> None:
+    """Experts are split when called (hidden, top_k_index, top_k_weights) or (routed rows,); any other
+    call (Inkling's (hidden, gammas)) is refused by name."""
+    import inspect
+
+    if _positional_inputs(module) in (0, 2):
+        raise UnsupportedArchitectureError(
+            f"{type(module).__name__}: its experts are called as forward{inspect.signature(module.forward)}, "
+            "neither (hidden, top_k_index, top_k_weights) nor (routed rows,); slimkit cannot split them into "
+            "per-expert linears yet")
 
 
 def is_stacked_experts(module: nn.Module) -> bool:
@@ -97,8 +131,11 @@ class ExpertLinears(nn.ModuleList):
         self.__dict__["fused"] = fused  # the original module, emptied: its class and act_fn for `fused_experts`
         self.__dict__["layout"] = layout
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
+                top_k_weights: torch.Tensor | None = None) -> torch.Tensor:
+        if self.layout.pre_routed:  # [experts x rows, hidden]: expert e takes the e-th block of rows
+            blocks = hidden_states.view(len(self), -1, hidden_states.shape[-1])
+            return torch.cat([expert(blocks[e]) for e, expert in enumerate(self)]).to(hidden_states.dtype)
         out = torch.zeros_like(hidden_states)
         for e, expert in enumerate(self):
             position, token = torch.where((top_k_index == e).T)  # the order transformers' loop uses
@@ -156,7 +193,7 @@ def unfuse_experts(model: nn.Module) -> int:
     names = [n for n, m in model.named_modules() if is_stacked_experts(m)]
     for i, name in enumerate(names):
         module = model.get_submodule(name)
-        _refuse_pre_routed(module)
+        _refuse_other_calls(module)
         check = i == 0 and module.down_proj.device.type != "meta"
         sample = _routing_sample(module) if check else None
         reference = module(*sample) if check else None
@@ -167,27 +204,14 @@ def unfuse_experts(model: nn.Module) -> int:
     return len(names)
 
 
-def _refuse_pre_routed(module: nn.Module) -> None:
-    """Experts called with (hidden, top_k_index, top_k_weights) are split; a module that receives tokens
-    already routed and scaled (Llama 4's, one row block per expert) is refused by name."""
-    import inspect
-
-    signature = inspect.signature(module.forward)
-    kinds = [p.kind for p in signature.parameters.values()]
-    positional = sum(k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for k in kinds)
-    if positional < 3 and inspect.Parameter.VAR_POSITIONAL not in kinds:
-        raise UnsupportedArchitectureError(
-            f"{type(module).__name__}: its experts receive tokens already routed and weighted (forward"
-            f"{signature}), not (hidden, top_k_index, top_k_weights); slimkit cannot "
-            "split them into per-expert linears yet")
-
-
 @torch.no_grad()
-def _routing_sample(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _routing_sample(module: nn.Module) -> tuple[torch.Tensor, ...]:
     down = module.down_proj
     experts, hidden = down.shape[0], down.shape[2] if experts_layout(module).transposed else down.shape[1]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3 * experts, hidden, generator=g).to(down)
+    if experts_layout(module).pre_routed:
+        return (x,)
     index = torch.stack([torch.arange(3 * experts) % experts, (torch.arange(3 * experts) + 1) % experts], dim=1)
     weights = torch.rand(3 * experts, 2, generator=g).to(x)
     return x, index.to(x.device), weights
@@ -257,7 +281,7 @@ def checkpoint_names(model: nn.Module) -> dict[str, str]:
 
     markers: dict[str, torch.Tensor] = {}  # the fused layout's keys, each holding numbered markers
     ours: list[str] = []  # marker number -> slimkit key
-    swapped = expert_modules(model)
+    swapped = {p: m for p, m in expert_modules(model).items() if not loaded_per_expert(m.fused)}
     for key in model.state_dict(keep_vars=True):
         if not any(key.startswith(p + ".") for p in swapped):
             markers[key] = torch.tensor([float(len(ours))], dtype=torch.float64)
@@ -277,6 +301,16 @@ def checkpoint_names(model: nn.Module) -> dict[str, str]:
             f"map one linear per expert projection{why}, and compressed-tensors stores quantized experts that way "
             "only; export it with --to gguf or --to hf")
     return names
+
+
+def loaded_per_expert(fused: nn.Module) -> bool:
+    """transformers swaps this experts class for a list of per-expert MLPs when it loads a
+    compressed-tensors checkpoint (Llama 4's), named as slimkit names the split experts."""
+    from transformers.quantizers.base import MODULES_TO_PATCH_FOR_QUANTIZATION
+    from transformers.utils.quantization_config import QuantizationMethod
+
+    patch = MODULES_TO_PATCH_FOR_QUANTIZATION.get(type(fused).__name__, {})
+    return QuantizationMethod.COMPRESSED_TENSORS in patch.get("quantization_methods", ())
 
 
 def _expert_markers(path: str, experts: ExpertLinears, markers: dict[str, torch.Tensor], ours: list[str]) -> None:

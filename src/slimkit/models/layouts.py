@@ -33,11 +33,12 @@ class PackedWeightView:
     """What a packed layer shows as its `.weight`: the dense weight's shape, the dtype it computes in and
     its device. Anything else (RWKV rescales its layers' weights in place) is refused by name."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, shape: tuple[int, int] | None = None, dtype: torch.dtype = torch.float32,
+                 holder: nn.Module | None = None):
         self._layer = layer
-        self.shape = torch.Size((layer.out_features, layer.in_features))
-        self.dtype = torch.float32
-        self.device = next(iter(layer.buffers()), torch.empty(0)).device
+        self.shape = torch.Size(shape or (layer.out_features, layer.in_features))
+        self.dtype = dtype
+        self.device = next(iter((holder or layer).buffers()), torch.empty(0)).device
 
     def dim(self) -> int:
         return 2

@@ -32,6 +32,10 @@ def routing_frequency(model: nn.Module, adapter: ArchitectureAdapter, batches: I
     (path,) = expert_paths(adapter) or (None,)
     if path is None:
         raise ShapeError(f"{adapter.name} has no MoE experts to prune")
+    if blocks[0].get_submodule(path).layout.pre_routed:
+        raise ShapeError(f"{adapter.name}: every expert receives every token, weighted by the router (Llama 4's "
+                         "pre-routed experts), so counting an expert's inputs does not count its tokens; expert "
+                         "pruning does not support this layout yet")
     counts = torch.zeros(len(blocks), len(blocks[0].get_submodule(path)), dtype=torch.long)
     hooks = []
     for i, block in enumerate(blocks):
