@@ -102,3 +102,29 @@ def test_one_disturbed_timing_does_not_decide(monkeypatch):
     clock = iter([9e-3, 1e-3] + [1e-3, 2e-3] * 10)  # the kernel's first timing was disturbed
     monkeypatch.setattr(kernel_rows, "time_call", lambda fn, repeats: next(clock))
     assert kernel_rows.measure_crossover(layer, rows=(16, 64))["kernel_max_rows"] == base.KERNEL_MAX_ROWS
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_greedy_tokens_are_the_same_on_either_path_on_five_prompts(tiny_llama_dir, tmp_path, fmt):
+    """The kernel (bf16 activations) and dequantize + fp32 GEMM give one packed model the same greedy
+    continuation of 5 prompts, prefill and decode alike: the row choice changes speed, not tokens."""
+    from slimkit.compression.pack_dir import pack_to_dir
+    from slimkit.formats import packed_layers
+    from slimkit.generation import StaticDecoder
+    from slimkit.models import load_model
+
+    pack_to_dir(str(tiny_llama_dir), tmp_path / fmt, fmt=fmt, group_size=32)
+    loaded = load_model(str(tmp_path / fmt))
+    prompts = ["The history of the city", "In 1969 the first", "Water boils at", "Once upon a time, a",
+               "The most important rule of"]
+    layers = [m for m in packed_layers(loaded.model).values() if m.has_row_choice()]
+    assert layers
+    tokens = {}
+    for path, rows in (("kernel", 10**6), ("dequantize", 0)):
+        for layer in layers:
+            layer.kernel_max_rows = rows
+        assert all(m.path_for(1).startswith(path) or path in m.path_for(1) for m in layers)
+        decoder = StaticDecoder(loaded.model, 40, compiled=False)
+        tokens[path] = [decoder.generate(loaded.tokenizer(p, return_tensors="pt").input_ids, 10).tokens
+                        for p in prompts]
+    assert tokens["kernel"] == tokens["dequantize"]
