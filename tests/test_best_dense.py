@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from slimkit.benchmarks import dense_dtype
+from slimkit.formats import gemm_dtype as dense_dtype
 from slimkit.benchmarks import model as bench
 from slimkit.errors import SlimkitError
 from slimkit.protocol import BenchSettings
@@ -87,3 +87,10 @@ def test_a_dense_model_runs_in_bf16_and_a_packed_one_is_refused(tiny_llama_dir, 
     pack_to_dir(str(tiny_llama_dir), tmp_path / "int4", fmt="int4")
     with pytest.raises(SlimkitError, match="applies to dense models"):
         bench.measure(str(tmp_path / "int4"), settings)
+
+
+def test_bf16_candidacy_counts_only_the_row_counts_asked_for():
+    """A bf16 GEMV as fast as fp32's makes bf16 a candidate for a dense decode, not for the packed layers'
+    dequantize + GEMM path, which runs at prefill-sized row counts only."""
+    probe = {"rows": [1, 128, 512], "float32": [1.0, 1.0, 1.0], "bfloat16": [0.9, 4.0, 5.0]}
+    assert dense_dtype.bf16_is_a_candidate(probe) and not dense_dtype.bf16_is_a_candidate(probe, min_rows=16)

@@ -15,7 +15,28 @@ from slimkit.formats.integer import Int4Grouped, Int8WeightOnly
 @pytest.fixture()
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SLIMKIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernel_rows, "gemm_dtypes_to_try", lambda: ("float32",))  # not this CPU's probe
     return tmp_path / kernel_rows.CACHE_FILE
+
+
+def test_where_bf16_could_win_the_dequantize_path_times_both_dtypes_and_keeps_the_faster(cache, monkeypatch):
+    """On a CPU whose probe says bf16 GEMM could win, each shape's crossover times the dequantize + GEMM
+    path in fp32 and in bf16 and the layer computes in the faster; entries timed in fp32 only are
+    measured again; the bf16 path is x @ W.T within bf16's rounding."""
+    monkeypatch.setattr(kernel_rows, "gemm_dtypes_to_try", lambda: ("float32", "bfloat16"))
+    monkeypatch.setattr(kernel_rows, "ROWS", (16, 64))
+    int4, _ = _layers()
+    cache.write_text(json.dumps({kernel_rows.machine_key(): {"int4 192x128 g32": {"kernel_max_rows": 5}}}))
+    kernel_rows.choose_kernel_rows([int4])
+    entry = json.loads(cache.read_text())[kernel_rows.machine_key()]["int4 192x128 g32"]
+    assert entry["gemm_dtypes"] == ["float32", "bfloat16"] and all(len(ms) == 3 for ms in entry["ms"].values())
+    fastest = min(("float32", "bfloat16"), key=lambda d: entry["ms"][max(entry["ms"], key=int)][1 + (d == "bfloat16")])
+    assert entry["gemm_dtype"] == fastest and int4.gemm_dtype == getattr(torch, fastest)
+    x = torch.randn(300, 128)
+    reference = x @ int4.dequantize().T
+    int4.gemm_dtype = torch.bfloat16
+    assert int4.path_for(10**6) == "dequantize (tiles) + bf16 matmul"
+    assert (int4.dequantized_matmul(x) - reference).abs().max() <= 0.01 * reference.abs().max()
 
 
 def _layers(out=192, cols=128, group=32):
@@ -81,7 +102,7 @@ def test_crossover_stops_at_the_first_row_count_where_dequantizing_wins(monkeypa
     layer, _ = _layers()
     # fake clocks: the kernel costs 1 per row, dequantize + GEMM 40 + 0.5 per row: crossing at 80 rows
     monkeypatch.setattr(layer, "kernel_matmul", lambda x: ("kernel", x.shape[0]))
-    monkeypatch.setattr(layer, "dequantized_matmul", lambda x: ("dense", x.shape[0]))
+    monkeypatch.setattr(layer, "dequantized_matmul", lambda x, dtype=None: ("dense", x.shape[0]))
 
     def fake_time(fn, repeats):
         path, rows = fn()
@@ -98,7 +119,7 @@ def test_crossover_stops_at_the_first_row_count_where_dequantizing_wins(monkeypa
 def test_one_disturbed_timing_does_not_decide(monkeypatch):
     layer, _ = _layers()
     monkeypatch.setattr(layer, "kernel_matmul", lambda x: "kernel")
-    monkeypatch.setattr(layer, "dequantized_matmul", lambda x: "dense")
+    monkeypatch.setattr(layer, "dequantized_matmul", lambda x, dtype=None: "dense")
     clock = iter([9e-3, 1e-3] + [1e-3, 2e-3] * 10)  # the kernel's first timing was disturbed
     monkeypatch.setattr(kernel_rows, "time_call", lambda fn, repeats: next(clock))
     assert kernel_rows.measure_crossover(layer, rows=(16, 64))["kernel_max_rows"] == base.KERNEL_MAX_ROWS

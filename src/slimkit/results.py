@@ -165,7 +165,7 @@ class BenchRow(Result):
     throughput_ratio: float | None = None
     compiled_decode_speedup: float | None = None  # compiled decode against the baseline's decode
     baseline: dict[str, str] | None = None  # measurement -> the dense row and path each ratio is against
-    gemm_probe: dict | None = None  # fp32 vs bf16 GEMM ms on this CPU (`benchmarks/dense_dtype.py`)
+    gemm_probe: dict | None = None  # fp32 vs bf16 GEMM ms on this CPU (`formats/gemm_dtype.py`)
     llamacpp_file_type: str | None = None  # the same model's GGUF in llama.cpp (when `make peers` built it)
     llamacpp_decode_tok_s: float | None = None  # llama-bench at this row's thread count, same run
     llamacpp_prefill_tok_s: float | None = None

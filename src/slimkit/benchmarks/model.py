@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from slimkit.benchmarks.dense_dtype import bf16_is_a_candidate, probe_note
+from slimkit.formats.gemm_dtype import bf16_is_a_candidate, probe_note
 from slimkit.models.checks import ppl_seqlen
 from slimkit.protocol import BenchSettings, windows_text
 from slimkit.results import BenchRow
@@ -403,7 +403,7 @@ def is_dense_source(source: str) -> bool:
 
 def dense_dtype_probe(baseline: str, settings: BenchSettings, note) -> dict | None:
     """fp32 vs bf16 GEMM on this CPU (None on a GPU, where bf16 is always timed)."""
-    from slimkit.benchmarks.dense_dtype import gemm_probe
+    from slimkit.formats.gemm_dtype import gemm_probe
     from slimkit.devices import resolve_device
 
     if resolve_device(settings.device).type != "cpu" or not is_dense_source(baseline):

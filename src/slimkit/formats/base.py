@@ -21,7 +21,6 @@ _FORMATS: dict[str, type["PackedLinear"]] = {}
 # measurement says otherwise; beyond, dequantize (tile by tile) + fp32 GEMM. `kernel_rows.py`
 # measures the crossover per shape on the machine and sets each layer's own limit.
 KERNEL_MAX_ROWS = 1 << 16
-DEQUANTIZED_PATH = "dequantize (tiles) + fp32 matmul"
 DEQUANTIZE_TILE_ELEMENTS = 1 << 21  # fp32 weights dequantized per GEMM tile: 8 MB, never a full copy
 
 
@@ -50,6 +49,7 @@ class PackedLinear(StoredLinear):
         self.in_features, self.out_features = in_features, out_features
         self.meta = dict(meta)
         self.kernel_max_rows = KERNEL_MAX_ROWS  # set from this machine's measurement (kernel_rows.py)
+        self.gemm_dtype = torch.float32  # of the dequantize + GEMM path: bf16 where it measured faster
         self.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False) if bias is not None else None
 
     # --- what subclasses provide -------------------------------------------------------
@@ -107,16 +107,22 @@ class PackedLinear(StoredLinear):
         rows = max(64, DEQUANTIZE_TILE_ELEMENTS // max(self.in_features, 1) // 64 * 64)
         return self.out_features if rows >= self.out_features else rows
 
-    def dequantized_matmul(self, x2d: torch.Tensor) -> torch.Tensor:
-        """x2d @ W.T with W dequantized a tile of output rows at a time (a few MB, not a full copy)."""
+    def dequantized_matmul(self, x2d: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x2d @ W.T with W dequantized a tile of output rows at a time (a few MB, not a full copy),
+        the GEMM in `dtype` (the layer's measured `gemm_dtype` unless given); the result in fp32."""
+        dtype = dtype or self.gemm_dtype
+        x = x2d if x2d.dtype == dtype else x2d.to(dtype)
         step = self.dequantize_tile_rows()
         if step >= self.out_features:
-            return x2d @ self.dequantize_rows(0, self.out_features).T
+            return (x @ self.dequantize_rows(0, self.out_features).to(dtype).T).to(x2d.dtype)
         out = x2d.new_empty(x2d.shape[0], self.out_features)
         for start in range(0, self.out_features, step):
             stop = min(start + step, self.out_features)
-            out[:, start:stop] = x2d @ self.dequantize_rows(start, stop).T
+            out[:, start:stop] = x @ self.dequantize_rows(start, stop).to(dtype).T
         return out
+
+    def dequantized_path(self) -> str:
+        return f"dequantize (tiles) + {'bf16' if self.gemm_dtype == torch.bfloat16 else 'fp32'} matmul"
 
     def chosen_matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         if x2d.shape[0] <= self.kernel_rows():

@@ -15,7 +15,6 @@ import warnings
 import torch
 
 from slimkit.formats.base import (
-    DEQUANTIZED_PATH,
     PackedLinear,
     group_expand,
     pack_bits,
@@ -92,7 +91,7 @@ class Int8WeightOnly(PackedLinear):
         return True
 
     def path_for(self, m):
-        return "int8 weight-only kernel (bf16 activations)" if m <= self.kernel_rows() else DEQUANTIZED_PATH
+        return "int8 weight-only kernel (bf16 activations)" if m <= self.kernel_rows() else self.dequantized_path()
 
     def kernel_matmul(self, x2d):
         return torch.ops.aten._weight_int8pack_mm(x2d.to(torch.bfloat16), self.q, self.scale_bf16).float()
@@ -302,7 +301,7 @@ class Int4Grouped(PackedLinear):
     def path_for(self, m):
         if self._kernel is not None and m <= self.kernel_rows():
             return "int4 weight-only kernel (bf16 activations)"
-        return DEQUANTIZED_PATH
+        return self.dequantized_path()
 
     def kernel_matmul(self, x2d):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(

@@ -15,6 +15,7 @@ every layer of that shape when a model is packed or a packed model is loaded.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -47,27 +48,39 @@ def time_call(fn, repeats: int = 5) -> float:
     return min(times)
 
 
-def _dequantizing_wins(layer: PackedLinear, x: torch.Tensor, repeats: int) -> tuple[bool, list[float]]:
+def _dequantizing_wins(layer: PackedLinear, x: torch.Tensor, repeats: int,
+                       dtypes: tuple[str, ...] = ("float32",)) -> tuple[bool, str, list[float]]:
+    """(dequantize + GEMM beats the kernel, its fastest GEMM dtype, ms of the kernel then of each dtype)."""
     kernel = time_call(lambda: layer.kernel_matmul(x), repeats)
-    dense = time_call(lambda: layer.dequantized_matmul(x), repeats)
-    return dense < kernel * (1 - MARGIN), [round(kernel * 1e3, 4), round(dense * 1e3, 4)]
+    dense = {d: time_call(lambda d=d: layer.dequantized_matmul(x, getattr(torch, d)), repeats) for d in dtypes}
+    best = min(dense, key=dense.get)
+    return dense[best] < kernel * (1 - MARGIN), best, [round(t * 1e3, 4) for t in (kernel, *dense.values())]
 
 
 @torch.no_grad()
-def measure_crossover(layer: PackedLinear, rows=ROWS, repeats: int = 5) -> dict:
-    """{"kernel_max_rows": N, "ms": {rows: [kernel, dequantize + GEMM]}} for this layer's shape:
-    the kernel keeps every row count below the first where dequantizing wins (confirmed by a
-    second timing, so that one disturbed measurement does not decide)."""
-    limit, ms = KERNEL_MAX_ROWS, {}
+def measure_crossover(layer: PackedLinear, rows=ROWS, repeats: int = 5, dtypes: tuple[str, ...] = ("float32",)) -> dict:
+    """{"kernel_max_rows": N, "gemm_dtype": d, "gemm_dtypes": [...], "ms": {rows: [kernel, dequantize +
+    GEMM in each dtype]}} for this layer's shape: the kernel keeps every row count below the first where
+    dequantizing wins (confirmed by a second timing, so that one disturbed measurement does not decide);
+    the GEMM's dtype is the one fastest at the largest row count measured."""
+    limit, ms, fastest = KERNEL_MAX_ROWS, {}, "float32"
     for index, m in enumerate(rows):
         x = torch.randn(m, layer.in_features)
-        wins, ms[m] = _dequantizing_wins(layer, x, repeats)
-        if wins and _dequantizing_wins(layer, x, repeats)[0]:
+        wins, fastest, ms[m] = _dequantizing_wins(layer, x, repeats, dtypes)
+        if wins and _dequantizing_wins(layer, x, repeats, dtypes)[0]:
             limit = max(rows[index - 1] if index else 0, ALWAYS_KERNEL_ROWS)
             break
-        if max(ms[m]) > CALL_BUDGET_S * 1e3:
+        if max(ms[m][0], min(ms[m][1:])) > CALL_BUDGET_S * 1e3:  # the kernel or the best GEMM dtype
             break
-    return {"kernel_max_rows": limit, "ms": ms}
+    return {"kernel_max_rows": limit, "gemm_dtype": fastest, "gemm_dtypes": list(dtypes), "ms": ms}
+
+
+def gemm_dtypes_to_try() -> tuple[str, ...]:
+    """fp32, and bf16 too where this CPU's probe GEMM says bf16 could be faster at prefill-sized row
+    counts (AMX, AVX-512 BF16): the dequantize path only runs above the kernel's rows."""
+    from slimkit.formats.gemm_dtype import bf16_is_a_candidate, gemm_probe
+
+    return ("float32", "bfloat16") if bf16_is_a_candidate(gemm_probe(), min_rows=ROWS[0]) else ("float32",)
 
 
 def shape_key(layer: PackedLinear) -> str:
@@ -114,24 +127,34 @@ def write_json_cache(path: Path, data: dict) -> None:
         pass  # a read-only cache only means measuring again next time
 
 
-def choose_kernel_rows(layers, measure=measure_crossover) -> dict[str, int]:
-    """Sets each int8/int4/bitmask-sparse layer's kernel row limit from the machine's measured crossover
-    (measured for shapes not seen before, then cached); returns {shape: limit}."""
+def choose_kernel_rows(layers, measure=None) -> dict[str, int]:
+    """Sets each int8/int4/bitmask-sparse layer's kernel row limit and dequantize + GEMM dtype from the
+    machine's measured crossover (measured for shapes not seen before, then cached); returns {shape: limit}."""
     layers = [m for m in layers if m.has_row_choice() and _on_cpu(m)]
     if not layers:
         return {}
+    dtypes = gemm_dtypes_to_try()
+    measure = measure or functools.partial(measure_crossover, dtypes=dtypes)
     path = _cache_path()
     cache = read_json_cache(path)
     known = cache.setdefault(machine_key(), {})
     fresh = False
     for layer in layers:
         key = shape_key(layer)
-        if key not in known or not isinstance(known[key], dict) or "kernel_max_rows" not in known[key]:
+        if not _measured_for(known.get(key), dtypes):
             known[key], fresh = measure(layer), True
         layer.kernel_max_rows = int(known[key]["kernel_max_rows"])
+        layer.gemm_dtype = getattr(torch, known[key].get("gemm_dtype", "float32"))
     if fresh:
         write_json_cache(path, cache)
     return {shape_key(m): m.kernel_rows() for m in layers}
+
+
+def _measured_for(entry, dtypes: tuple[str, ...]) -> bool:
+    """A cached crossover that timed every GEMM dtype now worth trying (entries from before bf16 was
+    tried count for fp32 only)."""
+    return isinstance(entry, dict) and "kernel_max_rows" in entry and (
+        dtypes == ("float32",) or entry.get("gemm_dtypes") == list(dtypes))
 
 
 def _on_cpu(layer: PackedLinear) -> bool:

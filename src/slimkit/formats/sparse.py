@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from slimkit.formats.base import (
-    DEQUANTIZED_PATH,
     PackedLinear,
     pack_2bit,
     pack_nibbles,
@@ -153,7 +152,7 @@ class SparseUnstructured(PackedLinear):
         if self.kernel_layout is None:
             return MKL_PATH
         if m > self.kernel_rows():
-            return DEQUANTIZED_PATH
+            return self.dequantized_path()
         return BITMASK_PATH if isinstance(self.kernel_layout, BitmaskRows) else CSR16_PATH
 
     def kernel_matmul(self, x2d):
@@ -282,5 +281,5 @@ class Sparse24(PackedLinear):
 
     def path_for(self, m):
         if self.bits is not None:
-            return BITMASK_PATH if m <= self.kernel_rows() else DEQUANTIZED_PATH
+            return BITMASK_PATH if m <= self.kernel_rows() else self.dequantized_path()
         return "dense fallback: rebuilt per call (torch has no CPU 2:4 kernel for these values)"

@@ -1,4 +1,5 @@
-"""Whether a dense model could run faster in bf16 than in fp32 on this CPU, measured.
+"""Whether GEMM could run faster in bf16 than in fp32 on this CPU, measured: for dense models and
+for packed layers' dequantize + GEMM path (`kernel_rows.py` then times both on each shape).
 
 A speed-up is only honest against the fastest dense configuration the machine has. On CPUs with
 AMX or AVX-512 BF16 (oneDNN), a bf16 GEMM runs several times faster than fp32; on AVX2-only CPUs
@@ -8,7 +9,7 @@ clearly slower at every row count, the baseline model is benchmarked again, whol
 the fastest dense row of each measurement becomes the reference of every ratio.
 
 The probe belongs to the machine: kept per (CPU, threads, torch) in the slimkit cache
-(`dense_dtype.json`, beside the kernels' `kernel_rows.json`).
+(`gemm_dtype.json`, beside the kernels' `kernel_rows.json`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from slimkit.paths import cache_root
 PROBE_ROWS = (1, 128, 512)  # a decode step, and the two prefills `bench model` times
 PROBE_SHAPE = (1536, 576)  # [out, in]: SmolLM2-135M's MLP projection, a typical small-model GEMM
 SLOWER_BY = 1.25  # bf16 is left out only when its GEMM is this much slower than fp32 at every row count
-CACHE_FILE = "dense_dtype.json"
+CACHE_FILE = "gemm_dtype.json"
 
 
 @torch.no_grad()
@@ -37,9 +38,10 @@ def measure_gemm_dtypes(shape: tuple[int, int] = PROBE_SHAPE, rows=PROBE_ROWS, r
     return result
 
 
-def bf16_is_a_candidate(probe: dict) -> bool:
-    """False when bf16's GEMM lost to fp32's by SLOWER_BY or more at every row count."""
-    return any(b < f * SLOWER_BY for f, b in zip(probe["float32"], probe["bfloat16"]))
+def bf16_is_a_candidate(probe: dict, min_rows: int = 1) -> bool:
+    """False when bf16's GEMM lost to fp32's by SLOWER_BY or more at every row count from `min_rows`."""
+    return any(b < f * SLOWER_BY for m, f, b in zip(probe["rows"], probe["float32"], probe["bfloat16"])
+               if m >= min_rows)
 
 
 def gemm_probe(measure=measure_gemm_dtypes) -> dict:
