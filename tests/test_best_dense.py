@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from slimkit.formats import gemm_dtype as dense_dtype
 from slimkit.benchmarks import model as bench
 from slimkit.errors import SlimkitError
+from slimkit.formats import gemm_dtype as dense_dtype
 from slimkit.protocol import BenchSettings
 from slimkit.results import BenchRow
 

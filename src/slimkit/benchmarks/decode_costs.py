@@ -88,7 +88,7 @@ def _llamacpp_build() -> str:
 
 def cached_decode_costs(key: str, measure) -> DecodeCosts:
     """The costs cached under `key` (+ the llama.cpp build), else `measure()`d and cached."""
-    from slimkit.formats.kernel_rows import machine_key, read_json_cache, write_json_cache
+    from slimkit.formats.machine import machine_key, read_json_cache, write_json_cache
 
     path, full = cache_root() / CACHE_FILE, f"{key} | {machine_key()} | {_llamacpp_build()}"
     cache = read_json_cache(path)

@@ -134,8 +134,7 @@ def measure(source: str, settings: BenchSettings = BenchSettings(), note=lambda 
     if use is not None and use.compare is None:  # this model is the reference: KL(P || P) = 0
         divergence = {"mean_kld": 0.0, "top1_agreement": 1.0}
     return BenchRow(
-        model=source if settings.dtype == "float32" else f"{source} ({DTYPE_LABELS[settings.dtype]})",
-        dtype=settings.dtype, prefill_ms=prefill_ms, prompt_tokens=prompt, decode_ms_per_token=decode_ms,
+        model=row_label(source, settings.dtype), dtype=settings.dtype, prefill_ms=prefill_ms, prompt_tokens=prompt, decode_ms_per_token=decode_ms,
         long_prefill_ms=long_ms, long_prompt_tokens=long or None,
         throughput_tok_s=throughput, batch=batch, peak_rss_mb=peak_mb,
         weights_ram_mb=_weights_ram_bytes(model) / 2**20, disk_mb=_disk_bytes(loaded) / 2**20,
@@ -148,6 +147,10 @@ def measure(source: str, settings: BenchSettings = BenchSettings(), note=lambda 
 
 
 DTYPE_LABELS = {"float32": "fp32", "bfloat16": "bf16"}
+
+
+def row_label(source: str, dtype: str) -> str:
+    return source if dtype == "float32" else f"{source} ({DTYPE_LABELS[dtype]})"
 
 
 def in_dtype(model, dtype: str, source: str):
@@ -403,8 +406,8 @@ def is_dense_source(source: str) -> bool:
 
 def dense_dtype_probe(baseline: str, settings: BenchSettings, note) -> dict | None:
     """fp32 vs bf16 GEMM on this CPU (None on a GPU, where bf16 is always timed)."""
-    from slimkit.formats.gemm_dtype import gemm_probe
     from slimkit.devices import resolve_device
+    from slimkit.formats.gemm_dtype import gemm_probe
 
     if resolve_device(settings.device).type != "cpu" or not is_dense_source(baseline):
         return None

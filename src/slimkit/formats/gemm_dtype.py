@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from slimkit.formats.kernel_rows import machine_key, read_json_cache, time_call, write_json_cache
+from slimkit.formats.machine import machine_key, read_json_cache, time_call, write_json_cache
 from slimkit.paths import cache_root
 
 PROBE_ROWS = (1, 128, 512)  # a decode step, and the two prefills `bench model` times

@@ -16,36 +16,18 @@ every layer of that shape when a model is packed or a packed model is loaded.
 from __future__ import annotations
 
 import functools
-import json
-import os
-import platform
-import time
 from pathlib import Path
 
 import torch
 
 from slimkit.formats.base import KERNEL_MAX_ROWS, PackedLinear
+from slimkit.formats.machine import CALL_BUDGET_S, machine_key, read_json_cache, time_call, write_json_cache
 from slimkit.paths import cache_root
 
 ROWS = (16, 64, 128, 256, 512, 1024, 2048)
 ALWAYS_KERNEL_ROWS = 8  # decode-sized calls: dequantizing a whole weight for a few rows cannot pay
 MARGIN = 0.05  # dequantize + GEMM must beat the kernel by 5%, twice, for the kernel to give way
-CALL_BUDGET_S = 0.25  # stop growing the rows when one call takes longer (big layers)
 CACHE_FILE = "kernel_rows.json"
-
-
-def time_call(fn, repeats: int = 5) -> float:
-    """Fastest of `repeats` timed calls after an untimed warm-up (the fastest is the least
-    disturbed by other work); one call over CALL_BUDGET_S is the answer itself."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-        if times[-1] > CALL_BUDGET_S:
-            break
-    return min(times)
 
 
 def _dequantizing_wins(layer: PackedLinear, x: torch.Tensor, repeats: int,
@@ -90,41 +72,8 @@ def shape_key(layer: PackedLinear) -> str:
             + (" asym" if zero is not None else "") + layer.shape_tag())
 
 
-def machine_key() -> str:
-    """What the crossover depends on besides the shape: CPU, threads, torch."""
-    return f"{_cpu_name()} | threads {torch.get_num_threads()} | torch {torch.__version__}"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _cache_path() -> Path:
     return cache_root() / CACHE_FILE
-
-
-def read_json_cache(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}  # missing or damaged: measured again
-
-
-def write_json_cache(path: Path, data: dict) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only cache only means measuring again next time
 
 
 def choose_kernel_rows(layers, measure=None) -> dict[str, int]:
