@@ -35,6 +35,15 @@ def test_every_ratio_is_against_the_fastest_dense_row_of_that_measurement():
     assert "decode: dense (bf16), compiled" in md and "prefill: dense;" in md
 
 
+def test_another_dense_model_in_the_list_is_a_candidate_not_the_baseline():
+    """A smaller dense model (pruned, distilled) beside the baseline gets ratios, it does not set them."""
+    rows = bench.compare([_row("big", decode=20.0, prefill=60.0),
+                          _row("small-dense", decode=10.0, prefill=30.0),
+                          _row("big (bf16)", decode=16.0, prefill=90.0, dtype="bfloat16")], best_dense=True)
+    assert (rows[1].decode_speedup, rows[1].prefill_speedup) == (1.6, 2.0)
+    assert rows[0].baseline["decode"] == "big (bf16), eager" and rows[0].baseline["prefill"] == "big"
+
+
 def test_without_best_dense_the_first_row_stays_the_baseline():
     rows = bench.compare([_row("dense", decode=20.0, prefill=60.0, compiled=12.0),
                           _row("int4", decode=4.0, prefill=40.0, compiled=2.0, formats=["int4"])])

@@ -272,10 +272,11 @@ def compare(rows: list[BenchRow], best_dense: bool = False) -> list[BenchRow]:
 
 
 def _baseline(rows: list[BenchRow], best_dense: bool) -> dict[str, tuple[float | None, str]]:
-    """measurement -> (the baseline's value, which row and path gave it)."""
-    dense = [r for r in rows if not r.formats] if best_dense else []
+    """measurement -> (the baseline's value, which row and path gave it). The dense configurations are
+    the first model's own rows (fp32, bf16); another dense model in the list is a candidate, not a baseline."""
+    first = rows[0]
+    dense = [r for r in rows if r.model == row_label(first.model, r.dtype)] if best_dense and not first.formats else []
     if not dense:
-        first = rows[0]
         return {"decode": (first.decode_ms_per_token, ""), "prefill": (first.prefill_ms, ""),
                 "long prefill": (first.long_prefill_ms, ""), "throughput": (first.throughput_tok_s, "")}
     decodes = [(r.decode_ms_per_token, f"{r.model}, eager") for r in dense]
