@@ -162,8 +162,8 @@ def in_dtype(model, dtype: str, source: str):
     if dtype == "float32":
         return model
     if packed_layers(model):
-        raise SlimkitError(f"{source}: a packed model is benchmarked as packed (fp32 activations); "
-                           f"--dtype {dtype} applies to dense models")
+        raise SlimkitError(f"{source}: a packed model is benchmarked as packed (its kernels choose their "
+                           f"arithmetic); computing in {dtype} applies to dense models")
     return model.to(getattr(torch, dtype))
 
 
@@ -378,7 +378,7 @@ def run(models: list[str], settings: BenchSettings = BenchSettings(), progress=N
     """Each model in its own process, in order, then `settings.rounds - 1` more timing rounds
     (reversed order every other round, no ppl); ratios and KLD against the first model."""
     settings = with_reference(settings, models[0])
-    note = progress.note if progress is not None else (lambda text: None)
+    note = progress.note if progress is not None else None
     entries = [(m, settings) for m in models]
     probe = dense_dtype_probe(models[0], settings, note) if settings.best_dense else None
     if settings.best_dense and (probe is None or bf16_is_a_candidate(probe)) and is_dense_source(models[0]):
@@ -390,8 +390,7 @@ def run(models: list[str], settings: BenchSettings = BenchSettings(), progress=N
     rows: list[BenchRow | None] = [None] * len(entries)
     for r, i in order:
         model, given = entries[i]
-        row = measure_isolated(model, given.model_copy(update={"windows": 0, "reference": None}) if r else given,
-                               note if progress is not None else None)
+        row = measure_isolated(model, given.model_copy(update={"windows": 0, "reference": None}) if r else given, note)
         rows[i] = row if rows[i] is None else fastest_of(rows[i], row)
     rows = compare(rows, settings.best_dense)
     rows[0].gemm_probe = probe
@@ -412,7 +411,8 @@ def dense_dtype_probe(baseline: str, settings: BenchSettings, note) -> dict | No
 
     if resolve_device(settings.device).type != "cpu" or not is_dense_source(baseline):
         return None
-    note("dense dtype: timing one GEMM in fp32 and bf16 on this CPU (once per CPU and torch)")
+    if note is not None:
+        note("dense dtype: timing one GEMM in fp32 and bf16 on this CPU (once per CPU and torch)")
     return gemm_probe()
 
 

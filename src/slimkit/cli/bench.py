@@ -162,5 +162,5 @@ def _llamacpp_columns(rows, models: list[str], settings, progress) -> None:
         progress.note(f"llama.cpp columns skipped: {why}")
         return
     with tempfile.TemporaryDirectory(prefix="slimkit-llamacpp-") as work:
-        add_llamacpp_columns(rows, models, settings, Path(work), progress)
+        add_llamacpp_columns(rows[:len(models)], models, settings, Path(work), progress)  # not the bf16 row
 
