@@ -9,7 +9,10 @@
 - llama.cpp: llama-imatrix on slimkit's calibration windows (decoded to text), then llama-quantize
   with that imatrix to each file type of `--types` (Q2_K ... Q5_K_M);
 - slimkit: `gguf_allocate` with `target_size` = each llama.cpp file's bytes (the same windows,
-  one sensitivity measurement for every size), exported with `--gguf-type auto`;
+  one sensitivity measurement for every size), exported with `--gguf-type auto`; and with
+  `max_decode_ms` = the decode ms/token llama-bench measures for each file type of `--speed-of`
+  (the best file predicted to decode as fast as llama.cpp's), whose prediction is then checked
+  against llama-bench of the file it made;
 - every file scored by llama-perplexity (ppl, KLD) and timed by llama-bench (same threads,
   interleaved rounds).
 
@@ -49,11 +52,42 @@ def allocated_files(model: str, budgets: dict[str, dict], work: Path, settings: 
     recipes = [parse_recipe({"name": name, "steps": [{"method": "gguf_allocate", "types": candidates, **budget}]})
                for name, budget in budgets.items()]
     reports = compress_to_dir(model, recipes, work / "compressed", settings, log=print)
-    predictions = [{"name": r.name, **budgets[r.name],
-                    "predicted_kld": sum(a["predicted_kld"] for a in rep.compression.structure_and_training[0]
-                                         ["allocation"].values()),
-                    "slimkit_kld": rep.compressed.divergence.mean_kld} for r, rep in zip(recipes, reports)]
+    predictions = []
+    for r, rep in zip(recipes, reports):
+        detail = rep.compression.structure_and_training[0]
+        predictions.append({"name": r.name, **budgets[r.name], "predicted_kld": detail["predicted"]["kld"],
+                            "slimkit_kld": rep.compressed.divergence.mean_kld}
+                           | ({"predicted_decode_ms": detail["predicted"]["llamacpp_decode_ms"]}
+                              if "max_decode_ms" in budgets[r.name] else {}))
     return {r.name: gguf_of(str(work / "compressed" / r.name), work, baseline=False) for r in recipes}, predictions
+
+
+def speed_budgets(files: dict[str, Path], types: list[str], threads: int) -> dict[str, dict]:
+    """A `max_decode_ms` budget per llama.cpp file of `types`: its decode ms/token by llama-bench
+    (interleaved rounds, fastest kept), with the settings the files are timed with at the end."""
+    from slimkit.benchmarks.llamacpp_model import interleaved_speed
+
+    if not types:
+        return {}
+    speeds = interleaved_speed([files[t] for t in types], BenchSettings(), threads, rounds=3)
+    return {f"allocated-{t.lower()}-speed": {"max_decode_ms": round(1000.0 / s["decode_tok_s"], 3)}
+            for t, s in zip(types, speeds)}
+
+
+def time_bounds(predictions: list[dict], rows: list[LlamaCppRow]) -> list[str]:
+    """The --max-decode-ms runs: the budget (llama.cpp's file's ms), the predicted and measured ms,
+    and the KLD of both files."""
+    by = {r.model: r for r in rows}
+    lines = ["| as fast as | budget ms (llama.cpp's file) | predicted ms | slimkit measured ms | llama.cpp measured ms "
+             "| llama.cpp MiB | slimkit MiB | llama.cpp KLD | slimkit KLD | slimkit / llama.cpp |", "|" + "---|" * 10]
+    for p in predictions:
+        if "max_decode_ms" in p:
+            theirs = by[f"{p['speed_of']} + imatrix"]
+            ours = by[p["name"]]
+            lines.append(f"| {p['speed_of']} | {p['max_decode_ms']:.3f} | {p['predicted_decode_ms']:.3f} | "
+                         f"{1000.0 / ours.decode_tok_s:.3f} | {1000.0 / theirs.decode_tok_s:.3f} | {theirs.file_mb:.2f} | {ours.file_mb:.2f} | "
+                         f"{theirs.mean_kld:.4f} | {ours.mean_kld:.4f} | {ours.mean_kld / theirs.mean_kld:.2f}x |")
+    return lines
 
 
 def kld_bounds(predictions: list[dict], rows: list[LlamaCppRow]) -> list[str]:
@@ -102,7 +136,8 @@ def plot(rows: list[LlamaCppRow], path: Path, model: str) -> None:
 
 
 def run(model: str, output: Path, full: bool, types: list[str], threads: int, chunks: int, seed: int = 0,
-        candidates: list[str] = list(ALLOCATABLE_TYPES), max_klds: list[float] = ()) -> list[LlamaCppRow]:
+        candidates: list[str] = list(ALLOCATABLE_TYPES), max_klds: list[float] = (), speed_of: list[str] = ()
+        ) -> list[LlamaCppRow]:
     from slimkit.io.outputs import output_directory
 
     protocol = FULL if full else QUICK
@@ -114,7 +149,11 @@ def run(model: str, output: Path, full: bool, types: list[str], threads: int, ch
         theirs = llamacpp_files(base, calibration, tmp, types, windows, seqlen)
         budgets = {f"allocated-{t.lower()}-size": {"target_size": f.stat().st_size} for t, f in theirs.items()}
         budgets |= {f"allocated-max-kld-{k}": {"max_kld": k} for k in max_klds}
+        speed = speed_budgets(theirs, speed_of, threads)
+        budgets |= speed
         ours, predictions = allocated_files(model, budgets, tmp, settings, candidates)
+        for p, t in zip([p for p in predictions if "max_decode_ms" in p], speed_of):
+            p["speed_of"] = t
         entries = [(f"{model} F32", "slimkit export (base)", base)]
         entries += [(f"{t} + imatrix", "llama.cpp llama-quantize", f) for t, f in theirs.items()]
         entries += [(name, "slimkit gguf_allocate", f) for name, f in ours.items()]
@@ -123,7 +162,8 @@ def run(model: str, output: Path, full: bool, types: list[str], threads: int, ch
                                                                 "allocations": predictions}, indent=2))
         plot(rows, tmp / "budget_allocation.png", model)
         text = "\n".join([f"# Allocated GGUFs vs llama.cpp's imatrix mixes on {model}", "",
-                          *comparison(rows, types), "", *kld_bounds(predictions, rows), "", llamacpp_table(rows), "",
+                          *comparison(rows, types), "", *kld_bounds(predictions, rows), "",
+                          *time_bounds(predictions, rows), "", llamacpp_table(rows), "",
                           f"- slimkit's candidate types: {', '.join(candidates)}",
                           f"- calibration: {windows} x {seqlen} tokens (seed {seed}), the same windows for "
                           "llama-imatrix and slimkit", f"- scored by llama-perplexity on {chunks} chunks of 512 of "
@@ -145,9 +185,15 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--candidates", default=",".join(ALLOCATABLE_TYPES), help="slimkit's candidate GGML types")
     p.add_argument("--max-kld", default="0.02", help="comma-separated --max-kld budgets also allocated ('' for none)")
+    p.add_argument("--speed-of", default="Q4_K_S,Q4_K_M",
+                   help="llama.cpp file types (among --types) whose measured decode ms are --max-decode-ms budgets "
+                        "('' for none)")
     a = p.parse_args(argv)
+    speed_of = [t for t in a.speed_of.split(",") if t]
+    if not set(speed_of) <= set(a.types.split(",")):
+        p.error(f"--speed-of {a.speed_of}: each must be one of --types {a.types}")
     run(a.model, a.output, a.full, a.types.split(","), a.threads, a.chunks, a.seed, a.candidates.split(","),
-        [float(k) for k in a.max_kld.split(",") if k])
+        [float(k) for k in a.max_kld.split(",") if k], speed_of)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,7 @@ def test_a_decode_time_budget_is_met_by_the_measured_costs(tiny_256, tmp_path, m
         detail = report.compression.structure_and_training[0]
         ms = 10.0 + sum(weights[n] * per_weight[a["type"]] for n, a in detail["allocation"].items())
         assert ms <= budget + 1e-9 and any(f"decode {ms:.2f} ms/token" in n for n in detail["notes"])
+        assert detail["predicted"]["llamacpp_decode_ms"] == pytest.approx(ms)
         predicted.append(detail["predicted"]["kld"])
     assert predicted[0] > predicted[1]  # less time, more KLD
     with pytest.raises(Exception, match="no mix of these types is predicted to decode within"):

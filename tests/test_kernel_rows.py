@@ -26,9 +26,10 @@ def test_where_bf16_could_win_the_dequantize_path_times_both_dtypes_and_keeps_th
     monkeypatch.setattr(kernel_rows, "gemm_dtypes_to_try", lambda: ("float32", "bfloat16"))
     monkeypatch.setattr(kernel_rows, "ROWS", (16, 64))
     int4, _ = _layers()
-    cache.write_text(json.dumps({kernel_rows.machine_key(): {"int4 192x128 g32": {"kernel_max_rows": 5}}}))
+    key = kernel_rows.shape_key(int4)
+    cache.write_text(json.dumps({kernel_rows.machine_key(): {key: {"kernel_max_rows": 5}}}))
     kernel_rows.choose_kernel_rows([int4])
-    entry = json.loads(cache.read_text())[kernel_rows.machine_key()]["int4 192x128 g32"]
+    entry = json.loads(cache.read_text())[kernel_rows.machine_key()][key]
     assert entry["gemm_dtypes"] == ["float32", "bfloat16"] and all(len(ms) == 3 for ms in entry["ms"].values())
     fastest = min(("float32", "bfloat16"), key=lambda d: entry["ms"][max(entry["ms"], key=int)][1 + (d == "bfloat16")])
     assert entry["gemm_dtype"] == fastest and int4.gemm_dtype == getattr(torch, fastest)
@@ -46,7 +47,9 @@ def _layers(out=192, cols=128, group=32):
 
 
 def test_int4_kernel_layout_unpacks_as_the_probed_permutation(monkeypatch):
+    monkeypatch.setenv(integer.INT_KERNELS_ENV, "torch")  # torch's kernel layout, not slimkit's
     layer, _ = _layers()
+    assert layer._kernel is not None
     fast = layer.nibbles()
     monkeypatch.setattr(integer, "_tile_layout_is_k_major", lambda cols: False)
     assert torch.equal(fast, layer.nibbles())  # the probe path: every nibble found by its index
@@ -74,21 +77,22 @@ def test_rows_above_the_measured_limit_run_dequantized_fp32(cache):
 
     int4, int8 = _layers()
     twin, _ = _layers()
-    assert kernel_rows.choose_kernel_rows([int4, int8, twin], measure) == {"int4 192x128 g32": 16, "int8 192x128": 16}
-    assert calls == ["int4 192x128 g32", "int8 192x128"]  # one measurement per shape
+    keys = [kernel_rows.shape_key(int4), kernel_rows.shape_key(int8)]
+    assert kernel_rows.choose_kernel_rows([int4, int8, twin], measure) == dict.fromkeys(keys, 16)
+    assert calls == keys  # one measurement per shape
     for layer in (int4, int8):
         x = torch.randn(17, 128)
         reference = x @ layer.dequantize().T
         assert torch.equal(layer.matmul(x), layer.dequantized_matmul(x))  # 17 rows > 16: fp32 path
         assert layer.path_for(17).startswith("dequantize") and "kernel" in layer.path_for(16)
-        kernel = layer.matmul(x[:16])  # bf16 activations: close, not equal
-        torch.testing.assert_close(kernel, reference[:16], rtol=0.05, atol=0.05)
+        kernel = layer.matmul(x[:16])  # bf16 or int8 activations: close, not equal
+        assert (kernel - reference[:16]).norm() < 0.01 * reference[:16].norm()
     # the next process reads the machine's cache instead of measuring again
     fresh, _ = _layers()
     kernel_rows.choose_kernel_rows([fresh], measure)
     assert len(calls) == 2 and fresh.kernel_rows() == 16
     saved = json.loads(cache.read_text())
-    assert saved[kernel_rows.machine_key()]["int8 192x128"]["kernel_max_rows"] == 16
+    assert saved[kernel_rows.machine_key()][kernel_rows.shape_key(int8)]["kernel_max_rows"] == 16
 
 
 def test_a_damaged_cache_is_measured_again(cache):

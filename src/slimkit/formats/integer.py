@@ -1,9 +1,11 @@
 """Integer formats: int8 weight-only, int8 W8A8 (dynamic per-token activations), grouped int4.
 
-Kernels (CPU; docs/design.md, "Files on disk", has the layouts): `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu`
-take bf16 activations; measured faster than dense fp32 at every batch tried (see
-base.KERNEL_MAX_ROWS), so dequantize + fp32 matmul is only the fallback for int4 layouts the
-kernel cannot take (group sizes other than 32-256). W8A8 runs fbgemm's `quantized::linear_dynamic`, which
+Kernels (CPU; docs/design.md, "Files on disk", has the layouts): int8 runs `_weight_int8pack_mm`
+(bf16 activations). int4 runs slimkit's own `q4_matmul` (kernels/int_matmul.cpp: activations
+quantized to int8 per 32 columns, integer dot products, llama.cpp's Q4_0 x Q8_0 scheme) where it
+is built (AVX2 and a compiler), else torch's `_weight_int4pack_mm_for_cpu` (bf16 activations); up
+to the row count measured per shape (kernel_rows.py), dequantize + GEMM above it, and the
+fallback for layouts no kernel takes. W8A8 runs fbgemm's `quantized::linear_dynamic`, which
 quantizes each activation row on the fly.
 """
 
@@ -25,6 +27,35 @@ from slimkit.formats.base import (
 )
 
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)
+# "torch" keeps int8/int4 layers on torch's kernels where slimkit's are built (to compare the two)
+INT_KERNELS_ENV = "SLIMKIT_INT_KERNELS"
+
+
+def slimkit_kernel_takes(in_features: int, multiple: int) -> bool:
+    """Whether slimkit's integer kernels are built, not turned off ($SLIMKIT_INT_KERNELS=torch),
+    and take rows of this length."""
+    import os
+
+    from slimkit.kernels import int_kernels
+
+    if os.environ.get(INT_KERNELS_ENV, "slimkit") == "torch":
+        return False
+    return in_features % multiple == 0 and int_kernels() is not None
+
+
+def q4_layout(nibbles: torch.Tensor) -> torch.Tensor:
+    """Codes 0..15 [N, K] -> q4_matmul's bytes [N, K/2]: of each 64 columns, byte j holds column j
+    (low nibble) and column 32 + j (high nibble)."""
+    n, k = nibbles.shape
+    halves = nibbles.to(torch.uint8).view(n, k // 64, 2, 32)
+    return (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def q4_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """q4_layout's inverse."""
+    n = codes.shape[0]
+    blocks = codes.view(n, -1, 1, 32)
+    return torch.cat([blocks & 0x0F, blocks >> 4], 2).view(n, -1)
 
 
 ROW_SLICE_ELEMENTS = 1 << 22  # rows are independent: coded a slice at a time, temporaries stay a few MB
@@ -55,7 +86,9 @@ class Int8WeightOnly(PackedLinear):
         super().__init__(q.shape[1], q.shape[0], bias, meta or {})
         self.register_buffer("q", q.to(torch.int8).contiguous())
         self.register_buffer("scale", scale.float().contiguous())
-        self.register_buffer("scale_bf16", self.scale.to(torch.bfloat16), persistent=False)
+        self.slimkit_kernel = slimkit_kernel_takes(self.in_features, 32)  # else torch's, with bf16 scales
+        self.register_buffer("scale_bf16", None if self.slimkit_kernel else self.scale.to(torch.bfloat16),
+                             persistent=False)
 
     gathers_rows = True
 
@@ -79,7 +112,7 @@ class Int8WeightOnly(PackedLinear):
         return cls(t["q"], t["scale"], bias, meta)
 
     def ram_tensors(self):
-        return [self.q, self.scale, self.scale_bf16]
+        return [self.q, self.scale] + ([] if self.scale_bf16 is None else [self.scale_bf16])
 
     def dequantize(self):
         return self.q.float() * self.scale[:, None]
@@ -90,10 +123,19 @@ class Int8WeightOnly(PackedLinear):
     def has_row_choice(self):
         return True
 
+    def shape_tag(self):
+        return " q8 kernel" if self.slimkit_kernel else ""
+
     def path_for(self, m):
-        return "int8 weight-only kernel (bf16 activations)" if m <= self.kernel_rows() else self.dequantized_path()
+        if m > self.kernel_rows():
+            return self.dequantized_path()
+        if self.slimkit_kernel:
+            return "slimkit int8 x int8 kernel (activations int8 per 32)"
+        return "int8 weight-only kernel (bf16 activations)"
 
     def kernel_matmul(self, x2d):
+        if self.slimkit_kernel:
+            return torch.ops.slimkit.q8_matmul(x2d.float().contiguous(), self.q, self.scale)
         return torch.ops.aten._weight_int8pack_mm(x2d.to(torch.bfloat16), self.q, self.scale_bf16).float()
 
     def matmul(self, x2d):
@@ -207,8 +249,14 @@ class Int4Grouped(PackedLinear):
         self.group = self.in_features // scale.shape[1]
         self.register_buffer("scale", scale.contiguous())
         self.register_buffer("zero", zero.to(torch.int8).contiguous() if zero is not None else None)
-        self.packed, self._kernel = packed.contiguous(), None
-        if self.group in INT4_KERNEL_GROUPS and self.out_features % 16 == 0:
+        self.packed, self._kernel, self._q4 = packed.contiguous(), None, None
+        if self._q4_fits():
+            # RAM holds q4_matmul's layout (0.5 B/weight + a float16 scale and an int8 zero per group)
+            u = unpack_nibbles(self.packed)
+            zero = torch.full_like(self.scale, 8, dtype=torch.int8) if self.zero is None else self.zero
+            self._q4 = (q4_layout(u), self.scale.to(torch.float16).contiguous(), zero.contiguous())
+            self.packed = None
+        elif self.group in INT4_KERNEL_GROUPS and self.out_features % 16 == 0:
             # RAM holds the kernel's layout only (0.5 B/weight + bf16 scale and zero per group);
             # the stored nibbles are recovered from it when saving
             u = unpack_nibbles(self.packed).to(torch.int32)
@@ -219,12 +267,21 @@ class Int4Grouped(PackedLinear):
             self._scales_zeros = torch.stack([s.T, z.T], -1).to(torch.bfloat16).contiguous()
             self.packed = None
 
+    def _q4_fits(self) -> bool:
+        """Whether slimkit's q4 kernel takes this layer (64-column multiples, a power-of-two
+        group of at least 32, scales a float16 holds)."""
+        group_ok = self.group >= 32 and self.group & (self.group - 1) == 0
+        return (group_ok and slimkit_kernel_takes(self.in_features, 64)
+                and bool(torch.isfinite(self.scale.to(torch.float16)).all()))
+
     def nibbles(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """The stored 4-bit values, 0..15, of rows [start, stop) x in (recovered from the kernel
         layout when needed; row bounds on the layout's 64-row tiles when it is tiled)."""
         stop = self.out_features if stop is None else stop
         if self.packed is not None:
             return unpack_nibbles(self.packed[start:stop])
+        if self._q4 is not None:
+            return q4_nibbles(self._q4[0][start:stop])
         rows, cols = self.out_features, self.in_features
         tile = 64 if rows % 64 == 0 else rows
         if start % tile or stop % tile:
@@ -279,6 +336,8 @@ class Int4Grouped(PackedLinear):
         return cls(t["packed"], t["scale"], t.get("zero"), bias, meta)
 
     def ram_tensors(self):
+        if self._q4 is not None:
+            return list(self._q4)
         if self._kernel is None:
             return [t for t in (self.packed, self.scale, self.zero) if t is not None]
         return [self._kernel, self._scales_zeros]
@@ -296,18 +355,25 @@ class Int4Grouped(PackedLinear):
         return ((u - zero) * self.scale[start:stop].float()[:, :, None]).view(stop - start, self.in_features)
 
     def has_row_choice(self):
-        return self._kernel is not None
+        return self._kernel is not None or self._q4 is not None
+
+    def shape_tag(self):
+        return " q4 kernel" if self._q4 is not None else ""
 
     def path_for(self, m):
+        if self._q4 is not None and m <= self.kernel_rows():
+            return "slimkit int4 x int8 kernel (activations int8 per 32)"
         if self._kernel is not None and m <= self.kernel_rows():
             return "int4 weight-only kernel (bf16 activations)"
         return self.dequantized_path()
 
     def kernel_matmul(self, x2d):
+        if self._q4 is not None:
+            return torch.ops.slimkit.q4_matmul(x2d.float().contiguous(), *self._q4, self.group)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
             x2d.to(torch.bfloat16), self._kernel, self.group, self._scales_zeros).float()
 
     def matmul(self, x2d):
-        if self._kernel is None:
+        if not self.has_row_choice():
             return self.dequantized_matmul(x2d)
         return self.chosen_matmul(x2d)

@@ -103,7 +103,7 @@ def _decode_cost(ctx: StepContext, items: list[Item], costs) -> dict[str, dict[s
             for item in items}
 
 
-def _time_budget(config: GGUFAllocateConfig, ctx: StepContext, items: list[Item]) -> tuple[Allocation, str]:
+def _time_budget(config: GGUFAllocateConfig, ctx: StepContext, items: list[Item]) -> tuple[Allocation, float, str]:
     if ctx.run.decode_costs is None:
         raise RecipeError("gguf_allocate's max_decode_ms needs llama.cpp's measured decode costs: run it through "
                           "`slimkit compress --max-decode-ms`")
@@ -115,18 +115,20 @@ def _time_budget(config: GGUFAllocateConfig, ctx: StepContext, items: list[Item]
                           f"here (the fastest: {fastest:.2f} ms with llama.cpp at {costs.threads} threads)")
     allocation = best_within(items, cost, config.max_decode_ms - costs.reference_ms)
     predicted = costs.reference_ms + sum(cost[n][c.qtype] for n, c in allocation.chosen.items())
-    return allocation, (f"predicted llama.cpp decode {predicted:.2f} ms/token at {costs.threads} threads (all-Q8_0 "
+    return allocation, predicted, (f"predicted llama.cpp decode {predicted:.2f} ms/token at {costs.threads} threads (all-Q8_0 "
                         f"file measured {costs.reference_ms:.2f} ms; each type's cost measured with llama-bench)")
 
 
 def _allocate(config: GGUFAllocateConfig, ctx: StepContext, items: list[Item]
-              ) -> tuple[Allocation, int | None, list[str]]:
+              ) -> tuple[Allocation, int | None, list[str], dict]:
+    """The allocation for the step's budget, the file's fixed bytes, notes, and any prediction
+    beyond bytes and KLD (the decode time of a time budget)."""
     fixed = _fixed_bytes(ctx, items)
     if config.max_kld is not None:
-        return smallest_within(items, config.max_kld), fixed, []
+        return smallest_within(items, config.max_kld), fixed, [], {}
     if config.max_decode_ms is not None:
-        allocation, note = _time_budget(config, ctx, items)
-        return allocation, fixed, [note]
+        allocation, decode_ms, note = _time_budget(config, ctx, items)
+        return allocation, fixed, [note], {"llamacpp_decode_ms": decode_ms}
     if fixed is None:
         raise RecipeError("gguf_allocate's size budgets need the GGUF's fixed size (its tokenizer and metadata): "
                           "run it through `slimkit compress`, or give --max-kld")
@@ -135,7 +137,7 @@ def _allocate(config: GGUFAllocateConfig, ctx: StepContext, items: list[Item]
     if total <= fixed:
         raise RecipeError(f"the budget, {total / 1e6:.2f} MB, is not more than the file's fixed part "
                           f"({fixed / 1e6:.2f} MB: tokenizer, metadata and F32 norms)")
-    return best_under(items, total - fixed), fixed, []
+    return best_under(items, total - fixed), fixed, [], {}
 
 
 def mix_predictions(items: list[Item], model: nn.Module) -> dict[str, tuple[int, float]]:
@@ -223,9 +225,10 @@ def measured_items(config: GGUFAllocateConfig, ctx: StepContext) -> list[Item]:
 def apply_gguf_allocate(config: GGUFAllocateConfig, ctx: StepContext) -> None:
     progress = ctx.run.progress
     items = measured_items(config, ctx)
-    allocation, fixed, notes = _allocate(config, ctx, items)
+    allocation, fixed, notes, predicted = _allocate(config, ctx, items)
     detail = _detail(config, items, allocation, fixed, ctx.state.model)
     detail["notes"] += notes
+    detail["predicted"] |= predicted
     progress.note(f"{config.summary()}: {'; '.join(detail['notes'])}")
     _quantize(config, ctx, allocation.types)
     ctx.state.details.append(detail)
