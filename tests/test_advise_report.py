@@ -122,6 +122,10 @@ def test_advise_measures_candidates_and_writes_a_usable_recipe(tiny_llama_dir, t
     assert recipe.name == result.recommended_recipe
     for f in ("advise.md", "advise.json", "frontier.png"):
         assert (out / f).stat().st_size > 0
+    # speed-ups against the fastest dense configuration timed here (fp32, or bf16 where it could win)
+    against = result.baseline.baseline["decode"]
+    assert against.startswith(str(tiny_llama_dir)) and "Speed-ups (x) are against" in (out / "advise.md").read_text()
+    assert result.baseline.decode_speedup <= 1.0 + 1e-9
 
 
 def test_reproduce_verdicts():

@@ -17,6 +17,14 @@ def _row(r: AdviseRow) -> str:
             f"{'*' if r.pareto else ''} |")
 
 
+def _against(base: AdviseRow) -> list[str]:
+    """Which dense configuration the speed-ups are against (the fastest one measured on this machine)."""
+    if not base.baseline:
+        return []
+    return ["Speed-ups (x) are against the fastest dense configuration measured here: "
+            + "; ".join(f"{k}: {v}" for k, v in base.baseline.items()) + ".", ""]
+
+
 def markdown(result: AdviseResult) -> str:
     c = result.constraints
     budget = [f"ppl increase <= {c['max_ppl_increase']:.0%}"]
@@ -53,6 +61,7 @@ def markdown(result: AdviseResult) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *[_row(r) for r in rows],
         "",
+        *_against(result.baseline),
         "## Skipped, with the reason",
         "",
         *[f"- {s.candidate} (rule {s.rule}): {s.reason}" for s in result.skipped],

@@ -214,6 +214,17 @@ def _measure_torch(model: str, constraints: Constraints, device: Device, layout,
     return base, rows, skipped
 
 
+def _other_dense_rows(model: str, settings: AdviseSettings, progress: Progress) -> list[BenchRow]:
+    """The dense model in its other dtypes worth timing on this machine (bf16 where the GEMM probe
+    says it could be faster), timing only: the ratios' baseline, not candidates."""
+    from slimkit.benchmarks import model as bench_model
+    from slimkit.protocol import BenchSettings
+
+    bench = BenchSettings(windows=0, decode=settings.decode_tokens)
+    _, others = bench_model.dense_alternatives(model, bench, progress.note)
+    return [bench_model.measure_isolated(m, s, note=progress.note) for m, s in others]
+
+
 def advise(model: str, constraints: Constraints, device: Device, output: Path,
            settings: AdviseSettings = AdviseSettings(), progress: Progress = NoProgress(),
            log: Callable[[str], None] = lambda m: None) -> AdviseResult:
@@ -236,7 +247,10 @@ def advise(model: str, constraints: Constraints, device: Device, output: Path,
     chosen, reason = decide(rows, base, constraints)  # sets "meets" on every row
     base_row = base if isinstance(base, AdviseRow) else AdviseRow(
         **base.to_dict(), candidate="dense", rule=0, order=-1, recipe=None, what="the model as given")
-    bench_model.compare([base_row] + rows)
+    if device.kind == "llamacpp":
+        bench_model.compare([base_row] + rows)
+    else:  # speed-ups against the fastest dense configuration here (fp32 or bf16), not fp32 alone
+        bench_model.compare([base_row, *_other_dense_rows(model, settings, progress)] + rows, best_dense=True)
     front = pareto([base_row] + rows, (constraints.quality_key, "decode_ms_per_token", "peak_rss_mb"))
     for r in [base_row] + rows:
         r.pareto = r in front

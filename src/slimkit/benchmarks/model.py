@@ -380,9 +380,8 @@ def run(models: list[str], settings: BenchSettings = BenchSettings(), progress=N
     settings = with_reference(settings, models[0])
     note = progress.note if progress is not None else None
     entries = [(m, settings) for m in models]
-    probe = dense_dtype_probe(models[0], settings, note) if settings.best_dense else None
-    if settings.best_dense and (probe is None or bf16_is_a_candidate(probe)) and is_dense_source(models[0]):
-        entries.append((models[0], settings.model_copy(update={"dtype": "bfloat16", "windows": 0, "reference": None})))
+    probe, others = dense_alternatives(models[0], settings, note) if settings.best_dense else (None, [])
+    entries += others
     order = [(r, i) for r in range(settings.rounds) for i in (range(len(entries)) if r % 2 == 0
                                                            else reversed(range(len(entries))))]
     if progress is not None:
@@ -402,6 +401,16 @@ def is_dense_source(source: str) -> bool:
     from slimkit.paths import PackedDir
 
     return not PackedDir(Path(source)).weights.is_file()
+
+
+def dense_alternatives(baseline: str, settings: BenchSettings, note=None
+                       ) -> tuple[dict | None, list[tuple[str, BenchSettings]]]:
+    """The GEMM probe, and the baseline's other dense configurations worth timing here (bf16 where
+    the probe says it could win, always on a GPU), as (model, settings) to measure; timing only."""
+    probe = dense_dtype_probe(baseline, settings, note)
+    if (probe is None or bf16_is_a_candidate(probe)) and is_dense_source(baseline):
+        return probe, [(baseline, settings.model_copy(update={"dtype": "bfloat16", "windows": 0, "reference": None}))]
+    return probe, []
 
 
 def dense_dtype_probe(baseline: str, settings: BenchSettings, note) -> dict | None:
