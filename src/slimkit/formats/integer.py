@@ -124,7 +124,9 @@ class Int8WeightOnly(PackedLinear):
         return True
 
     def shape_tag(self):
-        return " q8 kernel" if self.slimkit_kernel else ""
+        from slimkit.kernels import int_kernels_version
+
+        return f" q8 kernel {int_kernels_version()}" if self.slimkit_kernel else ""
 
     def path_for(self, m):
         if m > self.kernel_rows():
@@ -358,7 +360,9 @@ class Int4Grouped(PackedLinear):
         return self._kernel is not None or self._q4 is not None
 
     def shape_tag(self):
-        return " q4 kernel" if self._q4 is not None else ""
+        from slimkit.kernels import int_kernels_version
+
+        return f" q4 kernel {int_kernels_version()}" if self._q4 is not None else ""
 
     def path_for(self, m):
         if self._q4 is not None and m <= self.kernel_rows():

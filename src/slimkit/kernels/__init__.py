@@ -1,5 +1,5 @@
 """slimkit's own CPU kernels (C++, built by torch.utils.cpp_extension; see build.py)."""
 
-from slimkit.kernels.build import bitmask_kernel, int_kernels, kernel_status
+from slimkit.kernels.build import bitmask_kernel, int_kernels, int_kernels_version, kernel_status
 
-__all__ = ["bitmask_kernel", "kernel_status", "int_kernels"]
+__all__ = ["bitmask_kernel", "int_kernels", "int_kernels_version", "kernel_status"]

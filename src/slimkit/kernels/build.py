@@ -52,7 +52,8 @@ def _build(key: str, name: str, source: str, flags: list[str], python_module: bo
 
         directory = build_directory()
         directory.mkdir(parents=True, exist_ok=True)
-        module = load(name=name, sources=[str(SOURCE_DIR / source)], extra_cflags=["-O3", *flags],
+        module = load(name=name, sources=[str(SOURCE_DIR / source)], extra_cflags=["-O3", "-fopenmp", *flags],
+                      extra_ldflags=["-fopenmp"],
                       build_directory=str(directory), verbose=False, is_python_module=python_module)
     except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a failed build: the fallback runs
         _status[key] = f"not built: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ''}"
@@ -84,6 +85,18 @@ def int_kernels():
         return x.new_empty(x.shape[0], weights.shape[0])
 
     return torch.ops.slimkit
+
+
+@functools.lru_cache(maxsize=None)
+def source_version(source: str) -> str:
+    """A short hash of a kernel's source: measurements cached for one build are not reused for another."""
+    import hashlib
+
+    return hashlib.sha1((SOURCE_DIR / source).read_bytes()).hexdigest()[:8]
+
+
+def int_kernels_version() -> str:
+    return source_version("int_matmul.cpp")
 
 
 def kernel_status() -> dict[str, str]:
