@@ -169,6 +169,7 @@ def _fields(path) -> dict:
     return {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items() if not k.startswith("GGUF.")}
 
 
+@pytest.mark.slow  # 25-33 s: a whole SmolLM2 GGUF export
 def test_gguf_export_of_smollm2_keeps_the_source_tokenizer_and_description(smollm2_first_load, tmp_path,
                                                                            monkeypatch):
     """SmolLM2 comes from a GGUF: a compress -> pack -> export chain copies its tokenizer (the

@@ -63,6 +63,7 @@ def _gguf_tensors(path) -> dict:
     return {t.name: t for t in gguf.GGUFReader(path).tensors}
 
 
+@pytest.mark.slow  # 24 s
 def test_a_tied_head_is_q6_k_stored_once_and_exported_as_its_codes(tied_256, tmp_path):
     summary, keys, header = _compress_and_pack(tied_256, tmp_path)
     layers = json.loads((tmp_path / "c" / "report.json").read_text())["compression"]["layers"]

@@ -123,6 +123,7 @@ KILL_AT_BLOCK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # 26-37 s; a killed run leaving no complete-looking output: test_outputs.py
 def test_sigkill_mid_block_resumes_at_that_block(tiny_bf16, tmp_path):
     """SIGKILL in the middle of block 1 of 3; the rerun says it resumes at block 1 and writes what
     an uninterrupted run writes."""
