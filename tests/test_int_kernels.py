@@ -97,3 +97,10 @@ def test_bad_shapes_are_refused_with_the_reason():
         torch.ops.slimkit.q4_matmul(torch.randn(1, 128), q4_layout(u), scale.float(), zero, 64)
     with pytest.raises(RuntimeError, match="multiple of 32"):
         torch.ops.slimkit.q8_matmul(torch.randn(1, 40), torch.zeros(4, 40, dtype=torch.int8), torch.ones(4))
+
+
+def test_moving_a_layer_moves_its_kernel_layout():
+    layer = Int4Grouped.from_dense(torch.randn(64, 128), group_size=32)
+    moved = layer.to(torch.device("meta"))
+    assert all(t.device.type == "meta" for t in moved._q4)
+    assert [t.dtype for t in moved._q4] == [torch.uint8, torch.float16, torch.int8]

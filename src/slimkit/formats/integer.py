@@ -1,11 +1,11 @@
 """Integer formats: int8 weight-only, int8 W8A8 (dynamic per-token activations), grouped int4.
 
-Kernels (CPU; docs/design.md, "Files on disk", has the layouts): int8 runs `_weight_int8pack_mm`
-(bf16 activations). int4 runs slimkit's own `q4_matmul` (kernels/int_matmul.cpp: activations
-quantized to int8 per 32 columns, integer dot products, llama.cpp's Q4_0 x Q8_0 scheme) where it
-is built (AVX2 and a compiler), else torch's `_weight_int4pack_mm_for_cpu` (bf16 activations); up
-to the row count measured per shape (kernel_rows.py), dequantize + GEMM above it, and the
-fallback for layouts no kernel takes. W8A8 runs fbgemm's `quantized::linear_dynamic`, which
+Kernels (CPU; docs/design.md, "Files on disk", has the layouts): int8 and int4 run slimkit's own
+`q8_matmul` / `q4_matmul` (kernels/int_matmul.cpp: activations quantized to int8 per 32 columns,
+integer dot products, llama.cpp's Q8_0 / Q4_0 x Q8_0 scheme) where they are built (AVX2 and a
+compiler), else torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` (bf16 activations);
+up to the row count measured per shape (kernel_rows.py), dequantize + GEMM above it, on other
+devices than the CPU, and for layouts no kernel takes. W8A8 runs fbgemm's `quantized::linear_dynamic`, which
 quantizes each activation row on the fly.
 """
 
@@ -136,9 +136,10 @@ class Int8WeightOnly(PackedLinear):
         return "int8 weight-only kernel (bf16 activations)"
 
     def kernel_matmul(self, x2d):
-        if self.slimkit_kernel:
+        if self.slimkit_kernel and x2d.is_cpu:
             return torch.ops.slimkit.q8_matmul(x2d.float().contiguous(), self.q, self.scale)
-        return torch.ops.aten._weight_int8pack_mm(x2d.to(torch.bfloat16), self.q, self.scale_bf16).float()
+        scale = self.scale_bf16 if self.scale_bf16 is not None else self.scale.to(torch.bfloat16)  # a GPU
+        return torch.ops.aten._weight_int8pack_mm(x2d.to(torch.bfloat16), self.q, scale).float()
 
     def matmul(self, x2d):
         return self.chosen_matmul(x2d)
@@ -371,8 +372,15 @@ class Int4Grouped(PackedLinear):
             return "int4 weight-only kernel (bf16 activations)"
         return self.dequantized_path()
 
+    def _apply(self, fn, recurse=True):  # .to(device) moves the q4 layout too (no buffers: a tuple)
+        if self._q4 is not None:
+            self._q4 = tuple(fn(t).to(t.dtype) for t in self._q4)
+        return super()._apply(fn, recurse)
+
     def kernel_matmul(self, x2d):
         if self._q4 is not None:
+            if not x2d.is_cpu:  # the kernel is the CPU's; elsewhere the layout dequantizes
+                return self.dequantized_matmul(x2d)
             return torch.ops.slimkit.q4_matmul(x2d.float().contiguous(), *self._q4, self.group)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
             x2d.to(torch.bfloat16), self._kernel, self.group, self._scales_zeros).float()
