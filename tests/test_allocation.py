@@ -41,6 +41,34 @@ def test_best_under_a_budget_is_the_brute_force_optimum(seed):
         assert found.types["t0"] == found.types["t0.tied"]  # members share the item's type
 
 
+def _born_on_q4(items: list[Item]) -> list[Item]:
+    """The items with one more choice, Q4_1, smaller than Q6_K and at zero KLD (weights born on its
+    grid, like SmolLM2's): the least KLD sits far below the largest budgets."""
+    return [Item(i.name, i.members, i.choices + (Choice("Q4_1", i.choices[2].bytes + 1, 0.0),)) for i in items]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_floor_fills_the_budget_with_the_least_kld_between_floor_and_budget(seed):
+    items = _born_on_q4(_items(seed))
+    every = list(_every(items))
+    high = max(b for b, _, _ in every)
+    unfilled = best_under(items, high)
+    assert unfilled.predicted_kld == 0.0 and unfilled.bytes < 0.8 * high  # nothing asks for more bytes
+    for budget in (high, int(0.9 * high), int(0.8 * high)):
+        floor = int(0.99 * budget)
+        found = best_under(items, budget, floor=floor)
+        window = [k for b, k, _ in every if floor <= b <= budget]
+        assert floor <= found.bytes <= budget, (budget, found.bytes)
+        assert found.predicted_kld <= min(window) * (1 + 1e-9) + 1e-12
+
+
+def test_a_floor_no_total_reaches_falls_back_to_the_least_kld_under_the_budget():
+    items = _items(3)
+    largest = sum(max(c.bytes for c in i.choices) for i in items)
+    found = best_under(items, 2 * largest, floor=int(1.9 * largest))  # more than every type's largest
+    assert found.bytes == largest and found.predicted_kld == best_under(items, 2 * largest).predicted_kld
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_smallest_within_a_kld_bound_is_the_brute_force_optimum(seed):
     items = _items(seed)

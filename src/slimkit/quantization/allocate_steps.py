@@ -119,6 +119,9 @@ def _time_budget(config: GGUFAllocateConfig, ctx: StepContext, items: list[Item]
                         f"file measured {costs.reference_ms:.2f} ms; each type's cost measured with llama-bench)")
 
 
+FILLED = 0.99  # a target size or bpw is met to within 1%, not only kept under
+
+
 def _allocate(config: GGUFAllocateConfig, ctx: StepContext, items: list[Item]
               ) -> tuple[Allocation, int | None, list[str], dict]:
     """The allocation for the step's budget, the file's fixed bytes, notes, and any prediction
@@ -137,7 +140,13 @@ def _allocate(config: GGUFAllocateConfig, ctx: StepContext, items: list[Item]
     if total <= fixed:
         raise RecipeError(f"the budget, {total / 1e6:.2f} MB, is not more than the file's fixed part "
                           f"({fixed / 1e6:.2f} MB: tokenizer, metadata and F32 norms)")
-    return best_under(items, total - fixed), fixed, [], {}
+    allocation = best_under(items, total - fixed, floor=int(FILLED * total) - fixed)
+    least = best_under(items, total - fixed)
+    notes = [] if least.bytes >= allocation.bytes or least.predicted_kld >= allocation.predicted_kld else [
+        f"the least predicted KLD, {least.predicted_kld:.4f}, takes {(least.bytes + fixed) / 1e6:.2f} MB: the budget is "
+        f"filled to within {1 - FILLED:.0%} with the least KLD predicted there (more bits where the sensitivities "
+        "cannot tell them apart)"]
+    return allocation, fixed, notes, {}
 
 
 def mix_predictions(items: list[Item], model: nn.Module) -> dict[str, tuple[int, float]]:

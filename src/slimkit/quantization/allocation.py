@@ -4,7 +4,8 @@ dynamic programming over bytes.
 Each item (a tensor, or tensors that must share one type: a tied pair, one projection of a
 block's experts) has a few choices, a GGML type each with its bytes and its predicted KLD
 contribution (`quantization/sensitivity.py`). The predicted KLD of the model is the sum over
-items. `best_under` picks one choice per item minimising the sum within a byte budget;
+items. `best_under` picks one choice per item minimising the sum within a byte budget (and, given
+a floor, at no fewer bytes than it: a target size is filled, not only respected);
 `smallest_within` the fewest bytes whose predicted KLD stays within a bound. Bytes are counted in
 units (at most MAX_UNITS of them over the largest file) rounded to nearest, and the exact byte
 total is checked against the budget afterwards: the answer never exceeds it.
@@ -57,8 +58,8 @@ def _allocation(items: list[Item], picks: list[int]) -> Allocation:
 
 
 class Frontier:
-    """The dynamic programme over bytes: for every budget of b units, the least predicted KLD and
-    the choices that reach it."""
+    """The dynamic programme over bytes: for every total of exactly b units, the least predicted
+    KLD and the choices that reach it (`best`: the least within b units)."""
 
     def __init__(self, items: list[Item]):
         _check(items)
@@ -66,11 +67,13 @@ class Frontier:
         most = sum(max(c.bytes for c in item.choices) for item in items)
         self.unit = max(1, -(-most // MAX_UNITS))
         self.capacity = -(-most // self.unit)
-        best = np.zeros(self.capacity + 1)
+        exact = np.full(self.capacity + 1, np.inf)
+        exact[0] = 0.0
         self.picks = np.zeros((len(items), self.capacity + 1), dtype=np.int8)  # choices per item < 128
         for i, item in enumerate(items):
-            best = self._add(best, item, self.picks[i])
-        self.best = best  # best[b]: least KLD within b units (inf where nothing fits)
+            exact = self._add(exact, item, self.picks[i])
+        self.exact = exact  # exact[b]: least KLD at exactly b units (inf where no choice sums to b)
+        self.best = np.minimum.accumulate(exact)  # best[b]: least KLD within b units
 
     def _add(self, best: np.ndarray, item: Item, picks: np.ndarray) -> np.ndarray:
         new = np.full_like(best, np.inf)
@@ -82,10 +85,19 @@ class Frontier:
             new[better], picks[better] = shifted[better], k
         return new
 
-    def at(self, units: int) -> Allocation:
+    def at(self, units: int, floor: int = 0) -> Allocation:
+        """The least predicted KLD at no more than `units` and, where some total between them is
+        reachable, no fewer than `floor` (else the least within `units`)."""
+        units = min(units, self.capacity)
         if units < 0 or not np.isfinite(self.best[units]):
             raise SlimkitError("allocation: the budget is below the smallest file these types can make "
                                f"({self.smallest_bytes() / 1e6:.2f} MB of tensors)")
+        low = min(max(floor, 0), units)
+        window = self.exact[low: units + 1]
+        start = low if np.isfinite(window).any() else 0
+        return self._traced(start + int(np.argmin(self.exact[start: units + 1])))
+
+    def _traced(self, units: int) -> Allocation:
         picks = []
         for i in range(len(self.items) - 1, -1, -1):
             k = int(self.picks[i, units])
@@ -104,12 +116,15 @@ class Frontier:
         return [(int(u) * self.unit, float(self.best[u])) for u in units if np.isfinite(self.best[u])]
 
 
-def best_under(items: list[Item], budget: int) -> Allocation:
-    """The least predicted KLD whose tensors take at most `budget` bytes."""
+def best_under(items: list[Item], budget: int, floor: int = 0) -> Allocation:
+    """The least predicted KLD whose tensors take at most `budget` bytes and at least `floor` where
+    the types can make such a total (a target is filled: where the least KLD sits in fewer bytes,
+    say when a model's weights were born on one type's grid, more bits are spent rather than bytes
+    left unused)."""
     frontier = Frontier(items)
     units = min(budget // frontier.unit, frontier.capacity)
     while True:  # units are rounded: step down until the exact byte total fits
-        allocation = frontier.at(units)
+        allocation = frontier.at(units, -(-floor // frontier.unit))
         if allocation.bytes <= budget:
             return allocation
         units -= max(1, (allocation.bytes - budget) // frontier.unit)
@@ -118,12 +133,12 @@ def best_under(items: list[Item], budget: int) -> Allocation:
 def smallest_within(items: list[Item], max_kld: float) -> Allocation:
     """The fewest bytes whose predicted KLD is at most `max_kld`."""
     frontier = Frontier(items)
-    fits = np.nonzero(frontier.best <= max_kld)[0]
+    fits = np.nonzero(frontier.exact <= max_kld)[0]
     if len(fits) == 0:
         least = float(frontier.best[-1])
         raise SlimkitError(f"allocation: no choice of these types predicts a KLD within {max_kld:g} "
                            f"(the least is {least:.4g}, every tensor at its largest type)")
-    return frontier.at(int(fits[0]))
+    return frontier._traced(int(fits[0]))
 
 
 def best_within(items: list[Item], cost: dict[str, dict[str, float]], budget: float,
