@@ -144,7 +144,7 @@ def _allocate(config: GGUFAllocateConfig, ctx: StepContext, items: list[Item]
     least = best_under(items, total - fixed)
     notes = [] if least.bytes >= allocation.bytes or least.predicted_kld >= allocation.predicted_kld else [
         f"the least predicted KLD, {least.predicted_kld:.4f}, takes {(least.bytes + fixed) / 1e6:.2f} MB: the budget is "
-        f"filled to within {1 - FILLED:.0%} with the least KLD predicted there (more bits where the sensitivities "
+        f"filled from {FILLED:.1%} of it with the least KLD predicted there (more bits where the sensitivities "
         "cannot tell them apart)"]
     return allocation, fixed, notes, {}
 
